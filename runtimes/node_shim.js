@@ -1,0 +1,322 @@
+#!/usr/bin/env node
+// ty-openworkflow runtime shim for Node.js (pass protocol v1).
+//
+// Usage: node node_shim.js WORKFLOW_FILE < pass.json > events.ndjson
+//
+// Reads one pass document on stdin, runs the workflow function from the top,
+// replays memoized steps from the history, runs the first new step(s), and
+// writes newline-delimited JSON events on stdout. Anything the user's code
+// prints goes to stderr (the run log), never to the event stream.
+"use strict";
+
+const fs = require("fs");
+const path = require("path");
+const vm = require("vm");
+
+const PROTOCOL = 1;
+
+// The event channel is the real stdout; user output is routed to stderr.
+const eventWrite = process.stdout.write.bind(process.stdout);
+process.stdout.write = function (chunk, encoding, cb) {
+  return process.stderr.write(chunk, encoding, cb);
+};
+for (const level of ["log", "info", "debug"]) {
+  console[level] = (...args) => console.error(...args);
+}
+
+let passId = null;
+let eventsOpen = true;
+
+function emit(type, data) {
+  if (!eventsOpen) return;
+  const ev = Object.assign({ type, pass: passId, at: Date.now() }, data || {});
+  eventWrite(JSON.stringify(ev) + "\n");
+}
+
+function serializeError(err) {
+  if (err instanceof Error) {
+    return {
+      message: String(err.message),
+      name: String(err.name || "Error"),
+      stack: err.stack ? String(err.stack) : null,
+    };
+  }
+  let message;
+  try {
+    message = typeof err === "string" ? err : JSON.stringify(err);
+  } catch (e) {
+    message = String(err);
+  }
+  return { message: String(message), name: "NonErrorThrown", stack: null };
+}
+
+const UNITS_MS = { ms: 1, s: 1000, m: 60000, h: 3600000, d: 86400000 };
+
+// Parses 5000, "5000", "500ms", "30s", "5m", "1h30m", "2d" into milliseconds.
+function durationMs(value, what) {
+  if (typeof value === "number" && Number.isFinite(value) && value >= 0) {
+    return value;
+  }
+  if (typeof value === "string") {
+    const s = value.trim();
+    if (/^\d+(\.\d+)?$/.test(s)) return Number(s);
+    const re = /(\d+(?:\.\d+)?)(ms|s|m|h|d)/gy;
+    let total = 0;
+    let matched = 0;
+    let m;
+    while ((m = re.exec(s)) !== null) {
+      total += Number(m[1]) * UNITS_MS[m[2]];
+      matched = re.lastIndex;
+    }
+    if (matched === s.length && s.length > 0) return total;
+  }
+  throw new TypeError(
+    `${what}: invalid duration ${JSON.stringify(value)}; use milliseconds or a string like "500ms", "30s", "5m", "1h30m"`
+  );
+}
+
+function retryPolicy(opts) {
+  const r = (opts && opts.retry) || {};
+  const policy = {};
+  const max = r.maxAttempts !== undefined ? r.maxAttempts : r.max_attempts;
+  if (max !== undefined) policy.max_attempts = Number(max);
+  const initial = r.initialInterval !== undefined ? r.initialInterval : r.initial;
+  if (initial !== undefined) policy.initial_ms = durationMs(initial, "retry.initialInterval");
+  const coeff = r.backoffCoefficient !== undefined ? r.backoffCoefficient : r.backoff;
+  if (coeff !== undefined) policy.backoff = Number(coeff);
+  const maxi = r.maximumInterval !== undefined ? r.maximumInterval : r.max_interval;
+  if (maxi !== undefined) policy.max_ms = durationMs(maxi, "retry.maximumInterval");
+  return policy;
+}
+
+// Returns [jsonText, value] or throws a TypeError saying why the value is not JSON.
+function toJson(value, what) {
+  if (value === undefined) return ["null", null];
+  const seen = new Set();
+  function check(v, where) {
+    const t = typeof v;
+    if (v === null || t === "string" || t === "boolean") return;
+    if (t === "number") {
+      if (!Number.isFinite(v)) throw new TypeError(`${what} is not JSON: ${where} is ${v}`);
+      return;
+    }
+    if (t === "bigint" || t === "function" || t === "symbol" || t === "undefined") {
+      throw new TypeError(`${what} is not JSON: ${where} is a ${t}`);
+    }
+    if (typeof v.toJSON === "function") return;
+    if (seen.has(v)) throw new TypeError(`${what} is not JSON: ${where} is a circular reference`);
+    seen.add(v);
+    if (Array.isArray(v)) {
+      v.forEach((x, i) => check(x, `${where}[${i}]`));
+    } else {
+      const proto = Object.getPrototypeOf(v);
+      if (proto !== Object.prototype && proto !== null) {
+        const kind = (v.constructor && v.constructor.name) || "object";
+        throw new TypeError(`${what} is not JSON: ${where} is a ${kind}; return plain objects, arrays, strings, numbers, booleans or null`);
+      }
+      for (const k of Object.keys(v)) {
+        if (v[k] !== undefined) check(v[k], `${where}.${k}`);
+      }
+    }
+    seen.delete(v);
+  }
+  check(value, "the value");
+  const text = JSON.stringify(value);
+  return [text, JSON.parse(text)];
+}
+
+function loadWorkflow(file) {
+  const code = fs.readFileSync(file, "utf8");
+  const mod = { exports: {} };
+  const fn = vm.compileFunction(
+    code + "\n;return (typeof workflow === 'function') ? workflow : (module.exports && (module.exports.workflow || module.exports.default || module.exports));",
+    ["require", "module", "exports", "__filename", "__dirname"],
+    { filename: file }
+  );
+  const wf = fn(require, mod, mod.exports, file, path.dirname(file));
+  if (typeof wf !== "function") {
+    throw new TypeError("the workflow code defines no function named `workflow` (and module.exports is not a function)");
+  }
+  return wf;
+}
+
+async function runPass(doc, workflowFile) {
+  passId = doc.pass_id;
+  const history = doc.history || {};
+  const done = history.steps || {}; // key -> output
+  const sleeps = history.sleeps || {}; // key -> wake_at (ms)
+  const attempts = history.attempts || {}; // key -> attempts started so far
+  const inlineMs = doc.inline_sleep_ms !== undefined ? doc.inline_sleep_ms : 1000;
+  const maxOutput = doc.max_output_bytes || 1048576;
+
+  const used = new Map();
+  const inflight = new Set();
+  let stop = null; // {kind: "suspend", wake_at} | {kind: "step_failed", ...}
+  let stopResolve;
+  const stopped = new Promise((r) => (stopResolve = r));
+  const never = new Promise(() => {});
+
+  function halt(reason) {
+    if (!stop) {
+      stop = reason;
+      stopResolve();
+    } else if (reason.kind === "step_failed" && stop.kind === "suspend") {
+      stop = reason; // a failure outranks a sleep
+    } else if (reason.kind === "suspend" && stop.kind === "suspend") {
+      stop.wake_at = Math.min(stop.wake_at, reason.wake_at); // wake for the earliest
+    }
+  }
+
+  function keyFor(name) {
+    if (typeof name !== "string" || name === "") {
+      throw new TypeError("step and sleep names must be non-empty strings");
+    }
+    const n = used.get(name) || 0;
+    used.set(name, n + 1);
+    return n === 0 ? name : `${name}:${n}`;
+  }
+
+  async function step(name, fn, opts) {
+    const key = keyFor(name);
+    if (Object.prototype.hasOwnProperty.call(done, key)) {
+      return done[key] === null ? null : JSON.parse(JSON.stringify(done[key]));
+    }
+    if (stop) return never;
+    if (typeof fn !== "function") throw new TypeError(`step "${key}": the second argument must be a function`);
+    const attempt = (attempts[key] || 0) + 1;
+    const retry = retryPolicy(opts);
+    emit("step_started", { step: key, attempt, retry });
+    const info = { runId: doc.run_id, stepKey: key, attempt, idempotencyKey: `${doc.run_id}:${key}` };
+    const work = (async () => {
+      let value;
+      try {
+        value = await fn(info);
+      } catch (err) {
+        emit("step_failed", { step: key, attempt, retry, error: serializeError(err) });
+        halt({ kind: "step_failed", step: key });
+        return { failed: true };
+      }
+      let text, out;
+      try {
+        [text, out] = toJson(value, `the output of step "${key}"`);
+      } catch (err) {
+        emit("step_failed", { step: key, attempt, retry, retryable: false, error: serializeError(err) });
+        halt({ kind: "step_failed", step: key });
+        return { failed: true };
+      }
+      const size = Buffer.byteLength(text);
+      if (size > maxOutput) {
+        const err = new RangeError(`the output of step "${key}" is ${size} bytes, over the limit of ${maxOutput} bytes (limits.max_output_bytes); store large data elsewhere and return a reference`);
+        emit("step_failed", { step: key, attempt, retry, retryable: false, error: serializeError(err) });
+        halt({ kind: "step_failed", step: key });
+        return { failed: true };
+      }
+      emit("step_completed", { step: key, attempt, output: out });
+      return { failed: false, out };
+    })();
+    inflight.add(work);
+    const result = await work;
+    inflight.delete(work);
+    if (result.failed || stop) return never;
+    return result.out;
+  }
+
+  async function sleepUntil(name, when) {
+    const key = keyFor(name);
+    let wakeAt;
+    if (Object.prototype.hasOwnProperty.call(sleeps, key)) {
+      wakeAt = sleeps[key];
+    } else {
+      if (stop) return never;
+      wakeAt = when instanceof Date ? when.getTime() : Number(when);
+      if (!Number.isFinite(wakeAt)) throw new TypeError(`sleepUntil "${key}": invalid time ${String(when)}`);
+      emit("sleep", { step: key, wake_at: wakeAt });
+      sleeps[key] = wakeAt;
+    }
+    const remaining = wakeAt - Date.now();
+    if (remaining <= 0) return undefined;
+    if (stop) return never;
+    if (remaining <= inlineMs) {
+      await new Promise((r) => setTimeout(r, remaining));
+      return undefined;
+    }
+    halt({ kind: "suspend", wake_at: wakeAt });
+    return never;
+  }
+
+  async function sleep(name, duration) {
+    const ms = durationMs(duration, `sleep "${name}"`);
+    const key = (used.get(name) || 0) === 0 ? name : `${name}:${used.get(name)}`;
+    const when = Object.prototype.hasOwnProperty.call(sleeps, key) ? sleeps[key] : Date.now() + ms;
+    return sleepUntil(name, when);
+  }
+
+  const ctx = { step, sleep, sleepUntil, runId: doc.run_id, workflowId: doc.workflow_id, attempt: doc.attempt };
+
+  let workflow;
+  try {
+    workflow = loadWorkflow(workflowFile);
+  } catch (err) {
+    emit("failed", { error: serializeError(err) });
+    return;
+  }
+
+  let outcome;
+  const running = Promise.resolve()
+    .then(() => workflow(doc.input, ctx))
+    .then(
+      (value) => ({ ok: true, value }),
+      (error) => ({ ok: false, error })
+    );
+  outcome = await Promise.race([running, stopped.then(() => null)]);
+
+  if (outcome === null || stop) {
+    // Let steps already in flight settle and report, then end the pass.
+    while (inflight.size) await Promise.allSettled([...inflight]);
+    if (stop.kind === "suspend") emit("suspended", { wake_at: stop.wake_at });
+    else emit("failed", { step: stop.step, error: { message: `step "${stop.step}" failed`, name: "StepFailed", stack: null } });
+    return;
+  }
+  if (!outcome.ok) {
+    emit("failed", { error: serializeError(outcome.error) });
+    return;
+  }
+  let out;
+  try {
+    out = toJson(outcome.value, "the workflow's return value")[1];
+  } catch (err) {
+    emit("failed", { retryable: false, error: serializeError(err) });
+    return;
+  }
+  emit("completed", { output: out });
+}
+
+function main() {
+  const workflowFile = process.argv[2];
+  const chunks = [];
+  process.stdin.on("data", (c) => chunks.push(c));
+  process.stdin.on("end", async () => {
+    let doc;
+    try {
+      doc = JSON.parse(Buffer.concat(chunks).toString("utf8"));
+    } catch (err) {
+      process.stderr.write(`ty-openworkflow shim: bad pass document: ${err.message}\n`);
+      process.exit(2);
+    }
+    if (doc.protocol !== PROTOCOL) {
+      process.stderr.write(`ty-openworkflow shim: protocol ${doc.protocol} not supported (this shim speaks ${PROTOCOL})\n`);
+      process.exit(2);
+    }
+    try {
+      await runPass(doc, workflowFile);
+    } catch (err) {
+      emit("failed", { error: serializeError(err) });
+    }
+    eventsOpen = false;
+    // Exit even if user code left timers or sockets open: the pass is over.
+    process.stdout.write = eventWrite;
+    process.stdout.end(() => process.exit(0));
+  });
+}
+
+main();

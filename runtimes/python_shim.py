@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""ty-openworkflow runtime shim for Python (pass protocol v1).
+
+Usage: python3 python_shim.py WORKFLOW_FILE < pass.json > events.ndjson
+
+Reads one pass document on stdin, runs ``workflow(input, ctx)`` from the top,
+replays memoized steps from the history, runs the first new step, and writes
+newline-delimited JSON events on stdout. Anything the user's code prints (even
+a child process writing to fd 1) goes to stderr, the run log.
+"""
+import json
+import os
+import re
+import sys
+import time
+import traceback
+
+PROTOCOL = 1
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60000, "h": 3600000, "d": 86400000}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+
+class _PassEnd(BaseException):
+    """Internal signal that ends the pass (a sleep not yet due, a failed step).
+
+    It derives from BaseException so a user's ``except Exception`` cannot swallow
+    it; even a bare ``except:`` cannot, because the shim trusts its own record of
+    why the pass ended, not the workflow's return.
+    """
+
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+def duration_ms(value, what, unit_ms):
+    """Numbers are in ``unit_ms`` (1000 for seconds); strings like "5m" are parsed."""
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, (int, float)) and value >= 0:
+        return int(value * unit_ms)
+    if isinstance(value, str):
+        s = value.strip()
+        if re.fullmatch(r"\d+(\.\d+)?", s):
+            return int(float(s) * unit_ms)
+        pos, total = 0, 0.0
+        for m in _DURATION_PART.finditer(s):
+            if m.start() != pos:
+                break
+            total += float(m.group(1)) * _UNITS_MS[m.group(2)]
+            pos = m.end()
+        if s and pos == len(s):
+            return int(total)
+    raise TypeError(
+        "%s: invalid duration %r; use seconds or a string like '500ms', '30s', '5m', '1h30m'" % (what, value)
+    )
+
+
+def error_doc(exc):
+    return {
+        "message": str(exc),
+        "name": type(exc).__name__,
+        "stack": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    }
+
+
+def to_json(value, what):
+    """Return (text, plain value) or raise TypeError saying why value is not JSON."""
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError("%s is not JSON (%s); return dicts, lists, strings, numbers, booleans or None" % (what, exc))
+    return text, json.loads(text)
+
+
+class Context:
+    """The ``ctx`` a workflow receives: ``step``, ``sleep``, ``sleep_until``, ids."""
+
+    def __init__(self, doc, emit):
+        history = doc.get("history") or {}
+        self._done = history.get("steps") or {}
+        self._sleeps = history.get("sleeps") or {}
+        self._attempts = history.get("attempts") or {}
+        self._inline_ms = doc.get("inline_sleep_ms", 1000)
+        self._max_output = doc.get("max_output_bytes") or 1048576
+        self._emit = emit
+        self._used = {}
+        self.stop = None
+        self.run_id = doc.get("run_id")
+        self.workflow_id = doc.get("workflow_id")
+        self.attempt = doc.get("attempt")
+        self.step_key = None
+        self.idempotency_key = None
+
+    def _key(self, name):
+        if not isinstance(name, str) or not name:
+            raise TypeError("step and sleep names must be non-empty strings")
+        n = self._used.get(name, 0)
+        self._used[name] = n + 1
+        return name if n == 0 else "%s:%d" % (name, n)
+
+    def _peek_key(self, name):
+        n = self._used.get(name, 0)
+        return name if n == 0 else "%s:%d" % (name, n)
+
+    def _halt(self, reason):
+        if self.stop is None:
+            self.stop = reason
+        raise _PassEnd()
+
+    def step(self, name, fn, retry=None, **retry_kw):
+        """Run ``fn()`` once per run and memoize its JSON result under ``name``."""
+        key = self._key(name)
+        if key in self._done:
+            return json.loads(json.dumps(self._done[key]))
+        if self.stop is not None:
+            raise _PassEnd()
+        if not callable(fn):
+            raise TypeError("step %r: the second argument must be a function" % key)
+        policy = _policy(dict(retry or {}, **retry_kw))
+        attempt = self._attempts.get(key, 0) + 1
+        self._emit("step_started", step=key, attempt=attempt, retry=policy)
+        self.step_key, self.idempotency_key = key, "%s:%s" % (self.run_id, key)
+        try:
+            value = fn()
+        except Exception as exc:
+            self._emit("step_failed", step=key, attempt=attempt, retry=policy, error=error_doc(exc))
+            self._halt({"kind": "step_failed", "step": key})
+        finally:
+            self.step_key = self.idempotency_key = None
+        try:
+            text, out = to_json(value, "the output of step %r" % key)
+            size = len(text.encode("utf-8"))
+            if size > self._max_output:
+                raise ValueError(
+                    "the output of step %r is %d bytes, over the limit of %d bytes (limits.max_output_bytes); "
+                    "store large data elsewhere and return a reference" % (key, size, self._max_output)
+                )
+        except (TypeError, ValueError) as exc:
+            self._emit("step_failed", step=key, attempt=attempt, retry=policy, retryable=False, error=error_doc(exc))
+            self._halt({"kind": "step_failed", "step": key})
+        self._emit("step_completed", step=key, attempt=attempt, output=out)
+        self._done[key] = out
+        return out
+
+    def sleep_until(self, name, when):
+        """Sleep durably until ``when`` (epoch seconds, or a datetime)."""
+        key = self._key(name)
+        if key in self._sleeps:
+            wake_at = self._sleeps[key]
+        else:
+            if self.stop is not None:
+                raise _PassEnd()
+            if hasattr(when, "timestamp"):
+                wake_at = int(when.timestamp() * 1000)
+            elif isinstance(when, (int, float)) and not isinstance(when, bool):
+                wake_at = int(when * 1000)
+            else:
+                raise TypeError("sleep_until %r: invalid time %r" % (key, when))
+            self._emit("sleep", step=key, wake_at=wake_at)
+            self._sleeps[key] = wake_at
+        remaining = wake_at - now_ms()
+        if remaining <= 0:
+            return None
+        if remaining <= self._inline_ms:
+            time.sleep(remaining / 1000.0)
+            return None
+        self._halt({"kind": "suspend", "wake_at": wake_at})
+
+    def sleep(self, name, duration):
+        """Sleep durably for ``duration`` (seconds, or a string like "5m")."""
+        ms = duration_ms(duration, "sleep %r" % name, 1000)
+        key = self._peek_key(name)
+        if key in self._sleeps:
+            return self.sleep_until(name, self._sleeps[key] / 1000.0)
+        return self.sleep_until(name, (now_ms() + ms) / 1000.0)
+
+
+def _policy(opts):
+    names = {
+        "max_attempts": "max_attempts", "maxAttempts": "max_attempts",
+        "initial": "initial_ms", "initial_interval": "initial_ms",
+        "backoff": "backoff", "backoff_coefficient": "backoff",
+        "max_interval": "max_ms", "maximum_interval": "max_ms",
+    }
+    policy = {}
+    for k, v in opts.items():
+        if k not in names:
+            raise TypeError("unknown retry option %r; use max_attempts, initial, backoff, max_interval" % k)
+        target = names[k]
+        if target in ("initial_ms", "max_ms"):
+            policy[target] = duration_ms(v, "retry %s" % k, 1000)
+        elif target == "max_attempts":
+            policy[target] = int(v)
+        else:
+            policy[target] = float(v)
+    return policy
+
+
+def load_workflow(path):
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    namespace = {"__name__": "__workflow__", "__file__": path}
+    exec(compile(source, path, "exec"), namespace)
+    fn = namespace.get("workflow")
+    if not callable(fn):
+        raise TypeError("the workflow code defines no function named `workflow`")
+    return fn
+
+
+def main(argv):
+    events_fd = os.dup(1)
+    os.dup2(2, 1)  # user prints, and children writing fd 1, land in the log
+    sys.stdout = sys.stderr
+    events = os.fdopen(events_fd, "w", encoding="utf-8", buffering=1)
+    try:
+        doc = json.loads(sys.stdin.read())
+    except ValueError as exc:
+        sys.stderr.write("ty-openworkflow shim: bad pass document: %s\n" % exc)
+        return 2
+    if doc.get("protocol") != PROTOCOL:
+        sys.stderr.write("ty-openworkflow shim: protocol %r not supported (this shim speaks %d)\n"
+                         % (doc.get("protocol"), PROTOCOL))
+        return 2
+    pass_id = doc.get("pass_id")
+
+    def emit(type_, **data):
+        ev = {"type": type_, "pass": pass_id, "at": now_ms()}
+        ev.update(data)
+        events.write(json.dumps(ev, ensure_ascii=False) + "\n")
+        events.flush()
+
+    ctx = Context(doc, emit)
+    try:
+        workflow = load_workflow(argv[1])
+        value = workflow(doc.get("input"), ctx)
+    except _PassEnd:
+        value = None
+    except BaseException as exc:  # the workflow failed outside any step
+        if ctx.stop is None:
+            emit("failed", error=error_doc(exc))
+            return 0
+    if ctx.stop is not None:
+        if ctx.stop["kind"] == "suspend":
+            emit("suspended", wake_at=ctx.stop["wake_at"])
+        else:
+            step = ctx.stop["step"]
+            emit("failed", step=step, error={"message": "step %r failed" % step, "name": "StepFailed", "stack": None})
+        return 0
+    try:
+        out = to_json(value, "the workflow's return value")[1]
+    except TypeError as exc:
+        emit("failed", retryable=False, error=error_doc(exc))
+        return 0
+    emit("completed", output=out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,2548 @@
+#!/usr/bin/env python3
+"""ty-openworkflow: durable workflows on ephemeral compute, a TaskYou sidecar.
+
+One file, Python standard library only (>= 3.9). Quick start::
+
+    python3 ty_openworkflow.py init
+    python3 ty_openworkflow.py deploy my-workflow -f workflow.js
+    python3 ty_openworkflow.py start my-workflow -i '{"name": "World"}'
+    python3 ty_openworkflow.py status <run-id>
+    python3 ty_openworkflow.py serve        # or `tick` from cron
+
+The sidecar is the durable backend and the scheduler: it keeps workflows, runs
+and step results in SQLite and advances each run in *passes*. A pass hands a
+stateless runtime shim (a node/python process, a container, a Worker) the run's
+input and step history; completed steps replay from the history, new steps run
+and stream back as events, and a sleep that is not yet due ends the pass.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = [
+    "Sidecar", "Config", "Store", "Scheduler", "Adapter", "ExecAdapter",
+    "OpenWorkflowError", "ConfigError", "NotFound", "InputError", "AdapterError",
+    "StoreError", "load_config", "parse_yaml", "parse_duration", "parse_event_line",
+    "main",
+]
+
+import argparse
+import base64
+import contextlib
+import datetime
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+PROTOCOL_VERSION = 1
+APP_NAME = "ty-openworkflow"
+CONFIG_ENV = "TY_OPENWORKFLOW_CONFIG"
+DATA_DIR_ENV = "TY_OPENWORKFLOW_DATA_DIR"
+DB_FILE = "ty-openworkflow.db"
+# PRAGMA application_id marks our databases, so a foreign SQLite file is refused.
+DB_APPLICATION_ID = 0x74796F77  # "tyow"
+SQLITE_BUSY_TIMEOUT_MS = 10000
+# Step retry defaults follow OpenWorkflow: 10 attempts, 1 s, x2, capped at 100 s.
+DEFAULT_RETRY = {"max_attempts": 10, "initial_ms": 1000, "backoff": 2.0, "max_ms": 100000}
+# A pass that dies with no step in flight (shim crash, OOM) retries on this policy.
+PASS_RETRY = {"max_attempts": 5, "initial_ms": 1000, "backoff": 2.0, "max_ms": 60000}
+# Remaining sleeps up to this long are waited inside the pass instead of parking
+# the run: a new pass would cost more than the wait itself.
+INLINE_SLEEP_MS = 1000
+MAX_STEP_NAME_LEN = 200
+MAX_PASS_LOG_BYTES = 256 * 1024
+TERMINAL = ("completed", "failed", "canceled")
+RUN_STATUSES = ("pending", "running", "sleeping") + TERMINAL
+WORKFLOW_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ADAPTER_NAMES = ("exec", "docker", "cloudflare")
+RUNTIMES = {"node": {"shim": "node_shim.js", "ext": ".js"},
+            "python": {"shim": "python_shim.py", "ext": ".py"}}
+# Filled by `make dist` so the single-file build needs no runtimes/ folder.
+_EMBEDDED_RUNTIMES = {}
+
+log = logging.getLogger("ty_openworkflow")
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+class OpenWorkflowError(Exception):
+    """Root of every error this module raises on purpose; str() says what to do."""
+
+    exit_code = 1
+
+
+class ConfigError(OpenWorkflowError):
+    """The configuration file or a config value is wrong."""
+
+
+class InputError(OpenWorkflowError):
+    """A command got an argument or a file it cannot use."""
+
+    exit_code = 2
+
+
+class NotFound(OpenWorkflowError):
+    """An unknown workflow or run id."""
+
+
+class AdapterError(OpenWorkflowError):
+    """A compute adapter cannot be used (missing binary, disabled, unreachable)."""
+
+
+class StoreError(OpenWorkflowError):
+    """The SQLite store cannot be opened or written; ``orig`` keeps the cause."""
+
+    def __init__(self, message, orig=None):
+        super().__init__(message)
+        self.orig = orig
+
+
+class Conflict(OpenWorkflowError):
+    """The operation does not apply to the object's current state."""
+
+
+# ---------------------------------------------------------------------------
+# Helpers: time, durations, JSON, ids
+# ---------------------------------------------------------------------------
+
+
+def now_ms():
+    """Wall-clock time in integer milliseconds since the epoch."""
+    return int(time.time() * 1000)
+
+
+_DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60000, "h": 3600000, "d": 86400000}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+
+def parse_duration(value, unit_ms=1000):
+    """Parse ``30s``, ``5m``, ``1h30m``, ``500ms`` or a bare number (in ``unit_ms``) to ms."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration, got %r" % value)
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative: %r" % value)
+        return int(value * unit_ms)
+    s = str(value).strip()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return int(float(s) * unit_ms)
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS_MS[m.group(2)]
+        pos = m.end()
+    if not s or pos != len(s):
+        raise ValueError("invalid duration %r; use a number or a string like 500ms, 30s, 5m, 1h30m" % value)
+    return int(total)
+
+
+def format_duration(ms):
+    """Render milliseconds as a short human duration (``4.2s``, ``3m05s``)."""
+    ms = int(ms)
+    if ms < 1000:
+        return "%dms" % ms
+    if ms < 60000:
+        return "%.1fs" % (ms / 1000.0)
+    s = ms // 1000
+    if s < 3600:
+        return "%dm%02ds" % (s // 60, s % 60)
+    if s < 86400:
+        return "%dh%02dm" % (s // 3600, (s % 3600) // 60)
+    return "%dd%02dh" % (s // 86400, (s % 86400) // 3600)
+
+
+def format_time(ms):
+    """Local time of an epoch-ms value, for humans."""
+    if ms is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ms / 1000.0).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def dumps(value):
+    """Compact, deterministic JSON."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False, allow_nan=False)
+
+
+def loads_or_none(text):
+    return None if text is None else json.loads(text)
+
+
+def parse_json_arg(text, what):
+    """Parse user-supplied JSON, saying where it is broken."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        where = ""
+        if hasattr(exc, "lineno"):
+            where = " at line %d column %d" % (exc.lineno, exc.colno)
+        raise InputError("invalid JSON in %s%s: %s; pass a JSON value like '{\"name\": \"World\"}'"
+                         % (what, where, getattr(exc, "msg", exc)))
+
+
+def new_id(prefix):
+    """Time-sortable unique id: prefix, base36 ms timestamp, 8 random hex chars."""
+    n, digits = now_ms(), ""
+    alphabet = "0123456789abcdefghijklmnopqrstuvwxyz"
+    while n:
+        n, r = divmod(n, 36)
+        digits = alphabet[r] + digits
+    return "%s_%s%s" % (prefix, digits, secrets.token_hex(4))
+
+
+def sha256_hex(data):
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return hashlib.sha256(data).hexdigest()
+
+
+def backoff_ms(policy, attempts):
+    """Delay before the next attempt after ``attempts`` failures under ``policy``."""
+    delay = policy["initial_ms"] * (policy["backoff"] ** max(0, attempts - 1))
+    return int(min(delay, policy["max_ms"]))
+
+
+def pid_alive(pid):
+    """True if a process with this pid exists on this machine."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child is dead for our purposes
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+# ---------------------------------------------------------------------------
+# Config: a YAML subset reader and the settings with their defaults
+# ---------------------------------------------------------------------------
+
+DEFAULT_CONFIG_PATH = "~/.config/ty-openworkflow/config.yaml"
+
+DEFAULT_CONFIG_TEXT = """\
+data_dir: {data_dir}
+default_adapter: exec
+
+adapters:
+  exec:
+    enabled: true
+    work_dir: {data_dir}/exec
+
+  docker:
+    enabled: false
+    work_dir: {data_dir}/docker
+    network: ""
+
+  cloudflare:
+    enabled: false
+    account_id: ""
+    api_token_cmd: "op read 'op://Private/Cloudflare/api_token'"
+    namespace: ""
+
+webhook:
+  enabled: false
+  port: 8765
+  host: localhost
+  path: /webhook
+  external_url: ""
+
+taskyou:
+  cli: ty
+  project: ""
+  auto_create_tasks: true
+
+poll_interval: 30s
+"""
+
+# Every key the config understands: dotted path -> (kind, default). Kinds:
+# str, path, bool, int, duration (stored as ms), size (bytes), map.
+CONFIG_SCHEMA = {
+    "data_dir": ("path", "~/.config/ty-openworkflow"),
+    "default_adapter": ("str", "exec"),
+    "poll_interval": ("duration", "30s"),
+    "concurrency": ("int", 4),
+    "lease_ttl": ("duration", "30s"),
+    "runner_linger": ("duration", "2m"),
+    "limits.max_output_bytes": ("size", 1048576),
+    "limits.max_input_bytes": ("size", 1048576),
+    "limits.max_step_attempts": ("int", 1000),
+    "retry.max_attempts": ("int", 10),
+    "retry.initial_interval": ("duration", "1s"),
+    "retry.backoff_coefficient": ("float", 2.0),
+    "retry.max_interval": ("duration", "100s"),
+    "adapters.exec.enabled": ("bool", True),
+    "adapters.exec.work_dir": ("path", "{data_dir}/exec"),
+    "adapters.exec.node": ("str", "node"),
+    "adapters.exec.python": ("str", "python3"),
+    "adapters.exec.timeout": ("duration", "15m"),
+    "adapters.exec.env": ("map", {}),
+    "adapters.docker.enabled": ("bool", False),
+    "adapters.docker.work_dir": ("path", "{data_dir}/docker"),
+    "adapters.docker.network": ("str", ""),
+    "adapters.docker.docker": ("str", "docker"),
+    "adapters.docker.node_image": ("str", "node:20-alpine"),
+    "adapters.docker.python_image": ("str", "python:3.12-alpine"),
+    "adapters.docker.pull": ("str", "never"),
+    "adapters.docker.memory": ("str", "512m"),
+    "adapters.docker.cpus": ("str", "1"),
+    "adapters.docker.pids_limit": ("int", 256),
+    "adapters.docker.user": ("str", "65534:65534"),
+    "adapters.docker.read_only": ("bool", True),
+    "adapters.docker.timeout": ("duration", "15m"),
+    "adapters.docker.env": ("map", {}),
+    "adapters.cloudflare.enabled": ("bool", False),
+    "adapters.cloudflare.account_id": ("str", ""),
+    "adapters.cloudflare.api_token_cmd": ("str", ""),
+    "adapters.cloudflare.namespace": ("str", ""),
+    "adapters.cloudflare.api_base": ("str", "https://api.cloudflare.com/client/v4"),
+    "webhook.enabled": ("bool", False),
+    "webhook.port": ("int", 8765),
+    "webhook.host": ("str", "localhost"),
+    "webhook.path": ("str", "/webhook"),
+    "webhook.external_url": ("str", ""),
+    "webhook.max_body_bytes": ("size", 1048576),
+    "webhook.tolerance": ("duration", "5m"),
+    "taskyou.cli": ("str", "ty"),
+    "taskyou.project": ("str", ""),
+    "taskyou.auto_create_tasks": ("bool", True),
+    "taskyou.timeout": ("duration", "30s"),
+}
+_CONFIG_SECTIONS = {"adapters", "adapters.exec", "adapters.docker", "adapters.cloudflare",
+                    "webhook", "taskyou", "limits", "retry"}
+
+
+class _Line:
+    __slots__ = ("no", "indent", "text")
+
+    def __init__(self, no, indent, text):
+        self.no, self.indent, self.text = no, indent, text
+
+
+def _strip_comment(text):
+    """Drop a trailing ``# comment`` that is outside quotes."""
+    quote = None
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == "\\" and quote == '"':
+                continue
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or text[i - 1] in " \t"):
+            return text[:i].rstrip()
+    return text.rstrip()
+
+
+def _yaml_scalar(raw, where):
+    s = raw.strip()
+    if s == "" or s in ("~", "null", "Null", "NULL"):
+        return None
+    if s[0] in "'\"":
+        q = s[0]
+        if len(s) < 2 or s[-1] != q:
+            raise ConfigError("%s: unterminated %s-quoted string" % (where, "double" if q == '"' else "single"))
+        body = s[1:-1]
+        if q == "'":
+            if re.search(r"(?<!')'(?!')", body):
+                raise ConfigError("%s: stray single quote inside a single-quoted string (write '' for ')" % where)
+            return body.replace("''", "'")
+        try:
+            return json.loads('"%s"' % body.replace("\t", "\\t"))
+        except ValueError:
+            raise ConfigError("%s: bad escape in double-quoted string %s" % (where, s))
+    if s in ("true", "True", "TRUE", "yes", "on"):
+        return True
+    if s in ("false", "False", "FALSE", "no", "off"):
+        return False
+    if s == "{}":
+        return {}
+    if s == "[]":
+        return []
+    if s[0] in "[{&*!|>%@`":
+        raise ConfigError("%s: %r is YAML this reader does not support; use plain nested mappings and scalars" % (where, s))
+    if re.fullmatch(r"[-+]?\d+", s):
+        return int(s)
+    if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+)([eE][-+]?\d+)?", s):
+        return float(s)
+    return s
+
+
+def parse_yaml(text, filename="<config>"):
+    """Parse the YAML subset configs use: nested mappings of scalars, with comments.
+
+    Returns ``(data, lines)`` where ``lines`` maps dotted key paths to line numbers.
+    """
+    lines = []
+    for no, raw in enumerate(text.splitlines(), 1):
+        if "\t" in raw[: len(raw) - len(raw.lstrip())]:
+            raise ConfigError("%s:%d: tab used for indentation; indent with spaces" % (filename, no))
+        body = _strip_comment(raw)
+        if not body.strip() or body.strip() in ("---", "..."):
+            continue
+        lines.append(_Line(no, len(body) - len(body.lstrip(" ")), body.strip()))
+    key_lines = {}
+    pos = 0
+
+    def block(indent, prefix):
+        nonlocal pos
+        out = {}
+        while pos < len(lines):
+            ln = lines[pos]
+            where = "%s:%d" % (filename, ln.no)
+            if ln.indent < indent:
+                break
+            if ln.indent > indent:
+                raise ConfigError("%s: unexpected indentation" % where)
+            if ln.text.startswith("- ") or ln.text == "-":
+                raise ConfigError("%s: lists are not used in this config; write a mapping (key: value)" % where)
+            m = re.match(r"^(\"[^\"]*\"|'[^']*'|[^:]+?)\s*:(?:\s+(.*))?$", ln.text)
+            if not m:
+                m2 = re.match(r"^(\"[^\"]*\"|'[^']*'|[^:]+?)\s*:$", ln.text)
+                if not m2:
+                    raise ConfigError("%s: expected 'key: value', got %r" % (where, ln.text))
+                m = m2
+            key = m.group(1).strip()
+            if key[:1] in "'\"":
+                key = key[1:-1]
+            value = m.group(2) if m.lastindex and m.lastindex >= 2 else None
+            path = prefix + key
+            if key in out:
+                raise ConfigError("%s: duplicate key %r" % (where, path))
+            key_lines[path] = ln.no
+            pos += 1
+            if value is None or value.strip() == "":
+                if pos < len(lines) and lines[pos].indent > indent:
+                    out[key] = block(lines[pos].indent, path + ".")
+                else:
+                    out[key] = None
+            else:
+                out[key] = _yaml_scalar(value, where)
+        return out
+
+    if lines and lines[0].indent != 0:
+        raise ConfigError("%s:%d: the first key must not be indented" % (filename, lines[0].no))
+    data = block(0, "")
+    if pos < len(lines):
+        raise ConfigError("%s:%d: unexpected indentation" % (filename, lines[pos].no))
+    return data, key_lines
+
+
+def _parse_size(value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = re.fullmatch(r"\s*(\d+)\s*(b|kb|kib|k|mb|mib|m|gb|gib|g)?\s*", str(value), re.I)
+    if not m:
+        raise ValueError("invalid size %r; use bytes or a string like 512KiB, 1MiB" % value)
+    mult = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1 << 20, "mb": 10 ** 6,
+            "mib": 1 << 20, "g": 1 << 30, "gb": 10 ** 9, "gib": 1 << 30}[(m.group(2) or "").lower()]
+    return int(m.group(1)) * mult
+
+
+class Config:
+    """Settings read from config.yaml, with every default filled in."""
+
+    def __init__(self, values, path=None, exists=False):
+        self.values = values
+        self.path = path
+        self.exists = exists
+
+    def __getitem__(self, key):
+        return self.values[key]
+
+    def get(self, key, default=None):
+        return self.values.get(key, default)
+
+    @property
+    def data_dir(self):
+        return self.values["data_dir"]
+
+    def retry_policy(self):
+        return {"max_attempts": self["retry.max_attempts"], "initial_ms": self["retry.initial_interval"],
+                "backoff": self["retry.backoff_coefficient"], "max_ms": self["retry.max_interval"]}
+
+
+def default_config_path():
+    return os.environ.get(CONFIG_ENV) or os.path.expanduser(DEFAULT_CONFIG_PATH)
+
+
+def _coerce(kind, value, where, key):
+    try:
+        if kind == "str":
+            if value is None:
+                return ""
+            if isinstance(value, (dict, list)):
+                raise ValueError("expected a string")
+            return value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+        if kind == "path":
+            if not value or isinstance(value, (dict, list, bool)):
+                raise ValueError("expected a path")
+            return str(value)
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError("expected true or false")
+            return value
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError("expected a whole number >= 0")
+            return value
+        if kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
+                raise ValueError("expected a number >= 1")
+            return float(value)
+        if kind == "duration":
+            return parse_duration(value)
+        if kind == "size":
+            return _parse_size(value)
+        if kind == "map":
+            if value is None:
+                return {}
+            if not isinstance(value, dict) or any(isinstance(v, dict) for v in value.values()):
+                raise ValueError("expected a mapping of names to values")
+            return {str(k): "" if v is None else str(v) for k, v in value.items()}
+    except ValueError as exc:
+        raise ConfigError("%s: %s: %s (got %r)" % (where, key, exc, value))
+    raise AssertionError(kind)
+
+
+def load_config(path=None, text=None):
+    """Read the config file (or ``text``) and return a Config with defaults filled in.
+
+    A missing file is not an error: the defaults apply, as ``init`` would write them.
+    """
+    path = os.path.abspath(os.path.expanduser(path or default_config_path()))
+    exists = False
+    if text is None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            exists = True
+        except FileNotFoundError:
+            text = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("cannot read config %s: %s" % (path, exc))
+    data, key_lines = parse_yaml(text, path)
+    flat = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            dotted = prefix + k
+            kind = CONFIG_SCHEMA.get(dotted, (None,))[0]
+            where = "%s:%s" % (path, key_lines.get(dotted, "?"))
+            if kind == "map":
+                flat[dotted] = v
+            elif dotted in _CONFIG_SECTIONS:
+                if v is None:
+                    continue
+                if not isinstance(v, dict):
+                    raise ConfigError("%s: %s must be a mapping of settings" % (where, dotted))
+                walk(v, dotted + ".")
+            elif kind is None:
+                known = sorted(k2[len(prefix):].split(".")[0] for k2 in CONFIG_SCHEMA if k2.startswith(prefix))
+                raise ConfigError("%s: unknown key %r; known here: %s" % (where, dotted, ", ".join(sorted(set(known)))))
+            else:
+                flat[dotted] = v
+
+    walk(data, "")
+    values = {}
+    for key, (kind, default) in CONFIG_SCHEMA.items():
+        if key in flat and flat[key] is not None:
+            where = "%s:%s" % (path, key_lines.get(key, "?"))
+            values[key] = _coerce(kind, flat[key], where, key)
+        else:
+            values[key] = _coerce(kind, default, "default", key)
+    if os.environ.get(DATA_DIR_ENV):
+        values["data_dir"] = os.environ[DATA_DIR_ENV]
+    base = os.path.dirname(path)
+
+    def fix_path(p):
+        p = p.replace("{data_dir}", values["data_dir"])
+        p = os.path.expanduser(p)
+        return os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p))
+
+    values["data_dir"] = fix_path(values["data_dir"])
+    for key, (kind, _) in CONFIG_SCHEMA.items():
+        if kind == "path" and key != "data_dir":
+            values[key] = fix_path(values[key])
+    if values["default_adapter"] not in ADAPTER_NAMES:
+        raise ConfigError("%s:%s: default_adapter %r is not one of %s"
+                          % (path, key_lines.get("default_adapter", "?"), values["default_adapter"],
+                             ", ".join(ADAPTER_NAMES)))
+    if values["concurrency"] < 1:
+        raise ConfigError("%s: concurrency must be at least 1" % path)
+    if values["lease_ttl"] < 2000:
+        raise ConfigError("%s: lease_ttl must be at least 2s" % path)
+    return Config(values, path, exists)
+
+
+# ---------------------------------------------------------------------------
+# Store: SQLite (WAL), migrations by PRAGMA user_version
+# ---------------------------------------------------------------------------
+
+# Append-only: each entry is one schema version, applied in one transaction.
+MIGRATIONS = [
+    [  # 1: workflows, versions, runs, steps, events, logs, schedulers
+        """CREATE TABLE workflows (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            latest_version INTEGER NOT NULL,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL)""",
+        """CREATE TABLE workflow_versions (
+            workflow_id TEXT NOT NULL REFERENCES workflows(id),
+            version INTEGER NOT NULL,
+            label TEXT NOT NULL,
+            runtime TEXT NOT NULL,
+            adapter TEXT NOT NULL,
+            code TEXT NOT NULL,
+            code_hash TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            PRIMARY KEY (workflow_id, version))""",
+        """CREATE TABLE runs (
+            id TEXT PRIMARY KEY,
+            workflow_id TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            input TEXT NOT NULL,
+            output TEXT,
+            error TEXT,
+            passes INTEGER NOT NULL DEFAULT 0,
+            pass_failures INTEGER NOT NULL DEFAULT 0,
+            step_attempts INTEGER NOT NULL DEFAULT 0,
+            available_at INTEGER,
+            wake_at INTEGER,
+            deadline_at INTEGER,
+            pass_id TEXT,
+            lease_owner TEXT,
+            lease_expires_at INTEGER,
+            task_requested INTEGER NOT NULL DEFAULT 0,
+            task_title TEXT,
+            task_id INTEGER,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            started_at INTEGER,
+            finished_at INTEGER,
+            FOREIGN KEY (workflow_id, version) REFERENCES workflow_versions(workflow_id, version))""",
+        "CREATE INDEX runs_due ON runs(status, available_at)",
+        "CREATE INDEX runs_workflow ON runs(workflow_id, created_at)",
+        """CREATE TABLE steps (
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            key TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            status TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            output TEXT,
+            error TEXT,
+            retry TEXT,
+            retryable INTEGER NOT NULL DEFAULT 1,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            wake_at INTEGER,
+            started_at INTEGER,
+            completed_at INTEGER,
+            PRIMARY KEY (run_id, key))""",
+        """CREATE TABLE run_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL,
+            pass_id TEXT,
+            type TEXT NOT NULL,
+            data TEXT,
+            at INTEGER NOT NULL)""",
+        "CREATE INDEX run_events_run ON run_events(run_id, id)",
+        """CREATE TABLE run_logs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL,
+            pass_id TEXT NOT NULL,
+            pass_no INTEGER NOT NULL,
+            adapter TEXT NOT NULL,
+            text TEXT NOT NULL,
+            at INTEGER NOT NULL)""",
+        "CREATE INDEX run_logs_run ON run_logs(run_id, id)",
+        """CREATE TABLE schedulers (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            host TEXT NOT NULL,
+            wake_port INTEGER,
+            started_at INTEGER NOT NULL,
+            heartbeat_at INTEGER NOT NULL)""",
+    ],
+]
+
+_RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
+                "step_attempts, available_at, wake_at, deadline_at, pass_id, lease_owner, "
+                "lease_expires_at, task_requested, task_title, task_id, created_at, updated_at, "
+                "started_at, finished_at")
+SQL_DUE_RUNS = ("SELECT id, status FROM runs WHERE (status IN ('pending', 'sleeping') AND available_at <= ?) "
+                "OR (status = 'running' AND lease_expires_at < ?) ORDER BY available_at, created_at LIMIT ?")
+SQL_NEXT_DUE = ("SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM runs WHERE status IN ('pending', 'sleeping') "
+                "UNION ALL SELECT MIN(lease_expires_at) FROM runs WHERE status = 'running')")
+
+# Outcomes of applying one event.
+APPLIED, IGNORED, ENDED = "applied", "ignored", "ended"
+
+
+def _row_dict(cursor, row):
+    return {d[0]: row[i] for i, d in enumerate(cursor.description)}
+
+
+class Store:
+    """The durable backend: workflows, versions, runs, steps, events, logs."""
+
+    def __init__(self, data_dir, config=None):
+        self.data_dir = data_dir
+        self.path = os.path.join(data_dir, DB_FILE)
+        self.config = config
+        self._local = threading.local()
+        self._all = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._prepare_dir()
+        self._migrate()
+
+    # -- connection and transactions ------------------------------------------
+
+    def _prepare_dir(self):
+        if os.path.exists(self.data_dir) and not os.path.isdir(self.data_dir):
+            raise StoreError("data dir %s is not a directory; set data_dir in the config to a folder" % self.data_dir)
+        try:
+            os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StoreError("cannot create data dir %s (%s); set data_dir in the config to a writable folder"
+                             % (self.data_dir, exc.strerror or exc), exc)
+        if not os.access(self.data_dir, os.W_OK | os.X_OK):
+            raise StoreError("data dir %s is not writable; fix its permissions or set data_dir elsewhere"
+                             % self.data_dir)
+
+    def _connect(self):
+        try:
+            conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000.0,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = %d" % SQLITE_BUSY_TIMEOUT_MS)
+            conn.execute("PRAGMA foreign_keys = ON")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                log.debug("journal_mode is %s, not wal", mode)
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.DatabaseError as exc:
+            raise self._wrap(exc)
+        return conn
+
+    def _wrap(self, exc):
+        msg = str(exc)
+        if "not a database" in msg or "malformed" in msg or "encrypted" in msg:
+            return StoreError("%s is not a ty-openworkflow database (%s); move it away or point data_dir elsewhere"
+                              % (self.path, msg), exc)
+        if "readonly" in msg or "unable to open" in msg or "disk I/O" in msg:
+            return StoreError("cannot write %s (%s); check that data_dir is writable and has free space"
+                              % (self.path, msg), exc)
+        if "locked" in msg or "busy" in msg:
+            return StoreError("the store %s stayed locked for %ds (%s); another process holds it, try again"
+                              % (self.path, SQLITE_BUSY_TIMEOUT_MS // 1000, msg), exc)
+        return StoreError("store error on %s: %s" % (self.path, msg), exc)
+
+    @property
+    def conn(self):
+        if self._closed:
+            raise StoreError("the store is closed; open a new Sidecar")
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = self._connect()
+            self._local.conn = c
+            with self._lock:
+                self._all.append(c)
+        return c
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as exc:
+            raise self._wrap(exc)
+        try:
+            yield conn
+        except BaseException as exc:
+            conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise self._wrap(exc)
+            raise
+        else:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                with contextlib.suppress(sqlite3.DatabaseError):
+                    conn.execute("ROLLBACK")
+                raise self._wrap(exc)
+
+    def query(self, sql, params=()):
+        try:
+            cur = self.conn.execute(sql, params)
+            return [_row_dict(cur, r) for r in cur.fetchall()]
+        except sqlite3.DatabaseError as exc:
+            raise self._wrap(exc)
+
+    def query_one(self, sql, params=()):
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            for c in self._all:
+                with contextlib.suppress(Exception):
+                    c.close()
+            self._all = []
+        self._local = threading.local()
+
+    def _migrate(self):
+        conn = self._connect()
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise self._wrap(exc)
+        if app_id not in (0, DB_APPLICATION_ID) or (app_id == 0 and tables):
+            conn.close()
+            raise StoreError("%s is not a ty-openworkflow database (it holds other data); move it away or "
+                             "point data_dir elsewhere" % self.path)
+        if version > len(MIGRATIONS):
+            conn.close()
+            raise StoreError("%s has schema version %d, newer than this ty-openworkflow %s understands (%d); "
+                             "upgrade ty_openworkflow.py" % (self.path, version, __version__, len(MIGRATIONS)))
+        try:
+            for n in range(version, len(MIGRATIONS)):
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    # Re-read under the write lock: another process may have migrated.
+                    if conn.execute("PRAGMA user_version").fetchone()[0] > n:
+                        conn.execute("ROLLBACK")
+                        continue
+                    for stmt in MIGRATIONS[n]:
+                        conn.execute(stmt)
+                    conn.execute("PRAGMA application_id = %d" % DB_APPLICATION_ID)
+                    conn.execute("PRAGMA user_version = %d" % (n + 1))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+        except sqlite3.DatabaseError as exc:
+            raise self._wrap(exc)
+        finally:
+            conn.close()
+
+    # -- workflows ------------------------------------------------------------
+
+    def save_version(self, workflow_id, code, runtime, adapter, label, name, description, now):
+        """Store code as a new version unless it equals the latest; returns (version row, created)."""
+        code_hash = sha256_hex("%s\0%s\0%s" % (runtime, adapter, code))
+        with self.transaction() as c:
+            wf = c.execute("SELECT latest_version FROM workflows WHERE id = ?", (workflow_id,)).fetchone()
+            if wf:
+                latest = c.execute("SELECT code_hash, label FROM workflow_versions WHERE workflow_id = ? AND version = ?",
+                                   (workflow_id, wf[0])).fetchone()
+                if latest and latest[0] == code_hash and latest[1] == label:
+                    if name is not None or description is not None:
+                        c.execute("UPDATE workflows SET name = COALESCE(?, name), description = COALESCE(?, description), "
+                                  "updated_at = ? WHERE id = ?", (name, description, now, workflow_id))
+                    return self._version(c, workflow_id, wf[0]), False
+                version = wf[0] + 1
+                c.execute("UPDATE workflows SET latest_version = ?, name = COALESCE(?, name), "
+                          "description = COALESCE(?, description), updated_at = ? WHERE id = ?",
+                          (version, name, description, now, workflow_id))
+            else:
+                version = 1
+                c.execute("INSERT INTO workflows (id, name, description, latest_version, created_at, updated_at) "
+                          "VALUES (?, ?, ?, ?, ?, ?)", (workflow_id, name or workflow_id, description or "", 1, now, now))
+            c.execute("INSERT INTO workflow_versions (workflow_id, version, label, runtime, adapter, code, code_hash, "
+                      "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                      (workflow_id, version, label, runtime, adapter, code, code_hash, now))
+            return self._version(c, workflow_id, version), True
+
+    def _version(self, c, workflow_id, version):
+        cur = c.execute("SELECT workflow_id, version, label, runtime, adapter, code, code_hash, created_at "
+                        "FROM workflow_versions WHERE workflow_id = ? AND version = ?", (workflow_id, version))
+        row = cur.fetchone()
+        return _row_dict(cur, row) if row else None
+
+    def get_version(self, workflow_id, version):
+        return self.query_one("SELECT workflow_id, version, label, runtime, adapter, code, code_hash, created_at "
+                              "FROM workflow_versions WHERE workflow_id = ? AND version = ?", (workflow_id, version))
+
+    def get_workflow(self, workflow_id):
+        return self.query_one(
+            "SELECT w.id, w.name, w.description, w.latest_version, w.created_at, w.updated_at, v.label, v.runtime, "
+            "v.adapter, v.code_hash, (SELECT count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs "
+            "FROM workflows w JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version "
+            "WHERE w.id = ?", (workflow_id,))
+
+    def list_workflows(self):
+        return self.query(
+            "SELECT w.id, w.name, w.description, w.latest_version, w.created_at, w.updated_at, v.label, v.runtime, "
+            "v.adapter, (SELECT count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs "
+            "FROM workflows w JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version "
+            "ORDER BY w.id")
+
+    # -- runs -----------------------------------------------------------------
+
+    def create_run(self, run_id, workflow_id, version, input_json, now, task_requested=False, task_title=None,
+                   deadline_at=None):
+        with self.transaction() as c:
+            c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, deadline_at, "
+                      "task_requested, task_title, created_at, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+                      (run_id, workflow_id, version, input_json, now, deadline_at, int(bool(task_requested)),
+                       task_title, now, now))
+            self._journal(c, run_id, None, "created", {"workflow": workflow_id, "version": version}, now)
+
+    def get_run(self, run_id):
+        run = self.query_one("SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS, (run_id,))
+        if run is None and run_id and len(run_id) >= 6:
+            matches = self.query("SELECT %s FROM runs WHERE id LIKE ? ESCAPE '\\' LIMIT 2" % _RUN_COLUMNS,
+                                 (run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",))
+            if len(matches) == 1:
+                run = matches[0]
+        return run
+
+    def list_runs(self, workflow_id=None, status=None, limit=20):
+        where, params = [], []
+        if workflow_id:
+            where.append("workflow_id = ?")
+            params.append(workflow_id)
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        sql = "SELECT %s FROM runs %s ORDER BY created_at DESC, id DESC LIMIT ?" % (
+            _RUN_COLUMNS, ("WHERE " + " AND ".join(where)) if where else "")
+        return self.query(sql, params + [limit])
+
+    def steps(self, run_id):
+        return self.query("SELECT key, kind, status, seq, output, error, retry, retryable, attempts, wake_at, "
+                          "started_at, completed_at FROM steps WHERE run_id = ? ORDER BY seq", (run_id,))
+
+    def events(self, run_id, after_id=0):
+        return self.query("SELECT id, pass_id, type, data, at FROM run_events WHERE run_id = ? AND id > ? ORDER BY id",
+                          (run_id, after_id))
+
+    def add_log(self, run_id, pass_id, pass_no, adapter, text, now):
+        if not text:
+            return
+        with self.transaction() as c:
+            c.execute("INSERT INTO run_logs (run_id, pass_id, pass_no, adapter, text, at) VALUES (?, ?, ?, ?, ?, ?)",
+                      (run_id, pass_id, pass_no, adapter, text, now))
+
+    def logs(self, run_id):
+        return self.query("SELECT pass_id, pass_no, adapter, text, at FROM run_logs WHERE run_id = ? ORDER BY id",
+                          (run_id,))
+
+    def _journal(self, c, run_id, pass_id, type_, data, now):
+        c.execute("INSERT INTO run_events (run_id, pass_id, type, data, at) VALUES (?, ?, ?, ?, ?)",
+                  (run_id, pass_id, type_, None if data is None else dumps(data), now))
+
+    def _finish(self, c, run_id, pass_id, status, now, output=None, error=None):
+        c.execute("UPDATE runs SET status = ?, output = ?, error = ?, pass_id = NULL, lease_owner = NULL, "
+                  "lease_expires_at = NULL, available_at = NULL, wake_at = NULL, finished_at = ?, updated_at = ? "
+                  "WHERE id = ?", (status, None if output is None else dumps(output),
+                                   None if error is None else dumps(error), now, now, run_id))
+        self._journal(c, run_id, pass_id, status, {"output": output} if status == "completed" else {"error": error}, now)
+        self._on_finish(c, run_id, status, now)
+
+    def _on_finish(self, c, run_id, status, now):
+        """Hook for what else a finished run changes in the same transaction (the bridge outbox)."""
+
+    def cancel_run(self, run_id, now, reason="canceled by user"):
+        """Cancel a run that is not terminal; returns the run as it was before."""
+        with self.transaction() as c:
+            cur = c.execute("SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS, (run_id,))
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
+            run = _row_dict(cur, row)
+            if run["status"] in TERMINAL:
+                raise Conflict("run %s is already %s; nothing to cancel" % (run_id, run["status"]))
+            self._finish(c, run_id, run["pass_id"], "canceled", now,
+                         error={"message": reason, "name": "Canceled", "stack": None})
+            return run
+
+    # -- scheduling -----------------------------------------------------------
+
+    def claim_due(self, owner, now, limit, lease_ms):
+        """Atomically claim up to ``limit`` due runs for ``owner``; returns (run, pass_id) pairs."""
+        claimed = []
+        with self.transaction() as c:
+            rows = c.execute(SQL_DUE_RUNS, (now, now, limit)).fetchall()
+            for run_id, status in rows:
+                cur = c.execute("SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS, (run_id,))
+                run = _row_dict(cur, cur.fetchone())
+                if status == "running":
+                    self._journal(c, run_id, run["pass_id"], "lease_expired",
+                                  {"owner": run["lease_owner"], "message": "its scheduler stopped; replaying"}, now)
+                if run["deadline_at"] is not None and now >= run["deadline_at"]:
+                    self._finish(c, run_id, run["pass_id"], "failed", now, error={
+                        "message": "the run passed its deadline (%s)" % format_time(run["deadline_at"]),
+                        "name": "DeadlineExceeded", "stack": None})
+                    continue
+                pass_id = new_id("pass")
+                c.execute("UPDATE runs SET status = 'running', pass_id = ?, lease_owner = ?, lease_expires_at = ?, "
+                          "passes = passes + 1, started_at = COALESCE(started_at, ?), updated_at = ? WHERE id = ?",
+                          (pass_id, owner, now + lease_ms, now, now, run_id))
+                run.update(status="running", pass_id=pass_id, lease_owner=owner, passes=run["passes"] + 1)
+                self._journal(c, run_id, pass_id, "pass_started", {"pass": run["passes"], "owner": owner}, now)
+                claimed.append(run)
+        return claimed
+
+    def next_due_at(self):
+        row = self.conn.execute(SQL_NEXT_DUE).fetchone()
+        return row[0] if row else None
+
+    def renew_leases(self, owner, pass_ids, until):
+        """Extend the leases of our passes; returns the pass ids we no longer hold."""
+        lost = []
+        with self.transaction() as c:
+            for run_id, pass_id in pass_ids:
+                n = c.execute("UPDATE runs SET lease_expires_at = ? WHERE id = ? AND pass_id = ? AND lease_owner = ? "
+                              "AND status = 'running'", (until, run_id, pass_id, owner)).rowcount
+                if n == 0:
+                    lost.append(pass_id)
+        return lost
+
+    def pass_is_current(self, run_id, pass_id):
+        row = self.conn.execute("SELECT 1 FROM runs WHERE id = ? AND pass_id = ? AND status = 'running'",
+                                (run_id, pass_id)).fetchone()
+        return row is not None
+
+    def history(self, run_id):
+        """The replay history a pass needs: completed outputs, sleep wake times, attempts."""
+        steps, sleeps, attempts = {}, {}, {}
+        for key, kind, status, output, wake_at, n in self.conn.execute(
+                "SELECT key, kind, status, output, wake_at, attempts FROM steps WHERE run_id = ?", (run_id,)):
+            if kind == "sleep":
+                sleeps[key] = wake_at
+            elif status == "completed":
+                steps[key] = json.loads(output)
+            if n:
+                attempts[key] = n
+        return {"steps": steps, "sleeps": sleeps, "attempts": attempts}
+
+    def release(self, run_id, pass_id, now):
+        """Give back a pass we stopped on shutdown: the run is due again at once, no attempt lost."""
+        with self.transaction() as c:
+            n = c.execute("UPDATE runs SET status = 'pending', pass_id = NULL, lease_owner = NULL, "
+                          "lease_expires_at = NULL, available_at = ?, updated_at = ? WHERE id = ? AND pass_id = ? "
+                          "AND status = 'running'", (now, now, run_id, pass_id)).rowcount
+            if n:
+                self._journal(c, run_id, pass_id, "released", {"message": "scheduler stopping"}, now)
+            return bool(n)
+
+    def apply_event(self, run_id, pass_id, ev, now, defaults):
+        """Commit one pass event; returns APPLIED, IGNORED (stale pass) or ENDED (terminal)."""
+        with self.transaction() as c:
+            row = c.execute("SELECT status, pass_id, step_attempts, deadline_at, pass_failures FROM runs WHERE id = ?",
+                            (run_id,)).fetchone()
+            if row is None or row[0] != "running" or row[1] != pass_id:
+                return IGNORED
+            kind = ev["type"]
+            key = ev.get("step")
+            if kind == "step_started":
+                cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()
+                if cur and cur[0] == "completed":
+                    return APPLIED
+                retry = ev.get("retry") if isinstance(ev.get("retry"), dict) else {}
+                if cur:
+                    c.execute("UPDATE steps SET status = 'running', attempts = attempts + 1, retry = ?, started_at = ?, "
+                              "error = NULL WHERE run_id = ? AND key = ?", (dumps(retry), now, run_id, key))
+                else:
+                    c.execute("INSERT INTO steps (run_id, key, kind, status, seq, retry, attempts, started_at) "
+                              "VALUES (?, ?, 'step', 'running', (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps "
+                              "WHERE run_id = ?), ?, 1, ?)", (run_id, key, run_id, dumps(retry), now))
+                c.execute("UPDATE runs SET step_attempts = step_attempts + 1, updated_at = ? WHERE id = ?", (now, run_id))
+                self._journal(c, run_id, pass_id, kind, {"step": key, "attempt": ev.get("attempt")}, now)
+                if row[2] + 1 > defaults["max_step_attempts"]:
+                    self._finish(c, run_id, pass_id, "failed", now, error={
+                        "message": "the run started %d step attempts, over limits.max_step_attempts (%d); "
+                                   "stopped as a runaway" % (row[2] + 1, defaults["max_step_attempts"]),
+                        "name": "TooManyAttempts", "stack": None})
+                    return ENDED
+                return APPLIED
+            if kind == "step_completed":
+                cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()
+                if cur and cur[0] == "completed":
+                    return APPLIED  # memoized results are never overwritten
+                output = dumps(ev.get("output"))
+                if len(output.encode("utf-8")) > defaults["max_output_bytes"]:
+                    ev = {"type": "step_failed", "step": key, "retryable": False, "error": {
+                        "message": "the output of step %r is %d bytes, over the limit of %d bytes "
+                                   "(limits.max_output_bytes)" % (key, len(output.encode("utf-8")),
+                                                                  defaults["max_output_bytes"]),
+                        "name": "OutputTooLarge", "stack": None}}
+                    kind = "step_failed"
+                else:
+                    if cur:
+                        c.execute("UPDATE steps SET status = 'completed', output = ?, error = NULL, completed_at = ? "
+                                  "WHERE run_id = ? AND key = ?", (output, now, run_id, key))
+                    else:
+                        c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, attempts, started_at, "
+                                  "completed_at) VALUES (?, ?, 'step', 'completed', (SELECT COALESCE(MAX(seq), 0) + 1 "
+                                  "FROM steps WHERE run_id = ?), ?, 1, ?, ?)", (run_id, key, run_id, output, now, now))
+                    self._journal(c, run_id, pass_id, kind, {"step": key, "output": ev.get("output")}, now)
+                    return APPLIED
+            if kind == "step_failed":
+                error = _clean_error(ev.get("error"))
+                retryable = 0 if ev.get("retryable") is False else 1
+                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, attempts, started_at) "
+                          "SELECT ?, ?, 'step', 'running', (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE run_id = ?), "
+                          "1, ? WHERE NOT EXISTS (SELECT 1 FROM steps WHERE run_id = ? AND key = ?)",
+                          (run_id, key, run_id, now, run_id, key))
+                c.execute("UPDATE steps SET status = 'failed', error = ?, retryable = ? WHERE run_id = ? AND key = ? "
+                          "AND status != 'completed'", (dumps(error), retryable, run_id, key))
+                self._journal(c, run_id, pass_id, "step_failed", {"step": key, "error": error}, now)
+                return APPLIED
+            if kind == "sleep":
+                wake_at = ev.get("wake_at")
+                c.execute("INSERT OR IGNORE INTO steps (run_id, key, kind, status, seq, wake_at, started_at) VALUES "
+                          "(?, ?, 'sleep', 'sleeping', (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE run_id = ?), "
+                          "?, ?)", (run_id, key, run_id, wake_at, now))
+                self._journal(c, run_id, pass_id, kind, {"step": key, "wake_at": wake_at}, now)
+                return APPLIED
+            if kind == "completed":
+                output = ev.get("output")
+                size = len(dumps(output).encode("utf-8"))
+                if size > defaults["max_output_bytes"]:
+                    self._finish(c, run_id, pass_id, "failed", now, error={
+                        "message": "the workflow's return value is %d bytes, over the limit of %d bytes "
+                                   "(limits.max_output_bytes)" % (size, defaults["max_output_bytes"]),
+                        "name": "OutputTooLarge", "stack": None})
+                else:
+                    self._finish(c, run_id, pass_id, "completed", now, output=output)
+                return ENDED
+            if kind == "suspended":
+                wake_at = int(ev.get("wake_at") or now)
+                due = wake_at if row[3] is None else min(wake_at, row[3])
+                c.execute("UPDATE runs SET status = 'sleeping', wake_at = ?, available_at = ?, pass_id = NULL, "
+                          "lease_owner = NULL, lease_expires_at = NULL, pass_failures = 0, updated_at = ? WHERE id = ?",
+                          (wake_at, due, now, run_id))
+                self._journal(c, run_id, pass_id, "suspended", {"wake_at": wake_at}, now)
+                return ENDED
+            if kind == "failed":
+                self._fail_pass(c, run_id, pass_id, now, defaults, key, _clean_error(ev.get("error")),
+                                retryable=ev.get("retryable") is not False, workflow_error=not key)
+                return ENDED
+            return APPLIED
+
+    def end_pass_without_result(self, run_id, pass_id, now, defaults, message):
+        """The pass stopped with no terminal event (crash, kill, timeout): a failed attempt."""
+        with self.transaction() as c:
+            row = c.execute("SELECT status, pass_id FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None or row[0] != "running" or row[1] != pass_id:
+                return False
+            inflight = c.execute("SELECT key FROM steps WHERE run_id = ? AND status = 'running' AND kind = 'step' "
+                                 "ORDER BY started_at DESC LIMIT 1", (run_id,)).fetchone()
+            error = {"message": message, "name": "PassLost", "stack": None}
+            if inflight:
+                error["message"] = "%s while step %r was running" % (message, inflight[0])
+                c.execute("UPDATE steps SET status = 'failed', error = ? WHERE run_id = ? AND key = ?",
+                          (dumps(error), run_id, inflight[0]))
+                self._journal(c, run_id, pass_id, "step_failed", {"step": inflight[0], "error": error}, now)
+            self._fail_pass(c, run_id, pass_id, now, defaults, inflight[0] if inflight else None, error,
+                            retryable=True, workflow_error=False)
+            return True
+
+    def _fail_pass(self, c, run_id, pass_id, now, defaults, step_key, error, retryable, workflow_error):
+        """Decide between a retry (back to pending with backoff) and failing the run."""
+        if step_key:
+            srow = c.execute("SELECT attempts, retry, retryable, error FROM steps WHERE run_id = ? AND key = ?",
+                             (run_id, step_key)).fetchone()
+            if srow is None:
+                srow = (1, None, 1, None)
+            policy = dict(defaults["retry"])
+            with contextlib.suppress(ValueError, TypeError):
+                policy.update({k: v for k, v in json.loads(srow[1] or "{}").items() if k in policy})
+            attempts, step_error = srow[0], json.loads(srow[3]) if srow[3] else error
+            if retryable and srow[2] and attempts < policy["max_attempts"]:
+                due = now + backoff_ms(policy, attempts)
+                self._retry_later(c, run_id, pass_id, due, now, {"step": step_key, "attempt": attempts,
+                                                                   "retry_at": due, "error": step_error})
+                return
+            step_error = dict(step_error)
+            step_error["step"] = step_key
+            step_error["attempts"] = attempts
+            if srow[2] and retryable:
+                step_error["message"] = "step %r failed after %d attempt%s: %s" % (
+                    step_key, attempts, "" if attempts == 1 else "s", step_error.get("message"))
+            else:
+                step_error["message"] = "step %r failed: %s" % (step_key, step_error.get("message"))
+            self._finish(c, run_id, pass_id, "failed", now, error=step_error)
+            return
+        if workflow_error:
+            self._finish(c, run_id, pass_id, "failed", now, error=error)
+            return
+        failures = c.execute("SELECT pass_failures FROM runs WHERE id = ?", (run_id,)).fetchone()[0] + 1
+        if failures < PASS_RETRY["max_attempts"]:
+            due = now + backoff_ms(PASS_RETRY, failures)
+            c.execute("UPDATE runs SET pass_failures = ? WHERE id = ?", (failures, run_id))
+            self._retry_later(c, run_id, pass_id, due, now, {"attempt": failures, "retry_at": due, "error": error})
+            return
+        error = dict(error)
+        error["message"] = "the pass failed %d times in a row: %s" % (failures, error["message"])
+        self._finish(c, run_id, pass_id, "failed", now, error=error)
+
+    def _retry_later(self, c, run_id, pass_id, due, now, data):
+        c.execute("UPDATE runs SET status = 'pending', available_at = ?, pass_id = NULL, lease_owner = NULL, "
+                  "lease_expires_at = NULL, updated_at = ? WHERE id = ?", (due, now, run_id))
+        self._journal(c, run_id, pass_id, "retry_scheduled", data, now)
+
+    def fail_run(self, run_id, pass_id, now, error):
+        """Fail a running pass's run outright (deadline passed, runaway)."""
+        with self.transaction() as c:
+            row = c.execute("SELECT status, pass_id FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None or row[0] in TERMINAL or (pass_id and row[1] != pass_id):
+                return False
+            self._finish(c, run_id, pass_id, "failed", now, error=error)
+            return True
+
+    # -- schedulers -----------------------------------------------------------
+
+    def register_scheduler(self, sched_id, kind, pid, host, port, now):
+        with self.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO schedulers (id, kind, pid, host, wake_port, started_at, heartbeat_at) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?)", (sched_id, kind, pid, host, port, now, now))
+
+    def heartbeat_scheduler(self, sched_id, now):
+        with self.transaction() as c:
+            c.execute("UPDATE schedulers SET heartbeat_at = ? WHERE id = ?", (now, sched_id))
+
+    def unregister_scheduler(self, sched_id):
+        with self.transaction() as c:
+            c.execute("DELETE FROM schedulers WHERE id = ?", (sched_id,))
+
+    def live_schedulers(self, now, stale_ms):
+        """Schedulers whose heartbeat is fresh (and, on this host, whose pid is alive)."""
+        host = socket.gethostname()
+        live = []
+        for s in self.query("SELECT id, kind, pid, host, wake_port, started_at, heartbeat_at FROM schedulers"):
+            if s["heartbeat_at"] < now - stale_ms or (s["host"] == host and not pid_alive(s["pid"])):
+                continue
+            live.append(s)
+        return live
+
+
+def _clean_error(error):
+    """Normalize an error document from a shim to {message, name, stack}."""
+    if not isinstance(error, dict):
+        return {"message": str(error) if error is not None else "unknown error", "name": "Error", "stack": None}
+    return {"message": str(error.get("message", "unknown error"))[:4000], "name": str(error.get("name") or "Error"),
+            "stack": None if error.get("stack") is None else str(error.get("stack"))[:16000]}
+
+
+# ---------------------------------------------------------------------------
+# Runtimes: the shims that run workflow code, and the event stream parser
+# ---------------------------------------------------------------------------
+
+EVENT_TYPES = {"step_started", "step_completed", "step_failed", "sleep", "completed", "failed", "suspended"}
+TERMINAL_EVENTS = {"completed", "failed", "suspended"}
+
+
+def runtime_source(runtime):
+    """Source text of a runtime shim: embedded in a dist build, else runtimes/ beside this file."""
+    name = RUNTIMES[runtime]["shim"]
+    if name in _EMBEDDED_RUNTIMES:
+        return _EMBEDDED_RUNTIMES[name]
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtimes", name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        raise AdapterError("runtime shim runtimes/%s not found beside %s; copy the runtimes/ folder with it, "
+                           "or use the single-file build (make dist)" % (name, os.path.basename(__file__)))
+
+
+def parse_event_line(line, pass_id):
+    """Parse one stdout line of a pass: an event dict, or None if it is not one of ours."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        ev = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(ev, dict) or ev.get("pass") != pass_id or ev.get("type") not in EVENT_TYPES:
+        return None
+    if ev["type"] in ("step_started", "step_completed", "step_failed", "sleep"):
+        key = ev.get("step")
+        if not isinstance(key, str) or not key or len(key) > MAX_STEP_NAME_LEN:
+            return None
+    if ev["type"] in ("sleep", "suspended") and not isinstance(ev.get("wake_at"), (int, float)):
+        return None
+    return ev
+
+
+def materialize(directory, filename, text):
+    """Write ``text`` once under a content-addressed name; returns the path."""
+    digest = sha256_hex(text)[:16]
+    base, ext = os.path.splitext(filename)
+    path = os.path.join(directory, "%s-%s%s" % (base, digest, ext))
+    if not os.path.exists(path):
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Adapters: exec (local processes), docker (containers), cloudflare (Workers)
+# ---------------------------------------------------------------------------
+
+
+def spawn(argv, env=None, cwd=None, stdin=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
+    """The one place that starts a child process: its own process group, pipes by default."""
+    return subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                            stdout=stdout, stderr=stderr, env=env, cwd=cwd,
+                            start_new_session=True, close_fds=True)
+
+
+def run_command(argv, timeout_s=30, env=None, input_bytes=None):
+    """Run a short command to completion; returns (returncode, stdout, stderr) as text."""
+    try:
+        proc = spawn(argv, env=env)
+    except OSError as exc:
+        return 127, "", str(exc)
+    try:
+        out, err = proc.communicate(input_bytes, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        return 124, out.decode("utf-8", "replace"), "timed out after %ss" % timeout_s
+    return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+
+def _kill_group(proc, sig=signal.SIGKILL):
+    with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+        os.killpg(proc.pid, sig)
+    with contextlib.suppress(ProcessLookupError, OSError):
+        proc.kill()
+
+
+class PassSpec:
+    """What an adapter needs to run one pass: the document and the version's code."""
+
+    def __init__(self, doc, version):
+        self.doc = doc
+        self.version = version
+        self.pass_id = doc["pass_id"]
+        self.run_id = doc["run_id"]
+        self.runtime = version["runtime"]
+
+
+class Execution:
+    """A running pass: ``lines()`` yields stdout lines; ``cancel()``; ``finish()``."""
+
+    def lines(self):
+        raise NotImplementedError
+
+    def cancel(self):
+        raise NotImplementedError
+
+    def finish(self):
+        """Wait for the end; returns a one-line description of how it ended."""
+        raise NotImplementedError
+
+    log_text = ""
+
+
+class ProcessExecution(Execution):
+    """A pass running as a child process fed by stdin, reporting on stdout."""
+
+    def __init__(self, argv, stdin_bytes, env=None, cwd=None, timeout_ms=None, on_cancel=None):
+        self.argv = argv
+        self.canceled = False
+        self.timed_out = False
+        self._on_cancel = on_cancel
+        self._log = bytearray()
+        self._log_truncated = 0
+        self._timeout_ms = timeout_ms
+        try:
+            self.proc = spawn(argv, env=env, cwd=cwd)
+        except OSError as exc:
+            raise AdapterError("cannot start %s: %s" % (argv[0], exc.strerror or exc))
+        self._stdin_thread = threading.Thread(target=self._feed, args=(stdin_bytes,), daemon=True)
+        self._stdin_thread.start()
+        self._err_thread = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._err_thread.start()
+        self._timer = None
+        if timeout_ms:
+            self._timer = threading.Timer(timeout_ms / 1000.0, self._timeout)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _feed(self, data):
+        try:
+            self.proc.stdin.write(data)
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+
+    def _drain_stderr(self):
+        for chunk in iter(lambda: self.proc.stderr.read1(65536) if hasattr(self.proc.stderr, "read1")
+                          else self.proc.stderr.read(65536), b""):
+            room = MAX_PASS_LOG_BYTES - len(self._log)
+            if room > 0:
+                self._log += chunk[:room]
+            self._log_truncated += max(0, len(chunk) - max(room, 0))
+
+    def _timeout(self):
+        self.timed_out = True
+        self._stop()
+
+    def _stop(self):
+        if self._on_cancel:
+            with contextlib.suppress(Exception):
+                self._on_cancel()
+        _kill_group(self.proc)
+
+    def lines(self):
+        for raw in iter(self.proc.stdout.readline, b""):
+            yield raw.decode("utf-8", "replace")
+
+    def add_stray(self, line):
+        """Keep stdout text that was not an event in the log, marked as such."""
+        if len(self._log) < MAX_PASS_LOG_BYTES:
+            self._log += ("[stdout] " + line.rstrip("\n") + "\n").encode("utf-8", "replace")
+
+    def cancel(self):
+        self.canceled = True
+        self._stop()
+
+    def finish(self, grace_s=5.0):
+        try:
+            code = self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(self.proc)
+            code = self.proc.wait()
+        else:
+            # The shim exited; children it left in its group must not outlive the pass.
+            _kill_group(self.proc)
+        if self._timer:
+            self._timer.cancel()
+        self._err_thread.join(2)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            with contextlib.suppress(Exception):
+                stream.close()
+        if self.timed_out:
+            return "the pass timed out after %s and was killed" % format_duration(self._timeout_ms)
+        if self.canceled:
+            return "the pass was stopped"
+        if code < 0:
+            return "the runtime was killed by signal %d" % -code
+        tail = self.log_text.strip().splitlines()[-1:] if self.log_text.strip() else []
+        return "the runtime exited with status %d without a result%s" % (
+            code, (": " + tail[0][:300]) if tail else "")
+
+    @property
+    def log_text(self):
+        text = self._log.decode("utf-8", "replace")
+        if self._log_truncated:
+            text += "\n[log truncated: %d more bytes]\n" % self._log_truncated
+        return text
+
+
+class Adapter:
+    """A compute platform that runs passes. Picked by name from ADAPTERS."""
+
+    name = "?"
+
+    def __init__(self, config):
+        self.config = config
+
+    @property
+    def enabled(self):
+        return bool(self.config.get("adapters.%s.enabled" % self.name))
+
+    def check(self, runtime=None):
+        """Raise AdapterError saying what is missing and how to fix it."""
+        if not self.enabled:
+            raise AdapterError("adapter %r is disabled; set adapters.%s.enabled: true in %s"
+                               % (self.name, self.name, self.config.path))
+
+    def validate(self, runtime, code):
+        """Reject code the runtime cannot load (syntax errors), before anything is stored."""
+        validate_code(runtime, code, self.config)
+
+    def launch(self, spec):
+        """Start one pass; returns an Execution."""
+        raise NotImplementedError
+
+    def cleanup(self):
+        """Remove what the adapter left behind (orphan containers, old files)."""
+
+
+def _which(binary, env_path=None):
+    return shutil.which(binary, path=env_path)
+
+
+def validate_code(runtime, code, config):
+    """Syntax-check workflow code with the runtime's own parser; raise InputError with the line."""
+    if not code.strip():
+        raise InputError("the workflow code is empty; pass a file with -f FILE or pipe it on stdin")
+    if runtime == "python":
+        try:
+            import ast
+            tree = ast.parse(code, "<workflow>")
+        except SyntaxError as exc:
+            raise InputError("syntax error in the workflow code at line %s: %s" % (exc.lineno, exc.msg))
+        names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        names |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        if "workflow" not in names:
+            raise InputError("the workflow code defines no top-level function named `workflow`; "
+                             "write `def workflow(input, ctx): ...`")
+        return
+    node = config["adapters.exec.node"]
+    node_path = _which(node)
+    if not node_path:
+        raise AdapterError("%s not found on PATH, needed to check JavaScript workflows; install Node >= 18 "
+                           "or set adapters.exec.node" % node)
+    if not re.search(r"\bworkflow\b", code):
+        raise InputError("the workflow code defines no function named `workflow`; write "
+                         "`async function workflow(input, { step, sleep }) { ... }`")
+    with tempfile.TemporaryDirectory(prefix="tyow-check-") as tmp:
+        path = os.path.join(tmp, "workflow.js")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(code)
+        rc, out, err = run_command([node_path, "--check", path], timeout_s=30)
+    if rc != 0:
+        m = re.search(r"workflow\.js:(\d+)", err)
+        detail = [ln for ln in err.splitlines() if re.match(r"^\w*Error", ln)]
+        raise InputError("syntax error in the workflow code%s: %s" % (
+            " at line %s" % m.group(1) if m else "", detail[0] if detail else err.strip()[-300:]))
+
+
+class ExecAdapter(Adapter):
+    """Each pass is a local node/python process in its own process group."""
+
+    name = "exec"
+    SAFE_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SYSTEMROOT")
+
+    def binary(self, runtime):
+        return self.config["adapters.exec.node" if runtime == "node" else "adapters.exec.python"]
+
+    def check(self, runtime=None):
+        super().check(runtime)
+        for rt in ([runtime] if runtime else list(RUNTIMES)):
+            b = self.binary(rt)
+            if not _which(b):
+                raise AdapterError("%s not found on PATH (needed for %s workflows); %s, or set adapters.exec.%s to "
+                                   "its full path" % (b, rt, "install Node >= 18" if rt == "node"
+                                                      else "install Python >= 3.9", "node" if rt == "node" else "python"))
+            runtime_source(rt)
+
+    def env(self, spec):
+        env = {k: os.environ[k] for k in self.SAFE_ENV if k in os.environ}
+        env.update(self.config["adapters.exec.env"])
+        env["HOME"] = self.work_dir
+        env["TY_OPENWORKFLOW_RUN_ID"] = spec.run_id
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    @property
+    def work_dir(self):
+        return self.config["adapters.exec.work_dir"]
+
+    def launch(self, spec):
+        self.check(spec.runtime)
+        shim = materialize(os.path.join(self.work_dir, "runtimes"), RUNTIMES[spec.runtime]["shim"],
+                           runtime_source(spec.runtime))
+        code = materialize(os.path.join(self.work_dir, "code"), "workflow" + RUNTIMES[spec.runtime]["ext"],
+                           spec.version["code"])
+        argv = [_which(self.binary(spec.runtime)), shim, code]
+        return ProcessExecution(argv, (dumps(spec.doc) + "\n").encode("utf-8"), env=self.env(spec),
+                                cwd=self.work_dir, timeout_ms=self.config["adapters.exec.timeout"])
+
+    def cleanup(self):
+        """Drop cached code files older than a week (they are re-written on demand)."""
+        cutoff = time.time() - 7 * 86400
+        folder = os.path.join(self.work_dir, "code")
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            p = os.path.join(folder, name)
+            with contextlib.suppress(OSError):
+                if os.path.getmtime(p) < cutoff:
+                    os.remove(p)
+
+
+class UnavailableAdapter(Adapter):
+    """An adapter this build cannot drive yet; check() says so plainly."""
+
+    reason = ""
+
+    def check(self, runtime=None):
+        super().check(runtime)
+        raise AdapterError(self.reason)
+
+    def launch(self, spec):
+        self.check(spec.runtime)
+
+
+class DockerAdapter(UnavailableAdapter):
+    name = "docker"
+    reason = "the docker adapter is not available in this version yet; use -a exec"
+
+
+class CloudflareAdapter(UnavailableAdapter):
+    name = "cloudflare"
+    reason = "the cloudflare adapter is not available in this version yet; use -a exec"
+
+
+ADAPTERS = {"exec": ExecAdapter, "docker": DockerAdapter, "cloudflare": CloudflareAdapter}
+
+
+# ---------------------------------------------------------------------------
+# Scheduler: claims due runs with leases and drives their passes
+# ---------------------------------------------------------------------------
+
+
+class _ActivePass:
+    __slots__ = ("run_id", "pass_id", "deadline_at", "execution", "thread", "release")
+
+    def __init__(self, run):
+        self.run_id, self.pass_id, self.deadline_at = run["id"], run["pass_id"], run["deadline_at"]
+        self.execution = None
+        self.thread = None
+        self.release = False
+
+
+class Scheduler:
+    """Drives due runs: ``loop()`` for serve/runner, ``tick()`` for cron.
+
+    kind: "serve" (until stopped), "runner" (the background runner `start` spawns:
+    lingers while a run is due within ``runner_linger``), "tick" (what is due now).
+    """
+
+    def __init__(self, sidecar, kind="serve", concurrency=None, clock=None):
+        self.sidecar = sidecar
+        self.store = sidecar.store
+        self.config = sidecar.config
+        self.kind = kind
+        self.clock = clock or sidecar.clock
+        self.concurrency = concurrency or self.config["concurrency"]
+        self.lease_ms = self.config["lease_ttl"]
+        self.id = new_id("sched")
+        self.active = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.stats = {"passes": 0}
+        self.sock = None
+        with contextlib.suppress(OSError):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.bind(("127.0.0.1", 0))
+            self.sock.setblocking(False)
+
+    @property
+    def wait_cap_s(self):
+        # The wake socket makes this a safety net only; without one, poll briskly.
+        return min(self.config["poll_interval"] / 1000.0, 5.0) if self.sock else 0.5
+
+    def wake(self):
+        if self.sock:
+            with contextlib.suppress(OSError):
+                self.sock.sendto(b"w", self.sock.getsockname())
+
+    def stop(self):
+        self.stopping.set()
+        self.wake()
+
+    def _wait(self, timeout_s):
+        timeout_s = max(0.0, min(timeout_s, self.wait_cap_s))
+        if not self.sock:
+            self.stopping.wait(timeout_s)
+            return
+        with contextlib.suppress(InterruptedError, OSError, ValueError):
+            r, _, _ = select.select([self.sock], [], [], timeout_s)
+            if r:
+                with contextlib.suppress(OSError):
+                    while self.sock.recv(64):
+                        pass
+
+    def _register(self):
+        port = self.sock.getsockname()[1] if self.sock else None
+        self.store.register_scheduler(self.id, self.kind, os.getpid(), socket.gethostname(), port, self.clock())
+
+    def loop(self):
+        """Run until stopped (serve), idle past the linger time (runner), or nothing is due now (tick)."""
+        self._register()
+        beat = threading.Thread(target=self._heartbeat_loop, name="tyow-heartbeat", daemon=True)
+        beat.start()
+        linger = self.config["runner_linger"]
+        try:
+            while not self.stopping.is_set():
+                self._check_active()
+                now = self.clock()
+                free = self.concurrency - len(self.active)
+                if free > 0:
+                    claimed = self.store.claim_due(self.id, now, free, self.lease_ms)
+                    for run in claimed:
+                        self._start_pass(run)
+                    if claimed:
+                        continue
+                next_due = self.store.next_due_at()
+                now = self.clock()
+                if not self.active:
+                    if self.kind == "tick" and (next_due is None or next_due > now):
+                        break
+                    if self.kind == "runner" and (next_due is None or next_due - now > linger):
+                        # Leave the table first, then look again: a `start` that saw us
+                        # alive committed its run before we look, so we cannot miss it.
+                        self.store.unregister_scheduler(self.id)
+                        next_due = self.store.next_due_at()
+                        if next_due is None or next_due - self.clock() > linger:
+                            break
+                        self._register()
+                        continue
+                if free <= 0 or next_due is None:
+                    self._wait(self.wait_cap_s)
+                else:
+                    self._wait((next_due - now) / 1000.0)
+        finally:
+            self._shutdown()
+        return self.stats
+
+    def _start_pass(self, run):
+        ap = _ActivePass(run)
+        with self.lock:
+            self.active[run["id"]] = ap
+        ap.thread = threading.Thread(target=self._drive_safe, args=(run, ap), name="tyow-pass-" + run["id"],
+                                     daemon=True)
+        ap.thread.start()
+        self.stats["passes"] += 1
+
+    def _drive_safe(self, run, ap):
+        try:
+            self._drive(run, ap)
+        except Exception:
+            log.exception("pass %s of run %s crashed in the scheduler", ap.pass_id, ap.run_id)
+            if ap.execution:
+                ap.execution.cancel()
+        finally:
+            with self.lock:
+                self.active.pop(ap.run_id, None)
+            self.wake()
+
+    def _pass_doc(self, run, version):
+        return {
+            "protocol": PROTOCOL_VERSION, "pass_id": run["pass_id"], "run_id": run["id"],
+            "workflow_id": run["workflow_id"], "version": run["version"], "version_label": version["label"],
+            "attempt": run["passes"], "input": json.loads(run["input"]), "now": self.clock(),
+            "history": self.store.history(run["id"]), "inline_sleep_ms": INLINE_SLEEP_MS,
+            "max_output_bytes": self.config["limits.max_output_bytes"],
+        }
+
+    def _drive(self, run, ap):
+        defaults = self.sidecar.defaults()
+        version = self.store.get_version(run["workflow_id"], run["version"])
+        adapter_name = version["adapter"]
+        try:
+            adapter = self.sidecar.adapter(adapter_name)
+            spec = PassSpec(self._pass_doc(run, version), version)
+            if ap.release or not self.store.pass_is_current(ap.run_id, ap.pass_id):
+                return
+            ap.execution = adapter.launch(spec)
+        except OpenWorkflowError as exc:
+            log.warning("run %s: cannot launch a pass: %s", ap.run_id, exc)
+            self.store.end_pass_without_result(ap.run_id, ap.pass_id, self.clock(), defaults,
+                                               "the %s adapter could not start the pass: %s" % (adapter_name, exc))
+            return
+        execution = ap.execution
+        if self.stopping.is_set() and ap.release:
+            execution.cancel()
+        ended = False
+        try:
+            for line in execution.lines():
+                ev = parse_event_line(line, ap.pass_id)
+                if ev is None:
+                    if line.strip():
+                        execution.add_stray(line)
+                    continue
+                outcome = self.store.apply_event(ap.run_id, ap.pass_id, ev, self.clock(), defaults)
+                if outcome == IGNORED:
+                    log.info("run %s: pass %s is no longer current (canceled or reclaimed); stopping it",
+                             ap.run_id, ap.pass_id)
+                    execution.cancel()
+                    break
+                if outcome == ENDED:
+                    ended = True
+                    break
+        except OpenWorkflowError as exc:
+            log.error("run %s: cannot record an event, stopping the pass: %s", ap.run_id, exc)
+            execution.cancel()
+        how = execution.finish()
+        now = self.clock()
+        with contextlib.suppress(OpenWorkflowError):
+            self.store.add_log(ap.run_id, ap.pass_id, run["passes"], adapter_name, execution.log_text, now)
+        if ended:
+            return
+        if ap.release:
+            self.store.release(ap.run_id, ap.pass_id, now)
+            return
+        self.store.end_pass_without_result(ap.run_id, ap.pass_id, now, defaults, how)
+
+    def _check_active(self):
+        """Stop passes whose run was canceled or reclaimed, or whose deadline passed."""
+        with self.lock:
+            active = list(self.active.values())
+        now = self.clock()
+        for ap in active:
+            if ap.execution is None:
+                continue
+            if ap.deadline_at is not None and now >= ap.deadline_at:
+                self.store.fail_run(ap.run_id, ap.pass_id, now, {
+                    "message": "the run passed its deadline (%s)" % format_time(ap.deadline_at),
+                    "name": "DeadlineExceeded", "stack": None})
+            if not self.store.pass_is_current(ap.run_id, ap.pass_id):
+                ap.execution.cancel()
+
+    def _heartbeat_loop(self):
+        interval = max(0.2, self.lease_ms / 3000.0)
+        while not self.stopping.wait(interval):
+            try:
+                now = self.clock()
+                self.store.heartbeat_scheduler(self.id, now)
+                with self.lock:
+                    held = [(ap.run_id, ap.pass_id) for ap in self.active.values()]
+                if held:
+                    lost = self.store.renew_leases(self.id, held, now + self.lease_ms)
+                    if lost:
+                        self.wake()
+            except OpenWorkflowError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def _shutdown(self, grace_s=None):
+        self.stopping.set()
+        grace_s = 10.0 if grace_s is None else grace_s
+        deadline = time.time() + grace_s
+        while True:
+            with self.lock:
+                active = list(self.active.values())
+            if not active:
+                break
+            if time.time() >= deadline:
+                for ap in active:
+                    ap.release = True
+                    if ap.execution:
+                        ap.execution.cancel()
+                for ap in active:
+                    if ap.thread:
+                        ap.thread.join(10)
+                break
+            self._wait(0.1)
+        with contextlib.suppress(OpenWorkflowError):
+            self.store.unregister_scheduler(self.id)
+        if self.sock:
+            self.sock.close()
+            self.sock = None
+
+
+# ---------------------------------------------------------------------------
+# Public API: the Sidecar object the CLI is a thin layer over
+# ---------------------------------------------------------------------------
+
+
+def write_default_config(path, data_dir=None, force=False):
+    """Write the seed's default config; refuses to overwrite without ``force``."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not force:
+        raise Conflict("%s already exists; edit it, or run `init --force` to overwrite it with the defaults" % path)
+    data_dir = data_dir or "~/.config/ty-openworkflow"
+    if any(ch in data_dir for ch in "#:'\"\n") or data_dir != data_dir.strip():
+        data_dir = json.dumps(data_dir)
+    text = DEFAULT_CONFIG_TEXT.format(data_dir=data_dir.rstrip("/") if len(data_dir) > 1 else data_dir)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".config-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError("cannot write %s: %s" % (path, exc.strerror or exc))
+    return path
+
+
+class Sidecar:
+    """deploy / start / status / list / cancel / logs / tick / serve over one store."""
+
+    def __init__(self, config=None, config_path=None, clock=None):
+        self.config = config if config is not None else load_config(config_path)
+        self.clock = clock or now_ms
+        self._store = None
+
+    @property
+    def store(self):
+        if self._store is None:
+            self._store = Store(self.config.data_dir, self.config)
+        return self._store
+
+    def close(self):
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def adapter(self, name):
+        if name not in ADAPTERS:
+            raise InputError("unknown adapter %r; choose one of %s" % (name, ", ".join(ADAPTER_NAMES)))
+        return ADAPTERS[name](self.config)
+
+    def defaults(self):
+        return {"retry": self.config.retry_policy(), "max_output_bytes": self.config["limits.max_output_bytes"],
+                "max_step_attempts": self.config["limits.max_step_attempts"]}
+
+    # -- workflows ------------------------------------------------------------
+
+    def deploy(self, workflow_id, code, adapter=None, runtime="node", version="1.0.0", name=None, description=None):
+        """Store ``code`` as the workflow's newest version (a no-op if unchanged)."""
+        if not WORKFLOW_ID_RE.match(workflow_id or ""):
+            raise InputError("invalid workflow id %r; use letters, digits, '.', '_' or '-' (max 64)" % workflow_id)
+        if runtime not in RUNTIMES:
+            raise InputError("unknown runtime %r; choose node or python" % runtime)
+        adapter = adapter or self.config["default_adapter"]
+        impl = self.adapter(adapter)
+        if not version or not str(version).strip():
+            raise InputError("--version must not be empty")
+        impl.check(runtime)
+        impl.validate(runtime, code)
+        row, created = self.store.save_version(workflow_id, code, runtime, adapter, str(version), name, description,
+                                               self.clock())
+        return {"workflow_id": workflow_id, "version": row["version"], "label": row["label"], "runtime": runtime,
+                "adapter": adapter, "code_hash": row["code_hash"], "created": created}
+
+    def workflow(self, workflow_id):
+        wf = self.store.get_workflow(workflow_id)
+        if wf is None:
+            raise NotFound("no workflow %r; deploy it first with `ty-openworkflow deploy %s -f FILE`"
+                           % (workflow_id, workflow_id))
+        return wf
+
+    def list_workflows(self):
+        return self.store.list_workflows()
+
+    # -- runs -----------------------------------------------------------------
+
+    def start(self, workflow_id, input=None, task_title=None, create_task=False, deadline=None, drive=True):
+        """Create a run on the workflow's latest version and make sure a scheduler drives it."""
+        wf = self.workflow(workflow_id)
+        try:
+            input_json = dumps(input)
+        except (TypeError, ValueError) as exc:
+            raise InputError("the input is not JSON: %s" % exc)
+        if len(input_json.encode("utf-8")) > self.config["limits.max_input_bytes"]:
+            raise InputError("the input is %d bytes, over limits.max_input_bytes (%d)"
+                             % (len(input_json.encode("utf-8")), self.config["limits.max_input_bytes"]))
+        self.adapter(wf["adapter"]).check(wf["runtime"])
+        now = self.clock()
+        deadline_at = None
+        if deadline is not None:
+            try:
+                deadline_at = now + parse_duration(deadline)
+            except ValueError as exc:
+                raise InputError("--deadline: %s" % exc)
+        task_requested = bool(create_task or task_title or self.config["taskyou.auto_create_tasks"])
+        run_id = new_id("run")
+        self.store.create_run(run_id, workflow_id, wf["latest_version"], input_json, now,
+                              task_requested=task_requested,
+                              task_title=task_title or ("Workflow: %s" % workflow_id), deadline_at=deadline_at)
+        if drive:
+            self.ensure_driven()
+        return self.status(run_id)
+
+    def run(self, run_id):
+        run = self.store.get_run(run_id)
+        if run is None:
+            raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
+        return run
+
+    def status(self, run_id):
+        """The run with its steps, task link and who drives it, as a JSON-ready dict."""
+        run = self.run(run_id)
+        version = self.store.get_version(run["workflow_id"], run["version"])
+        steps = []
+        for s in self.store.steps(run["id"]):
+            item = {"name": s["key"], "kind": s["kind"], "status": s["status"], "attempts": s["attempts"]}
+            if s["kind"] == "sleep":
+                item["wake_at"] = s["wake_at"]
+                item["status"] = "completed" if s["wake_at"] <= self.clock() or run["status"] == "completed" \
+                    else "sleeping"
+            if s["output"] is not None:
+                item["output"] = json.loads(s["output"])
+            if s["error"]:
+                item["error"] = json.loads(s["error"])
+            steps.append(item)
+        out = {
+            "id": run["id"], "workflow_id": run["workflow_id"], "version": run["version"],
+            "version_label": version["label"], "runtime": version["runtime"], "adapter": version["adapter"],
+            "status": run["status"], "input": json.loads(run["input"]), "output": loads_or_none(run["output"]),
+            "error": loads_or_none(run["error"]), "passes": run["passes"], "created_at": run["created_at"],
+            "started_at": run["started_at"], "finished_at": run["finished_at"], "updated_at": run["updated_at"],
+            "wake_at": run["wake_at"] if run["status"] == "sleeping" else None,
+            "available_at": run["available_at"] if run["status"] == "pending" else None,
+            "deadline_at": run["deadline_at"], "steps": steps,
+            "task": {"requested": bool(run["task_requested"]), "title": run["task_title"], "id": run["task_id"]},
+        }
+        if run["status"] not in TERMINAL:
+            live = self.store.live_schedulers(self.clock(), 2 * self.config["lease_ttl"])
+            out["scheduler"] = {"alive": bool(live), "kinds": sorted({s["kind"] for s in live})}
+            if not live:
+                out["scheduler"]["message"] = ("no scheduler is alive to drive this run; run `ty-openworkflow tick` "
+                                               "(or put it in cron) or keep `ty-openworkflow serve` running")
+        return out
+
+    def list_runs(self, workflow_id=None, status=None, limit=20):
+        if status and status not in RUN_STATUSES:
+            raise InputError("unknown status %r; choose one of %s" % (status, ", ".join(RUN_STATUSES)))
+        if limit is not None and limit < 1:
+            raise InputError("--limit must be at least 1")
+        return self.store.list_runs(workflow_id, status, limit)
+
+    def cancel(self, run_id):
+        """Cancel a run; a pass in flight is stopped by the scheduler that runs it."""
+        run = self.run(run_id)
+        self.store.cancel_run(run["id"], self.clock())
+        self.poke_schedulers()
+        return self.status(run["id"])
+
+    def logs(self, run_id):
+        run = self.run(run_id)
+        return self.store.logs(run["id"])
+
+    def events(self, run_id, after_id=0):
+        return self.store.events(self.run(run_id)["id"], after_id)
+
+    def adapters_report(self):
+        rows = []
+        for name in ADAPTER_NAMES:
+            impl = self.adapter(name)
+            try:
+                impl.check()
+                available, reason = True, ""
+            except OpenWorkflowError as exc:
+                available, reason = False, str(exc)
+            rows.append({"name": name, "enabled": impl.enabled, "available": available, "reason": reason,
+                         "default": name == self.config["default_adapter"]})
+        return rows
+
+    # -- driving runs -----------------------------------------------------------
+
+    def poke_schedulers(self):
+        """Wake live schedulers on this host so they look at the store now."""
+        live = self.store.live_schedulers(self.clock(), 2 * self.config["lease_ttl"])
+        host = socket.gethostname()
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as s:
+            for sch in live:
+                if sch["wake_port"] and sch["host"] == host:
+                    with contextlib.suppress(OSError):
+                        s.sendto(b"w", ("127.0.0.1", sch["wake_port"]))
+        return live
+
+    def ensure_driven(self):
+        """Poke a live scheduler, or spawn the background runner when none is alive."""
+        live = self.poke_schedulers()
+        if live:
+            return None
+        return self.spawn_runner()
+
+    def spawn_runner(self):
+        """Start a detached `runner` process that drives due runs, then exits when idle."""
+        argv = [sys.executable, os.path.abspath(__file__), "--config", self.config.path, "runner"]
+        log_path = os.path.join(self.config.data_dir, "runner.log")
+        with open(log_path, "ab") as log_file:
+            proc = spawn(argv, stdin=False, stdout=subprocess.DEVNULL, stderr=log_file)
+        # Reap it in the background so a long-lived caller collects no zombies.
+        threading.Thread(target=proc.wait, daemon=True).start()
+        return proc.pid
+
+    def scheduler(self, kind="serve", concurrency=None):
+        return Scheduler(self, kind=kind, concurrency=concurrency)
+
+    def tick(self, concurrency=None):
+        """Run every pass that is due now, then return."""
+        return self.scheduler("tick", concurrency).loop()
+
+    def serve(self, stop_event=None, concurrency=None):
+        """Drive runs until ``stop_event`` is set (or SIGTERM/SIGINT in the CLI)."""
+        sched = self.scheduler("serve", concurrency)
+        if stop_event is not None:
+            threading.Thread(target=lambda: (stop_event.wait(), sched.stop()), daemon=True).start()
+        return sched.loop(), sched
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+EPILOG = """\
+examples:
+  ty-openworkflow init
+  ty-openworkflow deploy my-workflow -f workflow.js
+  ty-openworkflow start my-workflow -i '{"name": "World"}' --wait
+  ty-openworkflow status <run-id>
+  ty-openworkflow list runs -s failed
+  ty-openworkflow serve            # long-running scheduler
+  */1 * * * * ty-openworkflow tick # or drive runs from cron
+
+environment:
+  TY_OPENWORKFLOW_CONFIG    config file (default ~/.config/ty-openworkflow/config.yaml)
+  TY_OPENWORKFLOW_DATA_DIR  overrides data_dir from the config
+  NO_COLOR                  no colour in human output
+"""
+
+
+def _color(text, code, stream=None):
+    stream = stream or sys.stdout
+    if os.environ.get("NO_COLOR") or not hasattr(stream, "isatty") or not stream.isatty():
+        return text
+    return "\033[%sm%s\033[0m" % (code, text)
+
+
+_STATUS_COLORS = {"completed": "32", "failed": "31", "canceled": "33", "running": "36", "sleeping": "35",
+                  "pending": "37"}
+
+
+def _print_json(value):
+    print(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def _short(value, width=60):
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _table(rows, headers):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(str(h).upper().ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    for r in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print("\n".join(lines))
+
+
+def _read_code(args):
+    if args.file and args.file != "-":
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise InputError("workflow file %s not found" % args.file)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError("cannot read workflow file %s: %s" % (args.file, exc))
+    if args.file != "-" and sys.stdin.isatty():
+        raise InputError("no workflow code: pass -f FILE, or pipe the code on stdin (-f -)")
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError as exc:
+        raise InputError("the workflow code on stdin is not UTF-8 text: %s" % exc)
+
+
+def cmd_init(api, args):
+    path = write_default_config(args.config or default_config_path(), data_dir=args.data_dir, force=args.force)
+    cfg = load_config(path)
+    sc = Sidecar(cfg)
+    try:
+        sc.store  # creates the data dir and the database
+        for key in ("adapters.exec.work_dir",):
+            os.makedirs(cfg[key], exist_ok=True)
+    finally:
+        sc.close()
+    print("wrote %s" % path)
+    print("data dir %s" % cfg.data_dir)
+    return 0
+
+
+def cmd_deploy(api, args):
+    code = _read_code(args)
+    res = api.deploy(args.workflow_id, code, adapter=args.adapter, runtime=args.runtime, version=args.version,
+                     name=args.name, description=args.description)
+    if args.json:
+        _print_json(res)
+    elif res["created"]:
+        print("deployed %s version %d (%s, %s, %s)" % (res["workflow_id"], res["version"], res["label"],
+                                                       res["runtime"], res["adapter"]))
+    else:
+        print("%s is unchanged (version %d, %s)" % (res["workflow_id"], res["version"], res["label"]))
+    return 0
+
+
+def cmd_start(api, args):
+    if args.input is not None and args.input_file:
+        raise InputError("give the input with -i/--input or --input-file, not both")
+    value = None
+    if args.input is not None:
+        value = parse_json_arg(args.input, "--input")
+    elif args.input_file:
+        try:
+            with open(args.input_file, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise InputError("input file %s not found" % args.input_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError("cannot read input file %s: %s" % (args.input_file, exc))
+        value = parse_json_arg(text, args.input_file)
+    st = api.start(args.workflow_id, value, task_title=args.task, create_task=args.create_task,
+                   deadline=args.deadline)
+    if not args.wait:
+        if args.json:
+            _print_json(st)
+        else:
+            print(st["id"])
+        return 0
+    if not args.json:
+        print("started %s" % st["id"], file=sys.stderr)
+    return _follow(api, st["id"], args.json)
+
+
+def _follow(api, run_id, as_json):
+    """Print one line per step as the run advances; exit 0 if it completes, 1 otherwise."""
+    last = 0
+    try:
+        while True:
+            for ev in api.events(run_id, last):
+                last = ev["id"]
+                data = json.loads(ev["data"]) if ev["data"] else {}
+                if as_json:
+                    print(json.dumps(dict(data, type=ev["type"], at=ev["at"]), ensure_ascii=False), flush=True)
+                    continue
+                t = ev["type"]
+                if t == "step_completed":
+                    print("step %s completed: %s" % (data["step"], _short(data.get("output"))), flush=True)
+                elif t == "step_failed":
+                    print("step %s failed: %s" % (data["step"], data["error"]["message"]), flush=True)
+                elif t == "sleep":
+                    print("sleep %s until %s" % (data["step"], format_time(data["wake_at"])), flush=True)
+                elif t == "retry_scheduled":
+                    print("retry at %s" % format_time(data["retry_at"]), flush=True)
+                elif t == "lease_expired":
+                    print("scheduler lost; replaying", flush=True)
+            st = api.status(run_id)
+            if st["status"] in TERMINAL:
+                if not as_json:
+                    _print_status(st)
+                return 0 if st["status"] == "completed" else 1
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        print("stopped following %s; it keeps running" % run_id, file=sys.stderr)
+        return 130
+
+
+def _print_status(st):
+    status = st["status"]
+    line = _color(status, _STATUS_COLORS.get(status, "0"))
+    if status == "sleeping" and st.get("wake_at"):
+        line += " until %s (in %s)" % (format_time(st["wake_at"]), format_duration(max(0, st["wake_at"] - now_ms())))
+    elif status == "pending" and st.get("available_at") and st["available_at"] > now_ms():
+        line += " (retry at %s)" % format_time(st["available_at"])
+    rows = [("run", st["id"]),
+            ("workflow", "%s  version %d (%s, %s, %s)" % (st["workflow_id"], st["version"], st["version_label"],
+                                                         st["runtime"], st["adapter"])),
+            ("status", line),
+            ("created", format_time(st["created_at"])),
+            ("passes", str(st["passes"]))]
+    if st["finished_at"]:
+        rows.append(("finished", format_time(st["finished_at"])))
+    if st["deadline_at"]:
+        rows.append(("deadline", format_time(st["deadline_at"])))
+    task = st["task"]
+    if task.get("id"):
+        rows.append(("task", "#%s %s" % (task["id"], task.get("title") or "")))
+    elif task.get("requested"):
+        rows.append(("task", "%s (%s)" % (task.get("title") or "requested", task.get("state") or "not linked yet")))
+    for k, v in rows:
+        print("%-9s %s" % (k, v))
+    if st["steps"]:
+        print("steps")
+        width = max(len(s["name"]) for s in st["steps"])
+        for s in st["steps"]:
+            if s["kind"] == "sleep":
+                detail = "until %s" % format_time(s["wake_at"])
+            elif s["status"] == "completed":
+                detail = _short(s.get("output"))
+            elif s.get("error"):
+                detail = s["error"].get("message", "")
+            else:
+                detail = ""
+            attempts = " (%d attempts)" % s["attempts"] if s["attempts"] > 1 else ""
+            print("  %s  %-9s %s%s" % (s["name"].ljust(width), s["status"], detail, attempts))
+    if st["output"] is not None:
+        print("output    %s" % json.dumps(st["output"], ensure_ascii=False, sort_keys=True))
+    if st["error"]:
+        print("error     %s" % st["error"].get("message"))
+        if st["error"].get("stack"):
+            for ln in st["error"]["stack"].rstrip().splitlines()[:12]:
+                print("          %s" % ln)
+    sch = st.get("scheduler")
+    if sch and not sch["alive"]:
+        print("note      %s" % sch["message"])
+
+
+def cmd_status(api, args):
+    st = api.status(args.run_id)
+    if args.json:
+        _print_json(st)
+    else:
+        _print_status(st)
+    return 0
+
+
+def cmd_list(api, args):
+    if args.what == "workflows":
+        rows = api.list_workflows()
+        if args.json:
+            _print_json(rows)
+        elif not rows:
+            print("no workflows; deploy one with `ty-openworkflow deploy ID -f FILE`")
+        else:
+            _table([(w["id"], w["latest_version"], w["label"], w["runtime"], w["adapter"], w["runs"],
+                     format_time(w["updated_at"])) for w in rows],
+                   ("id", "version", "label", "runtime", "adapter", "runs", "updated"))
+        return 0
+    rows = api.list_runs(args.workflow, args.status, args.limit)
+    if args.json:
+        _print_json([{"id": r["id"], "workflow_id": r["workflow_id"], "version": r["version"], "status": r["status"],
+                      "created_at": r["created_at"], "finished_at": r["finished_at"], "task_id": r["task_id"]}
+                     for r in rows])
+    elif not rows:
+        print("no runs")
+    else:
+        _table([(r["id"], r["workflow_id"], r["version"], r["status"], format_time(r["created_at"]),
+                 "#%s" % r["task_id"] if r["task_id"] else "-") for r in rows],
+               ("id", "workflow", "version", "status", "created", "task"))
+    return 0
+
+
+def cmd_cancel(api, args):
+    st = api.cancel(args.run_id)
+    if args.json:
+        _print_json(st)
+    else:
+        print("canceled %s" % st["id"])
+    return 0
+
+
+def cmd_logs(api, args):
+    rows = api.logs(args.run_id)
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("no output logged for this run", file=sys.stderr)
+    for r in rows:
+        print("--- pass %d (%s) %s ---" % (r["pass_no"], r["adapter"], format_time(r["at"])))
+        sys.stdout.write(r["text"] if r["text"].endswith("\n") else r["text"] + "\n")
+    return 0
+
+
+def cmd_adapters(api, args):
+    rows = api.adapters_report()
+    if args.json:
+        _print_json(rows)
+        return 0
+    _table([(r["name"] + (" (default)" if r["default"] else ""), "yes" if r["enabled"] else "no",
+             "yes" if r["available"] else "no", r["reason"]) for r in rows],
+           ("adapter", "enabled", "available", "reason"))
+    return 0
+
+
+def _setup_logging(verbose):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def cmd_tick(api, args):
+    _setup_logging(args.verbose)
+    stats = api.tick(concurrency=args.concurrency)
+    if args.json:
+        _print_json(stats)
+    else:
+        print("tick: %d pass%s" % (stats["passes"], "" if stats["passes"] == 1 else "es"))
+    return 0
+
+
+def cmd_runner(api, args):
+    _setup_logging(args.verbose)
+    api.scheduler("runner").loop()
+    return 0
+
+
+def cmd_serve(api, args):
+    _setup_logging(args.verbose)
+    sched = api.scheduler("serve", args.concurrency)
+
+    def on_signal(signum, frame):
+        log.info("received %s; finishing passes in flight", signal.Signals(signum).name)
+        sched.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("serving %s (scheduler %s, concurrency %d)", api.config.data_dir, sched.id, sched.concurrency)
+    sched.loop()
+    log.info("stopped")
+    return 0
+
+
+def cmd_dist(api, args):
+    """Write a single-file build with the runtime shims embedded."""
+    with open(os.path.abspath(__file__), encoding="utf-8") as f:
+        source = f.read()
+    shims = {spec["shim"]: runtime_source(rt) for rt, spec in RUNTIMES.items()}
+    marker = "_EMBEDDED_RUNTIMES = {}\n"
+    if marker not in source:
+        raise InputError("this file is already a single-file build")
+    source = source.replace(marker, "_EMBEDDED_RUNTIMES = %r\n" % (shims,), 1)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(source)
+    os.chmod(args.out, 0o755)
+    print("wrote %s" % args.out)
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="ty-openworkflow", description="Durable workflows on ephemeral compute, "
+                                "for TaskYou.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="config file (default: $%s or %s)" % (CONFIG_ENV, DEFAULT_CONFIG_PATH))
+    p.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def cmd(name, func, help_, **kw):
+        sp = sub.add_parser(name, help=help_, description=help_, **kw)
+        sp.set_defaults(func=func)
+        sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return sp
+
+    sp = cmd("init", cmd_init, "write the default config and create the data dir")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing config file")
+    sp.add_argument("--data-dir", help="data dir to write into the config (default ~/.config/ty-openworkflow)")
+
+    sp = cmd("deploy", cmd_deploy, "deploy workflow code (a new version if it changed)")
+    sp.add_argument("workflow_id")
+    sp.add_argument("-f", "--file", help="workflow code file, or - for stdin (default: stdin when piped)")
+    sp.add_argument("-a", "--adapter", choices=ADAPTER_NAMES, help="compute adapter (default: default_adapter)")
+    sp.add_argument("--name", help="workflow name")
+    sp.add_argument("--description", help="workflow description")
+    sp.add_argument("--version", default="1.0.0", help="workflow version label (default 1.0.0)")
+    sp.add_argument("--runtime", default="node", choices=sorted(RUNTIMES), help="runtime (default node)")
+    sp.add_argument("--json", action="store_true", help="output as JSON")
+
+    sp = cmd("start", cmd_start, "start a workflow run")
+    sp.add_argument("workflow_id")
+    sp.add_argument("-i", "--input", help="input JSON")
+    sp.add_argument("--input-file", help="input JSON file")
+    sp.add_argument("-t", "--task", help="task title (creates a linked task)")
+    sp.add_argument("--create-task", action="store_true", help="create a linked task")
+    sp.add_argument("--deadline", help="fail the run if it has not finished within this long (e.g. 1h)")
+    sp.add_argument("--wait", action="store_true", help="follow the run; exit 0 if it completes, 1 if not")
+    sp.add_argument("--json", action="store_true", help="output as JSON")
+
+    sp = cmd("status", cmd_status, "show a run")
+    sp.add_argument("run_id")
+    sp.add_argument("--json", action="store_true", help="output as JSON")
+
+    sp = cmd("list", cmd_list, "list workflows or runs")
+    sp.add_argument("what", choices=("workflows", "runs"))
+    sp.add_argument("-w", "--workflow", help="filter runs by workflow id")
+    sp.add_argument("-s", "--status", help="filter runs by status (%s)" % ", ".join(RUN_STATUSES))
+    sp.add_argument("-n", "--limit", type=int, default=20, help="max results (default 20)")
+    sp.add_argument("--json", action="store_true", help="output as JSON")
+
+    sp = cmd("cancel", cmd_cancel, "cancel a run (stops a pass in flight)")
+    sp.add_argument("run_id")
+    sp.add_argument("--json", action="store_true", help="output as JSON")
+
+    sp = cmd("logs", cmd_logs, "show what a run's code printed, per pass")
+    sp.add_argument("run_id")
+    sp.add_argument("--json", action="store_true", help="output as JSON")
+
+    sp = cmd("adapters", cmd_adapters, "show each adapter: enabled, available, and why not")
+    sp.add_argument("--json", action="store_true", help="output as JSON")
+
+    sp = cmd("tick", cmd_tick, "run every pass that is due now, then exit (for cron)")
+    sp.add_argument("--concurrency", type=int, help="max passes at once (default: concurrency)")
+    sp.add_argument("-v", "--verbose", action="store_true")
+    sp.add_argument("--json", action="store_true", help="output as JSON")
+
+    sp = cmd("serve", cmd_serve, "run the scheduler until SIGTERM/SIGINT")
+    sp.add_argument("--concurrency", type=int, help="max passes at once (default: concurrency)")
+    sp.add_argument("-v", "--verbose", action="store_true")
+
+    sp = sub.add_parser("runner", help=argparse.SUPPRESS)
+    sp.set_defaults(func=cmd_runner)
+    sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sp.add_argument("-v", "--verbose", action="store_true")
+    sp = sub.add_parser("dist", help=argparse.SUPPRESS)
+    sp.set_defaults(func=cmd_dist)
+    sp.add_argument("out")
+    return p
+
+
+class _ArgumentParserError(Exception):
+    pass
+
+
+def main(argv=None):
+    """CLI entry point; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    if getattr(args, "concurrency", None) is not None and args.concurrency < 1:
+        print("ty-openworkflow: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    api = None
+    try:
+        if args.func is not cmd_init and args.func is not cmd_dist:
+            api = Sidecar(config_path=args.config)
+        return args.func(api, args)
+    except OpenWorkflowError as exc:
+        print("ty-openworkflow: %s" % exc, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if api is not None:
+            api.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
