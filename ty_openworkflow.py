@@ -823,7 +823,12 @@ class Store:
         self._local = threading.local()
 
     def _migrate(self):
-        conn = self._connect()
+        # Look before touching: a plain connection sets no journal mode, so a
+        # foreign or newer file is refused byte-for-byte unchanged.
+        try:
+            conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000.0, isolation_level=None)
+        except sqlite3.DatabaseError as exc:
+            raise self._wrap(exc)
         try:
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -839,6 +844,11 @@ class Store:
             conn.close()
             raise StoreError("%s has schema version %d, newer than this ty-openworkflow %s understands (%d); "
                              "upgrade ty_openworkflow.py" % (self.path, version, __version__, len(MIGRATIONS)))
+        if version == len(MIGRATIONS):
+            conn.close()
+            return
+        conn.close()
+        conn = self._connect()
         try:
             for n in range(version, len(MIGRATIONS)):
                 conn.execute("BEGIN IMMEDIATE")
@@ -2436,8 +2446,15 @@ def cmd_dist(api, args):
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that says where to look."""
+
+    def error(self, message):
+        self.exit(2, "%s: %s; see `%s --help`\n" % (self.prog, message, self.prog))
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="ty-openworkflow", description="Durable workflows on ephemeral compute, "
+    p = _Parser(prog="ty-openworkflow", description="Durable workflows on ephemeral compute, "
                                 "for TaskYou.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="config file (default: $%s or %s)" % (CONFIG_ENV, DEFAULT_CONFIG_PATH))
     p.add_argument("--version", action="version", version="%(prog)s " + __version__)
@@ -2445,7 +2462,8 @@ def build_parser():
     sub.required = True
 
     def cmd(name, func, help_, **kw):
-        sp = sub.add_parser(name, help=help_, description=help_, **kw)
+        sp = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            **kw)
         sp.set_defaults(func=func)
         sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sp
@@ -2513,10 +2531,6 @@ def build_parser():
     sp.set_defaults(func=cmd_dist)
     sp.add_argument("out")
     return p
-
-
-class _ArgumentParserError(Exception):
-    pass
 
 
 def main(argv=None):

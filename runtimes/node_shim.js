@@ -29,7 +29,7 @@ let eventsOpen = true;
 
 function emit(type, data) {
   if (!eventsOpen) return;
-  const ev = Object.assign({ type, pass: passId, at: Date.now() }, data || {});
+  const ev = Object.assign({ type, pass: passId, at: now() }, data || {});
   eventWrite(JSON.stringify(ev) + "\n");
 }
 
@@ -140,8 +140,16 @@ function loadWorkflow(file) {
   return wf;
 }
 
+// The sidecar's clock is the run's clock: due times are judged against it, so a
+// worker whose clock drifts (or a test's simulated clock) agrees with the store.
+let skewMs = 0;
+function now() {
+  return Date.now() + skewMs;
+}
+
 async function runPass(doc, workflowFile) {
   passId = doc.pass_id;
+  if (typeof doc.now === "number") skewMs = doc.now - Date.now();
   const history = doc.history || {};
   const done = history.steps || {}; // key -> output
   const sleeps = history.sleeps || {}; // key -> wake_at (ms)
@@ -233,7 +241,7 @@ async function runPass(doc, workflowFile) {
       emit("sleep", { step: key, wake_at: wakeAt });
       sleeps[key] = wakeAt;
     }
-    const remaining = wakeAt - Date.now();
+    const remaining = wakeAt - now();
     if (remaining <= 0) return undefined;
     if (stop) return never;
     if (remaining <= inlineMs) {
@@ -247,7 +255,7 @@ async function runPass(doc, workflowFile) {
   async function sleep(name, duration) {
     const ms = durationMs(duration, `sleep "${name}"`);
     const key = (used.get(name) || 0) === 0 ? name : `${name}:${used.get(name)}`;
-    const when = Object.prototype.hasOwnProperty.call(sleeps, key) ? sleeps[key] : Date.now() + ms;
+    const when = Object.prototype.hasOwnProperty.call(sleeps, key) ? sleeps[key] : now() + ms;
     return sleepUntil(name, when);
   }
 
