@@ -289,6 +289,7 @@ CONFIG_SCHEMA = {
     "concurrency": ("int", 4),
     "lease_ttl": ("duration", "30s"),
     "runner_linger": ("duration", "2m"),
+    "shutdown_grace": ("duration", "10s"),
     "limits.max_output_bytes": ("size", 1048576),
     "limits.max_input_bytes": ("size", 1048576),
     "limits.max_step_attempts": ("int", 1000),
@@ -693,6 +694,9 @@ MIGRATIONS = [
             started_at INTEGER NOT NULL,
             heartbeat_at INTEGER NOT NULL)""",
     ],
+    [  # 2: a default deadline per workflow version
+        "ALTER TABLE workflow_versions ADD COLUMN deadline_ms INTEGER",
+    ],
 ]
 
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
@@ -872,9 +876,9 @@ class Store:
 
     # -- workflows ------------------------------------------------------------
 
-    def save_version(self, workflow_id, code, runtime, adapter, label, name, description, now):
+    def save_version(self, workflow_id, code, runtime, adapter, label, name, description, now, deadline_ms=None):
         """Store code as a new version unless it equals the latest; returns (version row, created)."""
-        code_hash = sha256_hex("%s\0%s\0%s" % (runtime, adapter, code))
+        code_hash = sha256_hex("%s\0%s\0%s\0%s" % (runtime, adapter, deadline_ms, code))
         with self.transaction() as c:
             wf = c.execute("SELECT latest_version FROM workflows WHERE id = ?", (workflow_id,)).fetchone()
             if wf:
@@ -894,24 +898,24 @@ class Store:
                 c.execute("INSERT INTO workflows (id, name, description, latest_version, created_at, updated_at) "
                           "VALUES (?, ?, ?, ?, ?, ?)", (workflow_id, name or workflow_id, description or "", 1, now, now))
             c.execute("INSERT INTO workflow_versions (workflow_id, version, label, runtime, adapter, code, code_hash, "
-                      "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                      (workflow_id, version, label, runtime, adapter, code, code_hash, now))
+                      "created_at, deadline_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (workflow_id, version, label, runtime, adapter, code, code_hash, now, deadline_ms))
             return self._version(c, workflow_id, version), True
 
     def _version(self, c, workflow_id, version):
-        cur = c.execute("SELECT workflow_id, version, label, runtime, adapter, code, code_hash, created_at "
-                        "FROM workflow_versions WHERE workflow_id = ? AND version = ?", (workflow_id, version))
+        cur = c.execute("SELECT workflow_id, version, label, runtime, adapter, code, code_hash, created_at, "
+                        "deadline_ms FROM workflow_versions WHERE workflow_id = ? AND version = ?", (workflow_id, version))
         row = cur.fetchone()
         return _row_dict(cur, row) if row else None
 
     def get_version(self, workflow_id, version):
-        return self.query_one("SELECT workflow_id, version, label, runtime, adapter, code, code_hash, created_at "
-                              "FROM workflow_versions WHERE workflow_id = ? AND version = ?", (workflow_id, version))
+        return self.query_one("SELECT workflow_id, version, label, runtime, adapter, code, code_hash, created_at, "
+                              "deadline_ms FROM workflow_versions WHERE workflow_id = ? AND version = ?", (workflow_id, version))
 
     def get_workflow(self, workflow_id):
         return self.query_one(
             "SELECT w.id, w.name, w.description, w.latest_version, w.created_at, w.updated_at, v.label, v.runtime, "
-            "v.adapter, v.code_hash, (SELECT count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs "
+            "v.adapter, v.code_hash, v.deadline_ms, (SELECT count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs "
             "FROM workflows w JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version "
             "WHERE w.id = ?", (workflow_id,))
 
@@ -1225,6 +1229,9 @@ class Store:
         self._finish(c, run_id, pass_id, "failed", now, error=error)
 
     def _retry_later(self, c, run_id, pass_id, due, now, data):
+        deadline = c.execute("SELECT deadline_at FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+        if deadline is not None:
+            due = min(due, deadline)
         c.execute("UPDATE runs SET status = 'pending', available_at = ?, pass_id = NULL, lease_owner = NULL, "
                   "lease_expires_at = NULL, updated_at = ? WHERE id = ?", (due, now, run_id))
         self._journal(c, run_id, pass_id, "retry_scheduled", data, now)
@@ -1416,11 +1423,17 @@ class ProcessExecution(Execution):
             self._timer.start()
 
     def _feed(self, data):
+        # stdin stays open until the pass ends: the shim stops at end-of-file,
+        # which is also what it sees if this process dies.
         try:
             self.proc.stdin.write(data)
-            self.proc.stdin.close()
+            self.proc.stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
             pass
+
+    def _close_stdin(self):
+        with contextlib.suppress(BrokenPipeError, OSError, ValueError):
+            self.proc.stdin.close()
 
     def _drain_stderr(self):
         for chunk in iter(lambda: self.proc.stderr.read1(65536) if hasattr(self.proc.stderr, "read1")
@@ -1454,6 +1467,7 @@ class ProcessExecution(Execution):
         self._stop()
 
     def finish(self, grace_s=5.0):
+        self._stdin_thread.join(grace_s)
         try:
             code = self.proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
@@ -1464,6 +1478,7 @@ class ProcessExecution(Execution):
             _kill_group(self.proc)
         if self._timer:
             self._timer.cancel()
+        self._close_stdin()
         self._err_thread.join(2)
         for stream in (self.proc.stdout, self.proc.stderr):
             with contextlib.suppress(Exception):
@@ -1669,7 +1684,9 @@ class Scheduler:
         self.active = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.hurry = threading.Event()
         self.stats = {"passes": 0}
+        self._maintained_at = 0
         self.sock = None
         with contextlib.suppress(OSError):
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -1686,7 +1703,10 @@ class Scheduler:
             with contextlib.suppress(OSError):
                 self.sock.sendto(b"w", self.sock.getsockname())
 
-    def stop(self):
+    def stop(self, hurry=False):
+        """Stop claiming and end the loop; in-flight passes get ``shutdown_grace`` unless ``hurry``."""
+        if hurry:
+            self.hurry.set()
         self.stopping.set()
         self.wake()
 
@@ -1715,6 +1735,7 @@ class Scheduler:
         try:
             while not self.stopping.is_set():
                 self._check_active()
+                self._maintain()
                 now = self.clock()
                 free = self.concurrency - len(self.active)
                 if free > 0:
@@ -1737,13 +1758,29 @@ class Scheduler:
                             break
                         self._register()
                         continue
+                with self.lock:
+                    deadlines = [ap.deadline_at for ap in self.active.values() if ap.deadline_at is not None]
                 if free <= 0 or next_due is None:
-                    self._wait(self.wait_cap_s)
-                else:
-                    self._wait((next_due - now) / 1000.0)
+                    next_due = None
+                wake_at = min([t for t in [next_due] + deadlines if t is not None], default=None)
+                # At least a few ms: a due time the claim just missed must not spin the loop.
+                self._wait(self.wait_cap_s if wake_at is None else max(0.005, (wake_at - now) / 1000.0))
         finally:
             self._shutdown()
         return self.stats
+
+    def _maintain(self):
+        """Periodic housekeeping for long-running schedulers: adapters' clean-up."""
+        if self.kind != "serve" or time.time() - self._maintained_at < self.config["poll_interval"] / 1000.0:
+            return
+        self._maintained_at = time.time()
+        for name in ADAPTER_NAMES:
+            impl = self.sidecar.adapter(name)
+            if impl.enabled:
+                try:
+                    impl.cleanup()
+                except Exception as exc:  # housekeeping must never stop the scheduler
+                    log.warning("%s clean-up failed: %s", name, exc)
 
     def _start_pass(self, run):
         ap = _ActivePass(run)
@@ -1753,6 +1790,7 @@ class Scheduler:
                                      daemon=True)
         ap.thread.start()
         self.stats["passes"] += 1
+        log.info("run %s: pass %d started (%s)", run["id"], run["passes"], run["workflow_id"])
 
     def _drive_safe(self, run, ap):
         try:
@@ -1815,6 +1853,7 @@ class Scheduler:
             execution.cancel()
         how = execution.finish()
         now = self.clock()
+        log.info("run %s: pass %d ended: %s", ap.run_id, run["passes"], "recorded" if ended else how)
         with contextlib.suppress(OpenWorkflowError):
             self.store.add_log(ap.run_id, ap.pass_id, run["passes"], adapter_name, execution.log_text, now)
         if ended:
@@ -1856,14 +1895,14 @@ class Scheduler:
 
     def _shutdown(self, grace_s=None):
         self.stopping.set()
-        grace_s = 10.0 if grace_s is None else grace_s
+        grace_s = self.config["shutdown_grace"] / 1000.0 if grace_s is None else grace_s
         deadline = time.time() + grace_s
         while True:
             with self.lock:
                 active = list(self.active.values())
             if not active:
                 break
-            if time.time() >= deadline:
+            if time.time() >= deadline or self.hurry.is_set():
                 for ap in active:
                     ap.release = True
                     if ap.execution:
@@ -1941,7 +1980,8 @@ class Sidecar:
 
     # -- workflows ------------------------------------------------------------
 
-    def deploy(self, workflow_id, code, adapter=None, runtime="node", version="1.0.0", name=None, description=None):
+    def deploy(self, workflow_id, code, adapter=None, runtime="node", version="1.0.0", name=None, description=None,
+               deadline=None):
         """Store ``code`` as the workflow's newest version (a no-op if unchanged)."""
         if not WORKFLOW_ID_RE.match(workflow_id or ""):
             raise InputError("invalid workflow id %r; use letters, digits, '.', '_' or '-' (max 64)" % workflow_id)
@@ -1951,10 +1991,16 @@ class Sidecar:
         impl = self.adapter(adapter)
         if not version or not str(version).strip():
             raise InputError("--version must not be empty")
+        deadline_ms = None
+        if deadline is not None:
+            try:
+                deadline_ms = parse_duration(deadline)
+            except ValueError as exc:
+                raise InputError("--deadline: %s" % exc)
         impl.check(runtime)
         impl.validate(runtime, code)
         row, created = self.store.save_version(workflow_id, code, runtime, adapter, str(version), name, description,
-                                               self.clock())
+                                               self.clock(), deadline_ms)
         return {"workflow_id": workflow_id, "version": row["version"], "label": row["label"], "runtime": runtime,
                 "adapter": adapter, "code_hash": row["code_hash"], "created": created}
 
@@ -1982,7 +2028,7 @@ class Sidecar:
                              % (len(input_json.encode("utf-8")), self.config["limits.max_input_bytes"]))
         self.adapter(wf["adapter"]).check(wf["runtime"])
         now = self.clock()
-        deadline_at = None
+        deadline_at = now + wf["deadline_ms"] if wf["deadline_ms"] else None
         if deadline is not None:
             try:
                 deadline_at = now + parse_duration(deadline)
@@ -2031,11 +2077,17 @@ class Sidecar:
             "task": {"requested": bool(run["task_requested"]), "title": run["task_title"], "id": run["task_id"]},
         }
         if run["status"] not in TERMINAL:
-            live = self.store.live_schedulers(self.clock(), 2 * self.config["lease_ttl"])
+            now = self.clock()
+            live = self.store.live_schedulers(now, 2 * self.config["lease_ttl"])
             out["scheduler"] = {"alive": bool(live), "kinds": sorted({s["kind"] for s in live})}
+            if run["status"] == "running" and run["lease_expires_at"] is not None and run["lease_expires_at"] < now:
+                out["scheduler"]["message"] = ("the scheduler running this pass stopped; the run is replayed from "
+                                               "its last committed step when a scheduler runs")
             if not live:
-                out["scheduler"]["message"] = ("no scheduler is alive to drive this run; run `ty-openworkflow tick` "
-                                               "(or put it in cron) or keep `ty-openworkflow serve` running")
+                out["scheduler"]["message"] = out["scheduler"].get("message", "no scheduler is alive to drive this "
+                                                                   "run") + ("; run `ty-openworkflow tick` (or put it "
+                                                                             "in cron) or keep `ty-openworkflow serve` "
+                                                                             "running")
         return out
 
     def list_runs(self, workflow_id=None, status=None, limit=20):
@@ -2201,7 +2253,7 @@ def cmd_init(api, args):
 def cmd_deploy(api, args):
     code = _read_code(args)
     res = api.deploy(args.workflow_id, code, adapter=args.adapter, runtime=args.runtime, version=args.version,
-                     name=args.name, description=args.description)
+                     name=args.name, description=args.description, deadline=args.deadline)
     if args.json:
         _print_json(res)
     elif res["created"]:
@@ -2319,7 +2371,7 @@ def _print_status(st):
             for ln in st["error"]["stack"].rstrip().splitlines()[:12]:
                 print("          %s" % ln)
     sch = st.get("scheduler")
-    if sch and not sch["alive"]:
+    if sch and sch.get("message"):
         print("note      %s" % sch["message"])
 
 
@@ -2419,7 +2471,12 @@ def cmd_serve(api, args):
     sched = api.scheduler("serve", args.concurrency)
 
     def on_signal(signum, frame):
-        log.info("received %s; finishing passes in flight", signal.Signals(signum).name)
+        if sched.stopping.is_set():
+            log.info("received %s again; stopping passes in flight now", signal.Signals(signum).name)
+            sched.stop(hurry=True)
+            return
+        log.info("received %s; no new passes, waiting up to %s for those in flight",
+                 signal.Signals(signum).name, format_duration(api.config["shutdown_grace"]))
         sched.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -2480,6 +2537,7 @@ def build_parser():
     sp.add_argument("--description", help="workflow description")
     sp.add_argument("--version", default="1.0.0", help="workflow version label (default 1.0.0)")
     sp.add_argument("--runtime", default="node", choices=sorted(RUNTIMES), help="runtime (default node)")
+    sp.add_argument("--deadline", help="default deadline for its runs (e.g. 1h); `start --deadline` overrides")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
     sp = cmd("start", cmd_start, "start a workflow run")

@@ -302,11 +302,34 @@ async function runPass(doc, workflowFile) {
 function main() {
   const workflowFile = process.argv[2];
   const chunks = [];
-  process.stdin.on("data", (c) => chunks.push(c));
-  process.stdin.on("end", async () => {
+  let started = false;
+  // The pass document is the first line on stdin. The sidecar keeps stdin open
+  // for the whole pass: end-of-file means it is gone, and so must this pass be,
+  // so an orphaned pass can never run more steps than the one in flight.
+  process.stdin.on("data", (c) => {
+    if (started) return;
+    chunks.push(c);
+    const text = Buffer.concat(chunks).toString("utf8");
+    const nl = text.indexOf("\n");
+    if (nl >= 0) {
+      started = true;
+      begin(text.slice(0, nl));
+    }
+  });
+  process.stdin.on("end", () => {
+    if (!started) {
+      started = true;
+      begin(Buffer.concat(chunks).toString("utf8"));
+    } else {
+      process.stderr.write("ty-openworkflow shim: the sidecar closed the pass; stopping\n");
+      process.exit(3);
+    }
+  });
+
+  async function begin(text) {
     let doc;
     try {
-      doc = JSON.parse(Buffer.concat(chunks).toString("utf8"));
+      doc = JSON.parse(text);
     } catch (err) {
       process.stderr.write(`ty-openworkflow shim: bad pass document: ${err.message}\n`);
       process.exit(2);
@@ -324,7 +347,7 @@ function main() {
     // Exit even if user code left timers or sockets open: the pass is over.
     process.stdout.write = eventWrite;
     process.stdout.end(() => process.exit(0));
-  });
+  }
 }
 
 main();

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 import traceback
 
@@ -211,13 +212,32 @@ def load_workflow(path):
     return fn
 
 
+def _read_first_line():
+    """The pass document: the first line on fd 0, read raw (no buffered reader to lock)."""
+    data = b""
+    while b"\n" not in data:
+        chunk = os.read(0, 65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0].decode("utf-8")
+
+
+def _exit_on_eof():
+    while os.read(0, 4096):
+        pass
+    sys.stderr.write("ty-openworkflow shim: the sidecar closed the pass; stopping\n")
+    sys.stderr.flush()
+    os._exit(3)
+
+
 def main(argv):
     events_fd = os.dup(1)
     os.dup2(2, 1)  # user prints, and children writing fd 1, land in the log
     sys.stdout = sys.stderr
     events = os.fdopen(events_fd, "w", encoding="utf-8", buffering=1)
     try:
-        doc = json.loads(sys.stdin.read())
+        doc = json.loads(_read_first_line())
     except ValueError as exc:
         sys.stderr.write("ty-openworkflow shim: bad pass document: %s\n" % exc)
         return 2
@@ -236,6 +256,9 @@ def main(argv):
         events.write(json.dumps(ev, ensure_ascii=False) + "\n")
         events.flush()
 
+    # The sidecar keeps stdin open for the whole pass: end-of-file means it is
+    # gone, so an orphaned pass stops instead of running further steps.
+    threading.Thread(target=_exit_on_eof, daemon=True).start()
     ctx = Context(doc, emit)
     try:
         workflow = load_workflow(argv[1])
@@ -263,4 +286,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    code = main(sys.argv)
+    sys.stderr.flush()
+    # Skip interpreter teardown: the stdin watcher thread is still blocked in a
+    # read, and whatever user code left running must not delay the pass's end.
+    os._exit(code)
