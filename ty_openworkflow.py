@@ -121,6 +121,10 @@ class Conflict(OpenWorkflowError):
     """The operation does not apply to the object's current state."""
 
 
+class TaskYouError(OpenWorkflowError):
+    """A `ty` call failed; the bridge retries it later."""
+
+
 # ---------------------------------------------------------------------------
 # Helpers: time, durations, JSON, ids
 # ---------------------------------------------------------------------------
@@ -697,6 +701,25 @@ MIGRATIONS = [
     [  # 2: a default deadline per workflow version
         "ALTER TABLE workflow_versions ADD COLUMN deadline_ms INTEGER",
     ],
+    [  # 3: the TaskYou bridge outbox and the webhook replay guard
+        """CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            payload TEXT,
+            delivered_at INTEGER,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at INTEGER NOT NULL,
+            lease_until INTEGER,
+            last_error TEXT,
+            created_at INTEGER NOT NULL)""",
+        "CREATE INDEX outbox_pending ON outbox(delivered_at, next_at)",
+        "CREATE INDEX outbox_run ON outbox(run_id, id)",
+        """CREATE TABLE webhook_seen (
+            digest TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            at INTEGER NOT NULL)""",
+    ],
 ]
 
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
@@ -936,6 +959,8 @@ class Store:
                       (run_id, workflow_id, version, input_json, now, deadline_at, int(bool(task_requested)),
                        task_title, now, now))
             self._journal(c, run_id, None, "created", {"workflow": workflow_id, "version": version}, now)
+            if task_requested:
+                self._enqueue(c, run_id, "create", None, now)
 
     def get_run(self, run_id):
         run = self.query_one("SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS, (run_id,))
@@ -990,7 +1015,59 @@ class Store:
         self._on_finish(c, run_id, status, now)
 
     def _on_finish(self, c, run_id, status, now):
-        """Hook for what else a finished run changes in the same transaction (the bridge outbox)."""
+        """A finished run queues its task update in the same transaction."""
+        row = c.execute("SELECT task_requested, output, error FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row and row[0]:
+            self._enqueue(c, run_id, status, {"output": loads_or_none(row[1]), "error": loads_or_none(row[2])}, now)
+
+    def _enqueue(self, c, run_id, kind, payload, now):
+        c.execute("INSERT INTO outbox (run_id, kind, payload, next_at, created_at) VALUES (?, ?, ?, ?, ?)",
+                  (run_id, kind, None if payload is None else dumps(payload), now, now))
+
+    # -- the bridge outbox ------------------------------------------------------
+
+    def claim_outbox(self, now, lease_ms, limit=20):
+        """Claim the oldest undelivered item of each run whose turn it is (in order per run)."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "SELECT o.id, o.run_id, o.kind, o.payload, o.attempts, o.created_at FROM outbox o "
+                "WHERE o.delivered_at IS NULL AND o.id = (SELECT MIN(id) FROM outbox WHERE run_id = o.run_id AND "
+                "delivered_at IS NULL) AND o.next_at <= ? AND (o.lease_until IS NULL OR o.lease_until < ?) "
+                "ORDER BY o.next_at, o.id LIMIT ?", (now, now, limit))
+            items = [_row_dict(cur, r) for r in cur.fetchall()]
+            for it in items:
+                c.execute("UPDATE outbox SET lease_until = ?, attempts = attempts + 1 WHERE id = ?",
+                          (now + lease_ms, it["id"]))
+        return items
+
+    def outbox_delivered(self, item_id, now, task_id=None, run_id=None):
+        with self.transaction() as c:
+            c.execute("UPDATE outbox SET delivered_at = ?, lease_until = NULL, last_error = NULL WHERE id = ?",
+                      (now, item_id))
+            if task_id is not None:
+                c.execute("UPDATE runs SET task_id = ? WHERE id = ?", (task_id, run_id))
+                self._journal(c, run_id, None, "task_linked", {"task_id": task_id}, now)
+
+    def outbox_failed(self, item_id, now, error, retry_at):
+        with self.transaction() as c:
+            c.execute("UPDATE outbox SET lease_until = NULL, last_error = ?, next_at = ? WHERE id = ?",
+                      (error[:2000], retry_at, item_id))
+
+    def next_outbox_at(self):
+        row = self.conn.execute("SELECT MIN(next_at) FROM outbox WHERE delivered_at IS NULL").fetchone()
+        return row[0] if row else None
+
+    def outbox_for_run(self, run_id):
+        return self.query("SELECT id, kind, delivered_at, attempts, next_at, last_error FROM outbox WHERE run_id = ? "
+                          "ORDER BY id", (run_id,))
+
+    # -- the webhook replay guard ---------------------------------------------------
+
+    def seen_before(self, c, digest, kind, now, keep_ms):
+        """Record ``digest``; True if it was already recorded (a replay). Old entries expire."""
+        c.execute("DELETE FROM webhook_seen WHERE at < ?", (now - keep_ms,))
+        return c.execute("INSERT OR IGNORE INTO webhook_seen (digest, kind, at) VALUES (?, ?, ?)",
+                         (digest, kind, now)).rowcount == 0
 
     def cancel_run(self, run_id, now, reason="canceled by user"):
         """Cancel a run that is not terminal; returns the run as it was before."""
@@ -1029,6 +1106,8 @@ class Store:
                           "passes = passes + 1, started_at = COALESCE(started_at, ?), updated_at = ? WHERE id = ?",
                           (pass_id, owner, now + lease_ms, now, now, run_id))
                 run.update(status="running", pass_id=pass_id, lease_owner=owner, passes=run["passes"] + 1)
+                if run["passes"] == 1 and run["task_requested"]:
+                    self._enqueue(c, run_id, "processing", None, now)
                 self._journal(c, run_id, pass_id, "pass_started", {"pass": run["passes"], "owner": owner}, now)
                 claimed.append(run)
         return claimed
@@ -1731,6 +1810,11 @@ class Scheduler:
         self._register()
         beat = threading.Thread(target=self._heartbeat_loop, name="tyow-heartbeat", daemon=True)
         beat.start()
+        self.bridge_wake = threading.Event()
+        bridge = None
+        if self.kind != "tick":
+            bridge = threading.Thread(target=self._bridge_loop, name="tyow-bridge", daemon=True)
+            bridge.start()
         linger = self.config["runner_linger"]
         try:
             while not self.stopping.is_set():
@@ -1746,15 +1830,15 @@ class Scheduler:
                         continue
                 next_due = self.store.next_due_at()
                 now = self.clock()
+                self.bridge_wake.set()
                 if not self.active:
                     if self.kind == "tick" and (next_due is None or next_due > now):
                         break
-                    if self.kind == "runner" and (next_due is None or next_due - now > linger):
+                    if self.kind == "runner" and self._idle_beyond(next_due, now, linger):
                         # Leave the table first, then look again: a `start` that saw us
                         # alive committed its run before we look, so we cannot miss it.
                         self.store.unregister_scheduler(self.id)
-                        next_due = self.store.next_due_at()
-                        if next_due is None or next_due - self.clock() > linger:
+                        if self._idle_beyond(self.store.next_due_at(), self.clock(), linger):
                             break
                         self._register()
                         continue
@@ -1767,7 +1851,34 @@ class Scheduler:
                 self._wait(self.wait_cap_s if wake_at is None else max(0.005, (wake_at - now) / 1000.0))
         finally:
             self._shutdown()
+            if bridge is not None:
+                self.bridge_wake.set()
+                bridge.join(self.config["taskyou.timeout"] / 1000.0 + 5)
+            if self.kind in ("tick", "runner"):
+                # Deliver what is due now before exiting (cron has no later).
+                self._deliver_updates()
         return self.stats
+
+    def _idle_beyond(self, next_due, now, linger):
+        """True if neither a run nor a task update is due within ``linger``."""
+        outbox_at = self.store.next_outbox_at() if shutil.which(self.config["taskyou.cli"]) else None
+        nxt = [t for t in (next_due, outbox_at) if t is not None]
+        return not nxt or min(nxt) - now > linger
+
+    def _deliver_updates(self):
+        try:
+            self.sidecar.bridge.deliver_due()
+        except OpenWorkflowError as exc:
+            log.warning("taskyou bridge: %s", exc)
+
+    def _bridge_loop(self):
+        """Deliver task updates off the scheduling path: a slow `ty` never delays a pass."""
+        while not self.stopping.is_set():
+            self._deliver_updates()
+            nxt = self.store.next_outbox_at()
+            wait_s = self.wait_cap_s if nxt is None else max(0.01, min(self.wait_cap_s, (nxt - self.clock()) / 1000.0))
+            self.bridge_wake.wait(wait_s)
+            self.bridge_wake.clear()
 
     def _maintain(self):
         """Periodic housekeeping for long-running schedulers: adapters' clean-up."""
@@ -1920,6 +2031,156 @@ class Scheduler:
 
 
 # ---------------------------------------------------------------------------
+# Bridge: TaskYou tasks kept in step with runs, through `ty` and a durable outbox
+# ---------------------------------------------------------------------------
+
+TASK_MARKER = "ty-openworkflow-run: %s"
+# Task updates retry until delivered: 1 s, x2, at most 5 minutes apart.
+OUTBOX_RETRY = {"initial_ms": 1000, "backoff": 2.0, "max_ms": 300000}
+
+
+def find_ty(config):
+    """Full path of the `ty` binary, or raise TaskYouError saying how to fix it."""
+    binary = config["taskyou.cli"]
+    path = shutil.which(binary)
+    if not path:
+        raise TaskYouError("%s not found on PATH; install TaskYou or set taskyou.cli (task updates are queued "
+                           "and delivered once it is there)" % binary)
+    return path
+
+
+def run_ty(config, args):
+    """The one place that calls `ty`; returns its stdout, raises TaskYouError on failure."""
+    argv = [find_ty(config)] + list(args)
+    timeout_s = config["taskyou.timeout"] / 1000.0
+    rc, out, err = run_command(argv, timeout_s=timeout_s)
+    if rc == 124 and err.startswith("timed out"):
+        raise TaskYouError("`ty %s` did not answer within %s" % (args[0], format_duration(config["taskyou.timeout"])))
+    if rc != 0:
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()] or ["exit status %d" % rc]
+        raise TaskYouError("`ty %s` failed: %s" % (args[0], lines[0][:300]))
+    return out
+
+
+def parse_ty_json(text, what):
+    """Parse `ty ... --json` output (the last JSON value printed)."""
+    text = text.strip()
+    for candidate in (text, text.splitlines()[-1] if text else ""):
+        try:
+            return json.loads(candidate)
+        except ValueError:
+            continue
+    raise TaskYouError("`ty %s --json` printed something that is not JSON: %r" % (what, text[:200]))
+
+
+class Bridge:
+    """Delivers queued task updates to TaskYou, in order per run, until each lands."""
+
+    def __init__(self, sidecar):
+        self.sidecar = sidecar
+        self.config = sidecar.config
+        self.store = sidecar.store
+        self._warned = set()
+
+    def deliver_due(self, now=None):
+        """Deliver every update that is due; returns how many landed."""
+        delivered = 0
+        while True:
+            now = self.sidecar.clock()
+            items = self.store.claim_outbox(now, self.config["taskyou.timeout"] * 4 + 10000)
+            if not items:
+                return delivered
+            for item in items:
+                try:
+                    task_id = self._deliver(item)
+                except TaskYouError as exc:
+                    retry_at = self.sidecar.clock() + backoff_ms(OUTBOX_RETRY, item["attempts"] + 1)
+                    self.store.outbox_failed(item["id"], self.sidecar.clock(), str(exc), retry_at)
+                    key = str(exc).split(";")[0]
+                    if key not in self._warned:
+                        self._warned.add(key)
+                        log.warning("taskyou: %s; will retry", exc)
+                    continue
+                self.store.outbox_delivered(item["id"], self.sidecar.clock(), task_id, item["run_id"])
+                delivered += 1
+
+    def _project_args(self):
+        return ["--project", self.config["taskyou.project"]] if self.config["taskyou.project"] else []
+
+    def _deliver(self, item):
+        run = self.store.get_run(item["run_id"])
+        if run is None:
+            return None
+        if item["kind"] == "create":
+            return self._create(run, item)
+        task_id = run["task_id"]
+        if task_id is None:
+            raise TaskYouError("the task for run %s is not created yet" % run["id"])
+        payload = json.loads(item["payload"]) if item["payload"] else {}
+        tid = str(task_id)
+        if item["kind"] == "processing":
+            run_ty(self.config, ["status", tid, "processing"])
+        elif item["kind"] == "completed":
+            self._append(tid, run, "completed", "output: %s" % _short(payload.get("output"), 2000))
+            run_ty(self.config, ["close", tid])
+        elif item["kind"] == "failed":
+            err = payload.get("error") or {}
+            self._append(tid, run, "failed", "error: %s" % (err.get("message") or "unknown error"))
+            run_ty(self.config, ["status", tid, "blocked"])
+        elif item["kind"] == "canceled":
+            self._append(tid, run, "canceled", "the run was canceled")
+            run_ty(self.config, ["status", tid, "blocked"])
+        return None
+
+    def _create(self, run, item):
+        marker = TASK_MARKER % run["id"]
+        if item["attempts"] > 1:
+            # An earlier attempt may have created the task and died before we stored its id.
+            found = self._find_task(run["task_title"], marker)
+            if found is not None:
+                return found
+        body = "Workflow run started by ty-openworkflow.\n\nworkflow: %s (version %d)\nrun: %s\ninput: %s\n\n%s" % (
+            run["workflow_id"], run["version"], run["id"], _short(json.loads(run["input"]), 1000), marker)
+        out = run_ty(self.config, ["create", run["task_title"], "--body", body, "--json"] + self._project_args())
+        doc = parse_ty_json(out, "create")
+        if not isinstance(doc, dict) or not isinstance(doc.get("id"), int):
+            raise TaskYouError("`ty create --json` printed no task id: %r" % out[:200])
+        return doc["id"]
+
+    def _find_task(self, title, marker):
+        out = run_ty(self.config, ["list", "--json", "-n", "500"] + self._project_args())
+        rows = parse_ty_json(out, "list") or []
+        for row in sorted(rows, key=lambda r: -int(r.get("id", 0))):
+            if row.get("title") != title:
+                continue
+            task = parse_ty_json(run_ty(self.config, ["show", str(row["id"]), "--json"]), "show")
+            if marker in (task.get("body") or ""):
+                return int(row["id"])
+        return None
+
+    def _append(self, task_id, run, kind, text):
+        """Append a section to the task body once (the tag makes a retry a no-op)."""
+        tag = "[ty-openworkflow: run %s %s]" % (run["id"], kind)
+        task = parse_ty_json(run_ty(self.config, ["show", task_id, "--json"]), "show")
+        body = task.get("body") or ""
+        if tag in body:
+            return
+        new = "%s\n\n%s %s\n%s" % (body.rstrip(), tag, format_time(self.sidecar.clock()), text)
+        run_ty(self.config, ["update", task_id, "--body", new])
+
+    def task_state(self, run):
+        """How the run's task link stands, for `status`."""
+        items = self.store.outbox_for_run(run["id"])
+        pending = [i for i in items if i["delivered_at"] is None]
+        state = {"requested": bool(run["task_requested"]), "title": run["task_title"], "id": run["task_id"],
+                 "pending_updates": len(pending), "delivered": not pending}
+        if pending:
+            state["last_error"] = pending[0]["last_error"]
+            state["next_attempt_at"] = pending[0]["next_at"]
+        return state
+
+
+# ---------------------------------------------------------------------------
 # Public API: the Sidecar object the CLI is a thin layer over
 # ---------------------------------------------------------------------------
 
@@ -1952,12 +2213,19 @@ class Sidecar:
         self.config = config if config is not None else load_config(config_path)
         self.clock = clock or now_ms
         self._store = None
+        self._bridge = None
 
     @property
     def store(self):
         if self._store is None:
             self._store = Store(self.config.data_dir, self.config)
         return self._store
+
+    @property
+    def bridge(self):
+        if self._bridge is None:
+            self._bridge = Bridge(self)
+        return self._bridge
 
     def close(self):
         if self._store is not None:
@@ -2074,7 +2342,7 @@ class Sidecar:
             "wake_at": run["wake_at"] if run["status"] == "sleeping" else None,
             "available_at": run["available_at"] if run["status"] == "pending" else None,
             "deadline_at": run["deadline_at"], "steps": steps,
-            "task": {"requested": bool(run["task_requested"]), "title": run["task_title"], "id": run["task_id"]},
+            "task": self.bridge.task_state(run),
         }
         if run["status"] not in TERMINAL:
             now = self.clock()
@@ -2343,10 +2611,16 @@ def _print_status(st):
     if st["deadline_at"]:
         rows.append(("deadline", format_time(st["deadline_at"])))
     task = st["task"]
-    if task.get("id"):
-        rows.append(("task", "#%s %s" % (task["id"], task.get("title") or "")))
-    elif task.get("requested"):
-        rows.append(("task", "%s (%s)" % (task.get("title") or "requested", task.get("state") or "not linked yet")))
+    if task.get("requested"):
+        label = "#%s %s" % (task["id"], task["title"]) if task.get("id") else task["title"]
+        if task.get("delivered"):
+            note = "updates delivered"
+        elif task.get("last_error"):
+            note = "%d update%s waiting: %s" % (task["pending_updates"], "" if task["pending_updates"] == 1 else "s",
+                                               task["last_error"])
+        else:
+            note = "%d update%s queued" % (task["pending_updates"], "" if task["pending_updates"] == 1 else "s")
+        rows.append(("task", "%s (%s)" % (label, note)))
     for k, v in rows:
         print("%-9s %s" % (k, v))
     if st["steps"]:
