@@ -68,6 +68,7 @@ PASS_RETRY = {"max_attempts": 5, "initial_ms": 1000, "backoff": 2.0, "max_ms": 6
 # the run: a new pass would cost more than the wait itself.
 INLINE_SLEEP_MS = 1000
 MAX_STEP_NAME_LEN = 200
+MAX_DURATION_MS = 100 * 365 * 86400000  # a century: longer is a typo
 MAX_PASS_LOG_BYTES = 256 * 1024
 TERMINAL = ("completed", "failed", "canceled")
 RUN_STATUSES = ("pending", "running", "sleeping") + TERMINAL
@@ -144,12 +145,14 @@ def parse_duration(value, unit_ms=1000):
     if isinstance(value, bool):
         raise ValueError("expected a duration, got %r" % value)
     if isinstance(value, (int, float)):
-        if value < 0:
+        if value < 0 or value != value:
             raise ValueError("a duration cannot be negative: %r" % value)
+        if value * unit_ms > MAX_DURATION_MS:
+            raise ValueError("duration %r is longer than a century" % value)
         return int(value * unit_ms)
     s = str(value).strip()
     if re.fullmatch(r"\d+(\.\d+)?", s):
-        return int(float(s) * unit_ms)
+        return parse_duration(float(s), unit_ms)
     pos, total = 0, 0.0
     for m in _DURATION_PART.finditer(s):
         if m.start() != pos:
@@ -158,6 +161,8 @@ def parse_duration(value, unit_ms=1000):
         pos = m.end()
     if not s or pos != len(s):
         raise ValueError("invalid duration %r; use a number or a string like 500ms, 30s, 5m, 1h30m" % value)
+    if total > MAX_DURATION_MS:
+        raise ValueError("duration %r is longer than a century" % value)
     return int(total)
 
 
@@ -180,7 +185,10 @@ def format_time(ms):
     """Local time of an epoch-ms value, for humans."""
     if ms is None:
         return "-"
-    return datetime.datetime.fromtimestamp(ms / 1000.0).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.datetime.fromtimestamp(ms / 1000.0).strftime("%Y-%m-%d %H:%M:%S")
+    except (ValueError, OverflowError, OSError):
+        return "epoch+%dms" % ms
 
 
 def dumps(value):
@@ -196,6 +204,8 @@ def parse_json_arg(text, what):
     """Parse user-supplied JSON, saying where it is broken."""
     try:
         return json.loads(text)
+    except RecursionError:
+        raise InputError("the JSON in %s is nested too deeply" % what)
     except ValueError as exc:
         where = ""
         if hasattr(exc, "lineno"):
@@ -256,11 +266,11 @@ default_adapter: exec
 adapters:
   exec:
     enabled: true
-    work_dir: {data_dir}/exec
+    work_dir: {exec_dir}
 
   docker:
     enabled: false
-    work_dir: {data_dir}/docker
+    work_dir: {docker_dir}
     network: ""
 
   cloudflare:
@@ -349,19 +359,42 @@ class _Line:
         self.no, self.indent, self.text = no, indent, text
 
 
-def _strip_comment(text):
-    """Drop a trailing ``# comment`` that is outside quotes."""
-    quote = None
-    for i, ch in enumerate(text):
-        if quote:
-            if ch == "\\" and quote == '"':
+def _quoted_end(text, start):
+    """Index just past the quoted string that starts at ``start``, or -1 if unterminated."""
+    q, i = text[start], start + 1
+    while i < len(text):
+        if q == '"' and text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == q:
+            if q == "'" and text[i + 1:i + 2] == "'":
+                i += 2
                 continue
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (i == 0 or text[i - 1] in " \t"):
+            return i + 1
+        i += 1
+    return -1
+
+
+def _strip_comment(text):
+    """Drop a trailing ``# comment``. Quotes count only where a value starts (YAML's rule)."""
+    i = 0
+    value_start = True
+    while i < len(text):
+        ch = text[i]
+        if value_start and ch in "'\"":
+            end = _quoted_end(text, i)
+            if end < 0:
+                return text.rstrip()  # the scalar parser reports it, with the line
+            i = end
+            value_start = False
+            continue
+        if ch == "#" and (i == 0 or text[i - 1] in " \t"):
             return text[:i].rstrip()
+        if ch == ":" and text[i + 1:i + 2] in (" ", ""):
+            value_start = True
+        elif ch not in " \t":
+            value_start = False
+        i += 1
     return text.rstrip()
 
 
@@ -378,6 +411,8 @@ def _yaml_scalar(raw, where):
             if re.search(r"(?<!')'(?!')", body):
                 raise ConfigError("%s: stray single quote inside a single-quoted string (write '' for ')" % where)
             return body.replace("''", "'")
+        if _quoted_end(s, 0) != len(s):
+            raise ConfigError("%s: text after the closing quote in %s" % (where, s))
         try:
             return json.loads('"%s"' % body.replace("\t", "\\t"))
         except ValueError:
@@ -536,7 +571,7 @@ def _coerce(kind, value, where, key):
     raise AssertionError(kind)
 
 
-def load_config(path=None, text=None):
+def load_config(path=None, text=None, must_exist=False):
     """Read the config file (or ``text``) and return a Config with defaults filled in.
 
     A missing file is not an error: the defaults apply, as ``init`` would write them.
@@ -544,11 +579,17 @@ def load_config(path=None, text=None):
     path = os.path.abspath(os.path.expanduser(path or default_config_path()))
     exists = False
     if text is None:
+        if os.path.isdir(path):
+            raise ConfigError("config %s is a directory; give the path of a file (e.g. %s)"
+                              % (path, os.path.join(path, "config.yaml")))
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
             exists = True
         except FileNotFoundError:
+            if must_exist:
+                raise ConfigError("config file %s not found; create it with `ty-openworkflow --config %s init`"
+                                  % (path, path))
             text = ""
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError("cannot read config %s: %s" % (path, exc))
@@ -603,6 +644,8 @@ def load_config(path=None, text=None):
         raise ConfigError("%s: concurrency must be at least 1" % path)
     if values["lease_ttl"] < 2000:
         raise ConfigError("%s: lease_ttl must be at least 2s" % path)
+    if values["poll_interval"] < 1000:
+        raise ConfigError("%s: poll_interval must be at least 1s" % path)
     return Config(values, path, exists)
 
 
@@ -965,10 +1008,14 @@ class Store:
     def get_run(self, run_id):
         run = self.query_one("SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS, (run_id,))
         if run is None and run_id and len(run_id) >= 6:
-            matches = self.query("SELECT %s FROM runs WHERE id LIKE ? ESCAPE '\\' LIMIT 2" % _RUN_COLUMNS,
+            matches = self.query("SELECT %s FROM runs WHERE id LIKE ? ESCAPE '\\' LIMIT 3" % _RUN_COLUMNS,
                                  (run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",))
             if len(matches) == 1:
                 run = matches[0]
+            elif matches:
+                raise NotFound("run id %r is ambiguous: it starts %s; give more of it"
+                               % (run_id, ", ".join(m["id"] for m in matches[:2]) + (", ..." if len(matches) > 2
+                                                                                     else "")))
         return run
 
     def list_runs(self, workflow_id=None, status=None, limit=20):
@@ -1011,6 +1058,7 @@ class Store:
                   "lease_expires_at = NULL, available_at = NULL, wake_at = NULL, finished_at = ?, updated_at = ? "
                   "WHERE id = ?", (status, None if output is None else dumps(output),
                                    None if error is None else dumps(error), now, now, run_id))
+        c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND status = 'running'", (run_id,))
         self._journal(c, run_id, pass_id, status, {"output": output} if status == "completed" else {"error": error}, now)
         self._on_finish(c, run_id, status, now)
 
@@ -1176,14 +1224,16 @@ class Store:
                     c.execute("INSERT INTO steps (run_id, key, kind, status, seq, retry, attempts, started_at) "
                               "VALUES (?, ?, 'step', 'running', (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps "
                               "WHERE run_id = ?), ?, 1, ?)", (run_id, key, run_id, dumps(retry), now))
-                c.execute("UPDATE runs SET step_attempts = step_attempts + 1, updated_at = ? WHERE id = ?", (now, run_id))
                 self._journal(c, run_id, pass_id, kind, {"step": key, "attempt": ev.get("attempt")}, now)
-                if row[2] + 1 > defaults["max_step_attempts"]:
-                    self._finish(c, run_id, pass_id, "failed", now, error={
-                        "message": "the run started %d step attempts, over limits.max_step_attempts (%d); "
-                                   "stopped as a runaway" % (row[2] + 1, defaults["max_step_attempts"]),
-                        "name": "TooManyAttempts", "stack": None})
-                    return ENDED
+                if cur:  # a retry: these count towards the runaway cap, first attempts do not
+                    c.execute("UPDATE runs SET step_attempts = step_attempts + 1, updated_at = ? WHERE id = ?",
+                              (now, run_id))
+                    if row[2] + 1 > defaults["max_step_attempts"]:
+                        self._finish(c, run_id, pass_id, "failed", now, error={
+                            "message": "the run retried steps %d times, over limits.max_step_attempts (%d); "
+                                       "stopped as a runaway" % (row[2] + 1, defaults["max_step_attempts"]),
+                            "name": "TooManyAttempts", "stack": None})
+                        return ENDED
                 return APPLIED
             if kind == "step_completed":
                 cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()
@@ -1387,7 +1437,7 @@ def parse_event_line(line, pass_id):
         return None
     try:
         ev = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(ev, dict) or ev.get("pass") != pass_id or ev.get("type") not in EVENT_TYPES:
         return None
@@ -1420,11 +1470,30 @@ def materialize(directory, filename, text):
 # ---------------------------------------------------------------------------
 
 
-def spawn(argv, env=None, cwd=None, stdin=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
-    """The one place that starts a child process: its own process group, pipes by default."""
+def _die_with_parent():
+    """Linux: the kernel kills this child if the thread that started it dies."""
+    _LIBC.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+try:
+    import ctypes
+    _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    if _LIBC is not None and not hasattr(_LIBC, "prctl"):
+        _LIBC = None
+except (ImportError, OSError):  # restricted builds may lack ctypes: passes still stop on stdin EOF
+    _LIBC = None
+
+
+def spawn(argv, env=None, cwd=None, stdin=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, tied=False):
+    """The one place that starts a child process: its own process group, pipes by default.
+
+    ``tied``: the child dies with the calling thread (a pass must never outlive
+    the scheduler that owns it, even one busy in a loop that never reads stdin).
+    """
     return subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                             stdout=stdout, stderr=stderr, env=env, cwd=cwd,
-                            start_new_session=True, close_fds=True)
+                            start_new_session=True, close_fds=True,
+                            preexec_fn=_die_with_parent if tied and _LIBC is not None else None)
 
 
 def run_command(argv, timeout_s=30, env=None, input_bytes=None):
@@ -1488,7 +1557,7 @@ class ProcessExecution(Execution):
         self._log_truncated = 0
         self._timeout_ms = timeout_ms
         try:
-            self.proc = spawn(argv, env=env, cwd=cwd)
+            self.proc = spawn(argv, env=env, cwd=cwd, tied=True)
         except OSError as exc:
             raise AdapterError("cannot start %s: %s" % (argv[0], exc.strerror or exc))
         self._stdin_thread = threading.Thread(target=self._feed, args=(stdin_bytes,), daemon=True)
@@ -1618,6 +1687,12 @@ def validate_code(runtime, code, config):
     """Syntax-check workflow code with the runtime's own parser; raise InputError with the line."""
     if not code.strip():
         raise InputError("the workflow code is empty; pass a file with -f FILE or pipe it on stdin")
+    try:
+        code.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("the workflow code is not valid UTF-8 text; save it as UTF-8")
+    if "\0" in code:
+        raise InputError("the workflow code contains a NUL byte; is it a binary file?")
     if runtime == "python":
         try:
             import ast
@@ -1906,10 +1981,16 @@ class Scheduler:
     def _drive_safe(self, run, ap):
         try:
             self._drive(run, ap)
-        except Exception:
+        except Exception as exc:
             log.exception("pass %s of run %s crashed in the scheduler", ap.pass_id, ap.run_id)
             if ap.execution:
                 ap.execution.cancel()
+            # Fail the run rather than leave it to be replayed into the same crash forever.
+            with contextlib.suppress(Exception):
+                self.store.fail_run(ap.run_id, ap.pass_id, self.clock(), {
+                    "message": "the sidecar could not record this run's pass (%s: %s); this is a bug in "
+                               "ty-openworkflow or an event it cannot store" % (type(exc).__name__, exc),
+                    "name": "SidecarError", "stack": None})
         finally:
             with self.lock:
                 self.active.pop(ap.run_id, None)
@@ -1950,7 +2031,14 @@ class Scheduler:
                     if line.strip():
                         execution.add_stray(line)
                     continue
-                outcome = self.store.apply_event(ap.run_id, ap.pass_id, ev, self.clock(), defaults)
+                try:
+                    outcome = self.store.apply_event(ap.run_id, ap.pass_id, ev, self.clock(), defaults)
+                except (ValueError, TypeError, OverflowError, RecursionError, UnicodeError) as exc:
+                    execution.cancel()
+                    self.store.fail_run(ap.run_id, ap.pass_id, self.clock(), {
+                        "message": "the runtime sent a %s event the sidecar cannot store (%s: %s)"
+                                   % (ev.get("type"), type(exc).__name__, exc), "name": "BadEvent", "stack": None})
+                    break
                 if outcome == IGNORED:
                     log.info("run %s: pass %s is no longer current (canceled or reclaimed); stopping it",
                              ap.run_id, ap.pass_id)
@@ -2188,12 +2276,23 @@ class Bridge:
 def write_default_config(path, data_dir=None, force=False):
     """Write the seed's default config; refuses to overwrite without ``force``."""
     path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        raise ConfigError("config %s is a directory; give the path of a file (e.g. %s)"
+                          % (path, os.path.join(path, "config.yaml")))
     if os.path.exists(path) and not force:
         raise Conflict("%s already exists; edit it, or run `init --force` to overwrite it with the defaults" % path)
     data_dir = data_dir or "~/.config/ty-openworkflow"
-    if any(ch in data_dir for ch in "#:'\"\n") or data_dir != data_dir.strip():
-        data_dir = json.dumps(data_dir)
-    text = DEFAULT_CONFIG_TEXT.format(data_dir=data_dir.rstrip("/") if len(data_dir) > 1 else data_dir)
+    if "\n" in data_dir or "\0" in data_dir:
+        raise InputError("--data-dir must be a single-line path")
+    if len(data_dir) > 1:
+        data_dir = data_dir.rstrip("/")
+
+    def q(value):
+        plain = not re.search(r"[#:'\"\\{}\[\]&*!|>%@`,]", value) and value == value.strip() and value[:1] != "-"
+        return value if plain else json.dumps(value)
+
+    text = DEFAULT_CONFIG_TEXT.format(data_dir=q(data_dir), exec_dir=q(data_dir + "/exec"),
+                                      docker_dir=q(data_dir + "/docker"))
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".config-")
@@ -2209,8 +2308,8 @@ def write_default_config(path, data_dir=None, force=False):
 class Sidecar:
     """deploy / start / status / list / cancel / logs / tick / serve over one store."""
 
-    def __init__(self, config=None, config_path=None, clock=None):
-        self.config = config if config is not None else load_config(config_path)
+    def __init__(self, config=None, config_path=None, clock=None, must_exist=False):
+        self.config = config if config is not None else load_config(config_path, must_exist=must_exist)
         self.clock = clock or now_ms
         self._store = None
         self._bridge = None
@@ -2289,7 +2388,10 @@ class Sidecar:
         wf = self.workflow(workflow_id)
         try:
             input_json = dumps(input)
-        except (TypeError, ValueError) as exc:
+            input_json.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError("the input holds a lone surrogate, which is not valid Unicode text")
+        except (TypeError, ValueError, RecursionError) as exc:
             raise InputError("the input is not JSON: %s" % exc)
         if len(input_json.encode("utf-8")) > self.config["limits.max_input_bytes"]:
             raise InputError("the input is %d bytes, over limits.max_input_bytes (%d)"
@@ -2361,8 +2463,8 @@ class Sidecar:
     def list_runs(self, workflow_id=None, status=None, limit=20):
         if status and status not in RUN_STATUSES:
             raise InputError("unknown status %r; choose one of %s" % (status, ", ".join(RUN_STATUSES)))
-        if limit is not None and limit < 1:
-            raise InputError("--limit must be at least 1")
+        if limit is not None and not 1 <= limit <= 100000:
+            raise InputError("--limit must be between 1 and 100000")
         return self.store.list_runs(workflow_id, status, limit)
 
     def cancel(self, run_id):
@@ -2410,14 +2512,25 @@ class Sidecar:
         live = self.poke_schedulers()
         if live:
             return None
-        return self.spawn_runner()
+        try:
+            return self.spawn_runner()
+        except OSError as exc:
+            # The run is stored and safe; it only waits for a scheduler.
+            log.warning("could not start the background runner (%s); run `ty-openworkflow tick` or `serve`", exc)
+            sys.stderr.write("ty-openworkflow: warning: could not start the background runner (%s); run "
+                             "`ty-openworkflow tick` or `serve` to drive the run\n" % (exc.strerror or exc))
+            return None
 
     def spawn_runner(self):
         """Start a detached `runner` process that drives due runs, then exits when idle."""
         argv = [sys.executable, os.path.abspath(__file__), "--config", self.config.path, "runner"]
+        env = None
+        if not self.config.exists:  # defaults only: the runner must not insist on a file
+            argv[2:4] = []
+            env = dict(os.environ, **{CONFIG_ENV: self.config.path})
         log_path = os.path.join(self.config.data_dir, "runner.log")
         with open(log_path, "ab") as log_file:
-            proc = spawn(argv, stdin=False, stdout=subprocess.DEVNULL, stderr=log_file)
+            proc = spawn(argv, stdin=False, stdout=subprocess.DEVNULL, stderr=log_file, env=env)
         # Reap it in the background so a long-lived caller collects no zombies.
         threading.Thread(target=proc.wait, daemon=True).start()
         return proc.pid
@@ -2562,7 +2675,7 @@ def cmd_start(api, args):
 
 def _follow(api, run_id, as_json):
     """Print one line per step as the run advances; exit 0 if it completes, 1 otherwise."""
-    last = 0
+    last, last_ensure = 0, time.time()
     try:
         while True:
             for ev in api.events(run_id, last):
@@ -2587,6 +2700,10 @@ def _follow(api, run_id, as_json):
                 if not as_json:
                     _print_status(st)
                 return 0 if st["status"] == "completed" else 1
+            if not st["scheduler"]["alive"] and time.time() - last_ensure > 2:
+                # Whoever drove the run went away (or lingers no more): --wait takes over.
+                last_ensure = time.time()
+                api.ensure_driven()
             time.sleep(0.1)
     except KeyboardInterrupt:
         print("stopped following %s; it keeps running" % run_id, file=sys.stderr)
@@ -2878,7 +2995,7 @@ def main(argv=None):
     api = None
     try:
         if args.func is not cmd_init and args.func is not cmd_dist:
-            api = Sidecar(config_path=args.config)
+            api = Sidecar(config_path=args.config, must_exist=args.config is not None)
         return args.func(api, args)
     except OpenWorkflowError as exc:
         print("ty-openworkflow: %s" % exc, file=sys.stderr)

@@ -12,8 +12,13 @@
 const fs = require("fs");
 const path = require("path");
 const vm = require("vm");
+const { AsyncLocalStorage } = require("async_hooks");
 
 const PROTOCOL = 1;
+const MAX_NAME = 200; // step and sleep names, in characters
+const MAX_DEPTH = 100; // nesting of step outputs: deeper JSON is refused
+const MAX_SLEEP_MS = 100 * 365 * 86400000; // a century
+const currentStep = new AsyncLocalStorage();
 
 // The event channel is the real stdout; user output is routed to stderr.
 const eventWrite = process.stdout.write.bind(process.stdout);
@@ -30,7 +35,9 @@ let eventsOpen = true;
 function emit(type, data) {
   if (!eventsOpen) return;
   const ev = Object.assign({ type, pass: passId, at: now() }, data || {});
-  eventWrite(JSON.stringify(ev) + "\n");
+  // The leading newline ends any partial line a child process wrote to the
+  // same stdout, so an event always starts a line of its own.
+  eventWrite("\n" + JSON.stringify(ev) + "\n");
 }
 
 function serializeError(err) {
@@ -54,9 +61,17 @@ const UNITS_MS = { ms: 1, s: 1000, m: 60000, h: 3600000, d: 86400000 };
 
 // Parses 5000, "5000", "500ms", "30s", "5m", "1h30m", "2d" into milliseconds.
 function durationMs(value, what) {
-  if (typeof value === "number" && Number.isFinite(value) && value >= 0) {
-    return value;
+  const ms = parseDurationMs(value);
+  if (ms === null || !Number.isFinite(ms) || ms < 0 || ms > MAX_SLEEP_MS) {
+    throw new TypeError(
+      `${what}: invalid duration ${JSON.stringify(value)}; use milliseconds (up to a century) or a string like "500ms", "30s", "5m", "1h30m"`
+    );
   }
+  return ms;
+}
+
+function parseDurationMs(value) {
+  if (typeof value === "number") return value;
   if (typeof value === "string") {
     const s = value.trim();
     if (/^\d+(\.\d+)?$/.test(s)) return Number(s);
@@ -70,20 +85,28 @@ function durationMs(value, what) {
     }
     if (matched === s.length && s.length > 0) return total;
   }
-  throw new TypeError(
-    `${what}: invalid duration ${JSON.stringify(value)}; use milliseconds or a string like "500ms", "30s", "5m", "1h30m"`
-  );
+  return null;
 }
 
 function retryPolicy(opts) {
   const r = (opts && opts.retry) || {};
   const policy = {};
   const max = r.maxAttempts !== undefined ? r.maxAttempts : r.max_attempts;
-  if (max !== undefined) policy.max_attempts = Number(max);
+  if (max !== undefined) {
+    if (!Number.isInteger(max) || max < 1 || max > 10000) {
+      throw new TypeError(`retry.maxAttempts must be a whole number from 1 to 10000, got ${JSON.stringify(max)}`);
+    }
+    policy.max_attempts = max;
+  }
   const initial = r.initialInterval !== undefined ? r.initialInterval : r.initial;
   if (initial !== undefined) policy.initial_ms = durationMs(initial, "retry.initialInterval");
   const coeff = r.backoffCoefficient !== undefined ? r.backoffCoefficient : r.backoff;
-  if (coeff !== undefined) policy.backoff = Number(coeff);
+  if (coeff !== undefined) {
+    if (typeof coeff !== "number" || !Number.isFinite(coeff) || coeff < 1 || coeff > 100) {
+      throw new TypeError(`retry.backoffCoefficient must be a number from 1 to 100, got ${JSON.stringify(coeff)}`);
+    }
+    policy.backoff = coeff;
+  }
   const maxi = r.maximumInterval !== undefined ? r.maximumInterval : r.max_interval;
   if (maxi !== undefined) policy.max_ms = durationMs(maxi, "retry.maximumInterval");
   return policy;
@@ -93,9 +116,15 @@ function retryPolicy(opts) {
 function toJson(value, what) {
   if (value === undefined) return ["null", null];
   const seen = new Set();
-  function check(v, where) {
+  const loneSurrogate = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+  function check(v, where, depth) {
     const t = typeof v;
-    if (v === null || t === "string" || t === "boolean") return;
+    if (depth > MAX_DEPTH) throw new TypeError(`${what} is nested more than ${MAX_DEPTH} levels deep`);
+    if (t === "string") {
+      if (loneSurrogate.test(v)) throw new TypeError(`${what} is not JSON: ${where} holds a lone UTF-16 surrogate`);
+      return;
+    }
+    if (v === null || t === "boolean") return;
     if (t === "number") {
       if (!Number.isFinite(v)) throw new TypeError(`${what} is not JSON: ${where} is ${v}`);
       return;
@@ -107,7 +136,7 @@ function toJson(value, what) {
     if (seen.has(v)) throw new TypeError(`${what} is not JSON: ${where} is a circular reference`);
     seen.add(v);
     if (Array.isArray(v)) {
-      v.forEach((x, i) => check(x, `${where}[${i}]`));
+      v.forEach((x, i) => check(x, `${where}[${i}]`, depth + 1));
     } else {
       const proto = Object.getPrototypeOf(v);
       if (proto !== Object.prototype && proto !== null) {
@@ -115,12 +144,13 @@ function toJson(value, what) {
         throw new TypeError(`${what} is not JSON: ${where} is a ${kind}; return plain objects, arrays, strings, numbers, booleans or null`);
       }
       for (const k of Object.keys(v)) {
-        if (v[k] !== undefined) check(v[k], `${where}.${k}`);
+        if (loneSurrogate.test(k)) throw new TypeError(`${what} is not JSON: a key of ${where} holds a lone UTF-16 surrogate`);
+        if (v[k] !== undefined) check(v[k], `${where}.${k}`, depth + 1);
       }
     }
     seen.delete(v);
   }
-  check(value, "the value");
+  check(value, "the value", 0);
   const text = JSON.stringify(value);
   return [text, JSON.parse(text)];
 }
@@ -158,6 +188,7 @@ async function runPass(doc, workflowFile) {
   const maxOutput = doc.max_output_bytes || 1048576;
 
   const used = new Map();
+  const usedKeys = new Set();
   const inflight = new Set();
   let stop = null; // {kind: "suspend", wake_at} | {kind: "step_failed", ...}
   let stopResolve;
@@ -175,17 +206,37 @@ async function runPass(doc, workflowFile) {
     }
   }
 
-  function keyFor(name) {
-    if (typeof name !== "string" || name === "") {
-      throw new TypeError("step and sleep names must be non-empty strings");
+  // The n-th use of a name is `name:n`; a key the workflow already used (say it
+  // named a step "a:1" itself) is skipped, so two calls never share a key.
+  function peekKey(name) {
+    let n = used.get(name) || 0;
+    let key = n === 0 ? name : `${name}:${n}`;
+    while (usedKeys.has(key)) {
+      n += 1;
+      key = `${name}:${n}`;
     }
-    const n = used.get(name) || 0;
+    return [key, n];
+  }
+
+  function keyFor(name, kind) {
+    if (typeof name !== "string" || name === "") {
+      throw new TypeError(`${kind} names must be non-empty strings, got ${JSON.stringify(name)}`);
+    }
+    if (name.length > MAX_NAME) {
+      throw new TypeError(`${kind} name "${name.slice(0, 40)}..." is ${name.length} characters; the limit is ${MAX_NAME}`);
+    }
+    const outer = currentStep.getStore();
+    if (outer) {
+      throw new TypeError(`${kind} "${name}" was called inside step "${outer}"; steps and sleeps cannot be nested, call them from the workflow function`);
+    }
+    const [key, n] = peekKey(name);
     used.set(name, n + 1);
-    return n === 0 ? name : `${name}:${n}`;
+    usedKeys.add(key);
+    return key;
   }
 
   async function step(name, fn, opts) {
-    const key = keyFor(name);
+    const key = keyFor(name, "step");
     if (Object.prototype.hasOwnProperty.call(done, key)) {
       return done[key] === null ? null : JSON.parse(JSON.stringify(done[key]));
     }
@@ -198,7 +249,7 @@ async function runPass(doc, workflowFile) {
     const work = (async () => {
       let value;
       try {
-        value = await fn(info);
+        value = await currentStep.run(key, () => fn(info));
       } catch (err) {
         emit("step_failed", { step: key, attempt, retry, error: serializeError(err) });
         halt({ kind: "step_failed", step: key });
@@ -230,14 +281,17 @@ async function runPass(doc, workflowFile) {
   }
 
   async function sleepUntil(name, when) {
-    const key = keyFor(name);
+    const key = keyFor(name, "sleep");
     let wakeAt;
     if (Object.prototype.hasOwnProperty.call(sleeps, key)) {
       wakeAt = sleeps[key];
     } else {
       if (stop) return never;
       wakeAt = when instanceof Date ? when.getTime() : Number(when);
-      if (!Number.isFinite(wakeAt)) throw new TypeError(`sleepUntil "${key}": invalid time ${String(when)}`);
+      if (!Number.isFinite(wakeAt) || Math.abs(wakeAt - now()) > MAX_SLEEP_MS) {
+        throw new TypeError(`sleepUntil "${key}": invalid time ${String(when)}; give a Date or epoch milliseconds within a century`);
+      }
+      wakeAt = Math.round(wakeAt);
       emit("sleep", { step: key, wake_at: wakeAt });
       sleeps[key] = wakeAt;
     }
@@ -254,7 +308,7 @@ async function runPass(doc, workflowFile) {
 
   async function sleep(name, duration) {
     const ms = durationMs(duration, `sleep "${name}"`);
-    const key = (used.get(name) || 0) === 0 ? name : `${name}:${used.get(name)}`;
+    const key = typeof name === "string" ? peekKey(name)[0] : name;
     const when = Object.prototype.hasOwnProperty.call(sleeps, key) ? sleeps[key] : now() + ms;
     return sleepUntil(name, when);
   }

@@ -17,6 +17,9 @@ import time
 import traceback
 
 PROTOCOL = 1
+MAX_NAME = 200  # step and sleep names, in characters
+MAX_DEPTH = 100  # nesting of step outputs: deeper JSON is refused
+MAX_SLEEP_MS = 100 * 365 * 86400000  # a century
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60000, "h": 3600000, "d": 86400000}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
@@ -39,14 +42,22 @@ def now_ms():
 
 def duration_ms(value, what, unit_ms):
     """Numbers are in ``unit_ms`` (1000 for seconds); strings like "5m" are parsed."""
+    ms = _parse_duration_ms(value, unit_ms)
+    if ms is None or ms != ms or ms < 0 or ms > MAX_SLEEP_MS:
+        raise TypeError("%s: invalid duration %r; use seconds (up to a century) or a string like "
+                        "'500ms', '30s', '5m', '1h30m'" % (what, value))
+    return int(ms)
+
+
+def _parse_duration_ms(value, unit_ms):
     if isinstance(value, bool):
         value = None
-    if isinstance(value, (int, float)) and value >= 0:
-        return int(value * unit_ms)
+    if isinstance(value, (int, float)):
+        return float(value) * unit_ms
     if isinstance(value, str):
         s = value.strip()
         if re.fullmatch(r"\d+(\.\d+)?", s):
-            return int(float(s) * unit_ms)
+            return float(s) * unit_ms
         pos, total = 0, 0.0
         for m in _DURATION_PART.finditer(s):
             if m.start() != pos:
@@ -54,10 +65,8 @@ def duration_ms(value, what, unit_ms):
             total += float(m.group(1)) * _UNITS_MS[m.group(2)]
             pos = m.end()
         if s and pos == len(s):
-            return int(total)
-    raise TypeError(
-        "%s: invalid duration %r; use seconds or a string like '500ms', '30s', '5m', '1h30m'" % (what, value)
-    )
+            return total
+    return None
 
 
 def error_doc(exc):
@@ -68,11 +77,30 @@ def error_doc(exc):
     }
 
 
+def _depth(value, limit):
+    """True if ``value`` nests deeper than ``limit`` (checked without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return True
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, d + 1) for x in v)
+    return False
+
+
 def to_json(value, what):
     """Return (text, plain value) or raise TypeError saying why value is not JSON."""
     try:
+        if _depth(value, MAX_DEPTH):
+            raise ValueError("nested more than %d levels deep" % MAX_DEPTH)
         text = json.dumps(value, allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TypeError("%s is not JSON: it holds a lone surrogate, which is not valid Unicode text" % what)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError("%s is not JSON (%s); return dicts, lists, strings, numbers, booleans or None" % (what, exc))
     return text, json.loads(text)
 
@@ -89,6 +117,8 @@ class Context:
         self._max_output = doc.get("max_output_bytes") or 1048576
         self._emit = emit
         self._used = {}
+        self._used_keys = set()
+        self._in_step = None
         self.stop = None
         self.run_id = doc.get("run_id")
         self.workflow_id = doc.get("workflow_id")
@@ -96,16 +126,27 @@ class Context:
         self.step_key = None
         self.idempotency_key = None
 
-    def _key(self, name):
+    def _key(self, name, kind):
         if not isinstance(name, str) or not name:
-            raise TypeError("step and sleep names must be non-empty strings")
-        n = self._used.get(name, 0)
+            raise TypeError("%s names must be non-empty strings, got %r" % (kind, name))
+        if len(name) > MAX_NAME:
+            raise TypeError("%s name %r... is %d characters; the limit is %d" % (kind, name[:40], len(name), MAX_NAME))
+        if self._in_step is not None:
+            raise TypeError("%s %r was called inside step %r; steps and sleeps cannot be nested, call them from "
+                            "the workflow function" % (kind, name, self._in_step))
+        key, n = self._peek_key(name)
         self._used[name] = n + 1
-        return name if n == 0 else "%s:%d" % (name, n)
+        self._used_keys.add(key)
+        return key
 
     def _peek_key(self, name):
+        """The n-th use of a name is ``name:n``, skipping keys the workflow already used."""
         n = self._used.get(name, 0)
-        return name if n == 0 else "%s:%d" % (name, n)
+        key = name if n == 0 else "%s:%d" % (name, n)
+        while key in self._used_keys:
+            n += 1
+            key = "%s:%d" % (name, n)
+        return key, n
 
     def _halt(self, reason):
         if self.stop is None:
@@ -114,7 +155,7 @@ class Context:
 
     def step(self, name, fn, retry=None, **retry_kw):
         """Run ``fn()`` once per run and memoize its JSON result under ``name``."""
-        key = self._key(name)
+        key = self._key(name, "step")
         if key in self._done:
             return json.loads(json.dumps(self._done[key]))
         if self.stop is not None:
@@ -125,12 +166,14 @@ class Context:
         attempt = self._attempts.get(key, 0) + 1
         self._emit("step_started", step=key, attempt=attempt, retry=policy)
         self.step_key, self.idempotency_key = key, "%s:%s" % (self.run_id, key)
+        self._in_step = key
         try:
             value = fn()
         except Exception as exc:
             self._emit("step_failed", step=key, attempt=attempt, retry=policy, error=error_doc(exc))
             self._halt({"kind": "step_failed", "step": key})
         finally:
+            self._in_step = None
             self.step_key = self.idempotency_key = None
         try:
             text, out = to_json(value, "the output of step %r" % key)
@@ -149,7 +192,7 @@ class Context:
 
     def sleep_until(self, name, when):
         """Sleep durably until ``when`` (epoch seconds, or a datetime)."""
-        key = self._key(name)
+        key = self._key(name, "sleep")
         if key in self._sleeps:
             wake_at = self._sleeps[key]
         else:
@@ -161,6 +204,8 @@ class Context:
                 wake_at = int(when * 1000)
             else:
                 raise TypeError("sleep_until %r: invalid time %r" % (key, when))
+            if abs(wake_at - now_ms()) > MAX_SLEEP_MS:
+                raise TypeError("sleep_until %r: %r is more than a century away" % (key, when))
             self._emit("sleep", step=key, wake_at=wake_at)
             self._sleeps[key] = wake_at
         remaining = wake_at - now_ms()
@@ -174,7 +219,7 @@ class Context:
     def sleep(self, name, duration):
         """Sleep durably for ``duration`` (seconds, or a string like "5m")."""
         ms = duration_ms(duration, "sleep %r" % name, 1000)
-        key = self._peek_key(name)
+        key = self._peek_key(name)[0] if isinstance(name, str) else name
         if key in self._sleeps:
             return self.sleep_until(name, self._sleeps[key] / 1000.0)
         return self.sleep_until(name, (now_ms() + ms) / 1000.0)
@@ -195,8 +240,12 @@ def _policy(opts):
         if target in ("initial_ms", "max_ms"):
             policy[target] = duration_ms(v, "retry %s" % k, 1000)
         elif target == "max_attempts":
-            policy[target] = int(v)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 10000:
+                raise TypeError("retry max_attempts must be a whole number from 1 to 10000, got %r" % (v,))
+            policy[target] = v
         else:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 <= v <= 100:
+                raise TypeError("retry backoff must be a number from 1 to 100, got %r" % (v,))
             policy[target] = float(v)
     return policy
 
@@ -224,11 +273,14 @@ def _read_first_line():
 
 
 def _exit_on_eof():
-    while os.read(0, 4096):
-        pass
-    sys.stderr.write("ty-openworkflow shim: the sidecar closed the pass; stopping\n")
-    sys.stderr.flush()
-    os._exit(3)
+    try:
+        while os.read(0, 4096):
+            pass
+        # Best effort only: if the sidecar died, nobody reads stderr either.
+        sys.stderr.write("ty-openworkflow shim: the sidecar closed the pass; stopping\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(3)
 
 
 def main(argv):
@@ -253,7 +305,8 @@ def main(argv):
     def emit(type_, **data):
         ev = {"type": type_, "pass": pass_id, "at": now_ms()}
         ev.update(data)
-        events.write(json.dumps(ev, ensure_ascii=False) + "\n")
+        # A leading newline ends any partial line written to the same pipe.
+        events.write("\n" + json.dumps(ev, ensure_ascii=False) + "\n")
         events.flush()
 
     # The sidecar keeps stdin open for the whole pass: end-of-file means it is

@@ -179,7 +179,8 @@ class Misuse(TempHome):
 
     def test_bad_list_filters(self):
         self.check(["list", "runs", "-s", "done"], 2, "unknown status 'done'")
-        self.check(["list", "runs", "-n", "0"], 2, "--limit must be at least 1")
+        self.check(["list", "runs", "-n", "0"], 2, "--limit must be between 1 and 100000")
+        self.check(["list", "runs", "-n", "99999999999999999999"], 2, "--limit must be between 1 and 100000")
         self.check(["list", "things"], 2, "invalid choice: 'things'")
 
     def test_double_cancel(self):
