@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Sidecar", "Config", "Store", "Scheduler", "Adapter", "ExecAdapter",
     "OpenWorkflowError", "ConfigError", "NotFound", "InputError", "AdapterError",
-    "StoreError", "load_config", "parse_yaml", "parse_duration", "parse_event_line",
+    "StoreError", "load_config", "parse_yaml", "parse_duration", "parse_event_line", "WebhookServer",
+    "sign_callback", "verify_callback", "Bridge",
     "main",
 ]
 
@@ -32,6 +33,8 @@ import contextlib
 import datetime
 import errno
 import hashlib
+import hmac
+import http.server
 import json
 import logging
 import os
@@ -80,6 +83,7 @@ RUNTIMES = {"node": {"shim": "node_shim.js", "ext": ".js"},
 _EMBEDDED_RUNTIMES = {}
 
 log = logging.getLogger("ty_openworkflow")
+log.addHandler(logging.NullHandler())  # embedding apps configure logging; serve/tick log to stderr
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -343,6 +347,8 @@ CONFIG_SCHEMA = {
     "webhook.external_url": ("str", ""),
     "webhook.max_body_bytes": ("size", 1048576),
     "webhook.tolerance": ("duration", "5m"),
+    "webhook.read_timeout": ("duration", "10s"),
+    "webhook.max_connections": ("int", 64),
     "taskyou.cli": ("str", "ty"),
     "taskyou.project": ("str", ""),
     "taskyou.auto_create_tasks": ("bool", True),
@@ -1111,11 +1117,16 @@ class Store:
 
     # -- the webhook replay guard ---------------------------------------------------
 
-    def seen_before(self, c, digest, kind, now, keep_ms):
-        """Record ``digest``; True if it was already recorded (a replay). Old entries expire."""
+    def seen(self, c, digest, now, keep_ms):
+        """True if ``digest`` was recorded within ``keep_ms``."""
+        return c.execute("SELECT 1 FROM webhook_seen WHERE digest = ? AND at >= ?",
+                         (digest, now - keep_ms)).fetchone() is not None
+
+    def mark_seen(self, c, digests, now, keep_ms):
+        """Record applied callbacks (their signature and body digests); old entries expire."""
         c.execute("DELETE FROM webhook_seen WHERE at < ?", (now - keep_ms,))
-        return c.execute("INSERT OR IGNORE INTO webhook_seen (digest, kind, at) VALUES (?, ?, ?)",
-                         (digest, kind, now)).rowcount == 0
+        for digest, kind in digests:
+            c.execute("INSERT OR REPLACE INTO webhook_seen (digest, kind, at) VALUES (?, ?, ?)", (digest, kind, now))
 
     def cancel_run(self, run_id, now, reason="canceled by user"):
         """Cancel a run that is not terminal; returns the run as it was before."""
@@ -1206,99 +1217,102 @@ class Store:
     def apply_event(self, run_id, pass_id, ev, now, defaults):
         """Commit one pass event; returns APPLIED, IGNORED (stale pass) or ENDED (terminal)."""
         with self.transaction() as c:
-            row = c.execute("SELECT status, pass_id, step_attempts, deadline_at, pass_failures FROM runs WHERE id = ?",
-                            (run_id,)).fetchone()
-            if row is None or row[0] != "running" or row[1] != pass_id:
-                return IGNORED
-            kind = ev["type"]
-            key = ev.get("step")
-            if kind == "step_started":
-                cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()
-                if cur and cur[0] == "completed":
-                    return APPLIED
-                retry = ev.get("retry") if isinstance(ev.get("retry"), dict) else {}
-                if cur:
-                    c.execute("UPDATE steps SET status = 'running', attempts = attempts + 1, retry = ?, started_at = ?, "
-                              "error = NULL WHERE run_id = ? AND key = ?", (dumps(retry), now, run_id, key))
-                else:
-                    c.execute("INSERT INTO steps (run_id, key, kind, status, seq, retry, attempts, started_at) "
-                              "VALUES (?, ?, 'step', 'running', (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps "
-                              "WHERE run_id = ?), ?, 1, ?)", (run_id, key, run_id, dumps(retry), now))
-                self._journal(c, run_id, pass_id, kind, {"step": key, "attempt": ev.get("attempt")}, now)
-                if cur:  # a retry: these count towards the runaway cap, first attempts do not
-                    c.execute("UPDATE runs SET step_attempts = step_attempts + 1, updated_at = ? WHERE id = ?",
-                              (now, run_id))
-                    if row[2] + 1 > defaults["max_step_attempts"]:
-                        self._finish(c, run_id, pass_id, "failed", now, error={
-                            "message": "the run retried steps %d times, over limits.max_step_attempts (%d); "
-                                       "stopped as a runaway" % (row[2] + 1, defaults["max_step_attempts"]),
-                            "name": "TooManyAttempts", "stack": None})
-                        return ENDED
+            return self._apply_event(c, run_id, pass_id, ev, now, defaults)
+
+    def _apply_event(self, c, run_id, pass_id, ev, now, defaults):
+        row = c.execute("SELECT status, pass_id, step_attempts, deadline_at, pass_failures FROM runs WHERE id = ?",
+                        (run_id,)).fetchone()
+        if row is None or row[0] != "running" or row[1] != pass_id:
+            return IGNORED
+        kind = ev["type"]
+        key = ev.get("step")
+        if kind == "step_started":
+            cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()
+            if cur and cur[0] == "completed":
                 return APPLIED
-            if kind == "step_completed":
-                cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()
-                if cur and cur[0] == "completed":
-                    return APPLIED  # memoized results are never overwritten
-                output = dumps(ev.get("output"))
-                if len(output.encode("utf-8")) > defaults["max_output_bytes"]:
-                    ev = {"type": "step_failed", "step": key, "retryable": False, "error": {
-                        "message": "the output of step %r is %d bytes, over the limit of %d bytes "
-                                   "(limits.max_output_bytes)" % (key, len(output.encode("utf-8")),
-                                                                  defaults["max_output_bytes"]),
-                        "name": "OutputTooLarge", "stack": None}}
-                    kind = "step_failed"
-                else:
-                    if cur:
-                        c.execute("UPDATE steps SET status = 'completed', output = ?, error = NULL, completed_at = ? "
-                                  "WHERE run_id = ? AND key = ?", (output, now, run_id, key))
-                    else:
-                        c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, attempts, started_at, "
-                                  "completed_at) VALUES (?, ?, 'step', 'completed', (SELECT COALESCE(MAX(seq), 0) + 1 "
-                                  "FROM steps WHERE run_id = ?), ?, 1, ?, ?)", (run_id, key, run_id, output, now, now))
-                    self._journal(c, run_id, pass_id, kind, {"step": key, "output": ev.get("output")}, now)
-                    return APPLIED
-            if kind == "step_failed":
-                error = _clean_error(ev.get("error"))
-                retryable = 0 if ev.get("retryable") is False else 1
-                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, attempts, started_at) "
-                          "SELECT ?, ?, 'step', 'running', (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE run_id = ?), "
-                          "1, ? WHERE NOT EXISTS (SELECT 1 FROM steps WHERE run_id = ? AND key = ?)",
-                          (run_id, key, run_id, now, run_id, key))
-                c.execute("UPDATE steps SET status = 'failed', error = ?, retryable = ? WHERE run_id = ? AND key = ? "
-                          "AND status != 'completed'", (dumps(error), retryable, run_id, key))
-                self._journal(c, run_id, pass_id, "step_failed", {"step": key, "error": error}, now)
-                return APPLIED
-            if kind == "sleep":
-                wake_at = ev.get("wake_at")
-                c.execute("INSERT OR IGNORE INTO steps (run_id, key, kind, status, seq, wake_at, started_at) VALUES "
-                          "(?, ?, 'sleep', 'sleeping', (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE run_id = ?), "
-                          "?, ?)", (run_id, key, run_id, wake_at, now))
-                self._journal(c, run_id, pass_id, kind, {"step": key, "wake_at": wake_at}, now)
-                return APPLIED
-            if kind == "completed":
-                output = ev.get("output")
-                size = len(dumps(output).encode("utf-8"))
-                if size > defaults["max_output_bytes"]:
+            retry = ev.get("retry") if isinstance(ev.get("retry"), dict) else {}
+            if cur:
+                c.execute("UPDATE steps SET status = 'running', attempts = attempts + 1, retry = ?, started_at = ?, "
+                          "error = NULL WHERE run_id = ? AND key = ?", (dumps(retry), now, run_id, key))
+            else:
+                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, retry, attempts, started_at) "
+                          "VALUES (?, ?, 'step', 'running', (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps "
+                          "WHERE run_id = ?), ?, 1, ?)", (run_id, key, run_id, dumps(retry), now))
+            self._journal(c, run_id, pass_id, kind, {"step": key, "attempt": ev.get("attempt")}, now)
+            if cur:  # a retry: these count towards the runaway cap, first attempts do not
+                c.execute("UPDATE runs SET step_attempts = step_attempts + 1, updated_at = ? WHERE id = ?",
+                          (now, run_id))
+                if row[2] + 1 > defaults["max_step_attempts"]:
                     self._finish(c, run_id, pass_id, "failed", now, error={
-                        "message": "the workflow's return value is %d bytes, over the limit of %d bytes "
-                                   "(limits.max_output_bytes)" % (size, defaults["max_output_bytes"]),
-                        "name": "OutputTooLarge", "stack": None})
-                else:
-                    self._finish(c, run_id, pass_id, "completed", now, output=output)
-                return ENDED
-            if kind == "suspended":
-                wake_at = int(ev.get("wake_at") or now)
-                due = wake_at if row[3] is None else min(wake_at, row[3])
-                c.execute("UPDATE runs SET status = 'sleeping', wake_at = ?, available_at = ?, pass_id = NULL, "
-                          "lease_owner = NULL, lease_expires_at = NULL, pass_failures = 0, updated_at = ? WHERE id = ?",
-                          (wake_at, due, now, run_id))
-                self._journal(c, run_id, pass_id, "suspended", {"wake_at": wake_at}, now)
-                return ENDED
-            if kind == "failed":
-                self._fail_pass(c, run_id, pass_id, now, defaults, key, _clean_error(ev.get("error")),
-                                retryable=ev.get("retryable") is not False, workflow_error=not key)
-                return ENDED
+                        "message": "the run retried steps %d times, over limits.max_step_attempts (%d); "
+                                   "stopped as a runaway" % (row[2] + 1, defaults["max_step_attempts"]),
+                        "name": "TooManyAttempts", "stack": None})
+                    return ENDED
             return APPLIED
+        if kind == "step_completed":
+            cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()
+            if cur and cur[0] == "completed":
+                return APPLIED  # memoized results are never overwritten
+            output = dumps(ev.get("output"))
+            if len(output.encode("utf-8")) > defaults["max_output_bytes"]:
+                ev = {"type": "step_failed", "step": key, "retryable": False, "error": {
+                    "message": "the output of step %r is %d bytes, over the limit of %d bytes "
+                               "(limits.max_output_bytes)" % (key, len(output.encode("utf-8")),
+                                                              defaults["max_output_bytes"]),
+                    "name": "OutputTooLarge", "stack": None}}
+                kind = "step_failed"
+            else:
+                if cur:
+                    c.execute("UPDATE steps SET status = 'completed', output = ?, error = NULL, completed_at = ? "
+                              "WHERE run_id = ? AND key = ?", (output, now, run_id, key))
+                else:
+                    c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, attempts, started_at, "
+                              "completed_at) VALUES (?, ?, 'step', 'completed', (SELECT COALESCE(MAX(seq), 0) + 1 "
+                              "FROM steps WHERE run_id = ?), ?, 1, ?, ?)", (run_id, key, run_id, output, now, now))
+                self._journal(c, run_id, pass_id, kind, {"step": key, "output": ev.get("output")}, now)
+                return APPLIED
+        if kind == "step_failed":
+            error = _clean_error(ev.get("error"))
+            retryable = 0 if ev.get("retryable") is False else 1
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, attempts, started_at) "
+                      "SELECT ?, ?, 'step', 'running', (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE run_id = ?), "
+                      "1, ? WHERE NOT EXISTS (SELECT 1 FROM steps WHERE run_id = ? AND key = ?)",
+                      (run_id, key, run_id, now, run_id, key))
+            c.execute("UPDATE steps SET status = 'failed', error = ?, retryable = ? WHERE run_id = ? AND key = ? "
+                      "AND status != 'completed'", (dumps(error), retryable, run_id, key))
+            self._journal(c, run_id, pass_id, "step_failed", {"step": key, "error": error}, now)
+            return APPLIED
+        if kind == "sleep":
+            wake_at = ev.get("wake_at")
+            c.execute("INSERT OR IGNORE INTO steps (run_id, key, kind, status, seq, wake_at, started_at) VALUES "
+                      "(?, ?, 'sleep', 'sleeping', (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE run_id = ?), "
+                      "?, ?)", (run_id, key, run_id, wake_at, now))
+            self._journal(c, run_id, pass_id, kind, {"step": key, "wake_at": wake_at}, now)
+            return APPLIED
+        if kind == "completed":
+            output = ev.get("output")
+            size = len(dumps(output).encode("utf-8"))
+            if size > defaults["max_output_bytes"]:
+                self._finish(c, run_id, pass_id, "failed", now, error={
+                    "message": "the workflow's return value is %d bytes, over the limit of %d bytes "
+                               "(limits.max_output_bytes)" % (size, defaults["max_output_bytes"]),
+                    "name": "OutputTooLarge", "stack": None})
+            else:
+                self._finish(c, run_id, pass_id, "completed", now, output=output)
+            return ENDED
+        if kind == "suspended":
+            wake_at = int(ev.get("wake_at") or now)
+            due = wake_at if row[3] is None else min(wake_at, row[3])
+            c.execute("UPDATE runs SET status = 'sleeping', wake_at = ?, available_at = ?, pass_id = NULL, "
+                      "lease_owner = NULL, lease_expires_at = NULL, pass_failures = 0, updated_at = ? WHERE id = ?",
+                      (wake_at, due, now, run_id))
+            self._journal(c, run_id, pass_id, "suspended", {"wake_at": wake_at}, now)
+            return ENDED
+        if kind == "failed":
+            self._fail_pass(c, run_id, pass_id, now, defaults, key, _clean_error(ev.get("error")),
+                            retryable=ev.get("retryable") is not False, workflow_error=not key)
+            return ENDED
+        return APPLIED
 
     def end_pass_without_result(self, run_id, pass_id, now, defaults, message):
         """The pass stopped with no terminal event (crash, kill, timeout): a failed attempt."""
@@ -2119,6 +2133,295 @@ class Scheduler:
 
 
 # ---------------------------------------------------------------------------
+# Webhook: signed callbacks from remote compute (off by default, localhost)
+# ---------------------------------------------------------------------------
+
+SIGNATURE_HEADER = "X-Openworkflow-Signature"
+TIMESTAMP_HEADER = "X-Openworkflow-Timestamp"
+WEBHOOK_SECRET_FILE = "webhook.secret"
+# Replay-guard entries are kept this long; older callbacks fail the timestamp check anyway.
+WEBHOOK_SEEN_KEEP_MS = 24 * 3600 * 1000
+
+
+class WebhookReject(Exception):
+    """A callback refused with an HTTP status and a message for the caller."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def webhook_secret(data_dir, create=False):
+    """The per-install signing secret (file mode 0600); created on demand when ``create``."""
+    path = os.path.join(data_dir, WEBHOOK_SECRET_FILE)
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+        if secret:
+            return secret
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError("cannot read the webhook secret %s: %s" % (path, exc.strerror or exc))
+    if not create:
+        raise ConfigError("no webhook secret at %s; run `ty-openworkflow init` (it creates one)" % path)
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    secret = secrets.token_hex(32).encode("ascii")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret + b"\n")
+    return secret
+
+
+def sign_callback(secret, body, timestamp=None):
+    """Headers that sign ``body``: HMAC-SHA256 over ``"<timestamp>." + body``."""
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    ts = int(time.time() if timestamp is None else timestamp)
+    mac = hmac.new(secret, b"%d." % ts + body, hashlib.sha256).hexdigest()
+    return {TIMESTAMP_HEADER: str(ts), SIGNATURE_HEADER: "v1=" + mac}
+
+
+def verify_callback(secret, headers, body, now_s, tolerance_s):
+    """Check a callback's signature and freshness; returns the signature, raises WebhookReject."""
+    ts_text, sig = headers.get(TIMESTAMP_HEADER), headers.get(SIGNATURE_HEADER)
+    if not ts_text or not sig:
+        raise WebhookReject(401, "unsigned: send %s and %s (see `ty-openworkflow sign`)"
+                            % (TIMESTAMP_HEADER, SIGNATURE_HEADER))
+    if not re.fullmatch(r"\d{1,12}", ts_text.strip()):
+        raise WebhookReject(401, "bad %s: expected unix seconds" % TIMESTAMP_HEADER)
+    ts = int(ts_text.strip())
+    if abs(now_s - ts) > tolerance_s:
+        raise WebhookReject(401, "stale timestamp: %ds from now, over the %ds tolerance" % (ts - now_s, tolerance_s))
+    expected = sign_callback(secret, body, ts)[SIGNATURE_HEADER]
+    if not hmac.compare_digest(expected.encode("ascii"), sig.strip().encode("ascii", "replace")):
+        raise WebhookReject(401, "bad signature")
+    return sig.strip()
+
+
+def parse_callback(body):
+    """Validate a callback body; returns ("events", run, pass, events) or ("completion", run, status, doc)."""
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise WebhookReject(400, "the body is not JSON")
+    if not isinstance(doc, dict):
+        raise WebhookReject(422, "the body must be a JSON object")
+    run_id = doc.get("runId")
+    if not isinstance(run_id, str) or not run_id or len(run_id) > 100:
+        raise WebhookReject(422, "runId must be a run id string")
+    if "events" in doc:
+        pass_id, events = doc.get("passId"), doc.get("events")
+        if not isinstance(pass_id, str) or not pass_id:
+            raise WebhookReject(422, "passId must be a string")
+        if not isinstance(events, list) or not events or len(events) > 1000:
+            raise WebhookReject(422, "events must be a list of 1 to 1000 pass events")
+        checked = []
+        for i, ev in enumerate(events):
+            if not isinstance(ev, dict):
+                raise WebhookReject(422, "events[%d] is not an object" % i)
+            ev = dict(ev, **{"pass": pass_id})
+            try:
+                ok = parse_event_line(json.dumps(ev), pass_id)
+            except (TypeError, ValueError):
+                ok = None
+            if ok is None:
+                raise WebhookReject(422, "events[%d] is not a pass event (type one of %s, with step / wake_at "
+                                         "as its type needs)" % (i, ", ".join(sorted(EVENT_TYPES))))
+            checked.append(ok)
+        return "events", run_id, pass_id, checked
+    status = doc.get("status")
+    if status not in ("completed", "failed"):
+        raise WebhookReject(422, "status must be completed or failed (or send passId and events)")
+    if status == "failed" and doc.get("error") is None:
+        raise WebhookReject(422, "a failed callback needs an error")
+    return "completion", run_id, status, doc
+
+
+class WebhookServer:
+    """Serves POST <webhook.path> (signed callbacks) and GET /healthz, on its own threads."""
+
+    def __init__(self, sidecar, host=None, port=None):
+        self.sidecar = sidecar
+        cfg = sidecar.config
+        self.host = host if host is not None else cfg["webhook.host"]
+        self.port = cfg["webhook.port"] if port is None else port
+        self.path = cfg["webhook.path"]
+        self.secret = webhook_secret(cfg.data_dir, create=True)
+        self.max_body = cfg["webhook.max_body_bytes"]
+        self.tolerance_s = cfg["webhook.tolerance"] // 1000
+        self.slots = threading.BoundedSemaphore(cfg["webhook.max_connections"])
+        self.httpd = None
+        self.thread = None
+
+    def start(self):
+        server = self
+
+        class Handler(_WebhookHandler):
+            webhook = server
+            timeout = self.sidecar.config["webhook.read_timeout"] / 1000.0
+
+        class HTTPServer(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+            def process_request(self, request, client_address):
+                if not server.slots.acquire(blocking=False):
+                    with contextlib.suppress(OSError):
+                        request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                        b"Connection: close\r\n\r\n")
+                    self.shutdown_request(request)
+                    return
+                super().process_request(request, client_address)
+
+            def process_request_thread(self, request, client_address):
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    server.slots.release()
+
+        try:
+            self.httpd = HTTPServer((self.host, self.port), Handler)
+        except OSError as exc:
+            raise ConfigError("cannot listen on %s:%s for the webhook (%s); change webhook.host / webhook.port"
+                              % (self.host, self.port, exc.strerror or exc))
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="tyow-webhook", daemon=True)
+        self.thread.start()
+        log.info("webhook listening on http://%s:%d%s", self.host, self.port, self.path)
+        return self
+
+    def stop(self):
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+
+    def apply(self, headers, body):
+        """Verify and apply one callback; returns the JSON reply, raises WebhookReject."""
+        sc = self.sidecar
+        now = sc.clock()
+        signature = verify_callback(self.secret, headers, body, now // 1000, self.tolerance_s)
+        kind, run_id, second, payload = parse_callback(body)
+        store = sc.store
+        sig_digest, body_digest = "sig:" + sha256_hex(signature), "body:" + sha256_hex(body)
+        with store.transaction() as c:
+            if store.seen(c, sig_digest, now, WEBHOOK_SEEN_KEEP_MS):
+                raise WebhookReject(409, "replayed: this signature was already used")
+            row = c.execute("SELECT status, pass_id FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise WebhookReject(404, "no run %r" % run_id)
+            if store.seen(c, body_digest, now, WEBHOOK_SEEN_KEEP_MS):
+                return {"ok": True, "duplicate": True, "applied": 0}
+            if row[0] in TERMINAL:
+                log.info("webhook: ignored a callback for run %s, which is %s", run_id, row[0])
+                return {"ok": True, "ignored": "run is %s" % row[0], "applied": 0}
+            if kind == "completion":
+                status, doc = second, payload
+                if status == "completed":
+                    try:
+                        size = len(dumps(doc.get("output")).encode("utf-8"))
+                    except (ValueError, TypeError, UnicodeError):
+                        raise WebhookReject(422, "output is not JSON text")
+                    if size > sc.config["limits.max_output_bytes"]:
+                        raise WebhookReject(422, "output is %d bytes, over limits.max_output_bytes" % size)
+                    store._finish(c, run_id, row[1], "completed", now, output=doc.get("output"))
+                else:
+                    err = doc.get("error")
+                    store._finish(c, run_id, row[1], "failed", now,
+                                  error=_clean_error(err if isinstance(err, dict) else {"message": str(err)}))
+                applied = 1
+            else:
+                applied = ignored = 0
+                for ev in payload:
+                    outcome = store._apply_event(c, run_id, second, ev, now, sc.defaults())
+                    if outcome == IGNORED:
+                        ignored += 1
+                    else:
+                        applied += 1
+                    if outcome == ENDED:
+                        break
+                if ignored and not applied:
+                    log.info("webhook: ignored events for run %s: pass %s is not its current pass", run_id, second)
+                    return {"ok": True, "ignored": "pass %s is not the run's current pass" % second, "applied": 0}
+            store.mark_seen(c, [(sig_digest, "signature"), (body_digest, "body")], now, WEBHOOK_SEEN_KEEP_MS)
+        sc.poke_schedulers()
+        return {"ok": True, "applied": applied}
+
+
+class _WebhookHandler(http.server.BaseHTTPRequestHandler):
+    webhook = None
+    server_version = "ty-openworkflow/" + __version__
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):
+        log.debug("webhook %s %s", self.address_string(), fmt % args)
+
+    def _reply(self, status, doc):
+        body = (json.dumps(doc) + "\n").encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if status >= 400:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(body)
+
+    def _reject(self, status, message):
+        self._reply(status, {"ok": False, "error": message})
+
+    def do_GET(self):
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":
+            try:
+                self.webhook.sidecar.store.query_one("SELECT 1 AS ok")
+            except Exception:
+                return self._reply(503, {"ok": False, "store": "unreachable"})
+            return self._reply(200, {"ok": True, "store": "ok", "version": __version__})
+        if path == self.webhook.path:
+            return self._reject(405, "use POST for callbacks")
+        return self._reject(404, "no such path; callbacks go to %s" % self.webhook.path)
+
+    def do_POST(self):
+        try:
+            if self.path.split("?", 1)[0] != self.webhook.path:
+                return self._reject(404, "no such path; callbacks go to %s" % self.webhook.path)
+            length = self.headers.get("Content-Length")
+            if length is None:
+                return self._reject(411, "Content-Length is required")
+            if not re.fullmatch(r"\d{1,12}", length.strip()):
+                return self._reject(400, "bad Content-Length")
+            length = int(length)
+            if length > self.webhook.max_body:
+                return self._reject(413, "body over %d bytes" % self.webhook.max_body)
+            try:
+                body = self.rfile.read(length)
+            except (socket.timeout, TimeoutError):
+                return self._reject(408, "the body did not arrive in time")
+            if len(body) != length:
+                return self._reject(400, "the body is shorter than Content-Length")
+            reply = self.webhook.apply(self.headers, body)
+            return self._reply(200, reply)
+        except WebhookReject as exc:
+            return self._reject(exc.status, exc.message)
+        except Exception:
+            log.exception("webhook: unexpected error")
+            return self._reject(500, "internal error")
+
+    def _not_allowed(self):
+        self._reject(405, "use POST %s or GET /healthz" % self.webhook.path)
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+
+# ---------------------------------------------------------------------------
 # Bridge: TaskYou tasks kept in step with runs, through `ty` and a durable outbox
 # ---------------------------------------------------------------------------
 
@@ -2543,11 +2846,20 @@ class Sidecar:
         return self.scheduler("tick", concurrency).loop()
 
     def serve(self, stop_event=None, concurrency=None):
-        """Drive runs until ``stop_event`` is set (or SIGTERM/SIGINT in the CLI)."""
+        """Drive runs (and the webhook, if enabled) until ``stop_event`` is set."""
         sched = self.scheduler("serve", concurrency)
         if stop_event is not None:
             threading.Thread(target=lambda: (stop_event.wait(), sched.stop()), daemon=True).start()
-        return sched.loop(), sched
+        hook = WebhookServer(self).start() if self.config["webhook.enabled"] else None
+        try:
+            return sched.loop()
+        finally:
+            if hook is not None:
+                hook.stop()
+
+    def webhook(self, host=None, port=None):
+        """A WebhookServer for this sidecar (call .start() / .stop())."""
+        return WebhookServer(self, host, port)
 
 
 # ---------------------------------------------------------------------------
@@ -2624,6 +2936,7 @@ def cmd_init(api, args):
         sc.store  # creates the data dir and the database
         for key in ("adapters.exec.work_dir",):
             os.makedirs(cfg[key], exist_ok=True)
+        webhook_secret(cfg.data_dir, create=True)
     finally:
         sc.close()
     print("wrote %s" % path)
@@ -2873,8 +3186,36 @@ def cmd_serve(api, args):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("serving %s (scheduler %s, concurrency %d)", api.config.data_dir, sched.id, sched.concurrency)
-    sched.loop()
+    hook = WebhookServer(api).start() if api.config["webhook.enabled"] else None
+    try:
+        find_ty(api.config)
+    except TaskYouError as exc:
+        log.warning("taskyou: %s", exc)
+    try:
+        sched.loop()
+    finally:
+        if hook is not None:
+            hook.stop()
     log.info("stopped")
+    return 0
+
+
+def cmd_sign(api, args):
+    """Print the headers that sign a callback body (for curl, tests, remote workers)."""
+    if args.file and args.file != "-":
+        try:
+            with open(args.file, "rb") as f:
+                body = f.read()
+        except OSError as exc:
+            raise InputError("cannot read %s: %s" % (args.file, exc.strerror or exc))
+    else:
+        body = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    headers = sign_callback(webhook_secret(api.config.data_dir), body, args.timestamp)
+    if args.json:
+        _print_json(headers)
+    else:
+        for k, v in headers.items():
+            print("%s: %s" % (k, v))
     return 0
 
 
@@ -2971,6 +3312,11 @@ def build_parser():
     sp = cmd("serve", cmd_serve, "run the scheduler until SIGTERM/SIGINT")
     sp.add_argument("--concurrency", type=int, help="max passes at once (default: concurrency)")
     sp.add_argument("-v", "--verbose", action="store_true")
+
+    sp = cmd("sign", cmd_sign, "print the headers that sign a webhook callback body")
+    sp.add_argument("-f", "--file", help="body file, or - for stdin (default stdin)")
+    sp.add_argument("--timestamp", type=int, help="unix seconds to sign with (default now)")
+    sp.add_argument("--json", action="store_true", help="output as JSON")
 
     sp = sub.add_parser("runner", help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_runner)
