@@ -1,7 +1,7 @@
 # ty-openworkflow: `make demo` runs the Quick Start end to end, `make test` runs the suite.
 PYTHON ?= python3
 
-.PHONY: test demo dist bench lint clean
+.PHONY: test demo dist bench lint clean docker-up docker-down
 
 test:
 	$(PYTHON) -m tests
@@ -15,6 +15,14 @@ dist:
 
 bench:
 	$(PYTHON) tests/bench.py
+
+# A real Docker engine for the docker tests (root; installs Debian's docker.io if
+# needed, builds an offline runtime image). `make test` finds it by itself.
+docker-up:
+	bash .ci/docker-engine.sh up
+
+docker-down:
+	bash .ci/docker-engine.sh down
 
 lint:
 	$(PYTHON) -m py_compile ty_openworkflow.py runtimes/python_shim.py

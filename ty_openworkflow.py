@@ -335,6 +335,7 @@ CONFIG_SCHEMA = {
     "adapters.docker.read_only": ("bool", True),
     "adapters.docker.timeout": ("duration", "15m"),
     "adapters.docker.env": ("map", {}),
+    "adapters.docker.volumes": ("map", {}),
     "adapters.cloudflare.enabled": ("bool", False),
     "adapters.cloudflare.account_id": ("str", ""),
     "adapters.cloudflare.api_token_cmd": ("str", ""),
@@ -650,6 +651,9 @@ def load_config(path=None, text=None, must_exist=False):
         raise ConfigError("%s: concurrency must be at least 1" % path)
     if values["lease_ttl"] < 2000:
         raise ConfigError("%s: lease_ttl must be at least 2s" % path)
+    if values["adapters.docker.pull"] not in ("never", "missing", "always"):
+        raise ConfigError("%s:%s: adapters.docker.pull must be never, missing or always"
+                          % (path, key_lines.get("adapters.docker.pull", "?")))
     if values["poll_interval"] < 1000:
         raise ConfigError("%s: poll_interval must be at least 1s" % path)
     return Config(values, path, exists)
@@ -1562,11 +1566,12 @@ class Execution:
 class ProcessExecution(Execution):
     """A pass running as a child process fed by stdin, reporting on stdout."""
 
-    def __init__(self, argv, stdin_bytes, env=None, cwd=None, timeout_ms=None, on_cancel=None):
+    def __init__(self, argv, stdin_bytes, env=None, cwd=None, timeout_ms=None, on_cancel=None, on_unclean_end=None):
         self.argv = argv
         self.canceled = False
         self.timed_out = False
         self._on_cancel = on_cancel
+        self._on_unclean_end = on_unclean_end
         self._log = bytearray()
         self._log_truncated = 0
         self._timeout_ms = timeout_ms
@@ -1641,6 +1646,9 @@ class ProcessExecution(Execution):
         if self._timer:
             self._timer.cancel()
         self._close_stdin()
+        if (code != 0 or self.canceled or self.timed_out) and self._on_unclean_end:
+            with contextlib.suppress(Exception):
+                self._on_unclean_end()
         self._err_thread.join(2)
         for stream in (self.proc.stdout, self.proc.stderr):
             with contextlib.suppress(Exception):
@@ -1689,7 +1697,7 @@ class Adapter:
         """Start one pass; returns an Execution."""
         raise NotImplementedError
 
-    def cleanup(self):
+    def cleanup(self, store=None):
         """Remove what the adapter left behind (orphan containers, old files)."""
 
 
@@ -1781,7 +1789,7 @@ class ExecAdapter(Adapter):
         return ProcessExecution(argv, (dumps(spec.doc) + "\n").encode("utf-8"), env=self.env(spec),
                                 cwd=self.work_dir, timeout_ms=self.config["adapters.exec.timeout"])
 
-    def cleanup(self):
+    def cleanup(self, store=None):
         """Drop cached code files older than a week (they are re-written on demand)."""
         cutoff = time.time() - 7 * 86400
         folder = os.path.join(self.work_dir, "code")
@@ -1805,9 +1813,166 @@ class UnavailableAdapter(Adapter):
         self.check(spec.runtime)
 
 
-class DockerAdapter(UnavailableAdapter):
+class DockerAdapter(Adapter):
+    """Each pass is `docker run --rm -i` of the runtime image, shim and code mounted read-only."""
+
     name = "docker"
-    reason = "the docker adapter is not available in this version yet; use -a exec"
+    LABEL = "ty-openworkflow"
+    CHECK_CACHE_S = 60
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._checked = {}
+
+    def cfg(self, key):
+        return self.config["adapters.docker." + key]
+
+    @property
+    def work_dir(self):
+        return self.cfg("work_dir")
+
+    @property
+    def install_id(self):
+        """Labels containers with the data dir they belong to, so installs never touch each other's."""
+        return sha256_hex(self.config.data_dir)[:12]
+
+    def image(self, runtime):
+        return self.cfg("node_image" if runtime == "node" else "python_image")
+
+    def docker(self, args, timeout_s=30):
+        """Run a short docker CLI command; returns (rc, stdout, stderr)."""
+        binary = _which(self.cfg("docker"))
+        if not binary:
+            raise AdapterError("%s not found on PATH; install Docker (e.g. apt-get install docker.io) or set "
+                               "adapters.docker.docker" % self.cfg("docker"))
+        return run_command([binary] + list(args), timeout_s=timeout_s)
+
+    def check(self, runtime=None):
+        super().check(runtime)
+        key = runtime or "*"
+        if time.time() - self._checked.get(key, 0) < self.CHECK_CACHE_S:
+            return
+        rc, out, err = self.docker(["version", "--format", "{{.Server.Version}}"], timeout_s=15)
+        if rc != 0 or not out.strip():
+            detail = (err.strip().splitlines() or ["no answer"])[-1][:200]
+            raise AdapterError("the docker engine is not reachable (%s); start it (e.g. `systemctl start docker`) "
+                               "or point DOCKER_HOST at it" % detail)
+        if self.cfg("pull") == "never":
+            for rt in ([runtime] if runtime else list(RUNTIMES)):
+                image = self.image(rt)
+                rc, _, _ = self.docker(["image", "inspect", "--format", "{{.Id}}", image], timeout_s=15)
+                if rc != 0:
+                    raise AdapterError("docker image %s (for %s workflows) is not present; run `docker pull %s`, set "
+                                       "adapters.docker.%s_image, or set adapters.docker.pull: missing"
+                                       % (image, rt, image, "node" if rt == "node" else "python"))
+        for rt in ([runtime] if runtime else list(RUNTIMES)):
+            runtime_source(rt)
+        self._checked[key] = time.time()
+
+    def validate(self, runtime, code):
+        if runtime == "python":
+            validate_code(runtime, code, self.config)
+            return
+        if _which(self.config["adapters.exec.node"]):
+            validate_code(runtime, code, self.config)
+            return
+        # No node on this host: check the syntax inside the image instead.
+        validate_code_in_docker(self, code)
+
+    def _mount(self, sub, filename, text):
+        path = materialize(os.path.join(self.work_dir, sub), filename, text)
+        os.chmod(os.path.dirname(path), 0o755)  # the container user (not root) must read it
+        return path
+
+    def run_argv(self, spec, name):
+        rt = spec.runtime
+        shim = self._mount("runtimes", RUNTIMES[rt]["shim"], runtime_source(rt))
+        code = self._mount("code", "workflow" + RUNTIMES[rt]["ext"], spec.version["code"])
+        inside_shim = "/ow/" + RUNTIMES[rt]["shim"]
+        inside_code = "/ow/workflow" + RUNTIMES[rt]["ext"]
+        argv = [_which(self.cfg("docker")), "run", "--rm", "-i", "--name", name,
+                "--label", "%s=1" % self.LABEL,
+                "--label", "%s.install=%s" % (self.LABEL, self.install_id),
+                "--label", "%s.run=%s" % (self.LABEL, spec.run_id),
+                "--label", "%s.pass=%s" % (self.LABEL, spec.pass_id),
+                "--pull", self.cfg("pull"),
+                "--network", self.cfg("network") or "none",
+                "--init",
+                "-v", "%s:%s:ro" % (shim, inside_shim), "-v", "%s:%s:ro" % (code, inside_code),
+                "-w", "/tmp", "-e", "HOME=/tmp", "-e", "TY_OPENWORKFLOW_RUN_ID=%s" % spec.run_id,
+                "-e", "PYTHONDONTWRITEBYTECODE=1", "-e", "PYTHONUNBUFFERED=1"]
+        for k, v in sorted(self.cfg("env").items()):
+            argv += ["-e", "%s=%s" % (k, v)]
+        for host, inside in sorted(self.cfg("volumes").items()):
+            argv += ["-v", "%s:%s" % (os.path.expanduser(host), inside)]
+        if self.cfg("memory"):
+            argv += ["--memory", self.cfg("memory")]
+        if self.cfg("cpus"):
+            argv += ["--cpus", self.cfg("cpus")]
+        if self.cfg("pids_limit"):
+            argv += ["--pids-limit", str(self.cfg("pids_limit"))]
+        if self.cfg("user"):
+            argv += ["--user", self.cfg("user")]
+        if self.cfg("read_only"):
+            argv += ["--read-only", "--tmpfs", "/tmp:rw,size=64m"]
+        binary = "node" if rt == "node" else "python3"
+        return argv + [self.image(rt), binary, inside_shim, inside_code]
+
+    def container_name(self, spec):
+        return "tyow-%s" % spec.pass_id.replace("_", "-")
+
+    def launch(self, spec):
+        self.check(spec.runtime)
+        name = self.container_name(spec)
+        argv = self.run_argv(spec, name)
+
+        def kill_container():
+            # Killing the client is not enough: the container would run on without it.
+            self.docker(["rm", "-f", name], timeout_s=20)
+
+        return ProcessExecution(argv, (dumps(spec.doc) + "\n").encode("utf-8"), cwd=None,
+                                timeout_ms=self.cfg("timeout"), on_cancel=kill_container,
+                                on_unclean_end=kill_container)
+
+    def containers(self):
+        """Our containers: (name, run id, pass id) for each, running or not."""
+        rc, out, err = self.docker(["ps", "-a", "--filter", "label=%s.install=%s" % (self.LABEL, self.install_id),
+                                    "--format", '{{.Names}}\t{{.Label "%s.run"}}\t{{.Label "%s.pass"}}'
+                                    % (self.LABEL, self.LABEL)], timeout_s=30)
+        if rc != 0:
+            raise AdapterError("docker ps failed: %s" % (err.strip().splitlines() or ["?"])[-1])
+        return [tuple(line.split("\t")) for line in out.splitlines() if line.count("\t") == 2]
+
+    def cleanup(self, store=None):
+        """Remove our containers whose pass is no longer running (a killed client leaves them behind)."""
+        removed = []
+        if store is None:
+            return removed
+        for name, run_id, pass_id in self.containers():
+            if not store.pass_is_current(run_id, pass_id):
+                self.docker(["rm", "-f", name], timeout_s=20)
+                removed.append(name)
+        if removed:
+            log.info("docker: removed %d orphaned container(s): %s", len(removed), ", ".join(removed))
+        return removed
+
+
+def validate_code_in_docker(adapter, code):
+    """`node --check` inside the node image, for hosts without node."""
+    with tempfile.TemporaryDirectory(prefix="tyow-check-") as tmp:
+        path = os.path.join(tmp, "workflow.js")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(code)
+        os.chmod(tmp, 0o755)
+        os.chmod(path, 0o644)
+        rc, out, err = adapter.docker(["run", "--rm", "--network", "none", "--pull", adapter.cfg("pull"),
+                                       "-v", "%s:/ow/workflow.js:ro" % path, adapter.image("node"),
+                                       "node", "--check", "/ow/workflow.js"], timeout_s=60)
+    if rc != 0:
+        m = re.search(r"workflow\.js:(\d+)", err)
+        detail = [ln for ln in err.splitlines() if re.match(r"^\w*Error", ln)]
+        raise InputError("syntax error in the workflow code%s: %s" % (
+            " at line %s" % m.group(1) if m else "", detail[0] if detail else err.strip()[-300:]))
 
 
 class CloudflareAdapter(UnavailableAdapter):
@@ -1978,7 +2143,7 @@ class Scheduler:
             impl = self.sidecar.adapter(name)
             if impl.enabled:
                 try:
-                    impl.cleanup()
+                    impl.cleanup(self.store)
                 except Exception as exc:  # housekeeping must never stop the scheduler
                     log.warning("%s clean-up failed: %s", name, exc)
 
@@ -2616,6 +2781,8 @@ class Sidecar:
         self.clock = clock or now_ms
         self._store = None
         self._bridge = None
+        self._adapters = {}
+        self._lock = threading.Lock()
 
     @property
     def store(self):
@@ -2642,7 +2809,10 @@ class Sidecar:
     def adapter(self, name):
         if name not in ADAPTERS:
             raise InputError("unknown adapter %r; choose one of %s" % (name, ", ".join(ADAPTER_NAMES)))
-        return ADAPTERS[name](self.config)
+        with self._lock:
+            if name not in self._adapters:
+                self._adapters[name] = ADAPTERS[name](self.config)
+            return self._adapters[name]
 
     def defaults(self):
         return {"retry": self.config.retry_policy(), "max_output_bytes": self.config["limits.max_output_bytes"],

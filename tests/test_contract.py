@@ -20,7 +20,11 @@ class AdapterContract:
         return sc.deploy(workflow_id or name, code or table[name], adapter=self.adapter, runtime=self.runtime)
 
     def counter(self):
-        return os.path.join(self.tmp, "counter-%d.txt" % id(self))
+        return os.path.join(self.shared_dir(), "counter-%d.txt" % id(self))
+
+    def shared_dir(self):
+        """Where step side effects are written (docker mounts it into the containers)."""
+        return self.tmp
 
     def start(self, sc, wf, input=None):
         return sc.start(wf, input if input is not None else {"counter": self.counter()}, drive=False)["id"]
@@ -28,8 +32,15 @@ class AdapterContract:
     def steps(self, st):
         return [(s["name"], s["kind"], s["status"]) for s in st["steps"]]
 
+    killed_text = "killed by signal 9"
+
     def shim_processes(self):
+        """What runs passes right now (pids for exec, containers for docker)."""
         return processes_mentioning(os.path.join(self.data_dir, "exec", "code"))
+
+    def kill_shims(self):
+        for pid in self.shim_processes():
+            os.kill(pid, 9)
 
     # -- the happy path and durable sleep ------------------------------------
 
@@ -162,14 +173,13 @@ class AdapterContract:
         ticker = threading.Thread(target=sc.tick)
         ticker.start()
         wait_for(lambda: "slow" in read_counter(self.counter()), what="step slow to start")
-        pids = wait_for(self.shim_processes, what="the shim process")
-        for pid in pids:
-            os.kill(pid, 9)
+        wait_for(self.shim_processes, what="the shim process")
+        self.kill_shims()
         ticker.join(30)
         self.assertFalse(ticker.is_alive())
         st = sc.status(run_id)
         self.assertEqual(st["status"], "pending", st)
-        self.assertIn("killed by signal 9", st["steps"][1]["error"]["message"])
+        self.assertIn(self.killed_text, st["steps"][1]["error"]["message"])
         st = self.drive(sc, run_id)
         self.assertEqual((st["status"], st["output"]), ("completed", 2))
         self.assertEqual(read_counter(self.counter()), ["first", "slow", "slow", "last"])
@@ -243,7 +253,7 @@ async function workflow(input, { step, sleep }) {
   return a + b;
 }
 """
-        sc.deploy("par", code)
+        sc.deploy("par", code, adapter=self.adapter)
         run_id = self.start(sc, "par", {})
         sc.tick()
         st = sc.status(run_id)

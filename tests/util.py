@@ -48,7 +48,7 @@ adapters:
     enabled: true
     work_dir: {data_dir}/exec
     timeout: {timeout}
-taskyou:
+{adapter_extra}taskyou:
   auto_create_tasks: false
 runner_linger: {linger}
 lease_ttl: {lease_ttl}
@@ -63,6 +63,7 @@ class TempHome(unittest.TestCase):
     lease_ttl = "30s"
     timeout = "60s"
     extra_config = ""
+    adapter_config = ""  # more adapter blocks, indented under `adapters:`
 
     def setUp(self):
         super().setUp()
@@ -79,10 +80,11 @@ class TempHome(unittest.TestCase):
         self.clock = FakeClock()
         self._sidecars = []
 
-    def write_config(self, extra=None):
+    def write_config(self, extra=None, adapter=None):
         with open(self.config_path, "w") as f:
             f.write(CONFIG_TEMPLATE.format(data_dir=self.data_dir, linger=self.linger, lease_ttl=self.lease_ttl,
                                            timeout=self.timeout,
+                                           adapter_extra=self.adapter_config if adapter is None else adapter,
                                            extra=self.extra_config if extra is None else extra))
 
     def tearDown(self):
