@@ -2690,14 +2690,15 @@ class Bridge:
 
     def _create(self, run, item):
         marker = TASK_MARKER % run["id"]
-        if item["attempts"] > 1:
+        if item["attempts"] > 0:
             # An earlier attempt may have created the task and died before we stored its id.
             found = self._find_task(run["task_title"], marker)
             if found is not None:
                 return found
         body = "Workflow run started by ty-openworkflow.\n\nworkflow: %s (version %d)\nrun: %s\ninput: %s\n\n%s" % (
             run["workflow_id"], run["version"], run["id"], _short(json.loads(run["input"]), 1000), marker)
-        out = run_ty(self.config, ["create", run["task_title"], "--body", body, "--json"] + self._project_args())
+        # `--` first: a title like "-1 day: renew" must not be read as flags.
+        out = run_ty(self.config, ["create", "--body", body, "--json"] + self._project_args() + ["--", run["task_title"]])
         doc = parse_ty_json(out, "create")
         if not isinstance(doc, dict) or not isinstance(doc.get("id"), int):
             raise TaskYouError("`ty create --json` printed no task id: %r" % out[:200])

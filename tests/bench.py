@@ -58,6 +58,7 @@ def summary(values):
 class Bench:
     def __init__(self, extra_config=""):
         self.tmp = tempfile.mkdtemp(prefix="tyow-bench-")
+        extra_config = extra_config.replace("{shared}", os.path.join(self.tmp, "shared"))
         self.config = os.path.join(self.tmp, "config.yaml")
         with open(self.config, "w") as f:
             f.write("data_dir: %s/data\ntaskyou:\n  auto_create_tasks: false\n%s" % (self.tmp, extra_config))
@@ -106,7 +107,10 @@ def bench_start_latency(runtime, n, adapter="exec", extra_config=""):
     try:
         b.sc.deploy("stamp", STAMP_JS if runtime == "node" else STAMP_PY, runtime=runtime, adapter=adapter)
         b.serve()
-        counter = os.path.join(b.tmp, "c.txt")
+        shared = os.path.join(b.tmp, "shared")
+        os.makedirs(shared)
+        os.chmod(shared, 0o777)  # docker passes run as an unprivileged user
+        counter = os.path.join(shared, "c.txt")
         t0s, runs = {}, []
         for i in range(n):
             tag = "r%d" % i
@@ -203,7 +207,7 @@ def main():
         images = os.environ.get("TOWF_BENCH_IMAGES", "ty-openworkflow-test/node:local,ty-openworkflow-test/python:local")
         node_img, py_img = images.split(",")
         extra = ("adapters:\n  docker:\n    enabled: true\n    node_image: %s\n    python_image: %s\n"
-                 % (node_img, py_img))
+                 "    volumes:\n      \"{shared}\": \"{shared}\"\n" % (node_img, py_img))
         for runtime in ("node", "python"):
             first, _ = bench_start_latency(runtime, n, adapter="docker", extra_config=extra)
             print("start -> first step running (%s, docker): %s" % (runtime, summary(first)))
