@@ -1,7 +1,7 @@
 # ty-openworkflow: `make demo` runs the Quick Start end to end, `make test` runs the suite.
 PYTHON ?= python3
 
-.PHONY: test demo dist bench lint clean docker-up docker-down
+.PHONY: test demo dist bench lint clean docker-up docker-down cf-tools
 
 test:
 	$(PYTHON) -m tests
@@ -24,9 +24,15 @@ docker-up:
 docker-down:
 	bash .ci/docker-engine.sh down
 
+# miniflare (a real Workers runtime, from npm) for the cloudflare tests, into .ci/.
+MINIFLARE_VERSION ?= 4.20260426.0
+cf-tools:
+	npm install --prefix .ci miniflare@$(MINIFLARE_VERSION) --no-save --no-audit --no-fund
+
 lint:
 	$(PYTHON) -m py_compile ty_openworkflow.py runtimes/python_shim.py
 	node --check runtimes/node_shim.js
+	node --check --input-type=module < runtimes/cloudflare_worker.js
 
 clean:
 	rm -rf dist .test-tmp

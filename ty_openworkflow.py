@@ -34,6 +34,7 @@ import datetime
 import errno
 import hashlib
 import hmac
+import http.client
 import http.server
 import json
 import logging
@@ -50,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -341,6 +343,8 @@ CONFIG_SCHEMA = {
     "adapters.cloudflare.api_token_cmd": ("str", ""),
     "adapters.cloudflare.namespace": ("str", ""),
     "adapters.cloudflare.api_base": ("str", "https://api.cloudflare.com/client/v4"),
+    "adapters.cloudflare.workers_url": ("str", "https://{script}.{subdomain}.workers.dev"),
+    "adapters.cloudflare.timeout": ("duration", "5m"),
     "webhook.enabled": ("bool", False),
     "webhook.port": ("int", 8765),
     "webhook.host": ("str", "localhost"),
@@ -1434,9 +1438,17 @@ EVENT_TYPES = {"step_started", "step_completed", "step_failed", "sleep", "comple
 TERMINAL_EVENTS = {"completed", "failed", "suspended"}
 
 
+CLOUDFLARE_GLUE = "cloudflare_worker.js"
+RUNTIME_FILES = [spec["shim"] for spec in RUNTIMES.values()] + [CLOUDFLARE_GLUE]
+
+
 def runtime_source(runtime):
     """Source text of a runtime shim: embedded in a dist build, else runtimes/ beside this file."""
-    name = RUNTIMES[runtime]["shim"]
+    return runtime_file(RUNTIMES[runtime]["shim"])
+
+
+def runtime_file(name):
+    """A file of runtimes/: embedded in a dist build, else read beside this file."""
     if name in _EMBEDDED_RUNTIMES:
         return _EMBEDDED_RUNTIMES[name]
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtimes", name)
@@ -1559,6 +1571,9 @@ class Execution:
     def finish(self):
         """Wait for the end; returns a one-line description of how it ended."""
         raise NotImplementedError
+
+    def add_stray(self, line):
+        """Keep output that was not an event, for the run log."""
 
     log_text = ""
 
@@ -1693,6 +1708,9 @@ class Adapter:
         """Reject code the runtime cannot load (syntax errors), before anything is stored."""
         validate_code(runtime, code, self.config)
 
+    def deploy(self, workflow_id, code, runtime):
+        """Make a new version runnable on the platform (remote upload); local adapters need nothing."""
+
     def launch(self, spec):
         """Start one pass; returns an Execution."""
         raise NotImplementedError
@@ -1741,10 +1759,15 @@ def validate_code(runtime, code, config):
             f.write(code)
         rc, out, err = run_command([node_path, "--check", path], timeout_s=30)
     if rc != 0:
-        m = re.search(r"workflow\.js:(\d+)", err)
-        detail = [ln for ln in err.splitlines() if re.match(r"^\w*Error", ln)]
-        raise InputError("syntax error in the workflow code%s: %s" % (
-            " at line %s" % m.group(1) if m else "", detail[0] if detail else err.strip()[-300:]))
+        raise _syntax_error(err)
+
+
+def _syntax_error(err):
+    """InputError from `node --check` stderr: the line and the SyntaxError."""
+    m = re.search(r"workflow\.m?js:(\d+)", err)
+    detail = [ln for ln in err.splitlines() if re.match(r"^\w*Error", ln)]
+    return InputError("syntax error in the workflow code%s: %s" % (
+        " at line %s" % m.group(1) if m else "", detail[0] if detail else err.strip()[-300:]))
 
 
 class ExecAdapter(Adapter):
@@ -1798,19 +1821,6 @@ class ExecAdapter(Adapter):
             with contextlib.suppress(OSError):
                 if os.path.getmtime(p) < cutoff:
                     os.remove(p)
-
-
-class UnavailableAdapter(Adapter):
-    """An adapter this build cannot drive yet; check() says so plainly."""
-
-    reason = ""
-
-    def check(self, runtime=None):
-        super().check(runtime)
-        raise AdapterError(self.reason)
-
-    def launch(self, spec):
-        self.check(spec.runtime)
 
 
 class DockerAdapter(Adapter):
@@ -1969,15 +1979,310 @@ def validate_code_in_docker(adapter, code):
                                        "-v", "%s:/ow/workflow.js:ro" % path, adapter.image("node"),
                                        "node", "--check", "/ow/workflow.js"], timeout_s=60)
     if rc != 0:
-        m = re.search(r"workflow\.js:(\d+)", err)
-        detail = [ln for ln in err.splitlines() if re.match(r"^\w*Error", ln)]
-        raise InputError("syntax error in the workflow code%s: %s" % (
-            " at line %s" % m.group(1) if m else "", detail[0] if detail else err.strip()[-300:]))
+        raise _syntax_error(err)
 
 
-class CloudflareAdapter(UnavailableAdapter):
+def http_request(method, url, headers=None, body=None, timeout_s=30, stream=False):
+    """The one place that makes HTTP requests. Returns (status, headers, body), or
+    (connection, response) with ``stream``; raises AdapterError when unreachable."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise AdapterError("bad URL %r" % url)
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = cls(parts.hostname, parts.port, timeout=timeout_s)
+    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    try:
+        conn.request(method, target, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        if stream:
+            return conn, resp
+        data = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        raise AdapterError("cannot reach %s://%s (%s)" % (parts.scheme, parts.netloc, exc))
+    finally:
+        if not stream:
+            conn.close()
+
+
+def multipart(parts):
+    """Encode ``(name, filename, content_type, bytes)`` parts as multipart/form-data."""
+    boundary = "tyow-" + secrets.token_hex(16)
+    out = []
+    for name, filename, ctype, data in parts:
+        disp = 'form-data; name="%s"' % name + ('; filename="%s"' % filename if filename else "")
+        out.append(("--%s\r\nContent-Disposition: %s\r\nContent-Type: %s\r\n\r\n" % (boundary, disp, ctype))
+                   .encode("utf-8") + data + b"\r\n")
+    out.append(("--%s--\r\n" % boundary).encode("utf-8"))
+    return b"".join(out), "multipart/form-data; boundary=%s" % boundary
+
+
+class HttpExecution(Execution):
+    """A pass running in a Worker: the pass document POSTed, events read from the streamed response.
+
+    A response lost before its terminal event is reconciled from the copies the
+    worker keeps in KV (``ev:<pass>:<seq>``) before the pass counts as failed.
+    """
+
+    RECONCILE_S = 20
+
+    def __init__(self, adapter, url, spec, timeout_ms):
+        self.adapter, self.spec = adapter, spec
+        self.canceled = self.timed_out = False
+        self.status = None
+        self.error = None
+        self.last_seq = 0
+        self.saw_terminal = False
+        self.reconciled = False
+        self._log = []
+        self._conn = self._resp = None
+        self._timeout_ms = timeout_ms
+        self._timer = threading.Timer(timeout_ms / 1000.0, self._timeout)
+        self._timer.daemon = True
+        headers = {"Authorization": "Bearer " + adapter.invocation_secret().decode("ascii"),
+                   "Content-Type": "application/json"}
+        try:
+            self._conn, self._resp = http_request("POST", url, headers, (dumps(spec.doc) + "\n").encode("utf-8"),
+                                                  timeout_s=timeout_ms / 1000.0, stream=True)
+            self.status = self._resp.status
+        except AdapterError as exc:
+            self.error = str(exc)
+        self._timer.start()
+
+    def _timeout(self):
+        self.timed_out = True
+        self._close()
+
+    def _close(self):
+        with contextlib.suppress(Exception):
+            self._conn.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):
+            self._conn.close()
+
+    def _track(self, text):
+        with contextlib.suppress(ValueError, RecursionError):
+            ev = json.loads(text)
+            if isinstance(ev, dict):
+                if isinstance(ev.get("seq"), int):
+                    self.last_seq = max(self.last_seq, ev["seq"])
+                if ev.get("type") in TERMINAL_EVENTS:
+                    self.saw_terminal = True
+
+    def lines(self):
+        if self._resp is not None and self.status != 200:
+            self.error = "the worker answered HTTP %d: %s" % (
+                self.status, self._resp.read(2000).decode("utf-8", "replace").strip()[:300])
+        elif self._resp is not None:
+            while True:
+                try:
+                    raw = self._resp.readline()
+                except (OSError, http.client.HTTPException, ValueError) as exc:
+                    self.error = "the connection to the worker was lost (%s)" % (exc or type(exc).__name__)
+                    break
+                if not raw:
+                    break
+                text = raw.decode("utf-8", "replace")
+                self._track(text)
+                yield text
+        if self.saw_terminal or self.canceled or self.timed_out or self.status not in (None, 200):
+            return
+        # The response ended early: the worker runs on (waitUntil) and keeps its events in KV.
+        deadline = time.time() + self.RECONCILE_S
+        while not self.saw_terminal and not self.canceled and time.time() < deadline:
+            try:
+                found = self.adapter.kv_events(self.spec.pass_id)
+            except AdapterError as exc:
+                self._log.append("reconcile: %s" % exc)
+                break
+            for text in found:
+                before = self.last_seq
+                self._track(text)
+                if self.last_seq > before:
+                    if not self.reconciled:
+                        self.reconciled = True
+                        self._log.append("the response was lost (%s); its events were recovered from KV"
+                                         % (self.error or "it ended early"))
+                    yield text
+            if not self.saw_terminal:
+                time.sleep(1.0)
+
+    def add_stray(self, line):
+        self._log.append(line.rstrip("\n"))
+
+    def cancel(self):
+        self.canceled = True
+        self._close()
+
+    def finish(self, grace_s=5.0):
+        self._timer.cancel()
+        self._close()
+        if self.timed_out:
+            return "the pass timed out after %s and its request was aborted" % format_duration(self._timeout_ms)
+        if self.canceled:
+            return "the pass was stopped"
+        return self.error or "the worker's response ended without a result"
+
+    @property
+    def log_text(self):
+        return "\n".join(self._log) + ("\n" if self._log else "")
+
+
+class CloudflareAdapter(Adapter):
+    """Each workflow version is a module Worker; each pass is one HTTPS request to it."""
+
     name = "cloudflare"
-    reason = "the cloudflare adapter is not available in this version yet; use -a exec"
+    COMPATIBILITY_DATE = "2024-09-23"
+    SECRET_FILE = "cloudflare.secret"
+    CHECK_CACHE_S = 60
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._token = None
+        self._subdomain = None
+        self._uploaded = set()
+        self._checked = 0
+
+    def cfg(self, key):
+        return self.config["adapters.cloudflare." + key]
+
+    def token(self):
+        """The API token, from ``api_token_cmd``: kept in memory only, never logged or stored."""
+        if self._token:
+            return self._token
+        cmd = self.cfg("api_token_cmd")
+        if not cmd.strip():
+            raise AdapterError("adapters.cloudflare.api_token_cmd is empty; set it to a command that prints the "
+                               "API token (e.g. op read 'op://Private/Cloudflare/api_token')")
+        rc, out, err = run_command(["/bin/sh", "-c", cmd], timeout_s=60)
+        if rc != 0:
+            raise AdapterError("adapters.cloudflare.api_token_cmd failed (exit %d): %s" % (
+                rc, (err.strip().splitlines() or ["no message"])[-1][:200]))
+        token = out.strip()
+        if not token or any(ch.isspace() for ch in token):
+            raise AdapterError("adapters.cloudflare.api_token_cmd printed no token (expected one line)")
+        self._token = token
+        return token
+
+    def invocation_secret(self):
+        """The per-install secret the Worker checks on every pass request."""
+        return install_secret(self.config.data_dir, self.SECRET_FILE, create=True)
+
+    def api(self, method, path, body=None, content_type="application/json", raw=False):
+        """One Cloudflare API v4 call; returns ``result`` (or the raw body), raises AdapterError."""
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode("utf-8")
+        headers = {"Authorization": "Bearer " + self.token()}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        status, _, data = http_request(method, self.cfg("api_base").rstrip("/") + path, headers, body)
+        if raw and 200 <= status < 300:
+            return data
+        try:
+            envelope = json.loads(data.decode("utf-8")) if data.strip() else {"success": 200 <= status < 300}
+        except (ValueError, UnicodeDecodeError):
+            envelope = None
+        if 200 <= status < 300 and isinstance(envelope, dict) and envelope.get("success", True):
+            return envelope.get("result")
+        errors = envelope.get("errors") if isinstance(envelope, dict) else None
+        detail = "; ".join("%s %s" % (e.get("code", ""), e.get("message", "")) for e in errors or []
+                           if isinstance(e, dict)) or (data[:200].decode("utf-8", "replace") or "no body")
+        if status in (401, 403) or "10000" in detail:
+            raise AdapterError("the Cloudflare API refused the token (HTTP %d: %s); check adapters.cloudflare."
+                               "api_token_cmd and that the token may edit Workers and KV" % (status, detail))
+        raise AdapterError("Cloudflare API %s %s failed (HTTP %d: %s)" % (method, path.split("?")[0], status, detail))
+
+    def check(self, runtime=None):
+        super().check(runtime)
+        if runtime == "python":
+            raise AdapterError("the cloudflare adapter runs JavaScript workflows only; deploy with --runtime node, "
+                               "or use exec or docker for Python")
+        for key in ("account_id", "namespace"):
+            if not self.cfg(key).strip():
+                raise AdapterError("adapters.cloudflare.%s is empty; set it (namespace is the KV namespace id)" % key)
+        if time.time() - self._checked < self.CHECK_CACHE_S:
+            return
+        self.subdomain()
+        runtime_source("node")
+        runtime_file(CLOUDFLARE_GLUE)
+        self._checked = time.time()
+
+    def subdomain(self):
+        if self._subdomain is None:
+            result = self.api("GET", "/accounts/%s/workers/subdomain" % self.cfg("account_id"))
+            if not isinstance(result, dict) or not result.get("subdomain"):
+                raise AdapterError("this Cloudflare account has no workers.dev subdomain; create one in the "
+                                   "dashboard (Workers > Subdomain)")
+            self._subdomain = result["subdomain"]
+        return self._subdomain
+
+    def module_text(self, code):
+        """The uploaded ES module: the shared engine, the workflow code, the Worker glue."""
+        src = runtime_source("node")
+        start, end = src.index("// ---- engine: start"), src.index("// ---- engine: end ----")
+        return ("// Generated by ty-openworkflow %s: engine, workflow, glue.\n"
+                "const __tyow_engine = (() => {\n%s\nreturn { runPass, serializeError };\n})();\n"
+                "const __tyow_workflow = (() => {\n%s\n;return typeof workflow === \"function\" ? workflow : "
+                "undefined;\n})();\n%s" % (__version__, src[start:end], code, runtime_file(CLOUDFLARE_GLUE)))
+
+    def script_name(self, workflow_id, module):
+        slug = re.sub(r"[^a-z0-9]+", "-", workflow_id.lower()).strip("-")[:36] or "wf"
+        return "tyow-%s-%s" % (slug, sha256_hex(module)[:12])
+
+    def validate(self, runtime, code):
+        if runtime != "node":
+            raise InputError("the cloudflare adapter runs JavaScript workflows only; use --runtime node")
+        validate_code(runtime, code, self.config)
+        if re.search(r"\brequire\s*\(|^\s*import\s", code, re.M):
+            raise InputError("Workers have no require() or import for workflow code; inline what it needs "
+                             "(fetch is available)")
+        with tempfile.TemporaryDirectory(prefix="tyow-check-") as tmp:
+            path = os.path.join(tmp, "workflow.mjs")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(self.module_text(code))
+            rc, _, err = run_command([_which(self.config["adapters.exec.node"]), "--check", path], timeout_s=30)
+        if rc != 0:
+            raise _syntax_error(err)
+
+    def deploy(self, workflow_id, code, runtime):
+        """Upload the Worker now, so `deploy` reports API problems and nothing is stored on failure."""
+        self.upload(workflow_id, code)
+
+    def upload(self, workflow_id, code):
+        module = self.module_text(code)
+        name = self.script_name(workflow_id, module)
+        if name in self._uploaded:
+            return name
+        acct = self.cfg("account_id")
+        metadata = {"main_module": "worker.mjs", "compatibility_date": self.COMPATIBILITY_DATE,
+                    "compatibility_flags": ["nodejs_compat"],
+                    "bindings": [{"type": "kv_namespace", "name": "STATE", "namespace_id": self.cfg("namespace")},
+                                 {"type": "secret_text", "name": "TYOW_TOKEN",
+                                  "text": self.invocation_secret().decode("ascii")}]}
+        body, ctype = multipart([("metadata", None, "application/json", json.dumps(metadata).encode("utf-8")),
+                                 ("worker.mjs", "worker.mjs", "application/javascript+module", module.encode("utf-8"))])
+        self.api("PUT", "/accounts/%s/workers/scripts/%s" % (acct, name), body, ctype)
+        self.api("POST", "/accounts/%s/workers/scripts/%s/subdomain" % (acct, name), {"enabled": True})
+        self._uploaded.add(name)
+        log.info("cloudflare: uploaded worker %s", name)
+        return name
+
+    def worker_url(self, name):
+        return self.cfg("workers_url").format(script=name, subdomain=self.subdomain())
+
+    def launch(self, spec):
+        self.check(spec.runtime)
+        name = self.upload(spec.version["workflow_id"], spec.version["code"])
+        return HttpExecution(self, self.worker_url(name), spec, self.cfg("timeout"))
+
+    def kv_events(self, pass_id):
+        """The event lines the worker recorded in KV for a pass, in order."""
+        base = "/accounts/%s/storage/kv/namespaces/%s" % (self.cfg("account_id"), self.cfg("namespace"))
+        prefix = "ev:%s:" % pass_id
+        keys = self.api("GET", "%s/keys?prefix=%s" % (base, urllib.parse.quote(prefix, safe=""))) or []
+        names = sorted(k["name"] for k in keys if isinstance(k, dict) and isinstance(k.get("name"), str))
+        return [self.api("GET", "%s/values/%s" % (base, urllib.parse.quote(n, safe="")), raw=True)
+                .decode("utf-8", "replace") for n in names]
 
 
 ADAPTERS = {"exec": ExecAdapter, "docker": DockerAdapter, "cloudflare": CloudflareAdapter}
@@ -2319,7 +2624,12 @@ class WebhookReject(Exception):
 
 def webhook_secret(data_dir, create=False):
     """The per-install signing secret (file mode 0600); created on demand when ``create``."""
-    path = os.path.join(data_dir, WEBHOOK_SECRET_FILE)
+    return install_secret(data_dir, WEBHOOK_SECRET_FILE, create)
+
+
+def install_secret(data_dir, filename, create=False):
+    """A random per-install secret kept in ``data_dir/filename`` (mode 0600)."""
+    path = os.path.join(data_dir, filename)
     try:
         with open(path, "rb") as f:
             secret = f.read().strip()
@@ -2330,7 +2640,7 @@ def webhook_secret(data_dir, create=False):
     except OSError as exc:
         raise ConfigError("cannot read the webhook secret %s: %s" % (path, exc.strerror or exc))
     if not create:
-        raise ConfigError("no webhook secret at %s; run `ty-openworkflow init` (it creates one)" % path)
+        raise ConfigError("no secret at %s; run `ty-openworkflow init` (it creates one)" % path)
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     secret = secrets.token_hex(32).encode("ascii")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -2840,6 +3150,7 @@ class Sidecar:
                 raise InputError("--deadline: %s" % exc)
         impl.check(runtime)
         impl.validate(runtime, code)
+        impl.deploy(workflow_id, code, runtime)
         row, created = self.store.save_version(workflow_id, code, runtime, adapter, str(version), name, description,
                                                self.clock(), deadline_ms)
         return {"workflow_id": workflow_id, "version": row["version"], "label": row["label"], "runtime": runtime,
@@ -3394,7 +3705,7 @@ def cmd_dist(api, args):
     """Write a single-file build with the runtime shims embedded."""
     with open(os.path.abspath(__file__), encoding="utf-8") as f:
         source = f.read()
-    shims = {spec["shim"]: runtime_source(rt) for rt, spec in RUNTIMES.items()}
+    shims = {name: runtime_file(name) for name in RUNTIME_FILES}
     marker = "_EMBEDDED_RUNTIMES = {}\n"
     if marker not in source:
         raise InputError("this file is already a single-file build")

@@ -14,31 +14,15 @@ const path = require("path");
 const vm = require("vm");
 const { AsyncLocalStorage } = require("async_hooks");
 
+// ---- engine: start (shared verbatim with the Cloudflare worker; no Node APIs) ----
+// runPass(doc, workflow, sink, AsyncLocalStorage) runs one pass of `workflow` and
+// hands each event object to `sink`; it returns when the pass's terminal event
+// has been handed over.
+
 const PROTOCOL = 1;
 const MAX_NAME = 200; // step and sleep names, in characters
 const MAX_DEPTH = 100; // nesting of step outputs: deeper JSON is refused
 const MAX_SLEEP_MS = 100 * 365 * 86400000; // a century
-const currentStep = new AsyncLocalStorage();
-
-// The event channel is the real stdout; user output is routed to stderr.
-const eventWrite = process.stdout.write.bind(process.stdout);
-process.stdout.write = function (chunk, encoding, cb) {
-  return process.stderr.write(chunk, encoding, cb);
-};
-for (const level of ["log", "info", "debug"]) {
-  console[level] = (...args) => console.error(...args);
-}
-
-let passId = null;
-let eventsOpen = true;
-
-function emit(type, data) {
-  if (!eventsOpen) return;
-  const ev = Object.assign({ type, pass: passId, at: now() }, data || {});
-  // The leading newline ends any partial line a child process wrote to the
-  // same stdout, so an event always starts a line of its own.
-  eventWrite("\n" + JSON.stringify(ev) + "\n");
-}
 
 function serializeError(err) {
   if (err instanceof Error) {
@@ -155,31 +139,13 @@ function toJson(value, what) {
   return [text, JSON.parse(text)];
 }
 
-function loadWorkflow(file) {
-  const code = fs.readFileSync(file, "utf8");
-  const mod = { exports: {} };
-  const fn = vm.compileFunction(
-    code + "\n;return (typeof workflow === 'function') ? workflow : (module.exports && (module.exports.workflow || module.exports.default || module.exports));",
-    ["require", "module", "exports", "__filename", "__dirname"],
-    { filename: file }
-  );
-  const wf = fn(require, mod, mod.exports, file, path.dirname(file));
-  if (typeof wf !== "function") {
-    throw new TypeError("the workflow code defines no function named `workflow` (and module.exports is not a function)");
-  }
-  return wf;
-}
-
-// The sidecar's clock is the run's clock: due times are judged against it, so a
-// worker whose clock drifts (or a test's simulated clock) agrees with the store.
-let skewMs = 0;
-function now() {
-  return Date.now() + skewMs;
-}
-
-async function runPass(doc, workflowFile) {
-  passId = doc.pass_id;
-  if (typeof doc.now === "number") skewMs = doc.now - Date.now();
+async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
+  // The sidecar's clock is the run's clock: due times are judged against it, so a
+  // worker whose clock drifts (or a test's simulated clock) agrees with the store.
+  const skewMs = typeof doc.now === "number" ? doc.now - Date.now() : 0;
+  const now = () => Date.now() + skewMs;
+  const emit = (type, data) => sink(Object.assign({ type, pass: doc.pass_id, at: now() }, data || {}));
+  const currentStep = new AsyncLocalStorageClass();
   const history = doc.history || {};
   const done = history.steps || {}; // key -> output
   const sleeps = history.sleeps || {}; // key -> wake_at (ms)
@@ -263,7 +229,7 @@ async function runPass(doc, workflowFile) {
         halt({ kind: "step_failed", step: key });
         return { failed: true };
       }
-      const size = Buffer.byteLength(text);
+      const size = new TextEncoder().encode(text).length;
       if (size > maxOutput) {
         const err = new RangeError(`the output of step "${key}" is ${size} bytes, over the limit of ${maxOutput} bytes (limits.max_output_bytes); store large data elsewhere and return a reference`);
         emit("step_failed", { step: key, attempt, retry, retryable: false, error: serializeError(err) });
@@ -315,14 +281,6 @@ async function runPass(doc, workflowFile) {
 
   const ctx = { step, sleep, sleepUntil, runId: doc.run_id, workflowId: doc.workflow_id, attempt: doc.attempt };
 
-  let workflow;
-  try {
-    workflow = loadWorkflow(workflowFile);
-  } catch (err) {
-    emit("failed", { error: serializeError(err) });
-    return;
-  }
-
   let outcome;
   const running = Promise.resolve()
     .then(() => workflow(doc.input, ctx))
@@ -351,6 +309,40 @@ async function runPass(doc, workflowFile) {
     return;
   }
   emit("completed", { output: out });
+}
+// ---- engine: end ----
+
+function loadWorkflow(file) {
+  const code = fs.readFileSync(file, "utf8");
+  const mod = { exports: {} };
+  const fn = vm.compileFunction(
+    code + "\n;return (typeof workflow === 'function') ? workflow : (module.exports && (module.exports.workflow || module.exports.default || module.exports));",
+    ["require", "module", "exports", "__filename", "__dirname"],
+    { filename: file }
+  );
+  const wf = fn(require, mod, mod.exports, file, path.dirname(file));
+  if (typeof wf !== "function") {
+    throw new TypeError("the workflow code defines no function named `workflow` (and module.exports is not a function)");
+  }
+  return wf;
+}
+
+// The event channel is the real stdout; user output is routed to stderr.
+const eventWrite = process.stdout.write.bind(process.stdout);
+process.stdout.write = function (chunk, encoding, cb) {
+  return process.stderr.write(chunk, encoding, cb);
+};
+for (const level of ["log", "info", "debug"]) {
+  console[level] = (...args) => console.error(...args);
+}
+
+let eventsOpen = true;
+
+function writeEvent(ev) {
+  if (!eventsOpen) return;
+  // The leading newline ends any partial line a child process wrote to the
+  // same stdout, so an event always starts a line of its own.
+  eventWrite("\n" + JSON.stringify(ev) + "\n");
 }
 
 function main() {
@@ -393,9 +385,9 @@ function main() {
       process.exit(2);
     }
     try {
-      await runPass(doc, workflowFile);
+      await runPass(doc, loadWorkflow(workflowFile), writeEvent, AsyncLocalStorage);
     } catch (err) {
-      emit("failed", { error: serializeError(err) });
+      writeEvent({ type: "failed", pass: doc.pass_id, at: Date.now(), error: serializeError(err) });
     }
     eventsOpen = false;
     // Exit even if user code left timers or sockets open: the pass is over.

@@ -1,5 +1,6 @@
 """The YAML-subset reader, config defaults and validation, and the pure helpers."""
 import os
+import textwrap
 import unittest
 
 from tests.util import ROOT, TempHome, tow
@@ -163,7 +164,7 @@ class ReadmeExample(unittest.TestCase):
     def test_readme_config_block_is_valid(self):
         with open(os.path.join(ROOT, "README.md")) as f:
             text = f.read()
-        blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+        blocks = [textwrap.dedent(b.split("```", 1)[0].rstrip(" ")) for b in text.split("```yaml\n")[1:]]
         self.assertTrue(blocks)
         for block in blocks:
             with self.subTest(block=block[:40]):
