@@ -101,13 +101,7 @@ class Misuse(TempHome):
         self.run_id = self.sc.start("hello", {"name": "x"}, drive=False)["id"]
 
     def check(self, argv, code, message, stdin=None):
-        before = self.db_snapshot()
-        got, out, err = self.cli(*argv, stdin=stdin)
-        self.assertEqual(got, code, (out, err))
-        self.assertIn(message, err)
-        self.assertEqual(len(err.strip().splitlines()), 1, err)
-        self.assertEqual(self.db_snapshot(), before, "the store changed")
-        return err
+        return self.assert_refused(argv, code, message, stdin)
 
     def test_bad_input_json(self):
         err = self.check(["start", "hello", "-i", '{"name": '], 2, "invalid JSON in --input at line 1 column 10")

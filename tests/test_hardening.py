@@ -163,12 +163,7 @@ class OddInput(TempHome):
         self.sc.deploy("hello", "def workflow(input, ctx):\n    return input\n", runtime="python")
 
     def check(self, argv, code, message, stdin=None):
-        before = self.db_snapshot()
-        got, out, err = self.cli(*argv, stdin=stdin)
-        self.assertEqual(got, code, (out, err))
-        self.assertIn(message, err)
-        self.assertEqual(len(err.strip().splitlines()), 1, err)
-        self.assertEqual(self.db_snapshot(), before, "the store changed")
+        return self.assert_refused(argv, code, message, stdin)
 
     def test_lone_surrogate_input(self):
         self.check(["start", "hello", "-i", '"\\ud800"'], 2, "lone surrogate")

@@ -117,6 +117,16 @@ class TempHome(unittest.TestCase):
             sys.stdin = old_stdin
         return code, out.getvalue(), err.getvalue()
 
+    def assert_refused(self, argv, code, message, stdin=None):
+        """Bad input: exit ``code``, one line on stderr holding ``message``, the store unchanged."""
+        before = self.db_snapshot()
+        got, out, err = self.cli(*argv, stdin=stdin)
+        self.assertEqual(got, code, (out, err))
+        self.assertIn(message, err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertEqual(self.db_snapshot(), before, "the store changed")
+        return err
+
     def db_snapshot(self):
         """Every row of every table, to prove a failed command changed nothing."""
         path = os.path.join(self.data_dir, tow.DB_FILE)
