@@ -1,7 +1,7 @@
 # ty-openworkflow: `make demo` runs the Quick Start end to end, `make test` runs the suite.
 PYTHON ?= python3
 
-.PHONY: test demo dist bench lint clean docker-up docker-down cf-tools
+.PHONY: test demo dist install bench lint clean docker-up docker-down cf-tools
 
 test:
 	$(PYTHON) -m tests
@@ -12,6 +12,12 @@ demo:
 dist:
 	@mkdir -p dist
 	$(PYTHON) ty_openworkflow.py dist dist/ty_openworkflow.py
+
+# The single-file build as a command: $(PREFIX)/bin/ty-openworkflow
+PREFIX ?= $(HOME)/.local
+install: dist
+	install -d $(PREFIX)/bin
+	install -m 755 dist/ty_openworkflow.py $(PREFIX)/bin/ty-openworkflow
 
 bench:
 	$(PYTHON) tests/bench.py

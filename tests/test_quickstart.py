@@ -133,7 +133,8 @@ class SingleFileBuild(QuickStart):
     @classmethod
     def setUpClass(cls):
         cls.dist_dir = tempfile.mkdtemp(prefix="tyow-dist-")
-        out = os.path.join(cls.dist_dir, "ty_openworkflow.py")
+        # Named as `make install` names it: a command, no .py, nothing beside it.
+        out = os.path.join(cls.dist_dir, "ty-openworkflow")
         subprocess.run([sys.executable, MODULE, "dist", out], check=True, capture_output=True)
         cls.module = out
 
@@ -142,10 +143,10 @@ class SingleFileBuild(QuickStart):
         shutil.rmtree(cls.dist_dir, ignore_errors=True)
 
     def test_build_is_alone_and_embeds_the_shims(self):
-        self.assertEqual(os.listdir(self.dist_dir), ["ty_openworkflow.py"])
+        self.assertEqual(os.listdir(self.dist_dir), ["ty-openworkflow"])
         with open(self.module) as f:
             text = f.read()
-        for name in ("node_shim.js", "python_shim.py"):
+        for name in ("node_shim.js", "python_shim.py", "cloudflare_worker.js"):
             with open(os.path.join(ROOT, "runtimes", name)) as f:
                 self.assertIn(repr(f.read())[1:200], text)
 
