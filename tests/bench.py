@@ -153,6 +153,56 @@ def bench_wake_lateness(n, runtime="python"):
         b.close()
 
 
+HANG_PY = """
+import time
+def workflow(input, ctx):
+    def hang():
+        with open(input["counter"], "a") as f:
+            f.write("%s 0\\n" % input["tag"])
+        time.sleep(600)
+    ctx.step("hang", hang)
+"""
+
+
+def shim_pids(data_dir):
+    """Pids of live workflow processes of this data dir."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open("/proc/%s/cmdline" % pid, "rb") as f:
+                    if (data_dir + "/exec/code").encode() in f.read():
+                        out.append(pid)
+            except OSError:
+                pass
+    return out
+
+
+def bench_cancel(n):
+    """cancel (from another process's API) -> the pass's process gone, while serve runs it."""
+    b = Bench()
+    try:
+        b.sc.deploy("hang", HANG_PY, runtime="python")
+        b.serve()
+        counter = os.path.join(b.tmp, "c.txt")
+        data_dir = b.sc.config.data_dir
+        out = []
+        for i in range(n):
+            tag = "r%d" % i
+            run_id = b.sc.start("hang", {"counter": counter, "tag": tag})["id"]
+            deadline = time.time() + 30
+            while time.time() < deadline and tag not in (open(counter).read() if os.path.exists(counter) else ""):
+                time.sleep(0.01)
+            t0 = time.time()
+            b.sc.cancel(run_id)
+            while shim_pids(data_dir) and time.time() - t0 < 30:
+                time.sleep(0.005)
+            out.append((time.time() - t0) * 1000)
+        return out
+    finally:
+        b.close()
+
+
 def bench_idle_cpu(seconds):
     b = Bench()
     try:
@@ -201,6 +251,7 @@ def main():
     claim, step = bench_wake_lateness(2 * n)
     print("wake lateness, pass claimed: %s" % summary(claim))
     print("wake lateness, step after the sleep running (python): %s" % summary(step))
+    print("cancel -> running pass killed (serve, exec/python): %s" % summary(bench_cancel(n // 2)))
     cpu, rss = bench_idle_cpu(10 if args.quick else 30)
     print("idle serve: %.2f%% CPU, RSS %d KiB" % (cpu, rss))
     if args.docker:
