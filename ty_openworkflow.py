@@ -74,6 +74,7 @@ PASS_RETRY = {"max_attempts": 5, "initial_ms": 1000, "backoff": 2.0, "max_ms": 6
 INLINE_SLEEP_MS = 1000
 MAX_STEP_NAME_LEN = 200
 MAX_DURATION_MS = 100 * 365 * 86400000  # a century: longer is a typo
+MAX_EPOCH_MS = 1 << 53  # wake times beyond this are not times
 MAX_PASS_LOG_BYTES = 256 * 1024
 TERMINAL = ("completed", "failed", "canceled")
 RUN_STATUSES = ("pending", "running", "sleeping") + TERMINAL
@@ -1160,7 +1161,9 @@ class Store:
             for run_id, status in rows:
                 cur = c.execute("SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS, (run_id,))
                 run = _row_dict(cur, cur.fetchone())
+                run["lost_pass_id"] = None
                 if status == "running":
+                    run["lost_pass_id"] = run["pass_id"]
                     self._journal(c, run_id, run["pass_id"], "lease_expired",
                                   {"owner": run["lease_owner"], "message": "its scheduler stopped; replaying"}, now)
                 if run["deadline_at"] is not None and now >= run["deadline_at"]:
@@ -1194,10 +1197,11 @@ class Store:
                     lost.append(pass_id)
         return lost
 
-    def pass_is_current(self, run_id, pass_id):
-        row = self.conn.execute("SELECT 1 FROM runs WHERE id = ? AND pass_id = ? AND status = 'running'",
+    def pass_is_current(self, run_id, pass_id, now=None):
+        """True while ``pass_id`` is the run's pass in flight (and, given ``now``, its lease holds)."""
+        row = self.conn.execute("SELECT lease_expires_at FROM runs WHERE id = ? AND pass_id = ? AND status = 'running'",
                                 (run_id, pass_id)).fetchone()
-        return row is not None
+        return row is not None and (now is None or row[0] is None or row[0] >= now)
 
     def history(self, run_id):
         """The replay history a pass needs: completed outputs, sleep wake times, attempts."""
@@ -1219,6 +1223,7 @@ class Store:
                           "lease_expires_at = NULL, available_at = ?, updated_at = ? WHERE id = ? AND pass_id = ? "
                           "AND status = 'running'", (now, now, run_id, pass_id)).rowcount
             if n:
+                c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND status = 'running'", (run_id,))
                 self._journal(c, run_id, pass_id, "released", {"message": "scheduler stopping"}, now)
             return bool(n)
 
@@ -1466,7 +1471,7 @@ def parse_event_line(line, pass_id):
     if not line.startswith("{"):
         return None
     try:
-        ev = json.loads(line)
+        ev = json.loads(line, parse_constant=_no_constants)
     except (ValueError, RecursionError):
         return None
     if not isinstance(ev, dict) or ev.get("pass") != pass_id or ev.get("type") not in EVENT_TYPES:
@@ -1475,9 +1480,16 @@ def parse_event_line(line, pass_id):
         key = ev.get("step")
         if not isinstance(key, str) or not key or len(key) > MAX_STEP_NAME_LEN:
             return None
-    if ev["type"] in ("sleep", "suspended") and not isinstance(ev.get("wake_at"), (int, float)):
-        return None
+    if ev["type"] in ("sleep", "suspended"):
+        wake_at = ev.get("wake_at")
+        if isinstance(wake_at, bool) or not isinstance(wake_at, (int, float)) or not 0 <= wake_at < MAX_EPOCH_MS:
+            return None
+        ev["wake_at"] = int(wake_at)
     return ev
+
+
+def _no_constants(name):
+    raise ValueError("%s is not JSON" % name)
 
 
 def materialize(directory, filename, text):
@@ -1526,12 +1538,16 @@ def spawn(argv, env=None, cwd=None, stdin=True, stdout=subprocess.PIPE, stderr=s
                             preexec_fn=_die_with_parent if tied and _LIBC is not None else None)
 
 
-def run_command(argv, timeout_s=30, env=None, input_bytes=None):
-    """Run a short command to completion; returns (returncode, stdout, stderr) as text."""
+def run_command(argv, timeout_s=30, env=None, input_bytes=None, on_start=None):
+    """Run a short command to completion; returns (returncode, stdout, stderr) as text.
+
+    ``on_start(proc)`` sees the process first (so a caller can kill it early)."""
     try:
         proc = spawn(argv, env=env)
     except OSError as exc:
         return 127, "", str(exc)
+    if on_start is not None:
+        on_start(proc)
     try:
         out, err = proc.communicate(input_bytes, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -1714,6 +1730,9 @@ class Adapter:
     def launch(self, spec):
         """Start one pass; returns an Execution."""
         raise NotImplementedError
+
+    def reap(self, run_id, pass_id):
+        """Stop whatever may still run a pass whose scheduler died (before it is replayed)."""
 
     def cleanup(self, store=None):
         """Remove what the adapter left behind (orphan containers, old files)."""
@@ -1953,13 +1972,20 @@ class DockerAdapter(Adapter):
             raise AdapterError("docker ps failed: %s" % (err.strip().splitlines() or ["?"])[-1])
         return [tuple(line.split("\t")) for line in out.splitlines() if line.count("\t") == 2]
 
+    def reap(self, run_id, pass_id):
+        """A replay must not run beside the lost pass's container: remove it first."""
+        rc, _, err = self.docker(["rm", "-f", "tyow-%s" % pass_id.replace("_", "-")], timeout_s=30)
+        if rc == 0:
+            log.info("docker: removed the container of lost pass %s of run %s", pass_id, run_id)
+
     def cleanup(self, store=None):
         """Remove our containers whose pass is no longer running (a killed client leaves them behind)."""
         removed = []
         if store is None:
             return removed
+        now = now_ms()
         for name, run_id, pass_id in self.containers():
-            if not store.pass_is_current(run_id, pass_id):
+            if not store.pass_is_current(run_id, pass_id, now):
                 self.docker(["rm", "-f", name], timeout_s=20)
                 removed.append(name)
         if removed:
@@ -2025,8 +2051,6 @@ class HttpExecution(Execution):
     worker keeps in KV (``ev:<pass>:<seq>``) before the pass counts as failed.
     """
 
-    RECONCILE_S = 20
-
     def __init__(self, adapter, url, spec, timeout_ms):
         self.adapter, self.spec = adapter, spec
         self.canceled = self.timed_out = False
@@ -2038,6 +2062,7 @@ class HttpExecution(Execution):
         self._log = []
         self._conn = self._resp = None
         self._timeout_ms = timeout_ms
+        self._deadline = time.time() + timeout_ms / 1000.0
         self._timer = threading.Timer(timeout_ms / 1000.0, self._timeout)
         self._timer.daemon = True
         headers = {"Authorization": "Bearer " + adapter.invocation_secret().decode("ascii"),
@@ -2087,9 +2112,9 @@ class HttpExecution(Execution):
                 yield text
         if self.saw_terminal or self.canceled or self.timed_out or self.status not in (None, 200):
             return
-        # The response ended early: the worker runs on (waitUntil) and keeps its events in KV.
-        deadline = time.time() + self.RECONCILE_S
-        while not self.saw_terminal and not self.canceled and time.time() < deadline:
+        # The response ended early: the worker runs the pass to its end (waitUntil) and keeps
+        # its events in KV, so follow them there until the terminal event or the pass timeout.
+        while not self.saw_terminal and not self.canceled and not self.timed_out and time.time() < self._deadline:
             try:
                 found = self.adapter.kv_events(self.spec.pass_id)
             except AdapterError as exc:
@@ -2172,10 +2197,14 @@ class CloudflareAdapter(Adapter):
         """One Cloudflare API v4 call; returns ``result`` (or the raw body), raises AdapterError."""
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode("utf-8")
-        headers = {"Authorization": "Bearer " + self.token()}
-        if body is not None:
-            headers["Content-Type"] = content_type
-        status, _, data = http_request(method, self.cfg("api_base").rstrip("/") + path, headers, body)
+        for fresh in (False, True):
+            headers = {"Authorization": "Bearer " + self.token()}
+            if body is not None:
+                headers["Content-Type"] = content_type
+            status, _, data = http_request(method, self.cfg("api_base").rstrip("/") + path, headers, body)
+            if status not in (401, 403) or fresh:
+                break
+            self._token = None  # the token may have been rotated: read it again once
         if raw and 200 <= status < 300:
             return data
         try:
@@ -2322,6 +2351,7 @@ class Scheduler:
         self.active = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.ended = threading.Event()
         self.hurry = threading.Event()
         self.stats = {"passes": 0}
         self._maintained_at = 0
@@ -2370,6 +2400,7 @@ class Scheduler:
         beat = threading.Thread(target=self._heartbeat_loop, name="tyow-heartbeat", daemon=True)
         beat.start()
         self.bridge_wake = threading.Event()
+        self.sidecar.bridge.resume()
         bridge = None
         if self.kind != "tick":
             bridge = threading.Thread(target=self._bridge_loop, name="tyow-bridge", daemon=True)
@@ -2412,7 +2443,7 @@ class Scheduler:
             self._shutdown()
             if bridge is not None:
                 self.bridge_wake.set()
-                bridge.join(self.config["taskyou.timeout"] / 1000.0 + 5)
+                bridge.join(5)
             if self.kind in ("tick", "runner"):
                 # Deliver what is due now before exiting (cron has no later).
                 self._deliver_updates()
@@ -2429,6 +2460,8 @@ class Scheduler:
             self.sidecar.bridge.deliver_due()
         except OpenWorkflowError as exc:
             log.warning("taskyou bridge: %s", exc)
+        except Exception:  # the bridge must never take the scheduler down
+            log.exception("taskyou bridge failed")
 
     def _bridge_loop(self):
         """Deliver task updates off the scheduling path: a slow `ty` never delays a pass."""
@@ -2440,8 +2473,8 @@ class Scheduler:
             self.bridge_wake.clear()
 
     def _maintain(self):
-        """Periodic housekeeping for long-running schedulers: adapters' clean-up."""
-        if self.kind != "serve" or time.time() - self._maintained_at < self.config["poll_interval"] / 1000.0:
+        """Housekeeping (adapters' clean-up): when a scheduler starts, then every poll_interval."""
+        if time.time() - self._maintained_at < self.config["poll_interval"] / 1000.0:
             return
         self._maintained_at = time.time()
         for name in ADAPTER_NAMES:
@@ -2495,6 +2528,8 @@ class Scheduler:
         adapter_name = version["adapter"]
         try:
             adapter = self.sidecar.adapter(adapter_name)
+            if run.get("lost_pass_id"):
+                adapter.reap(run["id"], run["lost_pass_id"])
             spec = PassSpec(self._pass_doc(run, version), version)
             if ap.release or not self.store.pass_is_current(ap.run_id, ap.pass_id):
                 return
@@ -2562,8 +2597,10 @@ class Scheduler:
                 ap.execution.cancel()
 
     def _heartbeat_loop(self):
+        # Runs until the loop has fully ended: leases of passes finishing in the
+        # shutdown grace must not expire under them.
         interval = max(0.2, self.lease_ms / 3000.0)
-        while not self.stopping.wait(interval):
+        while not self.ended.wait(interval):
             try:
                 now = self.clock()
                 self.store.heartbeat_scheduler(self.id, now)
@@ -2578,6 +2615,11 @@ class Scheduler:
 
     def _shutdown(self, grace_s=None):
         self.stopping.set()
+        # Leave the table first: a `start` from now on must drive its run itself.
+        with contextlib.suppress(OpenWorkflowError):
+            self.store.unregister_scheduler(self.id)
+        if self.kind != "tick":
+            self.sidecar.bridge.abort()
         grace_s = self.config["shutdown_grace"] / 1000.0 if grace_s is None else grace_s
         deadline = time.time() + grace_s
         while True:
@@ -2595,8 +2637,7 @@ class Scheduler:
                         ap.thread.join(10)
                 break
             self._wait(0.1)
-        with contextlib.suppress(OpenWorkflowError):
-            self.store.unregister_scheduler(self.id)
+        self.ended.set()
         if self.sock:
             self.sock.close()
             self.sock = None
@@ -2680,9 +2721,9 @@ def verify_callback(secret, headers, body, now_s, tolerance_s):
 def parse_callback(body):
     """Validate a callback body; returns ("events", run, pass, events) or ("completion", run, status, doc)."""
     try:
-        doc = json.loads(body.decode("utf-8"))
+        doc = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError, RecursionError):
-        raise WebhookReject(400, "the body is not JSON")
+        raise WebhookReject(400, "the body is not JSON (NaN and Infinity are not JSON either)")
     if not isinstance(doc, dict):
         raise WebhookReject(422, "the body must be a JSON object")
     run_id = doc.get("runId")
@@ -2758,6 +2799,10 @@ class WebhookServer:
                     super().process_request_thread(request, client_address)
                 finally:
                     server.slots.release()
+
+            def handle_error(self, request, client_address):
+                # A caller that hung up mid-reply is routine; nothing to print.
+                log.debug("webhook: connection from %s ended badly", client_address, exc_info=True)
 
         try:
             self.httpd = HTTPServer((self.host, self.port), Handler)
@@ -2837,14 +2882,54 @@ class _WebhookHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         log.debug("webhook %s %s", self.address_string(), fmt % args)
 
+    # A whole request (headers and body) must arrive within read_timeout: the
+    # socket timeout alone bounds each read, so a sender trickling one byte at a
+    # time could hold a connection forever.
+    def setup(self):
+        super().setup()
+        self._phase = "headers"
+        self._watchdog = threading.Timer(self.timeout, self._expire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def finish(self):
+        self._watchdog.cancel()
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def _expire(self):
+        if self._phase == "headers":
+            self._phase = "expired"
+            with contextlib.suppress(OSError):
+                self.connection.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
+                                        b"Connection: close\r\n\r\n")
+                self.connection.shutdown(socket.SHUT_RDWR)
+        elif self._phase == "body":
+            self._phase = "expired"
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RD)  # the body read ends; do_POST answers 408
+
+    def _read_body(self, length):
+        chunks, got = [], 0
+        while got < length:
+            try:
+                chunk = self.rfile.read1(min(65536, length - got))
+            except (socket.timeout, TimeoutError, OSError):
+                chunk = b""
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
     def _reply(self, status, doc):
         body = (json.dumps(doc) + "\n").encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
-        if status >= 400:
-            self.send_header("Connection", "close")
-            self.close_connection = True
+        # One request per connection: each gets the whole read_timeout, no more.
+        self.send_header("Connection", "close")
+        self.close_connection = True
         self.end_headers()
         with contextlib.suppress(OSError):
             self.wfile.write(body)
@@ -2853,6 +2938,7 @@ class _WebhookHandler(http.server.BaseHTTPRequestHandler):
         self._reply(status, {"ok": False, "error": message})
 
     def do_GET(self):
+        self._phase = "handling"
         path = self.path.split("?", 1)[0]
         if path == "/healthz":
             try:
@@ -2865,6 +2951,7 @@ class _WebhookHandler(http.server.BaseHTTPRequestHandler):
         return self._reject(404, "no such path; callbacks go to %s" % self.webhook.path)
 
     def do_POST(self):
+        self._phase = "body"
         try:
             if self.path.split("?", 1)[0] != self.webhook.path:
                 return self._reject(404, "no such path; callbacks go to %s" % self.webhook.path)
@@ -2876,12 +2963,10 @@ class _WebhookHandler(http.server.BaseHTTPRequestHandler):
             length = int(length)
             if length > self.webhook.max_body:
                 return self._reject(413, "body over %d bytes" % self.webhook.max_body)
-            try:
-                body = self.rfile.read(length)
-            except (socket.timeout, TimeoutError):
-                return self._reject(408, "the body did not arrive in time")
-            if len(body) != length:
-                return self._reject(400, "the body is shorter than Content-Length")
+            body = self._read_body(length)
+            self._phase = "handling"
+            if len(body) != length:  # timed out, or the sender stopped short
+                return self._reject(408, "the body did not arrive within %s" % format_duration(self.timeout * 1000))
             reply = self.webhook.apply(self.headers, body)
             return self._reply(200, reply)
         except WebhookReject as exc:
@@ -2891,6 +2976,7 @@ class _WebhookHandler(http.server.BaseHTTPRequestHandler):
             return self._reject(500, "internal error")
 
     def _not_allowed(self):
+        self._phase = "handling"
         self._reject(405, "use POST %s or GET /healthz" % self.webhook.path)
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
@@ -2915,11 +3001,11 @@ def find_ty(config):
     return path
 
 
-def run_ty(config, args):
+def run_ty(config, args, on_start=None):
     """The one place that calls `ty`; returns its stdout, raises TaskYouError on failure."""
     argv = [find_ty(config)] + list(args)
     timeout_s = config["taskyou.timeout"] / 1000.0
-    rc, out, err = run_command(argv, timeout_s=timeout_s)
+    rc, out, err = run_command(argv, timeout_s=timeout_s, on_start=on_start)
     if rc == 124 and err.startswith("timed out"):
         raise TaskYouError("`ty %s` did not answer within %s" % (args[0], format_duration(config["taskyou.timeout"])))
     if rc != 0:
@@ -2947,16 +3033,45 @@ class Bridge:
         self.config = sidecar.config
         self.store = sidecar.store
         self._warned = set()
+        self._stop = threading.Event()
+        self._procs = set()
+        self._lock = threading.Lock()
+
+    def resume(self):
+        self._stop.clear()
+
+    def abort(self):
+        """Stop delivering (scheduler shutdown): kill `ty` calls in flight; they retry later."""
+        self._stop.set()
+        with self._lock:
+            procs = list(self._procs)
+        for proc in procs:
+            _kill_group(proc)
+
+    def _ty(self, args):
+        def track(proc):
+            with self._lock:
+                self._procs.add(proc)
+        try:
+            return run_ty(self.config, args, on_start=track)
+        finally:
+            with self._lock:
+                self._procs = {p for p in self._procs if p.poll() is None}
 
     def deliver_due(self, now=None):
         """Deliver every update that is due; returns how many landed."""
         delivered = 0
-        while True:
+        while not self._stop.is_set():
             now = self.sidecar.clock()
-            items = self.store.claim_outbox(now, self.config["taskyou.timeout"] * 4 + 10000)
+            # An item takes at most three `ty` calls; its lease outlasts them.
+            items = self.store.claim_outbox(now, self.config["taskyou.timeout"] * 3 + 10000)
             if not items:
                 return delivered
             for item in items:
+                if self._stop.is_set():
+                    self.store.outbox_failed(item["id"], self.sidecar.clock(), "interrupted by shutdown",
+                                             self.sidecar.clock())
+                    continue
                 try:
                     task_id = self._deliver(item)
                 except TaskYouError as exc:
@@ -2969,6 +3084,7 @@ class Bridge:
                     continue
                 self.store.outbox_delivered(item["id"], self.sidecar.clock(), task_id, item["run_id"])
                 delivered += 1
+        return delivered
 
     def _project_args(self):
         return ["--project", self.config["taskyou.project"]] if self.config["taskyou.project"] else []
@@ -2985,17 +3101,17 @@ class Bridge:
         payload = json.loads(item["payload"]) if item["payload"] else {}
         tid = str(task_id)
         if item["kind"] == "processing":
-            run_ty(self.config, ["status", tid, "processing"])
+            self._ty(["status", tid, "processing"])
         elif item["kind"] == "completed":
             self._append(tid, run, "completed", "output: %s" % _short(payload.get("output"), 2000))
-            run_ty(self.config, ["close", tid])
+            self._ty(["close", tid])
         elif item["kind"] == "failed":
             err = payload.get("error") or {}
             self._append(tid, run, "failed", "error: %s" % (err.get("message") or "unknown error"))
-            run_ty(self.config, ["status", tid, "blocked"])
+            self._ty(["status", tid, "blocked"])
         elif item["kind"] == "canceled":
             self._append(tid, run, "canceled", "the run was canceled")
-            run_ty(self.config, ["status", tid, "blocked"])
+            self._ty(["status", tid, "blocked"])
         return None
 
     def _create(self, run, item):
@@ -3008,19 +3124,19 @@ class Bridge:
         body = "Workflow run started by ty-openworkflow.\n\nworkflow: %s (version %d)\nrun: %s\ninput: %s\n\n%s" % (
             run["workflow_id"], run["version"], run["id"], _short(json.loads(run["input"]), 1000), marker)
         # `--` first: a title like "-1 day: renew" must not be read as flags.
-        out = run_ty(self.config, ["create", "--body", body, "--json"] + self._project_args() + ["--", run["task_title"]])
+        out = self._ty(["create", "--body", body, "--json"] + self._project_args() + ["--", run["task_title"]])
         doc = parse_ty_json(out, "create")
         if not isinstance(doc, dict) or not isinstance(doc.get("id"), int):
             raise TaskYouError("`ty create --json` printed no task id: %r" % out[:200])
         return doc["id"]
 
     def _find_task(self, title, marker):
-        out = run_ty(self.config, ["list", "--json", "-n", "500"] + self._project_args())
+        out = self._ty(["list", "--json", "-n", "500"] + self._project_args())
         rows = parse_ty_json(out, "list") or []
         for row in sorted(rows, key=lambda r: -int(r.get("id", 0))):
             if row.get("title") != title:
                 continue
-            task = parse_ty_json(run_ty(self.config, ["show", str(row["id"]), "--json"]), "show")
+            task = parse_ty_json(self._ty(["show", str(row["id"]), "--json"]), "show")
             if marker in (task.get("body") or ""):
                 return int(row["id"])
         return None
@@ -3028,12 +3144,12 @@ class Bridge:
     def _append(self, task_id, run, kind, text):
         """Append a section to the task body once (the tag makes a retry a no-op)."""
         tag = "[ty-openworkflow: run %s %s]" % (run["id"], kind)
-        task = parse_ty_json(run_ty(self.config, ["show", task_id, "--json"]), "show")
+        task = parse_ty_json(self._ty(["show", task_id, "--json"]), "show")
         body = task.get("body") or ""
         if tag in body:
             return
         new = "%s\n\n%s %s\n%s" % (body.rstrip(), tag, format_time(self.sidecar.clock()), text)
-        run_ty(self.config, ["update", task_id, "--body", new])
+        self._ty(["update", task_id, "--body", new])
 
     def task_state(self, run):
         """How the run's task link stands, for `status`."""

@@ -108,6 +108,39 @@ class DockerContainers(DockerCase):
         wait_for(lambda: not self.containers(all_=True), timeout=15, what="the orphaned container to be removed")
         self.assertEqual(sc.status(run_id)["status"], "pending")
 
+    def test_a_replay_never_runs_beside_the_lost_pass_container(self):
+        self.lease_ttl = "2s"
+        self.write_config()
+        sc = self.sidecar(clock=False)
+        counter = os.path.join(self.shared, "c.txt")
+        sc.deploy("spin", """const fs = require("fs");
+async function workflow(input, { step }) {
+  return await step("spin", () => {
+    fs.appendFileSync(input.counter, "x\\n");
+    if (fs.readFileSync(input.counter, "utf8").length === 2) { while (true) {} }  // first time: stuck
+    return "done";
+  });
+}""", adapter="docker")
+        run_id = sc.start("spin", {"counter": counter}, drive=False)["id"]
+        first = subprocess.Popen([sys.executable, MODULE, "--config", self.config_path, "serve"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: read_counter(counter), timeout=30, what="the stuck step")
+            first.kill()  # SIGKILL: the busy container never sees its stdin close
+            first.wait()
+            self.assertEqual(len(self.containers()), 1)
+            # Once the lease expires the run is replayed, and the lost container goes first.
+            wait_for(lambda: (sc.tick(), sc.status(run_id)["status"] == "completed")[1], timeout=30,
+                     what="the replay")
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+        st = sc.status(run_id)
+        self.assertEqual((st["status"], st["output"]), ("completed", "done"))
+        self.assertEqual(self.containers(all_=True), [])
+        self.assertEqual(read_counter(counter), ["x", "x"])
+
     def test_serve_removes_orphaned_containers(self):
         install = tow.sha256_hex(self.data_dir)[:12]
         sc = self.sidecar(clock=False)

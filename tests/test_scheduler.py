@@ -210,13 +210,28 @@ class Serve(ServeCase):
         self.assertLess(time.time() - t0, 6)
         st = sc.status(run_id)
         self.assertEqual(st["status"], "pending")
-        self.assertEqual(st["steps"][1]["status"], "running")
+        self.assertEqual(st["steps"][1]["status"], "interrupted")
         self.assertIn("released", [e["type"] for e in sc.events(run_id)])
         self.assertEqual(self.shims(), [])
         sc.tick()
         st = sc.status(run_id)
         self.assertEqual((st["status"], st["output"]), ("completed", 2))
         self.assertEqual(read_counter(counter), ["first", "slow", "slow", "last"])
+
+    def test_a_run_started_while_serve_stops_is_still_driven(self):
+        self.write_config("shutdown_grace: 5s\n")
+        sc = self.sidecar(clock=False)
+        sc.deploy("stamped", STAMPED_PY, runtime="python")
+        counter = os.path.join(self.tmp, "c.txt")
+        p = self.serve()
+        slow = sc.start("stamped", {"counter": counter, "steps": 1, "work": 2.0})["id"]
+        wait_for(lambda: read_counter(counter), what="the slow step")
+        p.send_signal(signal.SIGTERM)
+        wait_for(lambda: "received SIGTERM" in self.serve_log(p), what="serve to start stopping")
+        late = sc.start("stamped", {"counter": counter, "steps": 1})["id"]  # serve no longer claims
+        self.assertEqual(p.wait(15), 0)
+        self.assertEqual(self.wait_status(sc, late, ("completed",), timeout=30)["status"], "completed")
+        self.assertEqual(sc.status(slow)["status"], "completed")
 
     def test_wakes_on_time_for_a_sleep(self):
         sc = self.sidecar(clock=False)

@@ -200,6 +200,56 @@ class BadRequests(WebhookCase):
         self.assertTrue(data.startswith(b"HTTP/1.1 408"), data[:40])
         self.assertEqual(self.db_snapshot(), before)
 
+    def trickle(self, first, then, seconds):
+        """Send ``first``, then one byte of ``then`` every 0.2 s; returns what came back and when."""
+        sock = socket.create_connection(("127.0.0.1", self.server.port), timeout=10)
+        t0 = time.time()
+        data = b""
+        try:
+            sock.sendall(first)
+            for i in range(int(seconds / 0.2)):
+                try:
+                    sock.sendall(then[i:i + 1] or b"x")
+                except OSError:
+                    break
+                time.sleep(0.2)
+                sock.setblocking(False)
+                try:
+                    data += sock.recv(4096)
+                except (BlockingIOError, OSError):
+                    pass
+                sock.setblocking(True)
+                if data:
+                    break
+        finally:
+            sock.close()
+        return data, time.time() - t0
+
+    def test_trickled_headers_are_cut_off(self):
+        before = self.db_snapshot()
+        data, took = self.trickle(b"POST /webhook HTTP/1.1\r\n", b"X-Slow: " + b"a" * 100, 6)
+        self.assertTrue(data.startswith(b"HTTP/1.1 408"), data[:40])
+        self.assertLess(took, 4)  # read_timeout is 1 s here
+        self.assertEqual(self.db_snapshot(), before)
+
+    def test_trickled_body_is_cut_off(self):
+        before = self.db_snapshot()
+        data, took = self.trickle(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n",
+                                  b"{" * 1000, 6)
+        self.assertTrue(data.startswith(b"HTTP/1.1 408"), data[:40])
+        self.assertLess(took, 4)
+        self.assertEqual(self.db_snapshot(), before)
+
+    def test_non_finite_numbers_are_refused(self):
+        for body in (b'{"runId": "%s", "status": "completed", "output": NaN}' % self.run_id.encode(),
+                     b'{"runId": "%s", "passId": "%s", "events": [{"type": "sleep", "step": "s", "wake_at": 1e400}]}'
+                     % (self.run_id.encode(), self.pass_id.encode()),
+                     b'{"runId": "%s", "passId": "%s", "events": [{"type": "suspended", "wake_at": 1e300}]}'
+                     % (self.run_id.encode(), self.pass_id.encode())):
+            with self.subTest(body=body):
+                reply = self.check(400 if b"NaN" in body else 422, None, body=body)
+                self.assertFalse(reply["ok"])
+
     def test_unexpected_error_is_500_without_details(self):
         original = self.server.apply
 
