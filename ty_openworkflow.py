@@ -1764,6 +1764,11 @@ def validate_code(runtime, code, config):
             raise InputError("the workflow code defines no top-level function named `workflow`; "
                              "write `def workflow(input, ctx): ...`")
         return
+    if re.search(r"^\s*def\s+workflow\s*\(", code, re.M):
+        raise InputError("this looks like Python (def workflow); deploy it with --runtime python")
+    if re.search(r"^\s*(import\s[\w{*\s,]+\sfrom\s|import\s+['\"]|export\s)", code, re.M):
+        raise InputError("ES module syntax (import/export) is not supported in workflow code; use require() "
+                         "(exec, docker) or inline what it needs")
     node = config["adapters.exec.node"]
     node_path = _which(node)
     if not node_path:
@@ -2711,7 +2716,8 @@ def verify_callback(secret, headers, body, now_s, tolerance_s):
         raise WebhookReject(401, "bad %s: expected unix seconds" % TIMESTAMP_HEADER)
     ts = int(ts_text.strip())
     if abs(now_s - ts) > tolerance_s:
-        raise WebhookReject(401, "stale timestamp: %ds from now, over the %ds tolerance" % (ts - now_s, tolerance_s))
+        raise WebhookReject(401, "stale timestamp: %d s away from this server's clock, over the %d s tolerance"
+                            % (abs(ts - now_s), tolerance_s))
     expected = sign_callback(secret, body, ts)[SIGNATURE_HEADER]
     if not hmac.compare_digest(expected.encode("ascii"), sig.strip().encode("ascii", "replace")):
         raise WebhookReject(401, "bad signature")
@@ -3247,7 +3253,7 @@ class Sidecar:
 
     # -- workflows ------------------------------------------------------------
 
-    def deploy(self, workflow_id, code, adapter=None, runtime="node", version="1.0.0", name=None, description=None,
+    def deploy(self, workflow_id, code, adapter=None, runtime="node", version=None, name=None, description=None,
                deadline=None):
         """Store ``code`` as the workflow's newest version (a no-op if unchanged)."""
         if not WORKFLOW_ID_RE.match(workflow_id or ""):
@@ -3256,7 +3262,7 @@ class Sidecar:
             raise InputError("unknown runtime %r; choose node or python" % runtime)
         adapter = adapter or self.config["default_adapter"]
         impl = self.adapter(adapter)
-        if not version or not str(version).strip():
+        if version is not None and not str(version).strip():
             raise InputError("--version must not be empty")
         deadline_ms = None
         if deadline is not None:
@@ -3267,6 +3273,9 @@ class Sidecar:
         impl.check(runtime)
         impl.validate(runtime, code)
         impl.deploy(workflow_id, code, runtime)
+        if version is None:  # keep the label the workflow has; 1.0.0 for a new one
+            current = self.store.get_workflow(workflow_id)
+            version = current["label"] if current else "1.0.0"
         row, created = self.store.save_version(workflow_id, code, runtime, adapter, str(version), name, description,
                                                self.clock(), deadline_ms)
         return {"workflow_id": workflow_id, "version": row["version"], "label": row["label"], "runtime": runtime,
@@ -3625,7 +3634,9 @@ def _print_status(st):
     status = st["status"]
     line = _color(status, _STATUS_COLORS.get(status, "0"))
     if status == "sleeping" and st.get("wake_at"):
-        line += " until %s (in %s)" % (format_time(st["wake_at"]), format_duration(max(0, st["wake_at"] - now_ms())))
+        left = st["wake_at"] - now_ms()
+        line += " until %s (%s)" % (format_time(st["wake_at"]), "in %s" % format_duration(left) if left > 0
+                                    else "due now; waiting for a scheduler")
     elif status == "pending" and st.get("available_at") and st["available_at"] > now_ms():
         line += " (retry at %s)" % format_time(st["available_at"])
     rows = [("run", st["id"]),
@@ -3668,7 +3679,9 @@ def _print_status(st):
     if st["output"] is not None:
         print("output    %s" % json.dumps(st["output"], ensure_ascii=False, sort_keys=True))
     if st["error"]:
-        print("error     %s" % st["error"].get("message"))
+        name = st["error"].get("name")
+        print("error     %s%s" % (st["error"].get("message"),
+                                  " (%s)" % name if name and name not in ("Error", "StepFailed") else ""))
         if st["error"].get("stack"):
             for ln in st["error"]["stack"].rstrip().splitlines()[:12]:
                 print("          %s" % ln)
@@ -3745,15 +3758,15 @@ def cmd_adapters(api, args):
     return 0
 
 
-def _setup_logging(verbose):
+def _setup_logging(verbose, quiet=False):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 def cmd_tick(api, args):
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, quiet=True)
     stats = api.tick(concurrency=args.concurrency)
     if args.json:
         _print_json(stats)
@@ -3789,6 +3802,7 @@ def cmd_serve(api, args):
         find_ty(api.config)
     except TaskYouError as exc:
         log.warning("taskyou: %s", exc)
+        api.bridge._warned.add(str(exc).split(";")[0])  # said once; the bridge need not repeat it
     try:
         sched.loop()
     finally:
@@ -3865,7 +3879,7 @@ def build_parser():
     sp.add_argument("-a", "--adapter", choices=ADAPTER_NAMES, help="compute adapter (default: default_adapter)")
     sp.add_argument("--name", help="workflow name")
     sp.add_argument("--description", help="workflow description")
-    sp.add_argument("--version", default="1.0.0", help="workflow version label (default 1.0.0)")
+    sp.add_argument("--version", help="workflow version label (default: the current one, 1.0.0 for a new workflow)")
     sp.add_argument("--runtime", default="node", choices=sorted(RUNTIMES), help="runtime (default node)")
     sp.add_argument("--deadline", help="default deadline for its runs (e.g. 1h); `start --deadline` overrides")
     sp.add_argument("--json", action="store_true", help="output as JSON")
@@ -3916,13 +3930,15 @@ def build_parser():
     sp.add_argument("--timestamp", type=int, help="unix seconds to sign with (default now)")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
-    sp = sub.add_parser("runner", help=argparse.SUPPRESS)
+    sp = sub.add_parser("runner")
     sp.set_defaults(func=cmd_runner)
     sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sp.add_argument("-v", "--verbose", action="store_true")
-    sp = sub.add_parser("dist", help=argparse.SUPPRESS)
+    sp = sub.add_parser("dist")
     sp.set_defaults(func=cmd_dist)
     sp.add_argument("out")
+    # Internal commands (the background runner, the single-file build) stay out of --help.
+    sub._choices_actions = [a for a in sub._choices_actions if a.dest not in ("runner", "dist")]
     return p
 
 

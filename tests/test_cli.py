@@ -59,6 +59,16 @@ class Commands(TempHome):
         code, out, err = self.cli("status", run_id[:12])
         self.assertEqual(code, 0, err)  # a unique prefix is enough
 
+    def test_redeploy_keeps_the_label_unless_given(self):
+        sc = self.sidecar()
+        self.assertEqual(sc.deploy("w", HELLO_PY, runtime="python")["label"], "1.0.0")
+        again = sc.deploy("w", HELLO_PY, runtime="python", version="3.0.0")
+        self.assertEqual((again["version"], again["label"], again["created"]), (2, "3.0.0", True))
+        same = sc.deploy("w", HELLO_PY, runtime="python")
+        self.assertEqual((same["version"], same["label"], same["created"]), (2, "3.0.0", False))
+        code, out, err = self.cli("deploy", "w", "--runtime", "python", stdin=HELLO_PY)
+        self.assertEqual(out, "w is unchanged (version 2, 3.0.0)\n")
+
     def test_create_task_flag_is_stored(self):
         sc = self.sidecar()
         sc.deploy("hello", HELLO_PY, runtime="python")
@@ -167,6 +177,13 @@ class Misuse(TempHome):
     def test_code_without_a_workflow_function(self):
         self.check(["deploy", "x", "--runtime", "python"], 2, "defines no top-level function named `workflow`",
                    stdin="def main(input, ctx):\n    return 1\n")
+
+    @unittest.skipUnless(HAVE_NODE, "node is not on PATH")
+    def test_module_syntax_and_python_as_javascript(self):
+        self.check(["deploy", "x"], 2, "ES module syntax (import/export) is not supported",
+                   stdin='import fs from "node:fs";\nasync function workflow(input, { step }) { return 1; }\n')
+        self.check(["deploy", "x"], 2, "this looks like Python (def workflow); deploy it with --runtime python",
+                   stdin=HELLO_PY)
 
     def test_bad_workflow_id(self):
         self.check(["deploy", "../etc", "--runtime", "python"], 2, "invalid workflow id '../etc'", stdin=HELLO_PY)
