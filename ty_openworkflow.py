@@ -28,10 +28,8 @@ __all__ = [
 ]
 
 import argparse
-import base64
 import contextlib
 import datetime
-import errno
 import hashlib
 import hmac
 import http.client
@@ -3046,6 +3044,10 @@ class Bridge:
     def resume(self):
         self._stop.clear()
 
+    def said(self, exc):
+        """Record that a problem was already reported, so delivery does not log it again."""
+        self._warned.add(str(exc).split(";")[0])
+
     def abort(self):
         """Stop delivering (scheduler shutdown): kill `ty` calls in flight; they retry later."""
         self._stop.set()
@@ -3083,9 +3085,8 @@ class Bridge:
                 except TaskYouError as exc:
                     retry_at = self.sidecar.clock() + backoff_ms(OUTBOX_RETRY, item["attempts"] + 1)
                     self.store.outbox_failed(item["id"], self.sidecar.clock(), str(exc), retry_at)
-                    key = str(exc).split(";")[0]
-                    if key not in self._warned:
-                        self._warned.add(key)
+                    if str(exc).split(";")[0] not in self._warned:
+                        self.said(exc)
                         log.warning("taskyou: %s; will retry", exc)
                     continue
                 self.store.outbox_delivered(item["id"], self.sidecar.clock(), task_id, item["run_id"])
@@ -3802,7 +3803,7 @@ def cmd_serve(api, args):
         find_ty(api.config)
     except TaskYouError as exc:
         log.warning("taskyou: %s", exc)
-        api.bridge._warned.add(str(exc).split(";")[0])  # said once; the bridge need not repeat it
+        api.bridge.said(exc)  # once is enough; the bridge will not repeat it
     try:
         sched.loop()
     finally:

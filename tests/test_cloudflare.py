@@ -8,7 +8,7 @@ import unittest
 
 from tests.fake_cloudflare import FakeCloudflare, have_miniflare
 from tests.test_contract import AdapterContract
-from tests.util import TempHome, tow, wait_for
+from tests.util import TempHome, wait_for
 
 NO_FS = "uses the filesystem or processes, which Workers do not have; the same engine runs it under exec/node"
 

@@ -338,7 +338,7 @@ class FailureInjection(FakeTyCase):
     def test_fail_everything(self):
         self.create()
         self.set_control({"fail": True})
-        r = self.rejected("status", "1", "done", message=fake_ty.DEFAULT_FAIL_MESSAGE)
+        self.rejected("status", "1", "done", message=fake_ty.DEFAULT_FAIL_MESSAGE)
         self.assertEqual(self.task(1)["status"], "backlog")
         self.assertEqual(fake_ty.calls(self.state_path)[-1]["injected"], "fail")
         self.set_control({"fail": True, "fail_message": "Error: database is locked"})

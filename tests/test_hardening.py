@@ -1,10 +1,8 @@
 """Regressions from adversarial review: hostile workflow code, odd input, orphaned passes."""
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 import unittest
 
 from tests.util import HAVE_NODE, MODULE, TempHome, processes_mentioning, read_counter, tow, wait_for
