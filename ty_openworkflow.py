@@ -1115,8 +1115,8 @@ class Store:
                       (error[:2000], retry_at, item_id))
 
     def next_outbox_at(self):
-        row = self.conn.execute("SELECT MIN(next_at) FROM outbox WHERE delivered_at IS NULL").fetchone()
-        return row[0] if row else None
+        row = self.query_one("SELECT MIN(next_at) AS t FROM outbox WHERE delivered_at IS NULL")
+        return row["t"] if row else None
 
     def outbox_for_run(self, run_id):
         return self.query("SELECT id, kind, delivered_at, attempts, next_at, last_error FROM outbox WHERE run_id = ? "
@@ -1164,6 +1164,14 @@ class Store:
                     run["lost_pass_id"] = run["pass_id"]
                     self._journal(c, run_id, run["pass_id"], "lease_expired",
                                   {"owner": run["lease_owner"], "message": "its scheduler stopped; replaying"}, now)
+                    # A pass that keeps taking its scheduler down must not be replayed forever.
+                    lost = run["pass_failures"] + 1
+                    c.execute("UPDATE runs SET pass_failures = ? WHERE id = ?", (lost, run_id))
+                    if lost >= PASS_RETRY["max_attempts"]:
+                        self._finish(c, run_id, run["pass_id"], "failed", now, error={
+                            "message": "the run's pass was lost %d times in a row (its scheduler stopped each time)"
+                                       % lost, "name": "PassLost", "stack": None})
+                        continue
                 if run["deadline_at"] is not None and now >= run["deadline_at"]:
                     self._finish(c, run_id, run["pass_id"], "failed", now, error={
                         "message": "the run passed its deadline (%s)" % format_time(run["deadline_at"]),
@@ -1181,8 +1189,8 @@ class Store:
         return claimed
 
     def next_due_at(self):
-        row = self.conn.execute(SQL_NEXT_DUE).fetchone()
-        return row[0] if row else None
+        row = self.query_one(SQL_NEXT_DUE.replace("SELECT MIN(t) FROM", "SELECT MIN(t) AS t FROM", 1))
+        return row["t"] if row else None
 
     def renew_leases(self, owner, pass_ids, until):
         """Extend the leases of our passes; returns the pass ids we no longer hold."""
@@ -1197,15 +1205,17 @@ class Store:
 
     def pass_is_current(self, run_id, pass_id, now=None):
         """True while ``pass_id`` is the run's pass in flight (and, given ``now``, its lease holds)."""
-        row = self.conn.execute("SELECT lease_expires_at FROM runs WHERE id = ? AND pass_id = ? AND status = 'running'",
-                                (run_id, pass_id)).fetchone()
-        return row is not None and (now is None or row[0] is None or row[0] >= now)
+        row = self.query_one("SELECT lease_expires_at FROM runs WHERE id = ? AND pass_id = ? AND status = 'running'",
+                             (run_id, pass_id))
+        return row is not None and (now is None or row["lease_expires_at"] is None or row["lease_expires_at"] >= now)
 
     def history(self, run_id):
         """The replay history a pass needs: completed outputs, sleep wake times, attempts."""
         steps, sleeps, attempts = {}, {}, {}
-        for key, kind, status, output, wake_at, n in self.conn.execute(
-                "SELECT key, kind, status, output, wake_at, attempts FROM steps WHERE run_id = ?", (run_id,)):
+        for row in self.query("SELECT key, kind, status, output, wake_at, attempts FROM steps WHERE run_id = ?",
+                              (run_id,)):
+            key, kind, status, output, wake_at, n = (row["key"], row["kind"], row["status"], row["output"],
+                                                     row["wake_at"], row["attempts"])
             if kind == "sleep":
                 sleeps[key] = wake_at
             elif status == "completed":
@@ -1266,13 +1276,14 @@ class Store:
                 return APPLIED  # memoized results are never overwritten
             output = dumps(ev.get("output"))
             if len(output.encode("utf-8")) > defaults["max_output_bytes"]:
-                ev = {"type": "step_failed", "step": key, "retryable": False, "error": {
+                ev = {"type": "step_failed", "step": key, "retryable": False, "oversized": True, "error": {
                     "message": "the output of step %r is %d bytes, over the limit of %d bytes "
                                "(limits.max_output_bytes)" % (key, len(output.encode("utf-8")),
                                                               defaults["max_output_bytes"]),
                     "name": "OutputTooLarge", "stack": None}}
                 kind = "step_failed"
             else:
+                c.execute("UPDATE runs SET pass_failures = 0 WHERE id = ?", (run_id,))  # progress was made
                 if cur:
                     c.execute("UPDATE steps SET status = 'completed', output = ?, error = NULL, completed_at = ? "
                               "WHERE run_id = ? AND key = ?", (output, now, run_id, key))
@@ -1292,6 +1303,10 @@ class Store:
             c.execute("UPDATE steps SET status = 'failed', error = ?, retryable = ? WHERE run_id = ? AND key = ? "
                       "AND status != 'completed'", (dumps(error), retryable, run_id, key))
             self._journal(c, run_id, pass_id, "step_failed", {"step": key, "error": error}, now)
+            if ev.get("oversized"):
+                # The shim believes the step succeeded: end the pass here, the run cannot go on.
+                self._fail_pass(c, run_id, pass_id, now, defaults, key, error, retryable=False, workflow_error=False)
+                return ENDED
             return APPLIED
         if kind == "sleep":
             wake_at = ev.get("wake_at")
@@ -1496,12 +1511,16 @@ def materialize(directory, filename, text):
     base, ext = os.path.splitext(filename)
     path = os.path.join(directory, "%s-%s%s" % (base, digest, ext))
     if not os.path.exists(path):
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise AdapterError("cannot write %s (%s); check the adapter's work_dir and free space"
+                               % (directory, exc.strerror or exc))
     return path
 
 
@@ -2113,13 +2132,13 @@ class HttpExecution(Execution):
                 text = raw.decode("utf-8", "replace")
                 self._track(text)
                 yield text
-        if self.saw_terminal or self.canceled or self.timed_out or self.status not in (None, 200):
-            return
+        if self.saw_terminal or self.canceled or self.timed_out or self._resp is None or self.status != 200:
+            return  # nothing started remotely (or it answered): nothing to follow in KV
         # The response ended early: the worker runs the pass to its end (waitUntil) and keeps
         # its events in KV, so follow them there until the terminal event or the pass timeout.
         while not self.saw_terminal and not self.canceled and not self.timed_out and time.time() < self._deadline:
             try:
-                found = self.adapter.kv_events(self.spec.pass_id)
+                found = self.adapter.kv_events(self.spec.pass_id, after_seq=self.last_seq)
             except AdapterError as exc:
                 self._log.append("reconcile: %s" % exc)
                 break
@@ -2307,12 +2326,13 @@ class CloudflareAdapter(Adapter):
         name = self.upload(spec.version["workflow_id"], spec.version["code"])
         return HttpExecution(self, self.worker_url(name), spec, self.cfg("timeout"))
 
-    def kv_events(self, pass_id):
-        """The event lines the worker recorded in KV for a pass, in order."""
+    def kv_events(self, pass_id, after_seq=0):
+        """The event lines the worker recorded in KV for a pass after ``after_seq``, in order."""
         base = "/accounts/%s/storage/kv/namespaces/%s" % (self.cfg("account_id"), self.cfg("namespace"))
         prefix = "ev:%s:" % pass_id
         keys = self.api("GET", "%s/keys?prefix=%s" % (base, urllib.parse.quote(prefix, safe=""))) or []
-        names = sorted(k["name"] for k in keys if isinstance(k, dict) and isinstance(k.get("name"), str))
+        names = sorted(k["name"] for k in keys if isinstance(k, dict) and isinstance(k.get("name"), str)
+                       and k["name"][len(prefix):].isdigit() and int(k["name"][len(prefix):]) > after_seq)
         return [self.api("GET", "%s/values/%s" % (base, urllib.parse.quote(n, safe="")), raw=True)
                 .decode("utf-8", "replace") for n in names]
 
@@ -2470,7 +2490,11 @@ class Scheduler:
         """Deliver task updates off the scheduling path: a slow `ty` never delays a pass."""
         while not self.stopping.is_set():
             self._deliver_updates()
-            nxt = self.store.next_outbox_at()
+            try:
+                nxt = self.store.next_outbox_at()
+            except OpenWorkflowError as exc:
+                log.warning("taskyou bridge: %s", exc)
+                nxt = None
             wait_s = self.wait_cap_s if nxt is None else max(0.01, min(self.wait_cap_s, (nxt - self.clock()) / 1000.0))
             self.bridge_wake.wait(wait_s)
             self.bridge_wake.clear()
@@ -2523,6 +2547,8 @@ class Scheduler:
             "attempt": run["passes"], "input": json.loads(run["input"]), "now": self.clock(),
             "history": self.store.history(run["id"]), "inline_sleep_ms": INLINE_SLEEP_MS,
             "max_output_bytes": self.config["limits.max_output_bytes"],
+            # Where remote compute may send signed callbacks (webhook.external_url), if set.
+            "callback_url": self.config["webhook.external_url"] or None,
         }
 
     def _drive(self, run, ap):
@@ -2682,12 +2708,18 @@ def install_secret(data_dir, filename, create=False):
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise ConfigError("cannot read the webhook secret %s: %s" % (path, exc.strerror or exc))
+        raise ConfigError("cannot read the secret %s: %s; fix its permissions" % (path, exc.strerror or exc))
     if not create:
         raise ConfigError("no secret at %s; run `ty-openworkflow init` (it creates one)" % path)
-    os.makedirs(data_dir, mode=0o700, exist_ok=True)
     secret = secrets.token_hex(32).encode("ascii")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process created it first: use theirs
+        return install_secret(data_dir, filename, create=False)
+    except OSError as exc:
+        raise ConfigError("cannot create the secret %s: %s; check that data_dir is writable"
+                          % (path, exc.strerror or exc))
     with os.fdopen(fd, "wb") as f:
         f.write(secret + b"\n")
     return secret
@@ -3217,6 +3249,7 @@ class Sidecar:
         self._bridge = None
         self._adapters = {}
         self._lock = threading.Lock()
+        self.last_warning = None
 
     @property
     def store(self):
@@ -3426,10 +3459,10 @@ class Sidecar:
         try:
             return self.spawn_runner()
         except OSError as exc:
-            # The run is stored and safe; it only waits for a scheduler.
-            log.warning("could not start the background runner (%s); run `ty-openworkflow tick` or `serve`", exc)
-            sys.stderr.write("ty-openworkflow: warning: could not start the background runner (%s); run "
-                             "`ty-openworkflow tick` or `serve` to drive the run\n" % (exc.strerror or exc))
+            # The run is stored and safe; it only waits for a scheduler (status says so).
+            self.last_warning = ("could not start the background runner (%s); run `ty-openworkflow tick` or "
+                                 "`serve` to drive the run" % (exc.strerror or exc))
+            log.warning("%s", self.last_warning)
             return None
 
     def spawn_runner(self):
@@ -3583,6 +3616,8 @@ def cmd_start(api, args):
         value = parse_json_arg(text, args.input_file)
     st = api.start(args.workflow_id, value, task_title=args.task, create_task=args.create_task,
                    deadline=args.deadline)
+    if api.last_warning:
+        print("ty-openworkflow: warning: %s" % api.last_warning, file=sys.stderr)
     if not args.wait:
         if args.json:
             _print_json(st)

@@ -112,6 +112,43 @@ async function workflow(input, { step, sleep }) {
         self.assert_failed_with(st, "over limits.max_step_attempts (5); stopped as a runaway")
 
 
+class StoreRules(TempHome):
+    """Rules the store enforces whatever a runtime sends."""
+
+    def setUp(self):
+        super().setUp()
+        self.sc = self.sidecar()
+        self.sc.deploy("wf", "def workflow(input, ctx):\n    return ctx.step('a', lambda: 1)\n", runtime="python")
+        self.run_id = self.sc.start("wf", {}, drive=False)["id"]
+
+    def claim(self):
+        runs = self.sc.store.claim_due("test-owner", self.clock(), 10, 1000)
+        return runs[0]["pass_id"] if runs else None
+
+    def test_an_oversized_result_ends_the_pass_and_fails_the_run(self):
+        pass_id = self.claim()
+        defaults = self.sc.defaults()
+        defaults["max_output_bytes"] = 10
+        store = self.sc.store
+        self.assertEqual(store.apply_event(self.run_id, pass_id, {"type": "step_started", "step": "a"},
+                                           self.clock(), defaults), tow.APPLIED)
+        outcome = store.apply_event(self.run_id, pass_id, {"type": "step_completed", "step": "a", "output": "x" * 50},
+                                    self.clock(), defaults)
+        self.assertEqual(outcome, tow.ENDED)
+        st = self.sc.status(self.run_id)
+        self.assertEqual(st["status"], "failed")
+        self.assertIn("over the limit of 10 bytes", st["error"]["message"])
+
+    def test_a_pass_lost_again_and_again_fails_the_run(self):
+        for _ in range(tow.PASS_RETRY["max_attempts"]):
+            self.assertIsNotNone(self.claim())
+            self.clock.advance(2000)  # its scheduler died: the lease runs out
+        self.assertIsNone(self.claim())
+        st = self.sc.status(self.run_id)
+        self.assertEqual(st["status"], "failed")
+        self.assertIn("lost %d times in a row" % tow.PASS_RETRY["max_attempts"], st["error"]["message"])
+
+
 class OrphanedPasses(TempHome):
     """A pass never outlives the scheduler that runs it, even one stuck in a busy loop."""
 
