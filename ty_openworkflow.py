@@ -56,7 +56,6 @@ import urllib.parse
 # ---------------------------------------------------------------------------
 
 PROTOCOL_VERSION = 1
-APP_NAME = "ty-openworkflow"
 CONFIG_ENV = "TY_OPENWORKFLOW_CONFIG"
 DATA_DIR_ENV = "TY_OPENWORKFLOW_DATA_DIR"
 DB_FILE = "ty-openworkflow.db"
@@ -256,6 +255,19 @@ def pid_alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def _clean_error(error):
+    """Normalize an error document from a shim to {message, name, stack}."""
+    if not isinstance(error, dict):
+        return {"message": str(error) if error is not None else "unknown error", "name": "Error", "stack": None}
+    return {"message": str(error.get("message", "unknown error"))[:4000], "name": str(error.get("name") or "Error"),
+            "stack": None if error.get("stack") is None else str(error.get("stack"))[:16000]}
+
+
+def _short(value, width=60):
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 # ---------------------------------------------------------------------------
@@ -662,6 +674,38 @@ def load_config(path=None, text=None, must_exist=False):
     return Config(values, path, exists)
 
 
+def write_default_config(path, data_dir=None, force=False):
+    """Write the seed's default config; refuses to overwrite without ``force``."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        raise ConfigError("config %s is a directory; give the path of a file (e.g. %s)"
+                          % (path, os.path.join(path, "config.yaml")))
+    if os.path.exists(path) and not force:
+        raise Conflict("%s already exists; edit it, or run `init --force` to overwrite it with the defaults" % path)
+    data_dir = data_dir or "~/.config/ty-openworkflow"
+    if "\n" in data_dir or "\0" in data_dir:
+        raise InputError("--data-dir must be a single-line path")
+    if len(data_dir) > 1:
+        data_dir = data_dir.rstrip("/")
+
+    def q(value):
+        plain = not re.search(r"[#:'\"\\{}\[\]&*!|>%@`,]", value) and value == value.strip() and value[:1] != "-"
+        return value if plain else json.dumps(value)
+
+    text = DEFAULT_CONFIG_TEXT.format(data_dir=q(data_dir), exec_dir=q(data_dir + "/exec"),
+                                      docker_dir=q(data_dir + "/docker"))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".config-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError("cannot write %s: %s" % (path, exc.strerror or exc))
+    return path
+
+
 # ---------------------------------------------------------------------------
 # Store: SQLite (WAL), migrations by PRAGMA user_version
 # ---------------------------------------------------------------------------
@@ -787,6 +831,16 @@ SQL_DUE_RUNS = ("SELECT id, status FROM runs WHERE (status IN ('pending', 'sleep
 SQL_NEXT_DUE = ("SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM runs WHERE status IN ('pending', 'sleeping') "
                 "UNION ALL SELECT MIN(lease_expires_at) FROM runs WHERE status = 'running')")
 
+SQL_VERSION = ("SELECT workflow_id, version, label, runtime, adapter, code, code_hash, created_at, deadline_ms "
+               "FROM workflow_versions WHERE workflow_id = ? AND version = ?")
+SQL_WORKFLOWS = ("SELECT w.id, w.name, w.description, w.latest_version, w.created_at, w.updated_at, v.label, "
+                 "v.runtime, v.adapter, v.code_hash, v.deadline_ms, "
+                 "(SELECT count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs "
+                 "FROM workflows w JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version")
+SQL_RUN = "SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS
+# The next position of a step in a run's history (display order), bound to the run id.
+SQL_NEXT_SEQ = "(SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE run_id = ?)"
+
 # Outcomes of applying one event.
 APPLIED, IGNORED, ENDED = "applied", "ignored", "ended"
 
@@ -798,10 +852,9 @@ def _row_dict(cursor, row):
 class Store:
     """The durable backend: workflows, versions, runs, steps, events, logs."""
 
-    def __init__(self, data_dir, config=None):
+    def __init__(self, data_dir):
         self.data_dir = data_dir
         self.path = os.path.join(data_dir, DB_FILE)
-        self.config = config
         self._local = threading.local()
         self._all = []
         self._lock = threading.Lock()
@@ -981,29 +1034,24 @@ class Store:
                       (workflow_id, version, label, runtime, adapter, code, code_hash, now, deadline_ms))
             return self._version(c, workflow_id, version), True
 
-    def _version(self, c, workflow_id, version):
-        cur = c.execute("SELECT workflow_id, version, label, runtime, adapter, code, code_hash, created_at, "
-                        "deadline_ms FROM workflow_versions WHERE workflow_id = ? AND version = ?", (workflow_id, version))
+    @staticmethod
+    def _one(c, sql, params):
+        """One row as a dict (or None) inside a transaction."""
+        cur = c.execute(sql, params)
         row = cur.fetchone()
         return _row_dict(cur, row) if row else None
 
+    def _version(self, c, workflow_id, version):
+        return self._one(c, SQL_VERSION, (workflow_id, version))
+
     def get_version(self, workflow_id, version):
-        return self.query_one("SELECT workflow_id, version, label, runtime, adapter, code, code_hash, created_at, "
-                              "deadline_ms FROM workflow_versions WHERE workflow_id = ? AND version = ?", (workflow_id, version))
+        return self.query_one(SQL_VERSION, (workflow_id, version))
 
     def get_workflow(self, workflow_id):
-        return self.query_one(
-            "SELECT w.id, w.name, w.description, w.latest_version, w.created_at, w.updated_at, v.label, v.runtime, "
-            "v.adapter, v.code_hash, v.deadline_ms, (SELECT count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs "
-            "FROM workflows w JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version "
-            "WHERE w.id = ?", (workflow_id,))
+        return self.query_one(SQL_WORKFLOWS + " WHERE w.id = ?", (workflow_id,))
 
     def list_workflows(self):
-        return self.query(
-            "SELECT w.id, w.name, w.description, w.latest_version, w.created_at, w.updated_at, v.label, v.runtime, "
-            "v.adapter, (SELECT count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs "
-            "FROM workflows w JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version "
-            "ORDER BY w.id")
+        return self.query(SQL_WORKFLOWS + " ORDER BY w.id")
 
     # -- runs -----------------------------------------------------------------
 
@@ -1019,7 +1067,7 @@ class Store:
                 self._enqueue(c, run_id, "create", None, now)
 
     def get_run(self, run_id):
-        run = self.query_one("SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS, (run_id,))
+        run = self.query_one(SQL_RUN, (run_id,))
         if run is None and run_id and len(run_id) >= 6:
             matches = self.query("SELECT %s FROM runs WHERE id LIKE ? ESCAPE '\\' LIMIT 3" % _RUN_COLUMNS,
                                  (run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",))
@@ -1138,11 +1186,9 @@ class Store:
     def cancel_run(self, run_id, now, reason="canceled by user"):
         """Cancel a run that is not terminal; returns the run as it was before."""
         with self.transaction() as c:
-            cur = c.execute("SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS, (run_id,))
-            row = cur.fetchone()
-            if row is None:
+            run = self._one(c, SQL_RUN, (run_id,))
+            if run is None:
                 raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
-            run = _row_dict(cur, row)
             if run["status"] in TERMINAL:
                 raise Conflict("run %s is already %s; nothing to cancel" % (run_id, run["status"]))
             self._finish(c, run_id, run["pass_id"], "canceled", now,
@@ -1157,8 +1203,7 @@ class Store:
         with self.transaction() as c:
             rows = c.execute(SQL_DUE_RUNS, (now, now, limit)).fetchall()
             for run_id, status in rows:
-                cur = c.execute("SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS, (run_id,))
-                run = _row_dict(cur, cur.fetchone())
+                run = self._one(c, SQL_RUN, (run_id,))
                 run["lost_pass_id"] = None
                 if status == "running":
                     run["lost_pass_id"] = run["pass_id"]
@@ -1257,8 +1302,8 @@ class Store:
                           "error = NULL WHERE run_id = ? AND key = ?", (dumps(retry), now, run_id, key))
             else:
                 c.execute("INSERT INTO steps (run_id, key, kind, status, seq, retry, attempts, started_at) "
-                          "VALUES (?, ?, 'step', 'running', (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps "
-                          "WHERE run_id = ?), ?, 1, ?)", (run_id, key, run_id, dumps(retry), now))
+                          "VALUES (?, ?, 'step', 'running', " + SQL_NEXT_SEQ + ", ?, 1, ?)",
+                          (run_id, key, run_id, dumps(retry), now))
             self._journal(c, run_id, pass_id, kind, {"step": key, "attempt": ev.get("attempt")}, now)
             if cur:  # a retry: these count towards the runaway cap, first attempts do not
                 c.execute("UPDATE runs SET step_attempts = step_attempts + 1, updated_at = ? WHERE id = ?",
@@ -1289,15 +1334,15 @@ class Store:
                               "WHERE run_id = ? AND key = ?", (output, now, run_id, key))
                 else:
                     c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, attempts, started_at, "
-                              "completed_at) VALUES (?, ?, 'step', 'completed', (SELECT COALESCE(MAX(seq), 0) + 1 "
-                              "FROM steps WHERE run_id = ?), ?, 1, ?, ?)", (run_id, key, run_id, output, now, now))
+                              "completed_at) VALUES (?, ?, 'step', 'completed', " + SQL_NEXT_SEQ + ", ?, 1, ?, ?)",
+                              (run_id, key, run_id, output, now, now))
                 self._journal(c, run_id, pass_id, kind, {"step": key, "output": ev.get("output")}, now)
                 return APPLIED
         if kind == "step_failed":
             error = _clean_error(ev.get("error"))
             retryable = 0 if ev.get("retryable") is False else 1
             c.execute("INSERT INTO steps (run_id, key, kind, status, seq, attempts, started_at) "
-                      "SELECT ?, ?, 'step', 'running', (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE run_id = ?), "
+                      "SELECT ?, ?, 'step', 'running', " + SQL_NEXT_SEQ + ", "
                       "1, ? WHERE NOT EXISTS (SELECT 1 FROM steps WHERE run_id = ? AND key = ?)",
                       (run_id, key, run_id, now, run_id, key))
             c.execute("UPDATE steps SET status = 'failed', error = ?, retryable = ? WHERE run_id = ? AND key = ? "
@@ -1311,8 +1356,7 @@ class Store:
         if kind == "sleep":
             wake_at = ev.get("wake_at")
             c.execute("INSERT OR IGNORE INTO steps (run_id, key, kind, status, seq, wake_at, started_at) VALUES "
-                      "(?, ?, 'sleep', 'sleeping', (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE run_id = ?), "
-                      "?, ?)", (run_id, key, run_id, wake_at, now))
+                      "(?, ?, 'sleep', 'sleeping', " + SQL_NEXT_SEQ + ", ?, ?)", (run_id, key, run_id, wake_at, now))
             self._journal(c, run_id, pass_id, kind, {"step": key, "wake_at": wake_at}, now)
             return APPLIED
         if kind == "completed":
@@ -1440,12 +1484,6 @@ class Store:
         return live
 
 
-def _clean_error(error):
-    """Normalize an error document from a shim to {message, name, stack}."""
-    if not isinstance(error, dict):
-        return {"message": str(error) if error is not None else "unknown error", "name": "Error", "stack": None}
-    return {"message": str(error.get("message", "unknown error"))[:4000], "name": str(error.get("name") or "Error"),
-            "stack": None if error.get("stack") is None else str(error.get("stack"))[:16000]}
 
 
 # ---------------------------------------------------------------------------
@@ -1614,12 +1652,13 @@ class Execution:
 class ProcessExecution(Execution):
     """A pass running as a child process fed by stdin, reporting on stdout."""
 
-    def __init__(self, argv, stdin_bytes, env=None, cwd=None, timeout_ms=None, on_cancel=None, on_unclean_end=None):
+    def __init__(self, argv, stdin_bytes, env=None, cwd=None, timeout_ms=None, on_stop=None):
+        """``on_stop``: run once when the pass is stopped or ends badly (e.g. remove its container)."""
         self.argv = argv
         self.canceled = False
         self.timed_out = False
-        self._on_cancel = on_cancel
-        self._on_unclean_end = on_unclean_end
+        self._on_stop = on_stop
+        self._stopped = threading.Lock()
         self._log = bytearray()
         self._log_truncated = 0
         self._timeout_ms = timeout_ms
@@ -1662,10 +1701,13 @@ class ProcessExecution(Execution):
         self.timed_out = True
         self._stop()
 
-    def _stop(self):
-        if self._on_cancel:
+    def _run_on_stop(self):
+        if self._on_stop and self._stopped.acquire(blocking=False):
             with contextlib.suppress(Exception):
-                self._on_cancel()
+                self._on_stop()
+
+    def _stop(self):
+        self._run_on_stop()
         _kill_group(self.proc)
 
     def lines(self):
@@ -1694,9 +1736,8 @@ class ProcessExecution(Execution):
         if self._timer:
             self._timer.cancel()
         self._close_stdin()
-        if (code != 0 or self.canceled or self.timed_out) and self._on_unclean_end:
-            with contextlib.suppress(Exception):
-                self._on_unclean_end()
+        if code != 0 or self.canceled or self.timed_out:
+            self._run_on_stop()
         self._err_thread.join(2)
         for stream in (self.proc.stdout, self.proc.stderr):
             with contextlib.suppress(Exception):
@@ -1723,9 +1764,11 @@ class Adapter:
     """A compute platform that runs passes. Picked by name from ADAPTERS."""
 
     name = "?"
+    CHECK_CACHE_S = 60  # check() runs before every pass: a passing check is trusted this long
 
     def __init__(self, config):
         self.config = config
+        self._checked = {}
 
     @property
     def enabled(self):
@@ -1736,6 +1779,14 @@ class Adapter:
         if not self.enabled:
             raise AdapterError("adapter %r is disabled; set adapters.%s.enabled: true in %s"
                                % (self.name, self.name, self.config.path))
+        key = runtime or "*"
+        if time.time() - self._checked.get(key, 0) < self.CHECK_CACHE_S:
+            return
+        self._check(runtime)
+        self._checked[key] = time.time()
+
+    def _check(self, runtime):
+        """The adapter's own checks (binaries, engine, API), behind check()'s cache."""
 
     def validate(self, runtime, code):
         """Reject code the runtime cannot load (syntax errors), before anything is stored."""
@@ -1794,11 +1845,18 @@ def validate_code(runtime, code, config):
     if not re.search(r"\bworkflow\b", code):
         raise InputError("the workflow code defines no function named `workflow`; write "
                          "`async function workflow(input, { step, sleep }) { ... }`")
+    node_check(code, "workflow.js", lambda path: run_command([node_path, "--check", path], timeout_s=30))
+
+
+def node_check(text, filename, run):
+    """Syntax-check ``text`` saved as ``filename`` in a temp dir: ``run(path)`` runs `node --check`."""
     with tempfile.TemporaryDirectory(prefix="tyow-check-") as tmp:
-        path = os.path.join(tmp, "workflow.js")
+        path = os.path.join(tmp, filename)
         with open(path, "w", encoding="utf-8") as f:
-            f.write(code)
-        rc, out, err = run_command([node_path, "--check", path], timeout_s=30)
+            f.write(text)
+        os.chmod(tmp, 0o755)  # a container user may need to read it
+        os.chmod(path, 0o644)
+        rc, _, err = run(path)
     if rc != 0:
         raise _syntax_error(err)
 
@@ -1820,8 +1878,7 @@ class ExecAdapter(Adapter):
     def binary(self, runtime):
         return self.config["adapters.exec.node" if runtime == "node" else "adapters.exec.python"]
 
-    def check(self, runtime=None):
-        super().check(runtime)
+    def _check(self, runtime):
         for rt in ([runtime] if runtime else list(RUNTIMES)):
             b = self.binary(rt)
             if not _which(b):
@@ -1869,12 +1926,6 @@ class DockerAdapter(Adapter):
 
     name = "docker"
     LABEL = "ty-openworkflow"
-    CHECK_CACHE_S = 60
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._checked = {}
-
     def cfg(self, key):
         return self.config["adapters.docker." + key]
 
@@ -1898,11 +1949,7 @@ class DockerAdapter(Adapter):
                                "adapters.docker.docker" % self.cfg("docker"))
         return run_command([binary] + list(args), timeout_s=timeout_s)
 
-    def check(self, runtime=None):
-        super().check(runtime)
-        key = runtime or "*"
-        if time.time() - self._checked.get(key, 0) < self.CHECK_CACHE_S:
-            return
+    def _check(self, runtime):
         rc, out, err = self.docker(["version", "--format", "{{.Server.Version}}"], timeout_s=15)
         if rc != 0 or not out.strip():
             detail = (err.strip().splitlines() or ["no answer"])[-1][:200]
@@ -1918,7 +1965,6 @@ class DockerAdapter(Adapter):
                                        % (image, rt, image, "node" if rt == "node" else "python"))
         for rt in ([runtime] if runtime else list(RUNTIMES)):
             runtime_source(rt)
-        self._checked[key] = time.time()
 
     def validate(self, runtime, code):
         if runtime == "python":
@@ -1969,12 +2015,13 @@ class DockerAdapter(Adapter):
         binary = "node" if rt == "node" else "python3"
         return argv + [self.image(rt), binary, inside_shim, inside_code]
 
-    def container_name(self, spec):
-        return "tyow-%s" % spec.pass_id.replace("_", "-")
+    @staticmethod
+    def container_name(pass_id):
+        return "tyow-%s" % pass_id.replace("_", "-")
 
     def launch(self, spec):
         self.check(spec.runtime)
-        name = self.container_name(spec)
+        name = self.container_name(spec.pass_id)
         argv = self.run_argv(spec, name)
 
         def kill_container():
@@ -1982,8 +2029,7 @@ class DockerAdapter(Adapter):
             self.docker(["rm", "-f", name], timeout_s=20)
 
         return ProcessExecution(argv, (dumps(spec.doc) + "\n").encode("utf-8"), cwd=None,
-                                timeout_ms=self.cfg("timeout"), on_cancel=kill_container,
-                                on_unclean_end=kill_container)
+                                timeout_ms=self.cfg("timeout"), on_stop=kill_container)
 
     def containers(self):
         """Our containers: (name, run id, pass id) for each, running or not."""
@@ -1996,7 +2042,7 @@ class DockerAdapter(Adapter):
 
     def reap(self, run_id, pass_id):
         """A replay must not run beside the lost pass's container: remove it first."""
-        rc, _, err = self.docker(["rm", "-f", "tyow-%s" % pass_id.replace("_", "-")], timeout_s=30)
+        rc, _, err = self.docker(["rm", "-f", self.container_name(pass_id)], timeout_s=30)
         if rc == 0:
             log.info("docker: removed the container of lost pass %s of run %s", pass_id, run_id)
 
@@ -2017,17 +2063,9 @@ class DockerAdapter(Adapter):
 
 def validate_code_in_docker(adapter, code):
     """`node --check` inside the node image, for hosts without node."""
-    with tempfile.TemporaryDirectory(prefix="tyow-check-") as tmp:
-        path = os.path.join(tmp, "workflow.js")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(code)
-        os.chmod(tmp, 0o755)
-        os.chmod(path, 0o644)
-        rc, out, err = adapter.docker(["run", "--rm", "--network", "none", "--pull", adapter.cfg("pull"),
-                                       "-v", "%s:/ow/workflow.js:ro" % path, adapter.image("node"),
-                                       "node", "--check", "/ow/workflow.js"], timeout_s=60)
-    if rc != 0:
-        raise _syntax_error(err)
+    node_check(code, "workflow.js", lambda path: adapter.docker(
+        ["run", "--rm", "--network", "none", "--pull", adapter.cfg("pull"), "-v", "%s:/ow/workflow.js:ro" % path,
+         adapter.image("node"), "node", "--check", "/ow/workflow.js"], timeout_s=60))
 
 
 def http_request(method, url, headers=None, body=None, timeout_s=30, stream=False):
@@ -2181,14 +2219,12 @@ class CloudflareAdapter(Adapter):
     name = "cloudflare"
     COMPATIBILITY_DATE = "2024-09-23"
     SECRET_FILE = "cloudflare.secret"
-    CHECK_CACHE_S = 60
-
     def __init__(self, config):
         super().__init__(config)
         self._token = None
         self._subdomain = None
         self._uploaded = set()
-        self._checked = 0
+        self._names = {}
 
     def cfg(self, key):
         return self.config["adapters.cloudflare." + key]
@@ -2243,20 +2279,16 @@ class CloudflareAdapter(Adapter):
                                "api_token_cmd and that the token may edit Workers and KV" % (status, detail))
         raise AdapterError("Cloudflare API %s %s failed (HTTP %d: %s)" % (method, path.split("?")[0], status, detail))
 
-    def check(self, runtime=None):
-        super().check(runtime)
+    def _check(self, runtime):
         if runtime == "python":
             raise AdapterError("the cloudflare adapter runs JavaScript workflows only; deploy with --runtime node, "
                                "or use exec or docker for Python")
         for key in ("account_id", "namespace"):
             if not self.cfg(key).strip():
                 raise AdapterError("adapters.cloudflare.%s is empty; set it (namespace is the KV namespace id)" % key)
-        if time.time() - self._checked < self.CHECK_CACHE_S:
-            return
         self.subdomain()
         runtime_source("node")
         runtime_file(CLOUDFLARE_GLUE)
-        self._checked = time.time()
 
     def subdomain(self):
         if self._subdomain is None:
@@ -2287,21 +2319,21 @@ class CloudflareAdapter(Adapter):
         if re.search(r"\brequire\s*\(|^\s*import\s", code, re.M):
             raise InputError("Workers have no require() or import for workflow code; inline what it needs "
                              "(fetch is available)")
-        with tempfile.TemporaryDirectory(prefix="tyow-check-") as tmp:
-            path = os.path.join(tmp, "workflow.mjs")
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(self.module_text(code))
-            rc, _, err = run_command([_which(self.config["adapters.exec.node"]), "--check", path], timeout_s=30)
-        if rc != 0:
-            raise _syntax_error(err)
+        node = _which(self.config["adapters.exec.node"])
+        node_check(self.module_text(code), "workflow.mjs", lambda path: run_command([node, "--check", path],
+                                                                                 timeout_s=30))
 
     def deploy(self, workflow_id, code, runtime):
         """Upload the Worker now, so `deploy` reports API problems and nothing is stored on failure."""
         self.upload(workflow_id, code)
 
     def upload(self, workflow_id, code):
+        known = self._names.get((workflow_id, code))
+        if known in self._uploaded:
+            return known  # the common case, once per pass: no module rebuild
         module = self.module_text(code)
         name = self.script_name(workflow_id, module)
+        self._names[(workflow_id, code)] = name
         if name in self._uploaded:
             return name
         acct = self.cfg("account_id")
@@ -3098,7 +3130,7 @@ class Bridge:
             with self._lock:
                 self._procs = {p for p in self._procs if p.poll() is None}
 
-    def deliver_due(self, now=None):
+    def deliver_due(self):
         """Deliver every update that is due; returns how many landed."""
         delivered = 0
         while not self._stop.is_set():
@@ -3207,37 +3239,6 @@ class Bridge:
 # ---------------------------------------------------------------------------
 
 
-def write_default_config(path, data_dir=None, force=False):
-    """Write the seed's default config; refuses to overwrite without ``force``."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isdir(path):
-        raise ConfigError("config %s is a directory; give the path of a file (e.g. %s)"
-                          % (path, os.path.join(path, "config.yaml")))
-    if os.path.exists(path) and not force:
-        raise Conflict("%s already exists; edit it, or run `init --force` to overwrite it with the defaults" % path)
-    data_dir = data_dir or "~/.config/ty-openworkflow"
-    if "\n" in data_dir or "\0" in data_dir:
-        raise InputError("--data-dir must be a single-line path")
-    if len(data_dir) > 1:
-        data_dir = data_dir.rstrip("/")
-
-    def q(value):
-        plain = not re.search(r"[#:'\"\\{}\[\]&*!|>%@`,]", value) and value == value.strip() and value[:1] != "-"
-        return value if plain else json.dumps(value)
-
-    text = DEFAULT_CONFIG_TEXT.format(data_dir=q(data_dir), exec_dir=q(data_dir + "/exec"),
-                                      docker_dir=q(data_dir + "/docker"))
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".config-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ConfigError("cannot write %s: %s" % (path, exc.strerror or exc))
-    return path
-
 
 class Sidecar:
     """deploy / start / status / list / cancel / logs / tick / serve over one store."""
@@ -3254,7 +3255,7 @@ class Sidecar:
     @property
     def store(self):
         if self._store is None:
-            self._store = Store(self.config.data_dir, self.config)
+            self._store = Store(self.config.data_dir)
         return self._store
 
     @property
@@ -3467,11 +3468,12 @@ class Sidecar:
 
     def spawn_runner(self):
         """Start a detached `runner` process that drives due runs, then exits when idle."""
-        argv = [sys.executable, os.path.abspath(__file__), "--config", self.config.path, "runner"]
-        env = None
-        if not self.config.exists:  # defaults only: the runner must not insist on a file
-            argv[2:4] = []
+        argv, env = [sys.executable, os.path.abspath(__file__)], None
+        if self.config.exists:
+            argv += ["--config", self.config.path]
+        else:  # defaults only: hand the path over without insisting that the file exists
             env = dict(os.environ, **{CONFIG_ENV: self.config.path})
+        argv.append("runner")
         log_path = os.path.join(self.config.data_dir, "runner.log")
         with open(log_path, "ab") as log_file:
             proc = spawn(argv, stdin=False, stdout=subprocess.DEVNULL, stderr=log_file, env=env)
@@ -3486,12 +3488,17 @@ class Sidecar:
         """Run every pass that is due now, then return."""
         return self.scheduler("tick", concurrency).loop()
 
-    def serve(self, stop_event=None, concurrency=None):
-        """Drive runs (and the webhook, if enabled) until ``stop_event`` is set."""
-        sched = self.scheduler("serve", concurrency)
+    def serve(self, stop_event=None, concurrency=None, scheduler=None):
+        """Drive runs (and the webhook, if enabled) until ``stop_event`` is set or ``scheduler.stop()``."""
+        sched = scheduler or self.scheduler("serve", concurrency)
         if stop_event is not None:
             threading.Thread(target=lambda: (stop_event.wait(), sched.stop()), daemon=True).start()
         hook = WebhookServer(self).start() if self.config["webhook.enabled"] else None
+        try:
+            find_ty(self.config)
+        except TaskYouError as exc:
+            log.warning("taskyou: %s", exc)
+            self.bridge.said(exc)  # once is enough; the bridge will not repeat it
         try:
             return sched.loop()
         finally:
@@ -3539,9 +3546,7 @@ def _print_json(value):
     print(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
 
 
-def _short(value, width=60):
-    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
-    return text if len(text) <= width else text[: width - 3] + "..."
+
 
 
 def _table(rows, headers):
@@ -3833,17 +3838,7 @@ def cmd_serve(api, args):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("serving %s (scheduler %s, concurrency %d)", api.config.data_dir, sched.id, sched.concurrency)
-    hook = WebhookServer(api).start() if api.config["webhook.enabled"] else None
-    try:
-        find_ty(api.config)
-    except TaskYouError as exc:
-        log.warning("taskyou: %s", exc)
-        api.bridge.said(exc)  # once is enough; the bridge will not repeat it
-    try:
-        sched.loop()
-    finally:
-        if hook is not None:
-            hook.stop()
+    api.serve(scheduler=sched)
     log.info("stopped")
     return 0
 
