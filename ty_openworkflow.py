@@ -62,6 +62,9 @@ DB_FILE = "ty-openworkflow.db"
 # PRAGMA application_id marks our databases, so a foreign SQLite file is refused.
 DB_APPLICATION_ID = 0x74796F77  # "tyow"
 SQLITE_BUSY_TIMEOUT_MS = 10000
+# Idle SQLite connections a store keeps for reuse; more are closed when returned,
+# so threads that come and go (passes, webhook requests) never pile up fds.
+STORE_POOL_IDLE = 8
 # Step retry defaults follow OpenWorkflow: 10 attempts, 1 s, x2, capped at 100 s.
 DEFAULT_RETRY = {"max_attempts": 10, "initial_ms": 1000, "backoff": 2.0, "max_ms": 100000}
 # A pass that dies with no step in flight (shim crash, OOM) retries on this policy.
@@ -196,8 +199,8 @@ def format_time(ms):
 
 
 def dumps(value):
-    """Compact, deterministic JSON."""
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False, allow_nan=False)
+    """Compact JSON that keeps the key order it was given (replay must iterate objects as live did)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def loads_or_none(text):
@@ -266,7 +269,7 @@ def _clean_error(error):
 
 
 def _short(value, width=60):
-    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -324,6 +327,8 @@ CONFIG_SCHEMA = {
     "limits.max_output_bytes": ("size", 1048576),
     "limits.max_input_bytes": ("size", 1048576),
     "limits.max_step_attempts": ("int", 1000),
+    "limits.max_steps": ("int", 10000),
+    "limits.pass_memory": ("size", 1 << 30),
     "retry.max_attempts": ("int", 10),
     "retry.initial_interval": ("duration", "1s"),
     "retry.backoff_coefficient": ("float", 2.0),
@@ -514,6 +519,13 @@ def parse_yaml(text, filename="<config>"):
     if pos < len(lines):
         raise ConfigError("%s:%d: unexpected indentation" % (filename, lines[pos].no))
     return data, key_lines
+
+
+def _format_size(n):
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return "%d%s" % (n // size, unit)
+    return "%d bytes" % n
 
 
 def _parse_size(value):
@@ -820,12 +832,20 @@ MIGRATIONS = [
             kind TEXT NOT NULL,
             at INTEGER NOT NULL)""",
     ],
+    [  # 4: replay order, step counters, the last pass's end
+        # The order in which steps and sleeps resolved live: replay hands them back in it.
+        "ALTER TABLE steps ADD COLUMN done_seq INTEGER",
+        "ALTER TABLE runs ADD COLUMN step_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN done_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN last_pass TEXT",
+        "UPDATE runs SET step_count = (SELECT count(*) FROM steps WHERE steps.run_id = runs.id)",
+    ],
 ]
 
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
                 "step_attempts, available_at, wake_at, deadline_at, pass_id, lease_owner, "
                 "lease_expires_at, task_requested, task_title, task_id, created_at, updated_at, "
-                "started_at, finished_at")
+                "started_at, finished_at, step_count, last_pass")
 SQL_DUE_RUNS = ("SELECT id, status FROM runs WHERE (status IN ('pending', 'sleeping') AND available_at <= ?) "
                 "OR (status = 'running' AND lease_expires_at < ?) ORDER BY available_at, created_at LIMIT ?")
 SQL_NEXT_DUE = ("SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM runs WHERE status IN ('pending', 'sleeping') "
@@ -838,8 +858,6 @@ SQL_WORKFLOWS = ("SELECT w.id, w.name, w.description, w.latest_version, w.create
                  "(SELECT count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs "
                  "FROM workflows w JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version")
 SQL_RUN = "SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS
-# The next position of a step in a run's history (display order), bound to the run id.
-SQL_NEXT_SEQ = "(SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE run_id = ?)"
 
 # Outcomes of applying one event.
 APPLIED, IGNORED, ENDED = "applied", "ignored", "ended"
@@ -855,8 +873,7 @@ class Store:
     def __init__(self, data_dir):
         self.data_dir = data_dir
         self.path = os.path.join(data_dir, DB_FILE)
-        self._local = threading.local()
-        self._all = []
+        self._idle = []  # a small pool: threads borrow a connection per call, never keep one
         self._lock = threading.Lock()
         self._closed = False
         self._prepare_dir()
@@ -895,6 +912,9 @@ class Store:
         if "not a database" in msg or "malformed" in msg or "encrypted" in msg:
             return StoreError("%s is not a ty-openworkflow database (%s); move it away or point data_dir elsewhere"
                               % (self.path, msg), exc)
+        if "full" in msg:
+            return StoreError("cannot write %s: the disk (or the database's page limit) is full (%s); free some "
+                              "space" % (self.path, msg), exc)
         if "readonly" in msg or "unable to open" in msg or "disk I/O" in msg:
             return StoreError("cannot write %s (%s); check that data_dir is writable and has free space"
                               % (self.path, msg), exc)
@@ -903,46 +923,66 @@ class Store:
                               % (self.path, SQLITE_BUSY_TIMEOUT_MS // 1000, msg), exc)
         return StoreError("store error on %s: %s" % (self.path, msg), exc)
 
-    @property
-    def conn(self):
+    def _acquire(self):
         if self._closed:
             raise StoreError("the store is closed; open a new Sidecar")
-        c = getattr(self._local, "conn", None)
-        if c is None:
-            c = self._connect()
-            self._local.conn = c
-            with self._lock:
-                self._all.append(c)
-        return c
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return self._connect()
+
+    def _release(self, conn):
+        # A connection goes back to the pool only clean: no open transaction.
+        with self._lock:
+            if not self._closed and not conn.in_transaction and len(self._idle) < STORE_POOL_IDLE:
+                self._idle.append(conn)
+                return
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
+    @contextlib.contextmanager
+    def connection(self):
+        """Borrow a pooled connection for a few statements (reads; writes go through transaction())."""
+        conn = self._acquire()
+        try:
+            yield conn
+        finally:
+            self._release(conn)
 
     @contextlib.contextmanager
     def transaction(self):
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
-        conn = self.conn
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.DatabaseError as exc:
-            raise self._wrap(exc)
-        try:
-            yield conn
-        except BaseException as exc:
-            conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.DatabaseError):
-                raise self._wrap(exc)
-            raise
-        else:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error; sqlite3 errors leave as StoreError."""
+        with self.connection() as conn:
             try:
-                conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
             except sqlite3.DatabaseError as exc:
-                with contextlib.suppress(sqlite3.DatabaseError):
-                    conn.execute("ROLLBACK")
                 raise self._wrap(exc)
+            try:
+                yield conn
+            except BaseException as exc:
+                # SQLite may already have rolled back by itself (SQLITE_FULL, an I/O error):
+                # a second ROLLBACK would raise and hide the real cause.
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise self._wrap(exc)
+                raise
+            else:
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                    raise self._wrap(exc)
 
     def query(self, sql, params=()):
         try:
-            cur = self.conn.execute(sql, params)
-            return [_row_dict(cur, r) for r in cur.fetchall()]
-        except sqlite3.DatabaseError as exc:
+            with self.connection() as conn:
+                cur = conn.execute(sql, params)
+                return [_row_dict(cur, r) for r in cur.fetchall()]
+        except sqlite3.Error as exc:
             raise self._wrap(exc)
 
     def query_one(self, sql, params=()):
@@ -952,11 +992,10 @@ class Store:
     def close(self):
         with self._lock:
             self._closed = True
-            for c in self._all:
-                with contextlib.suppress(Exception):
-                    c.close()
-            self._all = []
-        self._local = threading.local()
+            idle, self._idle = self._idle, []
+        for c in idle:
+            with contextlib.suppress(Exception):
+                c.close()
 
     def _migrate(self):
         # Look before touching: a plain connection sets no journal mode, so a
@@ -1255,19 +1294,20 @@ class Store:
         return row is not None and (now is None or row["lease_expires_at"] is None or row["lease_expires_at"] >= now)
 
     def history(self, run_id):
-        """The replay history a pass needs: completed outputs, sleep wake times, attempts."""
-        steps, sleeps, attempts = {}, {}, {}
-        for row in self.query("SELECT key, kind, status, output, wake_at, attempts FROM steps WHERE run_id = ?",
-                              (run_id,)):
-            key, kind, status, output, wake_at, n = (row["key"], row["kind"], row["status"], row["output"],
-                                                     row["wake_at"], row["attempts"])
+        """The replay history a pass needs: completed outputs, sleep wake times, attempts, resolution order."""
+        steps, sleeps, attempts, order = {}, {}, {}, []
+        for row in self.query("SELECT key, kind, status, output, wake_at, attempts, done_seq FROM steps "
+                              "WHERE run_id = ? ORDER BY done_seq IS NULL, done_seq, seq", (run_id,)):
+            key, kind, status = row["key"], row["kind"], row["status"]
             if kind == "sleep":
-                sleeps[key] = wake_at
+                sleeps[key] = row["wake_at"]
             elif status == "completed":
-                steps[key] = json.loads(output)
-            if n:
-                attempts[key] = n
-        return {"steps": steps, "sleeps": sleeps, "attempts": attempts}
+                steps[key] = json.loads(row["output"])
+            if row["attempts"]:
+                attempts[key] = row["attempts"]
+            if row["done_seq"] is not None:
+                order.append(key)
+        return {"steps": steps, "sleeps": sleeps, "attempts": attempts, "order": order}
 
     def release(self, run_id, pass_id, now):
         """Give back a pass we stopped on shutdown: the run is due again at once, no attempt lost."""
@@ -1286,14 +1326,24 @@ class Store:
             return self._apply_event(c, run_id, pass_id, ev, now, defaults)
 
     def _apply_event(self, c, run_id, pass_id, ev, now, defaults):
-        row = c.execute("SELECT status, pass_id, step_attempts, deadline_at, pass_failures FROM runs WHERE id = ?",
+        row = c.execute("SELECT status, pass_id, step_attempts, deadline_at, step_count FROM runs WHERE id = ?",
                         (run_id,)).fetchone()
         if row is None or row[0] != "running" or row[1] != pass_id:
             return IGNORED
         kind = ev["type"]
         key = ev.get("step")
-        if kind == "step_started":
+        if kind in ("step_started", "step_completed", "step_failed", "sleep"):
             cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()
+            if cur is None:
+                if row[4] >= defaults["max_steps"]:
+                    self._finish(c, run_id, pass_id, "failed", now, error={
+                        "message": "the run reached %d steps and sleeps (limits.max_steps); stopped as a runaway "
+                                   "(raise the limit if it really needs more)" % defaults["max_steps"],
+                        "name": "TooManySteps", "stack": None})
+                    return ENDED
+                seq = row[4] + 1
+                c.execute("UPDATE runs SET step_count = ? WHERE id = ?", (seq, run_id))
+        if kind == "step_started":
             if cur and cur[0] == "completed":
                 return APPLIED
             retry = ev.get("retry") if isinstance(ev.get("retry"), dict) else {}
@@ -1302,8 +1352,7 @@ class Store:
                           "error = NULL WHERE run_id = ? AND key = ?", (dumps(retry), now, run_id, key))
             else:
                 c.execute("INSERT INTO steps (run_id, key, kind, status, seq, retry, attempts, started_at) "
-                          "VALUES (?, ?, 'step', 'running', " + SQL_NEXT_SEQ + ", ?, 1, ?)",
-                          (run_id, key, run_id, dumps(retry), now))
+                          "VALUES (?, ?, 'step', 'running', ?, ?, 1, ?)", (run_id, key, seq, dumps(retry), now))
             self._journal(c, run_id, pass_id, kind, {"step": key, "attempt": ev.get("attempt")}, now)
             if cur:  # a retry: these count towards the runaway cap, first attempts do not
                 c.execute("UPDATE runs SET step_attempts = step_attempts + 1, updated_at = ? WHERE id = ?",
@@ -1316,7 +1365,6 @@ class Store:
                     return ENDED
             return APPLIED
         if kind == "step_completed":
-            cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()
             if cur and cur[0] == "completed":
                 return APPLIED  # memoized results are never overwritten
             output = dumps(ev.get("output"))
@@ -1328,23 +1376,22 @@ class Store:
                     "name": "OutputTooLarge", "stack": None}}
                 kind = "step_failed"
             else:
-                c.execute("UPDATE runs SET pass_failures = 0 WHERE id = ?", (run_id,))  # progress was made
+                done_seq = self._next_done(c, run_id)
                 if cur:
-                    c.execute("UPDATE steps SET status = 'completed', output = ?, error = NULL, completed_at = ? "
-                              "WHERE run_id = ? AND key = ?", (output, now, run_id, key))
+                    c.execute("UPDATE steps SET status = 'completed', output = ?, error = NULL, completed_at = ?, "
+                              "done_seq = ? WHERE run_id = ? AND key = ?", (output, now, done_seq, run_id, key))
                 else:
                     c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, attempts, started_at, "
-                              "completed_at) VALUES (?, ?, 'step', 'completed', " + SQL_NEXT_SEQ + ", ?, 1, ?, ?)",
-                              (run_id, key, run_id, output, now, now))
+                              "completed_at, done_seq) VALUES (?, ?, 'step', 'completed', ?, ?, 1, ?, ?, ?)",
+                              (run_id, key, seq, output, now, now, done_seq))
                 self._journal(c, run_id, pass_id, kind, {"step": key, "output": ev.get("output")}, now)
                 return APPLIED
         if kind == "step_failed":
             error = _clean_error(ev.get("error"))
             retryable = 0 if ev.get("retryable") is False else 1
-            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, attempts, started_at) "
-                      "SELECT ?, ?, 'step', 'running', " + SQL_NEXT_SEQ + ", "
-                      "1, ? WHERE NOT EXISTS (SELECT 1 FROM steps WHERE run_id = ? AND key = ?)",
-                      (run_id, key, run_id, now, run_id, key))
+            if cur is None:
+                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, attempts, started_at) "
+                          "VALUES (?, ?, 'step', 'running', ?, 1, ?)", (run_id, key, seq, now))
             c.execute("UPDATE steps SET status = 'failed', error = ?, retryable = ? WHERE run_id = ? AND key = ? "
                       "AND status != 'completed'", (dumps(error), retryable, run_id, key))
             self._journal(c, run_id, pass_id, "step_failed", {"step": key, "error": error}, now)
@@ -1355,9 +1402,18 @@ class Store:
             return APPLIED
         if kind == "sleep":
             wake_at = ev.get("wake_at")
-            c.execute("INSERT OR IGNORE INTO steps (run_id, key, kind, status, seq, wake_at, started_at) VALUES "
-                      "(?, ?, 'sleep', 'sleeping', " + SQL_NEXT_SEQ + ", ?, ?)", (run_id, key, run_id, wake_at, now))
-            self._journal(c, run_id, pass_id, kind, {"step": key, "wake_at": wake_at}, now)
+            if cur is None:
+                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, wake_at, started_at) VALUES "
+                          "(?, ?, 'sleep', 'sleeping', ?, ?, ?)", (run_id, key, seq, wake_at, now))
+                self._journal(c, run_id, pass_id, kind, {"step": key, "wake_at": wake_at}, now)
+            return APPLIED
+        if kind == "sleep_completed":
+            cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ? AND kind = 'sleep'",
+                            (run_id, key)).fetchone()
+            if cur and cur[0] != "completed":
+                c.execute("UPDATE steps SET status = 'completed', completed_at = ?, done_seq = ? WHERE run_id = ? "
+                          "AND key = ?", (now, self._next_done(c, run_id), run_id, key))
+                self._journal(c, run_id, pass_id, kind, {"step": key}, now)
             return APPLIED
         if kind == "completed":
             output = ev.get("output")
@@ -1383,6 +1439,14 @@ class Store:
                             retryable=ev.get("retryable") is not False, workflow_error=not key)
             return ENDED
         return APPLIED
+
+    @staticmethod
+    def _next_done(c, run_id):
+        """Take the next position in the run's resolution order (replay hands results back in it)."""
+        n = c.execute("SELECT done_count FROM runs WHERE id = ?", (run_id,)).fetchone()[0] + 1
+        # Progress was made: a pass that resolves something is not a lost pass.
+        c.execute("UPDATE runs SET done_count = ?, pass_failures = 0 WHERE id = ?", (n, run_id))
+        return n
 
     def end_pass_without_result(self, run_id, pass_id, now, defaults, message):
         """The pass stopped with no terminal event (crash, kill, timeout): a failed attempt."""
@@ -1490,7 +1554,8 @@ class Store:
 # Runtimes: the shims that run workflow code, and the event stream parser
 # ---------------------------------------------------------------------------
 
-EVENT_TYPES = {"step_started", "step_completed", "step_failed", "sleep", "completed", "failed", "suspended"}
+EVENT_TYPES = {"step_started", "step_completed", "step_failed", "sleep", "sleep_completed", "completed", "failed",
+               "suspended"}
 TERMINAL_EVENTS = {"completed", "failed", "suspended"}
 
 
@@ -1527,7 +1592,7 @@ def parse_event_line(line, pass_id):
         return None
     if not isinstance(ev, dict) or ev.get("pass") != pass_id or ev.get("type") not in EVENT_TYPES:
         return None
-    if ev["type"] in ("step_started", "step_completed", "step_failed", "sleep"):
+    if ev["type"] in ("step_started", "step_completed", "step_failed", "sleep", "sleep_completed"):
         key = ev.get("step")
         if not isinstance(key, str) or not key or len(key) > MAX_STEP_NAME_LEN:
             return None
@@ -1573,6 +1638,11 @@ def _die_with_parent():
 
 
 try:
+    import resource
+except ImportError:  # not on every platform; memory ceilings then go unenforced
+    resource = None
+
+try:
     import ctypes
     _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
     if _LIBC is not None and not hasattr(_LIBC, "prctl"):
@@ -1581,16 +1651,26 @@ except (ImportError, OSError):  # restricted builds may lack ctypes: passes stil
     _LIBC = None
 
 
-def spawn(argv, env=None, cwd=None, stdin=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, tied=False):
+def spawn(argv, env=None, cwd=None, stdin=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, tied=False,
+          pass_fds=(), address_space=None):
     """The one place that starts a child process: its own process group, pipes by default.
 
     ``tied``: the child dies with the calling thread (a pass must never outlive
     the scheduler that owns it, even one busy in a loop that never reads stdin).
+    ``address_space``: a memory ceiling in bytes for the child (RLIMIT_AS).
     """
+    tie = tied and _LIBC is not None
+
+    def before_exec():
+        if tie:
+            _die_with_parent()
+        if address_space and resource is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
     return subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                             stdout=stdout, stderr=stderr, env=env, cwd=cwd,
-                            start_new_session=True, close_fds=True,
-                            preexec_fn=_die_with_parent if tied and _LIBC is not None else None)
+                            start_new_session=True, close_fds=True, pass_fds=pass_fds,
+                            preexec_fn=before_exec if tie or address_space else None)
 
 
 def run_command(argv, timeout_s=30, env=None, input_bytes=None, on_start=None):
@@ -1652,8 +1732,14 @@ class Execution:
 class ProcessExecution(Execution):
     """A pass running as a child process fed by stdin, reporting on stdout."""
 
-    def __init__(self, argv, stdin_bytes, env=None, cwd=None, timeout_ms=None, on_stop=None):
-        """``on_stop``: run once when the pass is stopped or ends badly (e.g. remove its container)."""
+    def __init__(self, argv, stdin_bytes, env=None, cwd=None, timeout_ms=None, on_stop=None, event_pipe=False,
+                 address_space=None):
+        """``on_stop``: run once when the pass is stopped or ends badly (e.g. remove its container).
+
+        ``event_pipe``: events come on a pipe of their own (its fd number in the
+        child's TYOW_EVENT_FD) and the child's stdout joins stderr in the log, so
+        nothing the workflow or its children print can reach the event stream.
+        """
         self.argv = argv
         self.canceled = False
         self.timed_out = False
@@ -1662,8 +1748,22 @@ class ProcessExecution(Execution):
         self._log = bytearray()
         self._log_truncated = 0
         self._timeout_ms = timeout_ms
+        self._memory = address_space
+        self._events = None
         try:
-            self.proc = spawn(argv, env=env, cwd=cwd, tied=True)
+            if event_pipe:
+                r, w = os.pipe()
+                try:
+                    self.proc = spawn(argv, env=dict(env or os.environ, TYOW_EVENT_FD=str(w)), cwd=cwd, tied=True,
+                                      stderr=subprocess.STDOUT, pass_fds=(w,), address_space=address_space)
+                except BaseException:
+                    os.close(r)
+                    raise
+                finally:
+                    os.close(w)
+                self._events = os.fdopen(r, "rb")
+            else:
+                self.proc = spawn(argv, env=env, cwd=cwd, tied=True, address_space=address_space)
         except OSError as exc:
             raise AdapterError("cannot start %s: %s" % (argv[0], exc.strerror or exc))
         self._stdin_thread = threading.Thread(target=self._feed, args=(stdin_bytes,), daemon=True)
@@ -1690,8 +1790,8 @@ class ProcessExecution(Execution):
             self.proc.stdin.close()
 
     def _drain_stderr(self):
-        for chunk in iter(lambda: self.proc.stderr.read1(65536) if hasattr(self.proc.stderr, "read1")
-                          else self.proc.stderr.read(65536), b""):
+        out = self.proc.stdout if self._events is not None else self.proc.stderr
+        for chunk in iter(lambda: out.read1(65536) if hasattr(out, "read1") else out.read(65536), b""):
             room = MAX_PASS_LOG_BYTES - len(self._log)
             if room > 0:
                 self._log += chunk[:room]
@@ -1711,7 +1811,8 @@ class ProcessExecution(Execution):
         _kill_group(self.proc)
 
     def lines(self):
-        for raw in iter(self.proc.stdout.readline, b""):
+        stream = self._events if self._events is not None else self.proc.stdout
+        for raw in iter(stream.readline, b""):
             yield raw.decode("utf-8", "replace")
 
     def add_stray(self, line):
@@ -1739,13 +1840,16 @@ class ProcessExecution(Execution):
         if code != 0 or self.canceled or self.timed_out:
             self._run_on_stop()
         self._err_thread.join(2)
-        for stream in (self.proc.stdout, self.proc.stderr):
+        for stream in (self.proc.stdout, self.proc.stderr, self._events):
             with contextlib.suppress(Exception):
                 stream.close()
         if self.timed_out:
             return "the pass timed out after %s and was killed" % format_duration(self._timeout_ms)
         if self.canceled:
             return "the pass was stopped"
+        if code != 0 and re.search(r"heap out of memory|MemoryError|Cannot allocate memory", self.log_text[-4000:]):
+            return "the pass ran out of memory (limits.pass_memory: %s)" % _format_size(self._memory) \
+                if self._memory else "the pass ran out of memory"
         if code < 0:
             return "the runtime was killed by signal %d" % -code
         tail = self.log_text.strip().splitlines()[-1:] if self.log_text.strip() else []
@@ -1906,9 +2010,15 @@ class ExecAdapter(Adapter):
                            runtime_source(spec.runtime))
         code = materialize(os.path.join(self.work_dir, "code"), "workflow" + RUNTIMES[spec.runtime]["ext"],
                            spec.version["code"])
-        argv = [_which(self.binary(spec.runtime)), shim, code]
+        memory = self.config["limits.pass_memory"] or None
+        argv = [_which(self.binary(spec.runtime))]
+        if spec.runtime == "node" and memory:
+            # V8 reserves far more address space than it uses: bound its heap instead.
+            argv.append("--max-old-space-size=%d" % max(16, memory >> 20))
+        argv += [shim, code]
         return ProcessExecution(argv, (dumps(spec.doc) + "\n").encode("utf-8"), env=self.env(spec),
-                                cwd=self.work_dir, timeout_ms=self.config["adapters.exec.timeout"])
+                                cwd=self.work_dir, timeout_ms=self.config["adapters.exec.timeout"], event_pipe=True,
+                                address_space=memory if spec.runtime == "python" else None)
 
     def cleanup(self, store=None):
         """Drop cached code files older than a week (they are re-written on demand)."""
@@ -2013,7 +2123,10 @@ class DockerAdapter(Adapter):
         if self.cfg("read_only"):
             argv += ["--read-only", "--tmpfs", "/tmp:rw,size=64m"]
         binary = "node" if rt == "node" else "python3"
-        return argv + [self.image(rt), binary, inside_shim, inside_code]
+        # Inside, events go to fd 3 (docker's stdout) and fd 1 joins stderr in the
+        # log, so nothing the workflow or its children print reaches the event stream.
+        return argv + ["-e", "TYOW_EVENT_FD=3", self.image(rt), "/bin/sh", "-c",
+                       'exec 3>&1 1>&2 && exec "$0" "$@"', binary, inside_shim, inside_code]
 
     @staticmethod
     def container_name(pass_id):
@@ -2578,7 +2691,7 @@ class Scheduler:
             "workflow_id": run["workflow_id"], "version": run["version"], "version_label": version["label"],
             "attempt": run["passes"], "input": json.loads(run["input"]), "now": self.clock(),
             "history": self.store.history(run["id"]), "inline_sleep_ms": INLINE_SLEEP_MS,
-            "max_output_bytes": self.config["limits.max_output_bytes"],
+            "max_output_bytes": self.config["limits.max_output_bytes"], "max_steps": self.config["limits.max_steps"],
             # Where remote compute may send signed callbacks (webhook.external_url), if set.
             "callback_url": self.config["webhook.external_url"] or None,
         }
@@ -3284,7 +3397,8 @@ class Sidecar:
 
     def defaults(self):
         return {"retry": self.config.retry_policy(), "max_output_bytes": self.config["limits.max_output_bytes"],
-                "max_step_attempts": self.config["limits.max_step_attempts"]}
+                "max_step_attempts": self.config["limits.max_step_attempts"],
+                "max_steps": self.config["limits.max_steps"]}
 
     # -- workflows ------------------------------------------------------------
 
@@ -3543,7 +3657,7 @@ _STATUS_COLORS = {"completed": "32", "failed": "31", "canceled": "33", "running"
 
 
 def _print_json(value):
-    print(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
+    print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
 
@@ -3718,7 +3832,7 @@ def _print_status(st):
             attempts = " (%d attempts)" % s["attempts"] if s["attempts"] > 1 else ""
             print("  %s  %-9s %s%s" % (s["name"].ljust(width), s["status"], detail, attempts))
     if st["output"] is not None:
-        print("output    %s" % json.dumps(st["output"], ensure_ascii=False, sort_keys=True))
+        print("output    %s" % json.dumps(st["output"], ensure_ascii=False))
     if st["error"]:
         name = st["error"].get("name")
         print("error     %s%s" % (st["error"].get("message"),

@@ -139,10 +139,23 @@ function toJson(value, what) {
   return [text, JSON.parse(text)];
 }
 
+// How long replay waits for the workflow to ask again for the next result it
+// got live (it may be awaiting something that is not a step); past this the
+// remaining memoized results are handed out in call order.
+const REPLAY_STALL_MS = 2000;
+
+const defer = typeof setImmediate === "function" ? (f) => setImmediate(f) : (f) => setTimeout(f, 0);
+const idle = () => new Promise((r) => defer(r));
+const pause = (ms) => new Promise((r) => setTimeout(r, ms));
+const hasOwn = (o, k) => Object.prototype.hasOwnProperty.call(o, k);
+
 async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
   // The sidecar's clock is the run's clock: due times are judged against it, so a
   // worker whose clock drifts (or a test's simulated clock) agrees with the store.
-  const skewMs = typeof doc.now === "number" ? doc.now - Date.now() : 0;
+  // Only a sidecar clock ahead of ours is followed: one behind it by the time the
+  // pass took to start (the usual case) would make sleeps end early.
+  const rawSkew = typeof doc.now === "number" ? doc.now - Date.now() : 0;
+  const skewMs = rawSkew > 0 ? rawSkew : 0;
   const now = () => Date.now() + skewMs;
   const emit = (type, data) => sink(Object.assign({ type, pass: doc.pass_id, at: now() }, data || {}));
   const currentStep = new AsyncLocalStorageClass();
@@ -152,6 +165,18 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
   const attempts = history.attempts || {}; // key -> attempts started so far
   const inlineMs = doc.inline_sleep_ms !== undefined ? doc.inline_sleep_ms : 1000;
   const maxOutput = doc.max_output_bytes || 1048576;
+  const maxSteps = doc.max_steps || Infinity;
+
+  // Replay hands memoized results back in the order they resolved live
+  // (history.order), one at a time, letting the workflow run until it is idle
+  // in between; new work starts only after the last of them. Concurrent
+  // branches then call their next steps in the same order as live, and so get
+  // the same auto-indexed keys and the same memoized values.
+  const resolvedKeys = new Set(history.order || []);
+  const replayQueue = (history.order || []).filter((k) => hasOwn(done, k) || hasOwn(sleeps, k));
+  let replaying = replayQueue.length > 0;
+  const waiting = new Map(); // key -> hands the memoized result to the awaiting call
+  const deferred = []; // new work asked for during replay, in call order
 
   const used = new Map();
   const usedKeys = new Set();
@@ -165,7 +190,7 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
     if (!stop) {
       stop = reason;
       stopResolve();
-    } else if (reason.kind === "step_failed" && stop.kind === "suspend") {
+    } else if (reason.kind === "fatal" || (reason.kind === "step_failed" && stop.kind === "suspend")) {
       stop = reason; // a failure outranks a sleep
     } else if (reason.kind === "suspend" && stop.kind === "suspend") {
       stop.wake_at = Math.min(stop.wake_at, reason.wake_at); // wake for the earliest
@@ -198,18 +223,63 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
     const [key, n] = peekKey(name);
     used.set(name, n + 1);
     usedKeys.add(key);
+    if (usedKeys.size > maxSteps) {
+      halt({ kind: "fatal", error: { message: `the run reached ${maxSteps} steps and sleeps (limits.max_steps); stopped as a runaway (raise the limit if it really needs more)`, name: "TooManySteps", stack: null } });
+    }
     return key;
+  }
+
+  // A memoized result: at once after replay, else when its turn in history.order comes.
+  function memoized(key, value) {
+    if (!replaying || !resolvedKeys.has(key)) return Promise.resolve(value());
+    return new Promise((resolve) => waiting.set(key, () => resolve(value())));
+  }
+
+  // New work: now, or (during replay) once every recorded result has been handed back.
+  function later(work) {
+    if (!replaying) return work();
+    return new Promise((resolve, reject) => deferred.push(() => work().then(resolve, reject)));
+  }
+
+  async function replay() {
+    await idle();
+    let stalledSince = null;
+    let pos = 0;
+    while (pos < replayQueue.length && !settled) {
+      const fire = waiting.get(replayQueue[pos]);
+      if (!fire) {
+        // Not asked for again yet: the workflow is busy with something that is
+        // not a step, or took another path. Wait a little, then give up the order.
+        stalledSince = stalledSince === null ? Date.now() : stalledSince;
+        if (Date.now() - stalledSince > REPLAY_STALL_MS) break;
+        await (Date.now() - stalledSince < 5 ? idle() : pause(5));
+        continue;
+      }
+      stalledSince = null;
+      waiting.delete(replayQueue[pos]);
+      pos += 1;
+      fire();
+      await idle();
+    }
+    replaying = false;
+    for (const fire of [...waiting.values()]) fire();
+    waiting.clear();
+    for (const work of deferred.splice(0)) work();
   }
 
   async function step(name, fn, opts) {
     const key = keyFor(name, "step");
-    if (Object.prototype.hasOwnProperty.call(done, key)) {
-      return done[key] === null ? null : JSON.parse(JSON.stringify(done[key]));
+    if (hasOwn(done, key)) {
+      return memoized(key, () => (done[key] === null ? null : JSON.parse(JSON.stringify(done[key]))));
     }
-    if (stop) return never;
     if (typeof fn !== "function") throw new TypeError(`step "${key}": the second argument must be a function`);
-    const attempt = (attempts[key] || 0) + 1;
     const retry = retryPolicy(opts);
+    return later(() => runStep(key, fn, retry));
+  }
+
+  async function runStep(key, fn, retry) {
+    if (stop) return never;
+    const attempt = (attempts[key] || 0) + 1;
     emit("step_started", { step: key, attempt, retry });
     const info = { runId: doc.run_id, stepKey: key, attempt, idempotencyKey: `${doc.run_id}:${key}` };
     const work = (async () => {
@@ -248,52 +318,65 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
 
   async function sleepUntil(name, when) {
     const key = keyFor(name, "sleep");
+    if (hasOwn(sleeps, key) && resolvedKeys.has(key)) return memoized(key, () => undefined);
     let wakeAt;
-    if (Object.prototype.hasOwnProperty.call(sleeps, key)) {
+    if (hasOwn(sleeps, key)) {
       wakeAt = sleeps[key];
     } else {
-      if (stop) return never;
       wakeAt = when instanceof Date ? when.getTime() : Number(when);
       if (!Number.isFinite(wakeAt) || Math.abs(wakeAt - now()) > MAX_SLEEP_MS) {
         throw new TypeError(`sleepUntil "${key}": invalid time ${String(when)}; give a Date or epoch milliseconds within a century`);
       }
       wakeAt = Math.round(wakeAt);
+    }
+    return later(() => runSleep(key, wakeAt));
+  }
+
+  async function runSleep(key, wakeAt) {
+    if (stop) return never;
+    if (!hasOwn(sleeps, key)) {
       emit("sleep", { step: key, wake_at: wakeAt });
       sleeps[key] = wakeAt;
     }
     const remaining = wakeAt - now();
-    if (remaining <= 0) return undefined;
-    if (stop) return never;
-    if (remaining <= inlineMs) {
-      await new Promise((r) => setTimeout(r, remaining));
-      return undefined;
+    if (remaining > inlineMs) {
+      halt({ kind: "suspend", wake_at: wakeAt });
+      return never;
     }
-    halt({ kind: "suspend", wake_at: wakeAt });
-    return never;
+    // Timers may fire a little early; a sleep never ends before its time.
+    while (wakeAt - now() > 0) await pause(wakeAt - now());
+    if (stop) return never;
+    emit("sleep_completed", { step: key });
+    return undefined;
   }
 
   async function sleep(name, duration) {
     const ms = durationMs(duration, `sleep "${name}"`);
     const key = typeof name === "string" ? peekKey(name)[0] : name;
-    const when = Object.prototype.hasOwnProperty.call(sleeps, key) ? sleeps[key] : now() + ms;
+    const when = hasOwn(sleeps, key) ? sleeps[key] : now() + ms;
     return sleepUntil(name, when);
   }
 
   const ctx = { step, sleep, sleepUntil, runId: doc.run_id, workflowId: doc.workflow_id, attempt: doc.attempt };
 
-  let outcome;
+  let settled = false;
   const running = Promise.resolve()
     .then(() => workflow(doc.input, ctx))
     .then(
       (value) => ({ ok: true, value }),
       (error) => ({ ok: false, error })
-    );
-  outcome = await Promise.race([running, stopped.then(() => null)]);
+    )
+    .finally(() => {
+      settled = true;
+    });
+  if (replaying) replay();
+  const outcome = await Promise.race([running, stopped.then(() => null)]);
 
   if (outcome === null || stop) {
     // Let steps already in flight settle and report, then end the pass.
     while (inflight.size) await Promise.allSettled([...inflight]);
     if (stop.kind === "suspend") emit("suspended", { wake_at: stop.wake_at });
+    else if (stop.kind === "fatal") emit("failed", { retryable: false, error: stop.error });
     else emit("failed", { step: stop.step, error: { message: `step "${stop.step}" failed`, name: "StepFailed", stack: null } });
     return;
   }
@@ -327,11 +410,40 @@ function loadWorkflow(file) {
   return wf;
 }
 
-// The event channel is the real stdout; user output is routed to stderr.
-const eventWrite = process.stdout.write.bind(process.stdout);
-process.stdout.write = function (chunk, encoding, cb) {
-  return process.stderr.write(chunk, encoding, cb);
-};
+// The event channel. With TYOW_EVENT_FD (exec and docker) it is a pipe of its
+// own and fd 1 already goes to the log, so nothing the workflow or a child
+// process it starts prints can ever land in it. The fd is reopened close-on-exec
+// and the inherited one closed, so child processes do not get it either.
+// Without it (a plain `node node_shim.js` by hand) events go to stdout.
+let eventWrite;
+const stdoutWrite = process.stdout.write.bind(process.stdout);
+const eventFd = Number(process.env.TYOW_EVENT_FD);
+delete process.env.TYOW_EVENT_FD;
+if (Number.isInteger(eventFd) && eventFd > 2) {
+  let fd = eventFd;
+  try {
+    fd = fs.openSync(`/proc/self/fd/${eventFd}`, "w");
+    fs.closeSync(eventFd);
+  } catch (err) {
+    fd = eventFd; // no /proc: keep the inherited fd
+  }
+  eventWrite = (text) => {
+    const buf = Buffer.from(text, "utf8");
+    let off = 0;
+    while (off < buf.length) {
+      try {
+        off += fs.writeSync(fd, buf, off, buf.length - off);
+      } catch (err) {
+        if (err.code !== "EAGAIN") throw err;
+      }
+    }
+  };
+} else {
+  eventWrite = (text) => stdoutWrite(text);
+  process.stdout.write = function (chunk, encoding, cb) {
+    return process.stderr.write(chunk, encoding, cb);
+  };
+}
 for (const level of ["log", "info", "debug"]) {
   console[level] = (...args) => console.error(...args);
 }
@@ -340,8 +452,8 @@ let eventsOpen = true;
 
 function writeEvent(ev) {
   if (!eventsOpen) return;
-  // The leading newline ends any partial line a child process wrote to the
-  // same stdout, so an event always starts a line of its own.
+  // The leading newline ends any partial line on a shared stdout, so an event
+  // always starts a line of its own.
   eventWrite("\n" + JSON.stringify(ev) + "\n");
 }
 
@@ -391,8 +503,7 @@ function main() {
     }
     eventsOpen = false;
     // Exit even if user code left timers or sockets open: the pass is over.
-    process.stdout.write = eventWrite;
-    process.stdout.end(() => process.exit(0));
+    stdoutWrite("", () => process.exit(0));
   }
 }
 

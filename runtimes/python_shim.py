@@ -112,9 +112,11 @@ class Context:
         history = doc.get("history") or {}
         self._done = history.get("steps") or {}
         self._sleeps = history.get("sleeps") or {}
+        self._slept = {k for k in history.get("order") or () if k in self._sleeps}  # sleeps already over
         self._attempts = history.get("attempts") or {}
         self._inline_ms = doc.get("inline_sleep_ms", 1000)
         self._max_output = doc.get("max_output_bytes") or 1048576
+        self._max_steps = doc.get("max_steps") or float("inf")
         self._emit = emit
         self._used = {}
         self._used_keys = set()
@@ -137,6 +139,11 @@ class Context:
         key, n = self._peek_key(name)
         self._used[name] = n + 1
         self._used_keys.add(key)
+        if len(self._used_keys) > self._max_steps:
+            self.stop = {"kind": "fatal", "error": {
+                "message": "the run reached %d steps and sleeps (limits.max_steps); stopped as a runaway (raise the "
+                           "limit if it really needs more)" % self._max_steps, "name": "TooManySteps", "stack": None}}
+            raise _PassEnd()
         return key
 
     def _peek_key(self, name):
@@ -169,7 +176,11 @@ class Context:
         self._in_step = key
         try:
             value = fn()
-        except Exception as exc:
+        except _PassEnd:
+            raise
+        except BaseException as exc:
+            # sys.exit() and KeyboardInterrupt inside a step are that step's failure
+            # (retried by its policy), like any exception its function raises.
             self._emit("step_failed", step=key, attempt=attempt, retry=policy, error=error_doc(exc))
             self._halt({"kind": "step_failed", "step": key})
         finally:
@@ -193,6 +204,8 @@ class Context:
     def sleep_until(self, name, when):
         """Sleep durably until ``when`` (epoch seconds, or a datetime)."""
         key = self._key(name, "sleep")
+        if key in self._slept:
+            return None
         if key in self._sleeps:
             wake_at = self._sleeps[key]
         else:
@@ -208,13 +221,13 @@ class Context:
                 raise TypeError("sleep_until %r: %r is more than a century away" % (key, when))
             self._emit("sleep", step=key, wake_at=wake_at)
             self._sleeps[key] = wake_at
-        remaining = wake_at - now_ms()
-        if remaining <= 0:
-            return None
-        if remaining <= self._inline_ms:
-            time.sleep(remaining / 1000.0)
-            return None
-        self._halt({"kind": "suspend", "wake_at": wake_at})
+        if wake_at - now_ms() > self._inline_ms:
+            self._halt({"kind": "suspend", "wake_at": wake_at})
+        while wake_at - now_ms() > 0:  # never end a sleep before its time
+            time.sleep((wake_at - now_ms()) / 1000.0)
+        self._emit("sleep_completed", step=key)
+        self._slept.add(key)
+        return None
 
     def sleep(self, name, duration):
         """Sleep durably for ``duration`` (seconds, or a string like "5m")."""
@@ -283,11 +296,26 @@ def _exit_on_eof():
         os._exit(3)
 
 
-def main(argv):
-    events_fd = os.dup(1)
-    os.dup2(2, 1)  # user prints, and children writing fd 1, land in the log
+def _event_channel():
+    """The fd events go to; user prints, and children writing fd 1, land in the log.
+
+    With TYOW_EVENT_FD (exec, docker) the channel is a pipe of its own; without
+    it (run by hand) it is a private copy of stdout. Either way it is not
+    inherited by child processes, and fd 1 becomes a copy of stderr.
+    """
+    fd = os.environ.pop("TYOW_EVENT_FD", "")
+    if fd.isdigit() and int(fd) > 2:
+        events_fd = int(fd)
+        os.set_inheritable(events_fd, False)
+    else:
+        events_fd = os.dup(1)
+    os.dup2(2, 1)
     sys.stdout = sys.stderr
-    events = os.fdopen(events_fd, "w", encoding="utf-8", buffering=1)
+    return os.fdopen(events_fd, "w", encoding="utf-8", buffering=1)
+
+
+def main(argv):
+    events = _event_channel()
     try:
         doc = json.loads(_read_first_line())
     except ValueError as exc:
@@ -299,8 +327,10 @@ def main(argv):
         return 2
     pass_id = doc.get("pass_id")
     if isinstance(doc.get("now"), (int, float)):
+        # Only a sidecar clock ahead of ours is followed: one behind it by the time
+        # the pass took to start would make sleeps end early.
         global _skew_ms
-        _skew_ms = int(doc["now"]) - int(time.time() * 1000)
+        _skew_ms = max(0, int(doc["now"]) - int(time.time() * 1000))
 
     def emit(type_, **data):
         ev = {"type": type_, "pass": pass_id, "at": now_ms()}
@@ -325,6 +355,8 @@ def main(argv):
     if ctx.stop is not None:
         if ctx.stop["kind"] == "suspend":
             emit("suspended", wake_at=ctx.stop["wake_at"])
+        elif ctx.stop["kind"] == "fatal":
+            emit("failed", retryable=False, error=ctx.stop["error"])
         else:
             step = ctx.stop["step"]
             emit("failed", step=step, error={"message": "step %r failed" % step, "name": "StepFailed", "stack": None})

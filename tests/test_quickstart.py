@@ -116,7 +116,7 @@ class QuickStart(unittest.TestCase):
         self.tow("deploy", "py-workflow", "--runtime", "python", input_text=SEED_PY)
         proc = self.tow("start", "py-workflow", "-i", '{"url": "u"}', "--wait")
         lines = proc.stdout.splitlines()
-        self.assertTrue(lines[0].startswith('step fetch-data completed: {"items": [1, 2, 3], "url": "u"}'), lines)
+        self.assertTrue(lines[0].startswith('step fetch-data completed: {"url": "u", "items": [1, 2, 3]}'), lines)
         self.assertTrue(lines[1].startswith("sleep wait until "), lines)
         self.assertEqual(lines[2], 'step process completed: {"count": 3, "source": "u"}')
         self.assertIn("status    completed", proc.stdout)
