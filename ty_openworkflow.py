@@ -36,6 +36,7 @@ import http.client
 import http.server
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -62,6 +63,10 @@ DB_FILE = "ty-openworkflow.db"
 # PRAGMA application_id marks our databases, so a foreign SQLite file is refused.
 DB_APPLICATION_ID = 0x74796F77  # "tyow"
 SQLITE_BUSY_TIMEOUT_MS = 10000
+# A scheduler's loop retries store errors with backoff up to this long between tries;
+# `tick` (from cron, which runs it again) gives up after STORE_PATIENCE_S of them.
+STORE_BACKOFF_MAX_S = 5.0
+STORE_PATIENCE_S = 60.0
 # Idle SQLite connections a store keeps for reuse; more are closed when returned,
 # so threads that come and go (passes, webhook requests) never pile up fds.
 STORE_POOL_IDLE = 8
@@ -239,8 +244,12 @@ def sha256_hex(data):
 
 def backoff_ms(policy, attempts):
     """Delay before the next attempt after ``attempts`` failures under ``policy``."""
-    delay = policy["initial_ms"] * (policy["backoff"] ** max(0, attempts - 1))
-    return int(min(delay, policy["max_ms"]))
+    initial, factor, cap = float(policy["initial_ms"]), float(policy["backoff"]), float(policy["max_ms"])
+    n = max(0, attempts - 1)
+    # Compare exponents rather than compute factor ** n: it overflows a float long before n is large.
+    if initial <= 0 or factor <= 1 or n * math.log(factor) < math.log(max(cap, 1.0) / initial):
+        return int(min(initial * factor ** n if factor > 1 else initial, cap))
+    return int(cap)
 
 
 def pid_alive(pid):
@@ -258,6 +267,32 @@ def pid_alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def process_identity(pid):
+    """(process start time in clock ticks since boot, boot id) on Linux, else (None, None).
+
+    Together with the pid they name one process for good: a pid reused after
+    the process died, or after a reboot, does not match.
+    """
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return start, f.read().strip()
+    except (OSError, IndexError):
+        return None, None
+
+
+def scheduler_alive(pid, start, boot, my_boot):
+    """Whether a scheduler registered on this host is still running (False: proven gone)."""
+    if boot and my_boot and boot != my_boot:
+        return False  # registered before this boot
+    if not pid_alive(pid):
+        return False
+    if start:
+        return process_identity(pid)[0] == start  # a reused pid is another process
+    return True
 
 
 def _clean_error(error):
@@ -839,6 +874,9 @@ MIGRATIONS = [
         "ALTER TABLE runs ADD COLUMN done_count INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE runs ADD COLUMN last_pass TEXT",
         "UPDATE runs SET step_count = (SELECT count(*) FROM steps WHERE steps.run_id = runs.id)",
+        # What proves a scheduler dead on its own host: its process start time and the boot.
+        "ALTER TABLE schedulers ADD COLUMN proc_start TEXT",
+        "ALTER TABLE schedulers ADD COLUMN boot_id TEXT",
     ],
 ]
 
@@ -846,8 +884,9 @@ _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes,
                 "step_attempts, available_at, wake_at, deadline_at, pass_id, lease_owner, "
                 "lease_expires_at, task_requested, task_title, task_id, created_at, updated_at, "
                 "started_at, finished_at, step_count, last_pass")
-SQL_DUE_RUNS = ("SELECT id, status FROM runs WHERE (status IN ('pending', 'sleeping') AND available_at <= ?) "
-                "OR (status = 'running' AND lease_expires_at < ?) ORDER BY available_at, created_at LIMIT ?")
+SQL_DUE_RUNS = ("SELECT id, status, lease_owner FROM runs WHERE (status IN ('pending', 'sleeping') AND "
+                "available_at <= ?) OR (status = 'running' AND lease_expires_at < ?) "
+                "ORDER BY available_at, created_at LIMIT ?")
 SQL_NEXT_DUE = ("SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM runs WHERE status IN ('pending', 'sleeping') "
                 "UNION ALL SELECT MIN(lease_expires_at) FROM runs WHERE status = 'running')")
 
@@ -1236,18 +1275,33 @@ class Store:
 
     # -- scheduling -----------------------------------------------------------
 
-    def claim_due(self, owner, now, limit, lease_ms):
-        """Atomically claim up to ``limit`` due runs for ``owner``; returns (run, pass_id) pairs."""
+    def claim_due(self, owner, now, limit, lease_ms, exclude=()):
+        """Atomically claim up to ``limit`` due runs for ``owner``; returns the claimed runs.
+
+        Due: pending or sleeping runs whose time has come, and running runs whose
+        scheduler is gone: proven dead on this host (at once), or silent past its
+        lease elsewhere. A live scheduler of this host is never robbed, whatever
+        the clocks say, and ``exclude`` (the runs the caller drives) is never claimed.
+        """
         claimed = []
         with self.transaction() as c:
-            rows = c.execute(SQL_DUE_RUNS, (now, now, limit)).fetchall()
-            for run_id, status in rows:
+            holders = self._holders(c)
+            dead = [sid for sid, alive in holders.items() if alive is False]
+            sql = SQL_DUE_RUNS if not dead else SQL_DUE_RUNS.replace(
+                "lease_expires_at < ?)", "(lease_expires_at < ? OR lease_owner IN (%s)))" % ",".join("?" * len(dead)))
+            rows = c.execute(sql, (now, now, *dead, limit + len(exclude))).fetchall()
+            for run_id, status, holder in rows:
+                if run_id in exclude or len(claimed) >= limit:
+                    continue
+                if status == "running" and holder != owner and holders.get(holder) is True:
+                    continue  # alive on this host: its lease only looks expired (a stall, a clock jump)
                 run = self._one(c, SQL_RUN, (run_id,))
                 run["lost_pass_id"] = None
                 if status == "running":
                     run["lost_pass_id"] = run["pass_id"]
                     self._journal(c, run_id, run["pass_id"], "lease_expired",
                                   {"owner": run["lease_owner"], "message": "its scheduler stopped; replaying"}, now)
+                    self._last_pass(c, run_id, run["passes"], "lost: its scheduler stopped", now)
                     # A pass that keeps taking its scheduler down must not be replayed forever.
                     lost = run["pass_failures"] + 1
                     c.execute("UPDATE runs SET pass_failures = ? WHERE id = ?", (lost, run_id))
@@ -1270,7 +1324,27 @@ class Store:
                     self._enqueue(c, run_id, "processing", None, now)
                 self._journal(c, run_id, pass_id, "pass_started", {"pass": run["passes"], "owner": owner}, now)
                 claimed.append(run)
+            for sid in dead:  # a dead scheduler's row goes once nothing it held is left
+                if not c.execute("SELECT 1 FROM runs WHERE lease_owner = ? AND status = 'running' LIMIT 1",
+                                 (sid,)).fetchone():
+                    c.execute("DELETE FROM schedulers WHERE id = ?", (sid,))
         return claimed
+
+    @staticmethod
+    def _holders(c):
+        """Schedulers of this host: id -> True (alive), False (proven dead); others are not listed."""
+        host, me = socket.gethostname(), process_identity(os.getpid())
+        out = {}
+        for sid, pid, shost, start, boot in c.execute(
+                "SELECT id, pid, host, proc_start, boot_id FROM schedulers WHERE host = ?", (host,)):
+            out[sid] = scheduler_alive(pid, start, boot, me[1])
+        return out
+
+    @staticmethod
+    def _last_pass(c, run_id, number, reason, now):
+        """Remember how the run's latest pass ended (status shows it)."""
+        c.execute("UPDATE runs SET last_pass = ? WHERE id = ?",
+                  (dumps({"pass": number, "ended_at": now, "reason": reason}), run_id))
 
     def next_due_at(self):
         row = self.query_one(SQL_NEXT_DUE.replace("SELECT MIN(t) FROM", "SELECT MIN(t) AS t FROM", 1))
@@ -1309,15 +1383,17 @@ class Store:
                 order.append(key)
         return {"steps": steps, "sleeps": sleeps, "attempts": attempts, "order": order}
 
-    def release(self, run_id, pass_id, now):
-        """Give back a pass we stopped on shutdown: the run is due again at once, no attempt lost."""
+    def release(self, run_id, pass_id, now, reason="scheduler stopping"):
+        """Give back a pass we stopped (shutdown, a lost lease): the run is due again at once, no attempt lost."""
         with self.transaction() as c:
             n = c.execute("UPDATE runs SET status = 'pending', pass_id = NULL, lease_owner = NULL, "
                           "lease_expires_at = NULL, available_at = ?, updated_at = ? WHERE id = ? AND pass_id = ? "
                           "AND status = 'running'", (now, now, run_id, pass_id)).rowcount
             if n:
                 c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND status = 'running'", (run_id,))
-                self._journal(c, run_id, pass_id, "released", {"message": "scheduler stopping"}, now)
+                self._journal(c, run_id, pass_id, "released", {"message": reason}, now)
+                self._last_pass(c, run_id, c.execute("SELECT passes FROM runs WHERE id = ?", (run_id,)).fetchone()[0],
+                                "released: %s" % reason, now)
             return bool(n)
 
     def apply_event(self, run_id, pass_id, ev, now, defaults):
@@ -1326,8 +1402,8 @@ class Store:
             return self._apply_event(c, run_id, pass_id, ev, now, defaults)
 
     def _apply_event(self, c, run_id, pass_id, ev, now, defaults):
-        row = c.execute("SELECT status, pass_id, step_attempts, deadline_at, step_count FROM runs WHERE id = ?",
-                        (run_id,)).fetchone()
+        row = c.execute("SELECT status, pass_id, step_attempts, deadline_at, step_count, passes FROM runs "
+                        "WHERE id = ?", (run_id,)).fetchone()
         if row is None or row[0] != "running" or row[1] != pass_id:
             return IGNORED
         kind = ev["type"]
@@ -1430,8 +1506,10 @@ class Store:
             wake_at = int(ev.get("wake_at") or now)
             due = wake_at if row[3] is None else min(wake_at, row[3])
             c.execute("UPDATE runs SET status = 'sleeping', wake_at = ?, available_at = ?, pass_id = NULL, "
-                      "lease_owner = NULL, lease_expires_at = NULL, pass_failures = 0, updated_at = ? WHERE id = ?",
-                      (wake_at, due, now, run_id))
+                      "lease_owner = NULL, lease_expires_at = NULL, pass_failures = 0, updated_at = ?, "
+                      "last_pass = ? WHERE id = ?",
+                      (wake_at, due, now, dumps({"pass": row[5], "ended_at": now, "reason": "suspended until %s"
+                                                 % format_time(wake_at)}), run_id))
             self._journal(c, run_id, pass_id, "suspended", {"wake_at": wake_at}, now)
             return ENDED
         if kind == "failed":
@@ -1449,22 +1527,52 @@ class Store:
         return n
 
     def end_pass_without_result(self, run_id, pass_id, now, defaults, message):
-        """The pass stopped with no terminal event (crash, kill, timeout): a failed attempt."""
+        """The pass stopped with no terminal event (crash, kill, timeout): a failed attempt.
+
+        Every step still in flight (several, with Promise.all) failed with it; the
+        retry waits for the slowest of their backoffs, and a step whose attempts
+        are spent fails the run.
+        """
         with self.transaction() as c:
-            row = c.execute("SELECT status, pass_id FROM runs WHERE id = ?", (run_id,)).fetchone()
+            row = c.execute("SELECT status, pass_id, passes FROM runs WHERE id = ?", (run_id,)).fetchone()
             if row is None or row[0] != "running" or row[1] != pass_id:
                 return False
-            inflight = c.execute("SELECT key FROM steps WHERE run_id = ? AND status = 'running' AND kind = 'step' "
-                                 "ORDER BY started_at DESC LIMIT 1", (run_id,)).fetchone()
+            self._last_pass(c, run_id, row[2], message, now)
+            inflight = [r[0] for r in c.execute("SELECT key FROM steps WHERE run_id = ? AND status = 'running' AND "
+                                                "kind = 'step' ORDER BY started_at DESC, seq DESC", (run_id,))]
             error = {"message": message, "name": "PassLost", "stack": None}
-            if inflight:
-                error["message"] = "%s while step %r was running" % (message, inflight[0])
+            for key in inflight:
+                step_error = dict(error, message="%s while step %r was running" % (message, key))
                 c.execute("UPDATE steps SET status = 'failed', error = ? WHERE run_id = ? AND key = ?",
-                          (dumps(error), run_id, inflight[0]))
-                self._journal(c, run_id, pass_id, "step_failed", {"step": inflight[0], "error": error}, now)
-            self._fail_pass(c, run_id, pass_id, now, defaults, inflight[0] if inflight else None, error,
+                          (dumps(step_error), run_id, key))
+                self._journal(c, run_id, pass_id, "step_failed", {"step": key, "error": step_error}, now)
+            if not inflight:
+                self._fail_pass(c, run_id, pass_id, now, defaults, None, error, retryable=True, workflow_error=False)
+                return True
+            # The step whose retry is due last decides; a spent one fails the run at once.
+            plans = [(self._retry_plan(c, run_id, key, defaults, now), key) for key in inflight]
+            spent = [key for plan, key in plans if plan is None]
+            key = spent[0] if spent else max(plans)[1]
+            self._fail_pass(c, run_id, pass_id, now, defaults, key, dict(error, message="%s while step %r was running"
+                                                                         % (message, key)),
                             retryable=True, workflow_error=False)
             return True
+
+    def _retry_plan(self, c, run_id, key, defaults, now):
+        """When step ``key`` may run again after a failure, or None if its attempts are spent."""
+        srow = c.execute("SELECT attempts, retry, retryable FROM steps WHERE run_id = ? AND key = ?",
+                         (run_id, key)).fetchone() or (1, None, 1)
+        policy = self._policy(defaults, srow[1])
+        if not srow[2] or srow[0] >= policy["max_attempts"]:
+            return None
+        return now + backoff_ms(policy, srow[0])
+
+    @staticmethod
+    def _policy(defaults, retry_json):
+        policy = dict(defaults["retry"])
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            policy.update({k: v for k, v in json.loads(retry_json or "{}").items() if k in policy})
+        return policy
 
     def _fail_pass(self, c, run_id, pass_id, now, defaults, step_key, error, retryable, workflow_error):
         """Decide between a retry (back to pending with backoff) and failing the run."""
@@ -1473,9 +1581,7 @@ class Store:
                              (run_id, step_key)).fetchone()
             if srow is None:
                 srow = (1, None, 1, None)
-            policy = dict(defaults["retry"])
-            with contextlib.suppress(ValueError, TypeError):
-                policy.update({k: v for k, v in json.loads(srow[1] or "{}").items() if k in policy})
+            policy = self._policy(defaults, srow[1])
             attempts, step_error = srow[0], json.loads(srow[3]) if srow[3] else error
             if retryable and srow[2] and attempts < policy["max_attempts"]:
                 due = now + backoff_ms(policy, attempts)
@@ -1506,9 +1612,13 @@ class Store:
         self._finish(c, run_id, pass_id, "failed", now, error=error)
 
     def _retry_later(self, c, run_id, pass_id, due, now, data):
-        deadline = c.execute("SELECT deadline_at FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+        deadline, passes, last = c.execute("SELECT deadline_at, passes, last_pass FROM runs WHERE id = ?",
+                                           (run_id,)).fetchone()
         if deadline is not None:
             due = min(due, deadline)
+        if data.get("step") and not (last and json.loads(last).get("pass") == passes):
+            self._last_pass(c, run_id, passes, "step %r failed (attempt %s); retry at %s"
+                            % (data["step"], data.get("attempt"), format_time(due)), now)
         c.execute("UPDATE runs SET status = 'pending', available_at = ?, pass_id = NULL, lease_owner = NULL, "
                   "lease_expires_at = NULL, updated_at = ? WHERE id = ?", (due, now, run_id))
         self._journal(c, run_id, pass_id, "retry_scheduled", data, now)
@@ -1525,9 +1635,11 @@ class Store:
     # -- schedulers -----------------------------------------------------------
 
     def register_scheduler(self, sched_id, kind, pid, host, port, now):
+        start, boot = process_identity(pid)
         with self.transaction() as c:
-            c.execute("INSERT OR REPLACE INTO schedulers (id, kind, pid, host, wake_port, started_at, heartbeat_at) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?)", (sched_id, kind, pid, host, port, now, now))
+            c.execute("INSERT OR REPLACE INTO schedulers (id, kind, pid, host, wake_port, started_at, heartbeat_at, "
+                      "proc_start, boot_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (sched_id, kind, pid, host, port, now, now, start, boot))
 
     def heartbeat_scheduler(self, sched_id, now):
         with self.transaction() as c:
@@ -2491,13 +2603,17 @@ ADAPTERS = {"exec": ExecAdapter, "docker": DockerAdapter, "cloudflare": Cloudfla
 
 
 class _ActivePass:
-    __slots__ = ("run_id", "pass_id", "deadline_at", "execution", "thread", "release")
+    __slots__ = ("run_id", "pass_id", "passes", "deadline_at", "execution", "thread", "release", "lease_until",
+                 "lease_lost")
 
-    def __init__(self, run):
+    def __init__(self, run, lease_until):
         self.run_id, self.pass_id, self.deadline_at = run["id"], run["pass_id"], run["deadline_at"]
+        self.passes = run["passes"]
         self.execution = None
         self.thread = None
         self.release = False
+        self.lease_until = lease_until  # time.monotonic() by which our lease must have been renewed
+        self.lease_lost = False
 
 
 class Scheduler:
@@ -2505,6 +2621,11 @@ class Scheduler:
 
     kind: "serve" (until stopped), "runner" (the background runner `start` spawns:
     lingers while a run is due within ``runner_linger``), "tick" (what is due now).
+
+    Lease time is kept on the monotonic clock: a wall-clock jump neither makes a
+    scheduler give up a lease it holds nor claim back its own pass, and a pass
+    whose lease could not be renewed in time (a stalled disk, a lock held
+    elsewhere) is stopped before another scheduler may claim it.
     """
 
     def __init__(self, sidecar, kind="serve", concurrency=None, clock=None):
@@ -2523,6 +2644,7 @@ class Scheduler:
         self.hurry = threading.Event()
         self.stats = {"passes": 0}
         self._maintained_at = 0
+        self._released = set()
         self.sock = None
         with contextlib.suppress(OSError):
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -2533,6 +2655,11 @@ class Scheduler:
     def wait_cap_s(self):
         # The wake socket makes this a safety net only; without one, poll briskly.
         return min(self.config["poll_interval"] / 1000.0, 5.0) if self.sock else 0.5
+
+    @property
+    def lease_margin_s(self):
+        """A pass is stopped this long before its lease runs out, if no renewal came."""
+        return max(0.2, self.lease_ms / 10000.0)
 
     def wake(self):
         if self.sock:
@@ -2563,64 +2690,102 @@ class Scheduler:
         self.store.register_scheduler(self.id, self.kind, os.getpid(), socket.gethostname(), port, self.clock())
 
     def loop(self):
-        """Run until stopped (serve), idle past the linger time (runner), or nothing is due now (tick)."""
-        self._register()
-        beat = threading.Thread(target=self._heartbeat_loop, name="tyow-heartbeat", daemon=True)
-        beat.start()
+        """Run until stopped (serve), idle past the linger time (runner), or nothing is due now (tick).
+
+        A store error (a lock held elsewhere past the busy timeout, a full disk)
+        never ends the loop: it is logged and the loop tries again with backoff
+        (``tick`` gives up after STORE_PATIENCE_S and raises).
+        """
         self.bridge_wake = threading.Event()
-        self.sidecar.bridge.resume()
-        bridge = None
+        threads = [threading.Thread(target=self._heartbeat_loop, name="tyow-heartbeat", daemon=True),
+                   threading.Thread(target=self._lease_guard, name="tyow-lease-guard", daemon=True)]
         if self.kind != "tick":
-            bridge = threading.Thread(target=self._bridge_loop, name="tyow-bridge", daemon=True)
-            bridge.start()
-        linger = self.config["runner_linger"]
+            threads.append(threading.Thread(target=self._bridge_loop, name="tyow-bridge", daemon=True))
+        registered = False
+        self.sidecar.bridge.resume()
+        failing_since, backoff_s, idle_s = None, 0.0, 0.0
         try:
+            for t in threads:
+                t.start()
             while not self.stopping.is_set():
-                self._check_active()
-                self._maintain()
-                now = self.clock()
-                free = self.concurrency - len(self.active)
-                if free > 0:
-                    claimed = self.store.claim_due(self.id, now, free, self.lease_ms)
-                    for run in claimed:
-                        self._start_pass(run)
-                    if claimed:
-                        continue
-                next_due = self.store.next_due_at()
-                now = self.clock()
-                self.bridge_wake.set()
-                if not self.active:
-                    if self.kind == "tick" and (next_due is None or next_due > now):
-                        break
-                    if self.kind == "runner" and self._idle_beyond(next_due, now, linger):
-                        # Leave the table first, then look again: a `start` that saw us
-                        # alive committed its run before we look, so we cannot miss it.
-                        self.store.unregister_scheduler(self.id)
-                        if self._idle_beyond(self.store.next_due_at(), self.clock(), linger):
-                            break
+                try:
+                    if not registered:
                         self._register()
-                        continue
-                with self.lock:
-                    deadlines = [ap.deadline_at for ap in self.active.values() if ap.deadline_at is not None]
-                if free <= 0 or next_due is None:
-                    next_due = None
-                wake_at = min([t for t in [next_due] + deadlines if t is not None], default=None)
-                # At least a few ms: a due time the claim just missed must not spin the loop.
-                self._wait(self.wait_cap_s if wake_at is None else max(0.005, (wake_at - now) / 1000.0))
+                        registered = True
+                    outcome = self._step()
+                    failing_since, backoff_s = None, 0.0
+                except StoreError as exc:
+                    now_s = time.monotonic()
+                    failing_since = failing_since or now_s
+                    if self.kind == "tick" and now_s - failing_since > STORE_PATIENCE_S:
+                        raise
+                    backoff_s = min(STORE_BACKOFF_MAX_S, max(0.1, backoff_s * 2))
+                    log.warning("the store is not available (%s); trying again in %.1fs", exc, backoff_s)
+                    self._wait(backoff_s)
+                    continue
+                if outcome == "exit":
+                    break
+                if outcome == "claimed":
+                    idle_s = 0.0
+                    continue
+                wake_at, now = outcome
+                delay = self.wait_cap_s if wake_at is None else (wake_at - now) / 1000.0
+                if delay <= 0:
+                    # Due but nothing could be claimed (held by a live scheduler of this host,
+                    # or just taken): back off instead of spinning.
+                    idle_s = min(1.0, max(0.005, idle_s * 2))
+                    delay = idle_s
+                else:
+                    idle_s = 0.0
+                self._wait(delay)
         finally:
-            self._shutdown()
-            if bridge is not None:
-                self.bridge_wake.set()
-                bridge.join(5)
+            self._shutdown(registered)
             if self.kind in ("tick", "runner"):
                 # Deliver what is due now before exiting (cron has no later).
                 self._deliver_updates()
         return self.stats
 
+    def _step(self):
+        """One round of the loop: "claimed", "exit", or (next wake time or None, now)."""
+        self._check_active()
+        self._maintain()
+        now = self.clock()
+        free = self.concurrency - len(self.active)
+        if free > 0:
+            with self.lock:
+                held = set(self.active)
+            mono = time.monotonic()
+            claimed = self.store.claim_due(self.id, now, free, self.lease_ms, exclude=held)
+            started = [self._start_pass(run, mono + self.lease_ms / 1000.0) for run in claimed]
+            if any(started):
+                return "claimed"
+            if claimed:  # given back (no thread to be had): try again in a moment
+                return now + 1000, now
+        next_due = self.store.next_due_at()
+        now = self.clock()
+        self.bridge_wake.set()
+        if not self.active and self.kind in ("tick", "runner"):
+            horizon = 0 if self.kind == "tick" else self.config["runner_linger"]
+            if self._idle_beyond(next_due, now, horizon):
+                # Leave the table first, then look again: a `start` that saw us alive
+                # committed its run before we look, so we cannot miss it.
+                self.store.unregister_scheduler(self.id)
+                if self._idle_beyond(self.store.next_due_at(), self.clock(), horizon):
+                    return "exit"
+                self._register()
+                return "claimed"
+        with self.lock:
+            deadlines = [ap.deadline_at for ap in self.active.values() if ap.deadline_at is not None]
+        if free <= 0:
+            next_due = None
+        return min([t for t in [next_due] + deadlines if t is not None], default=None), now
+
     def _idle_beyond(self, next_due, now, linger):
-        """True if neither a run nor a task update is due within ``linger``."""
-        outbox_at = self.store.next_outbox_at() if shutil.which(self.config["taskyou.cli"]) else None
-        nxt = [t for t in (next_due, outbox_at) if t is not None]
+        """True if neither a run nor (for the runner) a task update is due within ``linger``."""
+        nxt = [next_due] if next_due is not None else []
+        if self.kind == "runner" and shutil.which(self.config["taskyou.cli"]):
+            nxt.append(self.store.next_outbox_at())
+        nxt = [t for t in nxt if t is not None]
         return not nxt or min(nxt) - now > linger
 
     def _deliver_updates(self):
@@ -2657,19 +2822,39 @@ class Scheduler:
                 except Exception as exc:  # housekeeping must never stop the scheduler
                     log.warning("%s clean-up failed: %s", name, exc)
 
-    def _start_pass(self, run):
-        ap = _ActivePass(run)
+    def _start_pass(self, run, lease_until):
+        ap = _ActivePass(run, lease_until)
         with self.lock:
+            if run["id"] in self.active:  # never two passes of one run here (claim_due excludes it)
+                return False
             self.active[run["id"]] = ap
         ap.thread = threading.Thread(target=self._drive_safe, args=(run, ap), name="tyow-pass-" + run["id"],
                                      daemon=True)
-        ap.thread.start()
+        try:
+            ap.thread.start()
+        except RuntimeError as exc:  # no thread to be had (a pids limit): give the run back for later
+            with self.lock:
+                self.active.pop(run["id"], None)
+            log.warning("run %s: cannot start a thread for its pass (%s); it is given back and retried", run["id"],
+                        exc)
+            self.store.release(run["id"], run["pass_id"], self.clock(), reason="no thread for the pass (%s)" % exc)
+            return False
         self.stats["passes"] += 1
         log.info("run %s: pass %d started (%s)", run["id"], run["passes"], run["workflow_id"])
+        return True
 
     def _drive_safe(self, run, ap):
         try:
             self._drive(run, ap)
+        except StoreError as exc:
+            # Not the run's fault: the pass is retried (here once the store answers,
+            # or by any scheduler once its lease runs out).
+            log.error("run %s: the store failed during its pass (%s); the pass will be retried", ap.run_id, exc)
+            if ap.execution:
+                ap.execution.cancel()
+                ap.execution.finish()
+            self._retrying(lambda: self.store.end_pass_without_result(
+                ap.run_id, ap.pass_id, self.clock(), self.sidecar.defaults(), "the store failed: %s" % exc), ap)
         except Exception as exc:
             log.exception("pass %s of run %s crashed in the scheduler", ap.pass_id, ap.run_id)
             if ap.execution:
@@ -2705,16 +2890,21 @@ class Scheduler:
             if run.get("lost_pass_id"):
                 adapter.reap(run["id"], run["lost_pass_id"])
             spec = PassSpec(self._pass_doc(run, version), version)
-            if ap.release or not self.store.pass_is_current(ap.run_id, ap.pass_id):
+            if ap.release or ap.lease_lost:
+                self._give_back(ap)
+                return
+            if not self.store.pass_is_current(ap.run_id, ap.pass_id):
                 return
             ap.execution = adapter.launch(spec)
-        except OpenWorkflowError as exc:
+        except (OpenWorkflowError, RuntimeError) as exc:
+            if isinstance(exc, StoreError):
+                raise
             log.warning("run %s: cannot launch a pass: %s", ap.run_id, exc)
             self.store.end_pass_without_result(ap.run_id, ap.pass_id, self.clock(), defaults,
                                                "the %s adapter could not start the pass: %s" % (adapter_name, exc))
             return
         execution = ap.execution
-        if self.stopping.is_set() and ap.release:
+        if (self.stopping.is_set() and ap.release) or ap.lease_lost:
             execution.cancel()
         ended = False
         try:
@@ -2724,6 +2914,8 @@ class Scheduler:
                     if line.strip():
                         execution.add_stray(line)
                     continue
+                if ap.lease_lost:
+                    break
                 try:
                     outcome = self.store.apply_event(ap.run_id, ap.pass_id, ev, self.clock(), defaults)
                 except (ValueError, TypeError, OverflowError, RecursionError, UnicodeError) as exc:
@@ -2739,9 +2931,11 @@ class Scheduler:
                     break
                 if outcome == ENDED:
                     ended = True
+                    if ev["type"] not in TERMINAL_EVENTS:
+                        execution.cancel()  # the sidecar ended the run (a limit): the shim must not go on
                     break
-        except OpenWorkflowError as exc:
-            log.error("run %s: cannot record an event, stopping the pass: %s", ap.run_id, exc)
+        except StoreError as exc:
+            log.error("run %s: cannot record an event (%s); the pass is stopped and will be retried", ap.run_id, exc)
             execution.cancel()
         how = execution.finish()
         now = self.clock()
@@ -2750,10 +2944,33 @@ class Scheduler:
             self.store.add_log(ap.run_id, ap.pass_id, run["passes"], adapter_name, execution.log_text, now)
         if ended:
             return
-        if ap.release:
-            self.store.release(ap.run_id, ap.pass_id, now)
+        if ap.release or ap.lease_lost:
+            self._give_back(ap)
             return
-        self.store.end_pass_without_result(ap.run_id, ap.pass_id, now, defaults, how)
+        self._retrying(lambda: self.store.end_pass_without_result(ap.run_id, ap.pass_id, self.clock(), defaults,
+                                                                   how), ap)
+
+    def _give_back(self, ap):
+        """Release a pass we stopped ourselves (shutdown, a lease we could not renew in time)."""
+        reason = "its lease could not be renewed in time" if ap.lease_lost else "scheduler stopping"
+        self._released.add(ap.run_id)
+        self._retrying(lambda: self.store.release(ap.run_id, ap.pass_id, self.clock(), reason=reason), ap)
+
+    def _retrying(self, write, ap):
+        """Record a pass's end, trying again a few times while the store is unavailable.
+
+        If it still fails the run keeps its lease until that runs out, and is then
+        replayed like any lost pass: nothing is lost, only delayed.
+        """
+        for delay_s in (0.2, 0.5, 1.0, 2.0, None):
+            try:
+                return write()
+            except StoreError as exc:
+                if delay_s is None or time.monotonic() + delay_s > ap.lease_until:
+                    log.error("run %s: cannot record the end of its pass (%s); it is replayed once its lease runs "
+                              "out", ap.run_id, exc)
+                    return None
+                time.sleep(delay_s)
 
     def _check_active(self):
         """Stop passes whose run was canceled or reclaimed, or whose deadline passed."""
@@ -2773,28 +2990,55 @@ class Scheduler:
     def _heartbeat_loop(self):
         # Runs until the loop has fully ended: leases of passes finishing in the
         # shutdown grace must not expire under them.
-        interval = max(0.2, self.lease_ms / 3000.0)
+        interval = max(0.2, self.lease_ms / 4000.0)
         while not self.ended.wait(interval):
             try:
+                started = time.monotonic()
                 now = self.clock()
                 self.store.heartbeat_scheduler(self.id, now)
                 with self.lock:
-                    held = [(ap.run_id, ap.pass_id) for ap in self.active.values()]
+                    held = [ap for ap in self.active.values() if not ap.lease_lost]
                 if held:
-                    lost = self.store.renew_leases(self.id, held, now + self.lease_ms)
+                    lost = set(self.store.renew_leases(self.id, [(ap.run_id, ap.pass_id) for ap in held],
+                                                       now + self.lease_ms))
+                    for ap in held:
+                        if ap.pass_id in lost:
+                            if ap.execution:
+                                ap.execution.cancel()
+                        else:
+                            ap.lease_until = max(ap.lease_until, started + self.lease_ms / 1000.0)
                     if lost:
                         self.wake()
             except OpenWorkflowError as exc:
                 log.warning("heartbeat failed: %s", exc)
 
-    def _shutdown(self, grace_s=None):
+    def _lease_guard(self):
+        """Stop a pass whose lease was not renewed in time, before anyone else may claim it.
+
+        It never touches the store, so a stalled store cannot stall it."""
+        while not self.ended.wait(0.05):
+            now = time.monotonic()
+            with self.lock:
+                late = [ap for ap in self.active.values()
+                        if not ap.lease_lost and now > ap.lease_until - self.lease_margin_s]
+            for ap in late:
+                ap.lease_lost = True
+                log.warning("run %s: its lease could not be renewed in time; stopping its pass so no other "
+                            "scheduler runs it at the same time", ap.run_id)
+                if ap.execution:
+                    ap.execution.cancel()
+
+    def _shutdown(self, registered=True):
         self.stopping.set()
         # Leave the table first: a `start` from now on must drive its run itself.
-        with contextlib.suppress(OpenWorkflowError):
-            self.store.unregister_scheduler(self.id)
+        if registered:
+            with contextlib.suppress(OpenWorkflowError):
+                self.store.unregister_scheduler(self.id)
+            if self.kind == "serve":
+                self._hand_over()
         if self.kind != "tick":
             self.sidecar.bridge.abort()
-        grace_s = self.config["shutdown_grace"] / 1000.0 if grace_s is None else grace_s
+        grace_s = self.config["shutdown_grace"] / 1000.0
         deadline = time.time() + grace_s
         while True:
             with self.lock:
@@ -2815,6 +3059,19 @@ class Scheduler:
         if self.sock:
             self.sock.close()
             self.sock = None
+
+    def _hand_over(self):
+        """After leaving the table: a run a `start` made while we were leaving must not be stranded."""
+        try:
+            now = self.clock()
+            with self.lock:
+                held = set(self.active)
+            due = [r for r in self.store.query("SELECT id FROM runs WHERE status = 'pending' AND available_at <= ? "
+                                               "LIMIT ?", (now, len(held) + 1)) if r["id"] not in held]
+            if due:
+                self.sidecar.ensure_driven()
+        except OpenWorkflowError as exc:
+            log.warning("could not hand due runs over: %s", exc)
 
 
 # ---------------------------------------------------------------------------

@@ -212,7 +212,8 @@ class DockerMisuse(TempHome):
         for part in ("run --rm -i --name tyow-pass-x", "--label ty-openworkflow.run=run_y",
                      "--label ty-openworkflow.pass=pass_x", "--pull never", "--network backend", "--memory 256m",
                      "--cpus 0.5", "--pids-limit 64", "--user 65534:65534", "--read-only", "--tmpfs /tmp",
-                     NODE_IMAGE + " node /ow/node_shim.js /ow/workflow.js"):
+                     "-e TYOW_EVENT_FD=3 " + NODE_IMAGE + " /bin/sh -c",
+                     "exec 3>&1 1>&2 && exec \"$0\" \"$@\" node /ow/node_shim.js /ow/workflow.js"):
             self.assertIn(part, joined)
         self.assertIn(":/ow/workflow.js:ro", joined)
         self.assertNotIn("--network none", joined)
