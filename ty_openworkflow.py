@@ -67,6 +67,8 @@ SQLITE_BUSY_TIMEOUT_MS = 10000
 # `tick` (from cron, which runs it again) gives up after STORE_PATIENCE_S of them.
 STORE_BACKOFF_MAX_S = 5.0
 STORE_PATIENCE_S = 60.0
+# The same warning (`ty` not found, say) is logged at most this often across processes.
+NOTICE_EVERY_MS = 24 * 3600 * 1000
 # Idle SQLite connections a store keeps for reuse; more are closed when returned,
 # so threads that come and go (passes, webhook requests) never pile up fds.
 STORE_POOL_IDLE = 8
@@ -410,6 +412,12 @@ CONFIG_SCHEMA = {
     "taskyou.auto_create_tasks": ("bool", True),
     "taskyou.timeout": ("duration", "30s"),
 }
+# Whole-number settings and their sensible ranges, checked when the config is read.
+CONFIG_RANGES = {
+    "concurrency": (1, 1024), "webhook.port": (1, 65535), "webhook.max_connections": (1, 100000),
+    "limits.max_step_attempts": (1, 10 ** 9), "limits.max_steps": (1, 10 ** 9), "retry.max_attempts": (1, 10000),
+    "adapters.docker.pids_limit": (0, 10 ** 6),
+}
 _CONFIG_SECTIONS = {"adapters", "adapters.exec", "adapters.docker", "adapters.cloudflare",
                     "webhook", "taskyou", "limits", "retry"}
 
@@ -709,8 +717,10 @@ def load_config(path=None, text=None, must_exist=False):
         raise ConfigError("%s:%s: default_adapter %r is not one of %s"
                           % (path, key_lines.get("default_adapter", "?"), values["default_adapter"],
                              ", ".join(ADAPTER_NAMES)))
-    if values["concurrency"] < 1:
-        raise ConfigError("%s: concurrency must be at least 1" % path)
+    for key, (low, high) in CONFIG_RANGES.items():
+        if not low <= values[key] <= high:
+            raise ConfigError("%s:%s: %s must be from %s to %s (got %s)" % (path, key_lines.get(key, "?"), key, low,
+                                                                          high, values[key]))
     if values["lease_ttl"] < 2000:
         raise ConfigError("%s: lease_ttl must be at least 2s" % path)
     if values["adapters.docker.pull"] not in ("never", "missing", "always"):
@@ -877,6 +887,8 @@ MIGRATIONS = [
         # What proves a scheduler dead on its own host: its process start time and the boot.
         "ALTER TABLE schedulers ADD COLUMN proc_start TEXT",
         "ALTER TABLE schedulers ADD COLUMN boot_id TEXT",
+        # Warnings said recently (a `tick` from cron must not repeat one every minute).
+        "CREATE TABLE notices (key TEXT PRIMARY KEY, at INTEGER NOT NULL)",
     ],
 ]
 
@@ -1247,6 +1259,15 @@ class Store:
     def outbox_for_run(self, run_id):
         return self.query("SELECT id, kind, delivered_at, attempts, next_at, last_error FROM outbox WHERE run_id = ? "
                           "ORDER BY id", (run_id,))
+
+    def notice_due(self, key, now, every_ms):
+        """True (and noted) if warning ``key`` was not given within ``every_ms``."""
+        with self.transaction() as c:
+            row = c.execute("SELECT at FROM notices WHERE key = ?", (key,)).fetchone()
+            if row and now - row[0] < every_ms:
+                return False
+            c.execute("INSERT OR REPLACE INTO notices (key, at) VALUES (?, ?)", (key, now))
+            return True
 
     # -- the webhook replay guard ---------------------------------------------------
 
@@ -3482,6 +3503,17 @@ class Bridge:
         """Record that a problem was already reported, so delivery does not log it again."""
         self._warned.add(str(exc).split(";")[0])
 
+    def _first_time(self, exc):
+        """Whether to report ``exc``: once per process, and across processes once a day."""
+        key = str(exc).split(";")[0]
+        if key in self._warned:
+            return False
+        self._warned.add(key)
+        try:
+            return self.store.notice_due("taskyou:" + key[:200], self.sidecar.clock(), NOTICE_EVERY_MS)
+        except OpenWorkflowError:
+            return True
+
     def abort(self):
         """Stop delivering (scheduler shutdown): kill `ty` calls in flight; they retry later."""
         self._stop.set()
@@ -3519,8 +3551,7 @@ class Bridge:
                 except TaskYouError as exc:
                     retry_at = self.sidecar.clock() + backoff_ms(OUTBOX_RETRY, item["attempts"] + 1)
                     self.store.outbox_failed(item["id"], self.sidecar.clock(), str(exc), retry_at)
-                    if str(exc).split(";")[0] not in self._warned:
-                        self.said(exc)
+                    if self._first_time(exc):
                         log.warning("taskyou: %s; will retry", exc)
                     continue
                 self.store.outbox_delivered(item["id"], self.sidecar.clock(), task_id, item["run_id"])
@@ -3613,7 +3644,11 @@ class Bridge:
 class Sidecar:
     """deploy / start / status / list / cancel / logs / tick / serve over one store."""
 
-    def __init__(self, config=None, config_path=None, clock=None, must_exist=False):
+    def __init__(self, config=None, config_path=None, clock=None, must_exist=None):
+        """``config_path`` must name an existing file (as with the CLI's --config); without one the
+        default path is read if it exists, else the defaults apply."""
+        if must_exist is None:
+            must_exist = config_path is not None
         self.config = config if config is not None else load_config(config_path, must_exist=must_exist)
         self.clock = clock or now_ms
         self._store = None
@@ -3744,8 +3779,9 @@ class Sidecar:
             item = {"name": s["key"], "kind": s["kind"], "status": s["status"], "attempts": s["attempts"]}
             if s["kind"] == "sleep":
                 item["wake_at"] = s["wake_at"]
-                item["status"] = "completed" if s["wake_at"] <= self.clock() or run["status"] == "completed" \
-                    else "sleeping"
+                if s["status"] != "completed":  # over only once the run went past it
+                    item["status"] = ("completed" if run["status"] == "completed" else
+                                      "interrupted" if run["status"] in TERMINAL else "sleeping")
             if s["output"] is not None:
                 item["output"] = json.loads(s["output"])
             if s["error"]:
@@ -3760,6 +3796,7 @@ class Sidecar:
             "wake_at": run["wake_at"] if run["status"] == "sleeping" else None,
             "available_at": run["available_at"] if run["status"] == "pending" else None,
             "deadline_at": run["deadline_at"], "steps": steps,
+            "last_pass": loads_or_none(run["last_pass"]),
             "task": self.bridge.task_state(run),
         }
         if run["status"] not in TERMINAL:
@@ -3868,8 +3905,8 @@ class Sidecar:
         try:
             find_ty(self.config)
         except TaskYouError as exc:
-            log.warning("taskyou: %s", exc)
-            self.bridge.said(exc)  # once is enough; the bridge will not repeat it
+            if self.bridge._first_time(exc):  # once is enough; the bridge will not repeat it
+                log.warning("taskyou: %s", exc)
         try:
             return sched.loop()
         finally:
@@ -3963,7 +4000,8 @@ def cmd_init(api, args):
 
 def cmd_deploy(api, args):
     code = _read_code(args)
-    res = api.deploy(args.workflow_id, code, adapter=args.adapter, runtime=args.runtime, version=args.version,
+    runtime = args.runtime or ("python" if (args.file or "").endswith(".py") else "node")
+    res = api.deploy(args.workflow_id, code, adapter=args.adapter, runtime=runtime, version=args.version,
                      name=args.name, description=args.description, deadline=args.deadline)
     if args.json:
         _print_json(res)
@@ -4000,7 +4038,10 @@ def cmd_start(api, args):
         else:
             print(st["id"])
         return 0
-    if not args.json:
+    if args.json:
+        print(json.dumps({"type": "started", "run_id": st["id"], "workflow_id": st["workflow_id"],
+                          "at": st["created_at"]}), flush=True)
+    else:
         print("started %s" % st["id"], file=sys.stderr)
     return _follow(api, st["id"], args.json)
 
@@ -4061,6 +4102,10 @@ def _print_status(st):
         rows.append(("finished", format_time(st["finished_at"])))
     if st["deadline_at"]:
         rows.append(("deadline", format_time(st["deadline_at"])))
+    if st.get("last_pass") and st["status"] not in TERMINAL:
+        rows.append(("last pass", "%s ended %s: %s" % (st["last_pass"].get("pass"),
+                                                      format_time(st["last_pass"].get("ended_at")),
+                                                      st["last_pass"].get("reason"))))
     task = st["task"]
     if task.get("requested"):
         label = "#%s %s" % (task["id"], task["title"]) if task.get("id") else task["title"]
@@ -4282,7 +4327,8 @@ def build_parser():
     sp.add_argument("--name", help="workflow name")
     sp.add_argument("--description", help="workflow description")
     sp.add_argument("--version", help="workflow version label (default: the current one, 1.0.0 for a new workflow)")
-    sp.add_argument("--runtime", default="node", choices=sorted(RUNTIMES), help="runtime (default node)")
+    sp.add_argument("--runtime", choices=sorted(RUNTIMES),
+                    help="runtime (default: python for a .py file, else node)")
     sp.add_argument("--deadline", help="default deadline for its runs (e.g. 1h); `start --deadline` overrides")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
@@ -4364,6 +4410,12 @@ def main(argv=None):
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`status X | head`): that is the end of the output, not an error.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
     finally:
         if api is not None:
             api.close()
