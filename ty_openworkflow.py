@@ -254,6 +254,17 @@ def backoff_ms(policy, attempts):
     return int(cap)
 
 
+def lease_clock():
+    """Seconds on a clock that never jumps and, on Linux, counts a suspend too (CLOCK_BOOTTIME).
+
+    Lease time is kept on it: after a laptop wakes up, the leases that ran out
+    while it slept are known to have run out."""
+    return time.clock_gettime(_LEASE_CLOCK) if _LEASE_CLOCK is not None else time.monotonic()
+
+
+_LEASE_CLOCK = getattr(time, "CLOCK_BOOTTIME", None)
+
+
 def pid_alive(pid):
     """True if a process with this pid exists on this machine."""
     if not pid or pid <= 0:
@@ -1859,6 +1870,12 @@ class Execution:
     def add_stray(self, line):
         """Keep output that was not an event, for the run log."""
 
+    def pause(self):
+        """Freeze the pass where it is (its lease is in doubt); ``resume()`` lets it go on."""
+
+    def resume(self):
+        """Undo ``pause()``."""
+
     log_text = ""
 
 
@@ -1866,7 +1883,7 @@ class ProcessExecution(Execution):
     """A pass running as a child process fed by stdin, reporting on stdout."""
 
     def __init__(self, argv, stdin_bytes, env=None, cwd=None, timeout_ms=None, on_stop=None, event_pipe=False,
-                 address_space=None):
+                 address_space=None, on_pause=None):
         """``on_stop``: run once when the pass is stopped or ends badly (e.g. remove its container).
 
         ``event_pipe``: events come on a pipe of their own (its fd number in the
@@ -1882,6 +1899,7 @@ class ProcessExecution(Execution):
         self._log_truncated = 0
         self._timeout_ms = timeout_ms
         self._memory = address_space
+        self._on_pause = on_pause  # (paused: bool) -> None, for what a signal to the group cannot freeze
         self._events = None
         try:
             if event_pipe:
@@ -1956,6 +1974,23 @@ class ProcessExecution(Execution):
     def cancel(self):
         self.canceled = True
         self._stop()
+        self._signal(signal.SIGCONT)  # a frozen group must wake to die
+
+    def _signal(self, sig):
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            os.killpg(self.proc.pid, sig)
+
+    def pause(self):
+        self._signal(signal.SIGSTOP)
+        if self._on_pause:
+            with contextlib.suppress(Exception):
+                self._on_pause(True)
+
+    def resume(self):
+        if self._on_pause:
+            with contextlib.suppress(Exception):
+                self._on_pause(False)
+        self._signal(signal.SIGCONT)
 
     def finish(self, grace_s=5.0):
         self._stdin_thread.join(grace_s)
@@ -2274,8 +2309,11 @@ class DockerAdapter(Adapter):
             # Killing the client is not enough: the container would run on without it.
             self.docker(["rm", "-f", name], timeout_s=20)
 
+        def freeze(paused):  # the container runs apart from its client: freeze it too
+            self.docker(["pause" if paused else "unpause", name], timeout_s=20)
+
         return ProcessExecution(argv, (dumps(spec.doc) + "\n").encode("utf-8"), cwd=None,
-                                timeout_ms=self.cfg("timeout"), on_stop=kill_container)
+                                timeout_ms=self.cfg("timeout"), on_stop=kill_container, on_pause=freeze)
 
     def containers(self):
         """Our containers: (name, run id, pass id) for each, running or not."""
@@ -2625,7 +2663,7 @@ ADAPTERS = {"exec": ExecAdapter, "docker": DockerAdapter, "cloudflare": Cloudfla
 
 class _ActivePass:
     __slots__ = ("run_id", "pass_id", "passes", "deadline_at", "execution", "thread", "release", "lease_until",
-                 "lease_lost")
+                 "lease_lost", "paused")
 
     def __init__(self, run, lease_until):
         self.run_id, self.pass_id, self.deadline_at = run["id"], run["pass_id"], run["deadline_at"]
@@ -2633,8 +2671,9 @@ class _ActivePass:
         self.execution = None
         self.thread = None
         self.release = False
-        self.lease_until = lease_until  # time.monotonic() by which our lease must have been renewed
-        self.lease_lost = False
+        self.lease_until = lease_until  # lease_clock() by which our lease must have been renewed
+        self.lease_lost = False  # another scheduler holds the run now
+        self.paused = False  # frozen while the lease is in doubt
 
 
 class Scheduler:
@@ -2643,10 +2682,11 @@ class Scheduler:
     kind: "serve" (until stopped), "runner" (the background runner `start` spawns:
     lingers while a run is due within ``runner_linger``), "tick" (what is due now).
 
-    Lease time is kept on the monotonic clock: a wall-clock jump neither makes a
-    scheduler give up a lease it holds nor claim back its own pass, and a pass
-    whose lease could not be renewed in time (a stalled disk, a lock held
-    elsewhere) is stopped before another scheduler may claim it.
+    Lease time is kept on lease_clock(): a wall-clock jump neither makes a
+    scheduler give up a lease it holds nor claim back its own pass. A pass whose
+    lease could not be renewed in time (a stalled disk, a lock held elsewhere)
+    is frozen before another scheduler may claim the run; the next renewal lets
+    it go on if the run is still ours, or kills it if another scheduler has it.
     """
 
     def __init__(self, sidecar, kind="serve", concurrency=None, clock=None):
@@ -2775,7 +2815,7 @@ class Scheduler:
         if free > 0:
             with self.lock:
                 held = set(self.active)
-            mono = time.monotonic()
+            mono = lease_clock()
             claimed = self.store.claim_due(self.id, now, free, self.lease_ms, exclude=held)
             started = [self._start_pass(run, mono + self.lease_ms / 1000.0) for run in claimed]
             if any(started):
@@ -2911,8 +2951,8 @@ class Scheduler:
             if run.get("lost_pass_id"):
                 adapter.reap(run["id"], run["lost_pass_id"])
             spec = PassSpec(self._pass_doc(run, version), version)
-            if ap.release or ap.lease_lost:
-                self._give_back(ap)
+            if ap.release or ap.lease_lost or lease_clock() > ap.lease_until - self.lease_margin_s:
+                self._give_back(ap)  # not ours to start any more (or shutting down)
                 return
             if not self.store.pass_is_current(ap.run_id, ap.pass_id):
                 return
@@ -2973,7 +3013,7 @@ class Scheduler:
 
     def _give_back(self, ap):
         """Release a pass we stopped ourselves (shutdown, a lease we could not renew in time)."""
-        reason = "its lease could not be renewed in time" if ap.lease_lost else "scheduler stopping"
+        reason = "scheduler stopping" if ap.release else "its lease could not be renewed in time"
         self._released.add(ap.run_id)
         self._retrying(lambda: self.store.release(ap.run_id, ap.pass_id, self.clock(), reason=reason), ap)
 
@@ -2987,7 +3027,7 @@ class Scheduler:
             try:
                 return write()
             except StoreError as exc:
-                if delay_s is None or time.monotonic() + delay_s > ap.lease_until:
+                if delay_s is None or lease_clock() + delay_s > ap.lease_until:
                     log.error("run %s: cannot record the end of its pass (%s); it is replayed once its lease runs "
                               "out", ap.run_id, exc)
                     return None
@@ -3014,7 +3054,7 @@ class Scheduler:
         interval = max(0.2, self.lease_ms / 4000.0)
         while not self.ended.wait(interval):
             try:
-                started = time.monotonic()
+                started = lease_clock()
                 now = self.clock()
                 self.store.heartbeat_scheduler(self.id, now)
                 with self.lock:
@@ -3024,30 +3064,37 @@ class Scheduler:
                                                        now + self.lease_ms))
                     for ap in held:
                         if ap.pass_id in lost:
+                            ap.lease_lost = True
                             if ap.execution:
                                 ap.execution.cancel()
-                        else:
-                            ap.lease_until = max(ap.lease_until, started + self.lease_ms / 1000.0)
+                            continue
+                        ap.lease_until = max(ap.lease_until, started + self.lease_ms / 1000.0)
+                        if ap.paused:
+                            ap.paused = False
+                            log.warning("run %s: lease renewed; its pass goes on", ap.run_id)
+                            if ap.execution:
+                                ap.execution.resume()
                     if lost:
                         self.wake()
             except OpenWorkflowError as exc:
                 log.warning("heartbeat failed: %s", exc)
 
     def _lease_guard(self):
-        """Stop a pass whose lease was not renewed in time, before anyone else may claim it.
+        """Freeze a pass whose lease was not renewed in time, before anyone else may claim the run.
 
-        It never touches the store, so a stalled store cannot stall it."""
+        It never touches the store, so a stalled store cannot stall it. The
+        heartbeat thaws the pass when a renewal gets through (the run is still
+        ours: its steps run once), or kills it when another scheduler has it."""
         while not self.ended.wait(0.05):
-            now = time.monotonic()
+            now = lease_clock()
             with self.lock:
-                late = [ap for ap in self.active.values()
-                        if not ap.lease_lost and now > ap.lease_until - self.lease_margin_s]
+                late = [ap for ap in self.active.values() if not ap.lease_lost and not ap.paused
+                        and ap.execution is not None and now > ap.lease_until - self.lease_margin_s]
             for ap in late:
-                ap.lease_lost = True
-                log.warning("run %s: its lease could not be renewed in time; stopping its pass so no other "
-                            "scheduler runs it at the same time", ap.run_id)
-                if ap.execution:
-                    ap.execution.cancel()
+                ap.paused = True
+                log.warning("run %s: its lease could not be renewed in time; its pass is frozen until the store "
+                            "answers, so no two schedulers run it at once", ap.run_id)
+                ap.execution.pause()
 
     def _shutdown(self, registered=True):
         self.stopping.set()

@@ -70,8 +70,11 @@ def _parse_duration_ms(value, unit_ms):
 
 
 def error_doc(exc):
+    message = str(exc)
+    if isinstance(exc, MemoryError):
+        message = "out of memory%s (the pass's ceiling is limits.pass_memory)" % (": " + message if message else "")
     return {
-        "message": str(exc),
+        "message": message or type(exc).__name__,
         "name": type(exc).__name__,
         "stack": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
     }
