@@ -425,7 +425,7 @@ CONFIG_SCHEMA = {
 }
 # Whole-number settings and their sensible ranges, checked when the config is read.
 CONFIG_RANGES = {
-    "concurrency": (1, 1024), "webhook.port": (1, 65535), "webhook.max_connections": (1, 100000),
+    "concurrency": (1, 1024), "webhook.port": (0, 65535), "webhook.max_connections": (1, 100000),  # port 0: any
     "limits.max_step_attempts": (1, 10 ** 9), "limits.max_steps": (1, 10 ** 9), "retry.max_attempts": (1, 10000),
     "adapters.docker.pids_limit": (0, 10 ** 6),
 }
