@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 import argparse
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -38,6 +39,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import select
@@ -76,6 +78,12 @@ STORE_POOL_IDLE = 8
 DEFAULT_RETRY = {"max_attempts": 10, "initial_ms": 1000, "backoff": 2.0, "max_ms": 100000}
 # A pass that dies with no step in flight (shim crash, OOM) retries on this policy.
 PASS_RETRY = {"max_attempts": 5, "initial_ms": 1000, "backoff": 2.0, "max_ms": 60000}
+# Warm workers (adapters.exec.mode: warm): a worker is replaced after this many
+# passes, exits after this long idle, and is killed if it does not answer a
+# cancel this fast (a busy loop in user code).
+WORKER_MAX_PASSES = 1000
+WORKER_IDLE_S = 60.0
+WORKER_CANCEL_GRACE_S = 1.0
 # Remaining sleeps up to this long are waited inside the pass instead of parking
 # the run: a new pass would cost more than the wait itself.
 INLINE_SLEEP_MS = 1000
@@ -386,6 +394,7 @@ CONFIG_SCHEMA = {
     "adapters.exec.node": ("str", "node"),
     "adapters.exec.python": ("str", "python3"),
     "adapters.exec.timeout": ("duration", "15m"),
+    "adapters.exec.mode": ("str", "warm"),
     "adapters.exec.env": ("map", {}),
     "adapters.docker.enabled": ("bool", False),
     "adapters.docker.work_dir": ("path", "{data_dir}/docker"),
@@ -734,6 +743,9 @@ def load_config(path=None, text=None, must_exist=False):
                                                                           high, values[key]))
     if values["lease_ttl"] < 2000:
         raise ConfigError("%s: lease_ttl must be at least 2s" % path)
+    if values["adapters.exec.mode"] not in ("warm", "process"):
+        raise ConfigError("%s:%s: adapters.exec.mode must be warm (long-lived workers) or process (a process per "
+                          "pass)" % (path, key_lines.get("adapters.exec.mode", "?")))
     if values["adapters.docker.pull"] not in ("never", "missing", "always"):
         raise ConfigError("%s:%s: adapters.docker.pull must be never, missing or always"
                           % (path, key_lines.get("adapters.docker.pull", "?")))
@@ -1883,7 +1895,7 @@ class ProcessExecution(Execution):
     """A pass running as a child process fed by stdin, reporting on stdout."""
 
     def __init__(self, argv, stdin_bytes, env=None, cwd=None, timeout_ms=None, on_stop=None, event_pipe=False,
-                 address_space=None, on_pause=None):
+                 address_space=None, on_pause=None, keep_stdin=False, on_output=None):
         """``on_stop``: run once when the pass is stopped or ends badly (e.g. remove its container).
 
         ``event_pipe``: events come on a pipe of their own (its fd number in the
@@ -1900,6 +1912,7 @@ class ProcessExecution(Execution):
         self._timeout_ms = timeout_ms
         self._memory = address_space
         self._on_pause = on_pause  # (paused: bool) -> None, for what a signal to the group cannot freeze
+        self._on_output = on_output  # (chunk) -> True if it took the log output itself
         self._events = None
         try:
             if event_pipe:
@@ -1918,7 +1931,8 @@ class ProcessExecution(Execution):
         except OSError as exc:
             raise AdapterError("cannot start %s: %s" % (argv[0], exc.strerror or exc))
         self._stdin_thread = threading.Thread(target=self._feed, args=(stdin_bytes,), daemon=True)
-        self._stdin_thread.start()
+        if not keep_stdin:  # a worker's stdin is written by its owner
+            self._stdin_thread.start()
         self._err_thread = threading.Thread(target=self._drain_stderr, daemon=True)
         self._err_thread.start()
         self._timer = None
@@ -1943,6 +1957,8 @@ class ProcessExecution(Execution):
     def _drain_stderr(self):
         out = self.proc.stdout if self._events is not None else self.proc.stderr
         for chunk in iter(lambda: out.read1(65536) if hasattr(out, "read1") else out.read(65536), b""):
+            if self._on_output is not None and self._on_output(chunk):
+                continue
             room = MAX_PASS_LOG_BYTES - len(self._log)
             if room > 0:
                 self._log += chunk[:room]
@@ -1993,7 +2009,8 @@ class ProcessExecution(Execution):
         self._signal(signal.SIGCONT)
 
     def finish(self, grace_s=5.0):
-        self._stdin_thread.join(grace_s)
+        if self._stdin_thread.is_alive():
+            self._stdin_thread.join(grace_s)
         try:
             code = self.proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
@@ -2030,6 +2047,357 @@ class ProcessExecution(Execution):
         if self._log_truncated:
             text += "\n[log truncated: %d more bytes]\n" % self._log_truncated
         return text
+
+
+class WarmExecution(Execution):
+    """A pass running inside a warm worker: its lines arrive demultiplexed by the worker's reader."""
+
+    def __init__(self, worker, spec, timeout_ms):
+        self.worker = worker
+        self.pass_id = spec.pass_id
+        self.canceled = False
+        self.timed_out = False
+        self.ended_why = None  # set when the worker died under the pass
+        self._timeout_ms = timeout_ms
+        self._queue = queue.SimpleQueue()
+        self._log = []
+        self._log_bytes = 0
+        self._log_truncated = 0
+        self._done = threading.Event()
+        self._paused = False
+        self._timer = None
+        if timeout_ms:
+            self._timer = threading.Timer(timeout_ms / 1000.0, self._timeout)
+            self._timer.daemon = True
+            self._timer.start()
+
+    # -- fed by the worker's reader thread --
+    def feed(self, line):
+        self._queue.put(line)
+
+    def add_log(self, text):
+        room = MAX_PASS_LOG_BYTES - self._log_bytes
+        if room > 0:
+            self._log.append(text[:room])
+            self._log_bytes += len(text[:room])
+        self._log_truncated += max(0, len(text) - max(room, 0))
+
+    def end(self, why=None):
+        """No more lines: the pass ended, was canceled, or its worker died (``why``)."""
+        if not self._done.is_set():
+            self.ended_why = self.ended_why or why
+            self._done.set()
+            self._queue.put(None)
+
+    # -- the Execution interface --
+    def lines(self):
+        while True:
+            line = self._queue.get()
+            if line is None:
+                return
+            yield line
+
+    def add_stray(self, line):
+        self.add_log("[stdout] " + line.rstrip("\n") + "\n")
+
+    def _timeout(self):
+        self.timed_out = True
+        self.cancel()
+
+    def cancel(self):
+        if self._done.is_set():
+            return
+        self.canceled = True
+        self.worker.cancel(self)
+
+    def pause(self):
+        if not self._paused:
+            self._paused = True
+            self.worker.pause(True)
+
+    def resume(self):
+        if self._paused:
+            self._paused = False
+            self.worker.pause(False)
+
+    def finish(self, grace_s=5.0):
+        self._done.wait(grace_s)
+        if not self._done.is_set():
+            self.worker.kill("a pass did not end when asked")
+            self._done.wait(5)
+        self.resume()
+        if self._timer:
+            self._timer.cancel()
+        self.worker.finished(self)
+        if self.timed_out:
+            return "the pass timed out after %s and was stopped" % format_duration(self._timeout_ms)
+        if self.canceled:
+            return "the pass was stopped"
+        return self.ended_why or "the pass ended without a result"
+
+    @property
+    def log_text(self):
+        text = "".join(self._log)
+        if self._log_truncated:
+            text += "\n[log truncated: %d more bytes]\n" % self._log_truncated
+        return text
+
+
+class WarmWorker:
+    """A long-lived runtime process that runs many passes at once (`shim --worker`)."""
+
+    def __init__(self, pool, argv, env, cwd, address_space):
+        self.pool = pool
+        self.passes = {}  # pass id -> WarmExecution
+        self.served = 0
+        self.draining = False
+        self.dead = None  # why it died
+        self.idle_since = time.monotonic()
+        self._lock = threading.Lock()
+        self._paused = 0
+        self._stderr_tail = collections.deque(maxlen=20)
+        self.proc_exec = ProcessExecution(argv, b"", env=env, cwd=cwd, event_pipe=True, address_space=address_space,
+                                          keep_stdin=True, on_output=self._output)
+        self.proc = self.proc_exec.proc
+        threading.Thread(target=self._read, name="tyow-worker-%d" % self.proc.pid, daemon=True).start()
+
+    @property
+    def load(self):
+        return len(self.passes)
+
+    def _output(self, chunk):
+        """The worker's own stdout/stderr (child processes with inherited stdio, crashes).
+
+        It belongs to a pass only when that pass runs alone in the worker; else it
+        goes to the worker's log, never to another run's."""
+        self._stderr_tail.append(chunk[-4000:])
+        with self._lock:
+            only = list(self.passes.values()) if len(self.passes) == 1 else []
+        if only:
+            only[0].add_log(chunk.decode("utf-8", "replace"))
+            return True
+        return False
+
+    def submit(self, execution, code_path, doc):
+        with self._lock:
+            self.passes[execution.pass_id] = execution
+            self.served += 1
+            line = dumps({"op": "pass", "code": code_path, "doc": doc}) + "\n"
+        if not self._send(line):
+            execution.end(self.dead or "the worker could not take the pass")
+
+    def _send(self, line):
+        try:
+            with self._lock:
+                self.proc.stdin.write(line.encode("utf-8"))
+                self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError, ValueError) as exc:
+            self.kill("its stdin failed (%s)" % exc)
+            return False
+
+    def cancel(self, execution):
+        """Ask the worker to drop the pass; a worker too busy to answer (a busy loop) is killed."""
+        self._send(dumps({"op": "cancel", "pass": execution.pass_id}) + "\n")
+        timer = threading.Timer(WORKER_CANCEL_GRACE_S, lambda: execution._done.is_set() or self.kill(
+            "it did not answer a cancel within %.1fs (busy in user code)" % WORKER_CANCEL_GRACE_S))
+        timer.daemon = True
+        timer.start()
+
+    def pause(self, paused):
+        with self._lock:
+            self._paused += 1 if paused else -1
+            sig = signal.SIGSTOP if self._paused == 1 and paused else signal.SIGCONT if self._paused == 0 else None
+        if sig is not None:
+            self.proc_exec._signal(sig)
+
+    def finished(self, execution):
+        with self._lock:
+            self.passes.pop(execution.pass_id, None)
+            if not self.passes:
+                self.idle_since = time.monotonic()
+        self.pool.settle(self)
+
+    def kill(self, why):
+        with self._lock:
+            if self.dead is None:
+                self.dead = "the worker was stopped: %s" % why
+        _kill_group(self.proc)
+        self.proc_exec._signal(signal.SIGCONT)
+
+    def close(self):
+        """Let the worker exit once idle (stdin end-of-file)."""
+        self.draining = True
+        self.proc_exec._close_stdin()
+
+    def _read(self):
+        for raw in iter(self.proc_exec._events.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            if not line.strip():
+                continue
+            pass_id, kind = _peek_pass(line)
+            with self._lock:
+                execution = self.passes.get(pass_id)
+            if execution is None:
+                continue  # a pass already given up (canceled), or not an event
+            if kind == "log":
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    execution.add_log(str(json.loads(line).get("text", "")))
+                continue
+            if kind == "canceled":
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    if json.loads(line).get("busy"):
+                        self.draining = True  # a step of that pass runs on: take no more work
+                execution.end()
+                continue
+            execution.feed(line)
+            if kind in TERMINAL_EVENTS:
+                execution.end()
+        code = self.proc.wait()
+        self.proc_exec._err_thread.join(2)
+        said = b"".join(self._stderr_tail).decode("utf-8", "replace")[-4000:]
+        tail = said.strip().splitlines()[-1:]
+        with self._lock:
+            if self.dead is None:
+                if code != 0 and re.search(r"heap out of memory|MemoryError", said):
+                    self.dead = "the pass ran out of memory (limits.pass_memory: %s)" % _format_size(
+                        self.pool.adapter.config["limits.pass_memory"])
+                elif code < 0:
+                    self.dead = "the runtime was killed by signal %d" % -code
+                else:
+                    self.dead = "the worker exited with status %d%s" % (code, (": " + tail[0][:300]) if tail else "")
+            left = list(self.passes.values())
+        for execution in left:
+            execution.end(self.dead)
+        self.proc_exec.finish(grace_s=0)
+        if self.proc_exec.log_text.strip():
+            log.info("worker %d (%s) said: %s", self.proc.pid, self.pool.runtime,
+                     self.proc_exec.log_text.strip()[-2000:])
+        self.pool.settle(self)
+
+
+def _peek_pass(line):
+    """(pass id, event type) of a worker's line, without a full parse when it is cheap."""
+    m = _EVENT_HEAD.match(line.lstrip())
+    if m:
+        return m.group(2), m.group(1)
+    try:
+        ev = json.loads(line)
+        return ev.get("pass"), ev.get("type")
+    except (ValueError, AttributeError):
+        return None, None
+
+
+_EVENT_HEAD = re.compile(r'\{"type":\s*"([a-z_]+)",\s*"pass":\s*"([^"\\]+)"')
+
+
+class WorkerPool:
+    """Warm workers of one runtime for the exec adapter: bounded, recycled, idle ones exit."""
+
+    def __init__(self, adapter, runtime):
+        self.adapter = adapter
+        self.runtime = runtime
+        self.workers = []
+        self._spawning = 0
+        self._lock = threading.Lock()
+        self._requests = queue.SimpleQueue()
+        # Workers are spawned from one long-lived thread: PR_SET_PDEATHSIG ties a
+        # child to the thread that started it, and pass threads come and go.
+        threading.Thread(target=self._spawner, name="tyow-pool-" + runtime, daemon=True).start()
+        threading.Thread(target=self._janitor, name="tyow-janitor-" + runtime, daemon=True).start()
+
+    @property
+    def size(self):
+        return max(1, min(self.adapter.config["concurrency"], os.cpu_count() or 1))
+
+    def run(self, spec, code_path, doc):
+        execution = WarmExecution(None, spec, self.adapter.config["adapters.exec.timeout"])
+        worker = self._worker()
+        execution.worker = worker
+        worker.submit(execution, code_path, doc)
+        return execution
+
+    def _worker(self):
+        with self._lock:
+            usable = [w for w in self.workers if w.dead is None and not w.draining]
+            idle = [w for w in usable if w.load == 0]
+            if idle:
+                return idle[0]
+            if len(self.workers) + self._spawning < self.size:
+                self._spawning += 1
+                reply = queue.SimpleQueue()
+                self._requests.put(reply)
+            elif usable:
+                return min(usable, key=lambda w: w.load)
+            else:
+                self._spawning += 1
+                reply = queue.SimpleQueue()
+                self._requests.put(reply)
+        worker = reply.get()
+        if isinstance(worker, BaseException):
+            raise worker
+        return worker
+
+    def _spawner(self):
+        while True:
+            reply = self._requests.get()
+            try:
+                worker = WarmWorker(self, self.adapter.worker_argv(self.runtime), self.adapter.worker_env(),
+                                    self.adapter.work_dir, self.adapter.address_space(self.runtime))
+                with self._lock:
+                    self.workers.append(worker)
+                    self._spawning -= 1
+                reply.put(worker)
+            except BaseException as exc:
+                with self._lock:
+                    self._spawning -= 1
+                reply.put(exc)
+
+    def settle(self, worker):
+        """After a pass ends: recycle a worker that served its share or grew too big; forget dead ones."""
+        with self._lock:
+            if worker.dead is not None:
+                if worker in self.workers:
+                    self.workers.remove(worker)
+                return
+            if not worker.draining and (worker.served >= WORKER_MAX_PASSES or self._too_big(worker)):
+                worker.draining = True
+            if worker.draining and worker.load == 0:
+                if worker in self.workers:
+                    self.workers.remove(worker)
+                worker.close()
+
+    def _too_big(self, worker):
+        limit = self.adapter.config["limits.pass_memory"]
+        if not limit or worker.served % 50:
+            return False
+        try:
+            with open("/proc/%d/status" % worker.proc.pid) as f:
+                rss = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) * 1024
+        except (OSError, AttributeError, ValueError):
+            return False
+        return rss > limit * 0.8
+
+    def _janitor(self):
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            with self._lock:
+                idle = [w for w in self.workers if w.load == 0 and now - w.idle_since > WORKER_IDLE_S]
+                for w in idle:
+                    self.workers.remove(w)
+            for w in idle:
+                w.close()
+
+    def close(self):
+        with self._lock:
+            workers, self.workers = self.workers, []
+        for w in workers:
+            w.close()
+
+    def alive(self, busy=False):
+        with self._lock:
+            return [w.proc.pid for w in self.workers if w.dead is None and (w.load or not busy)]
 
 
 class Adapter:
@@ -2076,6 +2444,9 @@ class Adapter:
 
     def cleanup(self, store=None):
         """Remove what the adapter left behind (orphan containers, old files)."""
+
+    def close(self):
+        """Let go of long-lived helpers (warm workers)."""
 
 
 def _which(binary, env_path=None):
@@ -2163,7 +2534,8 @@ class ExecAdapter(Adapter):
         env = {k: os.environ[k] for k in self.SAFE_ENV if k in os.environ}
         env.update(self.config["adapters.exec.env"])
         env["HOME"] = self.work_dir
-        env["TY_OPENWORKFLOW_RUN_ID"] = spec.run_id
+        if spec is not None:  # a warm worker serves many runs: it has none
+            env["TY_OPENWORKFLOW_RUN_ID"] = spec.run_id
         env["PYTHONDONTWRITEBYTECODE"] = "1"
         env["PYTHONUNBUFFERED"] = "1"
         return env
@@ -2172,21 +2544,74 @@ class ExecAdapter(Adapter):
     def work_dir(self):
         return self.config["adapters.exec.work_dir"]
 
-    def launch(self, spec):
-        self.check(spec.runtime)
-        shim = materialize(os.path.join(self.work_dir, "runtimes"), RUNTIMES[spec.runtime]["shim"],
-                           runtime_source(spec.runtime))
-        code = materialize(os.path.join(self.work_dir, "code"), "workflow" + RUNTIMES[spec.runtime]["ext"],
-                           spec.version["code"])
+    def __init__(self, config):
+        super().__init__(config)
+        self._pools = {}
+        self._pool_lock = threading.Lock()
+        self._code_paths = {}
+
+    def _runtime_argv(self, runtime):
         memory = self.config["limits.pass_memory"] or None
-        argv = [_which(self.binary(spec.runtime))]
-        if spec.runtime == "node" and memory:
+        argv = [_which(self.binary(runtime))]
+        if runtime == "node" and memory:
             # V8 reserves far more address space than it uses: bound its heap instead.
             argv.append("--max-old-space-size=%d" % max(16, memory >> 20))
-        argv += [shim, code]
-        return ProcessExecution(argv, (dumps(spec.doc) + "\n").encode("utf-8"), env=self.env(spec),
-                                cwd=self.work_dir, timeout_ms=self.config["adapters.exec.timeout"], event_pipe=True,
-                                address_space=memory if spec.runtime == "python" else None)
+        return argv + [self._shim(runtime)]
+
+    def _shim(self, runtime):
+        return materialize(os.path.join(self.work_dir, "runtimes"), RUNTIMES[runtime]["shim"],
+                           runtime_source(runtime))
+
+    def address_space(self, runtime):
+        return (self.config["limits.pass_memory"] or None) if runtime == "python" else None
+
+    def worker_argv(self, runtime):
+        return self._runtime_argv(runtime) + ["--worker"]
+
+    def worker_env(self):
+        env = self.env(None)
+        return env
+
+    def _code(self, spec):
+        # The version's code is written once and its path remembered (no hash per pass).
+        key = (spec.version.get("workflow_id"), spec.version.get("version"), spec.version.get("code_hash"))
+        path = self._code_paths.get(key) if key[2] else None
+        if path is None or not os.path.exists(path):
+            path = materialize(os.path.join(self.work_dir, "code"), "workflow" + RUNTIMES[spec.runtime]["ext"],
+                               spec.version["code"])
+            if key[2]:
+                self._code_paths[key] = path
+        return path
+
+    @property
+    def warm(self):
+        return self.config["adapters.exec.mode"] == "warm"
+
+    def pool(self, runtime):
+        with self._pool_lock:
+            if runtime not in self._pools:
+                self._pools[runtime] = WorkerPool(self, runtime)
+            return self._pools[runtime]
+
+    def launch(self, spec):
+        self.check(spec.runtime)
+        code = self._code(spec)
+        if self.warm:
+            return self.pool(spec.runtime).run(spec, code, spec.doc)
+        return ProcessExecution(self._runtime_argv(spec.runtime) + [code], (dumps(spec.doc) + "\n").encode("utf-8"),
+                                env=self.env(spec), cwd=self.work_dir, timeout_ms=self.config["adapters.exec.timeout"],
+                                event_pipe=True, address_space=self.address_space(spec.runtime))
+
+    def workers(self, busy=False):
+        """Pids of the warm workers alive (``busy``: running a pass now), per runtime."""
+        with self._pool_lock:
+            return {rt: pool.alive(busy) for rt, pool in self._pools.items()}
+
+    def close(self):
+        with self._pool_lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
 
     def cleanup(self, store=None):
         """Drop cached code files older than a week (they are re-written on demand)."""
@@ -3717,6 +4142,9 @@ class Sidecar:
         return self._bridge
 
     def close(self):
+        for impl in list(self._adapters.values()):
+            with contextlib.suppress(Exception):
+                impl.close()
         if self._store is not None:
             self._store.close()
 

@@ -507,4 +507,123 @@ function main() {
   }
 }
 
-main();
+// Warm worker: `node node_shim.js --worker` serves many passes, at once, over
+// the same protocol. Each line on stdin is {"op": "pass", "code": FILE, "doc":
+// PASS} or {"op": "cancel", "pass": ID}; events go out as in a single pass,
+// each carrying its pass id, plus {"type": "log", pass, text} for what a pass
+// printed and {"type": "canceled", pass, busy} once a cancel took effect (busy:
+// a step function was still running, and keeps running in the background).
+// Each workflow file is loaded once and reused: module-level state of the
+// workflow code is shared by the passes this worker runs.
+function workerMain() {
+  const util = require("util");
+  const passCtx = new AsyncLocalStorage();
+  const live = new Map(); // pass id -> { canceled, inflight }
+  const loaded = new Map(); // workflow file -> workflow function
+  const errWrite = process.stderr.write.bind(process.stderr);
+
+  // What a pass prints goes to its own log; anything else to the worker's stderr.
+  const toPass = (text) => {
+    const id = passCtx.getStore();
+    if (id === undefined || !live.has(id)) return false;
+    writeEvent({ type: "log", pass: id, text });
+    return true;
+  };
+  const routed = (write) =>
+    function (chunk, encoding, cb) {
+      const text = typeof chunk === "string" ? chunk : Buffer.from(chunk).toString("utf8");
+      if (!toPass(text)) return write(chunk, encoding, cb);
+      const done = typeof encoding === "function" ? encoding : cb;
+      if (done) process.nextTick(done);
+      return true;
+    };
+  process.stdout.write = routed(errWrite);
+  process.stderr.write = routed(errWrite);
+  for (const level of ["log", "info", "debug", "warn", "error"]) {
+    console[level] = (...args) => process.stderr.write(util.format(...args) + "\n");
+  }
+
+  function endPass(id, ev) {
+    const state = live.get(id);
+    if (!state) return;
+    if (ev) writeEvent(ev);
+    live.delete(id);
+  }
+  // An error thrown where no one can catch it (a timer, a stray promise) ends
+  // the pass it came from; the worker goes on.
+  const stray = (err) => {
+    const id = passCtx.getStore();
+    if (id !== undefined && live.has(id)) {
+      const state = live.get(id);
+      state.canceled = true;
+      endPass(id, { type: "failed", pass: id, at: Date.now(), error: serializeError(err) });
+    } else {
+      errWrite(`ty-openworkflow worker: ${err && err.stack ? err.stack : err}\n`);
+    }
+  };
+  process.on("uncaughtException", stray);
+  process.on("unhandledRejection", stray);
+
+  async function runOne(msg) {
+    const doc = msg.doc || {};
+    const id = doc.pass_id;
+    const state = { canceled: false, inflight: 0 };
+    live.set(id, state);
+    const sink = (ev) => {
+      if (state.canceled) return;
+      if (ev.type === "step_started") state.inflight += 1;
+      else if (ev.type === "step_completed" || ev.type === "step_failed") state.inflight -= 1;
+      writeEvent(ev);
+    };
+    try {
+      if (doc.protocol !== PROTOCOL) {
+        throw new Error(`protocol ${doc.protocol} not supported (this shim speaks ${PROTOCOL})`);
+      }
+      let wf = loaded.get(msg.code);
+      if (!wf) {
+        wf = loadWorkflow(msg.code);
+        loaded.set(msg.code, wf);
+      }
+      await passCtx.run(id, () => runPass(doc, wf, sink, AsyncLocalStorage));
+    } catch (err) {
+      sink({ type: "failed", pass: id, at: Date.now(), error: serializeError(err) });
+    }
+    live.delete(id);
+  }
+
+  function handle(line) {
+    if (!line.trim()) return;
+    let msg;
+    try {
+      msg = JSON.parse(line);
+    } catch (err) {
+      errWrite(`ty-openworkflow worker: bad message: ${err.message}\n`);
+      return;
+    }
+    if (msg.op === "pass") {
+      runOne(msg);
+    } else if (msg.op === "cancel") {
+      const state = live.get(msg.pass);
+      if (state) state.canceled = true;
+      live.delete(msg.pass);
+      writeEvent({ type: "canceled", pass: msg.pass, busy: Boolean(state && state.inflight > 0) });
+    }
+  }
+
+  let buffered = "";
+  process.stdin.setEncoding("utf8");
+  process.stdin.on("data", (chunk) => {
+    buffered += chunk;
+    let nl;
+    while ((nl = buffered.indexOf("\n")) >= 0) {
+      const line = buffered.slice(0, nl);
+      buffered = buffered.slice(nl + 1);
+      handle(line);
+    }
+  });
+  // The sidecar is gone: so are its passes.
+  process.stdin.on("end", () => process.exit(3));
+}
+
+if (process.argv[2] === "--worker") workerMain();
+else main();

@@ -33,11 +33,8 @@ class _PassEnd(BaseException):
     """
 
 
-_skew_ms = 0  # the sidecar's clock is the run's clock (see the node shim)
-
-
 def now_ms():
-    return int(time.time() * 1000) + _skew_ms
+    return int(time.time() * 1000)
 
 
 def duration_ms(value, what, unit_ms):
@@ -112,6 +109,11 @@ class Context:
     """The ``ctx`` a workflow receives: ``step``, ``sleep``, ``sleep_until``, ids."""
 
     def __init__(self, doc, emit):
+        # The sidecar's clock is the run's clock, but only one ahead of ours is
+        # followed: one behind it by the time the pass took to start would make
+        # sleeps end early.
+        sidecar_now = doc.get("now")
+        self._skew_ms = max(0, int(sidecar_now) - now_ms()) if isinstance(sidecar_now, (int, float)) else 0
         history = doc.get("history") or {}
         self._done = history.get("steps") or {}
         self._sleeps = history.get("sleeps") or {}
@@ -130,6 +132,9 @@ class Context:
         self.attempt = doc.get("attempt")
         self.step_key = None
         self.idempotency_key = None
+
+    def now_ms(self):
+        return now_ms() + self._skew_ms
 
     def _key(self, name, kind):
         if not isinstance(name, str) or not name:
@@ -220,14 +225,14 @@ class Context:
                 wake_at = int(when * 1000)
             else:
                 raise TypeError("sleep_until %r: invalid time %r" % (key, when))
-            if abs(wake_at - now_ms()) > MAX_SLEEP_MS:
+            if abs(wake_at - self.now_ms()) > MAX_SLEEP_MS:
                 raise TypeError("sleep_until %r: %r is more than a century away" % (key, when))
             self._emit("sleep", step=key, wake_at=wake_at)
             self._sleeps[key] = wake_at
-        if wake_at - now_ms() > self._inline_ms:
+        if wake_at - self.now_ms() > self._inline_ms:
             self._halt({"kind": "suspend", "wake_at": wake_at})
-        while wake_at - now_ms() > 0:  # never end a sleep before its time
-            time.sleep((wake_at - now_ms()) / 1000.0)
+        while wake_at - self.now_ms() > 0:  # never end a sleep before its time
+            time.sleep((wake_at - self.now_ms()) / 1000.0)
         self._emit("sleep_completed", step=key)
         self._slept.add(key)
         return None
@@ -238,7 +243,7 @@ class Context:
         key = self._peek_key(name)[0] if isinstance(name, str) else name
         if key in self._sleeps:
             return self.sleep_until(name, self._sleeps[key] / 1000.0)
-        return self.sleep_until(name, (now_ms() + ms) / 1000.0)
+        return self.sleep_until(name, (self.now_ms() + ms) / 1000.0)
 
 
 def _policy(opts):
@@ -317,6 +322,47 @@ def _event_channel():
     return os.fdopen(events_fd, "w", encoding="utf-8", buffering=1)
 
 
+def run_pass(doc, workflow_of, write):
+    """Run one pass of ``workflow_of()`` (which loads the code) and hand each event line to ``write``."""
+    pass_id = doc.get("pass_id")
+    ctx = None
+
+    def emit(type_, **data):
+        ev = {"type": type_, "pass": pass_id, "at": ctx.now_ms() if ctx else now_ms()}
+        ev.update(data)
+        # A leading newline ends any partial line written to the same pipe.
+        write("\n" + json.dumps(ev, ensure_ascii=False) + "\n")
+
+    if doc.get("protocol") != PROTOCOL:
+        emit("failed", error={"message": "protocol %r not supported (this shim speaks %d)"
+                                         % (doc.get("protocol"), PROTOCOL), "name": "ProtocolError", "stack": None})
+        return
+    ctx = Context(doc, emit)
+    try:
+        value = workflow_of()(doc.get("input"), ctx)
+    except _PassEnd:
+        value = None
+    except BaseException as exc:  # the workflow failed outside any step
+        if ctx.stop is None:
+            emit("failed", error=error_doc(exc))
+            return
+    if ctx.stop is not None:
+        if ctx.stop["kind"] == "suspend":
+            emit("suspended", wake_at=ctx.stop["wake_at"])
+        elif ctx.stop["kind"] == "fatal":
+            emit("failed", retryable=False, error=ctx.stop["error"])
+        else:
+            step = ctx.stop["step"]
+            emit("failed", step=step, error={"message": "step %r failed" % step, "name": "StepFailed", "stack": None})
+        return
+    try:
+        out = to_json(value, "the workflow's return value")[1]
+    except TypeError as exc:
+        emit("failed", retryable=False, error=error_doc(exc))
+        return
+    emit("completed", output=out)
+
+
 def main(argv):
     events = _event_channel()
     try:
@@ -328,52 +374,128 @@ def main(argv):
         sys.stderr.write("ty-openworkflow shim: protocol %r not supported (this shim speaks %d)\n"
                          % (doc.get("protocol"), PROTOCOL))
         return 2
-    pass_id = doc.get("pass_id")
-    if isinstance(doc.get("now"), (int, float)):
-        # Only a sidecar clock ahead of ours is followed: one behind it by the time
-        # the pass took to start would make sleeps end early.
-        global _skew_ms
-        _skew_ms = max(0, int(doc["now"]) - int(time.time() * 1000))
 
-    def emit(type_, **data):
-        ev = {"type": type_, "pass": pass_id, "at": now_ms()}
-        ev.update(data)
-        # A leading newline ends any partial line written to the same pipe.
-        events.write("\n" + json.dumps(ev, ensure_ascii=False) + "\n")
+    def write(line):
+        events.write(line)
         events.flush()
 
     # The sidecar keeps stdin open for the whole pass: end-of-file means it is
     # gone, so an orphaned pass stops instead of running further steps.
     threading.Thread(target=_exit_on_eof, daemon=True).start()
-    ctx = Context(doc, emit)
-    try:
-        workflow = load_workflow(argv[1])
-        value = workflow(doc.get("input"), ctx)
-    except _PassEnd:
-        value = None
-    except BaseException as exc:  # the workflow failed outside any step
-        if ctx.stop is None:
-            emit("failed", error=error_doc(exc))
-            return 0
-    if ctx.stop is not None:
-        if ctx.stop["kind"] == "suspend":
-            emit("suspended", wake_at=ctx.stop["wake_at"])
-        elif ctx.stop["kind"] == "fatal":
-            emit("failed", retryable=False, error=ctx.stop["error"])
-        else:
-            step = ctx.stop["step"]
-            emit("failed", step=step, error={"message": "step %r failed" % step, "name": "StepFailed", "stack": None})
-        return 0
-    try:
-        out = to_json(value, "the workflow's return value")[1]
-    except TypeError as exc:
-        emit("failed", retryable=False, error=error_doc(exc))
-        return 0
-    emit("completed", output=out)
+    run_pass(doc, lambda: load_workflow(argv[1]), write)
     return 0
 
 
+class _PassOutput:
+    """sys.stdout / sys.stderr of a warm worker: a pass's prints go to its own log."""
+
+    def __init__(self, worker, fallback):
+        self._worker, self._fallback = worker, fallback
+
+    def write(self, text):
+        pass_id = getattr(self._worker.local, "pass_id", None)
+        if pass_id is None or pass_id not in self._worker.live:
+            return self._fallback.write(text)
+        self._worker.send({"type": "log", "pass": pass_id, "text": text})
+        return len(text)
+
+    def flush(self):
+        self._fallback.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._fallback, name)
+
+
+class Worker:
+    """`python3 python_shim.py --worker`: many passes at once (a thread each) over the same protocol.
+
+    Stdin lines are {"op": "pass", "code": FILE, "doc": PASS} or {"op": "cancel",
+    "pass": ID}; events go out as in a single pass, plus {"type": "log"} for
+    what a pass printed and {"type": "canceled", "busy"} once a cancel took
+    effect. Each workflow file is loaded once: its module-level state is shared
+    by the passes this worker runs.
+    """
+
+    def __init__(self, events):
+        self.events = events
+        self.lock = threading.Lock()
+        self.local = threading.local()
+        self.live = {}  # pass id -> {"canceled", "inflight"}
+        self.loaded = {}  # workflow file -> workflow function
+
+    def send(self, ev):
+        self.write("\n" + json.dumps(ev, ensure_ascii=False) + "\n")
+
+    def write(self, line):
+        with self.lock:
+            self.events.write(line)
+            self.events.flush()
+
+    def workflow(self, path):
+        with self.lock:
+            fn = self.loaded.get(path)
+        if fn is None:
+            fn = load_workflow(path)
+            with self.lock:
+                self.loaded[path] = fn
+        return fn
+
+    def run(self, msg):
+        doc = msg.get("doc") or {}
+        pass_id = doc.get("pass_id")
+        state = self.live[pass_id]
+        self.local.pass_id = pass_id
+
+        def write(line):
+            if state["canceled"]:
+                return
+            kind = line[10:40]
+            if '"step_started"' in kind:
+                state["inflight"] += 1
+            elif '"step_completed"' in kind or '"step_failed"' in kind:
+                state["inflight"] -= 1
+            self.write(line)
+
+        try:
+            run_pass(doc, lambda: self.workflow(msg.get("code")), write)
+        finally:
+            self.local.pass_id = None
+            self.live.pop(pass_id, None)
+
+    def serve(self):
+        sys.stdout = _PassOutput(self, sys.__stderr__)
+        sys.stderr = _PassOutput(self, sys.__stderr__)
+        buffered = b""
+        while True:
+            chunk = os.read(0, 65536)
+            if not chunk:
+                os._exit(3)  # the sidecar is gone: so are its passes
+            buffered += chunk
+            *lines, buffered = buffered.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    self.handle(line)
+
+    def handle(self, line):
+        try:
+            msg = json.loads(line)
+        except ValueError as exc:
+            sys.__stderr__.write("ty-openworkflow worker: bad message: %s\n" % exc)
+            return
+        if msg.get("op") == "pass":
+            pass_id = (msg.get("doc") or {}).get("pass_id")
+            self.live[pass_id] = {"canceled": False, "inflight": 0}
+            threading.Thread(target=self.run, args=(msg,), daemon=True).start()
+        elif msg.get("op") == "cancel":
+            state = self.live.pop(msg.get("pass"), None)
+            if state:
+                state["canceled"] = True
+            self.send({"type": "canceled", "pass": msg.get("pass"), "busy": bool(state and state["inflight"] > 0)})
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        Worker(_event_channel()).serve()
     code = main(sys.argv)
     sys.stderr.flush()
     # Skip interpreter teardown: the stdin watcher thread is still blocked in a

@@ -1,14 +1,45 @@
 #!/usr/bin/env python3
-"""Benchmarks (not tests): wake lateness, start-to-first-step latency, idle CPU of serve, pass overhead.
+"""Benchmark harness (not a test): ty-openworkflow measured from outside, as a user runs it.
 
-Usage: python3 tests/bench.py [--quick] [--docker]    (or `make bench`)
+Usage: python3 tests/bench.py [--reps N] [--runtimes node,python] [--only W1,W2,...] [--json FILE]
+                              [--peers FILE ...] [--from-json FILE ...] [--quick]
+       (`make bench` runs it with the defaults: 3 reps, both runtimes, every workload, ~6-8 min on 2 cores)
 
-Prints figures with median and spread. Timings on shared machines are noisy:
-compare runs made on the same machine, back to back.
+Every figure comes from a real `serve` subprocess (its own process group) on a throwaway config and data
+dir, runs started through the Python API (`tow.Sidecar(config_path=...).start(...)`), the exec adapter.
+Each workload is repeated --reps times (reps interleave the runtimes); the table shows the median of the
+reps with their min and max. Workloads (the workflow is 4 steps each returning x + 1, from x = 0):
+
+  W1  throughput: serve running (warmed by one run); 500 `start()` calls in a loop from this process
+      (drive=True, as a user would); wall time from the first start() until this process sees the 500th
+      run completed in the store (polled every 10 ms); runs/s. With the default config,
+      `concurrency: 16` and `concurrency: 100`. (--w1-mode enqueue: the 500 runs are stored with
+      drive=False first, then serve starts; the clock still starts at the first start().)
+  W2  latency: one run at a time, start() -> the run seen completed in the store (a read-only SQLite
+      connection polled every 1 ms; serve's own finished_at stamp is kept in the JSON as well),
+      median of 20 per rep, serve warmed by one run.
+  W3  wake precision: step a; sleep 2 s; step b returns Date.now() / time.time()*1000; lateness = b's
+      value - the sleep step's wake_at (as `status --json` shows it); 10 runs per rep, started 250 ms
+      apart; median, max, and how many were early (negative).
+  W4  recovery: a 3 s step; 1 s into it the serve's whole process group is SIGKILLed; a new serve is
+      started at once; (kill -> run completed) - 3 s. lease_ttl at its default (30s).
+  steps: one run of 200 trivial steps and one of 2000: (start -> completed) / steps.
+  cli: `python3 ty_openworkflow.py --config C list runs` vs `python3 -c 0`, median of 10 each, ratio.
+  idle: serve after the runs above: CPU% over 10 s and RSS of serve plus all its descendants.
+
+--json FILE writes every figure (samples per rep, raw values). --peers FILE merges figures that
+tests/peers/ wrote (same JSON shape) into the table; --from-json prints the table of saved files only.
+Timings on a shared machine are noisy: compare runs made on the same machine, back to back.
 """
 import argparse
+import atexit
+import json
+import math
 import os
+import platform
 import shutil
+import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -16,253 +47,732 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import ty_openworkflow as tow  # noqa: E402
-
 MODULE = os.path.join(ROOT, "ty_openworkflow.py")
+SCHEMA = "tyow-bench/1"
 
-STAMP_JS = """
-const fs = require("fs");
-async function workflow(input, { step, sleep }) {
-  if (input.sleep_ms) await sleep("nap", input.sleep_ms);
-  return await step("stamp", () => { fs.appendFileSync(input.counter, input.tag + " " + Date.now() + "\\n"); return 1; });
-}
-"""
-STAMP_PY = """
-import time
-def workflow(input, ctx):
-    if input.get("sleep_ms"):
-        ctx.sleep("nap", input["sleep_ms"] / 1000.0)
-    def stamp():
-        with open(input["counter"], "a") as f:
-            f.write("%s %d\\n" % (input["tag"], int(time.time() * 1000)))
-        return 1
-    return ctx.step("stamp", stamp)
-"""
+# ---------------------------------------------------------------------------
+# Figures: the shared vocabulary of bench.py and tests/peers/ (same keys in the JSON)
+# ---------------------------------------------------------------------------
 
-
-def pct(values, q):
-    values = sorted(values)
-    if not values:
-        return float("nan")
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
-def summary(values):
-    return "median %.0f ms, p90 %.0f, p99 %.0f, min %.0f, max %.0f (n=%d)" % (
-        statistics.median(values), pct(values, 0.9), pct(values, 0.99), min(values), max(values), len(values))
+# key, label, unit, decimals
+FIGURES = [
+    ("w1_default", "W1 throughput, default concurrency", "runs/s", 1),
+    ("w1_c16", "W1 throughput, concurrency 16", "runs/s", 1),
+    ("w1_c100", "W1 throughput, concurrency 100", "runs/s", 1),
+    ("w2_latency", "W2 start -> completed (median of 20)", "ms", 1),
+    ("w2_inproc", "W2 variant: started inside the worker process", "ms", 1),
+    ("w3_late_median", "W3 wake lateness, median of 10", "ms", 1),
+    ("w3_late_max", "W3 wake lateness, max of 10", "ms", 1),
+    ("w3_early", "W3 early wake-ups (negative), count", "runs", 0),
+    ("w4_recovery", "W4 recovery: kill -> done, minus 3 s", "ms", 0),
+    ("w4_restep", "W4 kill -> the step running again", "ms", 0),
+    ("step_200", "per-step cost, 200 steps", "ms/step", 2),
+    ("step_2000", "per-step cost, 2000 steps", "ms/step", 2),
+    ("cli_cold", "CLI cold start (`list runs`), median of 10", "ms", 1),
+    ("cli_base", "interpreter alone (`-c 0`), median of 10", "ms", 1),
+    ("cli_ratio", "CLI cold start / interpreter alone", "x", 2),
+    ("idle_cpu", "idle scheduler CPU over 10 s (with children)", "%", 2),
+    ("idle_rss", "idle scheduler RSS (with children)", "MiB", 1),
+    ("idle_procs", "idle scheduler processes (itself + children)", "procs", 0),
+]
+FIGURE_KEYS = [f[0] for f in FIGURES]
 
 
-class Bench:
-    def __init__(self, extra_config=""):
-        self.tmp = tempfile.mkdtemp(prefix="tyow-bench-")
-        extra_config = extra_config.replace("{shared}", os.path.join(self.tmp, "shared"))
-        self.config = os.path.join(self.tmp, "config.yaml")
-        with open(self.config, "w") as f:
-            f.write("data_dir: %s/data\ntaskyou:\n  auto_create_tasks: false\n%s" % (self.tmp, extra_config))
-        self.sc = tow.Sidecar(config_path=self.config)
-        self.serve_proc = None
+class Results:
+    """Figures of one system: key -> list of per-rep samples (plus raw values and notes)."""
 
-    def serve(self):
-        self.serve_proc = subprocess.Popen([sys.executable, MODULE, "--config", self.config, "serve"],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            if any(s["pid"] == self.serve_proc.pid for s in self.sc.store.live_schedulers(tow.now_ms(), 60000)):
-                return self.serve_proc
-            time.sleep(0.05)
-        raise SystemExit("serve did not start")
+    def __init__(self, name, meta=None):
+        self.name = name
+        self.meta = dict(meta or {})
+        self.figures = {}
 
-    def wait_done(self, run_ids, timeout=120):
-        deadline = time.time() + timeout
-        pending = set(run_ids)
-        while pending and time.time() < deadline:
-            for r in list(pending):
-                if self.sc.status(r)["status"] in tow.TERMINAL:
-                    pending.discard(r)
-            time.sleep(0.05)
-        if pending:
-            raise SystemExit("runs did not finish: %s" % sorted(pending))
+    def add(self, key, value, raw=None, note=None):
+        fig = self.figures.setdefault(key, {"samples": [], "raw": [], "errors": []})
+        fig["samples"].append(value)
+        if raw is not None:
+            fig["raw"].append(raw)
+        if note:
+            fig["note"] = note
 
-    def stamps(self, counter):
-        out = {}
-        with open(counter) as f:
-            for line in f:
-                tag, at = line.split()
-                out[tag] = int(at)
-        return out
+    def error(self, key, message):
+        fig = self.figures.setdefault(key, {"samples": [], "raw": [], "errors": []})
+        fig["errors"].append(message)
 
-    def close(self):
-        if self.serve_proc:
-            self.serve_proc.terminate()
-            self.serve_proc.wait(30)
-        self.sc.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+    def to_json(self):
+        return {"meta": self.meta, "figures": self.figures}
 
 
-def bench_start_latency(runtime, n, adapter="exec", extra_config=""):
-    b = Bench(extra_config)
-    try:
-        b.sc.deploy("stamp", STAMP_JS if runtime == "node" else STAMP_PY, runtime=runtime, adapter=adapter)
-        b.serve()
-        shared = os.path.join(b.tmp, "shared")
-        os.makedirs(shared)
-        os.chmod(shared, 0o777)  # docker passes run as an unprivileged user
-        counter = os.path.join(shared, "c.txt")
-        t0s, runs = {}, []
-        for i in range(n):
-            tag = "r%d" % i
-            t0s[tag] = tow.now_ms()
-            runs.append(b.sc.start("stamp", {"counter": counter, "tag": tag})["id"])
-            b.wait_done([runs[-1]])
-        stamps = b.stamps(counter)
-        claim = []
-        for i, r in enumerate(runs):
-            started = [e["at"] for e in b.sc.events(r) if e["type"] == "pass_started"][0]
-            claim.append(started - t0s["r%d" % i])
-        return [stamps[t] - t0s[t] for t in t0s], claim
-    finally:
-        b.close()
+def stats_of(samples):
+    vals = [v for v in samples if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None
+    return statistics.median(vals), min(vals), max(vals), len(vals)
 
 
-def bench_wake_lateness(n, runtime="python"):
-    b = Bench()
-    try:
-        b.sc.deploy("stamp", STAMP_PY if runtime == "python" else STAMP_JS, runtime=runtime)
-        b.serve()
-        counter = os.path.join(b.tmp, "c.txt")
-        runs = []
-        for i in range(n):
-            # Staggered sleeps of 1.5-4.5 s so wake-ups do not all coincide.
-            runs.append(b.sc.start("stamp", {"counter": counter, "tag": "r%d" % i,
-                                             "sleep_ms": 1500 + (i * 97) % 3000})["id"])
-            time.sleep(0.02)
-        b.wait_done(runs)
-        stamps = b.stamps(counter)
-        claim, step = [], []
-        for i, r in enumerate(runs):
-            st = b.sc.status(r)
-            wake = st["steps"][0]["wake_at"]
-            started = [e["at"] for e in b.sc.events(r) if e["type"] == "pass_started"][1]
-            claim.append(started - wake)
-            step.append(stamps["r%d" % i] - wake)
-        return claim, step
-    finally:
-        b.close()
+def fmt_cell(fig, decimals):
+    if not fig:
+        return "-"
+    st = stats_of(fig.get("samples", []))
+    if st is None:
+        return "ERROR" if fig.get("errors") else "-"
+    med, lo, hi, n = st
+    f = "%%.%df" % decimals
+    cell = f % med
+    if n > 1:
+        cell += " [%s-%s]" % (f % lo, f % hi)
+    if fig.get("errors"):
+        cell += " !%d" % len(fig["errors"])
+    return cell
 
 
-HANG_PY = """
-import time
-def workflow(input, ctx):
-    def hang():
-        with open(input["counter"], "a") as f:
-            f.write("%s 0\\n" % input["tag"])
-        time.sleep(600)
-    ctx.step("hang", hang)
-"""
+def print_table(systems, out=sys.stdout):
+    """systems: list of (name, {"figures": {...}, "meta": {...}}). One column per system."""
+    names = [n for n, _ in systems]
+    rows = [["figure (median [min-max] of reps)", "unit"] + names]
+    for key, label, unit, dec in FIGURES:
+        cells = [fmt_cell(doc.get("figures", {}).get(key), dec) for _, doc in systems]
+        if all(c == "-" for c in cells):
+            continue
+        rows.append([label, unit] + cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = "-+-".join("-" * w for w in widths)
+    for i, r in enumerate(rows):
+        out.write(" | ".join(c.ljust(widths[j]) if j < 2 else c.rjust(widths[j]) for j, c in enumerate(r))
+                  + "\n")
+        if i == 0:
+            out.write(line + "\n")
+    notes = []
+    for name, doc in systems:
+        for key in FIGURE_KEYS:
+            fig = doc.get("figures", {}).get(key) or {}
+            for e in fig.get("errors", [])[:3]:
+                notes.append("%s %s: %s" % (name, key, e))
+    if notes:
+        out.write("errors (! in the table):\n" + "".join("  %s\n" % n for n in notes))
+    for name, doc in systems:
+        m = doc.get("meta", {})
+        if m.get("setup"):
+            out.write("%s: %s\n" % (name, m["setup"]))
+    out.flush()
 
 
-def shim_pids(data_dir):
-    """Pids of live workflow processes of this data dir."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open("/proc/%s/cmdline" % pid, "rb") as f:
-                    if (data_dir + "/exec/code").encode() in f.read():
-                        out.append(pid)
-            except OSError:
-                pass
+def write_json(path, systems, meta):
+    doc = {"schema": SCHEMA, "meta": meta, "systems": {n: d for n, d in systems}}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    with open(path) as f:
+        doc = json.load(f)
+    if doc.get("schema") != SCHEMA:
+        raise SystemExit("%s: not a %s file" % (path, SCHEMA))
+    return list(doc["systems"].items())
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------
+# Processes: everything started is tracked and killed, also on Ctrl-C and errors
+# ---------------------------------------------------------------------------
+
+_PROCS = []  # Popen objects we started (each in its own session)
+_DIRS = []  # temp dirs: any process whose argv or cwd is inside one is ours
+
+
+def proc_table():
+    """pid -> (ppid, starttime) for every live process."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                parts = f.read().rsplit(")", 1)[1].split()
+            out[int(name)] = (int(parts[1]), int(parts[19]))
+        except (OSError, IndexError, ValueError):
+            pass
     return out
 
 
-def bench_cancel(n):
-    """cancel (from another process's API) -> the pass's process gone, while serve runs it."""
-    b = Bench()
+def descendants(pid, table=None):
+    table = table if table is not None else proc_table()
+    kids, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        for c, (pp, _) in table.items():
+            if pp == p and c not in kids:
+                kids.append(c)
+                frontier.append(c)
+    return kids
+
+
+def cpu_ticks(pid, with_reaped=False):
+    with open("/proc/%d/stat" % pid) as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    t = int(parts[11]) + int(parts[12])
+    if with_reaped:
+        t += int(parts[13]) + int(parts[14])
+    return t
+
+
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for ln in f:
+            if ln.startswith("VmRSS:"):
+                return int(ln.split()[1])
+    return 0
+
+
+def _ours(pid, roots):
     try:
-        b.sc.deploy("hang", HANG_PY, runtime="python")
-        b.serve()
-        counter = os.path.join(b.tmp, "c.txt")
-        data_dir = b.sc.config.data_dir
-        out = []
-        for i in range(n):
-            tag = "r%d" % i
-            run_id = b.sc.start("hang", {"counter": counter, "tag": tag})["id"]
-            deadline = time.time() + 30
-            while time.time() < deadline and tag not in (open(counter).read() if os.path.exists(counter) else ""):
-                time.sleep(0.01)
-            t0 = time.time()
-            b.sc.cancel(run_id)
-            while shim_pids(data_dir) and time.time() - t0 < 30:
-                time.sleep(0.005)
-            out.append((time.time() - t0) * 1000)
-        return out
-    finally:
-        b.close()
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmd = f.read()
+        if any(r.encode() in cmd for r in roots):
+            return True
+        cwd = os.readlink("/proc/%d/cwd" % pid)
+        return any(cwd == r or cwd.startswith(r + "/") for r in roots)
+    except OSError:
+        return False
 
 
-def bench_idle_cpu(seconds):
-    b = Bench()
+def sweep(roots):
+    """SIGKILL every process whose argv or cwd lies in one of ``roots`` (never ourselves)."""
+    me = os.getpid()
+    for _ in range(3):
+        found = [p for p in proc_table() if p != me and _ours(p, roots)]
+        if not found:
+            return
+        for p in found:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.1)
+
+
+def kill_tree(proc, graceful_s=0.0):
+    """Stop a process we started: SIGTERM (if graceful_s), then SIGKILL to its group and descendants."""
+    if proc.poll() is None and graceful_s > 0:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except OSError:
+            pass
+        try:
+            proc.wait(graceful_s)
+        except subprocess.TimeoutExpired:
+            pass
+    table = proc_table()
+    kids = descendants(proc.pid, table) if proc.poll() is None else []
+    for target in [proc.pid]:
+        try:
+            os.killpg(target, signal.SIGKILL)
+        except OSError:
+            pass
+    for k in kids:
+        try:
+            os.kill(k, signal.SIGKILL)
+        except OSError:
+            pass
     try:
-        p = b.serve()
-        time.sleep(1)
-
-        def cpu():
-            with open("/proc/%d/stat" % p.pid) as f:
-                parts = f.read().rsplit(")", 1)[1].split()
-            return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-
-        c0, t0 = cpu(), time.time()
-        time.sleep(seconds)
-        used = cpu() - c0
-        with open("/proc/%d/status" % p.pid) as f:
-            rss = [ln for ln in f if ln.startswith("VmRSS")][0].split()[1]
-        return 100.0 * used / (time.time() - t0), int(rss)
-    finally:
-        b.close()
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
 
 
-def runtime_startup(argv, n=10):
-    times = []
+def cleanup_all():
+    while _PROCS:
+        kill_tree(_PROCS.pop())
+    if _DIRS:
+        sweep(list(_DIRS))
+    while _DIRS:
+        shutil.rmtree(_DIRS.pop(), ignore_errors=True)
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt("signal %d" % signum)
+
+
+def popen(argv, **kw):
+    kw.setdefault("start_new_session", True)
+    p = subprocess.Popen(argv, **kw)
+    _PROCS.append(p)
+    return p
+
+
+def untrack(p):
+    if p in _PROCS:
+        _PROCS.remove(p)
+
+
+def wait_for(pred, timeout, what, interval=0.005):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError("timed out after %.0fs waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------
+# ty-openworkflow under test
+# ---------------------------------------------------------------------------
+
+WF_JS = """
+async function workflow(input, { step }) {
+  let x = input.x;
+  for (let i = 0; i < input.n; i++) {
+    x = await step("s" + i, () => x + 1);
+  }
+  return x;
+}
+"""
+WF_PY = """
+def workflow(input, ctx):
+    x = input["x"]
+    for i in range(input["n"]):
+        x = ctx.step("s%d" % i, lambda: x + 1)
+    return x
+"""
+WAKE_JS = """
+async function workflow(input, { step, sleep }) {
+  await step("a", () => 1);
+  await sleep("s", 2000);
+  return await step("b", () => Date.now());
+}
+"""
+WAKE_PY = """
+import time
+def workflow(input, ctx):
+    ctx.step("a", lambda: 1)
+    ctx.sleep("s", 2)
+    return ctx.step("b", lambda: time.time() * 1000)
+"""
+LONG_JS = """
+const fs = require("fs");
+async function workflow(input, { step }) {
+  return await step("long", async () => {
+    fs.appendFileSync(input.marker, Date.now() + "\\n");
+    await new Promise((resolve) => setTimeout(resolve, input.ms));
+    return 1;
+  });
+}
+"""
+LONG_PY = """
+import time
+def workflow(input, ctx):
+    def long():
+        with open(input["marker"], "a") as f:
+            f.write("%d\\n" % int(time.time() * 1000))
+        time.sleep(input["ms"] / 1000.0)
+        return 1
+    return ctx.step("long", long)
+"""
+CODE = {"node": {"w": WF_JS, "wake": WAKE_JS, "long": LONG_JS},
+        "python": {"w": WF_PY, "wake": WAKE_PY, "long": LONG_PY}}
+TERMINAL = ("completed", "failed", "canceled")
+
+
+def now_ms():
+    return time.time() * 1000.0
+
+
+class Install:
+    """A throwaway config + data dir, the Sidecar API over it, and the serve processes it starts."""
+
+    def __init__(self, tow, runtime, extra_config=""):
+        self.tow = tow
+        self.runtime = runtime
+        self.tmp = tempfile.mkdtemp(prefix="tyow-bench-")
+        _DIRS.append(self.tmp)
+        self.home = os.path.join(self.tmp, "home")
+        os.makedirs(self.home)
+        self.data_dir = os.path.join(self.tmp, "data")
+        self.config = os.path.join(self.tmp, "config.yaml")
+        with open(self.config, "w") as f:
+            f.write("data_dir: %s\ntaskyou:\n  auto_create_tasks: false\n%s" % (self.data_dir, extra_config))
+        self.sc = tow.Sidecar(config_path=self.config)
+        self.serve_proc = None
+        self._ro = None
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TY_OPENWORKFLOW_")}
+        self.env["HOME"] = self.home
+        for name, code in CODE[runtime].items():
+            self.sc.deploy(name, code, runtime=runtime)
+
+    # -- store, read-only and cheap ---------------------------------------------
+
+    def db(self):
+        if self._ro is None:
+            self._ro = sqlite3.connect("file:%s?mode=ro" % self.sc.store.path, uri=True, timeout=10,
+                                       check_same_thread=False)
+        return self._ro
+
+    def run_row(self, run_id):
+        return self.db().execute("SELECT status, finished_at FROM runs WHERE id = ?", (run_id,)).fetchone()
+
+    def wait_run(self, run_id, timeout=60, interval=0.002):
+        row = wait_for(lambda: (lambda r: r if r and r[0] in TERMINAL else None)(self.run_row(run_id)),
+                       timeout, "run %s to finish" % run_id, interval)
+        if row[0] != "completed":
+            st = self.sc.status(run_id)
+            raise RuntimeError("run %s ended %s: %s" % (run_id, row[0], (st.get("error") or {}).get("message")))
+        return row[1]
+
+    # -- serve --------------------------------------------------------------------
+
+    def start_serve(self, timeout=20):
+        log = open(os.path.join(self.tmp, "serve.log"), "ab")
+        p = popen([sys.executable, MODULE, "--config", self.config, "serve"], stdin=subprocess.DEVNULL,
+                  stdout=subprocess.DEVNULL, stderr=log, env=self.env, cwd=self.tmp)
+        log.close()
+        self.serve_proc = p
+
+        def ready():
+            if p.poll() is not None:
+                raise RuntimeError("serve exited with %s (see %s/serve.log)" % (p.returncode, self.tmp))
+            return any(s["pid"] == p.pid for s in self.sc.store.live_schedulers(self.tow.now_ms(), 60000))
+        wait_for(ready, timeout, "serve to register", 0.01)
+        return p
+
+    def stop_serve(self):
+        if self.serve_proc is not None:
+            kill_tree(self.serve_proc, graceful_s=15)
+            untrack(self.serve_proc)
+            self.serve_proc = None
+
+    def warm(self):
+        run = self.sc.start("w", {"x": 0, "n": 4})
+        self.wait_run(run["id"], 60)
+
+    def close(self):
+        self.stop_serve()
+        if self._ro is not None:
+            self._ro.close()
+        self.sc.close()
+        sweep([self.tmp])
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp in _DIRS:
+            _DIRS.remove(self.tmp)
+
+
+def w1_throughput(inst, n, mode):
+    """Returns (runs/s, info)."""
+    ids = []
+    if mode == "live":
+        inst.start_serve()
+        inst.warm()
+        t0 = now_ms()
+        for _ in range(n):
+            ids.append(inst.sc.start("w", {"x": 0, "n": 4})["id"])
+        t_enq = now_ms()
+    else:
+        t0 = now_ms()
+        for _ in range(n):
+            ids.append(inst.sc.start("w", {"x": 0, "n": 4}, drive=False)["id"])
+        t_enq = now_ms()
+        inst.start_serve()
+    placeholders = ",".join("?" * len(ids))
+    q = "SELECT count(*), max(finished_at) FROM runs WHERE status IN ('completed','failed','canceled') " \
+        "AND id IN (%s)" % placeholders
+    done = wait_for(lambda: (lambda r: r if r[0] == n else None)(inst.db().execute(q, ids).fetchone()),
+                    240, "%d runs to finish" % n, 0.01)
+    t_seen = now_ms()
+    bad = inst.db().execute("SELECT count(*) FROM runs WHERE status != 'completed' AND id IN (%s)"
+                            % placeholders, ids).fetchone()[0]
+    wrong = inst.db().execute("SELECT count(*) FROM runs WHERE output != '4' AND id IN (%s)" % placeholders,
+                              ids).fetchone()[0]
+    if bad or wrong:
+        raise RuntimeError("%d of %d runs did not complete, %d with a wrong output" % (bad, n, wrong))
+    elapsed = t_seen - t0
+    return n / (elapsed / 1000.0), {"elapsed_ms": elapsed, "enqueue_ms": t_enq - t0,
+                                    "elapsed_committed_ms": done[1] - t0}
+
+
+def w2_latency(inst, n):
+    lat, seen = [], []
     for _ in range(n):
-        t0 = time.time()
-        subprocess.run(argv, check=True, capture_output=True)
-        times.append((time.time() - t0) * 1000)
-    return times
+        t0 = now_ms()
+        run = inst.sc.start("w", {"x": 0, "n": 4})
+        fin = inst.wait_run(run["id"], 30, 0.001)
+        seen.append(now_ms() - t0)
+        lat.append(fin - t0)
+    return lat, seen
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fewer samples")
-    ap.add_argument("--docker", action="store_true", help="also measure the docker adapter (needs an engine)")
-    args = ap.parse_args()
-    n = 10 if args.quick else 30
-    print("machine: %d cores, python %s, node %s" % (os.cpu_count(), sys.version.split()[0],
-                                                      subprocess.run(["node", "--version"], capture_output=True,
-                                                                     text=True).stdout.strip()))
-    print("runtime start-up alone: node %s" % summary(runtime_startup(["node", "-e", ""])))
-    print("runtime start-up alone: python3 %s" % summary(runtime_startup(["python3", "-c", ""])))
-    for runtime in ("node", "python"):
-        first, claim = bench_start_latency(runtime, n)
-        print("start -> pass claimed by serve (%s): %s" % (runtime, summary(claim)))
-        print("start -> first step running (%s, exec): %s" % (runtime, summary(first)))
-    claim, step = bench_wake_lateness(2 * n)
-    print("wake lateness, pass claimed: %s" % summary(claim))
-    print("wake lateness, step after the sleep running (python): %s" % summary(step))
-    print("cancel -> running pass killed (serve, exec/python): %s" % summary(bench_cancel(n // 2)))
-    cpu, rss = bench_idle_cpu(10 if args.quick else 30)
-    print("idle serve: %.2f%% CPU, RSS %d KiB" % (cpu, rss))
-    if args.docker:
-        images = os.environ.get("TOWF_BENCH_IMAGES", "ty-openworkflow-test/node:local,ty-openworkflow-test/python:local")
-        node_img, py_img = images.split(",")
-        extra = ("adapters:\n  docker:\n    enabled: true\n    node_image: %s\n    python_image: %s\n"
-                 "    volumes:\n      \"{shared}\": \"{shared}\"\n" % (node_img, py_img))
-        for runtime in ("node", "python"):
-            first, _ = bench_start_latency(runtime, n, adapter="docker", extra_config=extra)
-            print("start -> first step running (%s, docker): %s" % (runtime, summary(first)))
+def w3_wake(inst, n, gap_s=0.25):
+    ids = []
+    for i in range(n):
+        ids.append(inst.sc.start("wake", {"i": i})["id"])
+        time.sleep(gap_s)
+    late = []
+    for r in ids:
+        inst.wait_run(r, 60, 0.01)
+        st = inst.sc.status(r)
+        wake = [s for s in st["steps"] if s["kind"] == "sleep"][0]["wake_at"]
+        late.append(st["output"] - wake)
+    return late
+
+
+def per_step(inst, steps):
+    t0 = now_ms()
+    run = inst.sc.start("w", {"x": 0, "n": steps})
+    inst.wait_run(run["id"], 300, 0.002)
+    t_seen = now_ms()
+    out = inst.sc.status(run["id"])["output"]
+    if out != steps:
+        raise RuntimeError("the %d-step run returned %r" % (steps, out))
+    return (t_seen - t0) / steps
+
+
+def cli_cold(inst, n=10):
+    def timed(argv):
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            p = popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                      env=inst.env, cwd=inst.tmp)
+            try:
+                _, err = p.communicate(timeout=60)
+            finally:
+                untrack(p)
+            out.append((time.perf_counter() - t0) * 1000)
+            if p.returncode != 0:
+                raise RuntimeError("%s exited %d: %s" % (argv, p.returncode, err.decode()[-300:]))
+        return out
+    cli = timed([sys.executable, MODULE, "--config", inst.config, "list", "runs"])
+    base = timed([sys.executable, "-c", "0"])
+    return median(cli), median(base)
+
+
+def tree_usage(pid):
+    """(cpu ticks of pid + live descendants + reaped children, rss KiB, process count)."""
+    table = proc_table()
+    pids = [pid] + descendants(pid, table)
+    ticks, rss, count = 0, 0, 0
+    for p in pids:
+        try:
+            ticks += cpu_ticks(p, with_reaped=(p == pid))
+            rss += rss_kib(p)
+            count += 1
+        except OSError:
+            pass
+    return ticks, rss, count
+
+
+def idle(inst, seconds):
+    pid = inst.serve_proc.pid
+    time.sleep(1.0)
+    c0, _, _ = tree_usage(pid)
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    c1, rss, count = tree_usage(pid)
+    wall = time.monotonic() - t0
+    return 100.0 * (c1 - c0) / os.sysconf("SC_CLK_TCK") / wall, rss / 1024.0, count
+
+
+def w4_recovery(inst, step_ms=3000, kill_after_s=1.0):
+    marker = os.path.join(inst.tmp, "w4-%d.marker" % time.time_ns())
+    inst.start_serve()
+    run = inst.sc.start("long", {"marker": marker, "ms": step_ms})
+    first = wait_for(lambda: os.path.exists(marker) and open(marker).read().split(), 60, "the long step to start")
+    t_step = int(first[0])
+    delay = t_step / 1000.0 + kill_after_s - time.time()
+    if delay > 0:
+        time.sleep(delay)
+    old = inst.serve_proc
+    t_kill = now_ms()
+    os.killpg(old.pid, signal.SIGKILL)
+    inst.start_serve()  # at once; it does not wait for the old one to be reaped
+    old.wait(10)
+    untrack(old)
+    inst.wait_run(run["id"], 120, 0.002)
+    fin = now_ms()
+    stamps = open(marker).read().split()
+    restep = int(stamps[1]) - t_kill if len(stamps) > 1 else float("nan")
+    inst.stop_serve()
+    return fin - t_kill - step_ms, restep
+
+
+# ---------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------
+
+def guarded(res, keys, fn, *args):
+    """Run one workload; a failure is recorded against its figures, the bench goes on."""
+    try:
+        return fn(*args)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken workload must not stop the others
+        msg = "%s: %s" % (type(exc).__name__, exc)
+        print("    ERROR %s: %s" % ("/".join(keys), msg), flush=True)
+        for k in keys:
+            res.error(k, msg)
+        return None
+
+
+def run_rep(tow, runtime, res, args, rep):
+    say = lambda s: print("  [%s rep %d] %s" % (runtime, rep, s), flush=True)  # noqa: E731
+    # W1 at three concurrency settings, each on a fresh install
+    if "W1" in args.only:
+        for key, extra in (("w1_default", ""), ("w1_c16", "concurrency: 16\n"), ("w1_c100", "concurrency: 100\n")):
+            inst = Install(tow, runtime, extra)
+            try:
+                out = guarded(res, [key], w1_throughput, inst, args.w1_runs, args.w1_mode)
+                if out:
+                    res.add(key, out[0], raw=out[1])
+                    say("%s: %.1f runs/s (%d runs in %.0f ms, enqueue %.0f ms)"
+                        % (key, out[0], args.w1_runs, out[1]["elapsed_ms"], out[1]["enqueue_ms"]))
+            finally:
+                inst.close()
+    # W2, steps, W3, cli, idle: one install, one serve
+    main_set = {"W2", "steps", "W3", "cli", "idle"} & set(args.only)
+    if main_set:
+        inst = Install(tow, runtime)
+        try:
+            ok = guarded(res, ["w2_latency"], lambda: (inst.start_serve(), inst.warm(), True)[-1])
+            if ok and "W2" in args.only:
+                out = guarded(res, ["w2_latency"], w2_latency, inst, args.w2_runs)
+                if out:
+                    lat, seen = out
+                    res.add("w2_latency", median(seen), raw={"observed_ms": seen, "committed_ms": lat})
+                    say("W2: median %.1f ms (min %.1f, max %.1f; by serve's finished_at %.1f)"
+                        % (median(seen), min(seen), max(seen), median(lat)))
+            if ok and "steps" in args.only:
+                for steps in (200, 2000):
+                    v = guarded(res, ["step_%d" % steps], per_step, inst, steps)
+                    if v is not None:
+                        res.add("step_%d" % steps, v)
+                        say("%d steps: %.2f ms/step" % (steps, v))
+            if ok and "W3" in args.only:
+                late = guarded(res, ["w3_late_median", "w3_late_max", "w3_early"], w3_wake, inst, args.w3_runs)
+                if late:
+                    early = sum(1 for v in late if v < 0)
+                    res.add("w3_late_median", median(late), raw=late)
+                    res.add("w3_late_max", max(late))
+                    res.add("w3_early", early)
+                    say("W3: lateness median %.1f ms, max %.1f, early %d" % (median(late), max(late), early))
+            if ok and "idle" in args.only:
+                out = guarded(res, ["idle_cpu", "idle_rss", "idle_procs"], idle, inst, args.idle_seconds)
+                if out:
+                    res.add("idle_cpu", out[0])
+                    res.add("idle_rss", out[1])
+                    res.add("idle_procs", out[2])
+                    say("idle: %.2f%% CPU, RSS %.1f MiB in %d processes" % out)
+            if "cli" in args.only:
+                out = guarded(res, ["cli_cold", "cli_base", "cli_ratio"], cli_cold, inst)
+                if out:
+                    res.add("cli_cold", out[0])
+                    res.add("cli_base", out[1])
+                    res.add("cli_ratio", out[0] / out[1])
+                    say("cli: list runs %.1f ms, python3 -c 0 %.1f ms, x%.2f" % (out[0], out[1], out[0] / out[1]))
+        finally:
+            inst.close()
+    if "W4" in args.only:
+        inst = Install(tow, runtime)
+        try:
+            out = guarded(res, ["w4_recovery", "w4_restep"], w4_recovery, inst)
+            if out:
+                res.add("w4_recovery", out[0])
+                res.add("w4_restep", out[1])
+                say("W4: recovery %.0f ms (step running again %.0f ms after the kill)" % out)
+        finally:
+            inst.close()
+
+
+def git_rev():
+    try:
+        rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "ty_openworkflow.py",
+                                "runtimes"], capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def machine_meta():
+    node = shutil.which("node")
+    node_v = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip() if node else None
+    return {"cores": os.cpu_count(), "python": platform.python_version(), "node": node_v,
+            "machine": platform.machine(), "kernel": platform.release(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of every workload (default 3)")
+    ap.add_argument("--runtimes", default="node,python", help="comma list: node,python")
+    ap.add_argument("--only", default="W1,W2,W3,W4,steps,cli,idle", help="comma list of workloads to run")
+    ap.add_argument("--w1-runs", type=int, default=500)
+    ap.add_argument("--w1-mode", choices=("live", "enqueue"), default="live",
+                    help="live: start() while serve runs (default); enqueue: drive=False first, then serve")
+    ap.add_argument("--w2-runs", type=int, default=20)
+    ap.add_argument("--w3-runs", type=int, default=10)
+    ap.add_argument("--idle-seconds", type=float, default=10.0)
+    ap.add_argument("--quick", action="store_true", help="1 rep, 100 W1 runs, 5 s idle: a smoke run")
+    ap.add_argument("--json", metavar="FILE", help="write every figure to FILE")
+    ap.add_argument("--peers", nargs="+", metavar="FILE", default=[],
+                    help="JSON files from tests/peers/ to merge into the table (and --json)")
+    ap.add_argument("--from-json", nargs="+", metavar="FILE", help="print the table of saved files; run nothing")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        systems = [s for path in args.from_json for s in read_json(path)]
+        print_table(systems)
+        return 0
+    if args.quick:
+        args.reps, args.w1_runs, args.idle_seconds = 1, 100, 5.0
+    args.only = [w.strip() for w in args.only.split(",") if w.strip()]
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    if "node" in runtimes and not shutil.which("node"):
+        print("node not on PATH: skipping the node runtime", file=sys.stderr)
+        runtimes.remove("node")
+    for k in [k for k in os.environ if k.startswith("TY_OPENWORKFLOW_")]:
+        del os.environ[k]  # the bench's own Sidecar reads only its temp config
+    sys.path.insert(0, ROOT)
+    import ty_openworkflow as tow  # noqa: E402
+
+    atexit.register(cleanup_all)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGHUP, _on_sigterm)
+    meta = dict(machine_meta(), module_rev=git_rev(), reps=args.reps, w1_mode=args.w1_mode, w1_runs=args.w1_runs)
+    setup = ("exec adapter, serve subprocess; W1 %s mode (%s)" % (
+        args.w1_mode, "start() while serve runs, drive=True" if args.w1_mode == "live"
+        else "500 x start(drive=False), then serve"))
+    results = {rt: Results("ty-openworkflow " + rt, {"setup": setup, "runtime": rt}) for rt in runtimes}
+    print("ty-openworkflow bench: %s, %d cores, python %s, node %s; %d rep(s) of %s"
+          % (meta["module_rev"], meta["cores"], meta["python"], meta["node"], args.reps, ",".join(args.only)),
+          flush=True)
+    t_start = time.monotonic()
+    try:
+        for rep in range(1, args.reps + 1):
+            for rt in runtimes:
+                run_rep(tow, rt, results[rt], args, rep)
+    except KeyboardInterrupt:
+        print("\ninterrupted; printing what was measured", file=sys.stderr)
+    finally:
+        cleanup_all()
+    meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    systems = [(r.name, r.to_json()) for r in results.values()]
+    for path in args.peers:
+        if os.path.exists(path):
+            systems += read_json(path)
+        else:
+            print("no peers file %s (run tests/peers/run.sh)" % path, file=sys.stderr)
+    print("\nresults (%.0f s):" % meta["elapsed_s"])
+    print_table(systems)
+    if args.json:
+        write_json(args.json, systems, meta)
+        print("wrote %s" % args.json)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

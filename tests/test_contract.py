@@ -36,7 +36,13 @@ class AdapterContract:
 
     def shim_processes(self):
         """What runs passes right now (pids for exec, containers for docker)."""
-        return processes_mentioning(os.path.join(self.data_dir, "exec", "code"))
+        return processes_mentioning(os.path.join(self.data_dir, "exec", "runtimes"))
+
+    def holding_processes(self, sc):
+        """Processes running a pass right now: a warm worker idle between passes holds nothing."""
+        if self.adapter == "exec" and sc.config["adapters.exec.mode"] == "warm":
+            return [pid for pids in sc.adapter("exec").workers(busy=True).values() for pid in pids]
+        return self.shim_processes()
 
     def kill_shims(self):
         for pid in self.shim_processes():
@@ -53,7 +59,7 @@ class AdapterContract:
         self.assertEqual(st["status"], "sleeping")
         self.assertGreater(st["wake_at"], self.clock() + 3000)
         self.assertEqual(self.steps(st), [("greet", "step", "completed"), ("wait", "sleep", "sleeping")])
-        self.assertEqual(self.shim_processes(), [], "a sleeping run must hold no process")
+        self.assertEqual(self.holding_processes(sc), [], "a sleeping run must hold no process")
         sc.tick()  # not due yet: nothing runs
         self.assertEqual(sc.status(run_id)["passes"], 1)
         st = self.drive(sc, run_id)
@@ -265,6 +271,15 @@ async function workflow(input, { step, sleep }) {
 
 class ExecPythonContract(AdapterContract, TempHome):
     runtime = "python"
+
+
+# The same contract with a process per pass (adapters.exec.mode: process).
+class ExecNodeProcessContract(ExecNodeContract):
+    adapter_config = "    mode: process\n"
+
+
+class ExecPythonProcessContract(ExecPythonContract):
+    adapter_config = "    mode: process\n"
 
 
 if __name__ == "__main__":

@@ -161,11 +161,11 @@ class OrphanedPasses(TempHome):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_for(lambda: read_counter(counter), what="the busy step to start")
-            shims = processes_mentioning(os.path.join(self.data_dir, "exec", "code"))
+            shims = processes_mentioning(os.path.join(self.data_dir, "exec", "runtimes"))
             self.assertTrue(shims)
             tick.send_signal(signal.SIGKILL)
             tick.wait()
-            wait_for(lambda: not processes_mentioning(os.path.join(self.data_dir, "exec", "code")), timeout=5,
+            wait_for(lambda: not processes_mentioning(os.path.join(self.data_dir, "exec", "runtimes")), timeout=5,
                      what="the orphaned shim to die")
         finally:
             if tick.poll() is None:

@@ -35,7 +35,7 @@ class InProcessLeases(TempHome):
         return sched
 
     def shim_pid(self):
-        pids = processes_mentioning(os.path.join(self.data_dir, "exec", "code"))
+        pids = processes_mentioning(os.path.join(self.data_dir, "exec", "runtimes"))
         return pids[0] if pids else None
 
     def test_a_pass_is_frozen_while_its_lease_is_in_doubt_and_thawed_after(self):

@@ -452,7 +452,7 @@ async function workflow(input, { step }) {
             wait_for(lambda: len(read_counter(counter)) == 2 and
                      [s["status"] for s in watcher.store.steps(run_id)] == ["running", "running"],
                      what="both steps in flight")
-            shims = processes_mentioning(os.path.join(self.data_dir, "exec", "code"))
+            shims = processes_mentioning(os.path.join(self.data_dir, "exec", "runtimes"))
             self.assertTrue(shims)
             for pid in shims:
                 with contextlib.suppress(OSError):

@@ -72,7 +72,7 @@ class ServeCase(TempHome):
                         timeout=timeout, interval=0.05, what="run %s to be %s" % (run_id, statuses))
 
     def shims(self):
-        return processes_mentioning(os.path.join(self.data_dir, "exec", "code"))
+        return processes_mentioning(os.path.join(self.data_dir, "exec", "runtimes"))
 
     def integrity(self):
         conn = sqlite3.connect(os.path.join(self.data_dir, tow.DB_FILE))
