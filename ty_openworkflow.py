@@ -32,6 +32,7 @@ import collections
 import contextlib
 import datetime
 import hashlib
+import heapq
 import hmac
 import http.client
 import http.server
@@ -949,6 +950,9 @@ class Store:
         self.path = os.path.join(data_dir, DB_FILE)
         self._idle = []  # a small pool: threads borrow a connection per call, never keep one
         self._lock = threading.Lock()
+        # Writers of this process queue here, on a mutex, rather than in SQLite's busy
+        # handler, which sleeps 1 ms and more per try; other processes still use it.
+        self._write_lock = threading.Lock()
         self._closed = False
         self._prepare_dir()
         self._migrate()
@@ -1026,7 +1030,7 @@ class Store:
     @contextlib.contextmanager
     def transaction(self):
         """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error; sqlite3 errors leave as StoreError."""
-        with self.connection() as conn:
+        with self._write_lock, self.connection() as conn:
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.DatabaseError as exc:
@@ -1444,6 +1448,19 @@ class Store:
         """Commit one pass event; returns APPLIED, IGNORED (stale pass) or ENDED (terminal)."""
         with self.transaction() as c:
             return self._apply_event(c, run_id, pass_id, ev, now, defaults)
+
+    def apply_events(self, run_id, pass_id, events, now, defaults):
+        """Commit events that arrived together in one transaction; returns (outcome, events used).
+
+        Each is applied as apply_event would, in order, up to the first that ends
+        the pass or is ignored: committing a batch at once is as durable as one by
+        one, since none of them was acknowledged to anyone before its commit."""
+        with self.transaction() as c:
+            for i, ev in enumerate(events):
+                outcome = self._apply_event(c, run_id, pass_id, ev, now, defaults)
+                if outcome != APPLIED:
+                    return outcome, i + 1
+            return APPLIED, len(events)
 
     def _apply_event(self, c, run_id, pass_id, ev, now, defaults):
         row = c.execute("SELECT status, pass_id, step_attempts, deadline_at, step_count, passes FROM runs "
@@ -1872,6 +1889,11 @@ class Execution:
     def lines(self):
         raise NotImplementedError
 
+    def batches(self):
+        """Lists of the lines that are there at once (a pass's events commit together)."""
+        for line in self.lines():
+            yield [line]
+
     def cancel(self):
         raise NotImplementedError
 
@@ -2049,6 +2071,45 @@ class ProcessExecution(Execution):
         return text
 
 
+class _Timers:
+    """One thread for every timeout of the process: a pass costs no timer thread of its own."""
+
+    def __init__(self):
+        self._heap = []
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._thread = None
+
+    def after(self, delay_s, fn):
+        with self._cond:
+            self._seq += 1
+            entry = [time.monotonic() + delay_s, self._seq, fn]
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tyow-timers", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return entry
+
+    def cancel(self, entry):
+        entry[2] = None  # dropped when it comes up
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                _, _, fn = heapq.heappop(self._heap)
+            if fn is not None:
+                try:
+                    fn()
+                except Exception:  # a timeout's action must never take the timers down
+                    log.exception("a timer failed")
+
+
+TIMERS = _Timers()
+
+
 class WarmExecution(Execution):
     """A pass running inside a warm worker: its lines arrive demultiplexed by the worker's reader."""
 
@@ -2065,11 +2126,7 @@ class WarmExecution(Execution):
         self._log_truncated = 0
         self._done = threading.Event()
         self._paused = False
-        self._timer = None
-        if timeout_ms:
-            self._timer = threading.Timer(timeout_ms / 1000.0, self._timeout)
-            self._timer.daemon = True
-            self._timer.start()
+        self._timer = TIMERS.after(timeout_ms / 1000.0, self._timeout) if timeout_ms else None
 
     # -- fed by the worker's reader thread --
     def feed(self, line):
@@ -2091,11 +2148,25 @@ class WarmExecution(Execution):
 
     # -- the Execution interface --
     def lines(self):
+        for batch in self.batches():
+            yield from batch
+
+    def batches(self):
         while True:
             line = self._queue.get()
             if line is None:
                 return
-            yield line
+            batch = [line]
+            while len(batch) < 256:
+                try:
+                    line = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if line is None:
+                    yield batch
+                    return
+                batch.append(line)
+            yield batch
 
     def add_stray(self, line):
         self.add_log("[stdout] " + line.rstrip("\n") + "\n")
@@ -2127,7 +2198,7 @@ class WarmExecution(Execution):
             self._done.wait(5)
         self.resume()
         if self._timer:
-            self._timer.cancel()
+            TIMERS.cancel(self._timer)
         self.worker.finished(self)
         if self.timed_out:
             return "the pass timed out after %s and was stopped" % format_duration(self._timeout_ms)
@@ -2199,10 +2270,8 @@ class WarmWorker:
     def cancel(self, execution):
         """Ask the worker to drop the pass; a worker too busy to answer (a busy loop) is killed."""
         self._send(dumps({"op": "cancel", "pass": execution.pass_id}) + "\n")
-        timer = threading.Timer(WORKER_CANCEL_GRACE_S, lambda: execution._done.is_set() or self.kill(
+        TIMERS.after(WORKER_CANCEL_GRACE_S, lambda: execution._done.is_set() or self.kill(
             "it did not answer a cancel within %.1fs (busy in user code)" % WORKER_CANCEL_GRACE_S))
-        timer.daemon = True
-        timer.start()
 
     def pause(self, paused):
         with self._lock:
@@ -3394,22 +3463,33 @@ class Scheduler:
             execution.cancel()
         ended = False
         try:
-            for line in execution.lines():
-                ev = parse_event_line(line, ap.pass_id)
-                if ev is None:
-                    if line.strip():
+            for batch in execution.batches():
+                events = []
+                for line in batch:
+                    ev = parse_event_line(line, ap.pass_id)
+                    if ev is not None:
+                        events.append(ev)
+                    elif line.strip():
                         execution.add_stray(line)
+                if not events:
                     continue
                 if ap.lease_lost:
                     break
                 try:
-                    outcome = self.store.apply_event(ap.run_id, ap.pass_id, ev, self.clock(), defaults)
+                    outcome, used = self.store.apply_events(ap.run_id, ap.pass_id, events, self.clock(), defaults)
                 except (ValueError, TypeError, OverflowError, RecursionError, UnicodeError) as exc:
-                    execution.cancel()
-                    self.store.fail_run(ap.run_id, ap.pass_id, self.clock(), {
-                        "message": "the runtime sent a %s event the sidecar cannot store (%s: %s)"
-                                   % (ev.get("type"), type(exc).__name__, exc), "name": "BadEvent", "stack": None})
-                    break
+                    if len(events) > 1:  # find the one event that cannot be stored; keep the others
+                        outcome, used = self._apply_one_by_one(ap, events, defaults)
+                    else:
+                        outcome, used = "bad", 0
+                    if outcome == "bad":
+                        execution.cancel()
+                        self.store.fail_run(ap.run_id, ap.pass_id, self.clock(), {
+                            "message": "the runtime sent a %s event the sidecar cannot store (%s: %s)"
+                                       % (events[used].get("type"), type(exc).__name__, exc), "name": "BadEvent",
+                            "stack": None})
+                        break
+                ev = events[used - 1]
                 if outcome == IGNORED:
                     log.info("run %s: pass %s is no longer current (canceled or reclaimed); stopping it",
                              ap.run_id, ap.pass_id)
@@ -3435,6 +3515,17 @@ class Scheduler:
             return
         self._retrying(lambda: self.store.end_pass_without_result(ap.run_id, ap.pass_id, self.clock(), defaults,
                                                                    how), ap)
+
+    def _apply_one_by_one(self, ap, events, defaults):
+        """After a batch failed to store: apply its events singly; ("bad", i) names the culprit."""
+        for i, ev in enumerate(events):
+            try:
+                outcome = self.store.apply_event(ap.run_id, ap.pass_id, ev, self.clock(), defaults)
+            except (ValueError, TypeError, OverflowError, RecursionError, UnicodeError):
+                return "bad", i
+            if outcome != APPLIED:
+                return outcome, i + 1
+        return APPLIED, len(events)
 
     def _give_back(self, ap):
         """Release a pass we stopped ourselves (shutdown, a lease we could not renew in time)."""

@@ -149,6 +149,14 @@ const idle = () => new Promise((r) => defer(r));
 const pause = (ms) => new Promise((r) => setTimeout(r, ms));
 const hasOwn = (o, k) => Object.prototype.hasOwnProperty.call(o, k);
 
+// One AsyncLocalStorage for every pass of the process: each instance slows down
+// every later async operation until disabled, and a warm worker runs thousands.
+let sharedStepStore = null;
+function stepStore(AsyncLocalStorageClass) {
+  if (!sharedStepStore) sharedStepStore = new AsyncLocalStorageClass();
+  return sharedStepStore;
+}
+
 async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
   // The sidecar's clock is the run's clock: due times are judged against it, so a
   // worker whose clock drifts (or a test's simulated clock) agrees with the store.
@@ -158,7 +166,7 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
   const skewMs = rawSkew > 0 ? rawSkew : 0;
   const now = () => Date.now() + skewMs;
   const emit = (type, data) => sink(Object.assign({ type, pass: doc.pass_id, at: now() }, data || {}));
-  const currentStep = new AsyncLocalStorageClass();
+  const currentStep = stepStore(AsyncLocalStorageClass);
   const history = doc.history || {};
   const done = history.steps || {}; // key -> output
   const sleeps = history.sleeps || {}; // key -> wake_at (ms)
