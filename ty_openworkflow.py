@@ -36,6 +36,7 @@ import heapq
 import hmac
 import http.client
 import http.server
+import itertools
 import json
 import logging
 import math
@@ -83,6 +84,8 @@ PASS_RETRY = {"max_attempts": 5, "initial_ms": 1000, "backoff": 2.0, "max_ms": 6
 # passes, exits after this long idle, and is killed if it does not answer a
 # cancel this fast (a busy loop in user code).
 WORKER_MAX_PASSES = 1000
+PYTHON_WORKER_SLOTS = 4  # passes at once in one Python worker (more only contend for its GIL)
+PASS_THREAD_IDLE_S = 30.0  # a scheduler's idle pass thread waits this long for the next pass
 WORKER_IDLE_S = 60.0
 WORKER_CANCEL_GRACE_S = 1.0
 # Remaining sleeps up to this long are waited inside the pass instead of parking
@@ -304,6 +307,16 @@ def process_identity(pid):
             return start, f.read().strip()
     except (OSError, IndexError):
         return None, None
+
+
+def _my_boot_id():
+    global _BOOT_ID
+    if _BOOT_ID is None:
+        _BOOT_ID = process_identity(os.getpid())[1] or ""
+    return _BOOT_ID
+
+
+_BOOT_ID = None
 
 
 def scheduler_alive(pid, start, boot, my_boot):
@@ -953,6 +966,7 @@ class Store:
         # Writers of this process queue here, on a mutex, rather than in SQLite's busy
         # handler, which sleeps 1 ms and more per try; other processes still use it.
         self._write_lock = threading.Lock()
+        self._alive_cache = {}
         self._closed = False
         self._prepare_dir()
         self._migrate()
@@ -1378,14 +1392,19 @@ class Store:
                     c.execute("DELETE FROM schedulers WHERE id = ?", (sid,))
         return claimed
 
-    @staticmethod
-    def _holders(c):
-        """Schedulers of this host: id -> True (alive), False (proven dead); others are not listed."""
-        host, me = socket.gethostname(), process_identity(os.getpid())
-        out = {}
-        for sid, pid, shost, start, boot in c.execute(
-                "SELECT id, pid, host, proc_start, boot_id FROM schedulers WHERE host = ?", (host,)):
-            out[sid] = scheduler_alive(pid, start, boot, me[1])
+    def _holders(self, c):
+        """Schedulers of this host: id -> True (alive), False (proven dead); others are not listed.
+
+        A verdict is kept for a second: claims come often, schedulers die rarely."""
+        host, now = socket.gethostname(), time.monotonic()
+        out, cache = {}, self._alive_cache
+        for row in c.execute("SELECT id, pid, proc_start, boot_id FROM schedulers WHERE host = ?", (host,)):
+            seen = cache.get(row)
+            if seen is None or now - seen[0] > 1.0:
+                seen = cache[row] = (now, scheduler_alive(row[1], row[2], row[3], _my_boot_id()))
+            out[row[0]] = seen[1]
+        if len(cache) > 1000:
+            cache.clear()
         return out
 
     @staticmethod
@@ -2286,6 +2305,8 @@ class WarmWorker:
             if not self.passes:
                 self.idle_since = time.monotonic()
         self.pool.settle(self)
+        with self.pool._cond:
+            self.pool._cond.notify()
 
     def kill(self, why):
         with self._lock:
@@ -2369,6 +2390,7 @@ class WorkerPool:
         self.workers = []
         self._spawning = 0
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._requests = queue.SimpleQueue()
         # Workers are spawned from one long-lived thread: PR_SET_PDEATHSIG ties a
         # child to the thread that started it, and pass threads come and go.
@@ -2379,6 +2401,11 @@ class WorkerPool:
     def size(self):
         return max(1, min(self.adapter.config["concurrency"], os.cpu_count() or 1))
 
+    @property
+    def slots(self):
+        """Passes at once per worker: Python threads share one lock, so a few; Node has no such limit."""
+        return PYTHON_WORKER_SLOTS if self.runtime == "python" else None
+
     def run(self, spec, code_path, doc):
         execution = WarmExecution(None, spec, self.adapter.config["adapters.exec.timeout"])
         worker = self._worker()
@@ -2387,21 +2414,22 @@ class WorkerPool:
         return execution
 
     def _worker(self):
-        with self._lock:
-            usable = [w for w in self.workers if w.dead is None and not w.draining]
-            idle = [w for w in usable if w.load == 0]
-            if idle:
-                return idle[0]
-            if len(self.workers) + self._spawning < self.size:
-                self._spawning += 1
-                reply = queue.SimpleQueue()
-                self._requests.put(reply)
-            elif usable:
-                return min(usable, key=lambda w: w.load)
-            else:
-                self._spawning += 1
-                reply = queue.SimpleQueue()
-                self._requests.put(reply)
+        """An idle worker, else a new one while under size, else the least loaded."""
+        with self._cond:
+            while True:
+                usable = [w for w in self.workers if w.dead is None and not w.draining]
+                idle = [w for w in usable if w.load == 0]
+                if idle:
+                    return idle[0]
+                if len(self.workers) + self._spawning < self.size:
+                    self._spawning += 1
+                    reply = queue.SimpleQueue()
+                    self._requests.put(reply)
+                    break
+                best = min(usable, key=lambda w: w.load) if usable else None
+                if best is not None and (self.slots is None or best.load < self.slots):
+                    return best
+                self._cond.wait(5.0)  # workers starting, or all full: wait for one
         worker = reply.get()
         if isinstance(worker, BaseException):
             raise worker
@@ -2413,13 +2441,15 @@ class WorkerPool:
             try:
                 worker = WarmWorker(self, self.adapter.worker_argv(self.runtime), self.adapter.worker_env(),
                                     self.adapter.work_dir, self.adapter.address_space(self.runtime))
-                with self._lock:
+                with self._cond:
                     self.workers.append(worker)
                     self._spawning -= 1
+                    self._cond.notify_all()
                 reply.put(worker)
             except BaseException as exc:
-                with self._lock:
+                with self._cond:
                     self._spawning -= 1
+                    self._cond.notify_all()
                 reply.put(exc)
 
     def settle(self, worker):
@@ -3200,6 +3230,10 @@ class Scheduler:
         self.stats = {"passes": 0}
         self._maintained_at = 0
         self._released = set()
+        self._work = queue.Queue()
+        self._idle_threads = 0
+        self._thread_no = itertools.count(1)
+        self._versions = {}
         self.sock = None
         with contextlib.suppress(OSError):
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -3383,10 +3417,8 @@ class Scheduler:
             if run["id"] in self.active:  # never two passes of one run here (claim_due excludes it)
                 return False
             self.active[run["id"]] = ap
-        ap.thread = threading.Thread(target=self._drive_safe, args=(run, ap), name="tyow-pass-" + run["id"],
-                                     daemon=True)
         try:
-            ap.thread.start()
+            self._in_thread(self._drive_safe, run, ap)
         except RuntimeError as exc:  # no thread to be had (a pids limit): give the run back for later
             with self.lock:
                 self.active.pop(run["id"], None)
@@ -3395,8 +3427,35 @@ class Scheduler:
             self.store.release(run["id"], run["pass_id"], self.clock(), reason="no thread for the pass (%s)" % exc)
             return False
         self.stats["passes"] += 1
-        log.info("run %s: pass %d started (%s)", run["id"], run["passes"], run["workflow_id"])
+        log.debug("run %s: pass %d started (%s)", run["id"], run["passes"], run["workflow_id"])
         return True
+
+    def _in_thread(self, fn, *args):
+        """Run ``fn(*args)`` on an idle pass thread, or a new one: passes reuse threads."""
+        with self.lock:
+            if self._idle_threads:
+                self._idle_threads -= 1
+                self._work.put((fn, args))
+                return
+        thread = threading.Thread(target=self._thread_loop, args=(fn, args), daemon=True,
+                                  name="tyow-pass-%d" % next(self._thread_no))
+        thread.start()
+
+    def _thread_loop(self, fn, args):
+        while True:
+            fn(*args)
+            with self.lock:
+                self._idle_threads += 1
+            try:
+                fn, args = self._work.get(timeout=PASS_THREAD_IDLE_S)
+            except queue.Empty:
+                with self.lock:
+                    # A task may have been handed to us as we timed out: take it.
+                    try:
+                        fn, args = self._work.get_nowait()
+                    except queue.Empty:
+                        self._idle_threads -= 1
+                        return
 
     def _drive_safe(self, run, ap):
         try:
@@ -3438,7 +3497,10 @@ class Scheduler:
 
     def _drive(self, run, ap):
         defaults = self.sidecar.defaults()
-        version = self.store.get_version(run["workflow_id"], run["version"])
+        key = (run["workflow_id"], run["version"])
+        version = self._versions.get(key)  # versions never change once stored
+        if version is None:
+            version = self._versions[key] = self.store.get_version(*key)
         adapter_name = version["adapter"]
         try:
             adapter = self.sidecar.adapter(adapter_name)
@@ -3634,9 +3696,12 @@ class Scheduler:
                     ap.release = True
                     if ap.execution:
                         ap.execution.cancel()
-                for ap in active:
-                    if ap.thread:
-                        ap.thread.join(10)
+                end = time.time() + 10
+                while time.time() < end:
+                    with self.lock:
+                        if not self.active:
+                            break
+                    time.sleep(0.02)
                 break
             self._wait(0.1)
         self.ended.set()

@@ -252,7 +252,10 @@ class ManySchedulers(ServeCase):
         sc = self.sidecar(clock=False)
         sc.deploy("stamped", STAMPED_PY, runtime="python")
         counter = os.path.join(self.tmp, "c.txt")
-        runs = [sc.start("stamped", {"counter": counter, "steps": 3}, drive=False)["id"] for _ in range(120)]
+        # Steps that take a little while: warm workers are fast enough for one serve to
+        # finish everything before the next one is up, and the work must be shared.
+        runs = [sc.start("stamped", {"counter": counter, "steps": 3, "work": 0.02}, drive=False)["id"]
+                for _ in range(120)]
         self.serve("--concurrency", "3")
         self.serve("--concurrency", "3")
         ticks = [subprocess.Popen([sys.executable, MODULE, "--config", self.config_path, "tick"],
