@@ -30,12 +30,7 @@ __all__ = [
 import argparse
 import collections
 import contextlib
-import datetime
-import hashlib
 import heapq
-import hmac
-import http.client
-import http.server
 import itertools
 import json
 import logging
@@ -43,7 +38,6 @@ import math
 import os
 import queue
 import re
-import secrets
 import select
 import shutil
 import signal
@@ -51,10 +45,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.parse
+
+# Imported where used, so the CLI's read-only commands start fast: ctypes, datetime,
+# hashlib, hmac, http.client, http.server, secrets, tempfile, urllib.parse.
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -212,7 +207,7 @@ def format_time(ms):
     if ms is None:
         return "-"
     try:
-        return datetime.datetime.fromtimestamp(ms / 1000.0).strftime("%Y-%m-%d %H:%M:%S")
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000.0))
     except (ValueError, OverflowError, OSError):
         return "epoch+%dms" % ms
 
@@ -247,10 +242,11 @@ def new_id(prefix):
     while n:
         n, r = divmod(n, 36)
         digits = alphabet[r] + digits
-    return "%s_%s%s" % (prefix, digits, secrets.token_hex(4))
+    return "%s_%s%s" % (prefix, digits, os.urandom(4).hex())
 
 
 def sha256_hex(data):
+    import hashlib
     if isinstance(data, str):
         data = data.encode("utf-8")
     return hashlib.sha256(data).hexdigest()
@@ -790,6 +786,7 @@ def write_default_config(path, data_dir=None, force=False):
                                       docker_dir=q(data_dir + "/docker"))
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        import tempfile
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".config-")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -1808,6 +1805,7 @@ def materialize(directory, filename, text):
     if not os.path.exists(path):
         try:
             os.makedirs(directory, exist_ok=True)
+            import tempfile
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
@@ -1834,13 +1832,22 @@ try:
 except ImportError:  # not on every platform; memory ceilings then go unenforced
     resource = None
 
-try:
-    import ctypes
-    _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-    if _LIBC is not None and not hasattr(_LIBC, "prctl"):
+_LIBC = False  # not looked up yet
+
+
+def _libc():
+    """libc for prctl (Linux), looked up when the first process is spawned; None elsewhere."""
+    global _LIBC
+    if _LIBC is False:
         _LIBC = None
-except (ImportError, OSError):  # restricted builds may lack ctypes: passes still stop on stdin EOF
-    _LIBC = None
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+                lib = ctypes.CDLL(None, use_errno=True)
+                _LIBC = lib if hasattr(lib, "prctl") else None
+            except (ImportError, OSError):  # restricted builds may lack ctypes: passes still stop on stdin EOF
+                _LIBC = None
+    return _LIBC
 
 
 def spawn(argv, env=None, cwd=None, stdin=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, tied=False,
@@ -1851,7 +1858,7 @@ def spawn(argv, env=None, cwd=None, stdin=True, stdout=subprocess.PIPE, stderr=s
     the scheduler that owns it, even one busy in a loop that never reads stdin).
     ``address_space``: a memory ceiling in bytes for the child (RLIMIT_AS).
     """
-    tie = tied and _LIBC is not None
+    tie = tied and _libc() is not None
 
     def before_exec():
         if tie:
@@ -2592,6 +2599,7 @@ def validate_code(runtime, code, config):
 
 def node_check(text, filename, run):
     """Syntax-check ``text`` saved as ``filename`` in a temp dir: ``run(path)`` runs `node --check`."""
+    import tempfile
     with tempfile.TemporaryDirectory(prefix="tyow-check-") as tmp:
         path = os.path.join(tmp, filename)
         with open(path, "w", encoding="utf-8") as f:
@@ -2879,6 +2887,8 @@ def validate_code_in_docker(adapter, code):
 def http_request(method, url, headers=None, body=None, timeout_s=30, stream=False):
     """The one place that makes HTTP requests. Returns (status, headers, body), or
     (connection, response) with ``stream``; raises AdapterError when unreachable."""
+    import http.client
+    import urllib.parse
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise AdapterError("bad URL %r" % url)
@@ -2900,9 +2910,14 @@ def http_request(method, url, headers=None, body=None, timeout_s=30, stream=Fals
             conn.close()
 
 
+def _http_exception():
+    import http.client
+    return http.client.HTTPException
+
+
 def multipart(parts):
     """Encode ``(name, filename, content_type, bytes)`` parts as multipart/form-data."""
-    boundary = "tyow-" + secrets.token_hex(16)
+    boundary = "tyow-" + os.urandom(16).hex()
     out = []
     for name, filename, ctype, data in parts:
         disp = 'form-data; name="%s"' % name + ('; filename="%s"' % filename if filename else "")
@@ -2970,7 +2985,7 @@ class HttpExecution(Execution):
             while True:
                 try:
                     raw = self._resp.readline()
-                except (OSError, http.client.HTTPException, ValueError) as exc:
+                except (OSError, _http_exception(), ValueError) as exc:
                     self.error = "the connection to the worker was lost (%s)" % (exc or type(exc).__name__)
                     break
                 if not raw:
@@ -3170,10 +3185,11 @@ class CloudflareAdapter(Adapter):
         """The event lines the worker recorded in KV for a pass after ``after_seq``, in order."""
         base = "/accounts/%s/storage/kv/namespaces/%s" % (self.cfg("account_id"), self.cfg("namespace"))
         prefix = "ev:%s:" % pass_id
-        keys = self.api("GET", "%s/keys?prefix=%s" % (base, urllib.parse.quote(prefix, safe=""))) or []
+        from urllib.parse import quote
+        keys = self.api("GET", "%s/keys?prefix=%s" % (base, quote(prefix, safe=""))) or []
         names = sorted(k["name"] for k in keys if isinstance(k, dict) and isinstance(k.get("name"), str)
                        and k["name"][len(prefix):].isdigit() and int(k["name"][len(prefix):]) > after_seq)
-        return [self.api("GET", "%s/values/%s" % (base, urllib.parse.quote(n, safe="")), raw=True)
+        return [self.api("GET", "%s/values/%s" % (base, quote(n, safe="")), raw=True)
                 .decode("utf-8", "replace") for n in names]
 
 
@@ -3762,7 +3778,7 @@ def install_secret(data_dir, filename, create=False):
         raise ConfigError("cannot read the secret %s: %s; fix its permissions" % (path, exc.strerror or exc))
     if not create:
         raise ConfigError("no secret at %s; run `ty-openworkflow init` (it creates one)" % path)
-    secret = secrets.token_hex(32).encode("ascii")
+    secret = os.urandom(32).hex().encode("ascii")
     try:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -3783,6 +3799,8 @@ def sign_callback(secret, body, timestamp=None):
     if isinstance(body, str):
         body = body.encode("utf-8")
     ts = int(time.time() if timestamp is None else timestamp)
+    import hashlib
+    import hmac
     mac = hmac.new(secret, b"%d." % ts + body, hashlib.sha256).hexdigest()
     return {TIMESTAMP_HEADER: str(ts), SIGNATURE_HEADER: "v1=" + mac}
 
@@ -3800,6 +3818,7 @@ def verify_callback(secret, headers, body, now_s, tolerance_s):
         raise WebhookReject(401, "stale timestamp: %d s away from this server's clock, over the %d s tolerance"
                             % (abs(ts - now_s), tolerance_s))
     expected = sign_callback(secret, body, ts)[SIGNATURE_HEADER]
+    import hmac
     if not hmac.compare_digest(expected.encode("ascii"), sig.strip().encode("ascii", "replace")):
         raise WebhookReject(401, "bad signature")
     return sig.strip()
@@ -3863,7 +3882,9 @@ class WebhookServer:
     def start(self):
         server = self
 
-        class Handler(_WebhookHandler):
+        import http.server
+
+        class Handler(_WebhookHandler, http.server.BaseHTTPRequestHandler):
             webhook = server
             timeout = self.sidecar.config["webhook.read_timeout"] / 1000.0
 
@@ -3960,7 +3981,9 @@ class WebhookServer:
         return {"ok": True, "applied": applied}
 
 
-class _WebhookHandler(http.server.BaseHTTPRequestHandler):
+class _WebhookHandler:
+    """The webhook's request handling, mixed with http.server's BaseHTTPRequestHandler at start."""
+
     webhook = None
     server_version = "ty-openworkflow/" + __version__
     sys_version = ""
