@@ -3,7 +3,8 @@
 
 Usage: python3 tests/bench.py [--reps N] [--runtimes node,python] [--only W1,W2,...] [--json FILE]
                               [--peers FILE ...] [--from-json FILE ...] [--quick]
-       (`make bench` runs it with the defaults: 3 reps, both runtimes, every workload, ~6-8 min on 2 cores)
+       (`make bench` runs it with the defaults: 3 reps, both runtimes, every workload: about 3 min on 2
+        cores with warm workers, longer when every pass is a process)
 
 Every figure comes from a real `serve` subprocess (its own process group) on a throwaway config and data
 dir, runs started through the Python API (`tow.Sidecar(config_path=...).start(...)`), the exec adapter.
@@ -269,11 +270,10 @@ def kill_tree(proc, graceful_s=0.0):
             pass
     table = proc_table()
     kids = descendants(proc.pid, table) if proc.poll() is None else []
-    for target in [proc.pid]:
-        try:
-            os.killpg(target, signal.SIGKILL)
-        except OSError:
-            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # each process we start leads its own group
+    except OSError:
+        pass
     for k in kids:
         try:
             os.kill(k, signal.SIGKILL)
