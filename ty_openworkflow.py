@@ -386,7 +386,7 @@ CONFIG_SCHEMA = {
     "data_dir": ("path", "~/.config/ty-openworkflow"),
     "default_adapter": ("str", "exec"),
     "poll_interval": ("duration", "30s"),
-    "concurrency": ("int", 4),
+    "concurrency": ("int", 16),
     "lease_ttl": ("duration", "30s"),
     "runner_linger": ("duration", "2m"),
     "shutdown_grace": ("duration", "10s"),
@@ -924,6 +924,9 @@ MIGRATIONS = [
         # Warnings said recently (a `tick` from cron must not repeat one every minute).
         "CREATE TABLE notices (key TEXT PRIMARY KEY, at INTEGER NOT NULL)",
     ],
+    [  # 5: the position of each step and sleep in the run's durable call order (the determinism guard)
+        "ALTER TABLE steps ADD COLUMN call_seq INTEGER",
+    ],
 ]
 
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
@@ -1433,9 +1436,11 @@ class Store:
 
     def history(self, run_id):
         """The replay history a pass needs: completed outputs, sleep wake times, attempts, resolution order."""
-        steps, sleeps, attempts, order = {}, {}, {}, []
-        for row in self.query("SELECT key, kind, status, output, wake_at, attempts, done_seq FROM steps "
+        steps, sleeps, attempts, order, calls = {}, {}, {}, [], []
+        for row in self.query("SELECT key, kind, status, output, wake_at, attempts, done_seq, call_seq FROM steps "
                               "WHERE run_id = ? ORDER BY done_seq IS NULL, done_seq, seq", (run_id,)):
+            if row["call_seq"] is not None:
+                calls.append([row["call_seq"], row["key"], row["kind"]])
             key, kind, status = row["key"], row["kind"], row["status"]
             if kind == "sleep":
                 sleeps[key] = row["wake_at"]
@@ -1445,7 +1450,8 @@ class Store:
                 attempts[key] = row["attempts"]
             if row["done_seq"] is not None:
                 order.append(key)
-        return {"steps": steps, "sleeps": sleeps, "attempts": attempts, "order": order}
+        calls.sort()
+        return {"steps": steps, "sleeps": sleeps, "attempts": attempts, "order": order, "calls": calls}
 
     def release(self, run_id, pass_id, now, reason="scheduler stopping"):
         """Give back a pass we stopped (shutdown, a lost lease): the run is due again at once, no attempt lost."""
@@ -1500,12 +1506,14 @@ class Store:
             if cur and cur[0] == "completed":
                 return APPLIED
             retry = ev.get("retry") if isinstance(ev.get("retry"), dict) else {}
+            call = _call_position(ev)
             if cur:
                 c.execute("UPDATE steps SET status = 'running', attempts = attempts + 1, retry = ?, started_at = ?, "
-                          "error = NULL WHERE run_id = ? AND key = ?", (dumps(retry), now, run_id, key))
+                          "error = NULL, call_seq = COALESCE(call_seq, ?) WHERE run_id = ? AND key = ?",
+                          (dumps(retry), now, call, run_id, key))
             else:
-                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, retry, attempts, started_at) "
-                          "VALUES (?, ?, 'step', 'running', ?, ?, 1, ?)", (run_id, key, seq, dumps(retry), now))
+                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, retry, attempts, started_at, call_seq) "
+                          "VALUES (?, ?, 'step', 'running', ?, ?, 1, ?, ?)", (run_id, key, seq, dumps(retry), now, call))
             self._journal(c, run_id, pass_id, kind, {"step": key, "attempt": ev.get("attempt")}, now)
             if cur:  # a retry: these count towards the runaway cap, first attempts do not
                 c.execute("UPDATE runs SET step_attempts = step_attempts + 1, updated_at = ? WHERE id = ?",
@@ -1556,8 +1564,8 @@ class Store:
         if kind == "sleep":
             wake_at = ev.get("wake_at")
             if cur is None:
-                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, wake_at, started_at) VALUES "
-                          "(?, ?, 'sleep', 'sleeping', ?, ?, ?)", (run_id, key, seq, wake_at, now))
+                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, wake_at, started_at, call_seq) VALUES "
+                          "(?, ?, 'sleep', 'sleeping', ?, ?, ?, ?)", (run_id, key, seq, wake_at, now, _call_position(ev)))
                 self._journal(c, run_id, pass_id, kind, {"step": key, "wake_at": wake_at}, now)
             return APPLIED
         if kind == "sleep_completed":
@@ -1791,6 +1799,12 @@ def parse_event_line(line, pass_id):
             return None
         ev["wake_at"] = int(wake_at)
     return ev
+
+
+def _call_position(ev):
+    """The event's place in the run's durable call order, if the shim sent a sane one."""
+    call = ev.get("call")
+    return call if isinstance(call, int) and not isinstance(call, bool) and 0 <= call < 10 ** 9 else None
 
 
 def _no_constants(name):

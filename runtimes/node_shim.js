@@ -188,6 +188,8 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
 
   const used = new Map();
   const usedKeys = new Set();
+  let calls = 0; // durable calls made so far in this pass, in call order
+  const recordedCalls = new Map((history.calls || []).map(([pos, key, kind]) => [pos, [key, kind]]));
   const inflight = new Set();
   let stop = null; // {kind: "suspend", wake_at} | {kind: "step_failed", ...}
   let stopResolve;
@@ -234,7 +236,14 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
     if (usedKeys.size > maxSteps) {
       halt({ kind: "fatal", error: { message: `the run reached ${maxSteps} steps and sleeps (limits.max_steps); stopped as a runaway (raise the limit if it really needs more)`, name: "TooManySteps", stack: null } });
     }
-    return key;
+    // The determinism guard: the n-th durable call must be the n-th one recorded.
+    const pos = calls++;
+    const had = recordedCalls.get(pos);
+    if (had && (had[0] !== key || had[1] !== kind)) {
+      halt({ kind: "fatal", error: { name: "NonDeterministicWorkflow", stack: null, message: `durable call #${pos + 1} is ${kind} "${key}", but when this run made that call it was ${had[1]} "${had[0]}": the workflow took another path on replay (it must not branch on the clock, random numbers or anything read outside a step); the run cannot go on` } });
+      return [null, pos];
+    }
+    return [key, pos];
   }
 
   // A memoized result: at once after replay, else when its turn in history.order comes.
@@ -276,19 +285,20 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
   }
 
   async function step(name, fn, opts) {
-    const key = keyFor(name, "step");
+    const [key, pos] = keyFor(name, "step");
+    if (key === null) return never;
     if (hasOwn(done, key)) {
       return memoized(key, () => (done[key] === null ? null : JSON.parse(JSON.stringify(done[key]))));
     }
     if (typeof fn !== "function") throw new TypeError(`step "${key}": the second argument must be a function`);
     const retry = retryPolicy(opts);
-    return later(() => runStep(key, fn, retry));
+    return later(() => runStep(key, fn, retry, pos));
   }
 
-  async function runStep(key, fn, retry) {
+  async function runStep(key, fn, retry, pos) {
     if (stop) return never;
     const attempt = (attempts[key] || 0) + 1;
-    emit("step_started", { step: key, attempt, retry });
+    emit("step_started", { step: key, attempt, retry, call: pos });
     const info = { runId: doc.run_id, stepKey: key, attempt, idempotencyKey: `${doc.run_id}:${key}` };
     const work = (async () => {
       let value;
@@ -325,7 +335,8 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
   }
 
   async function sleepUntil(name, when) {
-    const key = keyFor(name, "sleep");
+    const [key, pos] = keyFor(name, "sleep");
+    if (key === null) return never;
     if (hasOwn(sleeps, key) && resolvedKeys.has(key)) return memoized(key, () => undefined);
     let wakeAt;
     if (hasOwn(sleeps, key)) {
@@ -337,13 +348,13 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
       }
       wakeAt = Math.round(wakeAt);
     }
-    return later(() => runSleep(key, wakeAt));
+    return later(() => runSleep(key, wakeAt, pos));
   }
 
-  async function runSleep(key, wakeAt) {
+  async function runSleep(key, wakeAt, pos) {
     if (stop) return never;
     if (!hasOwn(sleeps, key)) {
-      emit("sleep", { step: key, wake_at: wakeAt });
+      emit("sleep", { step: key, wake_at: wakeAt, call: pos });
       sleeps[key] = wakeAt;
     }
     const remaining = wakeAt - now();

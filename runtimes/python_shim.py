@@ -122,6 +122,9 @@ class Context:
         self._inline_ms = doc.get("inline_sleep_ms", 1000)
         self._max_output = doc.get("max_output_bytes") or 1048576
         self._max_steps = doc.get("max_steps") or float("inf")
+        self._calls = 0  # durable calls made so far in this pass, in call order
+        self._recorded_calls = {c[0]: (c[1], c[2]) for c in history.get("calls") or ()}
+        self.call_no = None
         self._emit = emit
         self._used = {}
         self._used_keys = set()
@@ -152,6 +155,17 @@ class Context:
                 "message": "the run reached %d steps and sleeps (limits.max_steps); stopped as a runaway (raise the "
                            "limit if it really needs more)" % self._max_steps, "name": "TooManySteps", "stack": None}}
             raise _PassEnd()
+        # The determinism guard: the n-th durable call must be the n-th one recorded.
+        self.call_no = pos = self._calls
+        self._calls += 1
+        had = self._recorded_calls.get(pos)
+        if had and tuple(had) != (key, kind):
+            self.stop = {"kind": "fatal", "error": {
+                "name": "NonDeterministicWorkflow", "stack": None,
+                "message": "durable call #%d is %s %r, but when this run made that call it was %s %r: the workflow "
+                           "took another path on replay (it must not branch on the clock, random numbers or anything "
+                           "read outside a step); the run cannot go on" % (pos + 1, kind, key, had[1], had[0])}}
+            raise _PassEnd()
         return key
 
     def _peek_key(self, name):
@@ -179,7 +193,7 @@ class Context:
             raise TypeError("step %r: the second argument must be a function" % key)
         policy = _policy(dict(retry or {}, **retry_kw))
         attempt = self._attempts.get(key, 0) + 1
-        self._emit("step_started", step=key, attempt=attempt, retry=policy)
+        self._emit("step_started", step=key, attempt=attempt, retry=policy, call=self.call_no)
         self.step_key, self.idempotency_key = key, "%s:%s" % (self.run_id, key)
         self._in_step = key
         try:
@@ -227,7 +241,7 @@ class Context:
                 raise TypeError("sleep_until %r: invalid time %r" % (key, when))
             if abs(wake_at - self.now_ms()) > MAX_SLEEP_MS:
                 raise TypeError("sleep_until %r: %r is more than a century away" % (key, when))
-            self._emit("sleep", step=key, wake_at=wake_at)
+            self._emit("sleep", step=key, wake_at=wake_at, call=self.call_no)
             self._sleeps[key] = wake_at
         if wake_at - self.now_ms() > self._inline_ms:
             self._halt({"kind": "suspend", "wake_at": wake_at})

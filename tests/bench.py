@@ -378,6 +378,7 @@ def workflow(input, ctx):
 CODE = {"node": {"w": WF_JS, "wake": WAKE_JS, "long": LONG_JS},
         "python": {"w": WF_PY, "wake": WAKE_PY, "long": LONG_PY}}
 TERMINAL = ("completed", "failed", "canceled")
+EXEC_MODE_CONFIG = [""]  # --exec-mode: "adapters.exec.mode" for every install ("" = the module's default)
 
 
 def now_ms():
@@ -397,7 +398,8 @@ class Install:
         self.data_dir = os.path.join(self.tmp, "data")
         self.config = os.path.join(self.tmp, "config.yaml")
         with open(self.config, "w") as f:
-            f.write("data_dir: %s\ntaskyou:\n  auto_create_tasks: false\n%s" % (self.data_dir, extra_config))
+            f.write("data_dir: %s\ntaskyou:\n  auto_create_tasks: false\n%s%s" % (self.data_dir, extra_config,
+                                                                                EXEC_MODE_CONFIG[0]))
         self.sc = tow.Sidecar(config_path=self.config)
         self.serve_proc = None
         self._ro = None
@@ -714,6 +716,8 @@ def main(argv=None):
     ap.add_argument("--w1-runs", type=int, default=500)
     ap.add_argument("--w1-mode", choices=("live", "enqueue"), default="live",
                     help="live: start() while serve runs (default); enqueue: drive=False first, then serve")
+    ap.add_argument("--exec-mode", choices=("warm", "process"),
+                    help="set adapters.exec.mode in every config (default: leave the module's default)")
     ap.add_argument("--w2-runs", type=int, default=20)
     ap.add_argument("--w3-runs", type=int, default=10)
     ap.add_argument("--idle-seconds", type=float, default=10.0)
@@ -742,10 +746,13 @@ def main(argv=None):
     atexit.register(cleanup_all)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGHUP, _on_sigterm)
-    meta = dict(machine_meta(), module_rev=git_rev(), reps=args.reps, w1_mode=args.w1_mode, w1_runs=args.w1_runs)
-    setup = ("exec adapter, serve subprocess; W1 %s mode (%s)" % (
-        args.w1_mode, "start() while serve runs, drive=True" if args.w1_mode == "live"
-        else "500 x start(drive=False), then serve"))
+    if args.exec_mode:
+        EXEC_MODE_CONFIG[0] = "adapters:\n  exec:\n    mode: %s\n" % args.exec_mode
+    meta = dict(machine_meta(), module_rev=git_rev(), reps=args.reps, w1_mode=args.w1_mode, w1_runs=args.w1_runs,
+                exec_mode=args.exec_mode or "default")
+    setup = ("exec adapter (mode: %s), serve subprocess; W1 %s mode (%s)" % (
+        args.exec_mode or "the module's default", args.w1_mode,
+        "start() while serve runs, drive=True" if args.w1_mode == "live" else "500 x start(drive=False), then serve"))
     results = {rt: Results("ty-openworkflow " + rt, {"setup": setup, "runtime": rt}) for rt in runtimes}
     print("ty-openworkflow bench: %s, %d cores, python %s, node %s; %d rep(s) of %s"
           % (meta["module_rev"], meta["cores"], meta["python"], meta["node"], args.reps, ",".join(args.only)),
