@@ -926,13 +926,17 @@ MIGRATIONS = [
     ],
     [  # 5: the position of each step and sleep in the run's durable call order (the determinism guard)
         "ALTER TABLE steps ADD COLUMN call_seq INTEGER",
+        # Idempotent starts: one run per (workflow, key).
+        "ALTER TABLE runs ADD COLUMN idempotency_key TEXT",
+        "CREATE UNIQUE INDEX runs_idempotency ON runs(workflow_id, idempotency_key) "
+        "WHERE idempotency_key IS NOT NULL",
     ],
 ]
 
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
                 "step_attempts, available_at, wake_at, deadline_at, pass_id, lease_owner, "
                 "lease_expires_at, task_requested, task_title, task_id, created_at, updated_at, "
-                "started_at, finished_at, step_count, last_pass")
+                "started_at, finished_at, step_count, last_pass, idempotency_key")
 SQL_DUE_RUNS = ("SELECT id, status, lease_owner FROM runs WHERE (status IN ('pending', 'sleeping') AND "
                 "available_at <= ?) OR (status = 'running' AND lease_expires_at < ?) "
                 "ORDER BY available_at, created_at LIMIT ?")
@@ -1187,15 +1191,24 @@ class Store:
     # -- runs -----------------------------------------------------------------
 
     def create_run(self, run_id, workflow_id, version, input_json, now, task_requested=False, task_title=None,
-                   deadline_at=None):
+                   deadline_at=None, idempotency_key=None):
+        """Store a new pending run; returns its id, or with ``idempotency_key`` the id of the
+        run that key already started (then nothing is created)."""
         with self.transaction() as c:
+            if idempotency_key is not None:
+                row = c.execute("SELECT id FROM runs WHERE workflow_id = ? AND idempotency_key = ?",
+                                (workflow_id, idempotency_key)).fetchone()
+                if row:
+                    return row[0]
             c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, deadline_at, "
-                      "task_requested, task_title, created_at, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+                      "task_requested, task_title, created_at, updated_at, idempotency_key) "
+                      "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
                       (run_id, workflow_id, version, input_json, now, deadline_at, int(bool(task_requested)),
-                       task_title, now, now))
+                       task_title, now, now, idempotency_key))
             self._journal(c, run_id, None, "created", {"workflow": workflow_id, "version": version}, now)
             if task_requested:
                 self._enqueue(c, run_id, "create", None, now)
+            return run_id
 
     def get_run(self, run_id):
         run = self.query_one(SQL_RUN, (run_id,))
@@ -4402,8 +4415,16 @@ class Sidecar:
 
     # -- runs -----------------------------------------------------------------
 
-    def start(self, workflow_id, input=None, task_title=None, create_task=False, deadline=None, drive=True):
-        """Create a run on the workflow's latest version and make sure a scheduler drives it."""
+    def start(self, workflow_id, input=None, task_title=None, create_task=False, deadline=None, drive=True,
+              idempotency_key=None):
+        """Create a run on the workflow's latest version and make sure a scheduler drives it.
+
+        With ``idempotency_key``, a second start of the same workflow with the same key
+        returns the first run (whatever its status) and creates nothing; the result then
+        has ``"existing": True``."""
+        if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key.strip()
+                                            or len(idempotency_key) > 200):
+            raise InputError("--idempotency-key must be a non-empty string of at most 200 characters")
         wf = self.workflow(workflow_id)
         try:
             input_json = dumps(input)
@@ -4425,12 +4446,15 @@ class Sidecar:
                 raise InputError("--deadline: %s" % exc)
         task_requested = bool(create_task or task_title or self.config["taskyou.auto_create_tasks"])
         run_id = new_id("run")
-        self.store.create_run(run_id, workflow_id, wf["latest_version"], input_json, now,
-                              task_requested=task_requested,
-                              task_title=task_title or ("Workflow: %s" % workflow_id), deadline_at=deadline_at)
+        got = self.store.create_run(run_id, workflow_id, wf["latest_version"], input_json, now,
+                                    task_requested=task_requested,
+                                    task_title=task_title or ("Workflow: %s" % workflow_id), deadline_at=deadline_at,
+                                    idempotency_key=idempotency_key)
+        if got != run_id:
+            return dict(self.status(got), existing=True)
         if drive:
             self.ensure_driven()
-        return self.status(run_id)
+        return dict(self.status(run_id), existing=False) if idempotency_key is not None else self.status(run_id)
 
     def run(self, run_id):
         run = self.store.get_run(run_id)
@@ -4464,7 +4488,7 @@ class Sidecar:
             "wake_at": run["wake_at"] if run["status"] == "sleeping" else None,
             "available_at": run["available_at"] if run["status"] == "pending" else None,
             "deadline_at": run["deadline_at"], "steps": steps,
-            "last_pass": loads_or_none(run["last_pass"]),
+            "last_pass": loads_or_none(run["last_pass"]), "idempotency_key": run["idempotency_key"],
             "task": self.bridge.task_state(run),
         }
         if run["status"] not in TERMINAL:
@@ -4697,9 +4721,12 @@ def cmd_start(api, args):
             raise InputError("cannot read input file %s: %s" % (args.input_file, exc))
         value = parse_json_arg(text, args.input_file)
     st = api.start(args.workflow_id, value, task_title=args.task, create_task=args.create_task,
-                   deadline=args.deadline)
+                   deadline=args.deadline, idempotency_key=args.idempotency_key)
     if api.last_warning:
         print("ty-openworkflow: warning: %s" % api.last_warning, file=sys.stderr)
+    if st.get("existing") and not args.json:
+        print("ty-openworkflow: run %s already started with idempotency key %r (%s); nothing new was started"
+              % (st["id"], args.idempotency_key, st["status"]), file=sys.stderr)
     if not args.wait:
         if args.json:
             _print_json(st)
@@ -4708,7 +4735,7 @@ def cmd_start(api, args):
         return 0
     if args.json:
         print(json.dumps({"type": "started", "run_id": st["id"], "workflow_id": st["workflow_id"],
-                          "at": st["created_at"]}), flush=True)
+                          "at": st["created_at"], "existing": bool(st.get("existing"))}), flush=True)
     else:
         print("started %s" % st["id"], file=sys.stderr)
     return _follow(api, st["id"], args.json)
@@ -5007,6 +5034,8 @@ def build_parser():
     sp.add_argument("-t", "--task", help="task title (creates a linked task)")
     sp.add_argument("--create-task", action="store_true", help="create a linked task")
     sp.add_argument("--deadline", help="fail the run if it has not finished within this long (e.g. 1h)")
+    sp.add_argument("--idempotency-key", metavar="KEY",
+                    help="start at most one run of this workflow per KEY; again, it returns the first run")
     sp.add_argument("--wait", action="store_true", help="follow the run; exit 0 if it completes, 1 if not")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
