@@ -930,13 +930,16 @@ MIGRATIONS = [
         "ALTER TABLE runs ADD COLUMN idempotency_key TEXT",
         "CREATE UNIQUE INDEX runs_idempotency ON runs(workflow_id, idempotency_key) "
         "WHERE idempotency_key IS NOT NULL",
+        # retry and fork
+        "ALTER TABLE runs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN forked_from TEXT",
     ],
 ]
 
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
                 "step_attempts, available_at, wake_at, deadline_at, pass_id, lease_owner, "
                 "lease_expires_at, task_requested, task_title, task_id, created_at, updated_at, "
-                "started_at, finished_at, step_count, last_pass, idempotency_key")
+                "started_at, finished_at, step_count, last_pass, idempotency_key, retries, forked_from")
 SQL_DUE_RUNS = ("SELECT id, status, lease_owner FROM runs WHERE (status IN ('pending', 'sleeping') AND "
                 "available_at <= ?) OR (status = 'running' AND lease_expires_at < ?) "
                 "ORDER BY available_at, created_at LIMIT ?")
@@ -1347,6 +1350,62 @@ class Store:
             self._finish(c, run_id, run["pass_id"], "canceled", now,
                          error={"message": reason, "name": "Canceled", "stack": None})
             return run
+
+    def retry_run(self, run_id, now, version=None):
+        """Put a failed or canceled run back to pending: committed steps stay, the others run again."""
+        with self.transaction() as c:
+            run = self._one(c, SQL_RUN, (run_id,))
+            if run is None:
+                raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
+            if run["status"] not in ("failed", "canceled"):
+                raise Conflict("run %s is %s; only a failed or canceled run can be retried%s" % (
+                    run_id, run["status"], " (fork it to run it again)" if run["status"] == "completed" else ""))
+            c.execute("DELETE FROM steps WHERE run_id = ? AND kind = 'step' AND status != 'completed'", (run_id,))
+            c.execute("UPDATE steps SET status = 'sleeping' WHERE run_id = ? AND kind = 'sleep' AND "
+                      "status != 'completed'", (run_id,))
+            c.execute("UPDATE runs SET status = 'pending', version = ?, output = NULL, error = NULL, finished_at = NULL, "
+                      "available_at = ?, wake_at = NULL, deadline_at = NULL, pass_failures = 0, step_attempts = 0, "
+                      "retries = retries + 1, step_count = (SELECT count(*) FROM steps WHERE run_id = ?), "
+                      "updated_at = ? WHERE id = ?", (version or run["version"], now, run_id, now, run_id))
+            self._journal(c, run_id, None, "retried", {"from": run["status"], "version": version or run["version"]},
+                          now)
+            if run["task_requested"]:
+                self._enqueue(c, run_id, "processing", None, now)
+            return run
+
+    def fork_run(self, run_id, new_run_id, now, from_step=None, version=None, input_json=None):
+        """A new pending run with the source's input (or ``input_json``) and a copy of its committed
+        history before ``from_step`` (everything committed by default)."""
+        with self.transaction() as c:
+            run = self._one(c, SQL_RUN, (run_id,))
+            if run is None:
+                raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
+            cutoff = None
+            if from_step is not None:
+                row = c.execute("SELECT seq FROM steps WHERE run_id = ? AND key = ?", (run_id, from_step)).fetchone()
+                if row is None:
+                    keys = [r[0] for r in c.execute("SELECT key FROM steps WHERE run_id = ? ORDER BY seq LIMIT 12",
+                                                    (run_id,))]
+                    raise InputError("run %s has no step %r; its steps are: %s" % (
+                        run_id, from_step, ", ".join(keys) or "none"))
+                cutoff = row[0]
+            c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, task_requested, "
+                      "task_title, created_at, updated_at, forked_from) VALUES (?, ?, ?, 'pending', ?, ?, 0, ?, ?, ?, ?)",
+                      (new_run_id, run["workflow_id"], version or run["version"],
+                       run["input"] if input_json is None else input_json, now, run["task_title"], now, now, run_id))
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, retry, retryable, attempts, wake_at, "
+                      "started_at, completed_at, done_seq, call_seq) SELECT ?, key, kind, status, seq, output, retry, "
+                      "retryable, attempts, wake_at, started_at, completed_at, done_seq, call_seq FROM steps "
+                      "WHERE run_id = ? AND (? IS NULL OR seq < ?) AND (status = 'completed' OR kind = 'sleep')",
+                      (new_run_id, run_id, cutoff, cutoff))
+            c.execute("UPDATE runs SET step_count = (SELECT count(*) FROM steps WHERE run_id = ?), done_count = "
+                      "(SELECT COALESCE(MAX(done_seq), 0) FROM steps WHERE run_id = ?) WHERE id = ?",
+                      (new_run_id, new_run_id, new_run_id))
+            c.execute("UPDATE steps SET status = 'sleeping' WHERE run_id = ? AND kind = 'sleep' AND status != "
+                      "'completed'", (new_run_id,))
+            self._journal(c, new_run_id, None, "created", {"workflow": run["workflow_id"], "forked_from": run_id,
+                                                            "from_step": from_step}, now)
+            return new_run_id
 
     # -- scheduling -----------------------------------------------------------
 
@@ -4293,7 +4352,8 @@ class Bridge:
 
     def _append(self, task_id, run, kind, text):
         """Append a section to the task body once (the tag makes a retry a no-op)."""
-        tag = "[ty-openworkflow: run %s %s]" % (run["id"], kind)
+        tag = "[ty-openworkflow: run %s %s%s]" % (run["id"], kind,
+                                                  " after retry %d" % run["retries"] if run.get("retries") else "")
         task = parse_ty_json(self._ty(["show", task_id, "--json"]), "show")
         body = task.get("body") or ""
         if tag in body:
@@ -4319,8 +4379,11 @@ class Bridge:
 
 
 
+_NO_INPUT = object()  # fork(): keep the source run's input
+
+
 class Sidecar:
-    """deploy / start / status / list / cancel / logs / tick / serve over one store."""
+    """deploy / start / status / list / cancel / retry / fork / logs / tick / serve over one store."""
 
     def __init__(self, config=None, config_path=None, clock=None, must_exist=None):
         """``config_path`` must name an existing file (as with the CLI's --config); without one the
@@ -4426,16 +4489,7 @@ class Sidecar:
                                             or len(idempotency_key) > 200):
             raise InputError("--idempotency-key must be a non-empty string of at most 200 characters")
         wf = self.workflow(workflow_id)
-        try:
-            input_json = dumps(input)
-            input_json.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InputError("the input holds a lone surrogate, which is not valid Unicode text")
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise InputError("the input is not JSON: %s" % exc)
-        if len(input_json.encode("utf-8")) > self.config["limits.max_input_bytes"]:
-            raise InputError("the input is %d bytes, over limits.max_input_bytes (%d)"
-                             % (len(input_json.encode("utf-8")), self.config["limits.max_input_bytes"]))
+        input_json = self._input_json(input)
         self.adapter(wf["adapter"]).check(wf["runtime"])
         now = self.clock()
         deadline_at = now + wf["deadline_ms"] if wf["deadline_ms"] else None
@@ -4455,6 +4509,19 @@ class Sidecar:
         if drive:
             self.ensure_driven()
         return dict(self.status(run_id), existing=False) if idempotency_key is not None else self.status(run_id)
+
+    def _input_json(self, value):
+        try:
+            input_json = dumps(value)
+            input_json.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError("the input holds a lone surrogate, which is not valid Unicode text")
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InputError("the input is not JSON: %s" % exc)
+        if len(input_json.encode("utf-8")) > self.config["limits.max_input_bytes"]:
+            raise InputError("the input is %d bytes, over limits.max_input_bytes (%d)"
+                             % (len(input_json.encode("utf-8")), self.config["limits.max_input_bytes"]))
+        return input_json
 
     def run(self, run_id):
         run = self.store.get_run(run_id)
@@ -4489,6 +4556,7 @@ class Sidecar:
             "available_at": run["available_at"] if run["status"] == "pending" else None,
             "deadline_at": run["deadline_at"], "steps": steps,
             "last_pass": loads_or_none(run["last_pass"]), "idempotency_key": run["idempotency_key"],
+            "retries": run["retries"], "forked_from": run["forked_from"],
             "task": self.bridge.task_state(run),
         }
         if run["status"] not in TERMINAL:
@@ -4518,6 +4586,27 @@ class Sidecar:
         self.store.cancel_run(run["id"], self.clock())
         self.poke_schedulers()
         return self.status(run["id"])
+
+    def retry(self, run_id, latest=False, drive=True):
+        """A failed or canceled run resumes from its failed step (committed steps are kept), on the
+        version it was pinned to, or the workflow's latest with ``latest``."""
+        run = self.run(run_id)
+        version = self.workflow(run["workflow_id"])["latest_version"] if latest else None
+        self.store.retry_run(run["id"], self.clock(), version)
+        if drive:
+            self.ensure_driven()
+        return self.status(run["id"])
+
+    def fork(self, run_id, from_step=None, latest=False, input=_NO_INPUT, drive=True):
+        """A new run with the same input (or ``input``) that replays the source's committed history
+        before ``from_step`` (everything committed by default), then runs on."""
+        run = self.run(run_id)
+        version = self.workflow(run["workflow_id"])["latest_version"] if latest else None
+        input_json = None if input is _NO_INPUT else self._input_json(input)
+        new_run_id = self.store.fork_run(run["id"], new_id("run"), self.clock(), from_step, version, input_json)
+        if drive:
+            self.ensure_driven()
+        return self.status(new_run_id)
 
     def logs(self, run_id):
         run = self.run(run_id)
@@ -4705,13 +4794,13 @@ def cmd_deploy(api, args):
     return 0
 
 
-def cmd_start(api, args):
+def _read_input(args, default=None):
+    """The input JSON from -i/--input or --input-file; ``default`` when neither is given."""
     if args.input is not None and args.input_file:
         raise InputError("give the input with -i/--input or --input-file, not both")
-    value = None
     if args.input is not None:
-        value = parse_json_arg(args.input, "--input")
-    elif args.input_file:
+        return parse_json_arg(args.input, "--input")
+    if args.input_file:
         try:
             with open(args.input_file, encoding="utf-8") as f:
                 text = f.read()
@@ -4719,7 +4808,12 @@ def cmd_start(api, args):
             raise InputError("input file %s not found" % args.input_file)
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError("cannot read input file %s: %s" % (args.input_file, exc))
-        value = parse_json_arg(text, args.input_file)
+        return parse_json_arg(text, args.input_file)
+    return default
+
+
+def cmd_start(api, args):
+    value = _read_input(args)
     st = api.start(args.workflow_id, value, task_title=args.task, create_task=args.create_task,
                    deadline=args.deadline, idempotency_key=args.idempotency_key)
     if api.last_warning:
@@ -4883,6 +4977,24 @@ def cmd_cancel(api, args):
         _print_json(st)
     else:
         print("canceled %s" % st["id"])
+    return 0
+
+
+def cmd_retry(api, args):
+    st = api.retry(args.run_id, latest=args.latest)
+    if args.json:
+        _print_json(st)
+    else:
+        print("retrying %s (version %d)" % (st["id"], st["version"]))
+    return 0
+
+
+def cmd_fork(api, args):
+    st = api.fork(args.run_id, from_step=args.from_step, latest=args.latest, input=_read_input(args, _NO_INPUT))
+    if args.json:
+        _print_json(st)
+    else:
+        print(st["id"])
     return 0
 
 
@@ -5052,6 +5164,19 @@ def build_parser():
 
     sp = cmd("cancel", cmd_cancel, "cancel a run (stops a pass in flight)")
     sp.add_argument("run_id")
+    sp.add_argument("--json", action="store_true", help="output as JSON")
+
+    sp = cmd("retry", cmd_retry, "resume a failed or canceled run from its failed step (committed steps kept)")
+    sp.add_argument("run_id")
+    sp.add_argument("--latest", action="store_true", help="on the workflow's latest version, not the run's own")
+    sp.add_argument("--json", action="store_true", help="output as JSON")
+
+    sp = cmd("fork", cmd_fork, "start a new run that replays a run's committed history (up to a step)")
+    sp.add_argument("run_id")
+    sp.add_argument("--from-step", metavar="KEY", help="copy the history before this step only (default: all)")
+    sp.add_argument("--latest", action="store_true", help="on the workflow's latest version")
+    sp.add_argument("-i", "--input", help="a new input JSON (default: the run's own)")
+    sp.add_argument("--input-file", help="a new input JSON file")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
     sp = cmd("logs", cmd_logs, "show what a run's code printed, per pass")
