@@ -91,7 +91,8 @@ MAX_DURATION_MS = 100 * 365 * 86400000  # a century: longer is a typo
 MAX_EPOCH_MS = 1 << 53  # wake times beyond this are not times
 MAX_PASS_LOG_BYTES = 256 * 1024
 TERMINAL = ("completed", "failed", "canceled")
-RUN_STATUSES = ("pending", "running", "sleeping") + TERMINAL
+RUN_STATUSES = ("pending", "running", "sleeping", "waiting") + TERMINAL
+WAIT_KINDS = ("signal", "child", "task")
 WORKFLOW_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ADAPTER_NAMES = ("exec", "docker", "cloudflare")
 RUNTIMES = {"node": {"shim": "node_shim.js", "ext": ".js"},
@@ -934,16 +935,37 @@ MIGRATIONS = [
         "ALTER TABLE runs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE runs ADD COLUMN forked_from TEXT",
     ],
+    [  # 6: waits (signals, child runs, TaskYou approvals)
+        "ALTER TABLE steps ADD COLUMN wait TEXT",  # what a wait waits for (kind, name, child run, task id)
+        "ALTER TABLE runs ADD COLUMN parent_run_id TEXT",
+        "ALTER TABLE runs ADD COLUMN parent_wait_key TEXT",
+        # A wait resolved while a pass ran: that pass did not see it, so the run must go again.
+        "ALTER TABLE runs ADD COLUMN wake_pending INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX runs_parent ON runs(parent_run_id) WHERE parent_run_id IS NOT NULL",
+        """CREATE TABLE signals (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            data TEXT,
+            idempotency_key TEXT,
+            created_at INTEGER NOT NULL,
+            consumed_by TEXT,
+            consumed_at INTEGER)""",
+        "CREATE INDEX signals_pending ON signals(run_id, name, id) WHERE consumed_by IS NULL",
+        "CREATE UNIQUE INDEX signals_idempotency ON signals(run_id, idempotency_key) WHERE idempotency_key IS NOT NULL",
+    ],
 ]
 
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
                 "step_attempts, available_at, wake_at, deadline_at, pass_id, lease_owner, "
                 "lease_expires_at, task_requested, task_title, task_id, created_at, updated_at, "
-                "started_at, finished_at, step_count, last_pass, idempotency_key, retries, forked_from")
-SQL_DUE_RUNS = ("SELECT id, status, lease_owner FROM runs WHERE (status IN ('pending', 'sleeping') AND "
+                "started_at, finished_at, step_count, last_pass, idempotency_key, retries, forked_from, parent_run_id, "
+                "parent_wait_key")
+SQL_DUE_RUNS = ("SELECT id, status, lease_owner FROM runs WHERE (status IN ('pending', 'sleeping', 'waiting') AND "
                 "available_at <= ?) OR (status = 'running' AND lease_expires_at < ?) "
                 "ORDER BY available_at, created_at LIMIT ?")
-SQL_NEXT_DUE = ("SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM runs WHERE status IN ('pending', 'sleeping') "
+SQL_NEXT_DUE = ("SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM runs WHERE status IN ('pending', 'sleeping', "
+                "'waiting') "
                 "UNION ALL SELECT MIN(lease_expires_at) FROM runs WHERE status = 'running')")
 
 SQL_VERSION = ("SELECT workflow_id, version, label, runtime, adapter, code, code_hash, created_at, deadline_ms "
@@ -1240,7 +1262,7 @@ class Store:
 
     def steps(self, run_id):
         return self.query("SELECT key, kind, status, seq, output, error, retry, retryable, attempts, wake_at, "
-                          "started_at, completed_at FROM steps WHERE run_id = ? ORDER BY seq", (run_id,))
+                          "started_at, completed_at, wait FROM steps WHERE run_id = ? ORDER BY seq", (run_id,))
 
     def events(self, run_id, after_id=0):
         return self.query("SELECT id, pass_id, type, data, at FROM run_events WHERE run_id = ? AND id > ? ORDER BY id",
@@ -1269,6 +1291,7 @@ class Store:
         c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND status = 'running'", (run_id,))
         self._journal(c, run_id, pass_id, status, {"output": output} if status == "completed" else {"error": error}, now)
         self._on_finish(c, run_id, status, now)
+        self._after_finish(c, run_id, status, now)
 
     def _on_finish(self, c, run_id, status, now):
         """A finished run queues its task update in the same transaction."""
@@ -1449,9 +1472,12 @@ class Store:
                         "message": "the run passed its deadline (%s)" % format_time(run["deadline_at"]),
                         "name": "DeadlineExceeded", "stack": None})
                     continue
+                if status == "waiting":
+                    self._timed_out_waits(c, run_id, now)
                 pass_id = new_id("pass")
                 c.execute("UPDATE runs SET status = 'running', pass_id = ?, lease_owner = ?, lease_expires_at = ?, "
-                          "passes = passes + 1, started_at = COALESCE(started_at, ?), updated_at = ? WHERE id = ?",
+                          "passes = passes + 1, started_at = COALESCE(started_at, ?), updated_at = ?, "
+                          "wake_pending = 0 WHERE id = ?",
                           (pass_id, owner, now + lease_ms, now, now, run_id))
                 run.update(status="running", pass_id=pass_id, lease_owner=owner, passes=run["passes"] + 1)
                 if run["passes"] == 1 and run["task_requested"]:
@@ -1508,7 +1534,7 @@ class Store:
 
     def history(self, run_id):
         """The replay history a pass needs: completed outputs, sleep wake times, attempts, resolution order."""
-        steps, sleeps, attempts, order, calls = {}, {}, {}, [], []
+        steps, sleeps, attempts, order, calls, waits, waiting = {}, {}, {}, [], [], {}, {}
         for row in self.query("SELECT key, kind, status, output, wake_at, attempts, done_seq, call_seq FROM steps "
                               "WHERE run_id = ? ORDER BY done_seq IS NULL, done_seq, seq", (run_id,)):
             if row["call_seq"] is not None:
@@ -1516,6 +1542,11 @@ class Store:
             key, kind, status = row["key"], row["kind"], row["status"]
             if kind == "sleep":
                 sleeps[key] = row["wake_at"]
+            elif kind == "wait":
+                if status == "completed":
+                    waits[key] = json.loads(row["output"])
+                else:
+                    waiting[key] = row["wake_at"]
             elif status == "completed":
                 steps[key] = json.loads(row["output"])
             if row["attempts"]:
@@ -1523,7 +1554,8 @@ class Store:
             if row["done_seq"] is not None:
                 order.append(key)
         calls.sort()
-        return {"steps": steps, "sleeps": sleeps, "attempts": attempts, "order": order, "calls": calls}
+        return {"steps": steps, "sleeps": sleeps, "attempts": attempts, "order": order, "calls": calls,
+                "waits": waits, "waiting": waiting}
 
     def release(self, run_id, pass_id, now, reason="scheduler stopping"):
         """Give back a pass we stopped (shutdown, a lost lease): the run is due again at once, no attempt lost."""
@@ -1563,7 +1595,7 @@ class Store:
             return IGNORED
         kind = ev["type"]
         key = ev.get("step")
-        if kind in ("step_started", "step_completed", "step_failed", "sleep"):
+        if kind in ("step_started", "step_completed", "step_failed", "sleep", "wait"):
             cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()
             if cur is None:
                 if row[4] >= defaults["max_steps"]:
@@ -1640,6 +1672,16 @@ class Store:
                           "(?, ?, 'sleep', 'sleeping', ?, ?, ?, ?)", (run_id, key, seq, wake_at, now, _call_position(ev)))
                 self._journal(c, run_id, pass_id, kind, {"step": key, "wake_at": wake_at}, now)
             return APPLIED
+        if kind == "wait":
+            if cur is None:
+                spec = dict(ev["wait"])
+                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, wake_at, started_at, call_seq, wait) "
+                          "VALUES (?, ?, 'wait', 'waiting', ?, ?, ?, ?, ?)",
+                          (run_id, key, seq, ev.get("timeout_at"), now, _call_position(ev), dumps(spec)))
+                self._journal(c, run_id, pass_id, kind, {"step": key, "wait": spec, "timeout_at": ev.get("timeout_at")},
+                              now)
+                self._begin_wait(c, run_id, key, spec, now)
+            return APPLIED
         if kind == "sleep_completed":
             cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ? AND kind = 'sleep'",
                             (run_id, key)).fetchone()
@@ -1660,20 +1702,177 @@ class Store:
                 self._finish(c, run_id, pass_id, "completed", now, output=output)
             return ENDED
         if kind == "suspended":
-            wake_at = int(ev.get("wake_at") or now)
-            due = wake_at if row[3] is None else min(wake_at, row[3])
-            c.execute("UPDATE runs SET status = 'sleeping', wake_at = ?, available_at = ?, pass_id = NULL, "
+            waiting = bool(ev.get("waiting"))
+            wake_at = None if ev.get("wake_at") is None and waiting else int(ev.get("wake_at") or now)
+            due = min([t for t in (wake_at, row[3]) if t is not None], default=None)
+            if c.execute("SELECT wake_pending FROM runs WHERE id = ?", (run_id,)).fetchone()[0]:
+                due = now  # a wait resolved while this pass ran: go again at once
+            reason = "waiting%s" % ("" if wake_at is None else " (at the latest until %s)" % format_time(wake_at)) \
+                if waiting else "suspended until %s" % format_time(wake_at)
+            c.execute("UPDATE runs SET status = ?, wake_at = ?, available_at = ?, pass_id = NULL, "
                       "lease_owner = NULL, lease_expires_at = NULL, pass_failures = 0, updated_at = ?, "
-                      "last_pass = ? WHERE id = ?",
-                      (wake_at, due, now, dumps({"pass": row[5], "ended_at": now, "reason": "suspended until %s"
-                                                 % format_time(wake_at)}), run_id))
-            self._journal(c, run_id, pass_id, "suspended", {"wake_at": wake_at}, now)
+                      "last_pass = ?, wake_pending = 0 WHERE id = ?",
+                      ("waiting" if waiting else "sleeping", wake_at, due, now,
+                       dumps({"pass": row[5], "ended_at": now, "reason": reason}), run_id))
+            self._journal(c, run_id, pass_id, "suspended", {"wake_at": wake_at, "waiting": waiting}, now)
             return ENDED
         if kind == "failed":
             self._fail_pass(c, run_id, pass_id, now, defaults, key, _clean_error(ev.get("error")),
                             retryable=ev.get("retryable") is not False, workflow_error=not key)
             return ENDED
         return APPLIED
+
+    # -- waits: signals, child runs, TaskYou approvals ------------------------------
+
+    def _begin_wait(self, c, run_id, key, spec, now):
+        """A new wait was recorded: a buffered signal resolves it at once; a child run is started."""
+        if spec["kind"] == "signal":
+            sig = c.execute("SELECT id, data FROM signals WHERE run_id = ? AND name = ? AND consumed_by IS NULL "
+                            "ORDER BY id LIMIT 1", (run_id, spec["name"])).fetchone()
+            if sig:
+                c.execute("UPDATE signals SET consumed_by = ?, consumed_at = ? WHERE id = ?", (key, now, sig[0]))
+                self._resolve_wait(c, run_id, key, {"value": {"data": loads_or_none(sig[1])}}, now)
+        elif spec["kind"] == "child":
+            child = self._start_child(c, run_id, key, spec, now)
+            if child is None:
+                self._resolve_wait(c, run_id, key, {"error": {
+                    "message": "no workflow %r to run as a child; deploy it first" % spec["workflow_id"],
+                    "name": "NotFound", "run_id": None}}, now)
+        elif spec["kind"] == "task":
+            self._enqueue(c, run_id, "approval", {"key": key, "title": spec["title"], "body": spec.get("body")}, now)
+
+    def _start_child(self, c, run_id, key, spec, now):
+        """Create the child run of wait ``key`` (once: the wait row is new) on its workflow's latest version."""
+        wf = c.execute("SELECT latest_version FROM workflows WHERE id = ?", (spec["workflow_id"],)).fetchone()
+        if wf is None:
+            return None
+        child_id = new_id("run")
+        c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, task_requested, "
+                  "created_at, updated_at, parent_run_id, parent_wait_key) VALUES (?, ?, ?, 'pending', ?, ?, 0, ?, ?, "
+                  "?, ?)", (child_id, spec["workflow_id"], wf[0], dumps(spec.get("input")), now, now, now, run_id, key))
+        self._journal(c, child_id, None, "created", {"workflow": spec["workflow_id"], "version": wf[0],
+                                                      "parent": run_id}, now)
+        spec = dict(spec, run_id=child_id)
+        c.execute("UPDATE steps SET wait = ? WHERE run_id = ? AND key = ?", (dumps(spec), run_id, key))
+        return child_id
+
+    def _resolve_wait(self, c, run_id, key, outcome, now):
+        """Commit how a wait ended and wake its run; False if it had ended already."""
+        n = c.execute("UPDATE steps SET status = 'completed', output = ?, completed_at = ?, done_seq = "
+                      "(SELECT done_count + 1 FROM runs WHERE id = ?) WHERE run_id = ? AND key = ? AND kind = 'wait' "
+                      "AND status = 'waiting'", (dumps(outcome), now, run_id, run_id, key)).rowcount
+        if not n:
+            return False
+        c.execute("UPDATE runs SET done_count = done_count + 1 WHERE id = ?", (run_id,))
+        self._journal(c, run_id, None, "wait_resolved", dict(outcome, step=key), now)
+        status = c.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+        if status == "running":
+            c.execute("UPDATE runs SET wake_pending = 1 WHERE id = ?", (run_id,))
+        elif status in ("waiting", "sleeping", "pending"):
+            c.execute("UPDATE runs SET available_at = ?, updated_at = ? WHERE id = ?", (now, now, run_id))
+        return True
+
+    def _timed_out_waits(self, c, run_id, now):
+        """Resolve the run's waits whose timeout passed (a child's is canceled with it)."""
+        for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = 'wait' AND "
+                                        "status = 'waiting' AND wake_at IS NOT NULL AND wake_at <= ?",
+                                        (run_id, now)).fetchall():
+            spec = loads_or_none(spec_json) or {}
+            if spec.get("kind") == "child":
+                self._resolve_wait(c, run_id, key, {"error": {
+                    "message": "child run %s of %s did not finish within its timeout" % (
+                        spec.get("run_id"), spec.get("workflow_id")), "name": "ChildTimeout",
+                    "run_id": spec.get("run_id")}}, now)
+                if spec.get("run_id"):
+                    self._cancel_tree(c, spec["run_id"], now, "its parent stopped waiting for it (timeout)")
+            else:
+                self._resolve_wait(c, run_id, key, {"value": None}, now)
+
+    def _cancel_tree(self, c, run_id, now, reason):
+        """Cancel a run that is not finished, with its own unfinished children."""
+        row = c.execute("SELECT status, pass_id FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row and row[0] not in TERMINAL:
+            self._finish(c, run_id, row[1], "canceled", now, error={"message": reason, "name": "Canceled",
+                                                                    "stack": None})
+
+    def _after_finish(self, c, run_id, status, now):
+        """A finished run: its parent's wait resolves, its running children are canceled."""
+        row = c.execute("SELECT parent_run_id, parent_wait_key, output, error FROM runs WHERE id = ?",
+                        (run_id,)).fetchone()
+        if row and row[0]:
+            if status == "completed":
+                outcome = {"value": loads_or_none(row[2])}
+            else:
+                err = loads_or_none(row[3]) or {}
+                outcome = {"error": {"message": "child run %s %s: %s" % (run_id, status, err.get("message")),
+                                     "name": "ChildCanceled" if status == "canceled" else "ChildFailed",
+                                     "run_id": run_id}}
+            self._resolve_wait(c, row[0], row[1], outcome, now)
+        for (child,) in c.execute("SELECT id FROM runs WHERE parent_run_id = ? AND status NOT IN "
+                                  "('completed', 'failed', 'canceled')", (run_id,)).fetchall():
+            self._cancel_tree(c, child, now, "its parent run %s was %s" % (run_id, status))
+
+    def signal(self, run_id, name, data_json, now, idempotency_key=None):
+        """Deliver a signal: the oldest wait for ``name`` takes it, or it waits for one (FIFO per name).
+
+        Returns (signal id, consumed by wait key or None, applied: False when the key was seen)."""
+        with self.transaction() as c:
+            return self._signal(c, run_id, name, data_json, now, idempotency_key)
+
+    def _signal(self, c, run_id, name, data_json, now, idempotency_key=None):
+        run = c.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if run is None:
+            raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
+        if idempotency_key is not None:
+            seen = c.execute("SELECT id, consumed_by FROM signals WHERE run_id = ? AND idempotency_key = ?",
+                             (run_id, idempotency_key)).fetchone()
+            if seen:
+                return seen[0], seen[1], False
+        if run[0] in TERMINAL:
+            raise Conflict("run %s is already %s; a signal to it would never be read" % (run_id, run[0]))
+        cur = c.execute("INSERT INTO signals (run_id, name, data, idempotency_key, created_at) VALUES "
+                        "(?, ?, ?, ?, ?)", (run_id, name, data_json, idempotency_key, now))
+        sig_id = cur.lastrowid
+        self._journal(c, run_id, None, "signal", {"name": name, "signal": sig_id}, now)
+        wait = None
+        for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = 'wait' AND "
+                                        "status = 'waiting' ORDER BY seq", (run_id,)).fetchall():
+            spec = loads_or_none(spec_json) or {}
+            if spec.get("kind") == "signal" and spec.get("name") == name:
+                wait = key
+                break
+        if wait is not None:
+            c.execute("UPDATE signals SET consumed_by = ?, consumed_at = ? WHERE id = ?", (wait, now, sig_id))
+            self._resolve_wait(c, run_id, wait, {"value": {"data": loads_or_none(data_json)}}, now)
+        return sig_id, wait, True
+
+    def set_wait_task(self, run_id, key, task_id, now):
+        """Keep the TaskYou task a wait watches (and when it was last looked at)."""
+        with self.transaction() as c:
+            row = c.execute("SELECT wait FROM steps WHERE run_id = ? AND key = ? AND kind = 'wait'",
+                            (run_id, key)).fetchone()
+            if row:
+                spec = dict(loads_or_none(row[0]) or {}, task_id=task_id, polled_at=now)
+                c.execute("UPDATE steps SET wait = ? WHERE run_id = ? AND key = ?", (dumps(spec), run_id, key))
+
+    def approvals_due(self, now, every_ms):
+        """(run id, key, wait) of task waits with a task whose last look is older than ``every_ms``."""
+        out = []
+        for r in self.query("SELECT s.run_id, s.key, s.wait FROM steps s JOIN runs r ON r.id = s.run_id WHERE "
+                            "s.kind = 'wait' AND s.status = 'waiting' AND r.status NOT IN ('completed', 'failed', "
+                            "'canceled') AND s.wait LIKE '%\"kind\":\"task\"%' LIMIT 200"):
+            spec = loads_or_none(r["wait"]) or {}
+            if spec.get("task_id") is not None and now - (spec.get("polled_at") or 0) >= every_ms:
+                out.append((r["run_id"], r["key"], spec))
+        return out
+
+    def resolve_wait(self, run_id, key, outcome, now):
+        with self.transaction() as c:
+            return self._resolve_wait(c, run_id, key, outcome, now)
+
+    def signals(self, run_id):
+        return self.query("SELECT id, name, data, created_at, consumed_by, consumed_at FROM signals WHERE run_id = ? "
+                          "ORDER BY id", (run_id,))
 
     @staticmethod
     def _next_done(c, run_id):
@@ -1823,8 +2022,8 @@ class Store:
 # Runtimes: the shims that run workflow code, and the event stream parser
 # ---------------------------------------------------------------------------
 
-EVENT_TYPES = {"step_started", "step_completed", "step_failed", "sleep", "sleep_completed", "completed", "failed",
-               "suspended"}
+EVENT_TYPES = {"step_started", "step_completed", "step_failed", "sleep", "sleep_completed", "wait", "completed",
+               "failed", "suspended"}
 TERMINAL_EVENTS = {"completed", "failed", "suspended"}
 
 
@@ -1861,16 +2060,31 @@ def parse_event_line(line, pass_id):
         return None
     if not isinstance(ev, dict) or ev.get("pass") != pass_id or ev.get("type") not in EVENT_TYPES:
         return None
-    if ev["type"] in ("step_started", "step_completed", "step_failed", "sleep", "sleep_completed"):
+    if ev["type"] in ("step_started", "step_completed", "step_failed", "sleep", "sleep_completed", "wait"):
         key = ev.get("step")
         if not isinstance(key, str) or not key or len(key) > MAX_STEP_NAME_LEN:
             return None
+    if ev["type"] == "suspended" and ev.get("wake_at") is None and ev.get("waiting"):
+        return ev  # parked on waits with no timeout: woken by what it waits for
     if ev["type"] in ("sleep", "suspended"):
         wake_at = ev.get("wake_at")
-        if isinstance(wake_at, bool) or not isinstance(wake_at, (int, float)) or not 0 <= wake_at < MAX_EPOCH_MS:
+        if not _is_epoch_ms(wake_at):
             return None
         ev["wake_at"] = int(wake_at)
+    if ev["type"] == "wait":
+        spec, timeout_at = ev.get("wait"), ev.get("timeout_at")
+        if not isinstance(spec, dict) or spec.get("kind") not in WAIT_KINDS or not (
+                timeout_at is None or _is_epoch_ms(timeout_at)):
+            return None
+        for field in {"signal": ("name",), "child": ("workflow_id",), "task": ("title",)}[spec["kind"]]:
+            if not isinstance(spec.get(field), str) or not spec[field]:
+                return None
+        ev["timeout_at"] = None if timeout_at is None else int(timeout_at)
     return ev
+
+
+def _is_epoch_ms(value):
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < MAX_EPOCH_MS
 
 
 def _call_position(ev):
@@ -3480,12 +3694,14 @@ class Scheduler:
         return not nxt or min(nxt) - now > linger
 
     def _deliver_updates(self):
-        try:
-            self.sidecar.bridge.deliver_due()
-        except OpenWorkflowError as exc:
-            log.warning("taskyou bridge: %s", exc)
-        except Exception:  # the bridge must never take the scheduler down
-            log.exception("taskyou bridge failed")
+        """Task updates out, approvals in (the tasks runs wait on), off the scheduling path."""
+        for work in (self.sidecar.bridge.deliver_due, self.sidecar.bridge.poll_approvals):
+            try:
+                work()
+            except OpenWorkflowError as exc:
+                log.warning("taskyou bridge: %s", exc)
+            except Exception:  # the bridge must never take the scheduler down
+                log.exception("taskyou bridge failed")
 
     def _bridge_loop(self):
         """Deliver task updates off the scheduling path: a slow `ty` never delays a pass."""
@@ -3911,7 +4127,8 @@ def verify_callback(secret, headers, body, now_s, tolerance_s):
 
 
 def parse_callback(body):
-    """Validate a callback body; returns ("events", run, pass, events) or ("completion", run, status, doc)."""
+    """Validate a callback body; returns ("events", run, pass, events), ("signal", run, name, doc) or
+    ("completion", run, status, doc)."""
     try:
         doc = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -3941,6 +4158,14 @@ def parse_callback(body):
                                          "as its type needs)" % (i, ", ".join(sorted(EVENT_TYPES))))
             checked.append(ok)
         return "events", run_id, pass_id, checked
+    if "signal" in doc:
+        name = doc.get("signal")
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_STEP_NAME_LEN - 10:
+            raise WebhookReject(422, "signal must be a signal name string")
+        key = doc.get("idempotencyKey")
+        if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
+            raise WebhookReject(422, "idempotencyKey must be a string of at most 200 characters")
+        return "signal", run_id, name, doc
     status = doc.get("status")
     if status not in ("completed", "failed"):
         raise WebhookReject(422, "status must be completed or failed (or send passId and events)")
@@ -4034,7 +4259,16 @@ class WebhookServer:
             if row[0] in TERMINAL:
                 log.info("webhook: ignored a callback for run %s, which is %s", run_id, row[0])
                 return {"ok": True, "ignored": "run is %s" % row[0], "applied": 0}
-            if kind == "completion":
+            if kind == "signal":
+                try:
+                    data_json = dumps(payload.get("data"))
+                except (ValueError, TypeError):
+                    raise WebhookReject(422, "data is not JSON text")
+                if len(data_json.encode("utf-8")) > sc.config["limits.max_input_bytes"]:
+                    raise WebhookReject(422, "data is over limits.max_input_bytes")
+                store._signal(c, run_id, second, data_json, now, payload.get("idempotencyKey"))
+                applied = 1
+            elif kind == "completion":
                 status, doc = second, payload
                 if status == "completed":
                     try:
@@ -4183,6 +4417,7 @@ class _WebhookHandler:
 # ---------------------------------------------------------------------------
 
 TASK_MARKER = "ty-openworkflow-run: %s"
+WAIT_MARKER = "ty-openworkflow-wait: %s %s"  # run id, wait key: the task a waitForTask created
 # Task updates retry until delivered: 1 s, x2, at most 5 minutes apart.
 OUTBOX_RETRY = {"initial_ms": 1000, "backoff": 2.0, "max_ms": 300000}
 
@@ -4304,6 +4539,8 @@ class Bridge:
             return None
         if item["kind"] == "create":
             return self._create(run, item)
+        if item["kind"] == "approval":
+            return self._create_approval(run, item)
         task_id = run["task_id"]
         if task_id is None:
             raise TaskYouError("the task for run %s is not created yet" % run["id"])
@@ -4322,6 +4559,50 @@ class Bridge:
             self._append(tid, run, "canceled", "the run was canceled")
             self._ty(["status", tid, "blocked"])
         return None
+
+    def _create_approval(self, run, item):
+        """The task a `waitForTask` waits on: created once (a marker in its body), its id kept in the wait."""
+        payload = json.loads(item["payload"])
+        marker = WAIT_MARKER % (run["id"], payload["key"])
+        task_id = self._find_task(payload["title"], marker) if item["attempts"] > 0 else None
+        if task_id is None:
+            body = ("%s\n\nAsked by ty-openworkflow run %s (workflow %s): move this task to done to approve, "
+                    "to blocked or archived to refuse.\n\n%s" % ((payload.get("body") or "").rstrip(), run["id"],
+                                                                  run["workflow_id"], marker))
+            out = self._ty(["create", "--body", body.lstrip(), "--json"] + self._project_args() + ["--",
+                                                                                              payload["title"]])
+            doc = parse_ty_json(out, "create")
+            if not isinstance(doc, dict) or not isinstance(doc.get("id"), int):
+                raise TaskYouError("`ty create --json` printed no task id: %r" % out[:200])
+            task_id = doc["id"]
+        self.store.set_wait_task(run["id"], payload["key"], task_id, self.sidecar.clock())
+        return None
+
+    def poll_approvals(self):
+        """Look at the tasks runs wait on (`ty show ID --json`, at most every poll_interval each):
+        done resolves the wait as approved, blocked or archived as refused. `ty` failing only delays it."""
+        now = self.sidecar.clock()
+        resolved = 0
+        for run_id, key, spec in self.store.approvals_due(now, self.config["poll_interval"]):
+            if self._stop.is_set():
+                break
+            try:
+                task = parse_ty_json(self._ty(["show", str(spec["task_id"]), "--json"]), "show")
+            except TaskYouError as exc:
+                if self._first_time(exc):
+                    log.warning("taskyou: %s; will look again", exc)
+                self.store.set_wait_task(run_id, key, spec["task_id"], self.sidecar.clock())
+                continue
+            status = task.get("status") if isinstance(task, dict) else None
+            if status in ("done", "blocked", "archived"):
+                if self.store.resolve_wait(run_id, key, {"value": {"approved": status == "done", "task": task}},
+                                           self.sidecar.clock()):
+                    resolved += 1
+            else:
+                self.store.set_wait_task(run_id, key, spec["task_id"], self.sidecar.clock())
+        if resolved:
+            self.sidecar.poke_schedulers()
+        return resolved
 
     def _create(self, run, item):
         marker = TASK_MARKER % run["id"]
@@ -4533,10 +4814,16 @@ class Sidecar:
         """The run with its steps, task link and who drives it, as a JSON-ready dict."""
         run = self.run(run_id)
         version = self.store.get_version(run["workflow_id"], run["version"])
-        steps = []
+        steps, waits = [], []
         for s in self.store.steps(run["id"]):
             item = {"name": s["key"], "kind": s["kind"], "status": s["status"], "attempts": s["attempts"]}
-            if s["kind"] == "sleep":
+            if s["kind"] == "wait":
+                waits.append(s)
+                item["wait"] = loads_or_none(s["wait"])
+                item["timeout_at"] = s["wake_at"]
+                if s["status"] == "waiting" and run["status"] in TERMINAL:
+                    item["status"] = "interrupted"
+            elif s["kind"] == "sleep":
                 item["wake_at"] = s["wake_at"]
                 if s["status"] != "completed":  # over only once the run went past it
                     item["status"] = ("completed" if run["status"] == "completed" else
@@ -4552,11 +4839,21 @@ class Sidecar:
             "status": run["status"], "input": json.loads(run["input"]), "output": loads_or_none(run["output"]),
             "error": loads_or_none(run["error"]), "passes": run["passes"], "created_at": run["created_at"],
             "started_at": run["started_at"], "finished_at": run["finished_at"], "updated_at": run["updated_at"],
-            "wake_at": run["wake_at"] if run["status"] == "sleeping" else None,
+            "wake_at": run["wake_at"] if run["status"] in ("sleeping", "waiting") else None,
             "available_at": run["available_at"] if run["status"] == "pending" else None,
             "deadline_at": run["deadline_at"], "steps": steps,
             "last_pass": loads_or_none(run["last_pass"]), "idempotency_key": run["idempotency_key"],
             "retries": run["retries"], "forked_from": run["forked_from"],
+            "waiting_for": [dict(loads_or_none(w["wait"]) or {}, step=w["key"], timeout_at=w["wake_at"])
+                            for w in waits if w["status"] == "waiting"],
+            "parent": {"run_id": run["parent_run_id"], "wait": run["parent_wait_key"]} if run["parent_run_id"]
+            else None,
+            "children": [{"id": ch["id"], "workflow_id": ch["workflow_id"], "status": ch["status"]}
+                         for ch in self.store.query("SELECT id, workflow_id, status FROM runs WHERE parent_run_id = ? "
+                                                    "ORDER BY created_at", (run["id"],))],
+            "signals_pending": [{"id": g["id"], "name": g["name"], "data": loads_or_none(g["data"]),
+                                 "at": g["created_at"]} for g in self.store.signals(run["id"])
+                                if g["consumed_by"] is None],
             "task": self.bridge.task_state(run),
         }
         if run["status"] not in TERMINAL:
@@ -4586,6 +4883,23 @@ class Sidecar:
         self.store.cancel_run(run["id"], self.clock())
         self.poke_schedulers()
         return self.status(run["id"])
+
+    def signal(self, run_id, name, data=None, idempotency_key=None):
+        """Send signal ``name`` (with JSON ``data``) to a run: the run's oldest wait for it resolves, or the
+        signal is kept until the run waits for it. The same ``idempotency_key`` again is applied once."""
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_STEP_NAME_LEN - 10:
+            raise InputError("the signal name must be a non-empty string of at most %d characters"
+                             % (MAX_STEP_NAME_LEN - 10))
+        if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key.strip()
+                                            or len(idempotency_key) > 200):
+            raise InputError("--idempotency-key must be a non-empty string of at most 200 characters")
+        run = self.run(run_id)
+        data_json = self._input_json(data)
+        sig_id, consumed_by, applied = self.store.signal(run["id"], name, data_json, self.clock(), idempotency_key)
+        if applied and consumed_by is not None:
+            self.ensure_driven()
+        return {"run_id": run["id"], "signal": name, "id": sig_id, "applied": applied,
+                "consumed_by": consumed_by, "buffered": consumed_by is None}
 
     def retry(self, run_id, latest=False, drive=True):
         """A failed or canceled run resumes from its failed step (committed steps are kept), on the
@@ -4727,7 +5041,7 @@ def _color(text, code, stream=None):
     return "\033[%sm%s\033[0m" % (code, text)
 
 
-_STATUS_COLORS = {"completed": "32", "failed": "31", "canceled": "33", "running": "36", "sleeping": "35",
+_STATUS_COLORS = {"completed": "32", "failed": "31", "canceled": "33", "running": "36", "sleeping": "35", "waiting": "35",
                   "pending": "37"}
 
 
@@ -4881,6 +5195,9 @@ def _print_status(st):
                                     else "due now; waiting for a scheduler")
     elif status == "pending" and st.get("available_at") and st["available_at"] > now_ms():
         line += " (retry at %s)" % format_time(st["available_at"])
+    elif status == "waiting":
+        line += " for " + "; ".join(_describe_wait(w) for w in st.get("waiting_for") or []) if st.get(
+            "waiting_for") else ""
     rows = [("run", st["id"]),
             ("workflow", "%s  version %d (%s, %s, %s)" % (st["workflow_id"], st["version"], st["version_label"],
                                                          st["runtime"], st["adapter"])),
@@ -4895,6 +5212,13 @@ def _print_status(st):
         rows.append(("last pass", "%s ended %s: %s" % (st["last_pass"].get("pass"),
                                                       format_time(st["last_pass"].get("ended_at")),
                                                       st["last_pass"].get("reason"))))
+    if st.get("parent"):
+        rows.append(("parent", "%s (wait %s)" % (st["parent"]["run_id"], st["parent"]["wait"])))
+    for child in st.get("children") or []:
+        rows.append(("child", "%s  %s  %s" % (child["id"], child["workflow_id"], child["status"])))
+    for sig in st.get("signals_pending") or []:
+        rows.append(("signal", "%s not consumed yet (sent %s): %s" % (sig["name"], format_time(sig["at"]),
+                                                                   _short(sig["data"]))))
     task = st["task"]
     if task.get("requested"):
         label = "#%s %s" % (task["id"], task["title"]) if task.get("id") else task["title"]
@@ -4912,7 +5236,11 @@ def _print_status(st):
         print("steps")
         width = max(len(s["name"]) for s in st["steps"])
         for s in st["steps"]:
-            if s["kind"] == "sleep":
+            if s["kind"] == "wait":
+                detail = _describe_wait(dict(s.get("wait") or {}, timeout_at=s.get("timeout_at")))
+                if s["status"] == "completed":
+                    detail += ": " + _short(s.get("output"))
+            elif s["kind"] == "sleep":
                 detail = "until %s" % format_time(s["wake_at"])
             elif s["status"] == "completed":
                 detail = _short(s.get("output"))
@@ -4934,6 +5262,14 @@ def _print_status(st):
     sch = st.get("scheduler")
     if sch and sch.get("message"):
         print("note      %s" % sch["message"])
+
+
+def _describe_wait(w):
+    what = {"signal": lambda: "signal %r" % w.get("name"),
+            "child": lambda: "child run %s (%s)" % (w.get("run_id") or "?", w.get("workflow_id")),
+            "task": lambda: "TaskYou task %s%r" % ("#%s " % w["task_id"] if w.get("task_id") else "", w.get("title"))
+            }.get(w.get("kind"), lambda: w.get("step", "?"))()
+    return what + (" until %s" % format_time(w["timeout_at"]) if w.get("timeout_at") else "")
 
 
 def cmd_status(api, args):
@@ -4977,6 +5313,33 @@ def cmd_cancel(api, args):
         _print_json(st)
     else:
         print("canceled %s" % st["id"])
+    return 0
+
+
+def cmd_signal(api, args):
+    if args.data is not None and args.data_file:
+        raise InputError("give the data with -d/--data or --data-file, not both")
+    data = None
+    if args.data is not None:
+        data = parse_json_arg(args.data, "--data")
+    elif args.data_file:
+        try:
+            with open(args.data_file, encoding="utf-8") as f:
+                data = parse_json_arg(f.read(), args.data_file)
+        except FileNotFoundError:
+            raise InputError("data file %s not found" % args.data_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError("cannot read data file %s: %s" % (args.data_file, exc))
+    res = api.signal(args.run_id, args.name, data, idempotency_key=args.idempotency_key)
+    if args.json:
+        _print_json(res)
+    elif not res["applied"]:
+        print("signal %s to %s was already sent with that idempotency key; not applied again"
+              % (args.name, res["run_id"]))
+    elif res["consumed_by"]:
+        print("signal %s delivered to %s (wait %s)" % (args.name, res["run_id"], res["consumed_by"]))
+    else:
+        print("signal %s kept for %s until it waits for it" % (args.name, res["run_id"]))
     return 0
 
 
@@ -5164,6 +5527,14 @@ def build_parser():
 
     sp = cmd("cancel", cmd_cancel, "cancel a run (stops a pass in flight)")
     sp.add_argument("run_id")
+    sp.add_argument("--json", action="store_true", help="output as JSON")
+
+    sp = cmd("signal", cmd_signal, "send a signal (with JSON data) to a run; kept until the run waits for it")
+    sp.add_argument("run_id")
+    sp.add_argument("name")
+    sp.add_argument("-d", "--data", help="JSON data for the signal")
+    sp.add_argument("--data-file", help="a file of JSON data")
+    sp.add_argument("--idempotency-key", metavar="KEY", help="the same key again is applied once")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
     sp = cmd("retry", cmd_retry, "resume a failed or canceled run from its failed step (committed steps kept)")

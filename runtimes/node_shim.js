@@ -180,8 +180,10 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
   // in between; new work starts only after the last of them. Concurrent
   // branches then call their next steps in the same order as live, and so get
   // the same auto-indexed keys and the same memoized values.
+  const waits = history.waits || {}; // key -> {value} | {error}: how a wait resolved
+  const parked = history.waiting || {}; // key -> timeout_at (ms) or null: waits recorded, not resolved yet
   const resolvedKeys = new Set(history.order || []);
-  const replayQueue = (history.order || []).filter((k) => hasOwn(done, k) || hasOwn(sleeps, k));
+  const replayQueue = (history.order || []).filter((k) => hasOwn(done, k) || hasOwn(sleeps, k) || hasOwn(waits, k));
   let replaying = replayQueue.length > 0;
   const waiting = new Map(); // key -> hands the memoized result to the awaiting call
   const deferred = []; // new work asked for during replay, in call order
@@ -204,6 +206,7 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
       stop = reason; // a failure outranks a sleep
     } else if (reason.kind === "suspend" && stop.kind === "suspend") {
       stop.wake_at = Math.min(stop.wake_at, reason.wake_at); // wake for the earliest
+      stop.waiting = stop.waiting || reason.waiting;
     }
   }
 
@@ -248,8 +251,15 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
 
   // A memoized result: at once after replay, else when its turn in history.order comes.
   function memoized(key, value) {
-    if (!replaying || !resolvedKeys.has(key)) return Promise.resolve(value());
-    return new Promise((resolve) => waiting.set(key, () => resolve(value())));
+    const settle = (resolve, reject) => {
+      try {
+        resolve(value());
+      } catch (err) {
+        reject(err); // a wait that resolved as an error (a failed child) throws where it is awaited
+      }
+    };
+    if (!replaying || !resolvedKeys.has(key)) return new Promise(settle);
+    return new Promise((resolve, reject) => waiting.set(key, () => settle(resolve, reject)));
   }
 
   // New work: now, or (during replay) once every recorded result has been handed back.
@@ -376,7 +386,56 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
     return sleepUntil(name, when);
   }
 
-  const ctx = { step, sleep, sleepUntil, runId: doc.run_id, workflowId: doc.workflow_id, attempt: doc.attempt };
+  // A wait (a signal, a child run, a TaskYou task) parks the run like a sleep: it is
+  // recorded with its timeout, the pass ends, and the sidecar resolves it (the thing
+  // arrived, or the timeout passed) and starts the next pass, which replays it.
+  async function durableWait(base, spec, timeout) {
+    const [key, pos] = keyFor(base, "wait");
+    if (key === null) return never;
+    if (hasOwn(waits, key)) return memoized(key, () => unwrapWait(waits[key]));
+    let timeoutAt = null;
+    if (hasOwn(parked, key)) timeoutAt = parked[key];
+    else if (timeout !== undefined && timeout !== null) timeoutAt = now() + durationMs(timeout, `timeout of ${base}`);
+    return later(async () => {
+      if (stop) return never;
+      if (!hasOwn(parked, key)) {
+        emit("wait", { step: key, wait: spec, timeout_at: timeoutAt, call: pos });
+        parked[key] = timeoutAt;
+      }
+      halt({ kind: "suspend", wake_at: timeoutAt === null ? Infinity : timeoutAt, waiting: true });
+      return never;
+    });
+  }
+
+  function unwrapWait(entry) {
+    if (entry && entry.error) {
+      const err = new Error(String(entry.error.message));
+      err.name = String(entry.error.name || "Error");
+      if (entry.error.run_id) err.runId = entry.error.run_id;
+      throw err;
+    }
+    const value = entry ? entry.value : null;
+    return value === undefined || value === null ? null : JSON.parse(JSON.stringify(value));
+  }
+
+  function waitName(what, name) {
+    if (typeof name !== "string" || name === "") throw new TypeError(`${what} needs a non-empty name, got ${JSON.stringify(name)}`);
+    return name;
+  }
+
+  const waitForSignal = (name, opts) =>
+    durableWait(`signal:${waitName("waitForSignal", name)}`, { kind: "signal", name }, opts && opts.timeout);
+  const runWorkflow = (workflowId, input, opts) =>
+    durableWait(`child:${waitName("runWorkflow", (opts && opts.name) || workflowId)}`,
+                { kind: "child", workflow_id: waitName("runWorkflow", workflowId), input: toJson(input, "the child's input")[1] },
+                opts && opts.timeout);
+  const waitForTask = (title, opts) =>
+    durableWait(`task:${waitName("waitForTask", (opts && opts.name) || String(title).slice(0, 150))}`,
+                { kind: "task", title: waitName("waitForTask", title), body: opts && opts.body !== undefined ? String(opts.body) : null },
+                opts && opts.timeout);
+
+  const ctx = { step, sleep, sleepUntil, waitForSignal, runWorkflow, waitForTask, runId: doc.run_id,
+                workflowId: doc.workflow_id, attempt: doc.attempt };
 
   let settled = false;
   const running = Promise.resolve()
@@ -394,7 +453,9 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
   if (outcome === null || stop) {
     // Let steps already in flight settle and report, then end the pass.
     while (inflight.size) await Promise.allSettled([...inflight]);
-    if (stop.kind === "suspend") emit("suspended", { wake_at: stop.wake_at });
+    if (stop.kind === "suspend") {
+      emit("suspended", { wake_at: stop.wake_at === Infinity ? null : stop.wake_at, waiting: Boolean(stop.waiting) });
+    }
     else if (stop.kind === "fatal") emit("failed", { retryable: false, error: stop.error });
     else emit("failed", { step: stop.step, error: { message: `step "${stop.step}" failed`, name: "StepFailed", stack: null } });
     return;

@@ -122,6 +122,8 @@ class Context:
         self._inline_ms = doc.get("inline_sleep_ms", 1000)
         self._max_output = doc.get("max_output_bytes") or 1048576
         self._max_steps = doc.get("max_steps") or float("inf")
+        self._waits = history.get("waits") or {}  # key -> {value} | {error}: how a wait resolved
+        self._parked = history.get("waiting") or {}  # key -> timeout_at or None: recorded, not resolved yet
         self._calls = 0  # durable calls made so far in this pass, in call order
         self._recorded_calls = {c[0]: (c[1], c[2]) for c in history.get("calls") or ()}
         self.call_no = None
@@ -251,6 +253,45 @@ class Context:
         self._slept.add(key)
         return None
 
+    # A wait (a signal, a child run, a TaskYou task) parks the run like a sleep: it is
+    # recorded with its timeout, the pass ends, and the sidecar resolves it (the thing
+    # arrived, or the timeout passed) and starts the next pass, which replays it.
+    def _wait(self, base, spec, timeout):
+        key = self._key(base, "wait")
+        if key in self._waits:
+            entry = self._waits[key] or {}
+            if entry.get("error"):
+                raise WaitError(entry["error"])
+            value = entry.get("value")
+            return None if value is None else json.loads(json.dumps(value))
+        if self.stop is not None:
+            raise _PassEnd()
+        if key in self._parked:
+            timeout_at = self._parked[key]
+        else:
+            timeout_at = None if timeout is None else self.now_ms() + duration_ms(timeout, "timeout of %s" % base, 1000)
+            self._emit("wait", step=key, wait=spec, timeout_at=timeout_at, call=self.call_no)
+            self._parked[key] = timeout_at
+        self._halt({"kind": "suspend", "wake_at": timeout_at, "waiting": True})
+
+    def wait_for_signal(self, name, timeout=None):
+        """Wait durably for signal ``name``: {"data": ...} when it arrives, None on timeout (seconds or "5m")."""
+        return self._wait("signal:%s" % _wait_name("wait_for_signal", name), {"kind": "signal", "name": name}, timeout)
+
+    def run_workflow(self, workflow_id, input=None, name=None, timeout=None):
+        """Start a child run of ``workflow_id`` (exactly once) and wait for its output; a failed or
+        canceled child raises WaitError (catchable) with its message and run id."""
+        _wait_name("run_workflow", workflow_id)
+        spec = {"kind": "child", "workflow_id": workflow_id, "input": to_json(input, "the child's input")[1]}
+        return self._wait("child:%s" % _wait_name("run_workflow", name or workflow_id), spec, timeout)
+
+    def wait_for_task(self, title, body=None, timeout=None):
+        """Create a TaskYou task (exactly once) and wait until a person closes it: {"approved": True, "task"}
+        for done, {"approved": False, "task"} for blocked or archived, None on timeout."""
+        _wait_name("wait_for_task", title)
+        spec = {"kind": "task", "title": title, "body": None if body is None else str(body)}
+        return self._wait("task:%s" % str(title)[:150], spec, timeout)
+
     def sleep(self, name, duration):
         """Sleep durably for ``duration`` (seconds, or a string like "5m")."""
         ms = duration_ms(duration, "sleep %r" % name, 1000)
@@ -258,6 +299,21 @@ class Context:
         if key in self._sleeps:
             return self.sleep_until(name, self._sleeps[key] / 1000.0)
         return self.sleep_until(name, (self.now_ms() + ms) / 1000.0)
+
+
+class WaitError(Exception):
+    """A wait that resolved as an error (a failed, canceled or timed-out child run)."""
+
+    def __init__(self, error):
+        super().__init__(error.get("message", "the wait failed"))
+        self.name = error.get("name")
+        self.run_id = error.get("run_id")
+
+
+def _wait_name(what, name):
+    if not isinstance(name, str) or not name:
+        raise TypeError("%s needs a non-empty name, got %r" % (what, name))
+    return name
 
 
 def _policy(opts):
@@ -362,7 +418,7 @@ def run_pass(doc, workflow_of, write):
             return
     if ctx.stop is not None:
         if ctx.stop["kind"] == "suspend":
-            emit("suspended", wake_at=ctx.stop["wake_at"])
+            emit("suspended", wake_at=ctx.stop["wake_at"], waiting=bool(ctx.stop.get("waiting")))
         elif ctx.stop["kind"] == "fatal":
             emit("failed", retryable=False, error=ctx.stop["error"])
         else:

@@ -403,6 +403,7 @@ class Install:
         self.sc = tow.Sidecar(config_path=self.config)
         self.serve_proc = None
         self._ro = None
+        self.failed = False
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TY_OPENWORKFLOW_")}
         self.env["HOME"] = self.home
         for name, code in CODE[runtime].items():
@@ -458,6 +459,11 @@ class Install:
         if self._ro is not None:
             self._ro.close()
         self.sc.close()
+        log = os.path.join(self.tmp, "serve.log")
+        if self.failed and os.path.exists(log):
+            kept = os.path.join(tempfile.gettempdir(), "tyow-bench-failed-%s-%d.log" % (self.runtime, time.time_ns()))
+            shutil.copyfile(log, kept)
+            print("    (serve's log kept: %s)" % kept, flush=True)
         sweep([self.tmp])
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self.tmp in _DIRS:
@@ -613,6 +619,9 @@ def guarded(res, keys, fn, *args):
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - a broken workload must not stop the others
+        for a in args:
+            if isinstance(a, Install):
+                a.failed = True  # keep its serve log
         msg = "%s: %s" % (type(exc).__name__, exc)
         print("    ERROR %s: %s" % ("/".join(keys), msg), flush=True)
         for k in keys:

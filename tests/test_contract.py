@@ -48,6 +48,30 @@ class AdapterContract:
         for pid in self.shim_processes():
             os.kill(pid, 9)
 
+    # -- waits: a signal and a child run, on every adapter -----------------------
+
+    def test_a_signal_wakes_the_run_and_a_missed_one_times_out(self):
+        sc = self.sidecar()
+        self.deploy(sc, "signal")
+        run_id = self.start(sc, "signal", {})
+        sc.tick()
+        st = sc.status(run_id)
+        self.assertEqual(st["status"], "waiting", st)
+        self.assertEqual(self.holding_processes(sc), [], "a waiting run must hold no process")
+        sc.signal(run_id, "go", {"ok": True})
+        st = self.drive(sc, run_id)
+        self.assertEqual((st["status"], st["output"]), ("completed", {"before": "b", "got": {"data": {"ok": True}},
+                                                                      "late": None}), st)
+
+    def test_a_child_run_returns_its_output_and_a_failed_one_raises(self):
+        sc = self.sidecar()
+        self.deploy(sc, "kid", workflow_id="kid-" + self.runtime)
+        self.deploy(sc, "parent")
+        run_id = self.start(sc, "parent", {"kid": "kid-" + self.runtime})
+        st = self.drive(sc, run_id)
+        self.assertEqual((st["status"], st["output"]), ("completed", {"ok": 42, "err": "ChildFailed"}), st)
+        self.assertEqual([c["status"] for c in st["children"]], ["completed", "failed"])
+
     # -- the happy path and durable sleep ------------------------------------
 
     def test_hello_sleeps_durably_then_completes(self):

@@ -66,6 +66,19 @@ class Callbacks(WebhookCase):
         self.assertEqual(st["status"], "sleeping")
         self.assertEqual(st["steps"][0]["output"], {"v": 1})
 
+    def test_a_signal_callback_is_kept_for_the_run(self):
+        run_id, _ = self.new_run()
+        body = {"runId": run_id, "signal": "approved", "data": {"by": "remote"}, "idempotencyKey": "cb-1"}
+        status, reply = self.request(body=body)
+        self.assertEqual((status, reply), (200, {"ok": True, "applied": 1}))
+        self.assertEqual([(g["name"], json.loads(g["data"])) for g in self.sc.store.signals(run_id)],
+                         [("approved", {"by": "remote"})])
+        status, reply = self.request(body=dict(body, extra=1))  # a new body, the same key: applied once
+        self.assertEqual(status, 200, reply)
+        self.assertEqual(len(self.sc.store.signals(run_id)), 1)
+        status, reply = self.request(body={"runId": run_id, "signal": ""})
+        self.assertEqual(status, 422, reply)
+
     def test_completion_shape(self):
         run_id, _ = self.new_run()
         status, reply = self.request(body={"runId": run_id, "status": "completed", "output": [1, 2]})

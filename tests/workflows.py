@@ -287,3 +287,55 @@ def workflow(input, ctx):
     ctx.sleep("wait", 5)
     return ctx.step("which", lambda: "v1")
 """
+
+# Waits: a signal (with a timeout) and a child run.
+NODE["signal"] = """
+async function workflow(input, { step, waitForSignal }) {
+  const before = await step("before", () => "b");
+  const got = await waitForSignal("go", { timeout: "1h" });
+  const late = await waitForSignal("late", { timeout: "30s" });
+  return { before, got, late };
+}
+"""
+PYTHON["signal"] = """
+def workflow(input, ctx):
+    before = ctx.step("before", lambda: "b")
+    got = ctx.wait_for_signal("go", timeout="1h")
+    late = ctx.wait_for_signal("late", timeout=30)
+    return {"before": before, "got": got, "late": late}
+"""
+
+NODE["kid"] = """
+async function workflow(input, { step }) {
+  if (input.fail) await step("boom", () => { throw new Error("kid failed on purpose"); }, { retry: { maxAttempts: 1 } });
+  return await step("double", () => input.n * 2);
+}
+"""
+PYTHON["kid"] = """
+def boom():
+    raise RuntimeError("kid failed on purpose")
+
+def workflow(input, ctx):
+    if input.get("fail"):
+        ctx.step("boom", boom, max_attempts=1)
+    return ctx.step("double", lambda: input["n"] * 2)
+"""
+
+NODE["parent"] = """
+async function workflow(input, { runWorkflow }) {
+  const ok = await runWorkflow(input.kid, { n: 21 });
+  let err = null;
+  try { await runWorkflow(input.kid, { fail: true }, { name: "failing" }); } catch (e) { err = e.name; }
+  return { ok, err };
+}
+"""
+PYTHON["parent"] = """
+def workflow(input, ctx):
+    ok = ctx.run_workflow(input["kid"], {"n": 21})
+    err = None
+    try:
+        ctx.run_workflow(input["kid"], {"fail": True}, name="failing")
+    except Exception as e:
+        err = e.name
+    return {"ok": ok, "err": err}
+"""

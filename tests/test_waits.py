@@ -1,0 +1,249 @@
+"""Waits: signals (buffered, FIFO, idempotent, timeouts), child runs, TaskYou approvals.
+
+A wait parks the run (`waiting`) like a sleep: nothing stays alive; whatever resolves it commits
+the resolution and wakes the run, and the next pass replays it.
+"""
+import json
+import os
+import unittest
+
+from tests import fake_ty
+from tests.test_bridge import BridgeCase
+from tests.util import HAVE_NODE, TempHome, read_counter, tow
+
+WAITER = {
+    "node": """
+const fs = require("fs");
+async function workflow(input, { step, waitForSignal }) {
+  await step("before", () => { fs.appendFileSync(input.counter, "before\\n"); return 1; });
+  const first = await waitForSignal("go", { timeout: input.timeout });
+  const second = await waitForSignal("go", { timeout: input.timeout });
+  await step("after", () => { fs.appendFileSync(input.counter, "after\\n"); return 2; });
+  return { first, second };
+}
+""",
+    "python": """
+def mark(path, what):
+    with open(path, "a") as f:
+        f.write(what + "\\n")
+    return what
+
+def workflow(input, ctx):
+    ctx.step("before", lambda: mark(input["counter"], "before"))
+    first = ctx.wait_for_signal("go", timeout=input.get("timeout"))
+    second = ctx.wait_for_signal("go", timeout=input.get("timeout"))
+    ctx.step("after", lambda: mark(input["counter"], "after"))
+    return {"first": first, "second": second}
+""",
+}
+
+PARENT = {
+    "node": """
+async function workflow(input, { step, runWorkflow }) {
+  const ok = await runWorkflow("kid", { n: 20 });
+  let err = null;
+  try { await runWorkflow("kid", { fail: true }, { name: "failing" }); } catch (e) { err = { name: e.name, message: e.message, runId: e.runId || null }; }
+  return { ok, err };
+}
+""",
+    "python": """
+def workflow(input, ctx):
+    ok = ctx.run_workflow("kid", {"n": 20})
+    err = None
+    try:
+        ctx.run_workflow("kid", {"fail": True}, name="failing")
+    except Exception as e:
+        err = {"name": e.name, "message": str(e), "runId": e.run_id}
+    return {"ok": ok, "err": err}
+""",
+}
+
+KID = """
+def workflow(input, ctx):
+    if input.get("fail"):
+        ctx.step("boom", lambda: 1 / 0, max_attempts=1)
+    return ctx.step("double", lambda: input["n"] * 2 + 2)
+"""
+
+LONG_KID = "def workflow(input, ctx):\n    ctx.wait_for_signal('never')\n    return 1\n"
+HOLDER = "async function workflow(input, { runWorkflow }) { return await runWorkflow('longkid', {}); }"
+
+APPROVAL = {
+    "node": """
+async function workflow(input, { waitForTask }) {
+  const r = await waitForTask("Approve the deploy", { body: "version 2", timeout: input.timeout });
+  return r === null ? "timed out" : { approved: r.approved, status: r.task.status };
+}
+""",
+    "python": """
+def workflow(input, ctx):
+    r = ctx.wait_for_task("Approve the deploy", body="version 2", timeout=input.get("timeout"))
+    return "timed out" if r is None else {"approved": r["approved"], "status": r["task"]["status"]}
+""",
+}
+
+
+class NodeSignals(TempHome):
+    runtime = "node"
+
+    def setUp(self):
+        if self.runtime == "node" and not HAVE_NODE:
+            self.skipTest("node is not installed")
+        super().setUp()
+        self.sc = self.sidecar()
+        self.sc.deploy("waiter", WAITER[self.runtime], runtime=self.runtime)
+        self.counter = os.path.join(self.tmp, "c.txt")
+
+    def start(self, **extra):
+        return self.sc.start("waiter", dict({"counter": self.counter}, **extra), drive=False)["id"]
+
+    def test_a_signal_wakes_the_waiting_run_and_a_buffered_one_is_consumed_in_order(self):
+        run_id = self.start()
+        self.sc.tick()
+        st = self.sc.status(run_id)
+        self.assertEqual(st["status"], "waiting")
+        self.assertEqual([w["name"] for w in st["waiting_for"]], ["go"])
+        self.assertEqual([r["id"] for r in self.sc.list_runs(status="waiting")], [run_id])
+        code, out, err = self.cli("signal", run_id, "go", "-d", '{"n": 1}', "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["consumed_by"], "signal:go")
+        self.sc.signal(run_id, "go", {"n": 2})  # nobody waits yet for the second: kept (FIFO)
+        self.sc.signal(run_id, "go", {"n": 3})
+        st = self.drive(self.sc, run_id)
+        self.assertEqual((st["status"], st["output"]), ("completed", {"first": {"data": {"n": 1}},
+                                                                      "second": {"data": {"n": 2}}}), st)
+        self.assertEqual(read_counter(self.counter), ["before", "after"])
+        self.assertEqual([g["data"] for g in st["signals_pending"]], [{"n": 3}])  # never consumed: shown
+
+    def test_a_signal_sent_before_the_run_waits_is_kept_for_it(self):
+        run_id = self.start()
+        self.sc.signal(run_id, "go", "early")
+        self.sc.signal(run_id, "go", "earlier-than-second")
+        st = self.drive(self.sc, run_id)
+        self.assertEqual(st["output"], {"first": {"data": "early"}, "second": {"data": "earlier-than-second"}})
+
+    def test_a_timeout_resolves_the_wait_with_null(self):
+        run_id = self.start(timeout="30s")
+        self.sc.tick()
+        st = self.sc.status(run_id)
+        self.assertEqual(st["status"], "waiting")
+        self.assertIsNotNone(st["wake_at"])
+        st = self.drive(self.sc, run_id)
+        self.assertEqual((st["status"], st["output"]), ("completed", {"first": None, "second": None}), st)
+
+    def test_the_same_idempotency_key_is_applied_once(self):
+        run_id = self.start()
+        self.sc.tick()
+        first = self.sc.signal(run_id, "go", 1, idempotency_key="k")
+        again = self.sc.signal(run_id, "go", 1, idempotency_key="k")
+        self.assertTrue(first["applied"])
+        self.assertFalse(again["applied"])
+        self.assertEqual(len(self.sc.store.signals(run_id)), 1)
+
+    def test_bad_signals_are_refused_and_nothing_is_stored(self):
+        run_id = self.start()
+        self.assert_refused(["signal", "run_nosuchrun", "go"], 1, "no run")
+        self.assert_refused(["signal", run_id, "go", "-d", "{bad"], 2, "invalid JSON")
+        big = json.dumps("x" * (1 << 21))
+        self.assert_refused(["signal", run_id, "go", "-d", big], 2, "max_input_bytes")
+        self.sc.cancel(run_id)
+        self.assert_refused(["signal", run_id, "go"], 1, "already canceled")
+
+
+class PythonSignals(NodeSignals):
+    runtime = "python"
+
+
+class NodeChildren(TempHome):
+    runtime = "node"
+
+    def setUp(self):
+        if self.runtime == "node" and not HAVE_NODE:
+            self.skipTest("node is not installed")
+        super().setUp()
+        self.sc = self.sidecar()
+        self.sc.deploy("kid", KID, runtime="python")
+        self.sc.deploy("parent", PARENT[self.runtime], runtime=self.runtime)
+
+    def test_a_parent_gets_a_child_output_and_catches_a_failed_child(self):
+        run_id = self.sc.start("parent", {}, drive=False)["id"]
+        st = self.drive(self.sc, run_id)
+        self.assertEqual(st["status"], "completed", st)
+        self.assertEqual(st["output"]["ok"], 42)
+        err = st["output"]["err"]
+        self.assertEqual(err["name"], "ChildFailed")
+        self.assertIn("division by zero", err["message"])
+        kids = st["children"]
+        self.assertEqual([k["status"] for k in kids], ["completed", "failed"])
+        self.assertEqual(err["runId"], kids[1]["id"])
+        self.assertEqual(self.sc.status(kids[0]["id"])["parent"]["run_id"], run_id)
+        # Exactly once: each child wait made one run, however many passes the parent took.
+        self.assertEqual(len([r for r in self.sc.list_runs(limit=100) if r["workflow_id"] == "kid"]), 2)
+
+    def test_canceling_a_parent_cancels_its_running_child(self):
+        self.sc.deploy("longkid", LONG_KID, runtime="python")
+        self.sc.deploy("holder", HOLDER, runtime="node")
+        run_id = self.sc.start("holder", {}, drive=False)["id"]
+        self.sc.tick()
+        self.sc.tick()
+        kids = self.sc.status(run_id)["children"]
+        self.assertEqual([k["status"] for k in kids], ["waiting"])
+        self.sc.cancel(run_id)
+        self.assertEqual(self.sc.status(kids[0]["id"])["status"], "canceled")
+
+
+class PythonChildren(NodeChildren):
+    runtime = "python"
+
+
+class NodeApprovals(BridgeCase):
+    runtime = "node"
+
+    def setUp(self):
+        if self.runtime == "node" and not HAVE_NODE:
+            self.skipTest("node is not installed")
+        super().setUp()
+        self.sc = self.sidecar()
+        self.sc.deploy("approve", APPROVAL[self.runtime], runtime=self.runtime)
+
+    def the_task(self):
+        tasks = [t for t in self.tasks() if t["title"] == "Approve the deploy"]
+        self.assertEqual(len(tasks), 1, tasks)
+        return tasks[0]
+
+    def test_done_approves_and_blocked_refuses(self):
+        for status, approved in (("done", True), ("blocked", False)):
+            with self.subTest(status=status):
+                run_id = self.sc.start("approve", {}, drive=False)["id"]
+                self.sc.tick()
+                self.assertEqual(self.sc.status(run_id)["status"], "waiting")
+                task = [t for t in self.tasks() if t["title"] == "Approve the deploy"][-1]
+                self.assertIn("version 2", task["body"])
+                self.sc.tick()  # looked at, still backlog: nothing happens
+                self.assertEqual(self.sc.status(run_id)["status"], "waiting")
+                with fake_ty.locked_state(self.state) as state:
+                    for t in state["tasks"]:
+                        if t["id"] == task["id"]:
+                            t["status"] = status
+                self.clock.advance(60000)  # past poll_interval
+                st = self.drive(self.sc, run_id)
+                self.assertEqual((st["status"], st["output"]), ("completed", {"approved": approved,
+                                                                               "status": status}), st)
+        self.assert_all_ok()
+        self.assertEqual(len([t for t in self.tasks() if t["title"] == "Approve the deploy"]), 2)  # one per run
+
+    def test_ty_missing_delays_the_answer_and_a_timeout_ends_the_wait(self):
+        os.remove(os.path.join(self.bin_dir, "ty"))
+        run_id = self.sc.start("approve", {"timeout": "10m"}, drive=False)["id"]
+        self.sc.tick()
+        self.assertEqual(self.sc.status(run_id)["status"], "waiting")
+        st = self.drive(self.sc, run_id)
+        self.assertEqual((st["status"], st["output"]), ("completed", "timed out"), st)
+
+
+class PythonApprovals(NodeApprovals):
+    runtime = "python"
+
+
+if __name__ == "__main__":
+    unittest.main()
