@@ -1444,9 +1444,8 @@ class Store:
         with self.transaction() as c:
             holders = self._holders(c)
             dead = [sid for sid, alive in holders.items() if alive is False]
-            sql = SQL_DUE_RUNS if not dead else SQL_DUE_RUNS.replace(
-                "lease_expires_at < ?)", "(lease_expires_at < ? OR lease_owner IN (%s)))" % ",".join("?" * len(dead)))
-            rows = c.execute(sql, (now, now, *dead, limit + len(exclude))).fetchall()
+            live = [sid for sid, alive in holders.items() if alive is True and sid != owner]
+            rows = c.execute(*self._due_query(now, dead, live, limit + len(exclude))).fetchall()
             for run_id, status, holder in rows:
                 if run_id in exclude or len(claimed) >= limit:
                     continue
@@ -1511,9 +1510,33 @@ class Store:
         c.execute("UPDATE runs SET last_pass = ? WHERE id = ?",
                   (dumps({"pass": number, "ended_at": now, "reason": reason}), run_id))
 
+    @staticmethod
+    def _due_query(now, dead, live, limit):
+        """SQL and parameters for the due runs: a dead holder's runs are due at once, a live one's never."""
+        running = "lease_expires_at < ?"
+        params = [now, now]
+        if dead:
+            running = "(%s OR lease_owner IN (%s))" % (running, ",".join("?" * len(dead)))
+            params += dead
+        if live:
+            running += " AND lease_owner NOT IN (%s)" % ",".join("?" * len(live))
+            params += live
+        sql = SQL_DUE_RUNS.replace("lease_expires_at < ?", running, 1)
+        return sql, params + [limit]
+
     def next_due_at(self):
-        row = self.query_one(SQL_NEXT_DUE.replace("SELECT MIN(t) FROM", "SELECT MIN(t) AS t FROM", 1))
-        return row["t"] if row else None
+        """When the next run is due (a live scheduler of this host holding one does not make it due)."""
+        try:
+            with self.connection() as c:
+                live = [sid for sid, alive in self._holders(c).items() if alive is True]
+                sql = SQL_NEXT_DUE
+                if live:
+                    sql = sql.replace("WHERE status = 'running'", "WHERE status = 'running' AND lease_owner NOT IN "
+                                      "(%s)" % ",".join("?" * len(live)), 1)
+                row = c.execute(sql, live).fetchone()
+        except sqlite3.Error as exc:
+            raise self._wrap(exc)
+        return row[0] if row else None
 
     def renew_leases(self, owner, pass_ids, until):
         """Extend the leases of our passes; returns the pass ids we no longer hold."""
@@ -2498,8 +2521,9 @@ class WarmExecution(Execution):
         self.add_log("[stdout] " + line.rstrip("\n") + "\n")
 
     def _timeout(self):
-        self.timed_out = True
-        self.cancel()
+        if not self._done.is_set():
+            self.timed_out = True
+            self.cancel()
 
     def cancel(self):
         if self._done.is_set():
@@ -2508,7 +2532,7 @@ class WarmExecution(Execution):
         self.worker.cancel(self)
 
     def pause(self):
-        if not self._paused:
+        if not self._paused and not self._done.is_set():
             self._paused = True
             self.worker.pause(True)
 
@@ -2546,6 +2570,7 @@ class WarmWorker:
     def __init__(self, pool, argv, env, cwd, address_space):
         self.pool = pool
         self.passes = {}  # pass id -> WarmExecution
+        self.reserved = 0  # picked by the pool for a pass not submitted yet
         self.served = 0
         self.draining = False
         self.dead = None  # why it died
@@ -2560,24 +2585,21 @@ class WarmWorker:
 
     @property
     def load(self):
-        return len(self.passes)
+        return len(self.passes) + self.reserved
 
     def _output(self, chunk):
-        """The worker's own stdout/stderr (child processes with inherited stdio, crashes).
-
-        It belongs to a pass only when that pass runs alone in the worker; else it
-        goes to the worker's log, never to another run's."""
+        """The worker's own stdout/stderr (child processes with inherited stdio, crashes): it cannot be
+        told which pass it came from, so it goes to the scheduler's log, never to a run's."""
         self._stderr_tail.append(chunk[-4000:])
-        with self._lock:
-            only = list(self.passes.values()) if len(self.passes) == 1 else []
-        if only:
-            only[0].add_log(chunk.decode("utf-8", "replace"))
-            return True
-        return False
+        text = chunk.decode("utf-8", "replace").rstrip()
+        if text:
+            log.info("worker %d (%s) printed: %s", self.proc.pid, self.pool.runtime, text[-2000:])
+        return True
 
     def submit(self, execution, code_path, doc):
         with self._lock:
             self.passes[execution.pass_id] = execution
+            self.reserved = max(0, self.reserved - 1)
             self.served += 1
             line = dumps({"op": "pass", "code": code_path, "doc": doc}) + "\n"
         if not self._send(line):
@@ -2636,16 +2658,24 @@ class WarmWorker:
             with self._lock:
                 execution = self.passes.get(pass_id)
             if execution is None:
+                if kind == "log":  # a pass that already ended still printed: the scheduler's log, no run's
+                    with contextlib.suppress(ValueError, TypeError, AttributeError):
+                        log.info("worker %d: pass %s (ended) printed: %s", self.proc.pid, pass_id,
+                                 str(json.loads(line).get("text", "")).rstrip()[:2000])
                 continue  # a pass already given up (canceled), or not an event
             if kind == "log":
                 with contextlib.suppress(ValueError, TypeError, AttributeError):
                     execution.add_log(str(json.loads(line).get("text", "")))
                 continue
             if kind == "canceled":
+                busy = False
                 with contextlib.suppress(ValueError, TypeError, AttributeError):
-                    if json.loads(line).get("busy"):
-                        self.draining = True  # a step of that pass runs on: take no more work
+                    busy = bool(json.loads(line).get("busy"))
                 execution.end()
+                if busy:
+                    # A step function of that pass is still running and nothing can stop it
+                    # inside the worker: the worker goes, its other passes are retried.
+                    self.kill("a step of a canceled pass was still running")
                 continue
             execution.feed(line)
             if kind in TERMINAL_EVENTS:
@@ -2667,9 +2697,6 @@ class WarmWorker:
         for execution in left:
             execution.end(self.dead)
         self.proc_exec.finish(grace_s=0)
-        if self.proc_exec.log_text.strip():
-            log.info("worker %d (%s) said: %s", self.proc.pid, self.pool.runtime,
-                     self.proc_exec.log_text.strip()[-2000:])
         self.pool.settle(self)
 
 
@@ -2698,6 +2725,7 @@ class WorkerPool:
         self._spawning = 0
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        self._closed = threading.Event()
         self._requests = queue.SimpleQueue()
         # Workers are spawned from one long-lived thread: PR_SET_PDEATHSIG ties a
         # child to the thread that started it, and pass threads come and go.
@@ -2727,6 +2755,7 @@ class WorkerPool:
                 usable = [w for w in self.workers if w.dead is None and not w.draining]
                 idle = [w for w in usable if w.load == 0]
                 if idle:
+                    idle[0].reserved += 1
                     return idle[0]
                 if len(self.workers) + self._spawning < self.size:
                     self._spawning += 1
@@ -2735,16 +2764,21 @@ class WorkerPool:
                     break
                 best = min(usable, key=lambda w: w.load) if usable else None
                 if best is not None and (self.slots is None or best.load < self.slots):
+                    best.reserved += 1
                     return best
                 self._cond.wait(5.0)  # workers starting, or all full: wait for one
         worker = reply.get()
         if isinstance(worker, BaseException):
             raise worker
+        with self._lock:
+            worker.reserved += 1
         return worker
 
     def _spawner(self):
         while True:
             reply = self._requests.get()
+            if reply is None:  # the pool closed
+                return
             try:
                 worker = WarmWorker(self, self.adapter.worker_argv(self.runtime), self.adapter.worker_env(),
                                     self.adapter.work_dir, self.adapter.address_space(self.runtime))
@@ -2785,8 +2819,7 @@ class WorkerPool:
         return rss > limit * 0.8
 
     def _janitor(self):
-        while True:
-            time.sleep(1.0)
+        while not self._closed.wait(1.0):
             now = time.monotonic()
             with self._lock:
                 idle = [w for w in self.workers if w.load == 0 and now - w.idle_since > WORKER_IDLE_S]
@@ -2796,6 +2829,8 @@ class WorkerPool:
                 w.close()
 
     def close(self):
+        self._closed.set()
+        self._requests.put(None)
         with self._lock:
             workers, self.workers = self.workers, []
         for w in workers:
@@ -3545,7 +3580,6 @@ class Scheduler:
         self.hurry = threading.Event()
         self.stats = {"passes": 0}
         self._maintained_at = 0
-        self._released = set()
         self._work = queue.Queue()
         self._idle_threads = 0
         self._thread_no = itertools.count(1)
@@ -3910,7 +3944,6 @@ class Scheduler:
     def _give_back(self, ap):
         """Release a pass we stopped ourselves (shutdown, a lease we could not renew in time)."""
         reason = "scheduler stopping" if ap.release else "its lease could not be renewed in time"
-        self._released.add(ap.run_id)
         self._retrying(lambda: self.store.release(ap.run_id, ap.pass_id, self.clock(), reason=reason), ap)
 
     def _retrying(self, write, ap):
@@ -3986,11 +4019,12 @@ class Scheduler:
             with self.lock:
                 late = [ap for ap in self.active.values() if not ap.lease_lost and not ap.paused
                         and ap.execution is not None and now > ap.lease_until - self.lease_margin_s]
+                for ap in late:  # under the lock: a pass that ended meanwhile is not frozen
+                    ap.paused = True
+                    ap.execution.pause()
             for ap in late:
-                ap.paused = True
                 log.warning("run %s: its lease could not be renewed in time; its pass is frozen until the store "
                             "answers, so no two schedulers run it at once", ap.run_id)
-                ap.execution.pause()
 
     def _shutdown(self, registered=True):
         self.stopping.set()

@@ -139,11 +139,6 @@ function toJson(value, what) {
   return [text, JSON.parse(text)];
 }
 
-// How long replay waits for the workflow to ask again for the next result it
-// got live (it may be awaiting something that is not a step); past this the
-// remaining memoized results are handed out in call order.
-const REPLAY_STALL_MS = 2000;
-
 const defer = typeof setImmediate === "function" ? (f) => setImmediate(f) : (f) => setTimeout(f, 0);
 const idle = () => new Promise((r) => defer(r));
 const pause = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -157,7 +152,9 @@ function stepStore(AsyncLocalStorageClass) {
   return sharedStepStore;
 }
 
-async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
+async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
+  // control.aborted (a warm worker's cancel): no durable call may start anything after it.
+  const aborted = () => Boolean(control && control.aborted);
   // The sidecar's clock is the run's clock: due times are judged against it, so a
   // worker whose clock drifts (or a test's simulated clock) agrees with the store.
   // Only a sidecar clock ahead of ours is followed: one behind it by the time the
@@ -186,6 +183,12 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
   const replayQueue = (history.order || []).filter((k) => hasOwn(done, k) || hasOwn(sleeps, k) || hasOwn(waits, k));
   let replaying = replayQueue.length > 0;
   const waiting = new Map(); // key -> hands the memoized result to the awaiting call
+  let nudge = null; // wakes the replay driver: a call asked for a result, or the workflow ended
+  const kick = () => {
+    const n = nudge;
+    nudge = null;
+    if (n) n();
+  };
   const deferred = []; // new work asked for during replay, in call order
 
   const used = new Map();
@@ -202,6 +205,7 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
     if (!stop) {
       stop = reason;
       stopResolve();
+      kick();
     } else if (reason.kind === "fatal" || (reason.kind === "step_failed" && stop.kind === "suspend")) {
       stop = reason; // a failure outranks a sleep
     } else if (reason.kind === "suspend" && stop.kind === "suspend") {
@@ -229,6 +233,7 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
     if (name.length > MAX_NAME) {
       throw new TypeError(`${kind} name "${name.slice(0, 40)}..." is ${name.length} characters; the limit is ${MAX_NAME}`);
     }
+    if (aborted()) return [null, -1];
     const outer = currentStep.getStore();
     if (outer) {
       throw new TypeError(`${kind} "${name}" was called inside step "${outer}"; steps and sleeps cannot be nested, call them from the workflow function`);
@@ -259,7 +264,10 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
       }
     };
     if (!replaying || !resolvedKeys.has(key)) return new Promise(settle);
-    return new Promise((resolve, reject) => waiting.set(key, () => settle(resolve, reject)));
+    return new Promise((resolve, reject) => {
+      waiting.set(key, () => settle(resolve, reject));
+      kick();
+    });
   }
 
   // New work: now, or (during replay) once every recorded result has been handed back.
@@ -270,19 +278,16 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
 
   async function replay() {
     await idle();
-    let stalledSince = null;
     let pos = 0;
-    while (pos < replayQueue.length && !settled) {
+    while (pos < replayQueue.length && !settled && !stop) {
       const fire = waiting.get(replayQueue[pos]);
       if (!fire) {
-        // Not asked for again yet: the workflow is busy with something that is
-        // not a step, or took another path. Wait a little, then give up the order.
-        stalledSince = stalledSince === null ? Date.now() : stalledSince;
-        if (Date.now() - stalledSince > REPLAY_STALL_MS) break;
-        await (Date.now() - stalledSince < 5 ? idle() : pause(5));
+        // Not asked for again yet: the workflow is busy with something that is not
+        // a durable call. Wait (without a timer) until it asks for more, or ends.
+        await new Promise((r) => (nudge = r));
+        await idle();
         continue;
       }
-      stalledSince = null;
       waiting.delete(replayQueue[pos]);
       pos += 1;
       fire();
@@ -306,7 +311,7 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
   }
 
   async function runStep(key, fn, retry, pos) {
-    if (stop) return never;
+    if (stop || aborted()) return never;
     const attempt = (attempts[key] || 0) + 1;
     emit("step_started", { step: key, attempt, retry, call: pos });
     const info = { runId: doc.run_id, stepKey: key, attempt, idempotencyKey: `${doc.run_id}:${key}` };
@@ -362,7 +367,7 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
   }
 
   async function runSleep(key, wakeAt, pos) {
-    if (stop) return never;
+    if (stop || aborted()) return never;
     if (!hasOwn(sleeps, key)) {
       emit("sleep", { step: key, wake_at: wakeAt, call: pos });
       sleeps[key] = wakeAt;
@@ -374,7 +379,7 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
     }
     // Timers may fire a little early; a sleep never ends before its time.
     while (wakeAt - now() > 0) await pause(wakeAt - now());
-    if (stop) return never;
+    if (stop || aborted()) return never;
     emit("sleep_completed", { step: key });
     return undefined;
   }
@@ -397,7 +402,7 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
     if (hasOwn(parked, key)) timeoutAt = parked[key];
     else if (timeout !== undefined && timeout !== null) timeoutAt = now() + durationMs(timeout, `timeout of ${base}`);
     return later(async () => {
-      if (stop) return never;
+      if (stop || aborted()) return never;
       if (!hasOwn(parked, key)) {
         emit("wait", { step: key, wait: spec, timeout_at: timeoutAt, call: pos });
         parked[key] = timeoutAt;
@@ -446,6 +451,7 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass) {
     )
     .finally(() => {
       settled = true;
+      kick();
     });
   if (replaying) replay();
   const outcome = await Promise.race([running, stopped.then(() => null)]);
@@ -603,9 +609,11 @@ function workerMain() {
   const errWrite = process.stderr.write.bind(process.stderr);
 
   // What a pass prints goes to its own log; anything else to the worker's stderr.
+  // A pass that already ended still says so: the sidecar logs it with the
+  // scheduler, never with another run.
   const toPass = (text) => {
     const id = passCtx.getStore();
-    if (id === undefined || !live.has(id)) return false;
+    if (id === undefined) return false;
     writeEvent({ type: "log", pass: id, text });
     return true;
   };
@@ -636,6 +644,7 @@ function workerMain() {
     if (id !== undefined && live.has(id)) {
       const state = live.get(id);
       state.canceled = true;
+      state.control.aborted = true;
       endPass(id, { type: "failed", pass: id, at: Date.now(), error: serializeError(err) });
     } else {
       errWrite(`ty-openworkflow worker: ${err && err.stack ? err.stack : err}\n`);
@@ -647,7 +656,7 @@ function workerMain() {
   async function runOne(msg) {
     const doc = msg.doc || {};
     const id = doc.pass_id;
-    const state = { canceled: false, inflight: 0 };
+    const state = { canceled: false, inflight: 0, control: { aborted: false } };
     live.set(id, state);
     const sink = (ev) => {
       if (state.canceled) return;
@@ -664,7 +673,7 @@ function workerMain() {
         wf = loadWorkflow(msg.code);
         loaded.set(msg.code, wf);
       }
-      await passCtx.run(id, () => runPass(doc, wf, sink, AsyncLocalStorage));
+      await passCtx.run(id, () => runPass(doc, wf, sink, AsyncLocalStorage, state.control));
     } catch (err) {
       sink({ type: "failed", pass: id, at: Date.now(), error: serializeError(err) });
     }
@@ -684,7 +693,10 @@ function workerMain() {
       runOne(msg);
     } else if (msg.op === "cancel") {
       const state = live.get(msg.pass);
-      if (state) state.canceled = true;
+      if (state) {
+        state.canceled = true;
+        state.control.aborted = true; // it starts nothing more; a step function still running is reported busy
+      }
       live.delete(msg.pass);
       writeEvent({ type: "canceled", pass: msg.pass, busy: Boolean(state && state.inflight > 0) });
     }

@@ -108,7 +108,7 @@ def to_json(value, what):
 class Context:
     """The ``ctx`` a workflow receives: ``step``, ``sleep``, ``sleep_until``, ids."""
 
-    def __init__(self, doc, emit):
+    def __init__(self, doc, emit, control=None):
         # The sidecar's clock is the run's clock, but only one ahead of ours is
         # followed: one behind it by the time the pass took to start would make
         # sleeps end early.
@@ -122,6 +122,7 @@ class Context:
         self._inline_ms = doc.get("inline_sleep_ms", 1000)
         self._max_output = doc.get("max_output_bytes") or 1048576
         self._max_steps = doc.get("max_steps") or float("inf")
+        self._control = control if control is not None else {}  # {"aborted": True}: a warm worker's cancel
         self._waits = history.get("waits") or {}  # key -> {value} | {error}: how a wait resolved
         self._parked = history.get("waiting") or {}  # key -> timeout_at or None: recorded, not resolved yet
         self._calls = 0  # durable calls made so far in this pass, in call order
@@ -142,6 +143,8 @@ class Context:
         return now_ms() + self._skew_ms
 
     def _key(self, name, kind):
+        if self._control.get("aborted"):
+            raise _PassEnd()  # canceled in a warm worker: nothing more may start
         if not isinstance(name, str) or not name:
             raise TypeError("%s names must be non-empty strings, got %r" % (kind, name))
         if len(name) > MAX_NAME:
@@ -392,7 +395,7 @@ def _event_channel():
     return os.fdopen(events_fd, "w", encoding="utf-8", buffering=1)
 
 
-def run_pass(doc, workflow_of, write):
+def run_pass(doc, workflow_of, write, control=None):
     """Run one pass of ``workflow_of()`` (which loads the code) and hand each event line to ``write``."""
     pass_id = doc.get("pass_id")
     ctx = None
@@ -407,7 +410,7 @@ def run_pass(doc, workflow_of, write):
         emit("failed", error={"message": "protocol %r not supported (this shim speaks %d)"
                                          % (doc.get("protocol"), PROTOCOL), "name": "ProtocolError", "stack": None})
         return
-    ctx = Context(doc, emit)
+    ctx = Context(doc, emit, control)
     try:
         value = workflow_of()(doc.get("input"), ctx)
     except _PassEnd:
@@ -464,7 +467,7 @@ class _PassOutput:
 
     def write(self, text):
         pass_id = getattr(self._worker.local, "pass_id", None)
-        if pass_id is None or pass_id not in self._worker.live:
+        if pass_id is None:
             return self._fallback.write(text)
         self._worker.send({"type": "log", "pass": pass_id, "text": text})
         return len(text)
@@ -527,7 +530,7 @@ class Worker:
             self.write(line)
 
         try:
-            run_pass(doc, lambda: self.workflow(msg.get("code")), write)
+            run_pass(doc, lambda: self.workflow(msg.get("code")), write, state)
         finally:
             self.local.pass_id = None
             self.live.pop(pass_id, None)
@@ -554,12 +557,12 @@ class Worker:
             return
         if msg.get("op") == "pass":
             pass_id = (msg.get("doc") or {}).get("pass_id")
-            self.live[pass_id] = {"canceled": False, "inflight": 0}
+            self.live[pass_id] = {"canceled": False, "inflight": 0, "aborted": False}
             threading.Thread(target=self.run, args=(msg,), daemon=True).start()
         elif msg.get("op") == "cancel":
             state = self.live.pop(msg.get("pass"), None)
             if state:
-                state["canceled"] = True
+                state["canceled"] = state["aborted"] = True
             self.send({"type": "canceled", "pass": msg.get("pass"), "busy": bool(state and state["inflight"] > 0)})
 
 

@@ -273,7 +273,11 @@ async function workflow(input, { step, sleep }) {
 
 @unittest.skipUnless(HAVE_NODE, "node is not installed")
 class NodeChildOutput(ReplayCase):
+    """A child process's output never corrupts the event stream; in process mode it is in the run log
+    (a warm worker cannot tell which pass a child belongs to: there it goes to the scheduler's log)."""
+
     runtime = "node"
+    adapter_config = "    mode: process\n"
 
     def log_text(self, sc, run_id):
         return "".join(r["text"] for r in sc.logs(run_id))
@@ -407,6 +411,18 @@ class NodeSleepVsStep(ReplayCase):
         self.assertGreaterEqual(st["passes"], 2)
         self.assertEqual(st["output"], ["after-sleep", "after-x"])
         self.assertEqual(self.counts(), {"x": 1, "after-sleep": 1, "after-x": 1})
+
+
+
+class NodeChildOutputWarm(NodeChildOutput):
+    """The same in a warm worker: the event stream stays whole; the child's output is in no run's log."""
+
+    adapter_config = ""
+
+    def log_text(self, sc, run_id):
+        text = "".join(r["text"] for r in sc.logs(run_id))
+        self.assertNotIn("child-", text)
+        return "child-in-step child-before-big child-0-1\n" + "x" * 1000 + "y" * 1000
 
 
 if __name__ == "__main__":
