@@ -68,6 +68,19 @@ class PythonRetryFork(TempHome):
         self.assertEqual(st["retries"], 1)
         self.assertEqual([s["attempts"] for s in st["steps"] if s["name"] == "b"], [1])  # attempts start again
 
+    def test_retry_latest_runs_the_newest_version(self):
+        run_id = self.failed_run()
+        fixed = FLAKY[self.runtime].replace("the flag is missing", "still missing").replace(
+            "need(input[\"flag\"])", "\"fixed\"").replace(
+            "if (!fs.existsSync(input.flag)) throw new Error(\"still missing\"); return \"b\";", "return \"fixed\";")
+        self.assertNotEqual(fixed, FLAKY[self.runtime])
+        self.sc.deploy("flaky", fixed, runtime=self.runtime)
+        code, out, err = self.cli("retry", run_id, "--latest", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["version"], 2)
+        st = self.drive(self.sc, run_id)
+        self.assertEqual((st["status"], st["output"][1]), ("completed", "fixed"), st)
+
     def test_retry_refuses_what_makes_no_sense_and_changes_nothing(self):
         run_id = self.sc.start("flaky", {"counter": self.counter, "flag": self.flag}, drive=False)["id"]
         self.assert_refused(["retry", run_id], 1, "only a failed or canceled run can be retried")

@@ -192,6 +192,43 @@ class NodeChildren(TempHome):
         self.assertEqual(self.sc.status(kids[0]["id"])["status"], "canceled")
 
 
+    def test_a_pass_lost_after_the_child_was_made_makes_no_second_child(self):
+        self.sc.deploy("longkid", LONG_KID, runtime="python")
+        self.sc.deploy("holder", HOLDER, runtime="node")
+        run_id = self.sc.start("holder", {}, drive=False)["id"]
+        [run] = self.sc.store.claim_due("test", self.clock(), 10, 60000)
+        store, defaults = self.sc.store, self.sc.defaults()
+        ev = {"type": "wait", "step": "child:longkid", "wait": {"kind": "child", "workflow_id": "longkid", "input": {}},
+              "timeout_at": None, "call": 0}
+        self.assertEqual(store.apply_event(run_id, run["pass_id"], ev, self.clock(), defaults), tow.APPLIED)
+        store.end_pass_without_result(run_id, run["pass_id"], self.clock(), defaults, "killed before it suspended")
+        for _ in range(4):
+            self.clock.advance(120000)
+            self.sc.tick()
+        kids = self.sc.status(run_id)["children"]
+        self.assertEqual(len(kids), 1, kids)
+        self.assertEqual(self.sc.status(run_id)["status"], "waiting")
+
+    def test_a_child_canceled_or_timed_out_raises_in_the_parent(self):
+        self.sc.deploy("longkid", LONG_KID, runtime="python")
+        code = {"node": "async function workflow(input, { runWorkflow }) { try { await runWorkflow('longkid', {}, "
+                         "{ timeout: input.timeout }); return 'done'; } catch (e) { return e.name; } }",
+                "python": "def workflow(input, ctx):\n    try:\n        ctx.run_workflow('longkid', {}, "
+                          "timeout=input.get('timeout'))\n        return 'done'\n    except Exception as e:\n"
+                          "        return e.name\n"}[self.runtime]
+        self.sc.deploy("catcher", code, runtime=self.runtime)
+        run_id = self.sc.start("catcher", {}, drive=False)["id"]
+        self.sc.tick()
+        self.sc.tick()
+        [kid] = self.sc.status(run_id)["children"]
+        self.sc.cancel(kid["id"])
+        self.assertEqual(self.drive(self.sc, run_id)["output"], "ChildCanceled")
+        run_id = self.sc.start("catcher", {"timeout": "1m"}, drive=False)["id"]
+        st = self.drive(self.sc, run_id)
+        self.assertEqual(st["output"], "ChildTimeout", st)
+        self.assertEqual(self.sc.status(st["children"][0]["id"])["status"], "canceled")
+
+
 class PythonChildren(NodeChildren):
     runtime = "python"
 
