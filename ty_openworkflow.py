@@ -33,7 +33,6 @@ import contextlib
 import heapq
 import itertools
 import json
-import logging
 import math
 import os
 import queue
@@ -41,15 +40,14 @@ import re
 import select
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
 
-# Imported where used, so the CLI's read-only commands start fast: ctypes, datetime,
-# hashlib, hmac, http.client, http.server, secrets, tempfile, urllib.parse.
+# Imported where used, so the CLI's read-only commands start fast: ctypes, hashlib,
+# hmac, http.client, http.server, logging, socket, tempfile, urllib.parse.
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -100,8 +98,33 @@ RUNTIMES = {"node": {"shim": "node_shim.js", "ext": ".js"},
 # Filled by `make dist` so the single-file build needs no runtimes/ folder.
 _EMBEDDED_RUNTIMES = {}
 
-log = logging.getLogger("ty_openworkflow")
-log.addHandler(logging.NullHandler())  # embedding apps configure logging; serve/tick log to stderr
+class _Log:
+    """The module's logger ("ty_openworkflow"), made when first used: importing logging is a good part
+    of a quick command's start. Embedding apps configure it; serve and tick log to stderr."""
+
+    _logger = None
+
+    def __getattr__(self, name):
+        if _Log._logger is None:
+            import logging
+            logger = logging.getLogger("ty_openworkflow")
+            logger.addHandler(logging.NullHandler())
+            _Log._logger = logger
+        return getattr(_Log._logger, name)
+
+
+log = _Log()
+
+
+def _hostname():
+    global _HOSTNAME
+    if _HOSTNAME is None:
+        import socket
+        _HOSTNAME = socket.gethostname()
+    return _HOSTNAME
+
+
+_HOSTNAME = None
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -1493,7 +1516,7 @@ class Store:
         """Schedulers of this host: id -> True (alive), False (proven dead); others are not listed.
 
         A verdict is kept for a second: claims come often, schedulers die rarely."""
-        host, now = socket.gethostname(), time.monotonic()
+        host, now = _hostname(), time.monotonic()
         out, cache = {}, self._alive_cache
         for row in c.execute("SELECT id, pid, proc_start, boot_id FROM schedulers WHERE host = ?", (host,)):
             seen = cache.get(row)
@@ -2030,7 +2053,7 @@ class Store:
 
     def live_schedulers(self, now, stale_ms):
         """Schedulers whose heartbeat is fresh (and, on this host, whose pid is alive)."""
-        host = socket.gethostname()
+        host = _hostname()
         live = []
         for s in self.query("SELECT id, kind, pid, host, wake_port, started_at, heartbeat_at FROM schedulers"):
             if s["heartbeat_at"] < now - stale_ms or (s["host"] == host and not pid_alive(s["pid"])):
@@ -3298,6 +3321,7 @@ class HttpExecution(Execution):
         self._close()
 
     def _close(self):
+        import socket
         with contextlib.suppress(Exception):
             self._conn.sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(Exception):
@@ -3585,6 +3609,7 @@ class Scheduler:
         self._thread_no = itertools.count(1)
         self._versions = {}
         self.sock = None
+        import socket
         with contextlib.suppress(OSError):
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.sock.bind(("127.0.0.1", 0))
@@ -3626,7 +3651,7 @@ class Scheduler:
 
     def _register(self):
         port = self.sock.getsockname()[1] if self.sock else None
-        self.store.register_scheduler(self.id, self.kind, os.getpid(), socket.gethostname(), port, self.clock())
+        self.store.register_scheduler(self.id, self.kind, os.getpid(), _hostname(), port, self.clock())
 
     def loop(self):
         """Run until stopped (serve), idle past the linger time (runner), or nothing is due now (tick).
@@ -4228,6 +4253,7 @@ class WebhookServer:
         server = self
 
         import http.server
+        import socket
 
         class Handler(_WebhookHandler, http.server.BaseHTTPRequestHandler):
             webhook = server
@@ -4362,6 +4388,7 @@ class _WebhookHandler:
             super().finish()
 
     def _expire(self):
+        import socket
         if self._phase == "headers":
             self._phase = "expired"
             with contextlib.suppress(OSError):
@@ -4378,7 +4405,7 @@ class _WebhookHandler:
         while got < length:
             try:
                 chunk = self.rfile.read1(min(65536, length - got))
-            except (socket.timeout, TimeoutError, OSError):
+            except OSError:  # socket.timeout is one
                 chunk = b""
             if not chunk:
                 break
@@ -4981,7 +5008,8 @@ class Sidecar:
     def poke_schedulers(self):
         """Wake live schedulers on this host so they look at the store now."""
         live = self.store.live_schedulers(self.clock(), 2 * self.config["lease_ttl"])
-        host = socket.gethostname()
+        import socket
+        host = _hostname()
         with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as s:
             for sch in live:
                 if sch["wake_port"] and sch["host"] == host:
@@ -5420,6 +5448,7 @@ def cmd_adapters(api, args):
 
 
 def _setup_logging(verbose, quiet=False):
+    import logging
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.handlers[:] = [handler]
