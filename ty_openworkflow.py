@@ -2244,6 +2244,48 @@ def _kill_group(proc, sig=signal.SIGKILL):
         proc.kill()
 
 
+# Every process a pass starts carries its scheduler's identity in this variable, so the
+# processes a killed scheduler's passes left behind (a step's children) can be found.
+OWNER_ENV = "TYOW_OWNER"
+
+
+def owner_mark(pid=None):
+    """``pid:start`` of this process (see process_identity)."""
+    pid = pid or os.getpid()
+    return "%d:%s" % (pid, process_identity(pid)[0] or "")
+
+
+def reap_orphans():
+    """Kill processes of this user that passes of a scheduler now dead left behind (Linux /proc)."""
+    killed = []
+    if not os.path.isdir("/proc"):
+        return killed
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open("/proc/%s/environ" % name, "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        at = env.find(b"\0" + OWNER_ENV.encode() + b"=")
+        if at < 0 and not env.startswith(OWNER_ENV.encode() + b"="):
+            continue
+        value = env[at + 1:] if at >= 0 else env
+        mark = value.split(b"\0", 1)[0].split(b"=", 1)[1].decode("ascii", "replace")
+        owner, _, start = mark.partition(":")
+        if not owner.isdigit() or scheduler_alive(int(owner), start or None, None, None):
+            continue
+        with contextlib.suppress(OSError):
+            os.kill(int(name), signal.SIGKILL)
+            killed.append(int(name))
+    if killed:
+        log.warning("stopped %d process(es) that passes of a scheduler no longer running left behind: %s",
+                    len(killed), " ".join(map(str, killed)))
+    return killed
+
+
 class PassSpec:
     """What an adapter needs to run one pass: the document and the version's code."""
 
@@ -2999,6 +3041,7 @@ class ExecAdapter(Adapter):
         env = {k: os.environ[k] for k in self.SAFE_ENV if k in os.environ}
         env.update(self.config["adapters.exec.env"])
         env["HOME"] = self.work_dir
+        env[OWNER_ENV] = owner_mark()
         if spec is not None:  # a warm worker serves many runs: it has none
             env["TY_OPENWORKFLOW_RUN_ID"] = spec.run_id
         env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -3079,7 +3122,8 @@ class ExecAdapter(Adapter):
             pool.close()
 
     def cleanup(self, store=None):
-        """Drop cached code files older than a week (they are re-written on demand)."""
+        """Stop what passes of a dead scheduler left running; drop cached code files older than a week."""
+        reap_orphans()
         cutoff = time.time() - 7 * 86400
         folder = os.path.join(self.work_dir, "code")
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
@@ -5534,7 +5578,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, "%s: %s; see `%s --help`\n" % (self.prog, message, self.prog))
 
 
-def build_parser():
+COMMANDS = ("init", "deploy", "start", "status", "list", "cancel", "signal", "retry", "fork", "logs", "adapters",
+            "tick", "serve", "sign", "runner", "dist")
+
+
+class _Unbuilt:
+    """A subcommand's parser left out: only the command being run is built (argparse is slow to build)."""
+
+    def add_argument(self, *args, **kwargs):
+        return None
+
+
+def _command_in(argv):
+    """The subcommand ``argv`` names, if it can be told without parsing (else None)."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config":
+            i += 2
+            continue
+        if a.startswith("--config="):
+            i += 1
+            continue
+        return None if a.startswith("-") else a
+    return None
+
+
+def build_parser(only=None):
+    """The CLI's parser; with ``only``, just that subcommand's (the rest are not built)."""
     p = _Parser(prog="ty-openworkflow", description="Durable workflows on ephemeral compute, "
                                 "for TaskYou.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="config file (default: $%s or %s)" % (CONFIG_ENV, DEFAULT_CONFIG_PATH))
@@ -5543,6 +5614,8 @@ def build_parser():
     sub.required = True
 
     def cmd(name, func, help_, **kw):
+        if only is not None and name != only:
+            return _Unbuilt()
         sp = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
                             **kw)
         sp.set_defaults(func=func)
@@ -5634,13 +5707,15 @@ def build_parser():
     sp.add_argument("--timestamp", type=int, help="unix seconds to sign with (default now)")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
-    sp = sub.add_parser("runner")
-    sp.set_defaults(func=cmd_runner)
-    sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    sp.add_argument("-v", "--verbose", action="store_true")
-    sp = sub.add_parser("dist")
-    sp.set_defaults(func=cmd_dist)
-    sp.add_argument("out")
+    if only in (None, "runner"):
+        sp = sub.add_parser("runner")
+        sp.set_defaults(func=cmd_runner)
+        sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sp.add_argument("-v", "--verbose", action="store_true")
+    if only in (None, "dist"):
+        sp = sub.add_parser("dist")
+        sp.set_defaults(func=cmd_dist)
+        sp.add_argument("out")
     # Internal commands (the background runner, the single-file build) stay out of --help.
     sub._choices_actions = [a for a in sub._choices_actions if a.dest not in ("runner", "dist")]
     return p
@@ -5648,7 +5723,9 @@ def build_parser():
 
 def main(argv=None):
     """CLI entry point; returns the exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    only = _command_in(argv)
+    parser = build_parser(only if only in COMMANDS else None)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:

@@ -74,7 +74,9 @@ class InProcessLeases(TempHome):
                  what="the pass to be killed")
 
 
-class ServeLeases(TempHome):
+class Serving(TempHome):
+    """Real `serve` subprocesses, killed (group and all) at the end."""
+
     lease_ttl = "60s"
 
     def setUp(self):
@@ -97,6 +99,8 @@ class ServeLeases(TempHome):
                  what="serve to register")
         return p
 
+
+class ServeLeases(Serving):
     def test_a_clock_an_hour_ahead_does_not_rob_a_live_serve_of_this_host(self):
         sc = self.sidecar(clock=False)
         sc.deploy("one", ONE_STEP_PY, runtime="python")
@@ -130,6 +134,50 @@ class ServeLeases(TempHome):
         # Far under the 60 s lease: the new serve proved the holder dead and took the run.
         self.assertLess(time.time() - t0, 20)
         self.assertEqual(len(read_counter(counter)), 2)  # the killed step ran again (at-least-once)
+
+
+ORPHAN_MAKER = """
+import os, subprocess
+def workflow(input, ctx):
+    def start_child():
+        p = subprocess.Popen(["sleep", "300"])
+        with open(input["pidfile"], "w") as f:
+            f.write(str(p.pid))
+        p.wait()
+        return 1
+    return ctx.step("child", start_child)
+"""
+
+
+class Orphans(Serving):
+    def test_what_a_killed_serve_left_behind_is_stopped_by_the_next_one(self):
+        for mode in ("warm", "process"):
+            with self.subTest(mode=mode):
+                self.write_config(adapter="    mode: %s\n" % mode)
+                sc = self.sidecar(clock=False)
+                sc.deploy("orphan", ORPHAN_MAKER, runtime="python")
+                pidfile = os.path.join(self.tmp, "child-%s.pid" % mode)
+                first = self.serve()
+                sc.start("orphan", {"pidfile": pidfile})
+                child = int(wait_for(lambda: read_counter(pidfile), what="the step's child")[0])
+                os.killpg(first.pid, signal.SIGKILL)  # serve only: its worker dies with it, the child does not
+                first.wait()
+                time.sleep(0.3)
+                self.assertEqual(proc_state_or_none(child), "S", "the child should still be there to reap")
+                self.serve()
+                wait_for(lambda: proc_state_or_none(child) in (None, "Z"), timeout=10,
+                         what="the orphaned child to be stopped")
+                for p in self.procs:
+                    if p.poll() is None:
+                        os.killpg(p.pid, signal.SIGKILL)
+                        p.wait()
+
+
+def proc_state_or_none(pid):
+    try:
+        return proc_state(pid)
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":
