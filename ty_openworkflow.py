@@ -1097,10 +1097,7 @@ class Store:
     def transaction(self):
         """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error; sqlite3 errors leave as StoreError."""
         with self._write_lock, self.connection() as conn:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.DatabaseError as exc:
-                raise self._wrap(exc)
+            self._begin(conn)
             try:
                 yield conn
             except BaseException as exc:
@@ -1120,6 +1117,31 @@ class Store:
                         with contextlib.suppress(sqlite3.Error):
                             conn.execute("ROLLBACK")
                     raise self._wrap(exc)
+
+    def _begin(self, conn):
+        """BEGIN IMMEDIATE, waiting for another process's write lock in steps of 0.1 ms and up rather
+        than in SQLite's busy handler, which sleeps 1 ms and more per try; as long as the busy timeout."""
+        delay, deadline = 0.0001, None
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) and "busy" not in str(exc):
+                        raise self._wrap(exc)
+                    now = time.monotonic()
+                    deadline = deadline or now + SQLITE_BUSY_TIMEOUT_MS / 1000.0
+                    if now >= deadline:
+                        raise self._wrap(exc)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.005)
+                except sqlite3.DatabaseError as exc:
+                    raise self._wrap(exc)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA busy_timeout = %d" % SQLITE_BUSY_TIMEOUT_MS)
 
     def query(self, sql, params=()):
         try:
@@ -1230,8 +1252,10 @@ class Store:
     def get_version(self, workflow_id, version):
         return self.query_one(SQL_VERSION, (workflow_id, version))
 
-    def get_workflow(self, workflow_id):
-        return self.query_one(SQL_WORKFLOWS + " WHERE w.id = ?", (workflow_id,))
+    def get_workflow(self, workflow_id, counts=True):
+        sql = SQL_WORKFLOWS if counts else SQL_WORKFLOWS.replace(
+            "(SELECT count(*) FROM runs r WHERE r.workflow_id = w.id)", "NULL", 1)
+        return self.query_one(sql + " WHERE w.id = ?", (workflow_id,))
 
     def list_workflows(self):
         return self.query(SQL_WORKFLOWS + " ORDER BY w.id")
@@ -4852,8 +4876,9 @@ class Sidecar:
         return {"workflow_id": workflow_id, "version": row["version"], "label": row["label"], "runtime": runtime,
                 "adapter": adapter, "code_hash": row["code_hash"], "created": created}
 
-    def workflow(self, workflow_id):
-        wf = self.store.get_workflow(workflow_id)
+    def workflow(self, workflow_id, counts=True):
+        """The workflow with its latest version (``counts``: and how many runs it has, which costs a scan)."""
+        wf = self.store.get_workflow(workflow_id, counts)
         if wf is None:
             raise NotFound("no workflow %r; deploy it first with `ty-openworkflow deploy %s -f FILE`"
                            % (workflow_id, workflow_id))
@@ -4874,7 +4899,7 @@ class Sidecar:
         if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key.strip()
                                             or len(idempotency_key) > 200):
             raise InputError("--idempotency-key must be a non-empty string of at most 200 characters")
-        wf = self.workflow(workflow_id)
+        wf = self.workflow(workflow_id, counts=False)
         input_json = self._input_json(input)
         self.adapter(wf["adapter"]).check(wf["runtime"])
         now = self.clock()
@@ -5010,7 +5035,7 @@ class Sidecar:
         """A failed or canceled run resumes from its failed step (committed steps are kept), on the
         version it was pinned to, or the workflow's latest with ``latest``."""
         run = self.run(run_id)
-        version = self.workflow(run["workflow_id"])["latest_version"] if latest else None
+        version = self.workflow(run["workflow_id"], counts=False)["latest_version"] if latest else None
         self.store.retry_run(run["id"], self.clock(), version)
         if drive:
             self.ensure_driven()
@@ -5020,7 +5045,7 @@ class Sidecar:
         """A new run with the same input (or ``input``) that replays the source's committed history
         before ``from_step`` (everything committed by default), then runs on."""
         run = self.run(run_id)
-        version = self.workflow(run["workflow_id"])["latest_version"] if latest else None
+        version = self.workflow(run["workflow_id"], counts=False)["latest_version"] if latest else None
         input_json = None if input is _NO_INPUT else self._input_json(input)
         new_run_id = self.store.fork_run(run["id"], new_id("run"), self.clock(), from_step, version, input_json)
         if drive:
