@@ -15,7 +15,7 @@ echo "started $run"
 sleep 1
 tow status "$run"
 echo
-echo "... the run sleeps durably for 5 s; no workflow process is alive meanwhile ..."
+echo "... the run sleeps durably for 5 s; nothing of it stays alive meanwhile ..."
 for _ in $(seq 1 60); do
   state=$(tow status "$run" --json | "$py" -c 'import json,sys; print(json.load(sys.stdin)["status"])')
   case "$state" in completed|failed|canceled) break ;; esac
