@@ -1431,6 +1431,11 @@ class Store:
                 raise Conflict("run %s is %s; only a failed or canceled run can be retried%s" % (
                     run_id, run["status"], " (fork it to run it again)" if run["status"] == "completed" else ""))
             c.execute("DELETE FROM steps WHERE run_id = ? AND kind = 'step' AND status != 'completed'", (run_id,))
+            for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = 'wait' AND "
+                                            "status = 'waiting'", (run_id,)).fetchall():
+                spec = loads_or_none(spec_json) or {}
+                if spec.get("kind") == "child":  # its child was stopped with the run: a new one is made
+                    c.execute("DELETE FROM steps WHERE run_id = ? AND key = ?", (run_id, key))
             c.execute("UPDATE steps SET status = 'sleeping' WHERE run_id = ? AND kind = 'sleep' AND "
                       "status != 'completed'", (run_id,))
             c.execute("UPDATE runs SET status = 'pending', version = ?, output = NULL, error = NULL, finished_at = NULL, "
@@ -1464,8 +1469,8 @@ class Store:
                       (new_run_id, run["workflow_id"], version or run["version"],
                        run["input"] if input_json is None else input_json, now, run["task_title"], now, now, run_id))
             c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, retry, retryable, attempts, wake_at, "
-                      "started_at, completed_at, done_seq, call_seq) SELECT ?, key, kind, status, seq, output, retry, "
-                      "retryable, attempts, wake_at, started_at, completed_at, done_seq, call_seq FROM steps "
+                      "started_at, completed_at, done_seq, call_seq, wait) SELECT ?, key, kind, status, seq, output, "
+                      "retry, retryable, attempts, wake_at, started_at, completed_at, done_seq, call_seq, wait FROM steps "
                       "WHERE run_id = ? AND (? IS NULL OR seq < ?) AND (status = 'completed' OR kind = 'sleep')",
                       (new_run_id, run_id, cutoff, cutoff))
             c.execute("UPDATE runs SET step_count = (SELECT count(*) FROM steps WHERE run_id = ?), done_count = "
@@ -1813,13 +1818,16 @@ class Store:
 
     def _start_child(self, c, run_id, key, spec, now):
         """Create the child run of wait ``key`` (once: the wait row is new) on its workflow's latest version."""
-        wf = c.execute("SELECT latest_version FROM workflows WHERE id = ?", (spec["workflow_id"],)).fetchone()
+        wf = c.execute("SELECT w.latest_version, v.deadline_ms FROM workflows w JOIN workflow_versions v ON "
+                       "v.workflow_id = w.id AND v.version = w.latest_version WHERE w.id = ?",
+                       (spec["workflow_id"],)).fetchone()
         if wf is None:
             return None
         child_id = new_id("run")
-        c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, task_requested, "
-                  "created_at, updated_at, parent_run_id, parent_wait_key) VALUES (?, ?, ?, 'pending', ?, ?, 0, ?, ?, "
-                  "?, ?)", (child_id, spec["workflow_id"], wf[0], dumps(spec.get("input")), now, now, now, run_id, key))
+        c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, deadline_at, "
+                  "task_requested, created_at, updated_at, parent_run_id, parent_wait_key) VALUES (?, ?, ?, 'pending', "
+                  "?, ?, ?, 0, ?, ?, ?, ?)", (child_id, spec["workflow_id"], wf[0], dumps(spec.get("input")), now,
+                                          now + wf[1] if wf[1] else None, now, now, run_id, key))
         self._journal(c, child_id, None, "created", {"workflow": spec["workflow_id"], "version": wf[0],
                                                       "parent": run_id}, now)
         spec = dict(spec, run_id=child_id)
@@ -1838,7 +1846,7 @@ class Store:
         status = c.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
         if status == "running":
             c.execute("UPDATE runs SET wake_pending = 1 WHERE id = ?", (run_id,))
-        elif status in ("waiting", "sleeping", "pending"):
+        elif status == "waiting":  # a pending run (a retry's backoff) sees it when its time comes
             c.execute("UPDATE runs SET available_at = ?, updated_at = ? WHERE id = ?", (now, now, run_id))
         return True
 
@@ -1857,6 +1865,8 @@ class Store:
                     self._cancel_tree(c, spec["run_id"], now, "its parent stopped waiting for it (timeout)")
             else:
                 self._resolve_wait(c, run_id, key, {"value": None}, now)
+                if spec.get("kind") == "task":
+                    self._enqueue(c, run_id, "approval_end", {"key": key, "reason": "its timeout passed"}, now)
 
     def _cancel_tree(self, c, run_id, now, reason):
         """Cancel a run that is not finished, with its own unfinished children."""
@@ -1867,9 +1877,9 @@ class Store:
 
     def _after_finish(self, c, run_id, status, now):
         """A finished run: its parent's wait resolves, its running children are canceled."""
-        row = c.execute("SELECT parent_run_id, parent_wait_key, output, error FROM runs WHERE id = ?",
-                        (run_id,)).fetchone()
-        if row and row[0]:
+        row = c.execute("SELECT r.parent_run_id, r.parent_wait_key, r.output, r.error, p.status FROM runs r "
+                        "LEFT JOIN runs p ON p.id = r.parent_run_id WHERE r.id = ?", (run_id,)).fetchone()
+        if row and row[0] and row[4] not in TERMINAL:  # a finished parent keeps its wait open (retry makes anew)
             if status == "completed":
                 outcome = {"value": loads_or_none(row[2])}
             else:
@@ -1881,6 +1891,10 @@ class Store:
         for (child,) in c.execute("SELECT id FROM runs WHERE parent_run_id = ? AND status NOT IN "
                                   "('completed', 'failed', 'canceled')", (run_id,)).fetchall():
             self._cancel_tree(c, child, now, "its parent run %s was %s" % (run_id, status))
+        for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = 'wait' AND "
+                                        "status = 'waiting'", (run_id,)).fetchall():
+            if (loads_or_none(spec_json) or {}).get("kind") == "task":
+                self._enqueue(c, run_id, "approval_end", {"key": key, "reason": "the run was %s" % status}, now)
 
     def signal(self, run_id, name, data_json, now, idempotency_key=None):
         """Deliver a signal: the oldest wait for ``name`` takes it, or it waits for one (FIFO per name).
@@ -1924,6 +1938,16 @@ class Store:
             if row:
                 spec = dict(loads_or_none(row[0]) or {}, task_id=task_id, polled_at=now)
                 c.execute("UPDATE steps SET wait = ? WHERE run_id = ? AND key = ?", (dumps(spec), run_id, key))
+
+    def wait_open(self, run_id, key):
+        """Whether the run still waits on ``key``."""
+        return self.query_one("SELECT 1 AS x FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.run_id = ? AND "
+                              "s.key = ? AND s.status = 'waiting' AND r.status NOT IN ('completed', 'failed', "
+                              "'canceled')", (run_id, key)) is not None
+
+    def wait_task(self, run_id, key):
+        row = self.query_one("SELECT wait FROM steps WHERE run_id = ? AND key = ?", (run_id, key))
+        return (loads_or_none(row["wait"]) or {}).get("task_id") if row else None
 
     def approvals_due(self, now, every_ms):
         """(run id, key, wait) of task waits with a task whose last look is older than ``every_ms``."""
@@ -4670,6 +4694,14 @@ class Bridge:
             return self._create(run, item)
         if item["kind"] == "approval":
             return self._create_approval(run, item)
+        if item["kind"] == "approval_end":
+            payload = json.loads(item["payload"])
+            task_id = self.store.wait_task(run["id"], payload["key"])
+            if task_id is not None:  # nobody waits on the task any more: say so and put it away
+                self._append(str(task_id), run, "approval-end",
+                             "no longer waited for: %s" % payload.get("reason", "the wait ended"))
+                self._ty(["status", str(task_id), "archived"])
+            return None
         task_id = run["task_id"]
         if task_id is None:
             raise TaskYouError("the task for run %s is not created yet" % run["id"])
@@ -4692,6 +4724,8 @@ class Bridge:
     def _create_approval(self, run, item):
         """The task a `waitForTask` waits on: created once (a marker in its body), its id kept in the wait."""
         payload = json.loads(item["payload"])
+        if not self.store.wait_open(run["id"], payload["key"]):
+            return None  # the wait ended (timeout, the run finished) before the task could be made
         marker = WAIT_MARKER % (run["id"], payload["key"])
         task_id = self._find_task(payload["title"], marker) if item["attempts"] > 0 else None
         if task_id is None:

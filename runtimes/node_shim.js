@@ -366,14 +366,19 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
     return later(() => runSleep(key, wakeAt, pos));
   }
 
+  // A sleep or wait reached while the pass is already parking (another sleep or wait
+  // in the same turn, as in Promise.all) is still recorded, and the pass wakes for
+  // the earliest of them; only a failure stops them from being recorded.
+  const parking = () => aborted() || (stop && stop.kind !== "suspend");
+
   async function runSleep(key, wakeAt, pos) {
-    if (stop || aborted()) return never;
+    if (parking()) return never;
     if (!hasOwn(sleeps, key)) {
       emit("sleep", { step: key, wake_at: wakeAt, call: pos });
       sleeps[key] = wakeAt;
     }
     const remaining = wakeAt - now();
-    if (remaining > inlineMs) {
+    if (stop || remaining > inlineMs) {
       halt({ kind: "suspend", wake_at: wakeAt });
       return never;
     }
@@ -402,7 +407,7 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
     if (hasOwn(parked, key)) timeoutAt = parked[key];
     else if (timeout !== undefined && timeout !== null) timeoutAt = now() + durationMs(timeout, `timeout of ${base}`);
     return later(async () => {
-      if (stop || aborted()) return never;
+      if (parking()) return never;
       if (!hasOwn(parked, key)) {
         emit("wait", { step: key, wait: spec, timeout_at: timeoutAt, call: pos });
         parked[key] = timeoutAt;

@@ -229,8 +229,87 @@ class NodeChildren(TempHome):
         self.assertEqual(self.sc.status(st["children"][0]["id"])["status"], "canceled")
 
 
+    def test_a_retried_parent_makes_a_new_child_for_one_canceled_with_it(self):
+        self.sc.deploy("longkid", LONG_KID, runtime="python")
+        self.sc.deploy("holder", HOLDER, runtime="node")
+        run_id = self.sc.start("holder", {}, drive=False)["id"]
+        self.sc.tick()
+        self.sc.tick()
+        [first] = self.sc.status(run_id)["children"]
+        self.sc.cancel(run_id)
+        self.assertEqual(self.sc.status(first["id"])["status"], "canceled")
+        self.sc.retry(run_id, drive=False)
+        self.sc.tick()
+        self.sc.tick()
+        st = self.sc.status(run_id)
+        self.assertEqual(st["status"], "waiting", st)
+        kids = st["children"]
+        self.assertEqual([k["status"] for k in kids], ["canceled", "waiting"])
+        self.sc.signal(kids[1]["id"], "never")
+        self.assertEqual(self.drive(self.sc, run_id)["output"], 1)
+
+    def test_a_child_keeps_its_versions_deadline(self):
+        self.sc.deploy("longkid", LONG_KID, runtime="python", deadline="1m")
+        self.sc.deploy("holder", HOLDER, runtime="node")
+        run_id = self.sc.start("holder", {}, drive=False)["id"]
+        self.sc.tick()
+        self.sc.tick()
+        [kid] = self.sc.status(run_id)["children"]
+        self.assertIsNotNone(self.sc.status(kid["id"])["deadline_at"])
+
+
 class PythonChildren(NodeChildren):
     runtime = "python"
+
+
+class ConcurrentWaits(TempHome):
+    def setUp(self):
+        if not HAVE_NODE:
+            self.skipTest("node is not installed")
+        super().setUp()
+        self.sc = self.sidecar()
+
+    def test_waits_and_sleeps_in_one_promise_all_all_start_at_once(self):
+        self.sc.deploy("longkid", LONG_KID, runtime="python")
+        self.sc.deploy("both", """
+async function workflow(input, { waitForSignal, runWorkflow, sleep }) {
+  const [a, b] = await Promise.all([
+    waitForSignal("a", { timeout: "1m" }),
+    waitForSignal("b", { timeout: "1m" }),
+    runWorkflow("longkid", {}, { timeout: "1m" }).catch((e) => e.name),
+    sleep("nap", "1m"),
+  ]);
+  return { a, b };
+}
+""")
+        run_id = self.sc.start("both", {}, drive=False)["id"]
+        t0 = self.clock()
+        self.sc.tick()
+        st = self.sc.status(run_id)
+        self.assertEqual(sorted(w["kind"] for w in st["waiting_for"]), ["child", "signal", "signal"])
+        self.assertEqual(len(st["children"]), 1, "the child must start with the signal waits, not after them")
+        self.assertIn("nap", [s["name"] for s in st["steps"]])
+        st = self.drive(self.sc, run_id)
+        self.assertEqual((st["status"], st["output"]), ("completed", {"a": None, "b": None}), st)
+        self.assertLess(self.clock() - t0, 90000, "the timeouts ran one after another")
+
+    def test_a_signal_does_not_cut_a_retry_backoff_short(self):
+        self.sc.deploy("flaky", """
+async function workflow(input, { step, waitForSignal }) {
+  const [s, w] = await Promise.all([
+    step("flaky", async () => { throw new Error("not yet"); }, { retry: { maxAttempts: 3, initialInterval: "100s" } }),
+    waitForSignal("go"),
+  ]);
+  return w;
+}
+""")
+        run_id = self.sc.start("flaky", {}, drive=False)["id"]
+        self.sc.tick()
+        st = self.sc.status(run_id)
+        self.assertEqual(st["status"], "pending")
+        due = st["available_at"]
+        self.sc.signal(run_id, "go")
+        self.assertEqual(self.sc.status(run_id)["available_at"], due)
 
 
 class NodeApprovals(BridgeCase):
@@ -276,6 +355,19 @@ class NodeApprovals(BridgeCase):
         self.assertEqual(self.sc.status(run_id)["status"], "waiting")
         st = self.drive(self.sc, run_id)
         self.assertEqual((st["status"], st["output"]), ("completed", "timed out"), st)
+        self.install()  # `ty` is back: nobody waits any more, so no task is made
+        self.recover(self.sc)
+        self.assertEqual([t for t in self.tasks() if t["title"] == "Approve the deploy"], [])
+
+    def test_a_task_nobody_waits_on_any_more_is_archived(self):
+        run_id = self.sc.start("approve", {"timeout": "10m"}, drive=False)["id"]
+        self.sc.tick()
+        task = self.the_task()
+        self.drive(self.sc, run_id)  # the timeout passes
+        self.recover(self.sc)
+        task = fake_ty.get_task(self.state, task["id"])
+        self.assertEqual(task["status"], "archived")
+        self.assertIn("no longer waited for", task["body"])
 
 
 class PythonApprovals(NodeApprovals):
