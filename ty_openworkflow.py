@@ -64,6 +64,9 @@ SQLITE_BUSY_TIMEOUT_MS = 10000
 # `tick` (from cron, which runs it again) gives up after STORE_PATIENCE_S of them.
 STORE_BACKOFF_MAX_S = 5.0
 STORE_PATIENCE_S = 60.0
+# Schedules: `catch_up: none` still runs a fire this late; `all` runs at most this many missed fires.
+SCHEDULE_ON_TIME_MS = 60000
+SCHEDULE_CATCH_UP_MAX = 1000
 # The same warning (`ty` not found, say) is logged at most this often across processes.
 NOTICE_EVERY_MS = 24 * 3600 * 1000
 # Idle SQLite connections a store keeps for reuse; more are closed when returned,
@@ -224,6 +227,122 @@ def format_duration(ms):
     if s < 86400:
         return "%dh%02dm" % (s // 3600, (s % 3600) // 60)
     return "%dd%02dh" % (s // 86400, (s % 86400) // 3600)
+
+
+# Five-field cron: minute hour day-of-month month day-of-week (Vixie semantics).
+_CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12),
+                ("day of week", 0, 7))
+_CRON_NAMES = {3: {n: i + 1 for i, n in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())},
+               4: {n: i for i, n in enumerate("sun mon tue wed thu fri sat".split())}}
+_CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+                "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
+
+
+class Cron:
+    """A parsed cron expression; ``next_after(ms, tz)`` is its next fire time (epoch ms) after ``ms``."""
+
+    def __init__(self, expr):
+        self.expr = expr
+        text = _CRON_MACROS.get(str(expr).strip().lower(), str(expr).strip())
+        parts = text.split()
+        if len(parts) != 5:
+            raise ValueError("a cron expression has five fields (minute hour day-of-month month day-of-week) "
+                             "or is one of %s; got %r" % (", ".join(sorted(_CRON_MACROS)), expr))
+        self.sets = [self._field(i, part) for i, part in enumerate(parts)]
+        self.sets[4] = {d % 7 for d in self.sets[4]}  # 7 is Sunday too
+        # Vixie cron: with both day fields restricted, a day matching either one fires.
+        self.dom_any, self.dow_any = parts[2].startswith("*"), parts[4].startswith("*")
+
+    @staticmethod
+    def _field(i, part):
+        name, low, high = _CRON_FIELDS[i]
+        names = _CRON_NAMES.get(i, {})
+        out = set()
+        for item in part.lower().split(","):
+            rng, _, step = item.partition("/")
+            if step and (not step.isdigit() or int(step) == 0):
+                raise ValueError("bad step %r in the %s field" % (step, name))
+
+            def value(tok):
+                if tok in names:
+                    return names[tok]
+                if not tok.isdigit():
+                    raise ValueError("%r is not a number%s in the %s field" % (
+                        tok, " or a name (%s)" % ", ".join(names) if names else "", name))
+                v = int(tok)
+                if not low <= v <= high:
+                    raise ValueError("%d is out of range %d-%d in the %s field" % (v, low, high, name))
+                return v
+            if rng == "*":
+                a, b = low, high
+            elif "-" in rng:
+                x, _, y = rng.partition("-")
+                a, b = value(x), value(y)
+                if a > b:
+                    raise ValueError("range %s goes backwards in the %s field" % (rng, name))
+            else:
+                a = value(rng)
+                b = high if step else a
+            out.update(range(a, b + 1, int(step) if step else 1))
+        if not out:
+            raise ValueError("the %s field matches nothing" % name)
+        return out
+
+    def _day_matches(self, d):
+        dom, dow = d.day in self.sets[2], (d.isoweekday() % 7) in self.sets[4]
+        # A field written with "*" (its set full, or "*/n") must match as well; with both
+        # day fields restricted, either one is enough (Vixie cron).
+        return dom and dow if self.dom_any or self.dow_any else dom or dow
+
+    def next_after(self, ms, tz=None):
+        """The first fire time strictly after ``ms``, in ``tz`` (a zoneinfo name; local time if None)."""
+        import datetime
+        zone = _zone(tz)
+        start = datetime.datetime.fromtimestamp(ms / 1000.0, zone).replace(second=0, microsecond=0, tzinfo=None)
+        minutes, hours = sorted(self.sets[0]), sorted(self.sets[1])
+        day = start.date()
+        for _ in range(366 * 8):  # a Feb 29 on a Monday can take years to come
+            if day.month in self.sets[3] and self._day_matches(day):
+                for h in hours:
+                    for m in minutes:
+                        local = datetime.datetime(day.year, day.month, day.day, h, m)
+                        if local <= start:
+                            continue
+                        at = _local_to_ms(local, zone)
+                        if at is not None and at > ms:
+                            return at
+            day += datetime.timedelta(days=1)
+        return None
+
+
+def _zone(tz):
+    if not tz:
+        return None
+    try:
+        import zoneinfo
+        return zoneinfo.ZoneInfo(tz)
+    except Exception:
+        raise ValueError("unknown time zone %r; use a name like Europe/Paris or UTC" % tz)
+
+
+def _local_to_ms(local, zone):
+    """Epoch ms of a wall-clock time in ``zone`` (None: this machine's); None if the clock skips it (DST)."""
+    if zone is None:
+        at = time.mktime(local.timetuple())
+        back = time.localtime(at)
+        if (back.tm_hour, back.tm_min) != (local.hour, local.minute):
+            return None
+        return int(at * 1000)
+    aware = local.replace(tzinfo=zone, fold=0)
+    round_trip = aware.astimezone(datetime_utc()).astimezone(zone).replace(tzinfo=None)
+    if round_trip != local:
+        return None
+    return int(aware.timestamp() * 1000)
+
+
+def datetime_utc():
+    import datetime
+    return datetime.timezone.utc
 
 
 def format_time(ms):
@@ -977,18 +1096,36 @@ MIGRATIONS = [
         "CREATE INDEX signals_pending ON signals(run_id, name, id) WHERE consumed_by IS NULL",
         "CREATE UNIQUE INDEX signals_idempotency ON signals(run_id, idempotency_key) WHERE idempotency_key IS NOT NULL",
     ],
+    [  # 7: cron schedules
+        """CREATE TABLE schedules (
+            name TEXT PRIMARY KEY,
+            workflow_id TEXT NOT NULL,
+            cron TEXT NOT NULL,
+            tz TEXT,
+            input TEXT NOT NULL,
+            catch_up TEXT NOT NULL DEFAULT 'latest',
+            paused INTEGER NOT NULL DEFAULT 0,
+            next_fire_at INTEGER,
+            last_fire_at INTEGER,
+            last_run_id TEXT,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL)""",
+        "CREATE INDEX schedules_due ON schedules(paused, next_fire_at)",
+        "ALTER TABLE runs ADD COLUMN schedule_name TEXT",
+    ],
 ]
 
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
                 "step_attempts, available_at, wake_at, deadline_at, pass_id, lease_owner, "
                 "lease_expires_at, task_requested, task_title, task_id, created_at, updated_at, "
                 "started_at, finished_at, step_count, last_pass, idempotency_key, retries, forked_from, parent_run_id, "
-                "parent_wait_key")
+                "parent_wait_key, schedule_name")
 SQL_DUE_RUNS = ("SELECT id, status, lease_owner FROM runs WHERE (status IN ('pending', 'sleeping', 'waiting') AND "
                 "available_at <= ?) OR (status = 'running' AND lease_expires_at < ?) "
                 "ORDER BY available_at, created_at LIMIT ?")
 SQL_NEXT_DUE = ("SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM runs WHERE status IN ('pending', 'sleeping', "
                 "'waiting') "
+                "UNION ALL SELECT MIN(next_fire_at) FROM schedules WHERE paused = 0 "
                 "UNION ALL SELECT MIN(lease_expires_at) FROM runs WHERE status = 'running')")
 
 SQL_VERSION = ("SELECT workflow_id, version, label, runtime, adapter, code, code_hash, created_at, deadline_ms "
@@ -1267,20 +1404,25 @@ class Store:
         """Store a new pending run; returns its id, or with ``idempotency_key`` the id of the
         run that key already started (then nothing is created)."""
         with self.transaction() as c:
-            if idempotency_key is not None:
-                row = c.execute("SELECT id FROM runs WHERE workflow_id = ? AND idempotency_key = ?",
-                                (workflow_id, idempotency_key)).fetchone()
-                if row:
-                    return row[0]
-            c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, deadline_at, "
-                      "task_requested, task_title, created_at, updated_at, idempotency_key) "
-                      "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
-                      (run_id, workflow_id, version, input_json, now, deadline_at, int(bool(task_requested)),
-                       task_title, now, now, idempotency_key))
-            self._journal(c, run_id, None, "created", {"workflow": workflow_id, "version": version}, now)
-            if task_requested:
-                self._enqueue(c, run_id, "create", None, now)
-            return run_id
+            return self._create_run(c, run_id, workflow_id, version, input_json, now, task_requested, task_title,
+                                    deadline_at, idempotency_key)
+
+    def _create_run(self, c, run_id, workflow_id, version, input_json, now, task_requested=False, task_title=None,
+                    deadline_at=None, idempotency_key=None, schedule_name=None):
+        if idempotency_key is not None:
+            row = c.execute("SELECT id FROM runs WHERE workflow_id = ? AND idempotency_key = ?",
+                            (workflow_id, idempotency_key)).fetchone()
+            if row:
+                return row[0]
+        c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, deadline_at, "
+                  "task_requested, task_title, created_at, updated_at, idempotency_key, schedule_name) "
+                  "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (run_id, workflow_id, version, input_json, now, deadline_at, int(bool(task_requested)),
+                   task_title, now, now, idempotency_key, schedule_name))
+        self._journal(c, run_id, None, "created", {"workflow": workflow_id, "version": version}, now)
+        if task_requested:
+            self._enqueue(c, run_id, "create", None, now)
+        return run_id
 
     def get_run(self, run_id):
         run = self.query_one(SQL_RUN, (run_id,))
@@ -1481,6 +1623,75 @@ class Store:
             self._journal(c, new_run_id, None, "created", {"workflow": run["workflow_id"], "forked_from": run_id,
                                                             "from_step": from_step}, now)
             return new_run_id
+
+    # -- cron schedules -----------------------------------------------------------
+
+    def add_schedule(self, name, workflow_id, cron, tz, input_json, catch_up, now, next_fire_at):
+        with self.transaction() as c:
+            if c.execute("SELECT 1 FROM schedules WHERE name = ?", (name,)).fetchone():
+                raise Conflict("a schedule named %r exists; give another --name, or `schedule rm %s` first"
+                               % (name, name))
+            c.execute("INSERT INTO schedules (name, workflow_id, cron, tz, input, catch_up, next_fire_at, created_at, "
+                      "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (name, workflow_id, cron, tz, input_json, catch_up, next_fire_at, now, now))
+
+    def schedules(self, name=None):
+        sql = ("SELECT name, workflow_id, cron, tz, input, catch_up, paused, next_fire_at, last_fire_at, last_run_id, "
+               "created_at, updated_at FROM schedules")
+        return self.query(sql + (" WHERE name = ?" if name else " ORDER BY name"), (name,) if name else ())
+
+    def remove_schedule(self, name):
+        with self.transaction() as c:
+            return c.execute("DELETE FROM schedules WHERE name = ?", (name,)).rowcount
+
+    def pause_schedule(self, name, paused, now, next_fire_at=None):
+        with self.transaction() as c:
+            return c.execute("UPDATE schedules SET paused = ?, next_fire_at = COALESCE(?, next_fire_at), "
+                             "updated_at = ? WHERE name = ?", (int(paused), next_fire_at, now, name)).rowcount
+
+    def fire_schedules(self, now, start_run):
+        """Start the runs of every fire that is due; returns their ids.
+
+        One transaction per schedule: the fire time is the run's idempotency key and the
+        next fire time moves on in the same commit, so several schedulers on one
+        database, or a crash mid-fire, still start each fire once."""
+        started = []
+        for (name,) in [tuple(r.values()) for r in self.query(
+                "SELECT name FROM schedules WHERE paused = 0 AND next_fire_at <= ? LIMIT 100", (now,))]:
+            with self.transaction() as c:
+                row = self._one(c, "SELECT name, workflow_id, cron, tz, input, catch_up, next_fire_at FROM schedules "
+                                   "WHERE name = ? AND paused = 0 AND next_fire_at <= ?", (name, now))
+                if row is None:
+                    continue  # another scheduler fired it
+                try:
+                    cron = Cron(row["cron"])
+                    fires, at = [], row["next_fire_at"]
+                    for _ in range(100000):  # the fires missed since, oldest first
+                        if at is None or at > now:
+                            break
+                        fires.append(at)
+                        at = cron.next_after(at, row["tz"])
+                    upcoming = at
+                except ValueError as exc:
+                    log.warning("schedule %s: %s; paused", name, exc)
+                    c.execute("UPDATE schedules SET paused = 1 WHERE name = ?", (name,))
+                    continue
+                if row["catch_up"] == "latest":
+                    fires = fires[-1:]
+                elif row["catch_up"] == "none":
+                    fires = [f for f in fires if now - f <= SCHEDULE_ON_TIME_MS][-1:]
+                else:
+                    fires = fires[-SCHEDULE_CATCH_UP_MAX:]
+                last = None
+                for fire in fires:
+                    run_id = start_run(c, row, fire)
+                    if run_id:
+                        started.append(run_id)
+                        last = run_id
+                c.execute("UPDATE schedules SET next_fire_at = ?, last_fire_at = COALESCE(?, last_fire_at), "
+                          "last_run_id = COALESCE(?, last_run_id), updated_at = ? WHERE name = ?",
+                          (upcoming, fires[-1] if fires else None, last, now, name))
+        return started
 
     # -- scheduling -----------------------------------------------------------
 
@@ -3805,6 +4016,8 @@ class Scheduler:
         """One round of the loop: "claimed", "exit", or (next wake time or None, now)."""
         self._check_active()
         self._maintain()
+        if self.sidecar.fire_schedules():
+            return "claimed"
         now = self.clock()
         free = self.concurrency - len(self.active)
         if free > 0:
@@ -5007,7 +5220,7 @@ class Sidecar:
             "available_at": run["available_at"] if run["status"] == "pending" else None,
             "deadline_at": run["deadline_at"], "steps": steps,
             "last_pass": loads_or_none(run["last_pass"]), "idempotency_key": run["idempotency_key"],
-            "retries": run["retries"], "forked_from": run["forked_from"],
+            "retries": run["retries"], "forked_from": run["forked_from"], "schedule": run["schedule_name"],
             "waiting_for": [dict(loads_or_none(w["wait"]) or {}, step=w["key"], timeout_at=w["wake_at"])
                             for w in waits if w["status"] == "waiting"],
             "parent": {"run_id": run["parent_run_id"], "wait": run["parent_wait_key"]} if run["parent_run_id"]
@@ -5064,6 +5277,80 @@ class Sidecar:
             self.ensure_driven()
         return {"run_id": run["id"], "signal": name, "id": sig_id, "applied": applied,
                 "consumed_by": consumed_by, "buffered": consumed_by is None}
+
+    # -- schedules ----------------------------------------------------------------
+
+    def schedule_add(self, workflow_id, cron, input=None, name=None, tz=None, catch_up="latest"):
+        """Start a run of ``workflow_id`` on every fire of the cron expression (served by serve / tick)."""
+        self.workflow(workflow_id, counts=False)
+        try:
+            parsed = Cron(cron)
+            _zone(tz)
+        except ValueError as exc:
+            raise InputError("--cron %r: %s" % (cron, exc) if "zone" not in str(exc) else "--tz: %s" % exc)
+        if catch_up not in ("latest", "all", "none"):
+            raise InputError("--catch-up must be latest, all or none")
+        name = name or workflow_id
+        if not WORKFLOW_ID_RE.match(name):
+            raise InputError("invalid schedule name %r; use letters, digits, '.', '_' or '-' (max 64)" % name)
+        now = self.clock()
+        nxt = parsed.next_after(now, tz)
+        if nxt is None:
+            raise InputError("--cron %r never fires" % cron)
+        self.store.add_schedule(name, workflow_id, cron, tz, self._input_json(input), catch_up, now, nxt)
+        self.poke_schedulers()
+        return self.schedule(name)
+
+    def schedule(self, name):
+        rows = self.store.schedules(name)
+        if not rows:
+            raise NotFound("no schedule %r; list them with `ty-openworkflow schedule list`" % name)
+        return self._schedule_doc(rows[0])
+
+    @staticmethod
+    def _schedule_doc(row):
+        return {"name": row["name"], "workflow_id": row["workflow_id"], "cron": row["cron"], "tz": row["tz"],
+                "input": loads_or_none(row["input"]), "catch_up": row["catch_up"], "paused": bool(row["paused"]),
+                "next_fire_at": None if row["paused"] else row["next_fire_at"], "last_fire_at": row["last_fire_at"],
+                "last_run_id": row["last_run_id"], "created_at": row["created_at"]}
+
+    def schedules(self):
+        return [self._schedule_doc(r) for r in self.store.schedules()]
+
+    def schedule_rm(self, name):
+        doc = self.schedule(name)
+        self.store.remove_schedule(name)
+        return doc
+
+    def schedule_pause(self, name, paused=True):
+        doc = self.schedule(name)
+        nxt = None if paused else Cron(doc["cron"]).next_after(self.clock(), doc["tz"])  # missed fires are not run
+        self.store.pause_schedule(name, paused, self.clock(), nxt)
+        self.poke_schedulers()
+        return self.schedule(name)
+
+    def fire_schedules(self):
+        """Start the runs of the schedules' due fires (serve and tick call this); returns their ids."""
+        auto_task = self.config["taskyou.auto_create_tasks"]
+
+        def start_run(c, row, fire):
+            wf = c.execute("SELECT w.latest_version, v.deadline_ms FROM workflows w JOIN workflow_versions v ON "
+                           "v.workflow_id = w.id AND v.version = w.latest_version WHERE w.id = ?",
+                           (row["workflow_id"],)).fetchone()
+            if wf is None:
+                log.warning("schedule %s: no workflow %r; the fire at %s is skipped", row["name"], row["workflow_id"],
+                            format_time(fire))
+                return None
+            now = self.clock()
+            run_id = new_id("run")
+            got = self.store._create_run(c, run_id, row["workflow_id"], wf[0], row["input"], now,
+                                         task_requested=auto_task,
+                                         task_title="Workflow: %s (schedule %s)" % (row["workflow_id"], row["name"]),
+                                         deadline_at=now + wf[1] if wf[1] else None,
+                                         idempotency_key="schedule:%s:%d" % (row["name"], fire),
+                                         schedule_name=row["name"])
+            return got if got == run_id else None
+        return self.store.fire_schedules(self.clock(), start_run)
 
     def retry(self, run_id, latest=False, drive=True):
         """A failed or canceled run resumes from its failed step (committed steps are kept), on the
@@ -5377,6 +5664,8 @@ def _print_status(st):
         rows.append(("last pass", "%s ended %s: %s" % (st["last_pass"].get("pass"),
                                                       format_time(st["last_pass"].get("ended_at")),
                                                       st["last_pass"].get("reason"))))
+    if st.get("schedule"):
+        rows.append(("schedule", st["schedule"]))
     if st.get("parent"):
         rows.append(("parent", "%s (wait %s)" % (st["parent"]["run_id"], st["parent"]["wait"])))
     for child in st.get("children") or []:
@@ -5461,14 +5750,49 @@ def cmd_list(api, args):
     rows = api.list_runs(args.workflow, args.status, args.limit)
     if args.json:
         _print_json([{"id": r["id"], "workflow_id": r["workflow_id"], "version": r["version"], "status": r["status"],
-                      "created_at": r["created_at"], "finished_at": r["finished_at"], "task_id": r["task_id"]}
-                     for r in rows])
+                      "created_at": r["created_at"], "finished_at": r["finished_at"], "task_id": r["task_id"],
+                      "schedule": r["schedule_name"]} for r in rows])
     elif not rows:
         print("no runs")
     else:
         _table([(r["id"], r["workflow_id"], r["version"], r["status"], format_time(r["created_at"]),
-                 "#%s" % r["task_id"] if r["task_id"] else "-") for r in rows],
-               ("id", "workflow", "version", "status", "created", "task"))
+                 "#%s" % r["task_id"] if r["task_id"] else "-", r["schedule_name"] or "-") for r in rows],
+               ("id", "workflow", "version", "status", "created", "task", "schedule"))
+    return 0
+
+
+def cmd_schedule(api, args):
+    if args.action == "list":
+        rows = api.schedules()
+        if args.json:
+            _print_json(rows)
+        elif not rows:
+            print("no schedules; add one with `ty-openworkflow schedule add WORKFLOW --cron \"0 * * * *\"`")
+        else:
+            _table([(r["name"], r["workflow_id"], r["cron"], r["tz"] or "local", "paused" if r["paused"] else
+                     format_time(r["next_fire_at"]), format_time(r["last_fire_at"]), r["last_run_id"] or "-")
+                    for r in rows], ("name", "workflow", "cron", "tz", "next fire", "last fire", "last run"))
+        return 0
+    if not args.target:
+        raise InputError("schedule %s needs a %s" % (args.action, "workflow id" if args.action == "add" else "NAME"))
+    if args.action == "add":
+        if not args.cron:
+            raise InputError("schedule add needs --cron \"EXPR\" (five fields, or @hourly, @daily, ...)")
+        doc = api.schedule_add(args.target, args.cron, _read_input(args), name=args.name, tz=args.tz,
+                               catch_up=args.catch_up)
+    elif args.action == "rm":
+        doc = api.schedule_rm(args.target)
+    else:
+        doc = api.schedule_pause(args.target, paused=args.action == "pause")
+    if args.json:
+        _print_json(doc)
+    elif args.action == "rm":
+        print("removed schedule %s" % doc["name"])
+    elif doc["paused"]:
+        print("schedule %s is paused" % doc["name"])
+    else:
+        print("schedule %s: %s %s, next fire %s" % (doc["name"], doc["workflow_id"], doc["cron"],
+                                                    format_time(doc["next_fire_at"])))
     return 0
 
 
@@ -5638,7 +5962,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 COMMANDS = ("init", "deploy", "start", "status", "list", "cancel", "signal", "retry", "fork", "logs", "adapters",
-            "tick", "serve", "sign", "runner", "dist")
+            "tick", "serve", "sign", "schedule", "runner", "dist")
 
 
 class _Unbuilt:
@@ -5722,6 +6046,18 @@ def build_parser(only=None):
 
     sp = cmd("cancel", cmd_cancel, "cancel a run (stops a pass in flight)")
     sp.add_argument("run_id")
+    sp.add_argument("--json", action="store_true", help="output as JSON")
+
+    sp = cmd("schedule", cmd_schedule, "start runs on a cron schedule: add, list, rm, pause, resume")
+    sp.add_argument("action", choices=("add", "list", "rm", "pause", "resume"))
+    sp.add_argument("target", nargs="?", help="the workflow id (add) or the schedule's NAME")
+    sp.add_argument("--cron", metavar="EXPR", help='five-field cron ("*/5 * * * *") or @hourly/@daily/@weekly/@monthly')
+    sp.add_argument("-i", "--input", help="input JSON for each run")
+    sp.add_argument("--input-file", help="input JSON file for each run")
+    sp.add_argument("--name", help="the schedule's name (default: the workflow id)")
+    sp.add_argument("--tz", metavar="ZONE", help="time zone of the cron fields, like Europe/Paris (default: local)")
+    sp.add_argument("--catch-up", default="latest", choices=("latest", "all", "none"),
+                    help="after downtime: run the latest missed fire (default), all of them, or none")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
     sp = cmd("signal", cmd_signal, "send a signal (with JSON data) to a run; kept until the run waits for it")
