@@ -67,6 +67,8 @@ STORE_PATIENCE_S = 60.0
 # Schedules: `catch_up: none` still runs a fire this late; `all` runs at most this many missed fires.
 SCHEDULE_ON_TIME_MS = 60000
 SCHEDULE_CATCH_UP_MAX = 1000
+# `retention` prunes at most this often.
+RETENTION_EVERY_MS = 3600 * 1000
 # The same warning (`ty` not found, say) is logged at most this often across processes.
 NOTICE_EVERY_MS = 24 * 3600 * 1000
 # Idle SQLite connections a store keeps for reuse; more are closed when returned,
@@ -529,6 +531,7 @@ CONFIG_SCHEMA = {
     "data_dir": ("path", "~/.config/ty-openworkflow"),
     "default_adapter": ("str", "exec"),
     "poll_interval": ("duration", "30s"),
+    "retention": ("duration?", None),
     "concurrency": ("int", 16),
     "lease_ttl": ("duration", "30s"),
     "runner_linger": ("duration", "2m"),
@@ -808,6 +811,8 @@ def _coerce(kind, value, where, key):
             return float(value)
         if kind == "duration":
             return parse_duration(value)
+        if kind == "duration?":  # a duration, or ~ / empty for "off"
+            return None if value in (None, "", "off") else parse_duration(value)
         if kind == "size":
             return _parse_size(value)
         if kind == "map":
@@ -1623,6 +1628,55 @@ class Store:
             self._journal(c, new_run_id, None, "created", {"workflow": run["workflow_id"], "forked_from": run_id,
                                                             "from_step": from_step}, now)
             return new_run_id
+
+    # -- retention ------------------------------------------------------------------
+
+    SQL_PRUNABLE = ("SELECT r.id FROM runs r WHERE r.status IN (%s) AND r.finished_at < ? "
+                    "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = r.id AND o.delivered_at IS NULL) "
+                    "AND NOT EXISTS (SELECT 1 FROM runs p WHERE p.id = r.parent_run_id AND p.status NOT IN "
+                    "('completed', 'failed', 'canceled')) ORDER BY r.finished_at LIMIT ?")
+    PRUNED_TABLES = ("steps", "run_events", "run_logs", "outbox", "signals")
+
+    def prune(self, cutoff, statuses, dry_run=False, batch=200, pause_s=0.0):
+        """Delete finished runs that ended before ``cutoff`` with all that is only theirs, ``batch`` runs per
+        transaction (a pass never waits long for the write lock); returns counts per table."""
+        counts = dict.fromkeys(("runs",) + self.PRUNED_TABLES, 0)
+        sql = self.SQL_PRUNABLE % ",".join("?" * len(statuses))
+        if dry_run:
+            ids = [r["id"] for r in self.query(sql, (*statuses, cutoff, 10 ** 9))]
+            counts["runs"] = len(ids)
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                marks = ",".join("?" * len(part))
+                for table in self.PRUNED_TABLES:
+                    counts[table] += self.query_one("SELECT count(*) AS n FROM %s WHERE run_id IN (%s)"
+                                                    % (table, marks), part)["n"]
+            return counts
+        while True:
+            with self.transaction() as c:
+                ids = [r[0] for r in c.execute(sql, (*statuses, cutoff, batch)).fetchall()]
+                if not ids:
+                    return counts
+                marks = ",".join("?" * len(ids))
+                for table in self.PRUNED_TABLES:
+                    counts[table] += c.execute("DELETE FROM %s WHERE run_id IN (%s)" % (table, marks), ids).rowcount
+                counts["runs"] += c.execute("DELETE FROM runs WHERE id IN (%s)" % marks, ids).rowcount
+            if pause_s:
+                time.sleep(pause_s)
+
+    def vacuum(self):
+        """Give the space of deleted rows back to the disk; returns the bytes freed."""
+        before = self._db_bytes()
+        with self._write_lock, self.connection() as conn:
+            try:
+                conn.execute("VACUUM")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                raise self._wrap(exc)
+        return max(0, before - self._db_bytes())
+
+    def _db_bytes(self):
+        return sum(os.path.getsize(self.path + ext) for ext in ("", "-wal") if os.path.exists(self.path + ext))
 
     # -- cron schedules -----------------------------------------------------------
 
@@ -4085,6 +4139,10 @@ class Scheduler:
         if time.time() - self._maintained_at < self.config["poll_interval"] / 1000.0:
             return
         self._maintained_at = time.time()
+        try:
+            self.sidecar.prune_by_retention()
+        except OpenWorkflowError as exc:  # housekeeping must never stop the scheduler
+            log.warning("retention: %s", exc)
         for name in ADAPTER_NAMES:
             impl = self.sidecar.adapter(name)
             if impl.enabled:
@@ -5278,6 +5336,37 @@ class Sidecar:
         return {"run_id": run["id"], "signal": name, "id": sig_id, "applied": applied,
                 "consumed_by": consumed_by, "buffered": consumed_by is None}
 
+    # -- retention ----------------------------------------------------------------
+
+    def prune(self, older_than, statuses=TERMINAL, dry_run=False, vacuum=False):
+        """Delete finished runs that ended more than ``older_than`` ago (a duration), with their steps,
+        events, logs, delivered task updates and signals; never a run not finished, one whose task
+        updates are not delivered yet, or a child whose parent is still going."""
+        try:
+            age = parse_duration(older_than)
+        except ValueError as exc:
+            raise InputError("--older-than: %s" % exc)
+        statuses = tuple(statuses)
+        bad = [x for x in statuses if x not in TERMINAL]
+        if bad or not statuses:
+            raise InputError("--status takes finished statuses only (%s), not %s" % (", ".join(TERMINAL),
+                                                                                     ", ".join(bad) or "nothing"))
+        counts = self.store.prune(self.clock() - age, statuses, dry_run=dry_run)
+        out = {"dry_run": dry_run, "older_than_ms": age, "statuses": list(statuses), "removed": counts}
+        if vacuum and not dry_run:
+            out["vacuum_bytes"] = self.store.vacuum()
+        return out
+
+    def prune_by_retention(self):
+        """`retention` in the config: prune at most once an hour (serve and tick call this)."""
+        age = self.config["retention"]
+        if not age or not self.store.notice_due("retention-prune", self.clock(), RETENTION_EVERY_MS):
+            return None
+        counts = self.store.prune(self.clock() - age, TERMINAL, pause_s=0.01)
+        if counts["runs"]:
+            log.info("retention: pruned %d finished runs older than %s", counts["runs"], format_duration(age))
+        return counts
+
     # -- schedules ----------------------------------------------------------------
 
     def schedule_add(self, workflow_id, cron, input=None, name=None, tz=None, catch_up="latest"):
@@ -5761,6 +5850,27 @@ def cmd_list(api, args):
     return 0
 
 
+def cmd_prune(api, args):
+    if not args.older_than:
+        raise InputError("prune needs --older-than DURATION (e.g. 30d); nothing was removed")
+    statuses = [x.strip() for x in args.status.split(",") if x.strip()] if args.status else list(TERMINAL)
+    res = api.prune(args.older_than, statuses, dry_run=args.dry_run, vacuum=args.vacuum)
+    if args.json:
+        _print_json(res)
+        return 0
+    c = res["removed"]
+    if not c["runs"]:
+        print("nothing to prune: no %s run ended more than %s ago (with its task updates delivered)"
+              % ("/".join(res["statuses"]), format_duration(res["older_than_ms"])))
+    else:
+        print("%s %d run%s (%d steps, %d events, %d log entries, %d task updates, %d signals)" % (
+            "would remove" if res["dry_run"] else "removed", c["runs"], "" if c["runs"] == 1 else "s", c["steps"],
+            c["run_events"], c["run_logs"], c["outbox"], c["signals"]))
+    if "vacuum_bytes" in res:
+        print("vacuum gave back %d bytes" % res["vacuum_bytes"])
+    return 0
+
+
 def cmd_schedule(api, args):
     if args.action == "list":
         rows = api.schedules()
@@ -5962,7 +6072,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 COMMANDS = ("init", "deploy", "start", "status", "list", "cancel", "signal", "retry", "fork", "logs", "adapters",
-            "tick", "serve", "sign", "schedule", "runner", "dist")
+            "tick", "serve", "sign", "schedule", "prune", "runner", "dist")
 
 
 class _Unbuilt:
@@ -6046,6 +6156,13 @@ def build_parser(only=None):
 
     sp = cmd("cancel", cmd_cancel, "cancel a run (stops a pass in flight)")
     sp.add_argument("run_id")
+    sp.add_argument("--json", action="store_true", help="output as JSON")
+
+    sp = cmd("prune", cmd_prune, "delete finished runs older than a duration, with what is only theirs")
+    sp.add_argument("--older-than", metavar="DURATION", help="e.g. 30d, 12h")
+    sp.add_argument("--status", metavar="S,...", help="only these finished statuses (default: completed,failed,canceled)")
+    sp.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    sp.add_argument("--vacuum", action="store_true", help="give the freed space back to the disk")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
     sp = cmd("schedule", cmd_schedule, "start runs on a cron schedule: add, list, rm, pause, resume")
