@@ -583,6 +583,9 @@ CONFIG_SCHEMA = {
     "webhook.tolerance": ("duration", "5m"),
     "webhook.read_timeout": ("duration", "10s"),
     "webhook.max_connections": ("int", 64),
+    "dashboard.enabled": ("bool", False),
+    "dashboard.host": ("str", "localhost"),
+    "dashboard.port": ("int", 8766),
     "taskyou.cli": ("str", "ty"),
     "taskyou.project": ("str", ""),
     "taskyou.auto_create_tasks": ("bool", True),
@@ -591,11 +594,12 @@ CONFIG_SCHEMA = {
 # Whole-number settings and their sensible ranges, checked when the config is read.
 CONFIG_RANGES = {
     "concurrency": (1, 1024), "webhook.port": (0, 65535), "webhook.max_connections": (1, 100000),  # port 0: any
+    "dashboard.port": (0, 65535),
     "limits.max_step_attempts": (1, 10 ** 9), "limits.max_steps": (1, 10 ** 9), "retry.max_attempts": (1, 10000),
     "adapters.docker.pids_limit": (0, 10 ** 6),
 }
 _CONFIG_SECTIONS = {"adapters", "adapters.exec", "adapters.docker", "adapters.cloudflare",
-                    "webhook", "taskyou", "limits", "retry"}
+                    "webhook", "taskyou", "limits", "retry", "dashboard"}
 
 
 class _Line:
@@ -1118,6 +1122,16 @@ MIGRATIONS = [
         "CREATE INDEX schedules_due ON schedules(paused, next_fire_at)",
         "ALTER TABLE runs ADD COLUMN schedule_name TEXT",
     ],
+    [  # 8: counters for /metrics (runs started and finished, by workflow): they never go down, prune or not
+        "CREATE TABLE counters (name TEXT NOT NULL, workflow TEXT NOT NULL, value INTEGER NOT NULL, "
+        "PRIMARY KEY (name, workflow))",
+        "INSERT INTO counters SELECT 'started', workflow_id, count(*) FROM runs GROUP BY workflow_id",
+        "INSERT INTO counters SELECT status, workflow_id, count(*) FROM runs WHERE status IN "
+        "('completed', 'failed', 'canceled') GROUP BY status, workflow_id",
+        # The dashboard pages through runs newest first, with or without a status filter.
+        "CREATE INDEX runs_created ON runs(created_at)",
+        "CREATE INDEX runs_status_created ON runs(status, created_at)",
+    ],
 ]
 
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
@@ -1425,9 +1439,42 @@ class Store:
                   (run_id, workflow_id, version, input_json, now, deadline_at, int(bool(task_requested)),
                    task_title, now, now, idempotency_key, schedule_name))
         self._journal(c, run_id, None, "created", {"workflow": workflow_id, "version": version}, now)
+        self._count(c, "started", workflow_id)
         if task_requested:
             self._enqueue(c, run_id, "create", None, now)
         return run_id
+
+    @staticmethod
+    def _count(c, name, workflow_id):
+        if not c.execute("UPDATE counters SET value = value + 1 WHERE name = ? AND workflow = ?",
+                         (name, workflow_id)).rowcount:
+            c.execute("INSERT INTO counters (name, workflow, value) VALUES (?, ?, 1)", (name, workflow_id))
+
+    def counters(self):
+        return {(r["name"], r["workflow"]): r["value"] for r in self.query("SELECT name, workflow, value FROM counters")}
+
+    def runs_page(self, workflow_id, status, id_prefix, before, limit):
+        """Newest runs first, a page at a time (``before``: created_at of the last row seen)."""
+        where, params = [], []
+        if workflow_id:
+            where.append("workflow_id = ?")
+            params.append(workflow_id)
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        if id_prefix:
+            where.append("id LIKE ? ESCAPE '\\'")
+            params.append(id_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        if before:  # the cursor "created_at:id" of the last row seen (ids break ties of one ms)
+            at, _, last_id = str(before).partition(":")
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params += [int(at), int(at), last_id]
+        return self.query("SELECT %s FROM runs %s ORDER BY created_at DESC, id DESC LIMIT ?" % (
+            _RUN_COLUMNS, ("WHERE " + " AND ".join(where)) if where else ""), params + [limit])
+
+    def versions(self, workflow_id):
+        return self.query("SELECT version, label, runtime, adapter, code_hash, created_at, deadline_ms FROM "
+                          "workflow_versions WHERE workflow_id = ? ORDER BY version DESC", (workflow_id,))
 
     def get_run(self, run_id):
         run = self.query_one(SQL_RUN, (run_id,))
@@ -1484,6 +1531,9 @@ class Store:
                                    None if error is None else dumps(error), now, now, run_id))
         c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND status = 'running'", (run_id,))
         self._journal(c, run_id, pass_id, status, {"output": output} if status == "completed" else {"error": error}, now)
+        wf = c.execute("SELECT workflow_id FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if wf:
+            self._count(c, status, wf[0])
         self._on_finish(c, run_id, status, now)
         self._after_finish(c, run_id, status, now)
 
@@ -1770,6 +1820,7 @@ class Store:
                     continue  # alive on this host: its lease only looks expired (a stall, a clock jump)
                 run = self._one(c, SQL_RUN, (run_id,))
                 run["lost_pass_id"] = None
+                run["was"] = status  # for the wake-lateness metric
                 if status == "running":
                     run["lost_pass_id"] = run["pass_id"]
                     self._journal(c, run_id, run["pass_id"], "lease_expired",
@@ -2095,6 +2146,7 @@ class Store:
                                           now + wf[1] if wf[1] else None, now, now, run_id, key))
         self._journal(c, child_id, None, "created", {"workflow": spec["workflow_id"], "version": wf[0],
                                                       "parent": run_id}, now)
+        self._count(c, "started", spec["workflow_id"])
         spec = dict(spec, run_id=child_id)
         c.execute("UPDATE steps SET wait = ? WHERE run_id = ? AND key = ?", (dumps(spec), run_id, key))
         return child_id
@@ -4167,6 +4219,10 @@ class Scheduler:
             self.store.release(run["id"], run["pass_id"], self.clock(), reason="no thread for the pass (%s)" % exc)
             return False
         self.stats["passes"] += 1
+        METRICS.inc("passes", run["workflow_id"])
+        if run.get("was") in ("sleeping", "waiting") and run.get("available_at"):
+            METRICS.observe("wake_lateness_seconds", max(0, self.clock() - run["available_at"]) / 1000.0,
+                            LATENESS_BUCKETS_S)
         log.debug("run %s: pass %d started (%s)", run["id"], run["passes"], run["workflow_id"])
         return True
 
@@ -4252,6 +4308,7 @@ class Scheduler:
                 return
             if not self.store.pass_is_current(ap.run_id, ap.pass_id):
                 return
+            launched = time.monotonic()
             ap.execution = adapter.launch(spec)
         except (OpenWorkflowError, RuntimeError) as exc:
             if isinstance(exc, StoreError):
@@ -4291,6 +4348,9 @@ class Scheduler:
                                        % (events[used].get("type"), type(exc).__name__, exc), "name": "BadEvent",
                             "stack": None})
                         break
+                kinds = [e["type"] for e in events[:used]]
+                METRICS.inc("step_attempts", by=kinds.count("step_started"))
+                METRICS.inc("step_failures", by=kinds.count("step_failed"))
                 ev = events[used - 1]
                 if outcome == IGNORED:
                     log.info("run %s: pass %s is no longer current (canceled or reclaimed); stopping it",
@@ -4306,6 +4366,7 @@ class Scheduler:
             log.error("run %s: cannot record an event (%s); the pass is stopped and will be retried", ap.run_id, exc)
             execution.cancel()
         how = execution.finish()
+        METRICS.observe("pass_duration_seconds", time.monotonic() - launched, PASS_BUCKETS_S)
         now = self.clock()
         log.info("run %s: pass %d ended: %s", ap.run_id, run["passes"], "recorded" if ended else how)
         with contextlib.suppress(OpenWorkflowError):
@@ -5089,6 +5150,475 @@ class Bridge:
 
 
 # ---------------------------------------------------------------------------
+# Dashboard and metrics: one HTTP surface for people (a page, its JSON API) and
+# Prometheus (/metrics), off by default, localhost by default
+# ---------------------------------------------------------------------------
+
+DASHBOARD_TOKEN_FILE = "dashboard.token"
+DASHBOARD_CACHE_S = 1.0  # an answer is reused this long (the page polls every 2 s)
+# Pass durations and wake lateness, in seconds: the histograms' bucket bounds.
+PASS_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+LATENESS_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+
+
+class _Metrics:
+    """What this process's schedulers did (passes, steps, wake-ups); the store knows the rest."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counters = collections.Counter()  # (name, label value) -> count
+        self.hists = {}  # name -> [bucket counts..., +Inf count, sum]
+
+    def inc(self, name, label=None, by=1):
+        with self._lock:
+            self.counters[(name, label)] += by
+
+    def observe(self, name, value, buckets):
+        with self._lock:
+            h = self.hists.setdefault(name, [0] * (len(buckets) + 1) + [0.0])
+            for i, bound in enumerate(buckets):
+                if value <= bound:
+                    h[i] += 1
+            h[len(buckets)] += 1
+            h[-1] += value
+
+    def snapshot(self):
+        with self._lock:
+            return dict(self.counters), {k: list(v) for k, v in self.hists.items()}
+
+
+METRICS = _Metrics()
+
+
+def _prom_escape(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render_metrics(sidecar):
+    """The Prometheus text exposition of the store's state and this process's counters."""
+    store, now = sidecar.store, sidecar.clock()
+    lines = []
+
+    def family(name, kind, help_, samples):
+        lines.append("# HELP %s %s" % (name, help_))
+        lines.append("# TYPE %s %s" % (name, kind))
+        for labels, value in samples:
+            label = ",".join('%s="%s"' % (k, _prom_escape(v)) for k, v in labels)
+            lines.append("%s%s %s" % (name, "{%s}" % label if label else "", _prom_num(value)))
+
+    by_status = {r["status"]: r["n"] for r in store.query("SELECT status, count(*) AS n FROM runs GROUP BY status")}
+    family("tyow_runs", "gauge", "Runs in the store by status.",
+           [((("status", st),), by_status.get(st, 0)) for st in RUN_STATUSES])
+    counts = store.counters()
+    for kind in ("started", "completed", "failed", "canceled"):
+        family("tyow_runs_%s_total" % kind, "counter", "Runs %s, by workflow." % kind,
+               [((("workflow", wf),), n) for (name, wf), n in sorted(counts.items()) if name == kind])
+    mine, hists = METRICS.snapshot()
+    family("tyow_passes_total", "counter", "Passes this process started, by workflow.",
+           [((("workflow", wf),), n) for (name, wf), n in sorted(mine.items(), key=str) if name == "passes"])
+    for name, help_ in (("step_attempts", "Step attempts this process recorded."),
+                        ("step_failures", "Step attempts that failed, recorded by this process.")):
+        family("tyow_%s_total" % name, "counter", help_, [((), mine.get((name, None), 0))])
+    for name, buckets, help_ in (("pass_duration_seconds", PASS_BUCKETS_S, "How long passes took, launch to end."),
+                                 ("wake_lateness_seconds", LATENESS_BUCKETS_S,
+                                  "How late a due sleeping or waiting run was claimed.")):
+        h = hists.get(name, [0] * (len(buckets) + 1) + [0.0])
+        lines.append("# HELP tyow_%s %s" % (name, help_))
+        lines.append("# TYPE tyow_%s histogram" % name)
+        for i, bound in enumerate(buckets):
+            lines.append('tyow_%s_bucket{le="%s"} %d' % (name, _prom_num(bound), h[i]))
+        lines.append('tyow_%s_bucket{le="+Inf"} %d' % (name, h[len(buckets)]))
+        lines.append("tyow_%s_sum %s" % (name, _prom_num(h[-1])))
+        lines.append("tyow_%s_count %d" % (name, h[len(buckets)]))
+    backlog = store.query_one("SELECT count(*) AS n FROM outbox WHERE delivered_at IS NULL")["n"]
+    family("tyow_taskyou_outbox_backlog", "gauge", "TaskYou updates not delivered yet.", [((), backlog)])
+    workers = sidecar.adapter("exec").workers() if "exec" in sidecar._adapters else {}
+    family("tyow_warm_workers", "gauge", "Warm workers alive in this process, by runtime.",
+           [((("runtime", rt),), len(workers.get(rt, []))) for rt in sorted(RUNTIMES)])
+    leases = store.query_one("SELECT count(*) AS n FROM runs WHERE status = 'running' AND lease_expires_at >= ?",
+                             (now,))["n"]
+    family("tyow_leases_held", "gauge", "Runs whose pass holds a live lease (all schedulers).", [((), leases)])
+    family("tyow_schedulers_alive", "gauge", "Schedulers with a fresh heartbeat.",
+           [((), len(store.live_schedulers(now, 2 * sidecar.config["lease_ttl"])))])
+    return "\n".join(lines) + "\n"
+
+
+def _prom_num(v):
+    if isinstance(v, float):
+        return repr(v) if v != int(v) else "%d" % v if abs(v) < 1e15 else repr(v)
+    return str(v)
+
+
+class DashboardServer:
+    """`/` (the page), `/api/...` (its JSON), `/metrics`, `/healthz` on dashboard.host:dashboard.port.
+
+    GET never changes anything. POST /api/runs/<id>/cancel|retry|signal needs the
+    per-install token (<data_dir>/dashboard.token) in an `Authorization: Bearer`
+    header, which a cross-site page cannot send (no CORS is ever allowed)."""
+
+    def __init__(self, sidecar, host=None, port=None):
+        cfg = sidecar.config
+        self.sidecar = sidecar
+        self.host = cfg["dashboard.host"] if host is None else host
+        self.port = cfg["dashboard.port"] if port is None else port
+        self.token = install_secret(cfg.data_dir, DASHBOARD_TOKEN_FILE, create=True).decode("ascii").strip()
+        self.httpd = None
+        # What was answered in the last DASHBOARD_CACHE_S is answered again as it was: many open
+        # pages and scrapers cost the scheduler it shares a process with next to nothing.
+        self._cache = {}
+        self._cache_lock = threading.Lock()
+        self._compute_lock = threading.Lock()
+
+    def cached(self, key, make):
+        """(body, content type) for ``key``, made by ``make()`` at most once per DASHBOARD_CACHE_S."""
+        now = time.monotonic()
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit and now - hit[0] < DASHBOARD_CACHE_S:
+                return hit[1]
+        with self._compute_lock:  # one request at a time does the work; the others wait and reuse it
+            with self._cache_lock:
+                hit = self._cache.get(key)
+                if hit and time.monotonic() - hit[0] < DASHBOARD_CACHE_S:
+                    return hit[1]
+            value = make()
+            with self._cache_lock:
+                if len(self._cache) > 500:
+                    self._cache.clear()
+                self._cache[key] = (time.monotonic(), value)
+            return value
+
+    def start(self):
+        import http.server
+        import socket
+        server = self
+
+        class Handler(_DashboardHandler, http.server.BaseHTTPRequestHandler):
+            dashboard = server
+            timeout = 10
+
+        class HTTPServer(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            request_queue_size = 128  # many pages opening at once must not wait out a dropped SYN (1 s)
+            address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+            def handle_error(self, request, client_address):
+                log.debug("dashboard: connection from %s ended badly", client_address, exc_info=True)
+
+        try:
+            self.httpd = HTTPServer((self.host, self.port), Handler)
+        except OSError as exc:
+            raise ConfigError("cannot listen on %s:%s for the dashboard (%s); change dashboard.host / "
+                              "dashboard.port" % (self.host, self.port, exc.strerror or exc))
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, name="tyow-dashboard", daemon=True).start()
+        log.info("dashboard on http://%s:%d/", self.host, self.port)
+        return self
+
+    def stop(self):
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+
+    # -- the JSON API (the page's, and anyone's) --------------------------------------
+
+    def api_get(self, path, query):
+        sc = self.sidecar
+        if path == "/api/runs":
+            limit = min(200, max(1, int(query.get("limit", "50"))))
+            status = query.get("status") or None
+            if status and status not in RUN_STATUSES:
+                raise WebhookReject(400, "status must be one of %s" % ", ".join(RUN_STATUSES))
+            rows = sc.store.runs_page(query.get("workflow") or None, status, query.get("q") or None,
+                                      query.get("before") or None, limit)
+            return {"runs": [_run_row(r) for r in rows],
+                    "next": "%d:%s" % (rows[-1]["created_at"], rows[-1]["id"]) if len(rows) == limit else None}
+        if path.startswith("/api/runs/"):
+            run_id = path[len("/api/runs/"):]
+            try:
+                st = sc.status(run_id)
+            except NotFound as exc:
+                raise WebhookReject(404, str(exc))
+            st["events"] = [dict(e, data=loads_or_none(e["data"])) for e in sc.store.events(st["id"])[-2000:]]
+            st["logs"] = sc.logs(st["id"])
+            return st
+        if path == "/api/workflows":
+            return {"workflows": [dict(w, versions=sc.store.versions(w["id"])) for w in sc.list_workflows()]}
+        if path == "/api/schedules":
+            return {"schedules": sc.schedules()}
+        if path == "/api/summary":
+            return {"runs": {r["status"]: r["n"] for r in sc.store.query(
+                "SELECT status, count(*) AS n FROM runs GROUP BY status")}, "now": sc.clock()}
+        raise WebhookReject(404, "no such page: %s" % path)
+
+    def api_post(self, path, headers, body):
+        given = headers.get("Authorization", "")
+        import hmac
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), ("Bearer " + self.token).encode("ascii")):
+            raise WebhookReject(401, "this needs the dashboard token (%s/%s) as `Authorization: Bearer TOKEN`"
+                                % (self.sidecar.config.data_dir, DASHBOARD_TOKEN_FILE))
+        m = re.fullmatch(r"/api/runs/([A-Za-z0-9_]+)/(cancel|retry|signal)", path)
+        if not m:
+            raise WebhookReject(404, "no such action: %s" % path)
+        try:
+            doc = json.loads(body.decode("utf-8") or "{}") if body else {}
+        except (ValueError, UnicodeDecodeError):
+            raise WebhookReject(400, "the body is not JSON")
+        run_id, action = m.groups()
+        sc = self.sidecar
+        with self._cache_lock:
+            self._cache.clear()
+        try:
+            if action == "cancel":
+                return sc.cancel(run_id)
+            if action == "retry":
+                return sc.retry(run_id)
+            return sc.signal(run_id, doc.get("name"), doc.get("data"), doc.get("idempotencyKey"))
+        except NotFound as exc:
+            raise WebhookReject(404, str(exc))
+        except (Conflict, InputError) as exc:
+            raise WebhookReject(409 if isinstance(exc, Conflict) else 400, str(exc))
+
+
+def _run_row(r):
+    return {"id": r["id"], "workflow_id": r["workflow_id"], "version": r["version"], "status": r["status"],
+            "created_at": r["created_at"], "finished_at": r["finished_at"], "task_id": r["task_id"],
+            "schedule": r["schedule_name"], "parent_run_id": r["parent_run_id"]}
+
+
+class _DashboardHandler:
+    """Request handling of DashboardServer, mixed with BaseHTTPRequestHandler at start."""
+
+    dashboard = None
+    server_version = "ty-openworkflow/" + __version__
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):
+        log.debug("dashboard %s %s", self.address_string(), fmt % args)
+
+    def _send(self, status, body, ctype):
+        data = body.encode("utf-8") if isinstance(body, str) else body
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
+                                                    "style-src 'unsafe-inline'; frame-ancestors 'none'")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _json(self, status, doc):
+        self._send(status, json.dumps(doc, ensure_ascii=False) + "\n", "application/json")
+
+    def do_GET(self):
+        import urllib.parse
+        parts = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        try:
+            if parts.path in ("/", "/index.html"):
+                return self._send(200, DASHBOARD_HTML, "text/html; charset=utf-8")
+            if parts.path == "/healthz":
+                return self._json(200, {"ok": True})
+            board = self.dashboard
+            if parts.path == "/metrics":
+                return self._send(200, board.cached("metrics", lambda: render_metrics(board.sidecar)),
+                                  "text/plain; version=0.0.4")
+            body = board.cached(self.path, lambda: json.dumps(board.api_get(parts.path, query),
+                                                              ensure_ascii=False) + "\n")
+            return self._send(200, body, "application/json")
+        except WebhookReject as exc:
+            return self._json(exc.status, {"ok": False, "error": exc.message})
+        except (ValueError, OpenWorkflowError) as exc:
+            return self._json(400, {"ok": False, "error": str(exc)})
+        except Exception:
+            log.exception("dashboard: GET %s failed", parts.path)
+            return self._json(500, {"ok": False, "error": "internal error"})
+
+    def do_POST(self):
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > 1 << 20:
+                raise WebhookReject(413, "the body is too large")
+            body = self.rfile.read(length) if length else b""
+            origin = self.headers.get("Origin")
+            if origin and origin.split("://", 1)[-1] != self.headers.get("Host", ""):
+                raise WebhookReject(403, "cross-site requests are refused")
+            return self._json(200, self.dashboard.api_post(self.path.split("?", 1)[0], self.headers, body))
+        except WebhookReject as exc:
+            return self._json(exc.status, {"ok": False, "error": exc.message})
+        except (ValueError, OpenWorkflowError) as exc:
+            return self._json(400, {"ok": False, "error": str(exc)})
+        except Exception:
+            log.exception("dashboard: POST %s failed", self.path)
+            return self._json(500, {"ok": False, "error": "internal error"})
+
+    def do_PUT(self):
+        self._json(405, {"ok": False, "error": "GET to read, POST to act"})
+
+    do_DELETE = do_PATCH = do_PUT
+
+
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>ty-openworkflow</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+header{background:#1d2330;color:#fff;padding:10px 16px;display:flex;gap:16px;align-items:center}
+header b{font-size:16px} header a{color:#cfd6e4;text-decoration:none;cursor:pointer} header a.on{color:#fff;font-weight:600}
+main{padding:16px} .row{display:flex;gap:8px;align-items:center;margin-bottom:10px;flex-wrap:wrap}
+input,select,button{font:inherit;padding:4px 8px;border:1px solid #c5cbd6;border-radius:4px;background:#fff}
+button{cursor:pointer} button:hover{background:#eef1f6}
+table{border-collapse:collapse;width:100%;background:#fff} th,td{text-align:left;padding:6px 8px;border-bottom:1px solid #e4e7ec}
+tr.run{cursor:pointer} tr.run:hover{background:#f0f4fb}
+.st{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;color:#fff}
+.completed{background:#2f9e44}.failed{background:#e03131}.canceled{background:#868e96}.running{background:#1c7ed6}
+.sleeping{background:#7048e8}.waiting{background:#ae3ec9}.pending{background:#f08c00}.interrupted{background:#adb5bd}
+pre{background:#fff;border:1px solid #e4e7ec;padding:8px;overflow:auto;max-height:260px;margin:4px 0 12px}
+.timeline{position:relative;background:#fff;border:1px solid #e4e7ec;padding:8px 8px 8px 170px;margin-bottom:12px}
+.lane{position:relative;height:22px;margin:2px 0}.lane .name{position:absolute;left:-162px;width:156px;overflow:hidden;
+white-space:nowrap;text-overflow:ellipsis;font-size:12px;top:3px}
+.bar{position:absolute;top:3px;height:16px;border-radius:3px;min-width:3px;opacity:.9}
+.bar.step{background:#2f9e44}.bar.sleep{background:#7048e8}.bar.wait{background:#ae3ec9}.bar.failedattempt{background:#e03131}
+.bar.running{background:#1c7ed6}.pass{position:absolute;top:0;bottom:0;border-left:1px dashed #adb5bd}
+.muted{color:#6b7385}.err{color:#c92a2a}.grid{display:grid;grid-template-columns:140px 1fr;gap:4px 12px;margin-bottom:12px}
+</style></head><body>
+<header><b>ty-openworkflow</b><a id="nav-runs" class="on">Runs</a><a id="nav-workflows">Workflows</a>
+<a id="nav-schedules">Schedules</a><span style="flex:1"></span><span id="summary" class="muted"></span></header>
+<main id="main"></main>
+<script>
+"use strict";
+const $ = (s, el) => (el || document).querySelector(s);
+const esc = (v) => String(v === undefined || v === null ? "" : v).replace(/[&<>"']/g, (c) => ({"&":"&amp;","<":"&lt;",">":"&gt;","\\"":"&quot;","'":"&#39;"}[c]));
+const fmt = (ms) => ms ? new Date(ms).toLocaleString() : "-";
+const badge = (s) => '<span class="st ' + esc(s) + '">' + esc(s) + "</span>";
+const json = (v) => esc(JSON.stringify(v, null, 2));
+let view = {page: "runs", run: null, filters: {workflow: "", status: "", q: ""}};
+async function get(path) { const r = await fetch(path, {cache: "no-store"}); return r.json(); }
+async function act(runId, action, body) {
+  const token = localStorage.getItem("tyow-token") || prompt("Dashboard token (the file dashboard.token in data_dir):");
+  if (!token) return;
+  const r = await fetch("/api/runs/" + runId + "/" + action, {method: "POST", headers: {"Authorization": "Bearer " + token,
+    "Content-Type": "application/json"}, body: JSON.stringify(body || {})});
+  const doc = await r.json();
+  if (r.status === 401) { localStorage.removeItem("tyow-token"); }
+  else if (r.ok) { localStorage.setItem("tyow-token", token); }
+  $("#action-result").textContent = r.ok ? action + ": done" : action + " refused: " + doc.error;
+  $("#action-result").className = r.ok ? "muted" : "err";
+  refresh();
+}
+function nav(page) { view.page = page; view.run = null;
+  for (const p of ["runs", "workflows", "schedules"]) $("#nav-" + p).className = p === page ? "on" : ""; refresh(); }
+for (const p of ["runs", "workflows", "schedules"]) $("#nav-" + p).onclick = () => nav(p);
+async function runsPage() {
+  const f = view.filters;
+  const q = new URLSearchParams({limit: "50"}); if (f.workflow) q.set("workflow", f.workflow);
+  if (f.status) q.set("status", f.status); if (f.q) q.set("q", f.q);
+  const doc = await get("/api/runs?" + q);
+  let html = '<div class="row"><input id="f-q" placeholder="run id" value="' + esc(f.q) + '">' +
+    '<input id="f-wf" placeholder="workflow" value="' + esc(f.workflow) + '"><select id="f-st"><option value="">any status</option>' +
+    ["pending","running","sleeping","waiting","completed","failed","canceled"].map((s) => '<option' + (s === f.status ? " selected" : "") + ">" + s + "</option>").join("") +
+    '</select></div><table id="runs"><tr><th>run</th><th>workflow</th><th>status</th><th>created</th><th>finished</th><th>task</th></tr>';
+  for (const r of doc.runs) html += '<tr class="run" data-id="' + esc(r.id) + '"><td>' + esc(r.id) + "</td><td>" + esc(r.workflow_id) +
+    " v" + esc(r.version) + "</td><td>" + badge(r.status) + "</td><td>" + fmt(r.created_at) + "</td><td>" + fmt(r.finished_at) +
+    "</td><td>" + (r.task_id ? "#" + esc(r.task_id) : "-") + "</td></tr>";
+  html += "</table>" + (doc.runs.length ? "" : '<p class="muted">no runs</p>');
+  return html;
+}
+function timeline(st) {
+  const items = st.steps.filter((s) => s.started_at);
+  const passes = st.events.filter((e) => e.type === "pass_started").map((e) => e.at);
+  const fails = st.events.filter((e) => e.type === "step_failed");
+  const t0 = Math.min(st.created_at, ...items.map((s) => s.started_at));
+  const end = (s) => s.completed_at || (s.kind === "sleep" ? s.wake_at : s.kind === "wait" ? (s.timeout_at || st.updated_at) : st.updated_at);
+  const t1 = Math.max(st.finished_at || st.updated_at, ...items.map(end), t0 + 1);
+  const x = (t) => (100 * (t - t0) / (t1 - t0)).toFixed(3) + "%";
+  let html = '<div class="timeline" id="timeline">';
+  for (const s of items) {
+    const cls = s.kind === "step" ? (s.status === "completed" ? "step" : s.status === "running" ? "running" : "failedattempt") : s.kind;
+    html += '<div class="lane"><span class="name" title="' + esc(s.name) + '">' + esc(s.name) + (s.attempts > 1 ? " (" + s.attempts + " attempts)" : "") +
+      '</span><div class="bar ' + cls + '" data-step="' + esc(s.name) + '" title="' + esc(s.kind + " " + s.status) + '" style="left:' + x(s.started_at) +
+      ";width:calc(" + x(end(s)) + " - " + x(s.started_at) + ')"></div>';
+    for (const f of fails.filter((e) => e.data && e.data.step === s.name)) html += '<div class="bar failedattempt" title="failed: ' +
+      esc(f.data.error && f.data.error.message) + '" style="left:' + x(f.at) + ';width:3px"></div>';
+    html += "</div>";
+  }
+  for (const p of passes) html += '<div class="pass" title="pass started ' + fmt(p) + '" style="left:calc(170px + (100% - 178px) * ' + ((p - t0) / (t1 - t0)).toFixed(4) + ')"></div>';
+  return html + "</div>";
+}
+async function runPage(id) {
+  const st = await get("/api/runs/" + encodeURIComponent(id));
+  if (st.ok === false) return '<p class="err">' + esc(st.error) + "</p>";
+  let html = '<div class="row"><button id="back">&larr; runs</button><b>' + esc(st.id) + "</b> " + badge(st.status) +
+    '<span style="flex:1"></span><button id="do-cancel">cancel</button><button id="do-retry">retry</button>' +
+    '<input id="sig-name" placeholder="signal name" size="10"><input id="sig-data" placeholder="JSON data" size="12"><button id="do-signal">signal</button>' +
+    '<span id="action-result" class="muted"></span></div><div class="grid">' +
+    "<span>workflow</span><span>" + esc(st.workflow_id) + " version " + esc(st.version) + " (" + esc(st.runtime) + ", " + esc(st.adapter) + ")</span>" +
+    "<span>created</span><span>" + fmt(st.created_at) + "</span><span>finished</span><span>" + fmt(st.finished_at) + "</span>" +
+    "<span>passes</span><span>" + esc(st.passes) + (st.last_pass && !st.finished_at ? ' <span class="muted">(last: ' + esc(st.last_pass.reason) + ")</span>" : "") + "</span>" +
+    (st.waiting_for && st.waiting_for.length ? "<span>waiting for</span><span>" + esc(st.waiting_for.map((w) => w.kind + " " + (w.name || w.workflow_id || w.title)).join(", ")) + "</span>" : "") +
+    (st.task && st.task.requested ? "<span>task</span><span>" + (st.task.id ? "#" + esc(st.task.id) + " " : "") + esc(st.task.title) + "</span>" : "") +
+    (st.parent ? '<span>parent</span><span><a href="#" data-run="' + esc(st.parent.run_id) + '">' + esc(st.parent.run_id) + "</a></span>" : "") +
+    (st.children.length ? "<span>children</span><span>" + st.children.map((c) => '<a href="#" data-run="' + esc(c.id) + '">' + esc(c.id) + "</a> " + badge(c.status)).join(" ") + "</span>" : "") +
+    (st.schedule ? "<span>schedule</span><span>" + esc(st.schedule) + "</span>" : "") + "</div>";
+  html += "<h3>Timeline</h3>" + timeline(st);
+  html += "<h3>Input</h3><pre>" + json(st.input) + "</pre>";
+  if (st.output !== null) html += "<h3>Output</h3><pre id='output'>" + json(st.output) + "</pre>";
+  if (st.error) html += '<h3>Error</h3><pre class="err">' + esc(st.error.name + ": " + st.error.message) + "\\n" + esc(st.error.stack || "") + "</pre>";
+  html += "<h3>Logs</h3>" + (st.logs.length ? st.logs.map((l) => '<div class="muted">pass ' + esc(l.pass_no) + " (" + esc(l.adapter) + ") " + fmt(l.at) + "</div><pre>" + esc(l.text) + "</pre>").join("") : '<p class="muted">nothing printed</p>');
+  return html;
+}
+async function workflowsPage() {
+  const doc = await get("/api/workflows");
+  let html = "<table><tr><th>workflow</th><th>latest</th><th>runtime</th><th>adapter</th><th>runs</th><th>versions</th></tr>";
+  for (const w of doc.workflows) html += "<tr><td>" + esc(w.id) + "</td><td>" + esc(w.latest_version) + " (" + esc(w.label) + ")</td><td>" + esc(w.runtime) +
+    "</td><td>" + esc(w.adapter) + "</td><td>" + esc(w.runs) + "</td><td>" + w.versions.map((v) => esc(v.version + " " + v.label + " " + fmt(v.created_at))).join("<br>") + "</td></tr>";
+  return html + "</table>";
+}
+async function schedulesPage() {
+  const doc = await get("/api/schedules");
+  let html = "<table><tr><th>name</th><th>workflow</th><th>cron</th><th>next fire</th><th>last fire</th></tr>";
+  for (const s of doc.schedules) html += "<tr><td>" + esc(s.name) + "</td><td>" + esc(s.workflow_id) + "</td><td>" + esc(s.cron) + " " + esc(s.tz || "") +
+    "</td><td>" + (s.paused ? "paused" : fmt(s.next_fire_at)) + "</td><td>" + fmt(s.last_fire_at) + "</td></tr>";
+  return html + "</table>" + (doc.schedules.length ? "" : '<p class="muted">no schedules</p>');
+}
+let busy = false;
+async function refresh() {
+  if (busy) return; busy = true;
+  try {
+    const sum = await get("/api/summary");
+    $("#summary").textContent = Object.entries(sum.runs).map(([k, v]) => k + " " + v).join(" \\u00b7 ");
+    const focus = document.activeElement && document.activeElement.id;
+    const main = $("#main");
+    if (view.run) main.innerHTML = await runPage(view.run);
+    else if (view.page === "runs") main.innerHTML = await runsPage();
+    else if (view.page === "workflows") main.innerHTML = await workflowsPage();
+    else main.innerHTML = await schedulesPage();
+    wire(); if (focus && $("#" + focus)) { const el = $("#" + focus); el.focus(); if (el.setSelectionRange && el.value) el.setSelectionRange(el.value.length, el.value.length); }
+  } catch (e) { $("#summary").textContent = "cannot reach the sidecar: " + e; }
+  busy = false;
+}
+function wire() {
+  for (const tr of document.querySelectorAll("tr.run")) tr.onclick = () => { view.run = tr.dataset.id; refresh(); };
+  for (const a of document.querySelectorAll("a[data-run]")) a.onclick = (ev) => { ev.preventDefault(); view.run = a.dataset.run; refresh(); };
+  if ($("#back")) $("#back").onclick = () => { view.run = null; refresh(); };
+  const f = view.filters;
+  if ($("#f-q")) $("#f-q").oninput = (e) => { f.q = e.target.value; refresh(); };
+  if ($("#f-wf")) $("#f-wf").oninput = (e) => { f.workflow = e.target.value; refresh(); };
+  if ($("#f-st")) $("#f-st").onchange = (e) => { f.status = e.target.value; refresh(); };
+  if ($("#do-cancel")) $("#do-cancel").onclick = () => act(view.run, "cancel");
+  if ($("#do-retry")) $("#do-retry").onclick = () => act(view.run, "retry");
+  if ($("#do-signal")) $("#do-signal").onclick = () => { let data = null; try { data = $("#sig-data").value ? JSON.parse($("#sig-data").value) : null; } catch (e) { alert("data is not JSON"); return; }
+    act(view.run, "signal", {name: $("#sig-name").value, data}); };
+}
+refresh(); setInterval(refresh, 2000);
+</script></body></html>
+"""
+# ---------------------------------------------------------------------------
 # Public API: the Sidecar object the CLI is a thin layer over
 # ---------------------------------------------------------------------------
 
@@ -5251,7 +5781,8 @@ class Sidecar:
         version = self.store.get_version(run["workflow_id"], run["version"])
         steps, waits = [], []
         for s in self.store.steps(run["id"]):
-            item = {"name": s["key"], "kind": s["kind"], "status": s["status"], "attempts": s["attempts"]}
+            item = {"name": s["key"], "kind": s["kind"], "status": s["status"], "attempts": s["attempts"],
+                    "started_at": s["started_at"], "completed_at": s["completed_at"]}
             if s["kind"] == "wait":
                 waits.append(s)
                 item["wait"] = loads_or_none(s["wait"])
@@ -5539,6 +6070,12 @@ class Sidecar:
             threading.Thread(target=lambda: (stop_event.wait(), sched.stop()), daemon=True).start()
         hook = WebhookServer(self).start() if self.config["webhook.enabled"] else None
         try:
+            board = DashboardServer(self).start() if self.config["dashboard.enabled"] else None
+        except OpenWorkflowError:
+            if hook is not None:
+                hook.stop()
+            raise
+        try:
             find_ty(self.config)
         except TaskYouError as exc:
             if self.bridge._first_time(exc):  # once is enough; the bridge will not repeat it
@@ -5546,12 +6083,17 @@ class Sidecar:
         try:
             return sched.loop()
         finally:
-            if hook is not None:
-                hook.stop()
+            for srv in (hook, board):
+                if srv is not None:
+                    srv.stop()
 
     def webhook(self, host=None, port=None):
         """A WebhookServer for this sidecar (call .start() / .stop())."""
         return WebhookServer(self, host, port)
+
+    def dashboard(self, host=None, port=None):
+        """A DashboardServer for this sidecar (call .start() / .stop())."""
+        return DashboardServer(self, host, port)
 
 
 # ---------------------------------------------------------------------------
@@ -6029,6 +6571,24 @@ def cmd_serve(api, args):
     return 0
 
 
+def cmd_dashboard(api, args):
+    """Serve the dashboard, its API and /metrics alone (no scheduler) until SIGTERM/SIGINT."""
+    _setup_logging(args.verbose)
+    board = api.dashboard(port=args.port).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    print("dashboard on http://%s:%d/ (token in %s)" % (board.host, board.port,
+                                                        os.path.join(api.config.data_dir, DASHBOARD_TOKEN_FILE)),
+          flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        board.stop()
+    return 0
+
+
 def cmd_sign(api, args):
     """Print the headers that sign a callback body (for curl, tests, remote workers)."""
     if args.file and args.file != "-":
@@ -6072,7 +6632,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 COMMANDS = ("init", "deploy", "start", "status", "list", "cancel", "signal", "retry", "fork", "logs", "adapters",
-            "tick", "serve", "sign", "schedule", "prune", "runner", "dist")
+            "tick", "serve", "sign", "schedule", "prune", "dashboard", "runner", "dist")
 
 
 class _Unbuilt:
@@ -6212,6 +6772,10 @@ def build_parser(only=None):
 
     sp = cmd("serve", cmd_serve, "run the scheduler until SIGTERM/SIGINT")
     sp.add_argument("--concurrency", type=int, help="max passes at once (default: concurrency)")
+    sp.add_argument("-v", "--verbose", action="store_true")
+
+    sp = cmd("dashboard", cmd_dashboard, "serve the dashboard, its JSON API and /metrics alone (no scheduler)")
+    sp.add_argument("--port", type=int, help="port (default: dashboard.port)")
     sp.add_argument("-v", "--verbose", action="store_true")
 
     sp = cmd("sign", cmd_sign, "print the headers that sign a webhook callback body")
