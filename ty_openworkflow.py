@@ -5502,7 +5502,7 @@ async function get(path) { const r = await fetch(path, {cache: "no-store"}); ret
 async function act(runId, action, body) {
   const token = localStorage.getItem("tyow-token") || prompt("Dashboard token (the file dashboard.token in data_dir):");
   if (!token) return;
-  const r = await fetch("/api/runs/" + runId + "/" + action, {method: "POST", headers: {"Authorization": "Bearer " + token,
+  const r = await fetch("api/runs/" + runId + "/" + action, {method: "POST", headers: {"Authorization": "Bearer " + token,
     "Content-Type": "application/json"}, body: JSON.stringify(body || {})});
   const doc = await r.json();
   if (r.status === 401) { localStorage.removeItem("tyow-token"); }
@@ -5518,7 +5518,7 @@ async function runsPage() {
   const f = view.filters;
   const q = new URLSearchParams({limit: "50"}); if (f.workflow) q.set("workflow", f.workflow);
   if (f.status) q.set("status", f.status); if (f.q) q.set("q", f.q);
-  const doc = await get("/api/runs?" + q);
+  const doc = await get("api/runs?" + q);
   let html = '<div class="row"><input id="f-q" placeholder="run id" value="' + esc(f.q) + '">' +
     '<input id="f-wf" placeholder="workflow" value="' + esc(f.workflow) + '"><select id="f-st"><option value="">any status</option>' +
     ["pending","running","sleeping","waiting","completed","failed","canceled"].map((s) => '<option' + (s === f.status ? " selected" : "") + ">" + s + "</option>").join("") +
@@ -5551,7 +5551,7 @@ function timeline(st) {
   return html + "</div>";
 }
 async function runPage(id) {
-  const st = await get("/api/runs/" + encodeURIComponent(id));
+  const st = await get("api/runs/" + encodeURIComponent(id));
   if (st.ok === false) return '<p class="err">' + esc(st.error) + "</p>";
   let html = '<div class="row"><button id="back">&larr; runs</button><b>' + esc(st.id) + "</b> " + badge(st.status) +
     '<span style="flex:1"></span><button id="do-cancel">cancel</button><button id="do-retry">retry</button>' +
@@ -5573,14 +5573,14 @@ async function runPage(id) {
   return html;
 }
 async function workflowsPage() {
-  const doc = await get("/api/workflows");
+  const doc = await get("api/workflows");
   let html = "<table><tr><th>workflow</th><th>latest</th><th>runtime</th><th>adapter</th><th>runs</th><th>versions</th></tr>";
   for (const w of doc.workflows) html += "<tr><td>" + esc(w.id) + "</td><td>" + esc(w.latest_version) + " (" + esc(w.label) + ")</td><td>" + esc(w.runtime) +
     "</td><td>" + esc(w.adapter) + "</td><td>" + esc(w.runs) + "</td><td>" + w.versions.map((v) => esc(v.version + " " + v.label + " " + fmt(v.created_at))).join("<br>") + "</td></tr>";
   return html + "</table>";
 }
 async function schedulesPage() {
-  const doc = await get("/api/schedules");
+  const doc = await get("api/schedules");
   let html = "<table><tr><th>name</th><th>workflow</th><th>cron</th><th>next fire</th><th>last fire</th></tr>";
   for (const s of doc.schedules) html += "<tr><td>" + esc(s.name) + "</td><td>" + esc(s.workflow_id) + "</td><td>" + esc(s.cron) + " " + esc(s.tz || "") +
     "</td><td>" + (s.paused ? "paused" : fmt(s.next_fire_at)) + "</td><td>" + fmt(s.last_fire_at) + "</td></tr>";
@@ -5590,7 +5590,7 @@ let busy = false;
 async function refresh() {
   if (busy) return; busy = true;
   try {
-    const sum = await get("/api/summary");
+    const sum = await get("api/summary");
     $("#summary").textContent = Object.entries(sum.runs).map(([k, v]) => k + " " + v).join(" \\u00b7 ");
     const focus = document.activeElement && document.activeElement.id;
     const main = $("#main");
