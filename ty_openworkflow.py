@@ -254,6 +254,8 @@ class Cron:
         self.sets[4] = {d % 7 for d in self.sets[4]}  # 7 is Sunday too
         # Vixie cron: with both day fields restricted, a day matching either one fires.
         self.dom_any, self.dow_any = parts[2].startswith("*"), parts[4].startswith("*")
+        # Jobs with "*" in the minute or hour field also run in the hour a DST change repeats.
+        self.every_hour = parts[0].startswith("*") or parts[1].startswith("*")
 
     @staticmethod
     def _field(i, part):
@@ -302,19 +304,56 @@ class Cron:
         zone = _zone(tz)
         start = datetime.datetime.fromtimestamp(ms / 1000.0, zone).replace(second=0, microsecond=0, tzinfo=None)
         minutes, hours = sorted(self.sets[0]), sorted(self.sets[1])
-        day = start.date()
+        # The second copy of a repeated hour reads as up to an hour before ``start``.
+        lookback = datetime.timedelta(hours=1) if self.every_hour and zone is not None else datetime.timedelta(0)
+        day = (start - lookback).date()
         for _ in range(366 * 8):  # a Feb 29 on a Monday can take years to come
             if day.month in self.sets[3] and self._day_matches(day):
+                found = None  # the earliest instant of the day after ms (a repeated hour comes twice)
                 for h in hours:
                     for m in minutes:
                         local = datetime.datetime(day.year, day.month, day.day, h, m)
-                        if local <= start:
+                        if local < start - lookback:
                             continue
-                        at = _local_to_ms(local, zone)
-                        if at is not None and at > ms:
-                            return at
+                        for fold in (0, 1) if self.every_hour else (0,):
+                            at = _local_to_ms(local, zone, fold)
+                            if at is not None and at > ms and (found is None or at < found):
+                                found = at
+                        if found is not None and not self.every_hour:
+                            return found
+                if found is not None:
+                    return found
             day += datetime.timedelta(days=1)
         return None
+
+
+def _missed_fires(cron, tz, first, now, catch_up):
+    """The fire times from ``first`` to ``now`` that ``catch_up`` runs: the latest only, all (the
+    oldest SCHEDULE_CATCH_UP_MAX), or none but one at most SCHEDULE_ON_TIME_MS late."""
+    if catch_up == "all":
+        fires, at = [], first
+        while at is not None and at <= now and len(fires) < SCHEDULE_CATCH_UP_MAX:
+            fires.append(at)
+            at = cron.next_after(at, tz)
+        return fires
+    # The latest fire at or before now: look back a minute, then twice as far each time.
+    back, latest = 60000, None
+    while latest is None:
+        frm = max(first - 1, now - back)
+        at = cron.next_after(frm, tz)
+        if at is not None and at <= now:
+            latest = at
+            while True:
+                nxt = cron.next_after(latest, tz)
+                if nxt is None or nxt > now:
+                    break
+                latest = nxt
+        elif frm <= first - 1:
+            return []  # nothing fell due after all
+        back *= 2
+    if catch_up == "none" and now - latest > SCHEDULE_ON_TIME_MS:
+        return []
+    return [latest]
 
 
 def _zone(tz):
@@ -327,15 +366,18 @@ def _zone(tz):
         raise ValueError("unknown time zone %r; use a name like Europe/Paris or UTC" % tz)
 
 
-def _local_to_ms(local, zone):
-    """Epoch ms of a wall-clock time in ``zone`` (None: this machine's); None if the clock skips it (DST)."""
+def _local_to_ms(local, zone, fold=0):
+    """Epoch ms of a wall-clock time in ``zone`` (None: this machine's); None if the clock skips it
+    (DST). ``fold=1``: the second of a time the clock repeats (else the same as fold 0)."""
     if zone is None:
+        if fold:
+            return None  # mktime cannot name the second of a repeated hour: give --tz for that
         at = time.mktime(local.timetuple())
         back = time.localtime(at)
         if (back.tm_hour, back.tm_min) != (local.hour, local.minute):
             return None
         return int(at * 1000)
-    aware = local.replace(tzinfo=zone, fold=0)
+    aware = local.replace(tzinfo=zone, fold=fold)
     round_trip = aware.astimezone(datetime_utc()).astimezone(zone).replace(tzinfo=None)
     if round_trip != local:
         return None
@@ -586,6 +628,7 @@ CONFIG_SCHEMA = {
     "dashboard.enabled": ("bool", False),
     "dashboard.host": ("str", "localhost"),
     "dashboard.port": ("int", 8766),
+    "dashboard.allowed_hosts": ("str", ""),
     "taskyou.cli": ("str", "ty"),
     "taskyou.project": ("str", ""),
     "taskyou.auto_create_tasks": ("bool", True),
@@ -1466,6 +1509,8 @@ class Store:
             where.append("id LIKE ? ESCAPE '\\'")
             params.append(id_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
         if before:  # the cursor "created_at:id" of the last row seen (ids break ties of one ms)
+            if not re.fullmatch(r"\d{1,15}:[A-Za-z0-9_]*", str(before)):
+                raise ValueError("bad cursor %r; pass back the `next` of the previous page" % before)
             at, _, last_id = str(before).partition(":")
             where.append("(created_at < ? OR (created_at = ? AND id < ?))")
             params += [int(at), int(at), last_id]
@@ -1758,34 +1803,23 @@ class Store:
 
         One transaction per schedule: the fire time is the run's idempotency key and the
         next fire time moves on in the same commit, so several schedulers on one
-        database, or a crash mid-fire, still start each fire once."""
+        database, or a crash mid-fire, still start each fire once. Which fires are due
+        is worked out before the transaction: a long outage never holds the lock."""
         started = []
-        for (name,) in [tuple(r.values()) for r in self.query(
-                "SELECT name FROM schedules WHERE paused = 0 AND next_fire_at <= ? LIMIT 100", (now,))]:
+        for row in self.query("SELECT name, workflow_id, cron, tz, input, catch_up, next_fire_at FROM schedules "
+                              "WHERE paused = 0 AND next_fire_at <= ? LIMIT 100", (now,)):
+            try:
+                cron = Cron(row["cron"])
+                fires = _missed_fires(cron, row["tz"], row["next_fire_at"], now, row["catch_up"])
+                upcoming = cron.next_after(now, row["tz"])
+            except ValueError as exc:
+                log.warning("schedule %s: %s; paused", row["name"], exc)
+                self.pause_schedule(row["name"], True, now)
+                continue
             with self.transaction() as c:
-                row = self._one(c, "SELECT name, workflow_id, cron, tz, input, catch_up, next_fire_at FROM schedules "
-                                   "WHERE name = ? AND paused = 0 AND next_fire_at <= ?", (name, now))
-                if row is None:
-                    continue  # another scheduler fired it
-                try:
-                    cron = Cron(row["cron"])
-                    fires, at = [], row["next_fire_at"]
-                    for _ in range(100000):  # the fires missed since, oldest first
-                        if at is None or at > now:
-                            break
-                        fires.append(at)
-                        at = cron.next_after(at, row["tz"])
-                    upcoming = at
-                except ValueError as exc:
-                    log.warning("schedule %s: %s; paused", name, exc)
-                    c.execute("UPDATE schedules SET paused = 1 WHERE name = ?", (name,))
-                    continue
-                if row["catch_up"] == "latest":
-                    fires = fires[-1:]
-                elif row["catch_up"] == "none":
-                    fires = [f for f in fires if now - f <= SCHEDULE_ON_TIME_MS][-1:]
-                else:
-                    fires = fires[-SCHEDULE_CATCH_UP_MAX:]
+                if not c.execute("SELECT 1 FROM schedules WHERE name = ? AND paused = 0 AND next_fire_at = ?",
+                                 (row["name"], row["next_fire_at"])).fetchone():
+                    continue  # another scheduler fired it, or it was paused or removed
                 last = None
                 for fire in fires:
                     run_id = start_run(c, row, fire)
@@ -1794,7 +1828,7 @@ class Store:
                         last = run_id
                 c.execute("UPDATE schedules SET next_fire_at = ?, last_fire_at = COALESCE(?, last_fire_at), "
                           "last_run_id = COALESCE(?, last_run_id), updated_at = ? WHERE name = ?",
-                          (upcoming, fires[-1] if fires else None, last, now, name))
+                          (upcoming, fires[-1] if fires else None, last, now, row["name"]))
         return started
 
     # -- scheduling -----------------------------------------------------------
@@ -5262,6 +5296,8 @@ class DashboardServer:
         self.host = cfg["dashboard.host"] if host is None else host
         self.port = cfg["dashboard.port"] if port is None else port
         self.token = install_secret(cfg.data_dir, DASHBOARD_TOKEN_FILE, create=True).decode("ascii").strip()
+        self.allowed_hosts = {"localhost", "127.0.0.1", "::1", self.host.lower()} | {
+            h.strip().lower() for h in cfg["dashboard.allowed_hosts"].split(",") if h.strip()}
         self.httpd = None
         # What was answered in the last DASHBOARD_CACHE_S is answered again as it was: many open
         # pages and scrapers cost the scheduler it shares a process with next to nothing.
@@ -5368,8 +5404,14 @@ class DashboardServer:
             raise WebhookReject(400, "the body is not JSON")
         run_id, action = m.groups()
         sc = self.sidecar
-        with self._cache_lock:
-            self._cache.clear()
+        try:
+            return self._act(sc, run_id, action, doc)
+        finally:  # a page polled while the action ran must not be reused
+            with self._cache_lock:
+                self._cache.clear()
+
+    @staticmethod
+    def _act(sc, run_id, action, doc):
         try:
             if action == "cancel":
                 return sc.cancel(run_id)
@@ -5410,15 +5452,36 @@ class _DashboardHandler:
         self.send_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
                                                     "style-src 'unsafe-inline'; frame-ancestors 'none'")
         self.end_headers()
-        self.wfile.write(data)
+        if not getattr(self, "_head_only", False):
+            self.wfile.write(data)
 
     def _json(self, status, doc):
         self._send(status, json.dumps(doc, ensure_ascii=False) + "\n", "application/json")
+
+    def _host_ok(self, value):
+        """A Host (or an Origin's host) this dashboard answers to: its own name, loopback, or one of
+        dashboard.allowed_hosts (what a reverse proxy forwards); anything else could be DNS rebinding."""
+        if not value:
+            return False
+        name = value.split("://", 1)[-1].split("/", 1)[0]
+        name = name[1:].split("]", 1)[0] if name.startswith("[") else name.rsplit(":", 1)[0] if \
+            name.count(":") == 1 else name
+        return name.lower() in self.dashboard.allowed_hosts
+
+    def do_HEAD(self):
+        self._head_only = True
+        try:
+            self.do_GET()
+        finally:
+            self._head_only = False
 
     def do_GET(self):
         import urllib.parse
         parts = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
+        if not self._host_ok(self.headers.get("Host")):
+            return self._json(421, {"ok": False, "error": "this dashboard does not answer to that host name; add "
+                                                          "it to dashboard.allowed_hosts"})
         try:
             if parts.path in ("/", "/index.html"):
                 return self._send(200, DASHBOARD_HTML, "text/html; charset=utf-8")
@@ -5433,7 +5496,7 @@ class _DashboardHandler:
             return self._send(200, body, "application/json")
         except WebhookReject as exc:
             return self._json(exc.status, {"ok": False, "error": exc.message})
-        except (ValueError, OpenWorkflowError) as exc:
+        except (ValueError, OverflowError, OpenWorkflowError) as exc:
             return self._json(400, {"ok": False, "error": str(exc)})
         except Exception:
             log.exception("dashboard: GET %s failed", parts.path)
@@ -5446,7 +5509,7 @@ class _DashboardHandler:
                 raise WebhookReject(413, "the body is too large")
             body = self.rfile.read(length) if length else b""
             origin = self.headers.get("Origin")
-            if origin and origin.split("://", 1)[-1] != self.headers.get("Host", ""):
+            if not self._host_ok(self.headers.get("Host")) or (origin and not self._host_ok(origin)):
                 raise WebhookReject(403, "cross-site requests are refused")
             return self._json(200, self.dashboard.api_post(self.path.split("?", 1)[0], self.headers, body))
         except WebhookReject as exc:
@@ -5944,6 +6007,8 @@ class Sidecar:
 
     def schedule_pause(self, name, paused=True):
         doc = self.schedule(name)
+        if doc["paused"] == paused:
+            return doc  # already so: a due fire stays due
         nxt = None if paused else Cron(doc["cron"]).next_after(self.clock(), doc["tz"])  # missed fires are not run
         self.store.pause_schedule(name, paused, self.clock(), nxt)
         self.poke_schedulers()

@@ -61,6 +61,18 @@ class Api(DashboardCase):
         self.assertEqual(self.request("GET", "/api/runs?status=bogus")[0], 400)
         self.assertEqual(self.request("GET", "/api/workflows")[1]["workflows"][0]["id"], "wf")
 
+    def test_odd_requests(self):
+        self.assertEqual(self.request("GET", "/api/runs?before=99999999999999999999:x")[0], 400)
+        self.assertEqual(self.request("GET", "/api/runs?limit=x")[0], 400)
+        conn = http.client.HTTPConnection("127.0.0.1", self.board.port, timeout=10)
+        conn.request("HEAD", "/metrics")
+        resp = conn.getresponse()
+        self.assertEqual((resp.status, resp.read()), (200, b""))
+        conn.close()
+        # DNS rebinding: a page served under another name must not read the API.
+        self.assertEqual(self.request("GET", "/api/runs", headers={"Host": "evil.example:%d" % self.board.port})[0],
+                         421)
+
     def test_pages_of_runs(self):
         ids = [self.sc.start("wf", {"n": i}, drive=False)["id"] for i in range(7)]
         seen, before = [], ""

@@ -55,6 +55,14 @@ class Parser(unittest.TestCase):
                          ["Sat 2027-03-27 02:30", "Mon 2027-03-29 02:30", "Tue 2027-03-30 02:30"])
         self.assertEqual(fires("0 9 * * *", "2026-12-02T00:00:00", n=1, tz="Asia/Tokyo"), ["Wed 2026-12-02 09:00"])
 
+    def test_the_repeated_hour_of_a_dst_change(self):
+        # Every-15-minute jobs run through both copies of 01:xx; a fixed-time job runs once.
+        got = fires("*/15 * * * *", "2024-11-03T00:50:00", n=9, tz="America/New_York")
+        self.assertEqual(got.count("Sun 2024-11-03 01:15"), 2, got)
+        self.assertEqual(got[-1], "Sun 2024-11-03 02:00")
+        self.assertEqual(fires("30 1 * * *", "2024-11-03T00:00:00", n=2, tz="America/New_York"),
+                         ["Sun 2024-11-03 01:30", "Mon 2024-11-04 01:30"])
+
     def test_bad_expressions_say_what_is_wrong(self):
         for expr, msg in (("* * *", "five fields"), ("60 * * * *", "out of range 0-59 in the minute"),
                           ("*/0 * * * *", "bad step"), ("5-1 * * * *", "backwards"), ("x * * * *", "not a number"),
@@ -137,6 +145,22 @@ class Schedules(TempHome):
                 self.assertEqual(len(self.sc.fire_schedules()), want)
                 self.assertEqual(len(self.sc.fire_schedules()), 0)
                 self.sc.schedule_rm("s-" + mode)
+
+    def test_a_long_outage_fires_the_latest_once_and_quickly(self):
+        import time
+        self.sc.schedule_add("one", "* * * * *")
+        self.clock.advance(100 * 86400 * 1000)
+        t0 = time.monotonic()
+        self.assertEqual(len(self.sc.fire_schedules()), 1)
+        self.assertLess(time.monotonic() - t0, 2.0)
+        self.assertEqual(self.sc.fire_schedules(), [])
+        self.assertGreater(self.sc.schedule("one")["next_fire_at"], self.clock())
+
+    def test_resuming_a_schedule_that_is_not_paused_keeps_its_due_fire(self):
+        self.sc.schedule_add("one", "* * * * *")
+        self.clock.advance(61000)
+        self.sc.schedule_pause("one", paused=False)
+        self.assertEqual(len(self.sc.fire_schedules()), 1)
 
     def test_tick_starts_and_drives_a_due_fire(self):
         self.sc.schedule_add("one", "* * * * *", {"n": 2})
