@@ -4691,7 +4691,29 @@ def parse_callback(body):
     return "completion", run_id, status, doc
 
 
-class WebhookServer:
+class _HttpService:
+    """What the webhook and the dashboard share: listen on host:port, serve on a thread, stop."""
+
+    host, port, httpd, thread = None, None, None, None
+
+    def _listen(self, server_cls, handler, what):
+        try:
+            self.httpd = server_cls((self.host, self.port), handler)
+        except OSError as exc:
+            raise ConfigError("cannot listen on %s:%s for the %s (%s); change %s.host / %s.port"
+                              % (self.host, self.port, what, exc.strerror or exc, what, what))
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="tyow-" + what, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+
+
+class WebhookServer(_HttpService):
     """Serves POST <webhook.path> (signed callbacks) and GET /healthz, on its own threads."""
 
     def __init__(self, sidecar, host=None, port=None):
@@ -4741,22 +4763,9 @@ class WebhookServer:
                 # A caller that hung up mid-reply is routine; nothing to print.
                 log.debug("webhook: connection from %s ended badly", client_address, exc_info=True)
 
-        try:
-            self.httpd = HTTPServer((self.host, self.port), Handler)
-        except OSError as exc:
-            raise ConfigError("cannot listen on %s:%s for the webhook (%s); change webhook.host / webhook.port"
-                              % (self.host, self.port, exc.strerror or exc))
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="tyow-webhook", daemon=True)
-        self.thread.start()
+        self._listen(HTTPServer, Handler, "webhook")
         log.info("webhook listening on http://%s:%d%s", self.host, self.port, self.path)
         return self
-
-    def stop(self):
-        if self.httpd is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            self.httpd = None
 
     def apply(self, headers, body):
         """Verify and apply one callback; returns the JSON reply, raises WebhookReject."""
@@ -5283,7 +5292,7 @@ def _prom_num(v):
     return str(v)
 
 
-class DashboardServer:
+class DashboardServer(_HttpService):
     """`/` (the page), `/api/...` (its JSON), `/metrics`, `/healthz` on dashboard.host:dashboard.port.
 
     GET never changes anything. POST /api/runs/<id>/cancel|retry|signal needs the
@@ -5342,21 +5351,9 @@ class DashboardServer:
             def handle_error(self, request, client_address):
                 log.debug("dashboard: connection from %s ended badly", client_address, exc_info=True)
 
-        try:
-            self.httpd = HTTPServer((self.host, self.port), Handler)
-        except OSError as exc:
-            raise ConfigError("cannot listen on %s:%s for the dashboard (%s); change dashboard.host / "
-                              "dashboard.port" % (self.host, self.port, exc.strerror or exc))
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, name="tyow-dashboard", daemon=True).start()
+        self._listen(HTTPServer, Handler, "dashboard")
         log.info("dashboard on http://%s:%d/", self.host, self.port)
         return self
-
-    def stop(self):
-        if self.httpd is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            self.httpd = None
 
     # -- the JSON API (the page's, and anyone's) --------------------------------------
 
