@@ -1722,6 +1722,7 @@ class Store:
                       "'completed'", (new_run_id,))
             self._journal(c, new_run_id, None, "created", {"workflow": run["workflow_id"], "forked_from": run_id,
                                                             "from_step": from_step}, now)
+            self._count(c, "started", run["workflow_id"])
             return new_run_id
 
     # -- retention ------------------------------------------------------------------
@@ -5831,6 +5832,8 @@ class Sidecar:
 
     def run(self, run_id):
         run = self.store.get_run(run_id)
+        if run is None and run_id and len(run_id) < 6:
+            raise NotFound("no run %r; give the whole run id or at least 6 characters of it" % run_id)
         if run is None:
             raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
         return run
@@ -5942,8 +5945,14 @@ class Sidecar:
         if bad or not statuses:
             raise InputError("--status takes finished statuses only (%s), not %s" % (", ".join(TERMINAL),
                                                                                      ", ".join(bad) or "nothing"))
-        counts = self.store.prune(self.clock() - age, statuses, dry_run=dry_run)
-        out = {"dry_run": dry_run, "older_than_ms": age, "statuses": list(statuses), "removed": counts}
+        cutoff = self.clock() - age
+        counts = self.store.prune(cutoff, statuses, dry_run=dry_run)
+        kept = self.store.query_one(
+            "SELECT count(*) AS n FROM runs r WHERE r.status IN (%s) AND r.finished_at < ? AND EXISTS (SELECT 1 FROM "
+            "outbox o WHERE o.run_id = r.id AND o.delivered_at IS NULL)" % ",".join("?" * len(statuses)),
+            (*statuses, cutoff))["n"]
+        out = {"dry_run": dry_run, "older_than_ms": age, "statuses": list(statuses), "removed": counts,
+               "kept_undelivered": kept}
         if vacuum and not dry_run:
             out["vacuum_bytes"] = self.store.vacuum()
         return out
@@ -6384,9 +6393,12 @@ def _print_status(st):
         width = max(len(s["name"]) for s in st["steps"])
         for s in st["steps"]:
             if s["kind"] == "wait":
-                detail = _describe_wait(dict(s.get("wait") or {}, timeout_at=s.get("timeout_at")))
-                if s["status"] == "completed":
-                    detail += ": " + _short(s.get("output"))
+                done = s["status"] == "completed"
+                detail = _describe_wait(dict(s.get("wait") or {}, timeout_at=None if done else s.get("timeout_at")))
+                if done:
+                    got = s.get("output") or {}
+                    detail += ": " + ("error: %s" % got["error"].get("message") if got.get("error") else
+                                      _short(got.get("value")))
             elif s["kind"] == "sleep":
                 detail = "until %s" % format_time(s["wake_at"])
             elif s["status"] == "completed":
@@ -6470,6 +6482,9 @@ def cmd_prune(api, args):
         print("%s %d run%s (%d steps, %d events, %d log entries, %d task updates, %d signals)" % (
             "would remove" if res["dry_run"] else "removed", c["runs"], "" if c["runs"] == 1 else "s", c["steps"],
             c["run_events"], c["run_logs"], c["outbox"], c["signals"]))
+    if res["kept_undelivered"]:
+        print("kept %d old run%s whose TaskYou updates are not delivered yet (see `status`)"
+              % (res["kept_undelivered"], "" if res["kept_undelivered"] == 1 else "s"))
     if "vacuum_bytes" in res:
         print("vacuum gave back %d bytes" % res["vacuum_bytes"])
     return 0
@@ -6485,7 +6500,8 @@ def cmd_schedule(api, args):
         else:
             _table([(r["name"], r["workflow_id"], r["cron"], r["tz"] or "local", "paused" if r["paused"] else
                      format_time(r["next_fire_at"]), format_time(r["last_fire_at"]), r["last_run_id"] or "-")
-                    for r in rows], ("name", "workflow", "cron", "tz", "next fire", "last fire", "last run"))
+                    for r in rows], ("name", "workflow", "cron", "tz", "next fire (local)", "last fire (local)",
+                                     "last run"))
         return 0
     if not args.target:
         raise InputError("schedule %s needs a %s" % (args.action, "workflow id" if args.action == "add" else "NAME"))

@@ -106,7 +106,7 @@ def to_json(value, what):
 
 
 class Context:
-    """The ``ctx`` a workflow receives: ``step``, ``sleep``, ``sleep_until``, ids."""
+    """The ``ctx`` a workflow receives: ``step``, ``sleep``, ``sleep_until``, the waits, ids."""
 
     def __init__(self, doc, emit, control=None):
         # The sidecar's clock is the run's clock, but only one ahead of ours is
@@ -264,7 +264,7 @@ class Context:
         if key in self._waits:
             entry = self._waits[key] or {}
             if entry.get("error"):
-                raise WaitError(entry["error"])
+                raise WaitError.of(entry["error"])
             value = entry.get("value")
             return None if value is None else json.loads(json.dumps(value))
         if self.stop is not None:
@@ -311,6 +311,29 @@ class WaitError(Exception):
         super().__init__(error.get("message", "the wait failed"))
         self.name = error.get("name")
         self.run_id = error.get("run_id")
+
+    @staticmethod
+    def of(error):
+        """The error raised for ``error``: ChildFailed, ChildCanceled, ChildTimeout, or WaitError."""
+        return {"ChildFailed": ChildFailed, "ChildCanceled": ChildCanceled,
+                "ChildTimeout": ChildTimeout}.get(error.get("name"), WaitError)(error)
+
+
+class ChildFailed(WaitError):
+    """The child run failed."""
+
+
+class ChildCanceled(WaitError):
+    """The child run was canceled."""
+
+
+class ChildTimeout(WaitError):
+    """The child run did not finish within the wait's timeout (it is canceled)."""
+
+
+# What a child run's wait may raise, to catch by name: ``except ctx.ChildFailed``.
+Context.WaitError, Context.ChildFailed, Context.ChildCanceled, Context.ChildTimeout = (
+    WaitError, ChildFailed, ChildCanceled, ChildTimeout)
 
 
 def _wait_name(what, name):

@@ -214,8 +214,9 @@ class NodeChildren(TempHome):
         code = {"node": "async function workflow(input, { runWorkflow }) { try { await runWorkflow('longkid', {}, "
                          "{ timeout: input.timeout }); return 'done'; } catch (e) { return e.name; } }",
                 "python": "def workflow(input, ctx):\n    try:\n        ctx.run_workflow('longkid', {}, "
-                          "timeout=input.get('timeout'))\n        return 'done'\n    except Exception as e:\n"
-                          "        return e.name\n"}[self.runtime]
+                          "timeout=input.get('timeout'))\n        return 'done'\n"
+                          "    except (ctx.ChildCanceled, ctx.ChildTimeout) as e:\n"
+                          "        return type(e).__name__\n"}[self.runtime]
         self.sc.deploy("catcher", code, runtime=self.runtime)
         run_id = self.sc.start("catcher", {}, drive=False)["id"]
         self.sc.tick()
