@@ -377,16 +377,12 @@ def _local_to_ms(local, zone, fold=0):
         if (back.tm_hour, back.tm_min) != (local.hour, local.minute):
             return None
         return int(at * 1000)
+    import datetime
     aware = local.replace(tzinfo=zone, fold=fold)
-    round_trip = aware.astimezone(datetime_utc()).astimezone(zone).replace(tzinfo=None)
+    round_trip = aware.astimezone(datetime.timezone.utc).astimezone(zone).replace(tzinfo=None)
     if round_trip != local:
         return None
     return int(aware.timestamp() * 1000)
-
-
-def datetime_utc():
-    import datetime
-    return datetime.timezone.utc
 
 
 def format_time(ms):
@@ -2167,11 +2163,16 @@ class Store:
         elif spec["kind"] == "task":
             self._enqueue(c, run_id, "approval", {"key": key, "title": spec["title"], "body": spec.get("body")}, now)
 
+    @staticmethod
+    def _latest(c, workflow_id):
+        """(latest version, its default deadline in ms) of a workflow, or None, inside a transaction."""
+        return c.execute("SELECT w.latest_version, v.deadline_ms FROM workflows w JOIN workflow_versions v ON "
+                         "v.workflow_id = w.id AND v.version = w.latest_version WHERE w.id = ?",
+                         (workflow_id,)).fetchone()
+
     def _start_child(self, c, run_id, key, spec, now):
         """Create the child run of wait ``key`` (once: the wait row is new) on its workflow's latest version."""
-        wf = c.execute("SELECT w.latest_version, v.deadline_ms FROM workflows w JOIN workflow_versions v ON "
-                       "v.workflow_id = w.id AND v.version = w.latest_version WHERE w.id = ?",
-                       (spec["workflow_id"],)).fetchone()
+        wf = self._latest(c, spec["workflow_id"])
         if wf is None:
             return None
         child_id = new_id("run")
@@ -5288,8 +5289,9 @@ def render_metrics(sidecar):
 
 
 def _prom_num(v):
+    """A sample value: whole floats without the ``.0`` (``1`` rather than ``1.0``)."""
     if isinstance(v, float):
-        return repr(v) if v != int(v) else "%d" % v if abs(v) < 1e15 else repr(v)
+        return "%d" % v if v.is_integer() and abs(v) < 1e15 else repr(v)
     return str(v)
 
 
@@ -5688,6 +5690,11 @@ refresh(); setInterval(refresh, 2000);
 _NO_INPUT = object()  # fork(): keep the source run's input
 
 
+def _check_idempotency_key(key):
+    if key is not None and (not isinstance(key, str) or not key.strip() or len(key) > 200):
+        raise InputError("--idempotency-key must be a non-empty string of at most 200 characters")
+
+
 class Sidecar:
     """deploy / start / status / list / cancel / retry / fork / logs / tick / serve over one store."""
 
@@ -5792,9 +5799,7 @@ class Sidecar:
         With ``idempotency_key``, a second start of the same workflow with the same key
         returns the first run (whatever its status) and creates nothing; the result then
         has ``"existing": True``."""
-        if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key.strip()
-                                            or len(idempotency_key) > 200):
-            raise InputError("--idempotency-key must be a non-empty string of at most 200 characters")
+        _check_idempotency_key(idempotency_key)
         wf = self.workflow(workflow_id, counts=False)
         input_json = self._input_json(input)
         self.adapter(wf["adapter"]).check(wf["runtime"])
@@ -5919,9 +5924,7 @@ class Sidecar:
         if not isinstance(name, str) or not name.strip() or len(name) > MAX_STEP_NAME_LEN - 10:
             raise InputError("the signal name must be a non-empty string of at most %d characters"
                              % (MAX_STEP_NAME_LEN - 10))
-        if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key.strip()
-                                            or len(idempotency_key) > 200):
-            raise InputError("--idempotency-key must be a non-empty string of at most 200 characters")
+        _check_idempotency_key(idempotency_key)
         run = self.run(run_id)
         data_json = self._input_json(data)
         sig_id, consumed_by, applied = self.store.signal(run["id"], name, data_json, self.clock(), idempotency_key)
@@ -6025,9 +6028,7 @@ class Sidecar:
         auto_task = self.config["taskyou.auto_create_tasks"]
 
         def start_run(c, row, fire):
-            wf = c.execute("SELECT w.latest_version, v.deadline_ms FROM workflows w JOIN workflow_versions v ON "
-                           "v.workflow_id = w.id AND v.version = w.latest_version WHERE w.id = ?",
-                           (row["workflow_id"],)).fetchone()
+            wf = self.store._latest(c, row["workflow_id"])
             if wf is None:
                 log.warning("schedule %s: no workflow %r; the fire at %s is skipped", row["name"], row["workflow_id"],
                             format_time(fire))
@@ -6269,15 +6270,19 @@ def _read_input(args, default=None):
     if args.input is not None:
         return parse_json_arg(args.input, "--input")
     if args.input_file:
-        try:
-            with open(args.input_file, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise InputError("input file %s not found" % args.input_file)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError("cannot read input file %s: %s" % (args.input_file, exc))
-        return parse_json_arg(text, args.input_file)
+        return _read_json_file(args.input_file, "input")
     return default
+
+
+def _read_json_file(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise InputError("%s file %s not found" % (what, path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError("cannot read %s file %s: %s" % (what, path, exc))
+    return parse_json_arg(text, path)
 
 
 def cmd_start(api, args):
@@ -6542,13 +6547,7 @@ def cmd_signal(api, args):
     if args.data is not None:
         data = parse_json_arg(args.data, "--data")
     elif args.data_file:
-        try:
-            with open(args.data_file, encoding="utf-8") as f:
-                data = parse_json_arg(f.read(), args.data_file)
-        except FileNotFoundError:
-            raise InputError("data file %s not found" % args.data_file)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError("cannot read data file %s: %s" % (args.data_file, exc))
+        data = _read_json_file(args.data_file, "data")
     res = api.signal(args.run_id, args.name, data, idempotency_key=args.idempotency_key)
     if args.json:
         _print_json(res)
