@@ -5291,7 +5291,7 @@ def render_metrics(sidecar):
 def _prom_num(v):
     """A sample value: whole floats without the ``.0`` (``1`` rather than ``1.0``)."""
     if isinstance(v, float):
-        return "%d" % v if v.is_integer() and abs(v) < 1e15 else repr(v)
+        return "%d" % v if abs(v) < 1e15 and v == int(v) else repr(v)
     return str(v)
 
 
