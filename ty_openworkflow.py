@@ -612,6 +612,12 @@ CONFIG_SCHEMA = {
     "adapters.cloudflare.api_base": ("str", "https://api.cloudflare.com/client/v4"),
     "adapters.cloudflare.workers_url": ("str", "https://{script}.{subdomain}.workers.dev"),
     "adapters.cloudflare.timeout": ("duration", "5m"),
+    "adapters.cloudflare.cpu_ms": ("int", 0),
+    "adapters.cloudflare.observability": ("bool", False),
+    "adapters.cloudflare.recovery_window": ("duration", "90s"),
+    "adapters.cloudflare.heartbeat": ("duration", "20s"),
+    "adapters.cloudflare.ready_timeout": ("duration", "2m"),
+    "adapters.cloudflare.api_budget": ("int", 1000),
     "webhook.enabled": ("bool", False),
     "webhook.port": ("int", 8765),
     "webhook.host": ("str", "localhost"),
@@ -636,6 +642,7 @@ CONFIG_RANGES = {
     "dashboard.port": (0, 65535),
     "limits.max_step_attempts": (1, 10 ** 9), "limits.max_steps": (1, 10 ** 9), "retry.max_attempts": (1, 10000),
     "adapters.docker.pids_limit": (0, 10 ** 6),
+    "adapters.cloudflare.cpu_ms": (0, 300000), "adapters.cloudflare.api_budget": (10, 1200),
 }
 _CONFIG_SECTIONS = {"adapters", "adapters.exec", "adapters.docker", "adapters.cloudflare",
                     "webhook", "taskyou", "limits", "retry", "dashboard"}
@@ -952,6 +959,8 @@ def load_config(path=None, text=None, must_exist=False):
                           % (path, key_lines.get("adapters.docker.pull", "?")))
     if values["poll_interval"] < 1000:
         raise ConfigError("%s: poll_interval must be at least 1s" % path)
+    if values["adapters.cloudflare.heartbeat"] < 100:
+        raise ConfigError("%s: adapters.cloudflare.heartbeat must be at least 100ms" % path)
     return Config(values, path, exists)
 
 
@@ -1170,6 +1179,12 @@ MIGRATIONS = [
         # The dashboard pages through runs newest first, with or without a status filter.
         "CREATE INDEX runs_created ON runs(created_at)",
         "CREATE INDEX runs_status_created ON runs(status, created_at)",
+    ],
+    [  # 9: what the cloudflare adapter uploaded (so a cron tick never uploads again) and remembers
+        "CREATE TABLE cf_scripts (name TEXT NOT NULL, account_id TEXT NOT NULL, workflow_id TEXT NOT NULL, "
+        "uploaded_at INTEGER NOT NULL, ready_at INTEGER, last_used_at INTEGER, PRIMARY KEY (name, account_id))",
+        "CREATE TABLE adapter_state (adapter TEXT NOT NULL, key TEXT NOT NULL, value TEXT, "
+        "PRIMARY KEY (adapter, key))",
     ],
 ]
 
@@ -1979,12 +1994,13 @@ class Store:
         return {"steps": steps, "sleeps": sleeps, "attempts": attempts, "order": order, "calls": calls,
                 "waits": waits, "waiting": waiting}
 
-    def release(self, run_id, pass_id, now, reason="scheduler stopping"):
-        """Give back a pass we stopped (shutdown, a lost lease): the run is due again at once, no attempt lost."""
+    def release(self, run_id, pass_id, now, reason="scheduler stopping", due=None):
+        """Give back a pass we stopped (shutdown, a lost lease, a platform not ready yet): the run is due
+        again at once (or at ``due``), no attempt lost."""
         with self.transaction() as c:
             n = c.execute("UPDATE runs SET status = 'pending', pass_id = NULL, lease_owner = NULL, "
                           "lease_expires_at = NULL, available_at = ?, updated_at = ? WHERE id = ? AND pass_id = ? "
-                          "AND status = 'running'", (now, now, run_id, pass_id)).rowcount
+                          "AND status = 'running'", (now if due is None else due, now, run_id, pass_id)).rowcount
             if n:
                 c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND status = 'running'", (run_id,))
                 self._journal(c, run_id, pass_id, "released", {"message": reason}, now)
@@ -3316,6 +3332,7 @@ class Adapter:
     def __init__(self, config):
         self.config = config
         self._checked = {}
+        self.store_fn = None  # set by the Sidecar: the store, opened when first needed
 
     @property
     def enabled(self):
@@ -3687,9 +3704,13 @@ def validate_code_in_docker(adapter, code):
          adapter.image("node"), "node", "--check", "/ow/workflow.js"], timeout_s=60))
 
 
+USER_AGENT = "ty-openworkflow/%s (python %d.%d)" % ((__version__,) + tuple(sys.version_info[:2]))
+
+
 def http_request(method, url, headers=None, body=None, timeout_s=30, stream=False):
     """The one place that makes HTTP requests. Returns (status, headers, body), or
-    (connection, response) with ``stream``; raises AdapterError when unreachable."""
+    (connection, response) with ``stream``; raises AdapterError when unreachable.
+    Every request says who it is (User-Agent)."""
     import http.client
     import urllib.parse
     parts = urllib.parse.urlsplit(url)
@@ -3698,8 +3719,10 @@ def http_request(method, url, headers=None, body=None, timeout_s=30, stream=Fals
     cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     conn = cls(parts.hostname, parts.port, timeout=timeout_s)
     target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    headers = dict(headers or {})
+    headers.setdefault("User-Agent", USER_AGENT)
     try:
-        conn.request(method, target, body=body, headers=headers or {})
+        conn.request(method, target, body=body, headers=headers)
         resp = conn.getresponse()
         if stream:
             return conn, resp
@@ -3730,11 +3753,115 @@ def multipart(parts):
     return b"".join(out), "multipart/form-data; boundary=%s" % boundary
 
 
+class NotReady(AdapterError):
+    """The platform cannot take the pass yet (a new route still propagating): try again in ``retry_ms``,
+    without counting an attempt."""
+
+    def __init__(self, message, retry_ms):
+        super().__init__(message)
+        self.retry_ms = retry_ms
+
+
+class CloudflareError(AdapterError):
+    """A Cloudflare API call that failed: its HTTP status and the error codes of its body."""
+
+    def __init__(self, message, status=None, codes=()):
+        super().__init__(message)
+        self.status, self.codes = status, tuple(codes)
+
+
+# Cloudflare's API allows 1,200 calls per 5 minutes per user (shared with the dashboard and
+# wrangler), then blocks every call for 5 minutes with HTTP 429.
+CF_RATE_WINDOW_S = 300.0
+CF_TOKEN_CODES = {6003, 6100, 6101, 6102, 6103, 6111, 9106, 9109, 10000, 10001, 10023}
+CF_QUOTA_CODES = {10048}  # KV's daily free-plan quotas
+# Errors of the workers.dev edge, shown as "error code: N" in its answer.
+CF_EDGE_ERRORS = {
+    "1101": "the Worker threw an exception or was stopped before it answered",
+    "1102": "the Worker exceeded its CPU time limit (adapters.cloudflare.cpu_ms; Free allows 10 ms a request, "
+            "Paid 30 s by default and up to 300000 ms); split the work into more steps or raise cpu_ms",
+    "1015": "workers.dev is rate-limiting these requests",
+    "1027": "the account's daily Workers request limit is used up (Free: 100,000 a day)",
+    "1042": "the workers.dev route is not reachable yet",
+}
+
+
+class _ApiBudget:
+    """One process's share of the account's API calls: a sliding 5-minute window and the block after a 429.
+
+    Shared by every thread of the process for one API base and token holder, so a
+    busy serve slows down before Cloudflare blocks it, and waits out a block instead
+    of hammering it."""
+
+    _all = {}
+    _all_lock = threading.Lock()
+
+    @classmethod
+    def of(cls, key, limit):
+        with cls._all_lock:
+            budget = cls._all.get(key)
+            if budget is None:
+                budget = cls._all[key] = cls()
+            budget.limit = limit
+            return budget
+
+    def __init__(self):
+        self.limit = 1000
+        self.times = collections.deque()
+        self.blocked_until = 0.0
+        self.lock = threading.Lock()
+
+    def wait_s(self):
+        """Seconds until a call may be made (0: now), without taking it."""
+        now = time.monotonic()
+        with self.lock:
+            while self.times and self.times[0] <= now - CF_RATE_WINDOW_S:
+                self.times.popleft()
+            wait = self.blocked_until - now
+            if len(self.times) >= self.limit:
+                wait = max(wait, self.times[0] + CF_RATE_WINDOW_S - now)
+            return max(0.0, wait)
+
+    def take(self, deadline, stop=None):
+        """Take a call slot, waiting up to the monotonic ``deadline``; returns 0, or the seconds still to wait."""
+        while True:
+            wait = self.wait_s()
+            if wait <= 0:
+                with self.lock:
+                    self.times.append(time.monotonic())
+                return 0.0
+            if time.monotonic() + wait > deadline or (stop is not None and stop()):
+                return wait
+            time.sleep(min(wait, 1.0))
+
+    def block(self, seconds):
+        with self.lock:
+            self.blocked_until = max(self.blocked_until, time.monotonic() + seconds)
+
+
+def _retry_after_s(value, default):
+    """Seconds from a Retry-After header (seconds or an HTTP date)."""
+    if not value:
+        return default
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    import email.utils
+    with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    return default
+
+
 class HttpExecution(Execution):
     """A pass running in a Worker: the pass document POSTed, events read from the streamed response.
 
-    A response lost before its terminal event is reconciled from the copies the
-    worker keeps in KV (``ev:<pass>:<seq>``) before the pass counts as failed.
+    Every event carries ``seq`` (1, 2, ... without gaps). A response lost before its
+    terminal event (cut, a dead connection that stopped sending even heartbeats, an
+    error after the request was sent) is reconciled from the copies the Worker keeps in
+    KV: events are taken in seq order only, so nothing past a gap counts, and a key KV
+    does not show yet is "not yet" until the recovery window after the loss ends. The
+    Worker goes on for at most 30 s once its caller is gone, and KV may take a minute
+    to show a write elsewhere: ``adapters.cloudflare.recovery_window`` covers both.
     """
 
     def __init__(self, adapter, url, spec, timeout_ms):
@@ -3742,27 +3869,50 @@ class HttpExecution(Execution):
         self.canceled = self.timed_out = False
         self.status = None
         self.error = None
+        self.sent = False  # the pass document reached the wire: the Worker may be running it
         self.last_seq = 0
         self.saw_terminal = False
-        self.reconciled = False
+        self.recovered = 0
         self._log = []
         self._conn = self._resp = None
         self._timeout_ms = timeout_ms
         self._deadline = time.time() + timeout_ms / 1000.0
+        self._stop = threading.Event()
         self._timer = threading.Timer(timeout_ms / 1000.0, self._timeout)
         self._timer.daemon = True
-        headers = {"Authorization": "Bearer " + adapter.invocation_secret().decode("ascii"),
-                   "Content-Type": "application/json"}
-        try:
-            self._conn, self._resp = http_request("POST", url, headers, (dumps(spec.doc) + "\n").encode("utf-8"),
-                                                  timeout_s=timeout_ms / 1000.0, stream=True)
-            self.status = self._resp.status
-        except AdapterError as exc:
-            self.error = str(exc)
+        beat_ms = adapter.cfg("heartbeat")
+        self._idle_s = max(3 * beat_ms, beat_ms + 5000) / 1000.0  # silent this long: the connection is dead
+        doc = dict(spec.doc, heartbeat_ms=beat_ms)
+        self._post(url, (dumps(doc) + "\n").encode("utf-8"))
         self._timer.start()
+
+    def _post(self, url, body):
+        import http.client
+        import urllib.parse
+        parts = urllib.parse.urlsplit(url)
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        headers = {"Authorization": "Bearer " + self.adapter.invocation_secret().decode("ascii"),
+                   "Content-Type": "application/json", "User-Agent": USER_AGENT}
+        try:
+            self._conn = cls(parts.hostname, parts.port, timeout=min(30.0, self._timeout_ms / 1000.0))
+            self._conn.connect()
+        except (OSError, http.client.HTTPException) as exc:
+            self.error = "cannot reach %s://%s (%s)" % (parts.scheme, parts.netloc, exc)
+            return
+        try:
+            self._conn.request("POST", target, body=body, headers=headers)
+            self.sent = True
+            self._conn.sock.settimeout(self._idle_s)
+            self._resp = self._conn.getresponse()
+            self.status = self._resp.status
+        except (OSError, http.client.HTTPException) as exc:
+            self.error = "the connection to the worker was lost before it answered (%s)" % (
+                exc or type(exc).__name__)
 
     def _timeout(self):
         self.timed_out = True
+        self._stop.set()
         self._close()
 
     def _close(self):
@@ -3772,58 +3922,102 @@ class HttpExecution(Execution):
         with contextlib.suppress(Exception):
             self._conn.close()
 
-    def _track(self, text):
+    def _event(self, text):
+        """The event a line holds (a dict with ``seq``), None for anything else."""
+        text = text.strip()
+        if not text.startswith("{"):
+            return None
         with contextlib.suppress(ValueError, RecursionError):
             ev = json.loads(text)
             if isinstance(ev, dict):
-                if isinstance(ev.get("seq"), int):
-                    self.last_seq = max(self.last_seq, ev["seq"])
-                if ev.get("type") in TERMINAL_EVENTS:
-                    self.saw_terminal = True
+                return ev
+        return None
+
+    def _edge_error(self, body):
+        m = re.search(r"error code:?\s*(\d{4})", body)
+        if m and m.group(1) in CF_EDGE_ERRORS:
+            return "Cloudflare error %s: %s" % (m.group(1), CF_EDGE_ERRORS[m.group(1)])
+        return None
 
     def lines(self):
         if self._resp is not None and self.status != 200:
-            self.error = "the worker answered HTTP %d: %s" % (
-                self.status, self._resp.read(2000).decode("utf-8", "replace").strip()[:300])
+            body = self._resp.read(4000).decode("utf-8", "replace").strip()
+            self.error = "the worker answered HTTP %d: %s" % (self.status, self._edge_error(body) or body[:300])
+            if self.status == 404:
+                self.adapter.forget(self.spec.version)  # the script or its route is gone: upload again next pass
         elif self._resp is not None:
             while True:
                 try:
                     raw = self._resp.readline()
                 except (OSError, _http_exception(), ValueError) as exc:
-                    self.error = "the connection to the worker was lost (%s)" % (exc or type(exc).__name__)
+                    if not self.canceled and not self.timed_out:
+                        self.error = ("no word from the worker for %s (not even a heartbeat)" % format_duration(
+                            int(self._idle_s * 1000)) if "timed out" in str(exc) else
+                            "the connection to the worker was lost (%s)" % (exc or type(exc).__name__))
                     break
                 if not raw:
                     break
                 text = raw.decode("utf-8", "replace")
-                self._track(text)
+                if not text.endswith("\n"):
+                    break  # a line cut in the middle: it is taken from KV
+                ev = self._event(text)
+                if ev is not None and ev.get("type") == "heartbeat":
+                    continue
+                if ev is not None and isinstance(ev.get("seq"), int):
+                    if ev["seq"] != self.last_seq + 1:
+                        continue  # never past a gap (cannot happen on one stream; the copy in KV decides)
+                    self.last_seq = ev["seq"]
+                    self.saw_terminal = ev.get("type") in TERMINAL_EVENTS
                 yield text
-        if self.saw_terminal or self.canceled or self.timed_out or self._resp is None or self.status != 200:
-            return  # nothing started remotely (or it answered): nothing to follow in KV
-        # The response ended early: the worker runs the pass to its end (waitUntil) and keeps
-        # its events in KV, so follow them there until the terminal event or the pass timeout.
-        while not self.saw_terminal and not self.canceled and not self.timed_out and time.time() < self._deadline:
+        if self.saw_terminal or self.canceled or self.timed_out or not self.sent:
+            return  # it ended, was stopped, or nothing reached the Worker: nothing to follow in KV
+        if self._resp is not None and self.status != 200:
+            return  # the Worker refused the pass: it is not running
+        yield from self._reconcile()
+
+    def _reconcile(self):
+        """Follow the pass's events in KV, in seq order, until its terminal event or the window ends."""
+        lost = self.error or "it ended before the pass did"
+        window_end = min(self._deadline, time.time() + self.adapter.cfg("recovery_window") / 1000.0)
+        pause = min(2.0, max(0.2, self.adapter.cfg("recovery_window") / 8000.0))
+        looked_after_end = False
+        while not self.saw_terminal and not self.canceled and not self.timed_out:
             try:
-                found = self.adapter.kv_events(self.spec.pass_id, after_seq=self.last_seq)
-            except AdapterError as exc:
+                found = self.adapter.kv_events(self.spec.pass_id, self.last_seq, stop=self._stop.is_set)
+                if time.time() >= window_end:
+                    looked_after_end = True
+            except AdapterError as exc:  # unreachable or blocked: look again (the window waits for an answer)
+                found = []
                 self._log.append("reconcile: %s" % exc)
-                break
             for text in found:
-                before = self.last_seq
-                self._track(text)
-                if self.last_seq > before:
-                    if not self.reconciled:
-                        self.reconciled = True
-                        self._log.append("the response was lost (%s); its events were recovered from KV"
-                                         % (self.error or "it ended early"))
-                    yield text
-            if not self.saw_terminal:
-                time.sleep(1.0)
+                ev = self._event(text)
+                if ev is None or ev.get("seq") != self.last_seq + 1:
+                    break
+                if not self.recovered:  # said now: the pass may be over (and this generator left) at its end
+                    self._log.append("the response was lost (%s); its events from seq %d on were recovered from KV"
+                                     % (lost, ev["seq"]))
+                self.last_seq = ev["seq"]
+                self.saw_terminal = ev.get("type") in TERMINAL_EVENTS
+                self.recovered += 1
+                yield text
+                if self.saw_terminal:
+                    break
+            if self.saw_terminal or looked_after_end or time.time() >= self._deadline:
+                break
+            self._stop.wait(max(0.05, min(pause, window_end - time.time()) if time.time() < window_end else 0.05))
+            pause = min(pause * 2, 15.0)
+        if not self.saw_terminal and not self.canceled and not self.timed_out:
+            self.error = ("the response was lost (%s) and the pass's end did not show in KV within %s: a Worker "
+                          "runs at most 30 s once its caller is gone (longer steps cannot finish past a lost "
+                          "response), and KV may take a minute to show a write; committed steps stay, the pass "
+                          "is retried" % (lost, format_duration(self.adapter.cfg("recovery_window"))))
 
     def add_stray(self, line):
         self._log.append(line.rstrip("\n"))
 
     def cancel(self):
         self.canceled = True
+        self._stop.set()
         self._close()
 
     def finish(self, grace_s=5.0):
@@ -3841,20 +4035,39 @@ class HttpExecution(Execution):
 
 
 class CloudflareAdapter(Adapter):
-    """Each workflow version is a module Worker; each pass is one HTTPS request to it."""
+    """Each workflow version is a module Worker; each pass is one HTTPS request to it.
+
+    Uploads are remembered in the store (a cron `tick` does not upload again), a
+    new route is waited for before its first pass, scripts no unfinished run needs
+    are deleted, and every API call goes through one budget per process with
+    retries that honour Retry-After.
+    """
 
     name = "cloudflare"
     COMPATIBILITY_DATE = "2024-09-23"
     SECRET_FILE = "cloudflare.secret"
+    API_PATIENCE_S = 60.0  # how long one API call may wait out 429s, 5xx and a busy budget
+    COLLECT_EVERY_S = 600.0
+    READY_TRY_S = 15.0  # per pass: how long to wait for a new route before giving the pass back
+
     def __init__(self, config):
         super().__init__(config)
         self._token = None
         self._subdomain = None
-        self._uploaded = set()
-        self._names = {}
+        self._names = {}  # (workflow_id, code) -> script name
+        self._known = {}  # script name -> its row in cf_scripts (or {} without a store)
+        self._lock = threading.Lock()
+        self._collected_at = 0.0
 
     def cfg(self, key):
         return self.config["adapters.cloudflare." + key]
+
+    def _store(self, create=True):
+        """The store (None outside a Sidecar); with ``create=False`` only if it exists already, so a
+        failed first command leaves no store behind."""
+        if not self.store_fn or (not create and not os.path.exists(os.path.join(self.config.data_dir, DB_FILE))):
+            return None
+        return self.store_fn()
 
     def token(self):
         """The API token, from ``api_token_cmd``: kept in memory only, never logged or stored."""
@@ -3878,33 +4091,105 @@ class CloudflareAdapter(Adapter):
         """The per-install secret the Worker checks on every pass request."""
         return install_secret(self.config.data_dir, self.SECRET_FILE, create=True)
 
-    def api(self, method, path, body=None, content_type="application/json", raw=False):
-        """One Cloudflare API v4 call; returns ``result`` (or the raw body), raises AdapterError."""
+    def budget(self):
+        return _ApiBudget.of((self.cfg("api_base"), self.cfg("account_id")), self.cfg("api_budget"))
+
+    def api(self, method, path, body=None, content_type="application/json", raw=False, patience_s=None,
+            stop=None):
+        """One Cloudflare API v4 call; returns ``result`` (or the raw body), raises CloudflareError.
+
+        429 and 5xx answers and unreachable moments are retried with backoff (a 429's
+        Retry-After blocks every call of the process that long), within ``patience_s``;
+        a 401/403 reads the token again once (it may have been rotated)."""
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode("utf-8")
-        for fresh in (False, True):
+        patience = self.API_PATIENCE_S if patience_s is None else patience_s
+        deadline = time.monotonic() + patience
+        budget = self.budget()
+        url = self.cfg("api_base").rstrip("/") + path
+        backoff, fresh = 1.0, False
+        while True:
+            wait = budget.take(deadline, stop)
+            if wait:
+                raise CloudflareError(
+                    "the Cloudflare API is rate-limiting this account (at most 1,200 calls per 5 minutes per user, "
+                    "shared with the dashboard and wrangler; adapters.cloudflare.api_budget is this process's "
+                    "share); calls resume in %s" % format_duration(int(wait * 1000)), 429, (971,))
             headers = {"Authorization": "Bearer " + self.token()}
             if body is not None:
                 headers["Content-Type"] = content_type
-            status, _, data = http_request(method, self.cfg("api_base").rstrip("/") + path, headers, body)
-            if status not in (401, 403) or fresh:
-                break
-            self._token = None  # the token may have been rotated: read it again once
+            try:
+                status, rheaders, data = http_request(method, url, headers, body)
+            except AdapterError:
+                if time.monotonic() + backoff > deadline or (stop is not None and stop()):
+                    raise
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 15.0)
+                continue
+            envelope = self._envelope(status, data)
+            codes = self._codes(envelope)
+            if status == 429 and not (codes & CF_QUOTA_CODES):
+                budget.block(_retry_after_s(rheaders.get("retry-after"), CF_RATE_WINDOW_S))
+                continue
+            if status >= 500 and time.monotonic() + backoff <= deadline and not (stop is not None and stop()):
+                time.sleep(max(backoff, min(_retry_after_s(rheaders.get("retry-after"), 0), 30.0)))
+                backoff = min(backoff * 2, 15.0)
+                continue
+            if status in (401, 403) and not fresh:
+                fresh, self._token = True, None
+                continue
+            break
         if raw and 200 <= status < 300:
             return data
-        try:
-            envelope = json.loads(data.decode("utf-8")) if data.strip() else {"success": 200 <= status < 300}
-        except (ValueError, UnicodeDecodeError):
-            envelope = None
         if 200 <= status < 300 and isinstance(envelope, dict) and envelope.get("success", True):
             return envelope.get("result")
+        raise self._error(method, path, status, envelope, data, codes)
+
+    @staticmethod
+    def _envelope(status, data):
+        try:
+            return json.loads(data.decode("utf-8")) if data.strip() else {"success": 200 <= status < 300}
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+    @staticmethod
+    def _errors(envelope):
         errors = envelope.get("errors") if isinstance(envelope, dict) else None
-        detail = "; ".join("%s %s" % (e.get("code", ""), e.get("message", "")) for e in errors or []
-                           if isinstance(e, dict)) or (data[:200].decode("utf-8", "replace") or "no body")
-        if status in (401, 403) or "10000" in detail:
-            raise AdapterError("the Cloudflare API refused the token (HTTP %d: %s); check adapters.cloudflare."
-                               "api_token_cmd and that the token may edit Workers and KV" % (status, detail))
-        raise AdapterError("Cloudflare API %s %s failed (HTTP %d: %s)" % (method, path.split("?")[0], status, detail))
+        return [e for e in errors or [] if isinstance(e, dict)]
+
+    def _codes(self, envelope):
+        codes = set()
+        for e in self._errors(envelope):
+            for item in [e] + [c for c in e.get("error_chain") or [] if isinstance(c, dict)]:
+                with contextlib.suppress(TypeError, ValueError):
+                    codes.add(int(item.get("code")))
+        return codes
+
+    def _error(self, method, path, status, envelope, data, codes):
+        """A CloudflareError naming what went wrong, by the codes of the answer."""
+        parts = []
+        for e in self._errors(envelope):
+            text = ("%s %s" % (e.get("code", ""), e.get("message", ""))).strip()
+            chain = ["%s %s" % (c.get("code", ""), c.get("message", "")) for c in e.get("error_chain") or []
+                     if isinstance(c, dict)]
+            parts.append(text + (" [%s]" % "; ".join(chain) if chain else ""))
+        detail = "; ".join(parts) or (data[:200].decode("utf-8", "replace").strip() or "no body")
+        what = "HTTP %d: %s" % (status, detail)
+        if codes & CF_TOKEN_CODES or status in (401, 403):
+            hint = ("check that adapters.cloudflare.api_token_cmd prints the token itself, one line, nothing else"
+                    if codes & {6003, 6100, 6101, 6102, 6103, 6111} else
+                    "check adapters.cloudflare.api_token_cmd and that the token may edit Workers Scripts and "
+                    "Workers KV Storage of account %s" % self.cfg("account_id"))
+            return CloudflareError("the Cloudflare API refused the token (%s); %s" % (what, hint), status, codes)
+        if status == 429 and codes & CF_QUOTA_CODES:
+            return CloudflareError("Workers KV's daily quota is used up (%s); the Free plan allows 100,000 reads and "
+                                   "1,000 writes and lists a day, reset at 00:00 UTC" % what, status, codes)
+        if codes & {10037}:
+            return CloudflareError(
+                "the account holds as many Workers as its plan allows (%s); this install holds %d of them "
+                "(`ty-openworkflow adapters`); delete Workers you no longer use in the dashboard (Free: 100, "
+                "Paid: 500)" % (what, self.script_count()), status, codes)
+        return CloudflareError("Cloudflare API %s %s failed (%s)" % (method, path.split("?")[0], what), status, codes)
 
     def _check(self, runtime):
         if runtime == "python":
@@ -3917,13 +4202,38 @@ class CloudflareAdapter(Adapter):
         runtime_source("node")
         runtime_file(CLOUDFLARE_GLUE)
 
+    def _state(self, key, value=None):
+        """A remembered fact of this adapter (the subdomain), in the store."""
+        store = self._store(create=False)
+        if store is None:
+            return None
+        if value is None:
+            row = store.query_one("SELECT value FROM adapter_state WHERE adapter = ? AND key = ?", (self.name, key))
+            return row["value"] if row else None
+        with store.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO adapter_state (adapter, key, value) VALUES (?, ?, ?)",
+                      (self.name, key, value))
+        return value
+
     def subdomain(self):
         if self._subdomain is None:
-            result = self.api("GET", "/accounts/%s/workers/subdomain" % self.cfg("account_id"))
+            key = "subdomain:" + self.cfg("account_id")
+            known = self._state(key)
+            if known:
+                self._subdomain = known
+                return known
+            try:
+                result = self.api("GET", "/accounts/%s/workers/subdomain" % self.cfg("account_id"))
+            except CloudflareError as exc:
+                if 10007 in exc.codes:
+                    raise CloudflareError("this Cloudflare account has no workers.dev subdomain (%s); create one in "
+                                          "the dashboard (Workers & Pages > your subdomain) and try again"
+                                          % str(exc).split("(", 1)[-1].rstrip(")"), exc.status, exc.codes)
+                raise
             if not isinstance(result, dict) or not result.get("subdomain"):
                 raise AdapterError("this Cloudflare account has no workers.dev subdomain; create one in the "
-                                   "dashboard (Workers > Subdomain)")
-            self._subdomain = result["subdomain"]
+                                   "dashboard (Workers & Pages > your subdomain) and try again")
+            self._subdomain = self._state(key, result["subdomain"]) or result["subdomain"]
         return self._subdomain
 
     def module_text(self, code):
@@ -3935,9 +4245,26 @@ class CloudflareAdapter(Adapter):
                 "const __tyow_workflow = (() => {\n%s\n;return typeof workflow === \"function\" ? workflow : "
                 "undefined;\n})();\n%s" % (__version__, src[start:end], code, runtime_file(CLOUDFLARE_GLUE)))
 
+    def metadata(self):
+        """The upload's metadata: module, bindings, CPU limit and logs as configured."""
+        meta = {"main_module": "worker.mjs", "compatibility_date": self.COMPATIBILITY_DATE,
+                "compatibility_flags": ["nodejs_compat"],
+                "bindings": [{"type": "kv_namespace", "name": "STATE", "namespace_id": self.cfg("namespace")},
+                             {"type": "secret_text", "name": "TYOW_TOKEN",
+                              "text": self.invocation_secret().decode("ascii")}]}
+        if self.cfg("cpu_ms"):
+            meta["limits"] = {"cpu_ms": self.cfg("cpu_ms")}
+        if self.cfg("observability"):
+            meta["observability"] = {"enabled": True, "head_sampling_rate": 1}
+        return meta
+
     def script_name(self, workflow_id, module):
+        """``tyow-<workflow>-<hash>``: the hash covers the module, the settings in the upload and this
+        install's secret, so two installs on one account never overwrite each other's Workers."""
         slug = re.sub(r"[^a-z0-9]+", "-", workflow_id.lower()).strip("-")[:36] or "wf"
-        return "tyow-%s-%s" % (slug, sha256_hex(module)[:12])
+        settings = "%s\0%s\0%s" % (self.cfg("cpu_ms"), self.cfg("observability"), self.cfg("namespace"))
+        return "tyow-%s-%s" % (slug, sha256_hex("%s\0%s\0%s" % (
+            self.invocation_secret().decode("ascii"), settings, module))[:12])
 
     def validate(self, runtime, code):
         if runtime != "node":
@@ -3954,47 +4281,223 @@ class CloudflareAdapter(Adapter):
         """Upload the Worker now, so `deploy` reports API problems and nothing is stored on failure."""
         self.upload(workflow_id, code)
 
+    # -- scripts: uploaded once, remembered, deleted when nothing needs them -------------
+
+    def _name_for(self, workflow_id, code):
+        key = (workflow_id, code)
+        name = self._names.get(key)
+        if name is None:
+            name = self._names[key] = self.script_name(workflow_id, self.module_text(code))
+        return name
+
+    def _row(self, name):
+        with self._lock:
+            if name in self._known:
+                return self._known[name]
+        store = self._store()
+        row = store.query_one("SELECT name, uploaded_at, ready_at, last_used_at FROM cf_scripts WHERE name = ? "
+                              "AND account_id = ?", (name, self.cfg("account_id"))) if store else None
+        if row is not None:
+            with self._lock:
+                self._known[name] = dict(row)
+        return dict(row) if row else None
+
+    def _remember(self, name, workflow_id, **fields):
+        now = now_ms()
+        store = self._store()
+        with self._lock:
+            row = dict(self._known.get(name) or {"name": name, "uploaded_at": now, "ready_at": None,
+                                                 "last_used_at": now})
+            row.update(fields)
+            self._known[name] = row
+        if store is not None:
+            with store.transaction() as c:
+                c.execute("INSERT OR REPLACE INTO cf_scripts (name, account_id, workflow_id, uploaded_at, ready_at, "
+                          "last_used_at) VALUES (?, ?, ?, ?, ?, ?)", (name, self.cfg("account_id"), workflow_id,
+                                                                      row["uploaded_at"], row["ready_at"],
+                                                                      row["last_used_at"]))
+
+    def forget(self, version):
+        """The platform no longer has this version's script (deleted, or its route gone): upload it again."""
+        name = self._name_for(version["workflow_id"], version["code"])
+        with self._lock:
+            self._known.pop(name, None)
+        store = self._store()
+        if store is not None:
+            with contextlib.suppress(StoreError), store.transaction() as c:
+                c.execute("DELETE FROM cf_scripts WHERE name = ? AND account_id = ?", (name, self.cfg("account_id")))
+
+    def script_count(self):
+        store = self._store()
+        if store is None:
+            return len(self._known)
+        with contextlib.suppress(StoreError):
+            return store.query_one("SELECT count(*) AS n FROM cf_scripts WHERE account_id = ?",
+                                   (self.cfg("account_id"),))["n"]
+        return 0
+
     def upload(self, workflow_id, code):
-        known = self._names.get((workflow_id, code))
-        if known in self._uploaded:
-            return known  # the common case, once per pass: no module rebuild
+        name = self._name_for(workflow_id, code)
+        if self._row(name) is not None:
+            return name  # uploaded before, by this or another process of the install
         module = self.module_text(code)
-        name = self.script_name(workflow_id, module)
-        self._names[(workflow_id, code)] = name
-        if name in self._uploaded:
-            return name
         acct = self.cfg("account_id")
-        metadata = {"main_module": "worker.mjs", "compatibility_date": self.COMPATIBILITY_DATE,
-                    "compatibility_flags": ["nodejs_compat"],
-                    "bindings": [{"type": "kv_namespace", "name": "STATE", "namespace_id": self.cfg("namespace")},
-                                 {"type": "secret_text", "name": "TYOW_TOKEN",
-                                  "text": self.invocation_secret().decode("ascii")}]}
-        body, ctype = multipart([("metadata", None, "application/json", json.dumps(metadata).encode("utf-8")),
+        body, ctype = multipart([("metadata", None, "application/json", json.dumps(self.metadata()).encode("utf-8")),
                                  ("worker.mjs", "worker.mjs", "application/javascript+module", module.encode("utf-8"))])
-        self.api("PUT", "/accounts/%s/workers/scripts/%s" % (acct, name), body, ctype)
+        try:
+            self.api("PUT", "/accounts/%s/workers/scripts/%s" % (acct, name), body, ctype)
+        except CloudflareError as exc:
+            if 10037 not in exc.codes or not self.collect(force=True):
+                raise
+            self.api("PUT", "/accounts/%s/workers/scripts/%s" % (acct, name), body, ctype)  # room was made
         self.api("POST", "/accounts/%s/workers/scripts/%s/subdomain" % (acct, name), {"enabled": True})
-        self._uploaded.add(name)
+        self._remember(name, workflow_id, uploaded_at=now_ms(), ready_at=None, last_used_at=now_ms())
         log.info("cloudflare: uploaded worker %s", name)
         return name
+
+    def needed_scripts(self, store):
+        """Script names some version still needs: each cloudflare workflow's newest, and every unfinished run's."""
+        rows = store.query(
+            "SELECT v.workflow_id, v.code FROM workflow_versions v JOIN workflows w ON w.id = v.workflow_id "
+            "WHERE v.adapter = 'cloudflare' AND (v.version = w.latest_version OR EXISTS (SELECT 1 FROM runs r "
+            "WHERE r.workflow_id = v.workflow_id AND r.version = v.version AND r.status NOT IN "
+            "('completed', 'failed', 'canceled')))")
+        return {self._name_for(r["workflow_id"], r["code"]) for r in rows}
+
+    def collect(self, force=False, store=None):
+        """Delete this install's Workers that no version needs any more; returns how many went.
+
+        A script used by a pass in the last pass timeout (by any process) is kept, so
+        nothing in flight loses its Worker."""
+        store = store or self._store()
+        if store is None or (not force and time.time() - self._collected_at < self.COLLECT_EVERY_S):
+            return 0
+        self._collected_at = time.time()
+        needed = self.needed_scripts(store)
+        recent = now_ms() - self.cfg("timeout") - 120000
+        rows = store.query("SELECT name, uploaded_at, last_used_at FROM cf_scripts WHERE account_id = ?",
+                           (self.cfg("account_id"),))
+        gone = 0
+        for row in rows:
+            if row["name"] in needed or max(row["uploaded_at"] or 0, row["last_used_at"] or 0) > recent:
+                continue
+            try:
+                self.api("DELETE", "/accounts/%s/workers/scripts/%s" % (self.cfg("account_id"), row["name"]))
+            except CloudflareError as exc:
+                if 10007 not in exc.codes and exc.status != 404:
+                    log.warning("cloudflare: cannot delete worker %s: %s", row["name"], exc)
+                    continue
+            with store.transaction() as c:
+                c.execute("DELETE FROM cf_scripts WHERE name = ? AND account_id = ?",
+                          (row["name"], self.cfg("account_id")))
+            with self._lock:
+                self._known.pop(row["name"], None)
+            gone += 1
+            log.info("cloudflare: deleted worker %s (no run needs it)", row["name"])
+        return gone
+
+    def cleanup(self, store=None):
+        if self.enabled and self.cfg("account_id").strip():
+            self.collect(store=store)
+
+    # -- passes ---------------------------------------------------------------------
 
     def worker_url(self, name):
         return self.cfg("workers_url").format(script=name, subdomain=self.subdomain())
 
+    def ensure_ready(self, name, workflow_id):
+        """A new script's route answers its /healthz before the first pass goes to it.
+
+        Waits here a little; past that the pass is given back (NotReady, no attempt
+        counted) until ``ready_timeout`` after the upload, then it is an error."""
+        row = self._row(name) or {}
+        if row.get("ready_at"):
+            return
+        url = self.worker_url(name).rstrip("/") + "/healthz"
+        until = time.monotonic() + self.READY_TRY_S
+        pause, last = 0.25, "no answer"
+        while True:
+            try:
+                status, _, data = http_request("GET", url, timeout_s=10)
+                if status == 200:
+                    self._remember(name, workflow_id, ready_at=now_ms())
+                    return
+                last = "HTTP %d" % status
+            except AdapterError as exc:
+                last = str(exc)
+            if time.monotonic() + pause > until:
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, 4.0)
+        since = now_ms() - (row.get("uploaded_at") or now_ms())
+        if since < self.cfg("ready_timeout"):
+            raise NotReady("the new Worker %s is not reachable yet (%s); its workers.dev route may take a minute "
+                           "to work after it is enabled" % (name, last), 3000)
+        self._known.pop(name, None)
+        with contextlib.suppress(StoreError):
+            store = self._store()
+            if store is not None:
+                with store.transaction() as c:
+                    c.execute("DELETE FROM cf_scripts WHERE name = ?", (name,))
+        raise AdapterError("the Worker %s did not answer at %s within %s of its upload (%s); it is uploaded again "
+                           "on the next pass (check adapters.cloudflare.workers_url)"
+                           % (name, url, format_duration(self.cfg("ready_timeout")), last))
+
     def launch(self, spec):
         self.check(spec.runtime)
-        name = self.upload(spec.version["workflow_id"], spec.version["code"])
+        wf = spec.version["workflow_id"]
+        name = self.upload(wf, spec.version["code"])
+        self.ensure_ready(name, wf)
+        row = self._row(name) or {}
+        if now_ms() - (row.get("last_used_at") or 0) > 60000:  # at most once a minute: guards it from collect()
+            self._remember(name, wf, last_used_at=now_ms())
         return HttpExecution(self, self.worker_url(name), spec, self.cfg("timeout"))
 
-    def kv_events(self, pass_id, after_seq=0):
-        """The event lines the worker recorded in KV for a pass after ``after_seq``, in order."""
+    def kv_events(self, pass_id, after_seq=0, stop=None):
+        """The event lines the Worker copied to KV for a pass after ``after_seq``, in seq order, up to the
+        first one KV does not show yet (nothing past a gap)."""
+        from urllib.parse import quote
         base = "/accounts/%s/storage/kv/namespaces/%s" % (self.cfg("account_id"), self.cfg("namespace"))
         prefix = "ev:%s:" % pass_id
-        from urllib.parse import quote
-        keys = self.api("GET", "%s/keys?prefix=%s" % (base, quote(prefix, safe=""))) or []
-        names = sorted(k["name"] for k in keys if isinstance(k, dict) and isinstance(k.get("name"), str)
-                       and k["name"][len(prefix):].isdigit() and int(k["name"][len(prefix):]) > after_seq)
-        return [self.api("GET", "%s/values/%s" % (base, quote(n, safe="")), raw=True)
-                .decode("utf-8", "replace") for n in names]
+        chunks, cursor = [], ""
+        while True:  # every page, following the cursor (a page may be empty while more remain)
+            path = "%s/keys?prefix=%s&limit=1000%s" % (base, quote(prefix, safe=""),
+                                                       "&cursor=" + quote(cursor, safe="") if cursor else "")
+            envelope = self.api("GET", path, raw=True, patience_s=20, stop=stop)
+            doc = json.loads(envelope.decode("utf-8"))
+            for k in doc.get("result") or []:
+                name = k.get("name") if isinstance(k, dict) else None
+                if isinstance(name, str) and name[len(prefix):].isdigit() and name.startswith(prefix):
+                    meta = k.get("metadata") if isinstance(k.get("metadata"), dict) else {}
+                    chunks.append((int(name[len(prefix):]), meta.get("last"), meta.get("v"), name))
+            cursor = ((doc.get("result_info") or {}).get("cursor") or "") if isinstance(doc, dict) else ""
+            if not cursor:
+                break
+        out, expect = [], after_seq + 1
+        for first, last, text, name in sorted(chunks):
+            if isinstance(last, int) and last < expect:
+                continue  # already had
+            if first > expect:
+                break  # a gap: the chunk before is not visible yet
+            if not isinstance(text, str):
+                try:
+                    text = self.api("GET", "%s/values/%s" % (base, quote(name, safe="")), raw=True, patience_s=20,
+                                    stop=stop).decode("utf-8", "replace")
+                except CloudflareError as exc:
+                    if exc.status == 404:
+                        break  # listed but not readable here yet: not yet
+                    raise
+            for line in text.splitlines():
+                try:
+                    seq = json.loads(line).get("seq")
+                except (ValueError, AttributeError, RecursionError):
+                    continue
+                if seq == expect:
+                    out.append(line + "\n")
+                    expect += 1
+            if isinstance(last, int) and expect <= last:
+                break  # an older copy of the chunk: the rest comes later
+        return out
 
 
 ADAPTERS = {"exec": ExecAdapter, "docker": DockerAdapter, "cloudflare": CloudflareAdapter}
@@ -4346,6 +4849,10 @@ class Scheduler:
                 return
             launched = time.monotonic()
             ap.execution = adapter.launch(spec)
+        except NotReady as exc:  # the platform cannot take it yet: later, and no attempt counted
+            log.info("run %s: %s; the pass is given back for %s", ap.run_id, exc, format_duration(exc.retry_ms))
+            self.store.release(ap.run_id, ap.pass_id, self.clock(), reason=str(exc), due=self.clock() + exc.retry_ms)
+            return
         except (OpenWorkflowError, RuntimeError) as exc:
             if isinstance(exc, StoreError):
                 raise
@@ -5741,7 +6248,8 @@ class Sidecar:
             raise InputError("unknown adapter %r; choose one of %s" % (name, ", ".join(ADAPTER_NAMES)))
         with self._lock:
             if name not in self._adapters:
-                self._adapters[name] = ADAPTERS[name](self.config)
+                impl = self._adapters[name] = ADAPTERS[name](self.config)
+                impl.store_fn = lambda: self.store
             return self._adapters[name]
 
     def defaults(self):
@@ -6081,8 +6589,14 @@ class Sidecar:
                 available, reason = True, ""
             except OpenWorkflowError as exc:
                 available, reason = False, str(exc)
-            rows.append({"name": name, "enabled": impl.enabled, "available": available, "reason": reason,
-                         "default": name == self.config["default_adapter"]})
+            row = {"name": name, "enabled": impl.enabled, "available": available, "reason": reason,
+                   "default": name == self.config["default_adapter"]}
+            if name == "cloudflare" and impl.enabled:
+                row["scripts"] = impl.script_count()  # Workers this install holds on the account
+                if available:
+                    row["reason"] = "%d Worker%s uploaded by this install" % (row["scripts"],
+                                                                            "" if row["scripts"] == 1 else "s")
+            rows.append(row)
         return rows
 
     # -- driving runs -----------------------------------------------------------

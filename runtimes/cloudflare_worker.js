@@ -5,12 +5,24 @@
 //   the workflow code, wrapped as __tyow_workflow
 //   this file
 // POST / with `Authorization: Bearer <TYOW_TOKEN>` and a pass document as the
-// body; the response streams the pass's events as NDJSON. Every event but
-// step_started is also written to the STATE KV namespace under
-// `ev:<pass_id>:<seq>`, so a response lost on the way can be reconciled.
+// body; the response streams the pass's events as NDJSON, each with `seq`
+// (1, 2, 3, ... with no gap), and a heartbeat line when nothing else was sent
+// for `heartbeat_ms` (so a dead connection shows). GET /healthz answers 200.
+//
+// Every event is also copied to the STATE KV namespace, so a response lost on
+// the way can be reconciled: in chunks `ev:<pass_id>:<first seq, 6 digits>`,
+// each the NDJSON of events first..last (its metadata {"last": n} and, when it
+// fits, {"v": the same text}), written one after the other, each only once the
+// one before it was stored, at most about one a second (KV bills every write).
+// A Worker goes on for at most 30 s after its caller is gone, so a pass whose
+// response was lost and that needs longer than that ends without its terminal
+// event in KV, and the sidecar retries it.
 import { AsyncLocalStorage } from "node:async_hooks";
 
 const KV_TTL_S = 86400;
+const KV_FLUSH_MS = 1000; // events are grouped into one KV write at most this often
+const KV_METADATA_MAX = 1024; // bytes of JSON metadata KV keeps with a key
+const KV_PUT_TRIES = 3;
 
 function sameSecret(given, expected) {
   // Constant-time comparison of two strings.
@@ -27,6 +39,76 @@ function reply(status, message) {
     status,
     headers: { "content-type": "application/json" },
   });
+}
+
+const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// The KV copy of one pass's events: ordered, contiguous, one write in flight at a time.
+class KvMirror {
+  constructor(kv, passId) {
+    this.kv = kv;
+    this.passId = passId;
+    this.pending = []; // [seq, line] not yet stored
+    this.writing = null;
+    this.timer = null;
+    this.lastWrite = 0;
+  }
+
+  add(seq, line) {
+    if (!this.kv) return;
+    this.pending.push([seq, line]);
+    this.schedule();
+  }
+
+  schedule(now = false) {
+    if (this.writing || this.timer || !this.pending.length) return;
+    const wait = now ? 0 : Math.max(0, this.lastWrite + KV_FLUSH_MS - Date.now());
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.writing = this.write().finally(() => {
+        this.writing = null;
+        this.schedule(this.final);
+      });
+    }, wait);
+  }
+
+  async write() {
+    const chunk = this.pending.slice();
+    const text = chunk.map(([, line]) => line).join("\n") + "\n";
+    const key = `ev:${this.passId}:${String(chunk[0][0]).padStart(6, "0")}`;
+    const last = chunk[chunk.length - 1][0];
+    let metadata = { last, v: text };
+    if (new TextEncoder().encode(JSON.stringify(metadata)).length > KV_METADATA_MAX) metadata = { last };
+    for (let attempt = 1; attempt <= KV_PUT_TRIES; attempt++) {
+      try {
+        await this.kv.put(key, text, { expirationTtl: KV_TTL_S, metadata });
+        // Stored: these leave the queue; anything added meanwhile starts the next chunk.
+        this.pending.splice(0, chunk.length);
+        break;
+      } catch (err) {
+        // A failed write keeps its events queued: the next chunk starts at the same seq (same key).
+        if (attempt < KV_PUT_TRIES) await pause(200 * attempt);
+      }
+    }
+    this.lastWrite = Date.now();
+  }
+
+  async drain() {
+    // At the pass's end: write what is left now, in order, and wait for it.
+    this.final = true;
+    for (let rounds = 0; rounds < 50 && (this.pending.length || this.writing || this.timer); rounds++) {
+      if (this.timer) {
+        clearTimeout(this.timer);
+        this.timer = null;
+      }
+      if (this.writing) await this.writing;
+      else if (this.pending.length) {
+        const before = this.pending.length;
+        await this.write();
+        if (this.pending.length === before) break; // KV refuses writes: the stream is all there is
+      }
+    }
+  }
 }
 
 export default {
@@ -49,23 +131,28 @@ export default {
     const { readable, writable } = new TransformStream();
     const writer = writable.getWriter();
     const encoder = new TextEncoder();
-    const puts = [];
+    const mirror = new KvMirror(env.STATE, doc.pass_id);
     let seq = 0;
     let clientGone = false;
+    let lastSent = Date.now();
+    const send = (text) => {
+      if (clientGone) return;
+      lastSent = Date.now();
+      writer.write(encoder.encode(text)).catch(() => {
+        clientGone = true; // keep running: the results still land in KV
+      });
+    };
     const sink = (ev) => {
       seq += 1;
       ev.seq = seq;
       const line = JSON.stringify(ev);
-      if (!clientGone) {
-        writer.write(encoder.encode("\n" + line + "\n")).catch(() => {
-          clientGone = true; // keep running: the results still land in KV
-        });
-      }
-      if (env.STATE && ev.type !== "step_started") {
-        const key = `ev:${doc.pass_id}:${String(seq).padStart(6, "0")}`;
-        puts.push(env.STATE.put(key, line, { expirationTtl: KV_TTL_S }));
-      }
+      send("\n" + line + "\n");
+      mirror.add(seq, line);
     };
+    const beatMs = Number.isInteger(doc.heartbeat_ms) && doc.heartbeat_ms >= 100 ? doc.heartbeat_ms : 20000;
+    const beat = setInterval(() => {
+      if (Date.now() - lastSent >= beatMs - 50) send(JSON.stringify({ type: "heartbeat", at: Date.now() }) + "\n");
+    }, Math.max(50, Math.floor(beatMs / 4)));
     const pass = (async () => {
       try {
         if (typeof __tyow_workflow !== "function") {
@@ -75,10 +162,11 @@ export default {
       } catch (err) {
         sink({ type: "failed", pass: doc.pass_id, at: Date.now(), error: __tyow_engine.serializeError(err) });
       }
-      await Promise.allSettled(puts);
+      clearInterval(beat);
+      await mirror.drain();
       await writer.close().catch(() => {});
     })();
-    // The pass runs to its end even if the caller disconnects.
+    // The pass runs on if the caller disconnects (for at most 30 s on Cloudflare), its events into KV.
     ctx.waitUntil(pass);
     return new Response(readable, { headers: { "content-type": "application/x-ndjson" } });
   },

@@ -1,85 +1,335 @@
-"""A fake of Cloudflare's REST API v4 that runs uploaded Workers in miniflare (a real Workers runtime).
+"""A fake of Cloudflare's REST API v4 and workers.dev, as hard as the platform, around real Workers in miniflare.
 
-Only the REST API is faked (it cannot run here); the Worker itself is the real
-module the sidecar uploads, served by miniflare. The fake checks what the real
-API checks for the calls the adapter makes, and answers in its envelope:
+Only what cannot run here is faked: the REST API, the workers.dev edge and KV's
+global store. The Worker is the real module the sidecar uploads, run by
+miniflare (workerd); its KV binding is a wrapped binding that calls this fake,
+so every script bound to a namespace shares one store and the fake decides
+what REST reads see and when. API calls answer in Cloudflare's envelope
+(``success``, ``errors`` with ``code``/``message``/``error_chain``, ``result``,
+``result_info``):
+
   GET    /client/v4/accounts/{acct}/workers/subdomain
+  GET    /client/v4/accounts/{acct}/workers/scripts
   PUT    /client/v4/accounts/{acct}/workers/scripts/{name}            multipart: metadata + modules
-  POST   /client/v4/accounts/{acct}/workers/scripts/{name}/subdomain  {"enabled": true}
   DELETE /client/v4/accounts/{acct}/workers/scripts/{name}
-  GET    /client/v4/accounts/{acct}/storage/kv/namespaces/{ns}/keys?prefix=
+  GET    /client/v4/accounts/{acct}/workers/scripts/{name}/subdomain
+  POST   /client/v4/accounts/{acct}/workers/scripts/{name}/subdomain  {"enabled": true}
+  GET    /client/v4/accounts/{acct}/storage/kv/namespaces/{ns}/keys?prefix=&limit=&cursor=
   GET    /client/v4/accounts/{acct}/storage/kv/namespaces/{ns}/values/{key}
-and stands in for workers.dev at /__workers/{name}/ (a streaming proxy to miniflare).
+
+workers.dev is served at /__workers/{name}/ (a streaming proxy to the script's
+miniflare), the Worker-side KV at /__kv/{ns}/{op}.
+
+`Platform()` is the platform as documented; each knob can be scaled down for a
+test (`Platform.scaled()`), or turned off (`Platform.kind()`, the fake as it was).
+Where each behaviour is documented:
+
+- Work after a disconnect: ``ctx.waitUntil`` extends a Worker past its response
+  "for up to 30 seconds after the response is sent or the client disconnects";
+  then it is cancelled.  https://developers.cloudflare.com/workers/runtime-apis/context/#waituntil
+  and https://developers.cloudflare.com/workers/platform/limits/#duration .
+  Here: once a stream is cut, or its caller goes away, the script's workerd is
+  killed ``waituntil_s`` later (harder than the platform: every request then in
+  flight on that script dies with it), and restarted.
+- KV is eventually consistent: "changes are usually immediately visible in the
+  location at which they are made, but may take up to 60 seconds or more to be
+  visible in other global network locations"; negative lookups are cached too
+  (``cacheTtl``, 60 s by default), and list results are eventually consistent.
+  https://developers.cloudflare.com/kv/concepts/how-kv-works/ and
+  https://developers.cloudflare.com/kv/api/read-key-value-pairs/#cachettl-parameter .
+  Here: a write reaches the Worker side at once, REST reads and lists after a
+  per-write delay drawn from [0, ``kv_delay_s``] (so keys can appear out of
+  order); a REST read that found nothing keeps answering "not found" for
+  ``kv_negative_ttl_s``.
+- KV lists page at 1000 keys (``limit`` 10..1000) with ``result_info.cursor``,
+  and "it is possible to have an empty page of results, even if there are
+  more": https://developers.cloudflare.com/kv/api/list-keys/ and
+  https://developers.cloudflare.com/api/resources/kv/subresources/namespaces/subresources/keys/methods/list/ .
+  Here, with ``short_pages``, a page holds a random number of keys (often 0).
+- KV key 512 bytes, value 25 MiB, metadata 1024 bytes, ``expirationTtl`` at
+  least 60 s: https://developers.cloudflare.com/kv/platform/limits/ ; free-plan
+  daily quotas, 100,000 reads and 1,000 writes, deletes and lists: same page;
+  over them the Worker's call throws ("KV put() limit exceeded for the day.")
+  and REST answers 429.
+- API rate limit: 1,200 requests per five minutes per user (dashboard, API key
+  and token alike); over it, HTTP 429 and every call blocked for the next five
+  minutes: https://developers.cloudflare.com/fundamentals/api/reference/limits/ .
+  Here: a sliding window per token, ``Retry-After`` on every 429.
+- Scripts per account: 100 (Free), 500 (Paid):
+  https://developers.cloudflare.com/workers/platform/limits/#number-of-workers .
+- A new workers.dev route is not reachable at once (404 or 523 for a while
+  after it is first enabled; wrangler says it "may take a few seconds"):
+  https://developers.cloudflare.com/workers/configuration/routing/workers-dev/ .
+  Here: 404 then 523, alternating, for ``route_delay_s`` after the first enable.
+- CPU time: 10 ms on Free, 30 s default on Paid, up to 300,000 ms with
+  ``limits.cpu_ms`` in the upload metadata:
+  https://developers.cloudflare.com/workers/platform/limits/#cpu-time ; an
+  out-of-range value is refused at upload. (Not enforced at run time:
+  miniflare does not meter CPU.)
+- ``observability`` in the upload metadata, ``{"enabled": bool,
+  "head_sampling_rate": 0..1}``:
+  https://developers.cloudflare.com/workers/observability/logs/workers-logs/ .
+- Errors as the API sends them: a malformed Authorization header is HTTP 400,
+  code 6003 "Invalid request headers" with ``error_chain`` [6111 "Invalid
+  format for Authorization header"]; a token that is not valid is 400/6003 with
+  [6111] too when malformed, else 401 code 10000 "Authentication error"; a
+  valid token without the scope is 403/10000; an account with no workers.dev
+  subdomain answers the subdomain GET with 404 code 10007; a missing script is
+  404 code 10007 "workers.api.error.script_not_found":
+  https://developers.cloudflare.com/fundamentals/api/troubleshooting/ .
+- One KV store per namespace, shared by every script bound to it; a re-upload
+  (or a delete) does not kill requests in flight on the old version, which
+  finish on it: https://developers.cloudflare.com/workers/configuration/versions-and-deployments/ .
+
+Requests without a User-Agent are answered as usual but recorded in
+``no_user_agent``, so a test can require one on every call.
 """
+import collections
 import email.parser
 import email.policy
 import http.client
 import http.server
 import json
+import math
 import os
+import random
 import re
 import secrets
 import shutil
 import subprocess
 import threading
+import time
 import urllib.parse
 
 from tests.util import ROOT
 
 MINIFLARE_DIR = os.path.join(ROOT, ".ci", "node_modules")
 LAUNCHER = os.path.join(ROOT, "tests", "cloudflare", "launcher.mjs")
-SCRIPT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,61}[A-Za-z0-9]$")
+SCRIPT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,61}[a-z0-9]$")
 MODULE_TYPES = ("application/javascript+module", "text/javascript+module")
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,}$")
 
 
 def have_miniflare():
     return shutil.which("node") is not None and os.path.isdir(os.path.join(MINIFLARE_DIR, "miniflare"))
 
 
-def envelope(result=None, errors=None, status=200):
-    return status, {"success": not errors, "errors": errors or [], "messages": [], "result": result}
+def envelope(result=None, errors=None, status=200, result_info=None):
+    doc = {"success": not errors, "errors": errors or [], "messages": [], "result": result}
+    if result_info is not None:
+        doc["result_info"] = result_info
+    return status, doc
+
+
+def error(status, code, message, chain=None):
+    err = {"code": code, "message": message}
+    if chain:
+        err["error_chain"] = [{"code": c, "message": m} for c, m in chain]
+    return envelope(errors=[err], status=status)
+
+
+class Platform:
+    """The platform's limits and delays, as documented (see the module docstring)."""
+
+    def __init__(self, **overrides):
+        self.waituntil_s = 30.0
+        self.kv_delay_s = 60.0
+        self.kv_negative_ttl_s = 60.0
+        self.short_pages = True
+        self.rate_limit = 1200
+        self.rate_window_s = 300.0
+        self.rate_block_s = 300.0
+        self.kv_daily = {"read": 100000, "write": 1000, "list": 1000, "delete": 1000}
+        self.script_cap = 100
+        self.route_delay_s = 60.0
+        self.seed = 1
+        for key, value in overrides.items():
+            if not hasattr(self, key):
+                raise TypeError("no platform knob %r" % key)
+            setattr(self, key, value)
+
+    @classmethod
+    def scaled(cls, **overrides):
+        """The same behaviours on a test's time scale: delays of a second or two, not a minute."""
+        base = dict(waituntil_s=2.0, kv_delay_s=1.5, kv_negative_ttl_s=1.0, route_delay_s=1.0)
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def kind(cls, **overrides):
+        """Nothing late, nothing limited: the fake as it was before it learnt the platform."""
+        base = dict(waituntil_s=None, kv_delay_s=0.0, kv_negative_ttl_s=0.0, short_pages=False, rate_limit=None,
+                    kv_daily={}, script_cap=None, route_delay_s=0.0)
+        base.update(overrides)
+        return cls(**base)
+
+
+class KvNamespace:
+    """One namespace's keys: every write, with when the Worker side and the REST side may see it."""
+
+    def __init__(self, fake):
+        self.fake = fake
+        self.versions = {}  # key -> [(visible_at, value, metadata, expiration)], newest last
+        self.not_found_until = {}  # key -> REST "not found" cached until
+        self.lock = threading.Lock()
+
+    def _alive(self, version, now):
+        return version[3] is None or version[3] > now
+
+    def write(self, key, value, metadata, expiration):
+        now = time.time()
+        delay = self.fake.rng.uniform(0, self.fake.platform.kv_delay_s) if self.fake.platform.kv_delay_s else 0.0
+        with self.lock:
+            self.versions.setdefault(key, []).append((now + delay, value, metadata, expiration))
+
+    def delete(self, key):
+        with self.lock:
+            self.versions.pop(key, None)
+
+    def worker_get(self, key):
+        """The Worker's own location: its writes are visible to it at once."""
+        now = time.time()
+        with self.lock:
+            vs = self.versions.get(key)
+            if vs and self._alive(vs[-1], now):
+                return {"value": vs[-1][1], "metadata": vs[-1][2]}
+            return None
+
+    def _rest_version(self, key, now):
+        visible = [v for v in self.versions.get(key, []) if v[0] <= now]
+        return visible[-1] if visible and self._alive(visible[-1], now) else None
+
+    def rest_get(self, key):
+        now = time.time()
+        with self.lock:
+            if self.not_found_until.get(key, 0) > now:
+                return None
+            v = self._rest_version(key, now)
+            if v is None and self.fake.platform.kv_negative_ttl_s:
+                self.not_found_until[key] = now + self.fake.platform.kv_negative_ttl_s
+            return v
+
+    def list_keys(self, prefix, rest):
+        now = time.time()
+        with self.lock:
+            out = []
+            for key in sorted(self.versions, key=lambda k: k.encode("utf-8")):
+                if not key.startswith(prefix):
+                    continue
+                v = self._rest_version(key, now) if rest else (self.versions[key][-1] if self._alive(
+                    self.versions[key][-1], now) else None)
+                if v is not None:
+                    item = {"name": key}
+                    if v[3] is not None:
+                        item["expiration"] = int(v[3])
+                    if v[2] is not None:
+                        item["metadata"] = v[2]
+                    out.append(item)
+            return out
 
 
 class Script:
-    def __init__(self, name, metadata, module_dir, persist_dir):
-        self.name, self.metadata, self.enabled = name, metadata, False
+    """One uploaded Worker: a miniflare process (restarted when the platform kills its work)."""
+
+    def __init__(self, fake, name, metadata, module_dir):
+        self.fake, self.name, self.metadata, self.module_dir = fake, name, metadata, module_dir
+        self.enabled = False
+        self.enabled_at = None
+        self.created_on = self.modified_on = time.time()
+        self.inflight = 0
+        self.retired = False
         self.lock = threading.Lock()
-        self.proc = subprocess.Popen(["node", LAUNCHER, MINIFLARE_DIR, os.path.join(module_dir, "metadata.json"),
-                                      module_dir, persist_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, TMPDIR=persist_dir))
+        self.proc = None
+        self.url = None
+        self.generation = 0
+        self._start()
+
+    def _start(self):
+        self.proc = subprocess.Popen(["node", LAUNCHER, MINIFLARE_DIR, os.path.join(self.module_dir, "metadata.json"),
+                                      self.module_dir, "127.0.0.1:%d" % self.fake.port], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     env=dict(os.environ, TMPDIR=self.module_dir))
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError("miniflare did not start for %s" % name)
+            raise RuntimeError("miniflare did not start for %s" % self.name)
         self.url = json.loads(line)["url"].rstrip("/")
+        self.generation += 1
 
-    def kv(self, command):
+    def kill_work(self, generation):
+        """The platform cancels the script's leftover work: its workerd dies (then serves again)."""
         with self.lock:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
-            return json.loads(self.proc.stdout.readline())
+            if self.generation != generation or self.proc is None:
+                return
+            self.fake.kills.append((self.name, time.time()))
+            self._stop(hard=True)
+            if not self.retired:
+                self._start()
+
+    def _stop(self, hard=False):
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            if hard:
+                proc.kill()
+            else:
+                proc.stdin.close()
+            proc.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
 
     def stop(self):
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
+        with self.lock:
+            self._stop()
+
+    def retire(self):
+        """Replaced or deleted: requests in flight finish on it, then it stops."""
+        with self.lock:
+            self.retired = True
+            idle = self.inflight == 0
+        if idle:
+            self.stop()
+
+    def enter(self):
+        with self.lock:
+            self.inflight += 1
+            return self.url, self.generation
+
+    def leave(self):
+        with self.lock:
+            self.inflight -= 1
+            done = self.retired and self.inflight == 0
+        if done:
+            self.stop()
 
 
 class FakeCloudflare:
-    def __init__(self, workdir, account_id="acct0123456789abcdef", subdomain="tyow-test"):
+    def __init__(self, workdir, account_id="acct0123456789abcdef", subdomain="tyow-test", platform=None):
         self.workdir = workdir
         self.account_id = account_id
-        self.subdomain = subdomain
+        self.subdomain = subdomain  # None: the account has no workers.dev subdomain
+        self.platform = platform or Platform.scaled()
+        self.rng = random.Random(self.platform.seed)
         self.token = "cf-test-" + secrets.token_hex(12)
+        self.scoped = True  # False: the token is valid but may not edit Workers
         self.namespace = secrets.token_hex(16)
+        self.kv = {self.namespace: KvNamespace(self)}
         self.scripts = {}
-        self.calls = []
+        self.calls = []  # (method, path, status) of every API call
         self.uploads = []
-        self.cut_stream_after = None  # drop the next worker response after this many lines
+        self.deletes = []
+        self.kills = []
+        self.no_user_agent = []
+        self.worker_requests = []  # (name, method, path, status) at workers.dev
+        self.kv_usage = collections.Counter()
+        self.cut_stream_after = None  # drop the next worker response after this many event lines
+        self.stall_stream_after = None  # stop forwarding the next response (connection kept) after this many
+        self.fail_next = collections.deque()  # (method regex, path regex, status, Retry-After or None) injections
+        self.rate_times = collections.deque()
+        self.blocked_until = 0.0
         self.lock = threading.Lock()
+        self.stopped = threading.Event()
         fake = self
 
         class Handler(_Handler):
@@ -94,77 +344,169 @@ class FakeCloudflare:
     def api_base(self):
         return "http://127.0.0.1:%d/client/v4" % self.port
 
-    def config(self, token_cmd):
+    def config(self, token_cmd, extra=""):
         """The `adapters:` block (indented for TempHome.adapter_config) pointing at this fake."""
+        p = self.platform
+        # The sidecar's recovery window follows the platform: the Worker's 30 s plus KV's delay.
+        window = "%dms" % int(1000 * ((p.waituntil_s or 0) + p.kv_delay_s + 3))
         return ("  cloudflare:\n    enabled: true\n    account_id: %s\n    namespace: %s\n"
                 "    api_token_cmd: \"%s\"\n    api_base: %s\n    workers_url: \"http://127.0.0.1:%d/__workers/{script}\"\n"
-                % (self.account_id, self.namespace, token_cmd, self.api_base, self.port))
+                "    recovery_window: %s\n    ready_timeout: 30s\n%s"
+                % (self.account_id, self.namespace, token_cmd, self.api_base, self.port, window, extra))
 
     def stop(self):
+        self.stopped.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         for s in list(self.scripts.values()):
+            s.retired = True
             s.stop()
+
+    def live(self):
+        return list(self.scripts.values())
 
     # -- the API ------------------------------------------------------------------
 
+    def _rate_limited(self, token):
+        """The sliding window of 1,200 calls per 5 minutes, and the 5-minute block past it."""
+        p = self.platform
+        if not p.rate_limit:
+            return None
+        now = time.time()
+        with self.lock:
+            if now < self.blocked_until:
+                return self.blocked_until - now
+            while self.rate_times and self.rate_times[0] <= now - p.rate_window_s:
+                self.rate_times.popleft()
+            if len(self.rate_times) >= p.rate_limit:
+                self.blocked_until = now + p.rate_block_s
+                return p.rate_block_s
+            self.rate_times.append(now)
+        return None
+
+    def _injected(self, method, path):
+        with self.lock:
+            for i, (m, pth, status, retry_after) in enumerate(self.fail_next):
+                if re.fullmatch(m, method) and re.search(pth, path):
+                    del self.fail_next[i]
+                    return status, retry_after
+        return None
+
+    def _auth(self, headers):
+        value = headers.get("Authorization") or ""
+        if not value.startswith("Bearer ") or not TOKEN_RE.match(value[len("Bearer "):]):
+            return error(400, 6003, "Invalid request headers", [(6111, "Invalid format for Authorization header")])
+        if value != "Bearer " + self.token:
+            return error(401, 10000, "Authentication error")
+        if not self.scoped:
+            return error(403, 10000, "Authentication error")
+        return None
+
     def handle_api(self, method, path, query, headers, body):
-        if headers.get("Authorization") != "Bearer " + self.token:
-            return envelope(errors=[{"code": 10000, "message": "Authentication error"}], status=403)
+        refused = self._auth(headers)
+        if refused:
+            return refused + ({},)
+        wait = self._rate_limited(headers.get("Authorization"))
+        if wait is not None:
+            return error(429, 971, "Please wait and consider throttling your request speed") + (
+                {"Retry-After": str(int(math.ceil(wait)))},)
+        injected = self._injected(method, path)
+        if injected:
+            status, retry_after = injected
+            extra = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+            if status == 429:
+                return error(429, 971, "Please wait and consider throttling your request speed") + (extra,)
+            return error(status, 10013, "An unknown error has occurred") + (extra,)
+        return self._route(method, path, query, headers, body) + ({},)
+
+    def _route(self, method, path, query, headers, body):
         acct = "/accounts/%s" % self.account_id
         if not path.startswith(acct + "/"):
-            return envelope(errors=[{"code": 7003, "message": "Could not route to %s, perhaps your object "
-                                     "identifier is invalid?" % path}], status=400)
+            return error(400, 7003, "Could not route to %s, perhaps your object identifier is invalid?" % path)
         rest = path[len(acct):]
         if method == "GET" and rest == "/workers/subdomain":
+            if self.subdomain is None:
+                return error(404, 10007, "This subdomain does not exist.")
             return envelope({"subdomain": self.subdomain})
+        if method == "GET" and rest == "/workers/scripts":
+            return envelope([{"id": s.name, "created_on": _iso(s.created_on), "modified_on": _iso(s.modified_on)}
+                             for s in self.scripts.values()])
         m = re.fullmatch(r"/workers/scripts/([^/]+)", rest)
         if m and method == "PUT":
             return self.upload(m.group(1), headers.get("Content-Type", ""), body)
         if m and method == "DELETE":
-            script = self.scripts.pop(m.group(1), None)
+            with self.lock:
+                script = self.scripts.pop(m.group(1), None)
             if script is None:
-                return envelope(errors=[{"code": 10007, "message": "workers.api.error.script_not_found"}], status=404)
-            script.stop()
-            return envelope({"id": m.group(1)})
+                return error(404, 10007, "workers.api.error.script_not_found")
+            self.deletes.append(m.group(1))
+            script.retire()
+            return envelope(None)
         m = re.fullmatch(r"/workers/scripts/([^/]+)/subdomain", rest)
-        if m and method == "POST":
+        if m and method in ("GET", "POST"):
             script = self.scripts.get(m.group(1))
             if script is None:
-                return envelope(errors=[{"code": 10007, "message": "workers.api.error.script_not_found"}], status=404)
+                return error(404, 10007, "workers.api.error.script_not_found")
+            if method == "GET":
+                return envelope({"enabled": script.enabled, "previews_enabled": False})
             try:
                 doc = json.loads(body)
             except ValueError:
-                return envelope(errors=[{"code": 10026, "message": "could not parse body"}], status=400)
+                return error(400, 10026, "could not parse body")
             if not isinstance(doc, dict) or not isinstance(doc.get("enabled"), bool):
-                return envelope(errors=[{"code": 10026, "message": "enabled is required"}], status=400)
+                return error(400, 10026, "enabled is required")
+            if doc["enabled"] and script.enabled_at is None:
+                script.enabled_at = time.time()
             script.enabled = doc["enabled"]
             return envelope({"enabled": script.enabled, "previews_enabled": False})
-        m = re.fullmatch(r"/storage/kv/namespaces/([0-9a-f]{32})/(keys|values/(.+))", rest)
+        m = re.fullmatch(r"/storage/kv/namespaces/([^/]+)/(keys|values/(.+))", rest)
         if m and method == "GET":
-            if m.group(1) != self.namespace:
-                return envelope(errors=[{"code": 10013, "message": "namespace not found"}], status=404)
+            ns = self.kv.get(m.group(1))
+            if ns is None:
+                return error(404, 10013, "list keys: 'namespace not found'")
             if m.group(2) == "keys":
-                prefix = query.get("prefix", [""])[0]
-                names = sorted({k for s in self.live() for k in s.kv("list " + prefix).get("keys", [])})
-                return envelope([{"name": n} for n in names])
-            key = urllib.parse.unquote(m.group(3))
-            for s in self.live():
-                value = s.kv("get " + key).get("value")
-                if value is not None:
-                    return 200, value.encode("utf-8")
-            return envelope(errors=[{"code": 10009, "message": "get: 'key not found'"}], status=404)
-        return envelope(errors=[{"code": 7000, "message": "No route for that URI"}], status=404)
+                if not self._quota("list"):
+                    return error(429, 10048, "KV list() limit exceeded for the day.")
+                return self._list(ns, query)
+            if not self._quota("read"):
+                return error(429, 10048, "KV get() limit exceeded for the day.")
+            got = ns.rest_get(urllib.parse.unquote(m.group(3)))
+            if got is None:
+                return error(404, 10009, "get: 'key not found'")
+            return 200, got[1].encode("utf-8")
+        return error(404, 7000, "No route for that URI")
 
-    def live(self):
-        return [s for s in self.scripts.values() if s.proc.poll() is None]
+    def _list(self, ns, query):
+        prefix = query.get("prefix", [""])[0]
+        try:
+            limit = int(query.get("limit", ["1000"])[0])
+        except ValueError:
+            return error(400, 10026, "limit must be a number")
+        if not 10 <= limit <= 1000:
+            return error(400, 10026, "limit must be between 10 and 1000")
+        cursor = query.get("cursor", [""])[0]
+        after = urllib.parse.unquote(cursor) if cursor else None
+        keys = [k for k in ns.list_keys(prefix, rest=True) if after is None or k["name"].encode() > after.encode()]
+        size = limit
+        if self.platform.short_pages and keys:
+            size = min(limit, self.rng.choice([0, 0, 1, 2, limit]))
+        page, more = keys[:size], len(keys) > size
+        last = page[-1]["name"] if page else after
+        next_cursor = urllib.parse.quote(last or "\x00", safe="") if more else ""
+        return envelope(page, result_info={"count": len(page), "cursor": next_cursor})
+
+    def _quota(self, kind):
+        limit = self.platform.kv_daily.get(kind)
+        with self.lock:
+            self.kv_usage[kind] += 1
+            return limit is None or self.kv_usage[kind] <= limit
 
     def upload(self, name, content_type, body):
-        def bad(message):
-            return envelope(errors=[{"code": 10021, "message": message}], status=400)
+        def bad(message, code=10021):
+            return error(400, code, message)
 
         if not SCRIPT_NAME_RE.match(name):
-            return bad("invalid script name")
+            return bad("invalid script name", 10016)
         if not content_type.startswith("multipart/form-data"):
             return bad("expected multipart/form-data")
         msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
@@ -184,29 +526,95 @@ class FakeCloudflare:
         if parts[main].get_content_type() not in MODULE_TYPES:
             return bad("the main module must be application/javascript+module")
         for b in metadata.get("bindings", []):
-            if b.get("type") == "kv_namespace" and not re.fullmatch(r"[0-9a-f]{32}", b.get("namespace_id", "")):
-                return bad("KV bindings must include a namespace_id")
+            if b.get("type") == "kv_namespace" and b.get("namespace_id") not in self.kv:
+                return bad("KV namespace '%s' is not valid." % b.get("namespace_id"), 10041)
             if b.get("type") == "secret_text" and not isinstance(b.get("text"), str):
                 return bad("secret_text bindings must include a text property")
+        limits = metadata.get("limits")
+        if limits is not None:
+            cpu = limits.get("cpu_ms") if isinstance(limits, dict) else None
+            if not isinstance(cpu, int) or isinstance(cpu, bool) or not 1 <= cpu <= 300000:
+                return bad("limits.cpu_ms must be a whole number of milliseconds from 1 to 300000", 10021)
+        obs = metadata.get("observability")
+        if obs is not None:
+            rate = obs.get("head_sampling_rate", 1) if isinstance(obs, dict) else None
+            if not isinstance(obs, dict) or not isinstance(obs.get("enabled"), bool) or not (
+                    isinstance(rate, (int, float)) and 0 <= rate <= 1):
+                return bad("observability must be {enabled: bool, head_sampling_rate: 0..1}")
+        with self.lock:
+            if (self.platform.script_cap and name not in self.scripts
+                    and len(self.scripts) >= self.platform.script_cap):
+                return bad("You have exceeded the limit of %d Workers on your account. Please delete some and try "
+                           "again." % self.platform.script_cap, 10037)
         module_dir = os.path.join(self.workdir, "scripts", name + "-" + secrets.token_hex(3))
         os.makedirs(module_dir)
         with open(os.path.join(module_dir, "metadata.json"), "w") as f:
             json.dump(metadata, f)
         with open(os.path.join(module_dir, main), "wb") as f:
             f.write(parts[main].get_payload(decode=True))
-        persist = os.path.join(module_dir, "persist")
-        os.makedirs(persist)
         try:
-            script = Script(name, metadata, module_dir, persist)
+            script = Script(self, name, metadata, module_dir)
         except (RuntimeError, ValueError) as exc:
-            return bad("Uncaught error at startup: %s" % exc)
-        old = self.scripts.get(name)
+            return bad("Uncaught error at startup: %s" % exc, 10021)
+        with self.lock:
+            old = self.scripts.get(name)
+            if old is not None:
+                script.enabled, script.enabled_at, script.created_on = old.enabled, old.enabled_at, old.created_on
+            self.scripts[name] = script
         if old is not None:
-            script.enabled = old.enabled
-            old.stop()
-        self.scripts[name] = script
+            old.retire()  # its requests in flight finish on the old version
         self.uploads.append({"name": name, "metadata": metadata, "module": parts[main].get_payload(decode=True)})
         return envelope({"id": name, "etag": secrets.token_hex(8), "startup_time_ms": 1})
+
+    # -- the Worker side of KV -----------------------------------------------------
+
+    def handle_kv(self, ns_id, op, doc):
+        ns = self.kv.get(ns_id)
+        if ns is None:
+            return {"error": "KV namespace not found"}
+        key = doc.get("key")
+        if op in ("get", "put", "delete") and (not isinstance(key, str) or not key or len(key.encode()) > 512):
+            return {"error": "KV %s failed: 414 UTF-8 encoded length of %d exceeds key length limit of 512."
+                    % (op, len(str(key).encode()))}
+        if op == "get":
+            if not self._quota("read"):
+                return {"error": "KV get() limit exceeded for the day."}
+            return {"result": ns.worker_get(key)}
+        if op == "put":
+            if not self._quota("write"):
+                return {"error": "KV put() limit exceeded for the day."}
+            ttl, expiration, metadata = doc.get("expirationTtl"), doc.get("expiration"), doc.get("metadata")
+            if ttl is not None and ttl < 60:
+                return {"error": "KV PUT failed: 400 Invalid expiration_ttl of %s. Expiration TTL must be at "
+                                 "least 60." % ttl}
+            if metadata is not None and len(json.dumps(metadata).encode()) > 1024:
+                return {"error": "KV PUT failed: 413 Metadata length of %d exceeds limit of 1024."
+                                 % len(json.dumps(metadata).encode())}
+            if len(doc.get("value", "").encode()) > 25 * 1024 * 1024:
+                return {"error": "KV PUT failed: 413 Value length exceeds limit of 26214400."}
+            at = time.time() + ttl if ttl is not None else expiration
+            ns.write(key, doc.get("value", ""), metadata, at)
+            return {"result": None}
+        if op == "delete":
+            if not self._quota("delete"):
+                return {"error": "KV delete() limit exceeded for the day."}
+            ns.delete(key)
+            return {"result": None}
+        if op == "list":
+            if not self._quota("list"):
+                return {"error": "KV list() limit exceeded for the day."}
+            prefix, cursor = doc.get("prefix") or "", doc.get("cursor")
+            keys = [k for k in ns.list_keys(prefix, rest=False) if not cursor or k["name"] > cursor]
+            limit = int(doc.get("limit") or 1000)
+            page = keys[:limit]
+            more = len(keys) > limit
+            return {"result": {"keys": page, "list_complete": not more,
+                               **({"cursor": page[-1]["name"]} if more else {})}}
+        return {"error": "unknown KV operation %r" % op}
+
+
+def _iso(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(t))
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -220,65 +628,124 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
 
-    def _route(self):
-        parts = urllib.parse.urlsplit(self.path)
-        body = self._body()
-        if parts.path.startswith("/__workers/"):
-            return self.proxy(parts, body)
-        if parts.path.startswith("/client/v4/"):
-            status, doc = self.cf.handle_api(self.command, parts.path[len("/client/v4"):],
-                                             urllib.parse.parse_qs(parts.query), self.headers, body)
-        else:
-            status, doc = envelope(errors=[{"code": 7000, "message": "No route"}], status=404)
-        with self.cf.lock:
-            self.cf.calls.append((self.command, parts.path, status))
-        data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    def _send(self, status, data, ctype, extra=None):
         self.send_response(status)
-        self.send_header("Content-Type", "application/octet-stream" if isinstance(doc, bytes) else "application/json")
+        self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
+    def _route(self):
+        parts = urllib.parse.urlsplit(self.path)
+        body = self._body()
+        if parts.path.startswith("/__kv/"):
+            _, _, ns_id, op = parts.path.split("/", 3)
+            try:
+                doc = json.loads(body or b"{}")
+            except ValueError:
+                doc = {}
+            out = self.cf.handle_kv(ns_id, op, doc)
+            return self._send(200, json.dumps(out).encode(), "application/json")
+        if not self.headers.get("User-Agent"):
+            with self.cf.lock:
+                self.cf.no_user_agent.append((self.command, parts.path))
+        if parts.path.startswith("/__workers/"):
+            return self.proxy(parts, body)
+        extra = {}
+        if parts.path.startswith("/client/v4/"):
+            status, doc, extra = self.cf.handle_api(self.command, parts.path[len("/client/v4"):],
+                                                    urllib.parse.parse_qs(parts.query), self.headers, body)
+        else:
+            status, doc = error(404, 7000, "No route for that URI")
+        with self.cf.lock:
+            self.cf.calls.append((self.command, parts.path, status))
+        data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+        self._send(status, data, "application/octet-stream" if isinstance(doc, bytes) else "application/json", extra)
+
     do_GET = do_PUT = do_POST = do_DELETE = _route
+
+    def _edge_error(self, name, status, text):
+        with self.cf.lock:
+            self.cf.worker_requests.append((name, self.command, self.path, status))
+        self.close_connection = True
+        self._send(status, text.encode(), "text/html", {"Connection": "close"})
 
     def proxy(self, parts, body):
         """workers.dev: forward to the script's miniflare, streaming the response line by line."""
         name = parts.path[len("/__workers/"):].split("/", 1)[0]
+        path = "/" + parts.path[len("/__workers/"):].split("/", 1)[1] if "/" in parts.path[len("/__workers/"):] \
+            else "/"
         script = self.cf.scripts.get(name)
         if script is None or not script.enabled:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        upstream = urllib.parse.urlsplit(script.url)
-        conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=120)
+            return self._edge_error(name, 404, "There is nothing here yet")
+        delay = self.cf.platform.route_delay_s
+        if delay and script.enabled_at and time.time() < script.enabled_at + delay:
+            # The route is still propagating: 404 and 523 (origin unreachable) alternate.
+            return self._edge_error(name, self.cf.rng.choice([404, 523]), "error code: 1042")
+        url, generation = script.enter()
+        try:
+            self._forward(script, name, path, url, generation, body)
+        finally:
+            script.leave()
+
+    def _forward(self, script, name, path, url, generation, body):
+        upstream = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=600)
         headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
-        conn.request(self.command, "/", body=body, headers=headers)
-        resp = conn.getresponse()
+        try:
+            conn.request(self.command, path, body=body, headers=headers)
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            return self._edge_error(name, 502, "error code: 1101")  # the Worker threw or was killed
+        with self.cf.lock:
+            self.cf.worker_requests.append((name, self.command, path, resp.status))
         self.send_response(resp.status)
         self.send_header("Content-Type", resp.getheader("Content-Type", "text/plain"))
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        cut, self.cf.cut_stream_after = self.cf.cut_stream_after, None
+        cut = stall = None
+        if self.command == "POST" and resp.status == 200:  # injections are for passes, not health checks
+            with self.cf.lock:
+                cut, self.cf.cut_stream_after = self.cf.cut_stream_after, None
+                stall, self.cf.stall_stream_after = self.cf.stall_stream_after, None
+        gone = False
         try:
-            self._stream(resp, cut)
+            gone = self._stream(resp, cut, stall)
         except OSError:
-            pass  # the client went away (a canceled pass)
+            gone = True  # the caller went away (a canceled pass, a lost connection)
         finally:
+            if gone and self.cf.platform.waituntil_s is not None:
+                # ctx.waitUntil lets the Worker go on for 30 s after its caller is gone, no longer.
+                t = threading.Timer(self.cf.platform.waituntil_s, script.kill_work, (generation,))
+                t.daemon = True
+                t.start()
             conn.close()
 
-    def _stream(self, resp, cut):
+    def _stream(self, resp, cut, stall):
+        """Relay the response; True if it did not reach its end (cut, stalled or the caller gone)."""
         lines = 0
         while True:
-            line = resp.readline()
+            try:
+                line = resp.readline()
+            except (OSError, http.client.HTTPException):
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return True
             if not line:
                 break
-            if line.strip():
+            if line.strip() and b'"heartbeat"' not in line:
                 lines += 1
                 if cut is not None and lines > cut:
                     self.close_connection = True
                     self.connection.shutdown(2)  # the response is lost mid-way
-                    return
+                    return True
+                if stall is not None and lines > stall:
+                    self.cf.stopped.wait(600)  # the connection stays open and says nothing
+                    return True
             self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
             self.wfile.flush()
         self.wfile.write(b"0\r\n\r\n")
+        return False

@@ -104,11 +104,11 @@ class CloudflareWorker(CloudflareCase):
             self.assertNotIn(self.cf.token, f.read())
 
     def test_a_bad_token_is_a_clear_error_and_stores_nothing(self):
-        self.cf.token = "something-else"
+        self.cf.token = "cf-test-" + "0" * 24  # well formed, not the account's
         before = self.db_snapshot()
         code, out, err = self.cli("deploy", "x", "-a", "cloudflare", stdin=self.MEMO)
         self.assertEqual(code, 1)
-        self.assertIn("the Cloudflare API refused the token (HTTP 403: 10000 Authentication error)", err)
+        self.assertIn("the Cloudflare API refused the token (HTTP 401: 10000 Authentication error)", err)
         self.assertEqual(self.db_snapshot(), before)
         rows = {r["name"]: r for r in self.sidecar().adapters_report()}
         self.assertIn("refused the token", rows["cloudflare"]["reason"])
@@ -137,10 +137,19 @@ class CloudflareWorker(CloudflareCase):
         st = self.drive(sc, run_id)
         self.assertEqual(st["output"], ["A", "B", "C"])
 
+    def _healthz(self, name):
+        conn = http.client.HTTPConnection("127.0.0.1", self.cf.port, timeout=10)
+        try:
+            conn.request("GET", "/__workers/%s/healthz" % name)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
     def test_the_worker_refuses_a_wrong_invocation_token(self):
         sc = self.sidecar()
         sc.deploy("memo", self.MEMO, adapter="cloudflare")
         name = self.cf.uploads[0]["name"]
+        wait_for(lambda: self._healthz(name) == 200, what="the new route")
         conn = http.client.HTTPConnection("127.0.0.1", self.cf.port, timeout=10)
         conn.request("POST", "/__workers/%s/" % name, body=b"{}", headers={"Authorization": "Bearer nope"})
         resp = conn.getresponse()
