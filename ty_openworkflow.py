@@ -4294,7 +4294,7 @@ class CloudflareAdapter(Adapter):
         with self._lock:
             if name in self._known:
                 return self._known[name]
-        store = self._store()
+        store = self._store(create=False)
         row = store.query_one("SELECT name, uploaded_at, ready_at, last_used_at FROM cf_scripts WHERE name = ? "
                               "AND account_id = ?", (name, self.cfg("account_id"))) if store else None
         if row is not None:
@@ -4312,6 +4312,9 @@ class CloudflareAdapter(Adapter):
             self._known[name] = row
         if store is not None:
             with store.transaction() as c:
+                if self._subdomain:  # first known before the store existed (a first deploy): kept now
+                    c.execute("INSERT OR REPLACE INTO adapter_state (adapter, key, value) VALUES (?, ?, ?)",
+                              (self.name, "subdomain:" + self.cfg("account_id"), self._subdomain))
                 c.execute("INSERT OR REPLACE INTO cf_scripts (name, account_id, workflow_id, uploaded_at, ready_at, "
                           "last_used_at) VALUES (?, ?, ?, ?, ?, ?)", (name, self.cfg("account_id"), workflow_id,
                                                                       row["uploaded_at"], row["ready_at"],
@@ -4322,13 +4325,13 @@ class CloudflareAdapter(Adapter):
         name = self._name_for(version["workflow_id"], version["code"])
         with self._lock:
             self._known.pop(name, None)
-        store = self._store()
+        store = self._store(create=False)
         if store is not None:
             with contextlib.suppress(StoreError), store.transaction() as c:
                 c.execute("DELETE FROM cf_scripts WHERE name = ? AND account_id = ?", (name, self.cfg("account_id")))
 
     def script_count(self):
-        store = self._store()
+        store = self._store(create=False)
         if store is None:
             return len(self._known)
         with contextlib.suppress(StoreError):

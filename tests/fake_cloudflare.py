@@ -380,6 +380,7 @@ class FakeCloudflare:
                 self.rate_times.popleft()
             if len(self.rate_times) >= p.rate_limit:
                 self.blocked_until = now + p.rate_block_s
+                self.rate_times.clear()  # a fresh window once the block is over
                 return p.rate_block_s
             self.rate_times.append(now)
         return None
