@@ -3782,7 +3782,7 @@ CF_EDGE_ERRORS = {
             "Paid 30 s by default and up to 300000 ms); split the work into more steps or raise cpu_ms",
     "1015": "workers.dev is rate-limiting these requests",
     "1027": "the account's daily Workers request limit is used up (Free: 100,000 a day)",
-    "1042": "the workers.dev route is not reachable yet",
+    "523": "the workers.dev route is not reachable yet",
 }
 
 
@@ -3934,7 +3934,7 @@ class HttpExecution(Execution):
         return None
 
     def _edge_error(self, body):
-        m = re.search(r"error code:?\s*(\d{4})", body)
+        m = re.search(r"error code:?\s*(\d{3,4})", body)
         if m and m.group(1) in CF_EDGE_ERRORS:
             return "Cloudflare error %s: %s" % (m.group(1), CF_EDGE_ERRORS[m.group(1)])
         return None
@@ -4135,8 +4135,8 @@ class CloudflareAdapter(Adapter):
                 time.sleep(max(backoff, min(_retry_after_s(rheaders.get("retry-after"), 0), 30.0)))
                 backoff = min(backoff * 2, 15.0)
                 continue
-            if status in (401, 403) and not fresh:
-                fresh, self._token = True, None
+            if status in (401, 403) and not fresh and (codes & CF_TOKEN_CODES or not codes):
+                fresh, self._token = True, None  # the token may have been rotated: read it again once
                 continue
             break
         if raw and 200 <= status < 300:
@@ -4175,6 +4175,14 @@ class CloudflareAdapter(Adapter):
             parts.append(text + (" [%s]" % "; ".join(chain) if chain else ""))
         detail = "; ".join(parts) or (data[:200].decode("utf-8", "replace").strip() or "no body")
         what = "HTTP %d: %s" % (status, detail)
+        if codes & {10037}:
+            return CloudflareError(
+                "the account holds as many Workers as its plan allows (%s); this install holds %d of them "
+                "(`ty-openworkflow adapters`); delete Workers you no longer use in the dashboard (Free: 100, "
+                "Paid: 500)" % (what, self.script_count()), status, codes)
+        if codes & {100328}:
+            return CloudflareError("the account's plan does not take a CPU limit (%s); set adapters.cloudflare.cpu_ms: 0 "
+                                   "(Free allows 10 ms a request, fixed)" % what, status, codes)
         if codes & CF_TOKEN_CODES or status in (401, 403):
             hint = ("check that adapters.cloudflare.api_token_cmd prints the token itself, one line, nothing else"
                     if codes & {6003, 6100, 6101, 6102, 6103, 6111} else
@@ -4184,11 +4192,6 @@ class CloudflareAdapter(Adapter):
         if status == 429 and codes & CF_QUOTA_CODES:
             return CloudflareError("Workers KV's daily quota is used up (%s); the Free plan allows 100,000 reads and "
                                    "1,000 writes and lists a day, reset at 00:00 UTC" % what, status, codes)
-        if codes & {10037}:
-            return CloudflareError(
-                "the account holds as many Workers as its plan allows (%s); this install holds %d of them "
-                "(`ty-openworkflow adapters`); delete Workers you no longer use in the dashboard (Free: 100, "
-                "Paid: 500)" % (what, self.script_count()), status, codes)
         return CloudflareError("Cloudflare API %s %s failed (%s)" % (method, path.split("?")[0], what), status, codes)
 
     def _check(self, runtime):
@@ -4377,7 +4380,7 @@ class CloudflareAdapter(Adapter):
             return 0
         self._collected_at = time.time()
         needed = self.needed_scripts(store)
-        recent = now_ms() - self.cfg("timeout") - 120000
+        recent = now_ms() - self.cfg("timeout") - self.cfg("recovery_window")  # the longest a pass lives
         rows = store.query("SELECT name, uploaded_at, last_used_at FROM cf_scripts WHERE account_id = ?",
                            (self.cfg("account_id"),))
         gone = 0

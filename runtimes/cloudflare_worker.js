@@ -87,6 +87,11 @@ class KvMirror {
         break;
       } catch (err) {
         // A failed write keeps its events queued: the next chunk starts at the same seq (same key).
+        if (/limit exceeded/i.test(String(err && err.message))) {
+          this.kv = null; // the day's KV quota is spent: the stream is all there is
+          this.pending = [];
+          break;
+        }
         if (attempt < KV_PUT_TRIES) await pause(200 * attempt);
       }
     }

@@ -24,10 +24,11 @@ miniflare), the Worker-side KV at /__kv/{ns}/{op}.
 test (`Platform.scaled()`), or turned off (`Platform.kind()`, the fake as it was).
 Where each behaviour is documented:
 
-- Work after a disconnect: ``ctx.waitUntil`` extends a Worker past its response
-  "for up to 30 seconds after the response is sent or the client disconnects";
-  then it is cancelled.  https://developers.cloudflare.com/workers/runtime-apis/context/#waituntil
-  and https://developers.cloudflare.com/workers/platform/limits/#duration .
+- Work after a disconnect: "When the client disconnects, all tasks associated
+  with that client request are canceled. Use event.waitUntil() to delay
+  cancellation for another 30 seconds":
+  https://developers.cloudflare.com/workers/platform/limits/#duration (and
+  https://developers.cloudflare.com/workers/runtime-apis/context/#waituntil ).
   Here: once a stream is cut, or its caller goes away, the script's workerd is
   killed ``waituntil_s`` later (harder than the platform: every request then in
   flight on that script dies with it), and restarted.
@@ -48,35 +49,46 @@ Where each behaviour is documented:
   Here, with ``short_pages``, a page holds a random number of keys (often 0).
 - KV key 512 bytes, value 25 MiB, metadata 1024 bytes, ``expirationTtl`` at
   least 60 s: https://developers.cloudflare.com/kv/platform/limits/ ; free-plan
-  daily quotas, 100,000 reads and 1,000 writes, deletes and lists: same page;
+  daily quotas, 100,000 reads and 1,000 writes, deletes and lists, reset at
+  00:00 UTC: same page and https://developers.cloudflare.com/kv/platform/pricing/ ;
   over them the Worker's call throws ("KV put() limit exceeded for the day.")
-  and REST answers 429.
+  and REST answers 429 with code 10048 (the code as wrangler users report it).
 - API rate limit: 1,200 requests per five minutes per user (dashboard, API key
   and token alike); over it, HTTP 429 and every call blocked for the next five
   minutes: https://developers.cloudflare.com/fundamentals/api/reference/limits/ .
-  Here: a sliding window per token, ``Retry-After`` on every 429.
-- Scripts per account: 100 (Free), 500 (Paid):
-  https://developers.cloudflare.com/workers/platform/limits/#number-of-workers .
-- A new workers.dev route is not reachable at once (404 or 523 for a while
-  after it is first enabled; wrangler says it "may take a few seconds"):
-  https://developers.cloudflare.com/workers/configuration/routing/workers-dev/ .
-  Here: 404 then 523, alternating, for ``route_delay_s`` after the first enable.
+  Here: a sliding window per token, ``Retry-After`` on every 429, whose body
+  is code 971 "Please wait and consider throttling your request speed" (as
+  reported in cloudflare/workers-sdk#10025).
+- Scripts per account: 100 (Free), 500 (Paid); creating one more is HTTP 403
+  code 10037 ("You have exceeded the limit of 100 Workers on your account."),
+  re-uploading an existing one still works:
+  https://developers.cloudflare.com/workers/platform/limits/#number-of-workers and
+  https://developers.cloudflare.com/workers/platform/error-codes/10037/ .
+- A new workers.dev route is not reachable at once: wrangler's own end-to-end
+  tests wait for it (workers-sdk, packages/wrangler/e2e/helpers/
+  wait-for-workers-dev.ts: 404 and any 5xx mean "not propagated yet", for up
+  to 60 s); https://developers.cloudflare.com/workers/configuration/routing/workers-dev/ .
+  Here: 404 or 523, at random, for ``route_delay_s`` after the first enable.
 - CPU time: 10 ms on Free, 30 s default on Paid, up to 300,000 ms with
   ``limits.cpu_ms`` in the upload metadata:
   https://developers.cloudflare.com/workers/platform/limits/#cpu-time ; an
-  out-of-range value is refused at upload. (Not enforced at run time:
-  miniflare does not meter CPU.)
+  out-of-range value is refused at upload, and on the Free plan any value is
+  (HTTP 400 code 100328 "CPU limits are not supported for the Free plan",
+  cloudflare/workers-sdk#8756). (Not enforced at run time: miniflare does not
+  meter CPU; past it the platform answers error 1102.)
 - ``observability`` in the upload metadata, ``{"enabled": bool,
   "head_sampling_rate": 0..1}``:
   https://developers.cloudflare.com/workers/observability/logs/workers-logs/ .
-- Errors as the API sends them: a malformed Authorization header is HTTP 400,
-  code 6003 "Invalid request headers" with ``error_chain`` [6111 "Invalid
-  format for Authorization header"]; a token that is not valid is 400/6003 with
-  [6111] too when malformed, else 401 code 10000 "Authentication error"; a
-  valid token without the scope is 403/10000; an account with no workers.dev
-  subdomain answers the subdomain GET with 404 code 10007; a missing script is
-  404 code 10007 "workers.api.error.script_not_found":
-  https://developers.cloudflare.com/fundamentals/api/troubleshooting/ .
+- Errors as the API sends them
+  (https://developers.cloudflare.com/workers/platform/error-codes/ ): a
+  malformed Authorization header is HTTP 400, code 6003 "Invalid request
+  headers" with ``error_chain`` [6111 "Invalid format for Authorization
+  header"] (wrangler's changelog, "display chained errors"); a token that is
+  not valid is 403 code 10000 "Authentication error"; a valid token without
+  the permission, 403/10000 or 401 code 10023 "Unauthorized" (``scoped``);
+  an account with no workers.dev subdomain answers the subdomain GET with 404
+  code 10007; a missing script is 404/10007
+  "workers.api.error.script_not_found".
 - One KV store per namespace, shared by every script bound to it; a re-upload
   (or a delete) does not kill requests in flight on the old version, which
   finish on it: https://developers.cloudflare.com/workers/configuration/versions-and-deployments/ .
@@ -143,6 +155,7 @@ class Platform:
         self.script_cap = 100
         self.route_delay_s = 60.0
         self.seed = 1
+        self.plan = "paid"  # "free": no limits.cpu_ms in uploads
         for key, value in overrides.items():
             if not hasattr(self, key):
                 raise TypeError("no platform knob %r" % key)
@@ -312,7 +325,7 @@ class FakeCloudflare:
         self.platform = platform or Platform.scaled()
         self.rng = random.Random(self.platform.seed)
         self.token = "cf-test-" + secrets.token_hex(12)
-        self.scoped = True  # False: the token is valid but may not edit Workers
+        self.scoped = True  # else (status, code, message): the token is valid but may not edit Workers
         self.namespace = secrets.token_hex(16)
         self.kv = {self.namespace: KvNamespace(self)}
         self.scripts = {}
@@ -398,9 +411,9 @@ class FakeCloudflare:
         if not value.startswith("Bearer ") or not TOKEN_RE.match(value[len("Bearer "):]):
             return error(400, 6003, "Invalid request headers", [(6111, "Invalid format for Authorization header")])
         if value != "Bearer " + self.token:
-            return error(401, 10000, "Authentication error")
-        if not self.scoped:
             return error(403, 10000, "Authentication error")
+        if self.scoped is not True:
+            return error(*self.scoped)
         return None
 
     def handle_api(self, method, path, query, headers, body):
@@ -534,6 +547,9 @@ class FakeCloudflare:
         limits = metadata.get("limits")
         if limits is not None:
             cpu = limits.get("cpu_ms") if isinstance(limits, dict) else None
+            if self.platform.plan == "free":
+                return bad("CPU limits are not supported for the Free plan. Switch to a paid plan to set CPU "
+                           "limits.", 100328)
             if not isinstance(cpu, int) or isinstance(cpu, bool) or not 1 <= cpu <= 300000:
                 return bad("limits.cpu_ms must be a whole number of milliseconds from 1 to 300000", 10021)
         obs = metadata.get("observability")
@@ -545,8 +561,8 @@ class FakeCloudflare:
         with self.lock:
             if (self.platform.script_cap and name not in self.scripts
                     and len(self.scripts) >= self.platform.script_cap):
-                return bad("You have exceeded the limit of %d Workers on your account. Please delete some and try "
-                           "again." % self.platform.script_cap, 10037)
+                return error(403, 10037, "You have exceeded the limit of %d Workers on your account."
+                             % self.platform.script_cap)
         module_dir = os.path.join(self.workdir, "scripts", name + "-" + secrets.token_hex(3))
         os.makedirs(module_dir)
         with open(os.path.join(module_dir, "metadata.json"), "w") as f:
@@ -684,7 +700,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         delay = self.cf.platform.route_delay_s
         if delay and script.enabled_at and time.time() < script.enabled_at + delay:
             # The route is still propagating: 404 and 523 (origin unreachable) alternate.
-            return self._edge_error(name, self.cf.rng.choice([404, 523]), "error code: 1042")
+            status = self.cf.rng.choice([404, 523])
+            return self._edge_error(name, status, "There is nothing here yet" if status == 404 else "error code: 523")
         url, generation = script.enter()
         try:
             self._forward(script, name, path, url, generation, body)

@@ -108,7 +108,7 @@ class CloudflareWorker(CloudflareCase):
         before = self.db_snapshot()
         code, out, err = self.cli("deploy", "x", "-a", "cloudflare", stdin=self.MEMO)
         self.assertEqual(code, 1)
-        self.assertIn("the Cloudflare API refused the token (HTTP 401: 10000 Authentication error)", err)
+        self.assertIn("the Cloudflare API refused the token (HTTP 403: 10000 Authentication error)", err)
         self.assertEqual(self.db_snapshot(), before)
         rows = {r["name"]: r for r in self.sidecar().adapters_report()}
         self.assertIn("refused the token", rows["cloudflare"]["reason"])

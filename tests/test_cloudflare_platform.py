@@ -298,12 +298,13 @@ class ApiErrors(PlatformCase):
         self.assertIn("HTTP 400: 6003 Invalid request headers [6111 Invalid format for Authorization header]", err)
         self.assertIn("prints the token itself", err)
 
-    def test_a_token_without_the_scope_is_refused_clearly(self):
-        self.cf.scoped = False
-        code, out, err = self.cli("deploy", "x", "-a", "cloudflare", stdin=STEPS)
-        self.assertEqual(code, 1)
-        self.assertIn("HTTP 403: 10000 Authentication error", err)
-        self.assertIn("may edit Workers Scripts and Workers KV Storage", err)
+    def test_a_token_without_the_permission_is_refused_clearly(self):
+        for answer in ((403, 10000, "Authentication error"), (401, 10023, "Unauthorized")):
+            self.cf.scoped = answer
+            code, out, err = self.cli("deploy", "x", "-a", "cloudflare", stdin=STEPS)
+            self.assertEqual(code, 1)
+            self.assertIn("HTTP %d: %d %s" % answer, err)
+            self.assertIn("may edit Workers Scripts and Workers KV Storage", err)
 
     def test_an_account_without_a_workers_dev_subdomain_says_what_to_do(self):
         self.cf.subdomain = None
@@ -331,6 +332,13 @@ class UploadSettings(PlatformCase):
         meta = self.cf.uploads[0]["metadata"]
         self.assertEqual(meta["limits"], {"cpu_ms": 50000})
         self.assertEqual(meta["observability"], {"enabled": True, "head_sampling_rate": 1})
+
+    def test_a_cpu_limit_on_the_free_plan_is_refused_with_what_to_do(self):
+        self.cf.platform.plan = "free"
+        code, out, err = self.cli("deploy", "x", "-a", "cloudflare", stdin=STEPS)
+        self.assertEqual(code, 1)
+        self.assertIn("100328", err)
+        self.assertIn("set adapters.cloudflare.cpu_ms: 0", err)
 
     def test_a_cpu_limit_past_the_platform_is_refused_at_load(self):
         self.adapter_config = self.adapter_config.replace("cpu_ms: 50000", "cpu_ms: 400000")
