@@ -3809,7 +3809,7 @@ class _ApiBudget:
         self.limit = 1000
         self.times = collections.deque()
         self.blocked_until = 0.0
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
 
     def wait_s(self):
         """Seconds until a call may be made (0: now), without taking it."""
@@ -3825,11 +3825,11 @@ class _ApiBudget:
     def take(self, deadline, stop=None):
         """Take a call slot, waiting up to the monotonic ``deadline``; returns 0, or the seconds still to wait."""
         while True:
-            wait = self.wait_s()
-            if wait <= 0:
-                with self.lock:
+            with self.lock:  # looked at and taken at once: threads cannot all see the same free slot
+                wait = self.wait_s()
+                if wait <= 0:
                     self.times.append(time.monotonic())
-                return 0.0
+                    return 0.0
             if time.monotonic() + wait > deadline or (stop is not None and stop()):
                 return wait
             time.sleep(min(wait, 1.0))
@@ -3874,6 +3874,7 @@ class HttpExecution(Execution):
         self.saw_terminal = False
         self.recovered = 0
         self._log = []
+        self._log_seen = set()
         self._conn = self._resp = None
         self._timeout_ms = timeout_ms
         self._deadline = time.time() + timeout_ms / 1000.0
@@ -3883,8 +3884,8 @@ class HttpExecution(Execution):
         beat_ms = adapter.cfg("heartbeat")
         self._idle_s = max(3 * beat_ms, beat_ms + 5000) / 1000.0  # silent this long: the connection is dead
         doc = dict(spec.doc, heartbeat_ms=beat_ms)
+        self._timer.start()  # the pass timeout covers connecting and sending too
         self._post(url, (dumps(doc) + "\n").encode("utf-8"))
-        self._timer.start()
 
     def _post(self, url, body):
         import http.client
@@ -3986,9 +3987,13 @@ class HttpExecution(Execution):
                 found = self.adapter.kv_events(self.spec.pass_id, self.last_seq, stop=self._stop.is_set)
                 if time.time() >= window_end:
                     looked_after_end = True
-            except AdapterError as exc:  # unreachable or blocked: look again (the window waits for an answer)
+            except AdapterError as exc:  # unreachable or blocked: look again, slower (the window waits for an answer)
                 found = []
-                self._log.append("reconcile: %s" % exc)
+                if str(exc) not in self._log_seen:
+                    self._log_seen.add(str(exc))
+                    self._log.append("reconcile: %s" % exc)
+                if isinstance(exc, CloudflareError) and (exc.status in (401, 403, 404) or exc.codes & CF_QUOTA_CODES):
+                    break  # no answer will come: a token without KV access, no such namespace, no quota left
             for text in found:
                 ev = self._event(text)
                 if ev is None or ev.get("seq") != self.last_seq + 1:
@@ -4004,7 +4009,7 @@ class HttpExecution(Execution):
                     break
             if self.saw_terminal or looked_after_end or time.time() >= self._deadline:
                 break
-            self._stop.wait(max(0.05, min(pause, window_end - time.time()) if time.time() < window_end else 0.05))
+            self._stop.wait(max(0.05, min(pause, window_end - time.time()) if time.time() < window_end else pause))
             pause = min(pause * 2, 15.0)
         if not self.saw_terminal and not self.canceled and not self.timed_out:
             self.error = ("the response was lost (%s) and the pass's end did not show in KV within %s: a Worker "
@@ -4056,7 +4061,8 @@ class CloudflareAdapter(Adapter):
         self._subdomain = None
         self._names = {}  # (workflow_id, code) -> script name
         self._known = {}  # script name -> its row in cf_scripts (or {} without a store)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._upload_lock = threading.Lock()
         self._collected_at = 0.0
 
     def cfg(self, key):
@@ -4129,10 +4135,13 @@ class CloudflareAdapter(Adapter):
             envelope = self._envelope(status, data)
             codes = self._codes(envelope)
             if status == 429 and not (codes & CF_QUOTA_CODES):
-                budget.block(_retry_after_s(rheaders.get("retry-after"), CF_RATE_WINDOW_S))
+                # Never sooner than the backoff, even told "Retry-After: 0": a tight loop would only be blocked.
+                budget.block(max(backoff, _retry_after_s(rheaders.get("retry-after"), CF_RATE_WINDOW_S)))
+                backoff = min(backoff * 2, 15.0)
                 continue
             if status >= 500 and time.monotonic() + backoff <= deadline and not (stop is not None and stop()):
-                time.sleep(max(backoff, min(_retry_after_s(rheaders.get("retry-after"), 0), 30.0)))
+                pause = max(backoff, min(_retry_after_s(rheaders.get("retry-after"), 0), 30.0))
+                time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
                 backoff = min(backoff * 2, 15.0)
                 continue
             if status in (401, 403) and not fresh and (codes & CF_TOKEN_CODES or not codes):
@@ -4308,11 +4317,14 @@ class CloudflareAdapter(Adapter):
     def _remember(self, name, workflow_id, **fields):
         now = now_ms()
         store = self._store()
-        with self._lock:
+        with self._lock:  # held through the write: rows land in the order they were made
             row = dict(self._known.get(name) or {"name": name, "uploaded_at": now, "ready_at": None,
                                                  "last_used_at": now})
             row.update(fields)
             self._known[name] = row
+            self._write_row(store, name, workflow_id, row)
+
+    def _write_row(self, store, name, workflow_id, row):
         if store is not None:
             with store.transaction() as c:
                 if self._subdomain:  # first known before the store existed (a first deploy): kept now
@@ -4325,10 +4337,13 @@ class CloudflareAdapter(Adapter):
 
     def forget(self, version):
         """The platform no longer has this version's script (deleted, or its route gone): upload it again."""
-        name = self._name_for(version["workflow_id"], version["code"])
+        self._drop(self._name_for(version["workflow_id"], version["code"]))
+
+    def _drop(self, name, store=None):
+        """Let go of a remembered upload."""
         with self._lock:
             self._known.pop(name, None)
-        store = self._store(create=False)
+        store = store or self._store(create=False)
         if store is not None:
             with contextlib.suppress(StoreError), store.transaction() as c:
                 c.execute("DELETE FROM cf_scripts WHERE name = ? AND account_id = ?", (name, self.cfg("account_id")))
@@ -4346,6 +4361,12 @@ class CloudflareAdapter(Adapter):
         name = self._name_for(workflow_id, code)
         if self._row(name) is not None:
             return name  # uploaded before, by this or another process of the install
+        with self._upload_lock:  # two passes of one new version upload it once
+            if self._row(name) is not None:
+                return name
+            return self._upload(name, workflow_id, code)
+
+    def _upload(self, name, workflow_id, code):
         module = self.module_text(code)
         acct = self.cfg("account_id")
         body, ctype = multipart([("metadata", None, "application/json", json.dumps(self.metadata()).encode("utf-8")),
@@ -4380,24 +4401,22 @@ class CloudflareAdapter(Adapter):
             return 0
         self._collected_at = time.time()
         needed = self.needed_scripts(store)
-        recent = now_ms() - self.cfg("timeout") - self.cfg("recovery_window")  # the longest a pass lives
+        # The longest a pass lives, and the minute last_used_at may lag behind.
+        recent = now_ms() - self.cfg("timeout") - self.cfg("recovery_window") - 60000
         rows = store.query("SELECT name, uploaded_at, last_used_at FROM cf_scripts WHERE account_id = ?",
                            (self.cfg("account_id"),))
         gone = 0
         for row in rows:
             if row["name"] in needed or max(row["uploaded_at"] or 0, row["last_used_at"] or 0) > recent:
                 continue
-            try:
-                self.api("DELETE", "/accounts/%s/workers/scripts/%s" % (self.cfg("account_id"), row["name"]))
-            except CloudflareError as exc:
-                if 10007 not in exc.codes and exc.status != 404:
-                    log.warning("cloudflare: cannot delete worker %s: %s", row["name"], exc)
-                    continue
-            with store.transaction() as c:
-                c.execute("DELETE FROM cf_scripts WHERE name = ? AND account_id = ?",
-                          (row["name"], self.cfg("account_id")))
-            with self._lock:
-                self._known.pop(row["name"], None)
+            try:  # housekeeping: a short patience, and the first trouble ends the round (the loop waits on it)
+                self.api("DELETE", "/accounts/%s/workers/scripts/%s" % (self.cfg("account_id"), row["name"]),
+                         patience_s=5)
+            except AdapterError as exc:
+                if not isinstance(exc, CloudflareError) or (10007 not in exc.codes and exc.status != 404):
+                    log.warning("cloudflare: cannot delete worker %s now: %s", row["name"], exc)
+                    break
+            self._drop(row["name"], store)
             gone += 1
             log.info("cloudflare: deleted worker %s (no run needs it)", row["name"])
         return gone
@@ -4439,12 +4458,7 @@ class CloudflareAdapter(Adapter):
         if since < self.cfg("ready_timeout"):
             raise NotReady("the new Worker %s is not reachable yet (%s); its workers.dev route may take a minute "
                            "to work after it is enabled" % (name, last), 3000)
-        self._known.pop(name, None)
-        with contextlib.suppress(StoreError):
-            store = self._store()
-            if store is not None:
-                with store.transaction() as c:
-                    c.execute("DELETE FROM cf_scripts WHERE name = ?", (name,))
+        self._drop(name)
         raise AdapterError("the Worker %s did not answer at %s within %s of its upload (%s); it is uploaded again "
                            "on the next pass (check adapters.cloudflare.workers_url)"
                            % (name, url, format_duration(self.cfg("ready_timeout")), last))
@@ -4457,7 +4471,14 @@ class CloudflareAdapter(Adapter):
         row = self._row(name) or {}
         if now_ms() - (row.get("last_used_at") or 0) > 60000:  # at most once a minute: guards it from collect()
             self._remember(name, wf, last_used_at=now_ms())
-        return HttpExecution(self, self.worker_url(name), spec, self.cfg("timeout"))
+        execution = HttpExecution(self, self.worker_url(name), spec, self.cfg("timeout"))
+        if execution.status in (404, 523) and now_ms() - (row.get("ready_at") or 0) < self.cfg("ready_timeout"):
+            # workers.dev answers from many places and they learn a new route one by one: the Worker did not
+            # run, so the pass goes back without an attempt counted.
+            execution.finish()
+            raise NotReady("the new Worker %s answered HTTP %d after it was ready once (its route is still "
+                           "spreading)" % (name, execution.status), 3000)
+        return execution
 
     def kv_events(self, pass_id, after_seq=0, stop=None):
         """The event lines the Worker copied to KV for a pass after ``after_seq``, in seq order, up to the
@@ -4465,22 +4486,25 @@ class CloudflareAdapter(Adapter):
         from urllib.parse import quote
         base = "/accounts/%s/storage/kv/namespaces/%s" % (self.cfg("account_id"), self.cfg("namespace"))
         prefix = "ev:%s:" % pass_id
-        chunks, cursor = [], ""
+        chunks, cursor = {}, ""  # by key: a key listed twice across pages counts once
         while True:  # every page, following the cursor (a page may be empty while more remain)
             path = "%s/keys?prefix=%s&limit=1000%s" % (base, quote(prefix, safe=""),
                                                        "&cursor=" + quote(cursor, safe="") if cursor else "")
             envelope = self.api("GET", path, raw=True, patience_s=20, stop=stop)
-            doc = json.loads(envelope.decode("utf-8"))
+            try:
+                doc = json.loads(envelope.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                raise CloudflareError("the KV key list was not JSON: %r" % envelope[:100])
             for k in doc.get("result") or []:
                 name = k.get("name") if isinstance(k, dict) else None
                 if isinstance(name, str) and name[len(prefix):].isdigit() and name.startswith(prefix):
                     meta = k.get("metadata") if isinstance(k.get("metadata"), dict) else {}
-                    chunks.append((int(name[len(prefix):]), meta.get("last"), meta.get("v"), name))
+                    chunks[name] = (int(name[len(prefix):]), meta.get("last"), meta.get("v"), name)
             cursor = ((doc.get("result_info") or {}).get("cursor") or "") if isinstance(doc, dict) else ""
             if not cursor:
                 break
         out, expect = [], after_seq + 1
-        for first, last, text, name in sorted(chunks):
+        for first, last, text, name in sorted(chunks.values(), key=lambda c: c[0]):
             if isinstance(last, int) and last < expect:
                 continue  # already had
             if first > expect:

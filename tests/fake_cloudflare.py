@@ -68,7 +68,8 @@ Where each behaviour is documented:
   tests wait for it (workers-sdk, packages/wrangler/e2e/helpers/
   wait-for-workers-dev.ts: 404 and any 5xx mean "not propagated yet", for up
   to 60 s); https://developers.cloudflare.com/workers/configuration/routing/workers-dev/ .
-  Here: 404 or 523, at random, for ``route_delay_s`` after the first enable.
+  Here: 404 or 523, at random, for ``route_delay_s`` after the first enable,
+  and (``route_flaps``) a 404 now and then after it answered once.
 - CPU time: 10 ms on Free, 30 s default on Paid, up to 300,000 ms with
   ``limits.cpu_ms`` in the upload metadata:
   https://developers.cloudflare.com/workers/platform/limits/#cpu-time ; an
@@ -338,6 +339,7 @@ class FakeCloudflare:
         self.kv_usage = collections.Counter()
         self.cut_stream_after = None  # drop the next worker response after this many event lines
         self.stall_stream_after = None  # stop forwarding the next response (connection kept) after this many
+        self.route_flaps = 0  # the next N pass requests meet an edge that does not know the route yet (404)
         self.fail_next = collections.deque()  # (method regex, path regex, status, Retry-After or None) injections
         self.rate_times = collections.deque()
         self.blocked_until = 0.0
@@ -348,7 +350,7 @@ class FakeCloudflare:
         class Handler(_Handler):
             cf = fake
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -634,6 +636,13 @@ def _iso(t):
     return time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(t))
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        import sys
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)  # a caller that went away is no error of the fake's
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     cf = None
     protocol_version = "HTTP/1.1"
@@ -702,6 +711,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # The route is still propagating: 404 and 523 (origin unreachable) alternate.
             status = self.cf.rng.choice([404, 523])
             return self._edge_error(name, status, "There is nothing here yet" if status == 404 else "error code: 523")
+        if self.command == "POST":
+            with self.cf.lock:
+                flap = self.cf.route_flaps > 0
+                self.cf.route_flaps -= flap
+            if flap:  # one more place that has not learnt the route: the Worker does not run
+                return self._edge_error(name, 404, "There is nothing here yet")
         url, generation = script.enter()
         try:
             self._forward(script, name, path, url, generation, body)

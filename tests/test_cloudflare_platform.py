@@ -183,6 +183,15 @@ class TransientErrors(PlatformCase):
         self.assertEqual(self.drive(sc, run_id)["status"], "completed")
 
 
+    def test_a_429_that_says_retry_at_once_is_still_paced(self):
+        self.cf.fail_next.extend([("PUT", "/workers/scripts/", 429, 0), ("PUT", "/workers/scripts/", 429, 0)])
+        sc = self.sidecar()
+        t0 = time.time()
+        sc.deploy("steps", STEPS, adapter="cloudflare")
+        self.assertEqual([c[2] for c in self.calls("PUT")], [429, 429, 200])
+        self.assertGreaterEqual(time.time() - t0, 2.9, "Retry-After: 0 made a tight loop")
+
+
 class Scripts(PlatformCase):
     platform = Platform.scaled(script_cap=2)
 
@@ -288,6 +297,17 @@ class Readiness(PlatformCase):
         time.sleep(4.0)
         self.assertEqual(self.drive(sc, run_id)["status"], "completed")
         self.assertEqual(failures(sc, run_id), 0)
+
+
+    def test_a_404_after_the_route_answered_once_costs_no_attempt(self):
+        sc = self.sidecar()
+        sc.deploy("steps", STEPS, adapter="cloudflare")
+        run_id = sc.start("steps", {}, drive=False)["id"]
+        self.cf.route_flaps = 1
+        st = self.drive(sc, run_id)
+        self.assertEqual(st["output"], ["A", "B", "C", "D", "E"])
+        self.assertEqual(failures(sc, run_id), 0)
+        self.assertEqual(len(self.calls("PUT")), 1, "a 404 while the route spreads uploaded the Worker again")
 
 
 class ApiErrors(PlatformCase):
