@@ -98,6 +98,7 @@ Requests without a User-Agent are answered as usual but recorded in
 ``no_user_agent``, so a test can require one on every call.
 """
 import collections
+import contextlib
 import email.parser
 import email.policy
 import http.client
@@ -109,6 +110,7 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -262,7 +264,9 @@ class Script:
         self.proc = subprocess.Popen(["node", LAUNCHER, MINIFLARE_DIR, os.path.join(self.module_dir, "metadata.json"),
                                       self.module_dir, "127.0.0.1:%d" % self.fake.port], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     env=dict(os.environ, TMPDIR=self.module_dir))
+                                     env=dict(os.environ, TMPDIR=self.module_dir),
+                                     start_new_session=True)  # its group holds workerd too: killed together
+        self.fake.groups.add(self.proc.pid)
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError("miniflare did not start for %s" % self.name)
@@ -281,17 +285,19 @@ class Script:
 
     def _stop(self, hard=False):
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
         try:
-            if hard:
-                proc.kill()
-            else:
-                proc.stdin.close()
-            proc.wait(10)
+            if not hard and proc.poll() is None:
+                proc.stdin.close()  # miniflare disposes of its workerd and exits
+                proc.wait(10)
         except (OSError, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait()
+            pass
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group (workerd after a kill)
+        with contextlib.suppress(OSError, ValueError):
+            proc.stdout.close()
+        proc.wait()
 
     def stop(self):
         with self.lock:
@@ -334,6 +340,7 @@ class FakeCloudflare:
         self.uploads = []
         self.deletes = []
         self.kills = []
+        self.groups = set()  # process groups of the scripts' miniflare (node and its workerd)
         self.no_user_agent = []
         self.worker_requests = []  # (name, method, path, status) at workers.dev
         self.kv_usage = collections.Counter()
@@ -379,6 +386,19 @@ class FakeCloudflare:
 
     def live(self):
         return list(self.scripts.values())
+
+    def leftovers(self):
+        """Processes of the scripts' groups still alive (after stop(): none)."""
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open("/proc/%s/stat" % pid) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[2]) in self.groups:
+                found.append(int(pid))
+        return found
 
     # -- the API ------------------------------------------------------------------
 

@@ -29,6 +29,8 @@ class CloudflareCase(TempHome):
     def tearDown(self):
         self.cf.stop()
         super().tearDown()
+        from tests.util import wait_for
+        wait_for(lambda: not self.cf.leftovers(), what="the fake's miniflare processes to be gone")
 
 
 @unittest.skipUnless(have_miniflare(), "miniflare is not installed: run `make cf-tools` (npm, into .ci/)")

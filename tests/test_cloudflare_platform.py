@@ -64,6 +64,8 @@ class PlatformCase(TempHome):
     def tearDown(self):
         self.cf.stop()
         super().tearDown()
+        from tests.util import wait_for
+        wait_for(lambda: not self.cf.leftovers(), what="the fake's miniflare processes to be gone")
 
     def calls(self, method=None, part=""):
         return [c for c in self.cf.calls if (method is None or c[0] == method) and part in c[1]]
