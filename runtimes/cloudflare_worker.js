@@ -49,6 +49,7 @@ class KvMirror {
     this.kv = kv;
     this.passId = passId;
     this.pending = []; // [seq, line] not yet stored
+    this.fixed = 0; // how many of them make the chunk being written
     this.writing = null;
     this.timer = null;
     this.lastWrite = 0;
@@ -73,7 +74,11 @@ class KvMirror {
   }
 
   async write() {
-    const chunk = this.pending.slice();
+    // A chunk once tried keeps exactly its lines until stored: a failed put may still land later, and
+    // a late copy must never be shorter than the one that replaced it (the next chunk starts after it).
+    const n = this.fixed || this.pending.length;
+    this.fixed = n;
+    const chunk = this.pending.slice(0, n);
     const text = chunk.map(([, line]) => line).join("\n") + "\n";
     const key = `ev:${this.passId}:${String(chunk[0][0]).padStart(6, "0")}`;
     const last = chunk[chunk.length - 1][0];
@@ -83,13 +88,15 @@ class KvMirror {
       try {
         await this.kv.put(key, text, { expirationTtl: KV_TTL_S, metadata });
         // Stored: these leave the queue; anything added meanwhile starts the next chunk.
-        this.pending.splice(0, chunk.length);
+        this.pending.splice(0, n);
+        this.fixed = 0;
         break;
       } catch (err) {
-        // A failed write keeps its events queued: the next chunk starts at the same seq (same key).
+        // A failed write keeps its events queued, as the same chunk (same key, same lines).
         if (/limit exceeded/i.test(String(err && err.message))) {
           this.kv = null; // the day's KV quota is spent: the stream is all there is
           this.pending = [];
+          this.fixed = 0;
           break;
         }
         if (attempt < KV_PUT_TRIES) await pause(200 * attempt);

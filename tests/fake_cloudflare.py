@@ -346,6 +346,8 @@ class FakeCloudflare:
         self.kv_usage = collections.Counter()
         self.cut_stream_after = None  # drop the next worker response after this many event lines
         self.stall_stream_after = None  # stop forwarding the next response (connection kept) after this many
+        self.kv_put_errors = 0  # the next N Worker-side puts fail (a 500 from KV), stored or not (``kv_put_lands``)
+        self.kv_put_lands = False
         self.route_flaps = 0  # the next N pass requests meet an edge that does not know the route yet (404)
         self.fail_next = collections.deque()  # (method regex, path regex, status, Retry-After or None) injections
         self.rate_times = collections.deque()
@@ -632,7 +634,14 @@ class FakeCloudflare:
             if len(doc.get("value", "").encode()) > 25 * 1024 * 1024:
                 return {"error": "KV PUT failed: 413 Value length exceeds limit of 26214400."}
             at = time.time() + ttl if ttl is not None else expiration
+            with self.lock:
+                fail = self.kv_put_errors > 0
+                self.kv_put_errors -= fail
+            if fail and not self.kv_put_lands:
+                return {"error": "KV PUT failed: 500 Internal Server Error"}
             ns.write(key, doc.get("value", ""), metadata, at)
+            if fail:  # it was stored, yet the Worker is told it failed
+                return {"error": "KV PUT failed: 500 Internal Server Error"}
             return {"result": None}
         if op == "delete":
             if not self._quota("delete"):

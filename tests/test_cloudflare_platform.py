@@ -382,5 +382,22 @@ class KvQuota(PlatformCase):
         self.assertGreater(self.cf.kv_usage["write"], 1)
 
 
+class KvWriteErrors(PlatformCase):
+    def test_failed_kv_writes_are_retried_as_the_same_chunk_and_a_lost_response_still_recovers(self):
+        for lands in (False, True):
+            self.cf.kv_put_errors, self.cf.kv_put_lands = 2, lands
+            sc = self.sidecar()
+            if not lands:
+                sc.deploy("steps", STEPS, adapter="cloudflare")
+            run_id = sc.start("steps", {}, drive=False)["id"]
+            self.cf.cut_stream_after = 1
+            sc.tick()
+            st = sc.status(run_id)
+            self.assertEqual(st["status"], "sleeping", (lands, st))
+            self.assertEqual(self.drive(sc, run_id)["output"], ["A", "B", "C", "D", "E"])
+            self.assertEqual(started(sc, run_id), ["a", "b", "c", "d", "e"])
+            self.assertEqual(self.cf.kv_put_errors, 0, "the injected failures were not met")
+
+
 if __name__ == "__main__":
     unittest.main()
