@@ -3707,18 +3707,24 @@ def validate_code_in_docker(adapter, code):
 USER_AGENT = "ty-openworkflow/%s (python %d.%d)" % ((__version__,) + tuple(sys.version_info[:2]))
 
 
-def http_request(method, url, headers=None, body=None, timeout_s=30, stream=False):
-    """The one place that makes HTTP requests. Returns (status, headers, body), or
-    (connection, response) with ``stream``; raises AdapterError when unreachable.
-    Every request says who it is (User-Agent)."""
+def http_connection(url, timeout_s):
+    """An (unconnected) HTTP(S) connection for ``url``, the request target, and the URL's parts."""
     import http.client
     import urllib.parse
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise AdapterError("bad URL %r" % url)
     cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = cls(parts.hostname, parts.port, timeout=timeout_s)
     target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    return cls(parts.hostname, parts.port, timeout=timeout_s), target, parts
+
+
+def http_request(method, url, headers=None, body=None, timeout_s=30, stream=False):
+    """The one place that makes HTTP requests. Returns (status, headers, body), or
+    (connection, response) with ``stream``; raises AdapterError when unreachable.
+    Every request says who it is (User-Agent)."""
+    import http.client
+    conn, target, parts = http_connection(url, timeout_s)
     headers = dict(headers or {})
     headers.setdefault("User-Agent", USER_AGENT)
     try:
@@ -3765,9 +3771,9 @@ class NotReady(AdapterError):
 class CloudflareError(AdapterError):
     """A Cloudflare API call that failed: its HTTP status and the error codes of its body."""
 
-    def __init__(self, message, status=None, codes=()):
+    def __init__(self, message, status=None, codes=(), detail=None):
         super().__init__(message)
-        self.status, self.codes = status, tuple(codes)
+        self.status, self.codes, self.detail = status, tuple(codes), detail  # detail: "HTTP 404: 10007 ..."
 
 
 # Cloudflare's API allows 1,200 calls per 5 minutes per user (shared with the dashboard and
@@ -3809,28 +3815,28 @@ class _ApiBudget:
         self.limit = 1000
         self.times = collections.deque()
         self.blocked_until = 0.0
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
 
-    def wait_s(self):
-        """Seconds until a call may be made (0: now), without taking it."""
-        now = time.monotonic()
-        with self.lock:
-            while self.times and self.times[0] <= now - CF_RATE_WINDOW_S:
-                self.times.popleft()
-            wait = self.blocked_until - now
-            if len(self.times) >= self.limit:
-                wait = max(wait, self.times[0] + CF_RATE_WINDOW_S - now)
-            return max(0.0, wait)
+    def _wait_s(self, now):
+        """Seconds until a call may be made (0: now); the caller holds the lock."""
+        while self.times and self.times[0] <= now - CF_RATE_WINDOW_S:
+            self.times.popleft()
+        wait = self.blocked_until - now
+        if len(self.times) >= self.limit:
+            wait = max(wait, self.times[0] + CF_RATE_WINDOW_S - now)
+        return max(0.0, wait)
 
-    def take(self, deadline, stop=None):
-        """Take a call slot, waiting up to the monotonic ``deadline``; returns 0, or the seconds still to wait."""
+    def take(self, deadline, stop):
+        """Take a call slot, waiting up to the monotonic ``deadline`` or ``stop()``; returns 0, or the seconds
+        still to wait."""
         while True:
             with self.lock:  # looked at and taken at once: threads cannot all see the same free slot
-                wait = self.wait_s()
+                now = time.monotonic()
+                wait = self._wait_s(now)
                 if wait <= 0:
-                    self.times.append(time.monotonic())
+                    self.times.append(now)
                     return 0.0
-            if time.monotonic() + wait > deadline or (stop is not None and stop()):
+            if time.monotonic() + wait > deadline or stop():
                 return wait
             time.sleep(min(wait, 1.0))
 
@@ -3888,18 +3894,18 @@ class HttpExecution(Execution):
         self._post(url, (dumps(doc) + "\n").encode("utf-8"))
 
     def _post(self, url, body):
+        """Send the pass; connecting and sending apart, so an error after sending is known to be one."""
         import http.client
-        import urllib.parse
-        parts = urllib.parse.urlsplit(url)
-        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         headers = {"Authorization": "Bearer " + self.adapter.invocation_secret().decode("ascii"),
                    "Content-Type": "application/json", "User-Agent": USER_AGENT}
         try:
-            self._conn = cls(parts.hostname, parts.port, timeout=min(30.0, self._timeout_ms / 1000.0))
+            self._conn, target, parts = http_connection(url, min(30.0, self._timeout_ms / 1000.0))
             self._conn.connect()
         except (OSError, http.client.HTTPException) as exc:
-            self.error = "cannot reach %s://%s (%s)" % (parts.scheme, parts.netloc, exc)
+            self.error = "cannot reach %s (%s)" % (url, exc)
+            return
+        except AdapterError as exc:
+            self.error = str(exc)
             return
         try:
             self._conn.request("POST", target, body=body, headers=headers)
@@ -3940,13 +3946,22 @@ class HttpExecution(Execution):
             return "Cloudflare error %s: %s" % (m.group(1), CF_EDGE_ERRORS[m.group(1)])
         return None
 
+    def _accept(self, ev):
+        """Take the event if it is the next in seq order (never one past a gap)."""
+        if ev is None or ev.get("seq") != self.last_seq + 1:
+            return False
+        self.last_seq = ev["seq"]
+        self.saw_terminal = ev.get("type") in TERMINAL_EVENTS
+        return True
+
     def lines(self):
         if self._resp is not None and self.status != 200:
             body = self._resp.read(4000).decode("utf-8", "replace").strip()
             self.error = "the worker answered HTTP %d: %s" % (self.status, self._edge_error(body) or body[:300])
             if self.status == 404:
                 self.adapter.forget(self.spec.version)  # the script or its route is gone: upload again next pass
-        elif self._resp is not None:
+            return  # the Worker refused the pass: it is not running
+        if self._resp is not None:
             while True:
                 try:
                     raw = self._resp.readline()
@@ -3964,16 +3979,11 @@ class HttpExecution(Execution):
                 ev = self._event(text)
                 if ev is not None and ev.get("type") == "heartbeat":
                     continue
-                if ev is not None and isinstance(ev.get("seq"), int):
-                    if ev["seq"] != self.last_seq + 1:
-                        continue  # never past a gap (cannot happen on one stream; the copy in KV decides)
-                    self.last_seq = ev["seq"]
-                    self.saw_terminal = ev.get("type") in TERMINAL_EVENTS
+                if ev is not None and isinstance(ev.get("seq"), int) and not self._accept(ev):
+                    continue  # never past a gap (cannot happen on one stream; the copy in KV decides)
                 yield text
         if self.saw_terminal or self.canceled or self.timed_out or not self.sent:
             return  # it ended, was stopped, or nothing reached the Worker: nothing to follow in KV
-        if self._resp is not None and self.status != 200:
-            return  # the Worker refused the pass: it is not running
         yield from self._reconcile()
 
     def _reconcile(self):
@@ -3995,14 +4005,11 @@ class HttpExecution(Execution):
                 if isinstance(exc, CloudflareError) and (exc.status in (401, 403, 404) or exc.codes & CF_QUOTA_CODES):
                     break  # no answer will come: a token without KV access, no such namespace, no quota left
             for text in found:
-                ev = self._event(text)
-                if ev is None or ev.get("seq") != self.last_seq + 1:
+                if not self._accept(self._event(text)):
                     break
                 if not self.recovered:  # said now: the pass may be over (and this generator left) at its end
                     self._log.append("the response was lost (%s); its events from seq %d on were recovered from KV"
-                                     % (lost, ev["seq"]))
-                self.last_seq = ev["seq"]
-                self.saw_terminal = ev.get("type") in TERMINAL_EVENTS
+                                     % (lost, self.last_seq))
                 self.recovered += 1
                 yield text
                 if self.saw_terminal:
@@ -4058,6 +4065,7 @@ class CloudflareAdapter(Adapter):
     def __init__(self, config):
         super().__init__(config)
         self._token = None
+        self._secret = None
         self._subdomain = None
         self._names = {}  # (workflow_id, code) -> script name
         self._known = {}  # script name -> its row in cf_scripts (or {} without a store)
@@ -4094,28 +4102,32 @@ class CloudflareAdapter(Adapter):
         return token
 
     def invocation_secret(self):
-        """The per-install secret the Worker checks on every pass request."""
-        return install_secret(self.config.data_dir, self.SECRET_FILE, create=True)
+        """The per-install secret the Worker checks on every pass request (read once: it never changes)."""
+        if self._secret is None:
+            self._secret = install_secret(self.config.data_dir, self.SECRET_FILE, create=True)
+        return self._secret
 
     def budget(self):
         return _ApiBudget.of((self.cfg("api_base"), self.cfg("account_id")), self.cfg("api_budget"))
 
     def api(self, method, path, body=None, content_type="application/json", raw=False, patience_s=None,
-            stop=None):
-        """One Cloudflare API v4 call; returns ``result`` (or the raw body), raises CloudflareError.
+            stop=None, whole=False):
+        """One Cloudflare API v4 call; returns ``result`` (the raw body with ``raw``, the whole envelope
+        with ``whole``), raises CloudflareError.
 
         429 and 5xx answers and unreachable moments are retried with backoff (a 429's
-        Retry-After blocks every call of the process that long), within ``patience_s``;
-        a 401/403 reads the token again once (it may have been rotated)."""
+        Retry-After blocks every call of the process that long), within ``patience_s``
+        or until ``stop()``; a 401/403 reads the token again once (it may have been rotated)."""
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode("utf-8")
         patience = self.API_PATIENCE_S if patience_s is None else patience_s
         deadline = time.monotonic() + patience
+        stopped = stop or (lambda: False)
         budget = self.budget()
         url = self.cfg("api_base").rstrip("/") + path
         backoff, fresh = 1.0, False
         while True:
-            wait = budget.take(deadline, stop)
+            wait = budget.take(deadline, stopped)
             if wait:
                 raise CloudflareError(
                     "the Cloudflare API is rate-limiting this account (at most 1,200 calls per 5 minutes per user, "
@@ -4127,11 +4139,13 @@ class CloudflareAdapter(Adapter):
             try:
                 status, rheaders, data = http_request(method, url, headers, body)
             except AdapterError:
-                if time.monotonic() + backoff > deadline or (stop is not None and stop()):
+                if time.monotonic() + backoff > deadline or stopped():
                     raise
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 15.0)
                 continue
+            if raw and 200 <= status < 300:
+                return data
             envelope = self._envelope(status, data)
             codes = self._codes(envelope)
             if status == 429 and not (codes & CF_QUOTA_CODES):
@@ -4139,7 +4153,7 @@ class CloudflareAdapter(Adapter):
                 budget.block(max(backoff, _retry_after_s(rheaders.get("retry-after"), CF_RATE_WINDOW_S)))
                 backoff = min(backoff * 2, 15.0)
                 continue
-            if status >= 500 and time.monotonic() + backoff <= deadline and not (stop is not None and stop()):
+            if status >= 500 and time.monotonic() + backoff <= deadline and not stopped():
                 pause = max(backoff, min(_retry_after_s(rheaders.get("retry-after"), 0), 30.0))
                 time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
                 backoff = min(backoff * 2, 15.0)
@@ -4148,10 +4162,8 @@ class CloudflareAdapter(Adapter):
                 fresh, self._token = True, None  # the token may have been rotated: read it again once
                 continue
             break
-        if raw and 200 <= status < 300:
-            return data
         if 200 <= status < 300 and isinstance(envelope, dict) and envelope.get("success", True):
-            return envelope.get("result")
+            return envelope if whole else envelope.get("result")
         raise self._error(method, path, status, envelope, data, codes)
 
     @staticmethod
@@ -4188,20 +4200,20 @@ class CloudflareAdapter(Adapter):
             return CloudflareError(
                 "the account holds as many Workers as its plan allows (%s); this install holds %d of them "
                 "(`ty-openworkflow adapters`); delete Workers you no longer use in the dashboard (Free: 100, "
-                "Paid: 500)" % (what, self.script_count()), status, codes)
+                "Paid: 500)" % (what, self.script_count()), status, codes, what)
         if codes & {100328}:
             return CloudflareError("the account's plan does not take a CPU limit (%s); set adapters.cloudflare.cpu_ms: 0 "
-                                   "(Free allows 10 ms a request, fixed)" % what, status, codes)
+                                   "(Free allows 10 ms a request, fixed)" % what, status, codes, what)
         if codes & CF_TOKEN_CODES or status in (401, 403):
             hint = ("check that adapters.cloudflare.api_token_cmd prints the token itself, one line, nothing else"
                     if codes & {6003, 6100, 6101, 6102, 6103, 6111} else
                     "check adapters.cloudflare.api_token_cmd and that the token may edit Workers Scripts and "
                     "Workers KV Storage of account %s" % self.cfg("account_id"))
-            return CloudflareError("the Cloudflare API refused the token (%s); %s" % (what, hint), status, codes)
+            return CloudflareError("the Cloudflare API refused the token (%s); %s" % (what, hint), status, codes, what)
         if status == 429 and codes & CF_QUOTA_CODES:
             return CloudflareError("Workers KV's daily quota is used up (%s); the Free plan allows 100,000 reads and "
-                                   "1,000 writes and lists a day, reset at 00:00 UTC" % what, status, codes)
-        return CloudflareError("Cloudflare API %s %s failed (%s)" % (method, path.split("?")[0], what), status, codes)
+                                   "1,000 writes and lists a day, reset at 00:00 UTC" % what, status, codes, what)
+        return CloudflareError("Cloudflare API %s %s failed (%s)" % (method, path.split("?")[0], what), status, codes, what)
 
     def _check(self, runtime):
         if runtime == "python":
@@ -4223,9 +4235,11 @@ class CloudflareAdapter(Adapter):
             row = store.query_one("SELECT value FROM adapter_state WHERE adapter = ? AND key = ?", (self.name, key))
             return row["value"] if row else None
         with store.transaction() as c:
-            c.execute("INSERT OR REPLACE INTO adapter_state (adapter, key, value) VALUES (?, ?, ?)",
-                      (self.name, key, value))
+            self._put_state(c, key, value)
         return value
+
+    def _put_state(self, c, key, value):
+        c.execute("INSERT OR REPLACE INTO adapter_state (adapter, key, value) VALUES (?, ?, ?)", (self.name, key, value))
 
     def subdomain(self):
         if self._subdomain is None:
@@ -4240,7 +4254,7 @@ class CloudflareAdapter(Adapter):
                 if 10007 in exc.codes:
                     raise CloudflareError("this Cloudflare account has no workers.dev subdomain (%s); create one in "
                                           "the dashboard (Workers & Pages > your subdomain) and try again"
-                                          % str(exc).split("(", 1)[-1].rstrip(")"), exc.status, exc.codes)
+                                          % exc.detail, exc.status, exc.codes, exc.detail)
                 raise
             if not isinstance(result, dict) or not result.get("subdomain"):
                 raise AdapterError("this Cloudflare account has no workers.dev subdomain; create one in the "
@@ -4328,8 +4342,7 @@ class CloudflareAdapter(Adapter):
         if store is not None:
             with store.transaction() as c:
                 if self._subdomain:  # first known before the store existed (a first deploy): kept now
-                    c.execute("INSERT OR REPLACE INTO adapter_state (adapter, key, value) VALUES (?, ?, ?)",
-                              (self.name, "subdomain:" + self.cfg("account_id"), self._subdomain))
+                    self._put_state(c, "subdomain:" + self.cfg("account_id"), self._subdomain)
                 c.execute("INSERT OR REPLACE INTO cf_scripts (name, account_id, workflow_id, uploaded_at, ready_at, "
                           "last_used_at) VALUES (?, ?, ?, ?, ?, ?)", (name, self.cfg("account_id"), workflow_id,
                                                                       row["uploaded_at"], row["ready_at"],
@@ -4443,7 +4456,7 @@ class CloudflareAdapter(Adapter):
         pause, last = 0.25, "no answer"
         while True:
             try:
-                status, _, data = http_request("GET", url, timeout_s=10)
+                status, _, _ = http_request("GET", url, timeout_s=10)
                 if status == 200:
                     self._remember(name, workflow_id, ready_at=now_ms())
                     return
@@ -4490,17 +4503,13 @@ class CloudflareAdapter(Adapter):
         while True:  # every page, following the cursor (a page may be empty while more remain)
             path = "%s/keys?prefix=%s&limit=1000%s" % (base, quote(prefix, safe=""),
                                                        "&cursor=" + quote(cursor, safe="") if cursor else "")
-            envelope = self.api("GET", path, raw=True, patience_s=20, stop=stop)
-            try:
-                doc = json.loads(envelope.decode("utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                raise CloudflareError("the KV key list was not JSON: %r" % envelope[:100])
+            doc = self.api("GET", path, patience_s=20, stop=stop, whole=True)  # a body that is no envelope: raised
             for k in doc.get("result") or []:
                 name = k.get("name") if isinstance(k, dict) else None
                 if isinstance(name, str) and name[len(prefix):].isdigit() and name.startswith(prefix):
                     meta = k.get("metadata") if isinstance(k.get("metadata"), dict) else {}
                     chunks[name] = (int(name[len(prefix):]), meta.get("last"), meta.get("v"), name)
-            cursor = ((doc.get("result_info") or {}).get("cursor") or "") if isinstance(doc, dict) else ""
+            cursor = (doc.get("result_info") or {}).get("cursor") or ""
             if not cursor:
                 break
         out, expect = [], after_seq + 1

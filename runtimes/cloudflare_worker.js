@@ -53,6 +53,7 @@ class KvMirror {
     this.writing = null;
     this.timer = null;
     this.lastWrite = 0;
+    this.final = false; // the pass ended: what is left is written at once
   }
 
   add(seq, line) {

@@ -386,9 +386,6 @@ class FakeCloudflare:
             s.retired = True
             s.stop()
 
-    def live(self):
-        return list(self.scripts.values())
-
     def leftovers(self):
         """Processes of the scripts' groups still alive (after stop(): none)."""
         found = []
