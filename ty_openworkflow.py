@@ -74,6 +74,13 @@ NOTICE_EVERY_MS = 24 * 3600 * 1000
 # Idle SQLite connections a store keeps for reuse; more are closed when returned,
 # so threads that come and go (passes, webhook requests) never pile up fds.
 STORE_POOL_IDLE = 8
+# Writers of one process that queue for the store share one transaction (one commit,
+# one fsync) of at most this many bodies, held open at most this long.
+GROUP_COMMIT_MAX = 64
+GROUP_COMMIT_MAX_S = 0.005
+# store.synchronous: what a commit survives. full: a crash of the machine or a power
+# cut (SQLite's WAL is synced at every commit); normal: a crash of the process only.
+STORE_SYNC_MODES = ("full", "normal")
 # Step retry defaults follow OpenWorkflow: 10 attempts, 1 s, x2, capped at 100 s.
 DEFAULT_RETRY = {"max_attempts": 10, "initial_ms": 1000, "backoff": 2.0, "max_ms": 100000}
 # A pass that dies with no step in flight (shim crash, OOM) retries on this policy.
@@ -574,6 +581,7 @@ CONFIG_SCHEMA = {
     "lease_ttl": ("duration", "30s"),
     "runner_linger": ("duration", "2m"),
     "shutdown_grace": ("duration", "10s"),
+    "store.synchronous": ("str", "full"),
     "limits.max_output_bytes": ("size", 1048576),
     "limits.max_input_bytes": ("size", 1048576),
     "limits.max_step_attempts": ("int", 1000),
@@ -645,7 +653,7 @@ CONFIG_RANGES = {
     "adapters.cloudflare.cpu_ms": (0, 300000), "adapters.cloudflare.api_budget": (10, 1200),
 }
 _CONFIG_SECTIONS = {"adapters", "adapters.exec", "adapters.docker", "adapters.cloudflare",
-                    "webhook", "taskyou", "limits", "retry", "dashboard"}
+                    "webhook", "taskyou", "limits", "retry", "dashboard", "store"}
 
 
 class _Line:
@@ -951,6 +959,10 @@ def load_config(path=None, text=None, must_exist=False):
                                                                           high, values[key]))
     if values["lease_ttl"] < 2000:
         raise ConfigError("%s: lease_ttl must be at least 2s" % path)
+    if values["store.synchronous"] not in STORE_SYNC_MODES:
+        raise ConfigError("%s:%s: store.synchronous must be full (a commit survives a power cut) or "
+                          "normal (faster; survives a crash of the process only)"
+                          % (path, key_lines.get("store.synchronous", "?")))
     if values["adapters.exec.mode"] not in ("warm", "process"):
         raise ConfigError("%s:%s: adapters.exec.mode must be warm (long-lived workers) or process (a process per "
                           "pass)" % (path, key_lines.get("adapters.exec.mode", "?")))
@@ -1217,17 +1229,36 @@ def _row_dict(cursor, row):
     return {d[0]: row[i] for i, d in enumerate(cursor.description)}
 
 
+class _Batch:
+    """One SQLite write transaction shared by the writers that queued for it (a group commit)."""
+
+    __slots__ = ("conn", "blocks", "opened", "done", "error")
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.blocks = 0
+        self.opened = time.monotonic()
+        self.done = threading.Event()
+        self.error = None
+
+
 class Store:
     """The durable backend: workflows, versions, runs, steps, events, logs."""
 
-    def __init__(self, data_dir):
+    def __init__(self, data_dir, synchronous="full"):
+        if synchronous not in STORE_SYNC_MODES:
+            raise ConfigError("store.synchronous must be full (survives a power cut) or normal "
+                              "(survives a crash of the process only), not %r" % (synchronous,))
         self.data_dir = data_dir
         self.path = os.path.join(data_dir, DB_FILE)
+        self.synchronous = synchronous
         self._idle = []  # a small pool: threads borrow a connection per call, never keep one
         self._lock = threading.Lock()
         # Writers of this process queue here, on a mutex, rather than in SQLite's busy
         # handler, which sleeps 1 ms and more per try; other processes still use it.
         self._write_lock = threading.Lock()
+        self._batch = None  # the open group commit (under _write_lock)
+        self._queued = 0  # writers waiting for _write_lock (under _lock)
         self._alive_cache = {}
         self._closed = False
         self._prepare_dir()
@@ -1256,7 +1287,7 @@ class Store:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 log.debug("journal_mode is %s, not wal", mode)
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA synchronous = %s" % self.synchronous.upper())
         except sqlite3.DatabaseError as exc:
             raise self._wrap(exc)
         return conn
@@ -1305,28 +1336,119 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self):
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error; sqlite3 errors leave as StoreError."""
-        with self._write_lock, self.connection() as conn:
-            self._begin(conn)
+        """A write transaction: committed when the block ends, undone whole on any error.
+
+        sqlite3 errors leave as StoreError. Writers of this process that queue
+        meanwhile share one SQLite transaction, each block in a savepoint of its own
+        (an error undoes only that block), and one COMMIT makes them all durable:
+        one fsync for many under ``store.synchronous: full``. Each returns only once
+        its changes are committed.
+        """
+        with self._lock:
+            self._queued += 1
+        self._write_lock.acquire()
+        with self._lock:
+            self._queued -= 1
+        batch = None
+        try:
+            batch = self._join_batch()
+            conn = batch.conn
             try:
                 yield conn
             except BaseException as exc:
-                # SQLite may already have rolled back by itself (SQLITE_FULL, an I/O error):
-                # a second ROLLBACK would raise and hide the real cause.
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
+                self._undo_body(batch, exc)
                 if isinstance(exc, sqlite3.Error):
                     raise self._wrap(exc)
                 raise
-            else:
-                try:
-                    conn.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    if conn.in_transaction:
-                        with contextlib.suppress(sqlite3.Error):
-                            conn.execute("ROLLBACK")
-                    raise self._wrap(exc)
+            self._end_body(batch)
+        finally:
+            if batch is not None:
+                self._settle_batch(batch)
+            self._write_lock.release()
+        batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+
+    def _join_batch(self):
+        """The open group commit (BEGIN IMMEDIATE for a new one), with a savepoint for one block."""
+        batch = self._batch
+        if batch is None:
+            conn = self._acquire()
+            try:
+                self._begin(conn)
+            except BaseException:
+                self._release(conn)
+                raise
+            batch = self._batch = _Batch(conn)
+        try:
+            batch.conn.execute("SAVEPOINT tyow_block")
+        except sqlite3.Error as exc:
+            self._break_batch(batch, self._wrap(exc))
+            raise batch.error
+        batch.blocks += 1
+        return batch
+
+    def _end_body(self, batch):
+        try:
+            batch.conn.execute("RELEASE tyow_block")
+        except sqlite3.Error as exc:
+            self._break_batch(batch, self._wrap(exc))
+
+    def _undo_body(self, batch, exc):
+        """Undo one block; if SQLite already rolled back the whole transaction, the batch is lost."""
+        conn = batch.conn
+        if batch.error is None and conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK TO tyow_block")
+                conn.execute("RELEASE tyow_block")
+                return
+            except sqlite3.Error:
+                pass
+        cause = exc if isinstance(exc, StoreError) else self._wrap(exc) if isinstance(
+            exc, sqlite3.Error) else StoreError("a write failed and took the shared transaction with it "
+                                                "(%s); try again" % exc)
+        self._break_batch(batch, cause)
+
+    def _break_batch(self, batch, error):
+        """The shared transaction cannot commit: every block in it fails with ``error``."""
+        if batch.done.is_set():
+            return
+        batch.error = error
+        if batch.conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                batch.conn.execute("ROLLBACK")
+        self._close_batch(batch)
+
+    def _settle_batch(self, batch, now=False):
+        """Commit (``now``, or unless another writer is queued to join: the last of a group commits)."""
+        if batch.done.is_set():
+            return
+        with self._lock:
+            queued = self._queued
+        young = time.monotonic() - batch.opened < GROUP_COMMIT_MAX_S
+        if queued and not now and batch.blocks < GROUP_COMMIT_MAX and young:
+            return
+        try:
+            batch.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._break_batch(batch, self._wrap(exc))
+            return
+        self._close_batch(batch)
+
+    def _close_batch(self, batch):
+        if self._batch is batch:
+            self._batch = None
+        self._release(batch.conn)
+        batch.done.set()
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Hold the write lock with no group commit open (VACUUM, checkpoints)."""
+        with self._write_lock:
+            if self._batch is not None:
+                self._settle_batch(self._batch, now=True)
+            with self.connection() as conn:
+                yield conn
 
     def _begin(self, conn):
         """BEGIN IMMEDIATE, waiting for another process's write lock in steps of 0.1 ms and up rather
@@ -1774,7 +1896,7 @@ class Store:
     def vacuum(self):
         """Give the space of deleted rows back to the disk; returns the bytes freed."""
         before = self._db_bytes()
-        with self._write_lock, self.connection() as conn:
+        with self._exclusive() as conn:
             try:
                 conn.execute("VACUUM")
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -6260,7 +6382,7 @@ class Sidecar:
     @property
     def store(self):
         if self._store is None:
-            self._store = Store(self.config.data_dir)
+            self._store = Store(self.config.data_dir, self.config["store.synchronous"])
         return self._store
 
     @property

@@ -1,0 +1,310 @@
+"""What a commit survives: a power cut in the middle of a burst (store.synchronous), and the
+group commit that lets concurrent writers share one fsync without sharing a failure.
+
+The power cut is simulated the way SQLite's own crash tests think of a disk: only what was
+synced survives. A small LD_PRELOAD library (built here with the system C compiler) copies
+the store's files each time SQLite syncs one; the burst process is then SIGKILLed at a random
+moment, and the store is rebuilt from the copies alone: what a machine would find after
+losing power at that instant. Every run the burst was told was created (start() returned)
+and every cancel it was told was done must be there."""
+import json
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+from tests.util import ROOT, TempHome, tow
+
+CUT_LIB_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* On fsync/fdatasync of a file whose path contains $TYOW_CUT_MATCH, keep a copy of the
+   file as it is now at PATH.synced: the content a power cut at any later moment leaves. */
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void keep(int fd) {
+    const char *match = getenv("TYOW_CUT_MATCH");
+    char link[64], path[4096], tmp[4200], dst[4200], buf[65536];
+    ssize_t n;
+    if (!match || !*match) return;
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    n = readlink(link, path, sizeof path - 1);
+    if (n <= 0) return;
+    path[n] = 0;
+    if (!strstr(path, match)) return;
+    pthread_mutex_lock(&mu);
+    snprintf(tmp, sizeof tmp, "%s.synced-tmp", path);
+    snprintf(dst, sizeof dst, "%s.synced", path);
+    int in = open(path, O_RDONLY), out = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    if (in >= 0 && out >= 0) {
+        while ((n = read(in, buf, sizeof buf)) > 0) {
+            if (write(out, buf, n) != n) break;
+        }
+        rename(tmp, dst);
+    }
+    if (in >= 0) close(in);
+    if (out >= 0) close(out);
+    pthread_mutex_unlock(&mu);
+}
+
+int fsync(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    keep(fd);
+    return real(fd);
+}
+
+int fdatasync(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    keep(fd);
+    return real(fd);
+}
+"""
+
+# The burst: threads that start runs and cancel some, each printing an acknowledgement
+# only after the call returned (the caller was told it is stored).
+BURST = r"""
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+import ty_openworkflow as tow
+sc = tow.Sidecar(config_path=sys.argv[2])
+out_lock = threading.Lock()
+
+def say(line):
+    with out_lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+def worker(n):
+    i = 0
+    while True:
+        run = sc.start("burst", {"n": n, "i": i}, drive=False)
+        say("started " + run["id"])
+        if i % 3 == 0:
+            sc.cancel(run["id"])
+            say("canceled " + run["id"])
+        i += 1
+
+say("ready")
+for n in range(6):
+    threading.Thread(target=worker, args=(n,), daemon=True).start()
+threading.Event().wait()
+"""
+
+
+def _build_cut_lib(folder):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None
+    src = os.path.join(folder, "cut.c")
+    lib = os.path.join(folder, "libtyowcut.so")
+    with open(src, "w") as f:
+        f.write(CUT_LIB_C)
+    proc = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", lib, src, "-ldl", "-lpthread"],
+                          capture_output=True, text=True)
+    return lib if proc.returncode == 0 else None
+
+
+class PowerCut(TempHome):
+    """A burst of starts and cancels, cut at a random moment; the store from synced bytes only."""
+
+    def setUp(self):
+        super().setUp()
+        self.lib = _build_cut_lib(self.tmp)
+        if self.lib is None:
+            self.skipTest("no C compiler (cc) to build the power-cut library")
+
+    def _prepare(self, synchronous):
+        self.write_config(extra="store:\n  synchronous: %s\n" % synchronous)
+        sc = self.sidecar(clock=False)
+        sc.deploy("burst", "def workflow(input, ctx):\n    return input\n", runtime="python")
+        sc.close()
+        self._sidecars.remove(sc)
+        db = os.path.join(self.data_dir, tow.DB_FILE)
+        # The disk as it is before the burst: everything the clean close left is synced.
+        for ext in ("", "-wal"):
+            if os.path.exists(db + ext):
+                shutil.copyfile(db + ext, db + ext + ".synced")
+        return db
+
+    def _cut(self, db, run_for_s):
+        env = dict(os.environ, LD_PRELOAD=self.lib, TYOW_CUT_MATCH=tow.DB_FILE)
+        proc = subprocess.Popen([sys.executable, "-c", BURST, ROOT, self.config_path], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        acks = []
+        reader = threading.Thread(target=lambda: acks.extend(proc.stdout), daemon=True)
+        reader.start()
+        time.sleep(run_for_s)
+        proc.kill()  # the power cut: whatever was not synced by now is gone
+        proc.wait()
+        reader.join(5)
+        err = proc.stderr.read()
+        proc.stderr.close()
+        proc.stdout.close()
+        self.assertIn("ready\n", acks, err[-2000:])
+        # The machine comes back: only the synced copies are on its disk.
+        after = os.path.join(self.tmp, "after")
+        os.makedirs(after)
+        for ext in ("", "-wal"):
+            if os.path.exists(db + ext + ".synced"):
+                shutil.copyfile(db + ext + ".synced", os.path.join(after, tow.DB_FILE + ext))
+        return acks, os.path.join(after, tow.DB_FILE)
+
+    def _lost(self, acks, path):
+        conn = sqlite3.connect(path)
+        try:
+            self.assertEqual(conn.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+            status = dict(conn.execute("SELECT id, status FROM runs"))
+        finally:
+            conn.close()
+        lost = []
+        for line in acks:
+            what, _, run_id = line.strip().partition(" ")
+            if what == "started" and run_id not in status:
+                lost.append(line.strip())
+            elif what == "canceled" and status.get(run_id) != "canceled":
+                lost.append(line.strip() + " (now %s)" % status.get(run_id))
+        return lost
+
+    def test_full_keeps_every_acknowledged_commit(self):
+        db = self._prepare("full")
+        acks, path = self._cut(db, random.uniform(1.5, 2.5))
+        started = [a for a in acks if a.startswith("started")]
+        self.assertGreater(len(started), 20, "the burst made too few runs to say anything")
+        self.assertEqual(self._lost(acks, path), [])
+
+    def test_normal_loses_acknowledged_commits(self):
+        """The opt-out survives a crash of the process, not of the machine: the cut shows it."""
+        db = self._prepare("normal")
+        acks, path = self._cut(db, 1.5)
+        self.assertTrue(self._lost(acks, path), "store.synchronous: normal lost nothing to a power cut")
+
+
+class GroupCommit(TempHome):
+    """Writers that queue share one commit; a failing block undoes only itself."""
+
+    def _store(self):
+        store = tow.Store(self.data_dir)
+        self.addCleanup(store.close)
+        with store.transaction() as c:
+            c.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER)")
+        return store
+
+    def test_concurrent_blocks_all_commit_and_a_failure_undoes_only_its_own(self):
+        store = self._store()
+        errors, done = [], []
+
+        def writer(n):
+            for i in range(40):
+                key = "%d-%d" % (n, i)
+                try:
+                    with store.transaction() as c:
+                        c.execute("INSERT INTO t VALUES (?, ?)", (key, i))
+                        if i % 7 == 3:
+                            c.execute("INSERT INTO t VALUES (?, ?)", (key + "-x", i))
+                            raise tow.Conflict("undo " + key)
+                    done.append(key)
+                except tow.Conflict:
+                    errors.append(key)
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        with store.connection() as c:
+            keys = {r[0] for r in c.execute("SELECT k FROM t")}
+        self.assertEqual(keys, set(done))
+        self.assertEqual(len(done) + len(errors), 8 * 40)
+        self.assertEqual(len(errors), 8 * 6)
+
+    def test_a_block_returns_only_once_committed(self):
+        store = self._store()
+        seen = []
+
+        def writer(n):
+            with store.transaction() as c:
+                c.execute("INSERT INTO t VALUES (?, ?)", ("k%d" % n, n))
+            # Another connection must see it the moment the block returned.
+            with store.connection() as c2:
+                seen.append(c2.execute("SELECT count(*) FROM t WHERE k = ?", ("k%d" % n,)).fetchone()[0])
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(seen, [1] * 32)
+
+    def test_a_sqlite_error_in_a_block_is_a_store_error_and_others_commit(self):
+        store = self._store()
+        with store.transaction() as c:
+            c.execute("INSERT INTO t VALUES ('dup', 1)")
+        with self.assertRaises(tow.StoreError):
+            with store.transaction() as c:
+                c.execute("INSERT INTO t VALUES ('fresh', 1)")
+                c.execute("INSERT INTO t VALUES ('dup', 2)")
+        with store.transaction() as c:
+            c.execute("INSERT INTO t VALUES ('after', 1)")
+        with store.connection() as c:
+            self.assertEqual(sorted(r[0] for r in c.execute("SELECT k FROM t")), ["after", "dup"])
+
+    def test_vacuum_while_writers_queue(self):
+        store = self._store()
+        stop = threading.Event()
+
+        def writer(n):
+            i = 0
+            while not stop.is_set():
+                with store.transaction() as c:
+                    c.execute("INSERT OR REPLACE INTO t VALUES (?, ?)", ("v%d-%d" % (n, i % 50), i))
+                i += 1
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(3):
+                store.vacuum()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        with store.connection() as c:
+            self.assertEqual(c.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+
+
+class SyncSetting(TempHome):
+    def test_default_is_full_and_a_bad_value_is_refused(self):
+        sc = self.sidecar()
+        with sc.store.connection() as c:
+            self.assertEqual(c.execute("PRAGMA synchronous").fetchone()[0], 2)  # FULL
+        self.write_config(extra="store:\n  synchronous: fast\n")
+        code, out, err = self.cli("list", "runs")
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("store.synchronous must be full", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+    def test_normal_is_honoured(self):
+        self.write_config(extra="store:\n  synchronous: normal\n")
+        sc = self.sidecar()
+        with sc.store.connection() as c:
+            self.assertEqual(c.execute("PRAGMA synchronous").fetchone()[0], 1)  # NORMAL
+
+
+if __name__ == "__main__":
+    unittest.main()
