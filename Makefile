@@ -28,6 +28,7 @@ bench:
 	$(PYTHON) tests/bench.py
 	$(PYTHON) tests/bench_dashboard.py
 	$(PYTHON) tests/bench_cloudflare.py
+	$(PYTHON) tests/bench_soak.py
 
 # A real Docker engine for the docker tests (root; installs Debian's docker.io if
 # needed, builds an offline runtime image). `make test` finds it by itself.
