@@ -74,13 +74,12 @@ NOTICE_EVERY_MS = 24 * 3600 * 1000
 # Idle SQLite connections a store keeps for reuse; more are closed when returned,
 # so threads that come and go (passes, webhook requests) never pile up fds.
 STORE_POOL_IDLE = 8
-# Writers of one process that queue for the store share one transaction (one commit,
-# one fsync) of at most this many bodies, held open at most this long.
-GROUP_COMMIT_MAX = 64
-GROUP_COMMIT_MAX_S = 0.005
 # store.synchronous: what a commit survives. full: a crash of the machine or a power
 # cut (SQLite's WAL is synced at every commit); normal: a crash of the process only.
 STORE_SYNC_MODES = ("full", "normal")
+# A scheduler puts its own (quiet) commits on the disk when it idles, at most this often,
+# and at every heartbeat.
+LULL_SYNC_EVERY_S = 1.0
 # Step retry defaults follow OpenWorkflow: 10 attempts, 1 s, x2, capped at 100 s.
 DEFAULT_RETRY = {"max_attempts": 10, "initial_ms": 1000, "backoff": 2.0, "max_ms": 100000}
 # A pass that dies with no step in flight (shim crash, OOM) retries on this policy.
@@ -1229,17 +1228,17 @@ def _row_dict(cursor, row):
     return {d[0]: row[i] for i, d in enumerate(cursor.description)}
 
 
-class _Batch:
-    """One SQLite write transaction shared by the writers that queued for it (a group commit)."""
+# The data, and the size if it grew, without the file's times (what SQLite's own sync uses).
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+# A file's modification time moves in coarse steps (a kernel tick): two writes this close
+# may leave the same time stamp.
+FILE_TIME_GRAIN_NS = 50 * 1000 * 1000
 
-    __slots__ = ("conn", "blocks", "opened", "done", "error")
 
-    def __init__(self, conn):
-        self.conn = conn
-        self.blocks = 0
-        self.opened = time.monotonic()
-        self.done = threading.Event()
-        self.error = None
+def _file_version(path):
+    """What changes whenever a file is written: (inode, size, modification time in ns)."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class Store:
@@ -1257,8 +1256,11 @@ class Store:
         # Writers of this process queue here, on a mutex, rather than in SQLite's busy
         # handler, which sleeps 1 ms and more per try; other processes still use it.
         self._write_lock = threading.Lock()
-        self._batch = None  # the open group commit (under _write_lock)
-        self._queued = 0  # writers waiting for _write_lock (under _lock)
+        self._sync_lock = threading.Lock()
+        self._synced_from = 0  # monotonic_ns when the last good sync began
+        self._synced_version = None  # the WAL's _file_version then, if trusted
+        self._synced_inodes = {}
+        self._local = threading.local()
         self._alive_cache = {}
         self._closed = False
         self._prepare_dir()
@@ -1287,7 +1289,8 @@ class Store:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 log.debug("journal_mode is %s, not wal", mode)
-            conn.execute("PRAGMA synchronous = %s" % self.synchronous.upper())
+            # full: transaction() syncs the WAL after each commit itself (see _sync).
+            conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as exc:
             raise self._wrap(exc)
         return conn
@@ -1336,119 +1339,118 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self):
-        """A write transaction: committed when the block ends, undone whole on any error.
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error; sqlite3 errors leave as StoreError.
 
-        sqlite3 errors leave as StoreError. Writers of this process that queue
-        meanwhile share one SQLite transaction, each block in a savepoint of its own
-        (an error undoes only that block), and one COMMIT makes them all durable:
-        one fsync for many under ``store.synchronous: full``. Each returns only once
-        its changes are committed.
-        """
-        with self._lock:
-            self._queued += 1
-        self._write_lock.acquire()
-        with self._lock:
-            self._queued -= 1
-        batch = None
-        try:
-            batch = self._join_batch()
-            conn = batch.conn
-            try:
-                yield conn
-            except BaseException as exc:
-                self._undo_body(batch, exc)
-                if isinstance(exc, sqlite3.Error):
-                    raise self._wrap(exc)
-                raise
-            self._end_body(batch)
-        finally:
-            if batch is not None:
-                self._settle_batch(batch)
-            self._write_lock.release()
-        batch.done.wait()
-        if batch.error is not None:
-            raise batch.error
-
-    def _join_batch(self):
-        """The open group commit (BEGIN IMMEDIATE for a new one), with a savepoint for one block."""
-        batch = self._batch
-        if batch is None:
+        Under ``store.synchronous: full`` it returns only once the commit is on the
+        disk, unless the thread is inside ``quiet_commits()``."""
+        with self._write_lock:
             conn = self._acquire()
             try:
                 self._begin(conn)
-            except BaseException:
+                try:
+                    yield conn
+                except BaseException as exc:
+                    # SQLite may already have rolled back by itself (SQLITE_FULL, an I/O error):
+                    # a second ROLLBACK would raise and hide the real cause.
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                    if isinstance(exc, sqlite3.Error):
+                        raise self._wrap(exc)
+                    raise
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                    raise self._wrap(exc)
+            finally:
                 self._release(conn)
-                raise
-            batch = self._batch = _Batch(conn)
-        try:
-            batch.conn.execute("SAVEPOINT tyow_block")
-        except sqlite3.Error as exc:
-            self._break_batch(batch, self._wrap(exc))
-            raise batch.error
-        batch.blocks += 1
-        return batch
+        if not self._quiet():
+            self.sync()
 
-    def _end_body(self, batch):
-        try:
-            batch.conn.execute("RELEASE tyow_block")
-        except sqlite3.Error as exc:
-            self._break_batch(batch, self._wrap(exc))
+    # -- durability: what a commit survives (store.synchronous) ---------------------
+    #
+    # SQLite's own full mode syncs inside COMMIT, holding the database's write lock
+    # through the fsync, so every writer of every process waits for every sync. Here
+    # the commit is written under the lock and synced once it is let go (a group
+    # commit: writers that queue for a sync share one). A scheduler's own writes
+    # (claims, leases, a pass's events) tell nobody anything, so they are not waited
+    # for (quiet_commits); what anyone is told or shown is synced first: a command's
+    # write before it returns, what status, list, logs and the dashboard show before
+    # they answer (Sidecar.shown), the TaskYou bridge before it calls `ty`. A power
+    # cut can so lose only work nobody has seen, which is then done again, as after a
+    # crash a moment earlier.
 
-    def _undo_body(self, batch, exc):
-        """Undo one block; if SQLite already rolled back the whole transaction, the batch is lost."""
-        conn = batch.conn
-        if batch.error is None and conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK TO tyow_block")
-                conn.execute("RELEASE tyow_block")
-                return
-            except sqlite3.Error:
-                pass
-        cause = exc if isinstance(exc, StoreError) else self._wrap(exc) if isinstance(
-            exc, sqlite3.Error) else StoreError("a write failed and took the shared transaction with it "
-                                                "(%s); try again" % exc)
-        self._break_batch(batch, cause)
-
-    def _break_batch(self, batch, error):
-        """The shared transaction cannot commit: every block in it fails with ``error``."""
-        if batch.done.is_set():
-            return
-        batch.error = error
-        if batch.conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                batch.conn.execute("ROLLBACK")
-        self._close_batch(batch)
-
-    def _settle_batch(self, batch, now=False):
-        """Commit (``now``, or unless another writer is queued to join: the last of a group commits)."""
-        if batch.done.is_set():
-            return
-        with self._lock:
-            queued = self._queued
-        young = time.monotonic() - batch.opened < GROUP_COMMIT_MAX_S
-        if queued and not now and batch.blocks < GROUP_COMMIT_MAX and young:
-            return
-        try:
-            batch.conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._break_batch(batch, self._wrap(exc))
-            return
-        self._close_batch(batch)
-
-    def _close_batch(self, batch):
-        if self._batch is batch:
-            self._batch = None
-        self._release(batch.conn)
-        batch.done.set()
+    def _quiet(self):
+        return self.synchronous != "full" or getattr(self._local, "quiet", False)
 
     @contextlib.contextmanager
-    def _exclusive(self):
-        """Hold the write lock with no group commit open (VACUUM, checkpoints)."""
-        with self._write_lock:
-            if self._batch is not None:
-                self._settle_batch(self._batch, now=True)
-            with self.connection() as conn:
-                yield conn
+    def quiet_commits(self):
+        """Writes and reads of this thread don't wait for the disk (a scheduler's bookkeeping)."""
+        was = getattr(self._local, "quiet", False)
+        self._local.quiet = True
+        try:
+            yield
+        finally:
+            self._local.quiet = was
+
+    def sync_shown(self):
+        """Before what was just read is shown to anyone: sync() (a scheduler's own reads: not)."""
+        if not self._quiet():
+            self.sync()
+
+    def sync(self, unless_within_s=None):
+        """Put everything committed so far, by any process, on the disk (a no-op if normal).
+
+        One fdatasync of the WAL; callers that arrive while one runs share the next.
+        ``unless_within_s``: not if a sync began that recently (housekeeping)."""
+        if self.synchronous != "full":
+            return
+        wanted = time.monotonic_ns()
+        if unless_within_s is not None:
+            wanted -= int(unless_within_s * 1e9)
+        wal = self.path + "-wal"
+        with self._sync_lock:
+            if self._synced_from > wanted:
+                return  # a sync that began after we asked covered it
+            try:
+                seen = _file_version(wal)
+            except OSError:
+                seen = None
+            if seen is not None and seen == self._synced_version:
+                return  # not written since it was last synced
+            began = time.monotonic_ns()
+            try:
+                self._fsync(wal)
+            except OSError as exc:
+                raise StoreError("cannot sync %s to the disk (%s); check the disk and data_dir"
+                                 % (self.path, exc.strerror or exc), exc)
+            self._synced_from = began
+            # Trusted later only if no write can share its time stamp (they are coarse).
+            settled = seen and time.time_ns() - seen[2] > FILE_TIME_GRAIN_NS
+            self._synced_version = seen if settled else None
+
+    def _fsync(self, path):
+        """fdatasync a file of the store, and its folder the first time we see that file (a new
+        inode: its name must survive a power cut too, as SQLite's own full mode does)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # no WAL: the last checkpoint moved every commit into the (synced) db file
+        try:
+            _fdatasync(fd)
+            inode = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        if self._synced_inodes.get(path) != inode:
+            folder = os.open(self.data_dir, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+            self._synced_inodes[path] = inode
 
     def _begin(self, conn):
         """BEGIN IMMEDIATE, waiting for another process's write lock in steps of 0.1 ms and up rather
@@ -1542,6 +1544,10 @@ class Store:
             raise self._wrap(exc)
         finally:
             conn.close()
+        if self.synchronous == "full":  # a new or upgraded store: its files and their names
+            for path in (self.path, self.path + "-wal"):
+                with contextlib.suppress(OSError):
+                    self._fsync(path)
 
     # -- workflows ------------------------------------------------------------
 
@@ -1896,7 +1902,7 @@ class Store:
     def vacuum(self):
         """Give the space of deleted rows back to the disk; returns the bytes freed."""
         before = self._db_bytes()
-        with self._exclusive() as conn:
+        with self._write_lock, self.connection() as conn:
             try:
                 conn.execute("VACUUM")
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -4748,6 +4754,11 @@ class Scheduler:
 
     def _wait(self, timeout_s):
         timeout_s = max(0.0, min(timeout_s, self.wait_cap_s))
+        if timeout_s >= 0.005:  # a lull: put the quiet commits made so far on the disk
+            try:
+                self.store.sync(unless_within_s=LULL_SYNC_EVERY_S)
+            except OpenWorkflowError as exc:
+                log.warning("cannot sync the store: %s", exc)
         if not self.sock:
             self.stopping.wait(timeout_s)
             return
@@ -4769,6 +4780,15 @@ class Scheduler:
         never ends the loop: it is logged and the loop tries again with backoff
         (``tick`` gives up after STORE_PATIENCE_S and raises).
         """
+        # The scheduler's own writes (claims, leases, events) wait for no disk: see Store.sync.
+        with self.store.quiet_commits():
+            try:
+                return self._loop()
+            finally:
+                with contextlib.suppress(OpenWorkflowError):
+                    self.store.sync()
+
+    def _loop(self):
         self.bridge_wake = threading.Event()
         threads = [threading.Thread(target=self._heartbeat_loop, name="tyow-heartbeat", daemon=True),
                    threading.Thread(target=self._lease_guard, name="tyow-lease-guard", daemon=True)]
@@ -4938,6 +4958,10 @@ class Scheduler:
         thread.start()
 
     def _thread_loop(self, fn, args):
+        with self.store.quiet_commits():
+            self._serve_passes(fn, args)
+
+    def _serve_passes(self, fn, args):
         while True:
             fn(*args)
             with self.lock:
@@ -5134,8 +5158,14 @@ class Scheduler:
         # Runs until the loop has fully ended: leases of passes finishing in the
         # shutdown grace must not expire under them.
         interval = max(0.2, self.lease_ms / 4000.0)
+        with self.store.quiet_commits():
+            self._beat(interval)
+
+    def _beat(self, interval):
         while not self.ended.wait(interval):
             try:
+                # Bound what a power cut can take of the passes' quiet commits.
+                self.store.sync()
                 started = lease_clock()
                 now = self.clock()
                 self.store.heartbeat_scheduler(self.id, now)
@@ -5711,6 +5741,7 @@ class Bridge:
             items = self.store.claim_outbox(now, self.config["taskyou.timeout"] * 3 + 10000)
             if not items:
                 return delivered
+            self.store.sync()  # TaskYou hears only of what a power cut cannot take back
             for item in items:
                 if self._stop.is_set():
                     self.store.outbox_failed(item["id"], self.sidecar.clock(), "interrupted by shutdown",
@@ -5998,6 +6029,7 @@ class DashboardServer(_HttpService):
                 if hit and time.monotonic() - hit[0] < DASHBOARD_CACHE_S:
                     return hit[1]
             value = make()
+            self.sidecar.store.sync_shown()
             with self._cache_lock:
                 if len(self._cache) > 500:
                     self._cache.clear()
@@ -6489,7 +6521,10 @@ class Sidecar:
             return dict(self.status(got), existing=True)
         if drive:
             self.ensure_driven()
-        return dict(self.status(run_id), existing=False) if idempotency_key is not None else self.status(run_id)
+        out = self._status(run_id)
+        if out["status"] != "pending" or out["steps"]:  # more than our own (synced) commit
+            self.store.sync_shown()
+        return dict(out, existing=False) if idempotency_key is not None else out
 
     def _input_json(self, value):
         try:
@@ -6514,6 +6549,11 @@ class Sidecar:
 
     def status(self, run_id):
         """The run with its steps, task link and who drives it, as a JSON-ready dict."""
+        out = self._status(run_id)
+        self.store.sync_shown()
+        return out
+
+    def _status(self, run_id):
         run = self.run(run_id)
         version = self.store.get_version(run["workflow_id"], run["version"])
         steps, waits = [], []
@@ -6578,7 +6618,9 @@ class Sidecar:
             raise InputError("unknown status %r; choose one of %s" % (status, ", ".join(RUN_STATUSES)))
         if limit is not None and not 1 <= limit <= 100000:
             raise InputError("--limit must be between 1 and 100000")
-        return self.store.list_runs(workflow_id, status, limit)
+        runs = self.store.list_runs(workflow_id, status, limit)
+        self.store.sync_shown()
+        return runs
 
     def cancel(self, run_id):
         """Cancel a run; a pass in flight is stopped by the scheduler that runs it."""
@@ -6736,10 +6778,14 @@ class Sidecar:
 
     def logs(self, run_id):
         run = self.run(run_id)
-        return self.store.logs(run["id"])
+        logs = self.store.logs(run["id"])
+        self.store.sync_shown()
+        return logs
 
     def events(self, run_id, after_id=0):
-        return self.store.events(self.run(run_id)["id"], after_id)
+        events = self.store.events(self.run(run_id)["id"], after_id)
+        self.store.sync_shown()
+        return events
 
     def adapters_report(self):
         rows = []
