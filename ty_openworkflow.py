@@ -879,8 +879,10 @@ def _coerce(kind, value, where, key):
 def load_config(path=None, text=None, must_exist=False):
     """Read the config file (or ``text``) and return a Config with defaults filled in.
 
-    A missing file is not an error: the defaults apply, as ``init`` would write them.
+    A missing file is not an error (the defaults apply, as ``init`` would write them) unless
+    ``must_exist``, or the path came from $TY_OPENWORKFLOW_CONFIG: someone gave it, as --config.
     """
+    from_env = path is None and text is None and bool(os.environ.get(CONFIG_ENV))
     path = os.path.abspath(os.path.expanduser(path or default_config_path()))
     exists = False
     if text is None:
@@ -892,6 +894,10 @@ def load_config(path=None, text=None, must_exist=False):
                 text = f.read()
             exists = True
         except FileNotFoundError:
+            if from_env:
+                raise ConfigError("config file %s (from $%s) not found; correct the variable, or "
+                                  "create the file with `ty-openworkflow init`"
+                                  % (path, CONFIG_ENV))
             if must_exist:
                 raise ConfigError("config file %s not found; create it with `ty-openworkflow --config %s init`"
                                   % (path, path))
@@ -6668,15 +6674,11 @@ class Sidecar:
 
     def spawn_runner(self):
         """Start a detached `runner` process that drives due runs, then exits when idle."""
-        argv, env = [sys.executable, os.path.abspath(__file__)], None
-        if self.config.exists:
-            argv += ["--config", self.config.path]
-        else:  # defaults only: hand the path over without insisting that the file exists
-            env = dict(os.environ, **{CONFIG_ENV: self.config.path})
-        argv.append("runner")
+        # The runner reads this same path; it alone may find no file there (defaults only).
+        argv = [sys.executable, os.path.abspath(__file__), "--config", self.config.path, "runner"]
         log_path = os.path.join(self.config.data_dir, "runner.log")
         with open(log_path, "ab") as log_file:
-            proc = spawn(argv, stdin=False, stdout=subprocess.DEVNULL, stderr=log_file, env=env)
+            proc = spawn(argv, stdin=False, stdout=subprocess.DEVNULL, stderr=log_file)
         # Reap it in the background so a long-lived caller collects no zombies.
         threading.Thread(target=proc.wait, daemon=True).start()
         return proc.pid
@@ -7442,7 +7444,8 @@ def main(argv=None):
     api = None
     try:
         if args.func is not cmd_init and args.func is not cmd_dist:
-            api = Sidecar(config_path=args.config, must_exist=args.config is not None)
+            must_exist = args.config is not None and args.func is not cmd_runner
+            api = Sidecar(config_path=args.config, must_exist=must_exist)
         return args.func(api, args)
     except OpenWorkflowError as exc:
         print("ty-openworkflow: %s" % exc, file=sys.stderr)

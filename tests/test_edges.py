@@ -77,5 +77,64 @@ class StepThreadsPrintToTheirPass(TempHome):
         self.assertEqual(warm, process)
 
 
+class ConfigVariableTypo(TempHome):
+    """TY_OPENWORKFLOW_CONFIG naming a missing file is refused as --config is; init writes it."""
+
+    def main(self, *argv):
+        import contextlib
+        import io
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = tow.main(list(argv))
+        return code, out.getvalue(), err.getvalue()
+
+    def default_store(self):
+        """A store where a config-less command would look (HOME's default), with one old run."""
+        cfg = tow.load_config(os.path.join(self.home, ".config/ty-openworkflow/config.yaml"))
+        sc = tow.Sidecar(cfg)
+        self._sidecars.append(sc)
+        sc.deploy("one", "def workflow(input, ctx):\n    return 1\n", runtime="python")
+        run_id = sc.start("one", {}, drive=False)["id"]
+        sc.tick()
+        conn = tow.sqlite3.connect(sc.store.path)
+        conn.execute("UPDATE runs SET finished_at = finished_at - ?", (10 * DAY,))
+        conn.commit()
+        conn.close()
+        return sc, run_id
+
+    def test_commands_refuse_a_missing_file_and_create_no_store(self):
+        typo = os.path.join(self.tmp, "cofnig.yaml")
+        os.environ[tow.CONFIG_ENV] = typo
+        for argv in (["list", "runs"], ["prune", "--older-than", "1d"], ["status", "run_abcdef"]):
+            with self.subTest(argv=argv):
+                code, out, err = self.main(*argv)
+                self.assertEqual(code, 1, (out, err))
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn(typo, err)
+                self.assertIn("$TY_OPENWORKFLOW_CONFIG", err)
+                self.assertIn("not found", err)
+                self.assertFalse(os.path.exists(os.path.join(self.home, ".config")),
+                                 "a store was made")
+                self.assertFalse(os.path.exists(typo))
+
+    def test_prune_with_a_typo_leaves_the_default_store_alone(self):
+        sc, run_id = self.default_store()
+        os.environ[tow.CONFIG_ENV] = os.path.join(self.tmp, "cofnig.yaml")
+        code, out, err = self.main("prune", "--older-than", "1d")
+        self.assertEqual(code, 1, (out, err))
+        self.assertEqual(sc.status(run_id)["status"], "completed",
+                         "prune went to the default store")
+
+    def test_init_writes_where_the_variable_points(self):
+        path = os.path.join(self.tmp, "new", "config.yaml")
+        os.environ[tow.CONFIG_ENV] = path
+        code, out, err = self.main("init", "--data-dir", os.path.join(self.tmp, "newdata"))
+        self.assertEqual(code, 0, err)
+        self.assertTrue(os.path.exists(path))
+        code, out, err = self.main("list", "runs", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out), [])
+
+
 if __name__ == "__main__":
     unittest.main()
