@@ -69,6 +69,11 @@ SCHEDULE_ON_TIME_MS = 60000
 SCHEDULE_CATCH_UP_MAX = 1000
 # `retention` prunes at most this often.
 RETENTION_EVERY_MS = 3600 * 1000
+# Earlier than any stored time: with it as prune's drop_before, every undelivered task update
+# holds its run back.
+_NEVER_BEFORE = -(1 << 62)
+# prune --drop-undelivered: later than any stored time, so no undelivered update holds a run.
+_ALWAYS_BEFORE = 1 << 62
 # The same warning (`ty` not found, say) is logged at most this often across processes.
 NOTICE_EVERY_MS = 24 * 3600 * 1000
 # Idle SQLite connections a store keeps for reuse; more are closed when returned,
@@ -635,6 +640,7 @@ CONFIG_SCHEMA = {
     "taskyou.project": ("str", ""),
     "taskyou.auto_create_tasks": ("bool", True),
     "taskyou.timeout": ("duration", "30s"),
+    "taskyou.outbox_expiry": ("duration?", "30d"),
 }
 # Whole-number settings and their sensible ranges, checked when the config is read.
 CONFIG_RANGES = {
@@ -929,7 +935,7 @@ def load_config(path=None, text=None, must_exist=False):
     walk(data, "")
     values = {}
     for key, (kind, default) in CONFIG_SCHEMA.items():
-        if key in flat and flat[key] is not None:
+        if key in flat and (flat[key] is not None or kind == "duration?"):  # `~` there is "off"
             where = "%s:%s" % (path, key_lines.get(key, "?"))
             values[key] = _coerce(kind, flat[key], where, key)
         else:
@@ -1744,19 +1750,30 @@ class Store:
 
     # -- retention ------------------------------------------------------------------
 
+    # An undelivered task update queued at or after the given time holds its run back.
     SQL_PRUNABLE = ("SELECT r.id FROM runs r WHERE r.status IN (%s) AND r.finished_at < ? "
-                    "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = r.id AND o.delivered_at IS NULL) "
+                    "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = r.id "
+                    "AND o.delivered_at IS NULL AND o.created_at >= ?) "
                     "AND NOT EXISTS (SELECT 1 FROM runs p WHERE p.id = r.parent_run_id AND p.status NOT IN "
                     "('completed', 'failed', 'canceled')) ORDER BY r.finished_at LIMIT ?")
     PRUNED_TABLES = ("steps", "run_events", "run_logs", "outbox", "signals")
+    SQL_UNDELIVERED = ("SELECT count(*) AS n FROM outbox WHERE run_id IN (%s) "
+                       "AND delivered_at IS NULL")
+    SQL_HELD_BACK = ("SELECT count(*) AS n FROM runs r WHERE r.status IN (%s) "
+                     "AND r.finished_at < ? AND EXISTS (SELECT 1 FROM outbox o "
+                     "WHERE o.run_id = r.id AND o.delivered_at IS NULL AND o.created_at >= ?)")
 
-    def prune(self, cutoff, statuses, dry_run=False, batch=200, pause_s=0.0):
+    def prune(self, cutoff, statuses, dry_run=False, batch=200, pause_s=0.0, drop_before=None):
         """Delete finished runs that ended before ``cutoff`` with all that is only theirs, ``batch`` runs per
-        transaction (a pass never waits long for the write lock); returns counts per table."""
-        counts = dict.fromkeys(("runs",) + self.PRUNED_TABLES, 0)
+        transaction (a pass never waits long for the write lock); returns counts per table.
+
+        A run with an undelivered task update is kept, unless every such update was queued
+        before ``drop_before``: then they go with it, counted in ``dropped_task_updates``."""
+        counts = dict.fromkeys(("runs",) + self.PRUNED_TABLES + ("dropped_task_updates",), 0)
         sql = self.SQL_PRUNABLE % ",".join("?" * len(statuses))
+        hold_from = _NEVER_BEFORE if drop_before is None else drop_before
         if dry_run:
-            ids = [r["id"] for r in self.query(sql, (*statuses, cutoff, 10 ** 9))]
+            ids = [r["id"] for r in self.query(sql, (*statuses, cutoff, hold_from, 10 ** 9))]
             counts["runs"] = len(ids)
             for i in range(0, len(ids), 500):
                 part = ids[i:i + 500]
@@ -1764,18 +1781,28 @@ class Store:
                 for table in self.PRUNED_TABLES:
                     counts[table] += self.query_one("SELECT count(*) AS n FROM %s WHERE run_id IN (%s)"
                                                     % (table, marks), part)["n"]
+                dropped = self.query_one(self.SQL_UNDELIVERED % marks, part)["n"]
+                counts["dropped_task_updates"] += dropped
             return counts
         while True:
             with self.transaction() as c:
-                ids = [r[0] for r in c.execute(sql, (*statuses, cutoff, batch)).fetchall()]
+                ids = [r[0] for r in c.execute(sql, (*statuses, cutoff, hold_from, batch))]
                 if not ids:
                     return counts
                 marks = ",".join("?" * len(ids))
+                dropped = c.execute(self.SQL_UNDELIVERED % marks, ids).fetchone()[0]
+                counts["dropped_task_updates"] += dropped
                 for table in self.PRUNED_TABLES:
                     counts[table] += c.execute("DELETE FROM %s WHERE run_id IN (%s)" % (table, marks), ids).rowcount
                 counts["runs"] += c.execute("DELETE FROM runs WHERE id IN (%s)" % marks, ids).rowcount
             if pause_s:
                 time.sleep(pause_s)
+
+    def held_back(self, cutoff, statuses, drop_before=None):
+        """How many runs prune(cutoff, statuses, drop_before) keeps for undelivered updates."""
+        hold_from = _NEVER_BEFORE if drop_before is None else drop_before
+        return self.query_one(self.SQL_HELD_BACK % ",".join("?" * len(statuses)),
+                              (*statuses, cutoff, hold_from))["n"]
 
     def vacuum(self):
         """Give the space of deleted rows back to the disk; returns the bytes freed."""
@@ -6242,6 +6269,17 @@ refresh(); setInterval(refresh, 2000);
 _NO_INPUT = object()  # fork(): keep the source run's input
 
 
+def _undelivered_way_out(expiry_ms):
+    """What to do about runs kept for undelivered task updates (prune's and retention's word)."""
+    if expiry_ms:
+        later = ("on their own they expire %s after they were queued (taskyou.outbox_expiry)"
+                 % format_duration(expiry_ms))
+    else:
+        later = "or set taskyou.outbox_expiry (e.g. 30d) to let them expire"
+    return ("`prune --older-than AGE --drop-undelivered` drops those updates and prunes the runs; "
+            + later)
+
+
 def _check_idempotency_key(key):
     if key is not None and (not isinstance(key, str) or not key.strip() or len(key) > 200):
         raise InputError("--idempotency-key must be a non-empty string of at most 200 characters")
@@ -6488,10 +6526,12 @@ class Sidecar:
 
     # -- retention ----------------------------------------------------------------
 
-    def prune(self, older_than, statuses=TERMINAL, dry_run=False, vacuum=False):
+    def prune(self, older_than, statuses=TERMINAL, dry_run=False, vacuum=False,
+              drop_undelivered=False):
         """Delete finished runs that ended more than ``older_than`` ago (a duration), with their steps,
-        events, logs, delivered task updates and signals; never a run not finished, one whose task
-        updates are not delivered yet, or a child whose parent is still going."""
+        events, logs, delivered task updates and signals; never a run not finished, a child whose
+        parent is still going, or one whose task updates are not delivered yet, unless they are
+        older than taskyou.outbox_expiry or ``drop_undelivered`` (then they go too, counted)."""
         try:
             age = parse_duration(older_than)
         except ValueError as exc:
@@ -6501,14 +6541,14 @@ class Sidecar:
         if bad or not statuses:
             raise InputError("--status takes finished statuses only (%s), not %s" % (", ".join(TERMINAL),
                                                                                      ", ".join(bad) or "nothing"))
-        cutoff = self.clock() - age
-        counts = self.store.prune(cutoff, statuses, dry_run=dry_run)
-        kept = self.store.query_one(
-            "SELECT count(*) AS n FROM runs r WHERE r.status IN (%s) AND r.finished_at < ? AND EXISTS (SELECT 1 FROM "
-            "outbox o WHERE o.run_id = r.id AND o.delivered_at IS NULL)" % ",".join("?" * len(statuses)),
-            (*statuses, cutoff))["n"]
+        now = self.clock()
+        cutoff = now - age
+        drop_before = _ALWAYS_BEFORE if drop_undelivered else self._undelivered_expired_before(now)
+        counts = self.store.prune(cutoff, statuses, dry_run=dry_run, drop_before=drop_before)
+        kept = self.store.held_back(cutoff, statuses, drop_before)
         out = {"dry_run": dry_run, "older_than_ms": age, "statuses": list(statuses), "removed": counts,
-               "kept_undelivered": kept}
+               "dropped_task_updates": counts["dropped_task_updates"], "kept_undelivered": kept,
+               "outbox_expiry_ms": self.config["taskyou.outbox_expiry"]}
         if vacuum and not dry_run:
             out["vacuum_bytes"] = self.store.vacuum()
         return out
@@ -6516,12 +6556,29 @@ class Sidecar:
     def prune_by_retention(self):
         """`retention` in the config: prune at most once an hour (serve and tick call this)."""
         age = self.config["retention"]
-        if not age or not self.store.notice_due("retention-prune", self.clock(), RETENTION_EVERY_MS):
+        now = self.clock()
+        if not age or not self.store.notice_due("retention-prune", now, RETENTION_EVERY_MS):
             return None
-        counts = self.store.prune(self.clock() - age, TERMINAL, pause_s=0.01)
+        drop_before = self._undelivered_expired_before(now)
+        counts = self.store.prune(now - age, TERMINAL, pause_s=0.01, drop_before=drop_before)
         if counts["runs"]:
             log.info("retention: pruned %d finished runs older than %s", counts["runs"], format_duration(age))
+        if counts["dropped_task_updates"]:
+            log.warning("retention: dropped %d task updates that never reached TaskYou (older "
+                        "than taskyou.outbox_expiry, %s) with their runs",
+                        counts["dropped_task_updates"],
+                        format_duration(self.config["taskyou.outbox_expiry"]))
+        kept = self.store.held_back(now - age, TERMINAL, drop_before)
+        if kept and self.store.notice_due("retention-kept", now, NOTICE_EVERY_MS):
+            log.warning("retention: kept %d finished runs whose TaskYou updates are not "
+                        "delivered yet; %s", kept,
+                        _undelivered_way_out(self.config["taskyou.outbox_expiry"]))
         return counts
+
+    def _undelivered_expired_before(self, now):
+        """Undelivered task updates queued before this have expired (taskyou.outbox_expiry)."""
+        expiry = self.config["taskyou.outbox_expiry"]
+        return None if expiry is None else now - expiry
 
     # -- schedules ----------------------------------------------------------------
 
@@ -7030,7 +7087,8 @@ def cmd_prune(api, args):
     if not args.older_than:
         raise InputError("prune needs --older-than DURATION (e.g. 30d); nothing was removed")
     statuses = [x.strip() for x in args.status.split(",") if x.strip()] if args.status else list(TERMINAL)
-    res = api.prune(args.older_than, statuses, dry_run=args.dry_run, vacuum=args.vacuum)
+    res = api.prune(args.older_than, statuses, dry_run=args.dry_run, vacuum=args.vacuum,
+                    drop_undelivered=args.drop_undelivered)
     if args.json:
         _print_json(res)
         return 0
@@ -7042,9 +7100,16 @@ def cmd_prune(api, args):
         print("%s %d run%s (%d steps, %d events, %d log entries, %d task updates, %d signals)" % (
             "would remove" if res["dry_run"] else "removed", c["runs"], "" if c["runs"] == 1 else "s", c["steps"],
             c["run_events"], c["run_logs"], c["outbox"], c["signals"]))
+    if res["dropped_task_updates"]:
+        n = res["dropped_task_updates"]
+        why = "--drop-undelivered" if args.drop_undelivered else \
+            "older than taskyou.outbox_expiry, %s" % format_duration(res["outbox_expiry_ms"])
+        print("%s %d task update%s that never reached TaskYou (%s)" % (
+            "would drop" if res["dry_run"] else "dropped", n, "" if n == 1 else "s", why))
     if res["kept_undelivered"]:
-        print("kept %d old run%s whose TaskYou updates are not delivered yet (see `status`)"
-              % (res["kept_undelivered"], "" if res["kept_undelivered"] == 1 else "s"))
+        print("kept %d old run%s whose TaskYou updates are not delivered yet (see `status`); %s"
+              % (res["kept_undelivered"], "" if res["kept_undelivered"] == 1 else "s",
+                 _undelivered_way_out(res["outbox_expiry_ms"])))
     if "vacuum_bytes" in res:
         print("vacuum gave back %d bytes" % res["vacuum_bytes"])
     return 0
@@ -7355,6 +7420,8 @@ def build_parser(only=None):
     sp.add_argument("--status", metavar="S,...", help="only these finished statuses (default: completed,failed,canceled)")
     sp.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     sp.add_argument("--vacuum", action="store_true", help="give the freed space back to the disk")
+    sp.add_argument("--drop-undelivered", action="store_true",
+                    help="also prune runs whose TaskYou updates never got out; drop those updates")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
     sp = cmd("schedule", cmd_schedule, "start runs on a cron schedule: add, list, rm, pause, resume")

@@ -136,5 +136,112 @@ class ConfigVariableTypo(TempHome):
         self.assertEqual(json.loads(out), [])
 
 
+class PruneUndeliveredTaskUpdates(BridgeCase):
+    """Without `ty`, runs with a task are not kept for ever: prune can drop their updates when
+    asked, they expire after taskyou.outbox_expiry, and either way the count is said."""
+
+    install_ty = False  # `ty` missing: updates never leave the outbox
+
+    def setUp(self):
+        super().setUp()
+        self.configure(auto_create_tasks=True)
+
+    def finished_run(self):
+        sc = self.sidecar()
+        sc.deploy("one", "def workflow(input, ctx):\n    return ctx.step('s', lambda: 1)\n",
+                  runtime="python")
+        run_id = sc.start("one", {}, drive=False)["id"]
+        sc.tick()
+        self.assertEqual(sc.status(run_id)["status"], "completed")
+        return sc, run_id
+
+    def backdate(self, sc, days, outbox_days=0):
+        """As if the runs had finished ``days`` ago and their updates were queued ``outbox_days``
+        ago (the CLI runs on the real clock)."""
+        conn = tow.sqlite3.connect(sc.store.path)
+        conn.execute("UPDATE runs SET finished_at = finished_at - ?", (days * DAY,))
+        conn.execute("UPDATE outbox SET created_at = created_at - ?", (outbox_days * DAY,))
+        conn.commit()
+        conn.close()
+
+    def undelivered(self, sc, run_id):
+        return len([o for o in sc.store.outbox_for_run(run_id) if o["delivered_at"] is None])
+
+    def test_the_refusal_says_the_way_out(self):
+        sc, run_id = self.finished_run()
+        self.backdate(sc, 2)
+        code, out, err = self.cli("prune", "--older-than", "1d")
+        self.assertEqual(code, 0, err)
+        self.assertIn("kept 1 old run whose TaskYou updates are not delivered yet", out)
+        self.assertIn("--drop-undelivered", out)
+        self.assertIn("taskyou.outbox_expiry", out)
+        code, out, err = self.cli("prune", "--older-than", "1d", "--json")
+        doc = json.loads(out)
+        self.assertEqual((doc["removed"]["runs"], doc["kept_undelivered"],
+                          doc["dropped_task_updates"]), (0, 1, 0))
+        self.assertEqual(sc.status(run_id)["status"], "completed")
+
+    def test_drop_undelivered_dry_run_then_for_real(self):
+        sc, run_id = self.finished_run()
+        queued = self.undelivered(sc, run_id)
+        self.assertGreater(queued, 0)
+        self.backdate(sc, 2)
+        code, out, err = self.cli("prune", "--older-than", "1d", "--drop-undelivered", "--dry-run",
+                                  "--json")
+        self.assertEqual(code, 0, err)
+        doc = json.loads(out)
+        self.assertEqual((doc["removed"]["runs"], doc["dropped_task_updates"],
+                          doc["kept_undelivered"]), (1, queued, 0))
+        code, out, err = self.cli("prune", "--older-than", "1d", "--drop-undelivered", "--dry-run")
+        self.assertIn("would remove 1 run", out)
+        self.assertIn("would drop %d task updates that never reached TaskYou" % queued, out)
+        self.assertEqual(self.undelivered(sc, run_id), queued, "a dry run dropped something")
+        code, out, err = self.cli("prune", "--older-than", "1d", "--drop-undelivered")
+        self.assertEqual(code, 0, err)
+        self.assertIn("removed 1 run", out)
+        self.assertIn("dropped %d task updates that never reached TaskYou (--drop-undelivered)"
+                      % queued, out)
+        with self.assertRaises(tow.NotFound):
+            sc.status(run_id)
+        self.assertEqual(sc.store.outbox_for_run(run_id), [])
+
+    def test_expired_updates_hold_no_run_back(self):
+        sc, run_id = self.finished_run()
+        queued = self.undelivered(sc, run_id)
+        self.backdate(sc, 40, outbox_days=31)  # past the default expiry, 30d
+        code, out, err = self.cli("prune", "--older-than", "1d", "--json")
+        self.assertEqual(code, 0, err)
+        doc = json.loads(out)
+        self.assertEqual((doc["removed"]["runs"], doc["dropped_task_updates"]), (1, queued))
+        with self.assertRaises(tow.NotFound):
+            sc.status(run_id)
+
+    def test_expiry_off_keeps_them_and_says_how_to_set_it(self):
+        self.configure(outbox_expiry="~")
+        sc, run_id = self.finished_run()
+        self.backdate(sc, 400, outbox_days=400)
+        code, out, err = self.cli("prune", "--older-than", "1d")
+        self.assertEqual(code, 0, err)
+        self.assertIn("kept 1 old run", out)
+        self.assertIn("set taskyou.outbox_expiry", out)
+        self.assertEqual(sc.status(run_id)["status"], "completed")
+
+    def test_retention_prunes_them_once_expired_and_says_so(self):
+        self.write_config(extra="retention: 3d\n")
+        sc, run_id = self.finished_run()
+        self.clock.advance(10 * DAY)
+        with self.assertLogs("ty_openworkflow", "WARNING") as logs:
+            sc.tick()
+        self.assertEqual(sc.status(run_id)["status"], "completed")  # updates 10 days old: kept
+        self.assertIn("--drop-undelivered", "\n".join(logs.output))
+        self.clock.advance(21 * DAY)
+        self.clock.advance(2 * 3600 * 1000)  # retention prunes at most hourly
+        with self.assertLogs("ty_openworkflow", "WARNING") as logs:
+            sc.tick()
+        with self.assertRaises(tow.NotFound):
+            sc.status(run_id)
+        self.assertIn("never reached TaskYou", "\n".join(logs.output))
+
+
 if __name__ == "__main__":
     unittest.main()
