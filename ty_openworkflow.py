@@ -636,6 +636,7 @@ CONFIG_SCHEMA = {
     "dashboard.host": ("str", "localhost"),
     "dashboard.port": ("int", 8766),
     "dashboard.allowed_hosts": ("str", ""),
+    "dashboard.max_connections": ("int", 64),
     "taskyou.cli": ("str", "ty"),
     "taskyou.project": ("str", ""),
     "taskyou.auto_create_tasks": ("bool", True),
@@ -645,7 +646,7 @@ CONFIG_SCHEMA = {
 # Whole-number settings and their sensible ranges, checked when the config is read.
 CONFIG_RANGES = {
     "concurrency": (1, 1024), "webhook.port": (0, 65535), "webhook.max_connections": (1, 100000),  # port 0: any
-    "dashboard.port": (0, 65535),
+    "dashboard.port": (0, 65535), "dashboard.max_connections": (1, 100000),
     "limits.max_step_attempts": (1, 10 ** 9), "limits.max_steps": (1, 10 ** 9), "retry.max_attempts": (1, 10000),
     "adapters.docker.pids_limit": (0, 10 ** 6),
     "adapters.cloudflare.cpu_ms": (0, 300000), "adapters.cloudflare.api_budget": (10, 1200),
@@ -5273,9 +5274,45 @@ def parse_callback(body):
 
 
 class _HttpService:
-    """What the webhook and the dashboard share: listen on host:port, serve on a thread, stop."""
+    """What the webhook and the dashboard share: listen on host:port, serve on a thread, stop;
+    at most ``slots`` connections at once, a thread each."""
 
-    host, port, httpd, thread = None, None, None, None
+    host, port, httpd, thread, slots = None, None, None, None, None
+
+    def _server_class(self, what, queue_size=5):
+        """A threading HTTP server holding at most ``self.slots`` connections: one more is
+        answered 503 and closed at once, without a thread of its own."""
+        import http.server
+        import socket
+        service = self
+
+        class HTTPServer(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            request_queue_size = queue_size
+            address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+            def process_request(self, request, client_address):
+                if not service.slots.acquire(blocking=False):
+                    with contextlib.suppress(OSError):
+                        request.sendall(b"HTTP/1.1 503 Service Unavailable\r\n"
+                                        b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+                    self.shutdown_request(request)
+                    return
+                super().process_request(request, client_address)
+
+            def process_request_thread(self, request, client_address):
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    service.slots.release()
+
+            def handle_error(self, request, client_address):
+                # A caller that hung up mid-reply is routine; nothing to print.
+                log.debug("%s: connection from %s ended badly", what, client_address,
+                          exc_info=True)
+
+        return HTTPServer
 
     def _listen(self, server_cls, handler, what):
         try:
@@ -5314,37 +5351,12 @@ class WebhookServer(_HttpService):
         server = self
 
         import http.server
-        import socket
 
         class Handler(_WebhookHandler, http.server.BaseHTTPRequestHandler):
             webhook = server
             timeout = self.sidecar.config["webhook.read_timeout"] / 1000.0
 
-        class HTTPServer(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-            address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-
-            def process_request(self, request, client_address):
-                if not server.slots.acquire(blocking=False):
-                    with contextlib.suppress(OSError):
-                        request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                        b"Connection: close\r\n\r\n")
-                    self.shutdown_request(request)
-                    return
-                super().process_request(request, client_address)
-
-            def process_request_thread(self, request, client_address):
-                try:
-                    super().process_request_thread(request, client_address)
-                finally:
-                    server.slots.release()
-
-            def handle_error(self, request, client_address):
-                # A caller that hung up mid-reply is routine; nothing to print.
-                log.debug("webhook: connection from %s ended badly", client_address, exc_info=True)
-
-        self._listen(HTTPServer, Handler, "webhook")
+        self._listen(self._server_class("webhook"), Handler, "webhook")
         log.info("webhook listening on http://%s:%d%s", self.host, self.port, self.path)
         return self
 
@@ -5780,6 +5792,9 @@ class Bridge:
 
 DASHBOARD_TOKEN_FILE = "dashboard.token"
 DASHBOARD_CACHE_S = 1.0  # an answer is reused this long (the page polls every 2 s)
+DASHBOARD_MAX_BODY_BYTES = 1 << 20  # an action's body
+# An idle connection is closed after this long, and a body must arrive within it.
+DASHBOARD_READ_TIMEOUT_S = 10
 # Pass durations and wake lateness, in seconds: the histograms' bucket bounds.
 PASS_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 LATENESS_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
@@ -5889,6 +5904,7 @@ class DashboardServer(_HttpService):
         self.token = install_secret(cfg.data_dir, DASHBOARD_TOKEN_FILE, create=True).decode("ascii").strip()
         self.allowed_hosts = {"localhost", "127.0.0.1", "::1", self.host.lower()} | {
             h.strip().lower() for h in cfg["dashboard.allowed_hosts"].split(",") if h.strip()}
+        self.slots = threading.BoundedSemaphore(cfg["dashboard.max_connections"])
         self.httpd = None
         # What was answered in the last DASHBOARD_CACHE_S is answered again as it was: many open
         # pages and scrapers cost the scheduler it shares a process with next to nothing.
@@ -5917,23 +5933,14 @@ class DashboardServer(_HttpService):
 
     def start(self):
         import http.server
-        import socket
         server = self
 
         class Handler(_DashboardHandler, http.server.BaseHTTPRequestHandler):
             dashboard = server
-            timeout = 10
+            timeout = DASHBOARD_READ_TIMEOUT_S
 
-        class HTTPServer(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-            request_queue_size = 128  # many pages opening at once must not wait out a dropped SYN (1 s)
-            address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-
-            def handle_error(self, request, client_address):
-                log.debug("dashboard: connection from %s ended badly", client_address, exc_info=True)
-
-        self._listen(HTTPServer, Handler, "dashboard")
+        # Many pages opening at once must not wait out a dropped SYN (1 s): a long queue.
+        self._listen(self._server_class("dashboard", queue_size=128), Handler, "dashboard")
         log.info("dashboard on http://%s:%d/", self.host, self.port)
         return self
 
@@ -5968,12 +5975,16 @@ class DashboardServer(_HttpService):
                 "SELECT status, count(*) AS n FROM runs GROUP BY status")}, "now": sc.clock()}
         raise WebhookReject(404, "no such page: %s" % path)
 
-    def api_post(self, path, headers, body):
+    def check_token(self, headers):
+        """Raise 401 unless ``headers`` carry the dashboard token."""
         given = headers.get("Authorization", "")
         import hmac
         if not hmac.compare_digest(given.encode("utf-8", "replace"), ("Bearer " + self.token).encode("ascii")):
             raise WebhookReject(401, "this needs the dashboard token (%s/%s) as `Authorization: Bearer TOKEN`"
                                 % (self.sidecar.config.data_dir, DASHBOARD_TOKEN_FILE))
+
+    def api_post(self, path, headers, body):
+        self.check_token(headers)
         m = re.fullmatch(r"/api/runs/([A-Za-z0-9_]+)/(cancel|retry|signal)", path)
         if not m:
             raise WebhookReject(404, "no such action: %s" % path)
@@ -6030,6 +6041,8 @@ class _DashboardHandler:
         self.send_header("X-Frame-Options", "DENY")
         self.send_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
                                                     "style-src 'unsafe-inline'; frame-ancestors 'none'")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if not getattr(self, "_head_only", False):
             self.wfile.write(data)
@@ -6081,15 +6094,51 @@ class _DashboardHandler:
             log.exception("dashboard: GET %s failed", parts.path)
             return self._json(500, {"ok": False, "error": "internal error"})
 
+    def _body_length(self):
+        """The length of the body from its one Content-Length (none: no body); reads nothing."""
+        if self.headers.get("Transfer-Encoding"):
+            raise WebhookReject(411, "send the body with a Content-Length (chunked bodies are not "
+                                     "taken)")
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            return 0  # a request with neither header has no body (RFC 9112, 6.3)
+        if len(lengths) > 1 or not re.fullmatch(r"\d{1,12}", lengths[0].strip()):
+            raise WebhookReject(400, "bad Content-Length")
+        length = int(lengths[0])
+        if length > DASHBOARD_MAX_BODY_BYTES:
+            raise WebhookReject(413, "the body is over %d bytes" % DASHBOARD_MAX_BODY_BYTES)
+        return length
+
+    def _read_body(self, length):
+        """Up to ``length`` bytes, all within DASHBOARD_READ_TIMEOUT_S (a trickle is cut off)."""
+        chunks, got = [], 0
+        deadline = time.monotonic() + DASHBOARD_READ_TIMEOUT_S
+        while got < length and time.monotonic() < deadline:
+            try:
+                chunk = self.rfile.read1(min(65536, length - got))
+            except OSError:  # socket.timeout is one
+                chunk = b""
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
     def do_POST(self):
+        # Everything that can refuse the request does so before its body is read; a body left
+        # unread ends the connection with the answer.
+        keep_open, self.close_connection = not self.close_connection, True
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > 1 << 20:
-                raise WebhookReject(413, "the body is too large")
-            body = self.rfile.read(length) if length else b""
+            length = self._body_length()
             origin = self.headers.get("Origin")
             if not self._host_ok(self.headers.get("Host")) or (origin and not self._host_ok(origin)):
                 raise WebhookReject(403, "cross-site requests are refused")
+            self.dashboard.check_token(self.headers)
+            body = self._read_body(length)
+            if len(body) != length:
+                raise WebhookReject(408, "the body did not arrive within %ds"
+                                    % DASHBOARD_READ_TIMEOUT_S)
+            self.close_connection = not keep_open
             return self._json(200, self.dashboard.api_post(self.path.split("?", 1)[0], self.headers, body))
         except WebhookReject as exc:
             return self._json(exc.status, {"ok": False, "error": exc.message})

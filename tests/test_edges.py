@@ -77,6 +77,94 @@ class StepThreadsPrintToTheirPass(TempHome):
         self.assertEqual(warm, process)
 
 
+class DashboardRefusesBeforeReading(TempHome):
+    """Hostile requests to the dashboard, over real HTTP on 127.0.0.1."""
+
+    cap = 8
+    extra_config = "dashboard:\n  max_connections: %d\n" % cap
+
+    def setUp(self):
+        super().setUp()
+        self.sc = self.sidecar()
+        self.sc.deploy("one", "def workflow(input, ctx):\n    return ctx.wait_for_signal('go')\n",
+                       runtime="python")
+        self.run_id = self.sc.start("one", {}, drive=False)["id"]
+        self.sc.tick()
+        self.board = self.sc.dashboard(host="127.0.0.1", port=0).start()
+        self.addCleanup(self.board.stop)
+
+    def connect(self):
+        return socket.create_connection(("127.0.0.1", self.board.port), timeout=5)
+
+    def exchange(self, head, body=b"", token=False):
+        """Send a POST's head (and ``body``) on a connection left open; the answer's first line."""
+        auth = "Authorization: Bearer %s\r\n" % self.board.token if token else ""
+        sock = self.connect()
+        try:
+            sock.sendall(("POST /api/runs/%s/cancel HTTP/1.1\r\nHost: 127.0.0.1\r\n%s%s\r\n"
+                          % (self.run_id, auth, head)).encode() + body)
+            t0 = time.monotonic()
+            data = b""
+            while b"\r\n" not in data:
+                chunk = sock.recv(4096)  # times out (5 s) if the server waits for the body
+                if not chunk:
+                    break
+                data += chunk
+            self.assertLess(time.monotonic() - t0, 3)
+            return data.split(b"\r\n", 1)[0].decode()
+        finally:
+            sock.close()
+
+    def test_bad_lengths_are_refused_unread(self):
+        cases = [("Content-Length: -1\r\n", "400"), ("Content-Length: 99999999999\r\n", "413"),
+                 ("Content-Length: 12abc\r\n", "400"),
+                 ("Content-Length: 2\r\nContent-Length: 9\r\n", "400"),
+                 ("Transfer-Encoding: chunked\r\n", "411")]
+        for head, status in cases:
+            with self.subTest(head=head):
+                self.assertEqual(self.exchange(head, b"{}" * 100, token=True).split()[1], status)
+        self.assertEqual(self.sc.status(self.run_id)["status"], "waiting")
+
+    def test_no_token_is_refused_before_the_body(self):
+        line = self.exchange("Content-Length: 1000000\r\n")  # the body never comes
+        self.assertEqual(line.split()[1], "401")
+        self.assertEqual(self.sc.status(self.run_id)["status"], "waiting")
+
+    def test_an_action_without_a_body_and_one_with_it(self):
+        self.assertEqual(self.exchange("Content-Length: 2\r\n", b"{}", token=True).split()[1],
+                         "200")
+        self.assertEqual(self.sc.status(self.run_id)["status"], "canceled")
+        self.assertEqual(self.exchange("", token=True).split()[1], "409")  # already canceled
+
+    def get_status(self):
+        sock = self.connect()
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            return sock.recv(4096).split(b"\r\n", 1)[0].decode().split()[1]
+        finally:
+            sock.close()
+
+    def test_a_flood_of_idle_connections_is_capped_and_the_dashboard_recovers(self):
+        import select
+        before = threading.active_count()
+        flood = [self.connect() for _ in range(self.cap * 5)]
+        try:
+            refused, deadline = set(), time.monotonic() + 5
+            while len(refused) < len(flood) - self.cap and time.monotonic() < deadline:
+                ready = select.select([s for s in flood if s not in refused], [], [], 0.2)[0]
+                for sock in ready:
+                    if sock.recv(4096).startswith(b"HTTP/1.1 503"):
+                        refused.add(sock)
+            self.assertEqual(len(refused), len(flood) - self.cap)  # at once, without a thread
+            self.assertLessEqual(threading.active_count() - before, self.cap)
+            self.assertEqual(self.get_status(), "503")  # the slots are all held
+        finally:
+            for sock in flood:
+                sock.close()
+        wait_for(lambda: self.get_status() == "200", timeout=5, what="the dashboard to answer")
+        self.assertLessEqual(threading.active_count() - before, self.cap)
+
+
 class ConfigVariableTypo(TempHome):
     """TY_OPENWORKFLOW_CONFIG naming a missing file is refused as --config is; init writes it."""
 
