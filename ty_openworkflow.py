@@ -69,6 +69,11 @@ SCHEDULE_ON_TIME_MS = 60000
 SCHEDULE_CATCH_UP_MAX = 1000
 # `retention` prunes at most this often.
 RETENTION_EVERY_MS = 3600 * 1000
+# Earlier than any stored time: with it as prune's drop_before, every undelivered task update
+# holds its run back.
+_NEVER_BEFORE = -(1 << 62)
+# prune --drop-undelivered: later than any stored time, so no undelivered update holds a run.
+_ALWAYS_BEFORE = 1 << 62
 # The same warning (`ty` not found, say) is logged at most this often across processes.
 NOTICE_EVERY_MS = 24 * 3600 * 1000
 # Idle SQLite connections a store keeps for reuse; more are closed when returned,
@@ -638,15 +643,17 @@ CONFIG_SCHEMA = {
     "dashboard.host": ("str", "localhost"),
     "dashboard.port": ("int", 8766),
     "dashboard.allowed_hosts": ("str", ""),
+    "dashboard.max_connections": ("int", 64),
     "taskyou.cli": ("str", "ty"),
     "taskyou.project": ("str", ""),
     "taskyou.auto_create_tasks": ("bool", True),
     "taskyou.timeout": ("duration", "30s"),
+    "taskyou.outbox_expiry": ("duration?", "30d"),
 }
 # Whole-number settings and their sensible ranges, checked when the config is read.
 CONFIG_RANGES = {
     "concurrency": (1, 1024), "webhook.port": (0, 65535), "webhook.max_connections": (1, 100000),  # port 0: any
-    "dashboard.port": (0, 65535),
+    "dashboard.port": (0, 65535), "dashboard.max_connections": (1, 100000),
     "limits.max_step_attempts": (1, 10 ** 9), "limits.max_steps": (1, 10 ** 9), "retry.max_attempts": (1, 10000),
     "adapters.docker.pids_limit": (0, 10 ** 6),
     "adapters.cloudflare.cpu_ms": (0, 300000), "adapters.cloudflare.api_budget": (10, 1200),
@@ -886,8 +893,10 @@ def _coerce(kind, value, where, key):
 def load_config(path=None, text=None, must_exist=False):
     """Read the config file (or ``text``) and return a Config with defaults filled in.
 
-    A missing file is not an error: the defaults apply, as ``init`` would write them.
+    A missing file is not an error (the defaults apply, as ``init`` would write them) unless
+    ``must_exist``, or the path came from $TY_OPENWORKFLOW_CONFIG: someone gave it, as --config.
     """
+    from_env = path is None and text is None and bool(os.environ.get(CONFIG_ENV))
     path = os.path.abspath(os.path.expanduser(path or default_config_path()))
     exists = False
     if text is None:
@@ -899,6 +908,10 @@ def load_config(path=None, text=None, must_exist=False):
                 text = f.read()
             exists = True
         except FileNotFoundError:
+            if from_env:
+                raise ConfigError("config file %s (from $%s) not found; correct the variable, or "
+                                  "create the file with `ty-openworkflow init`"
+                                  % (path, CONFIG_ENV))
             if must_exist:
                 raise ConfigError("config file %s not found; create it with `ty-openworkflow --config %s init`"
                                   % (path, path))
@@ -930,7 +943,7 @@ def load_config(path=None, text=None, must_exist=False):
     walk(data, "")
     values = {}
     for key, (kind, default) in CONFIG_SCHEMA.items():
-        if key in flat and flat[key] is not None:
+        if key in flat and (flat[key] is not None or kind == "duration?"):  # `~` there is "off"
             where = "%s:%s" % (path, key_lines.get(key, "?"))
             values[key] = _coerce(kind, flat[key], where, key)
         else:
@@ -1866,19 +1879,30 @@ class Store:
 
     # -- retention ------------------------------------------------------------------
 
+    # An undelivered task update queued at or after the given time holds its run back.
     SQL_PRUNABLE = ("SELECT r.id FROM runs r WHERE r.status IN (%s) AND r.finished_at < ? "
-                    "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = r.id AND o.delivered_at IS NULL) "
+                    "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = r.id "
+                    "AND o.delivered_at IS NULL AND o.created_at >= ?) "
                     "AND NOT EXISTS (SELECT 1 FROM runs p WHERE p.id = r.parent_run_id AND p.status NOT IN "
                     "('completed', 'failed', 'canceled')) ORDER BY r.finished_at LIMIT ?")
     PRUNED_TABLES = ("steps", "run_events", "run_logs", "outbox", "signals")
+    SQL_UNDELIVERED = ("SELECT count(*) AS n FROM outbox WHERE run_id IN (%s) "
+                       "AND delivered_at IS NULL")
+    SQL_HELD_BACK = ("SELECT count(*) AS n FROM runs r WHERE r.status IN (%s) "
+                     "AND r.finished_at < ? AND EXISTS (SELECT 1 FROM outbox o "
+                     "WHERE o.run_id = r.id AND o.delivered_at IS NULL AND o.created_at >= ?)")
 
-    def prune(self, cutoff, statuses, dry_run=False, batch=200, pause_s=0.0):
+    def prune(self, cutoff, statuses, dry_run=False, batch=200, pause_s=0.0, drop_before=None):
         """Delete finished runs that ended before ``cutoff`` with all that is only theirs, ``batch`` runs per
-        transaction (a pass never waits long for the write lock); returns counts per table."""
-        counts = dict.fromkeys(("runs",) + self.PRUNED_TABLES, 0)
+        transaction (a pass never waits long for the write lock); returns counts per table.
+
+        A run with an undelivered task update is kept, unless every such update was queued
+        before ``drop_before``: then they go with it, counted in ``dropped_task_updates``."""
+        counts = dict.fromkeys(("runs",) + self.PRUNED_TABLES + ("dropped_task_updates",), 0)
         sql = self.SQL_PRUNABLE % ",".join("?" * len(statuses))
+        hold_from = _NEVER_BEFORE if drop_before is None else drop_before
         if dry_run:
-            ids = [r["id"] for r in self.query(sql, (*statuses, cutoff, 10 ** 9))]
+            ids = [r["id"] for r in self.query(sql, (*statuses, cutoff, hold_from, 10 ** 9))]
             counts["runs"] = len(ids)
             for i in range(0, len(ids), 500):
                 part = ids[i:i + 500]
@@ -1886,18 +1910,28 @@ class Store:
                 for table in self.PRUNED_TABLES:
                     counts[table] += self.query_one("SELECT count(*) AS n FROM %s WHERE run_id IN (%s)"
                                                     % (table, marks), part)["n"]
+                dropped = self.query_one(self.SQL_UNDELIVERED % marks, part)["n"]
+                counts["dropped_task_updates"] += dropped
             return counts
         while True:
             with self.transaction() as c:
-                ids = [r[0] for r in c.execute(sql, (*statuses, cutoff, batch)).fetchall()]
+                ids = [r[0] for r in c.execute(sql, (*statuses, cutoff, hold_from, batch))]
                 if not ids:
                     return counts
                 marks = ",".join("?" * len(ids))
+                dropped = c.execute(self.SQL_UNDELIVERED % marks, ids).fetchone()[0]
+                counts["dropped_task_updates"] += dropped
                 for table in self.PRUNED_TABLES:
                     counts[table] += c.execute("DELETE FROM %s WHERE run_id IN (%s)" % (table, marks), ids).rowcount
                 counts["runs"] += c.execute("DELETE FROM runs WHERE id IN (%s)" % marks, ids).rowcount
             if pause_s:
                 time.sleep(pause_s)
+
+    def held_back(self, cutoff, statuses, drop_before=None):
+        """How many runs prune(cutoff, statuses, drop_before) keeps for undelivered updates."""
+        hold_from = _NEVER_BEFORE if drop_before is None else drop_before
+        return self.query_one(self.SQL_HELD_BACK % ",".join("?" * len(statuses)),
+                              (*statuses, cutoff, hold_from))["n"]
 
     def vacuum(self):
         """Give the space of deleted rows back to the disk; returns the bytes freed."""
@@ -5392,9 +5426,45 @@ def parse_callback(body):
 
 
 class _HttpService:
-    """What the webhook and the dashboard share: listen on host:port, serve on a thread, stop."""
+    """What the webhook and the dashboard share: listen on host:port, serve on a thread, stop;
+    at most ``slots`` connections at once, a thread each."""
 
-    host, port, httpd, thread = None, None, None, None
+    host, port, httpd, thread, slots = None, None, None, None, None
+
+    def _server_class(self, what, queue_size=5):
+        """A threading HTTP server holding at most ``self.slots`` connections: one more is
+        answered 503 and closed at once, without a thread of its own."""
+        import http.server
+        import socket
+        service = self
+
+        class HTTPServer(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            request_queue_size = queue_size
+            address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+            def process_request(self, request, client_address):
+                if not service.slots.acquire(blocking=False):
+                    with contextlib.suppress(OSError):
+                        request.sendall(b"HTTP/1.1 503 Service Unavailable\r\n"
+                                        b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+                    self.shutdown_request(request)
+                    return
+                super().process_request(request, client_address)
+
+            def process_request_thread(self, request, client_address):
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    service.slots.release()
+
+            def handle_error(self, request, client_address):
+                # A caller that hung up mid-reply is routine; nothing to print.
+                log.debug("%s: connection from %s ended badly", what, client_address,
+                          exc_info=True)
+
+        return HTTPServer
 
     def _listen(self, server_cls, handler, what):
         try:
@@ -5433,37 +5503,12 @@ class WebhookServer(_HttpService):
         server = self
 
         import http.server
-        import socket
 
         class Handler(_WebhookHandler, http.server.BaseHTTPRequestHandler):
             webhook = server
             timeout = self.sidecar.config["webhook.read_timeout"] / 1000.0
 
-        class HTTPServer(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-            address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-
-            def process_request(self, request, client_address):
-                if not server.slots.acquire(blocking=False):
-                    with contextlib.suppress(OSError):
-                        request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                        b"Connection: close\r\n\r\n")
-                    self.shutdown_request(request)
-                    return
-                super().process_request(request, client_address)
-
-            def process_request_thread(self, request, client_address):
-                try:
-                    super().process_request_thread(request, client_address)
-                finally:
-                    server.slots.release()
-
-            def handle_error(self, request, client_address):
-                # A caller that hung up mid-reply is routine; nothing to print.
-                log.debug("webhook: connection from %s ended badly", client_address, exc_info=True)
-
-        self._listen(HTTPServer, Handler, "webhook")
+        self._listen(self._server_class("webhook"), Handler, "webhook")
         log.info("webhook listening on http://%s:%d%s", self.host, self.port, self.path)
         return self
 
@@ -5900,6 +5945,9 @@ class Bridge:
 
 DASHBOARD_TOKEN_FILE = "dashboard.token"
 DASHBOARD_CACHE_S = 1.0  # an answer is reused this long (the page polls every 2 s)
+DASHBOARD_MAX_BODY_BYTES = 1 << 20  # an action's body
+# An idle connection is closed after this long, and a body must arrive within it.
+DASHBOARD_READ_TIMEOUT_S = 10
 # Pass durations and wake lateness, in seconds: the histograms' bucket bounds.
 PASS_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 LATENESS_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
@@ -6009,6 +6057,7 @@ class DashboardServer(_HttpService):
         self.token = install_secret(cfg.data_dir, DASHBOARD_TOKEN_FILE, create=True).decode("ascii").strip()
         self.allowed_hosts = {"localhost", "127.0.0.1", "::1", self.host.lower()} | {
             h.strip().lower() for h in cfg["dashboard.allowed_hosts"].split(",") if h.strip()}
+        self.slots = threading.BoundedSemaphore(cfg["dashboard.max_connections"])
         self.httpd = None
         # What was answered in the last DASHBOARD_CACHE_S is answered again as it was: many open
         # pages and scrapers cost the scheduler it shares a process with next to nothing.
@@ -6038,23 +6087,14 @@ class DashboardServer(_HttpService):
 
     def start(self):
         import http.server
-        import socket
         server = self
 
         class Handler(_DashboardHandler, http.server.BaseHTTPRequestHandler):
             dashboard = server
-            timeout = 10
+            timeout = DASHBOARD_READ_TIMEOUT_S
 
-        class HTTPServer(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-            request_queue_size = 128  # many pages opening at once must not wait out a dropped SYN (1 s)
-            address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-
-            def handle_error(self, request, client_address):
-                log.debug("dashboard: connection from %s ended badly", client_address, exc_info=True)
-
-        self._listen(HTTPServer, Handler, "dashboard")
+        # Many pages opening at once must not wait out a dropped SYN (1 s): a long queue.
+        self._listen(self._server_class("dashboard", queue_size=128), Handler, "dashboard")
         log.info("dashboard on http://%s:%d/", self.host, self.port)
         return self
 
@@ -6089,12 +6129,16 @@ class DashboardServer(_HttpService):
                 "SELECT status, count(*) AS n FROM runs GROUP BY status")}, "now": sc.clock()}
         raise WebhookReject(404, "no such page: %s" % path)
 
-    def api_post(self, path, headers, body):
+    def check_token(self, headers):
+        """Raise 401 unless ``headers`` carry the dashboard token."""
         given = headers.get("Authorization", "")
         import hmac
         if not hmac.compare_digest(given.encode("utf-8", "replace"), ("Bearer " + self.token).encode("ascii")):
             raise WebhookReject(401, "this needs the dashboard token (%s/%s) as `Authorization: Bearer TOKEN`"
                                 % (self.sidecar.config.data_dir, DASHBOARD_TOKEN_FILE))
+
+    def api_post(self, path, headers, body):
+        self.check_token(headers)
         m = re.fullmatch(r"/api/runs/([A-Za-z0-9_]+)/(cancel|retry|signal)", path)
         if not m:
             raise WebhookReject(404, "no such action: %s" % path)
@@ -6151,6 +6195,8 @@ class _DashboardHandler:
         self.send_header("X-Frame-Options", "DENY")
         self.send_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
                                                     "style-src 'unsafe-inline'; frame-ancestors 'none'")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if not getattr(self, "_head_only", False):
             self.wfile.write(data)
@@ -6202,15 +6248,51 @@ class _DashboardHandler:
             log.exception("dashboard: GET %s failed", parts.path)
             return self._json(500, {"ok": False, "error": "internal error"})
 
+    def _body_length(self):
+        """The length of the body from its one Content-Length (none: no body); reads nothing."""
+        if self.headers.get("Transfer-Encoding"):
+            raise WebhookReject(411, "send the body with a Content-Length (chunked bodies are not "
+                                     "taken)")
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            return 0  # a request with neither header has no body (RFC 9112, 6.3)
+        if len(lengths) > 1 or not re.fullmatch(r"\d{1,12}", lengths[0].strip()):
+            raise WebhookReject(400, "bad Content-Length")
+        length = int(lengths[0])
+        if length > DASHBOARD_MAX_BODY_BYTES:
+            raise WebhookReject(413, "the body is over %d bytes" % DASHBOARD_MAX_BODY_BYTES)
+        return length
+
+    def _read_body(self, length):
+        """Up to ``length`` bytes, all within DASHBOARD_READ_TIMEOUT_S (a trickle is cut off)."""
+        chunks, got = [], 0
+        deadline = time.monotonic() + DASHBOARD_READ_TIMEOUT_S
+        while got < length and time.monotonic() < deadline:
+            try:
+                chunk = self.rfile.read1(min(65536, length - got))
+            except OSError:  # socket.timeout is one
+                chunk = b""
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
     def do_POST(self):
+        # Everything that can refuse the request does so before its body is read; a body left
+        # unread ends the connection with the answer.
+        keep_open, self.close_connection = not self.close_connection, True
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > 1 << 20:
-                raise WebhookReject(413, "the body is too large")
-            body = self.rfile.read(length) if length else b""
+            length = self._body_length()
             origin = self.headers.get("Origin")
             if not self._host_ok(self.headers.get("Host")) or (origin and not self._host_ok(origin)):
                 raise WebhookReject(403, "cross-site requests are refused")
+            self.dashboard.check_token(self.headers)
+            body = self._read_body(length)
+            if len(body) != length:
+                raise WebhookReject(408, "the body did not arrive within %ds"
+                                    % DASHBOARD_READ_TIMEOUT_S)
+            self.close_connection = not keep_open
             return self._json(200, self.dashboard.api_post(self.path.split("?", 1)[0], self.headers, body))
         except WebhookReject as exc:
             return self._json(exc.status, {"ok": False, "error": exc.message})
@@ -6388,6 +6470,17 @@ refresh(); setInterval(refresh, 2000);
 
 
 _NO_INPUT = object()  # fork(): keep the source run's input
+
+
+def _undelivered_way_out(expiry_ms):
+    """What to do about runs kept for undelivered task updates (prune's and retention's word)."""
+    if expiry_ms:
+        later = ("on their own they expire %s after they were queued (taskyou.outbox_expiry)"
+                 % format_duration(expiry_ms))
+    else:
+        later = "or set taskyou.outbox_expiry (e.g. 30d) to let them expire"
+    return ("`prune --older-than AGE --drop-undelivered` drops those updates and prunes the runs; "
+            + later)
 
 
 def _check_idempotency_key(key):
@@ -6646,10 +6739,12 @@ class Sidecar:
 
     # -- retention ----------------------------------------------------------------
 
-    def prune(self, older_than, statuses=TERMINAL, dry_run=False, vacuum=False):
+    def prune(self, older_than, statuses=TERMINAL, dry_run=False, vacuum=False,
+              drop_undelivered=False):
         """Delete finished runs that ended more than ``older_than`` ago (a duration), with their steps,
-        events, logs, delivered task updates and signals; never a run not finished, one whose task
-        updates are not delivered yet, or a child whose parent is still going."""
+        events, logs, delivered task updates and signals; never a run not finished, a child whose
+        parent is still going, or one whose task updates are not delivered yet, unless they are
+        older than taskyou.outbox_expiry or ``drop_undelivered`` (then they go too, counted)."""
         try:
             age = parse_duration(older_than)
         except ValueError as exc:
@@ -6659,14 +6754,14 @@ class Sidecar:
         if bad or not statuses:
             raise InputError("--status takes finished statuses only (%s), not %s" % (", ".join(TERMINAL),
                                                                                      ", ".join(bad) or "nothing"))
-        cutoff = self.clock() - age
-        counts = self.store.prune(cutoff, statuses, dry_run=dry_run)
-        kept = self.store.query_one(
-            "SELECT count(*) AS n FROM runs r WHERE r.status IN (%s) AND r.finished_at < ? AND EXISTS (SELECT 1 FROM "
-            "outbox o WHERE o.run_id = r.id AND o.delivered_at IS NULL)" % ",".join("?" * len(statuses)),
-            (*statuses, cutoff))["n"]
+        now = self.clock()
+        cutoff = now - age
+        drop_before = _ALWAYS_BEFORE if drop_undelivered else self._undelivered_expired_before(now)
+        counts = self.store.prune(cutoff, statuses, dry_run=dry_run, drop_before=drop_before)
+        kept = self.store.held_back(cutoff, statuses, drop_before)
         out = {"dry_run": dry_run, "older_than_ms": age, "statuses": list(statuses), "removed": counts,
-               "kept_undelivered": kept}
+               "dropped_task_updates": counts["dropped_task_updates"], "kept_undelivered": kept,
+               "outbox_expiry_ms": self.config["taskyou.outbox_expiry"]}
         if vacuum and not dry_run:
             out["vacuum_bytes"] = self.store.vacuum()
         return out
@@ -6674,12 +6769,29 @@ class Sidecar:
     def prune_by_retention(self):
         """`retention` in the config: prune at most once an hour (serve and tick call this)."""
         age = self.config["retention"]
-        if not age or not self.store.notice_due("retention-prune", self.clock(), RETENTION_EVERY_MS):
+        now = self.clock()
+        if not age or not self.store.notice_due("retention-prune", now, RETENTION_EVERY_MS):
             return None
-        counts = self.store.prune(self.clock() - age, TERMINAL, pause_s=0.01)
+        drop_before = self._undelivered_expired_before(now)
+        counts = self.store.prune(now - age, TERMINAL, pause_s=0.01, drop_before=drop_before)
         if counts["runs"]:
             log.info("retention: pruned %d finished runs older than %s", counts["runs"], format_duration(age))
+        if counts["dropped_task_updates"]:
+            log.warning("retention: dropped %d task updates that never reached TaskYou (older "
+                        "than taskyou.outbox_expiry, %s) with their runs",
+                        counts["dropped_task_updates"],
+                        format_duration(self.config["taskyou.outbox_expiry"]))
+        kept = self.store.held_back(now - age, TERMINAL, drop_before)
+        if kept and self.store.notice_due("retention-kept", now, NOTICE_EVERY_MS):
+            log.warning("retention: kept %d finished runs whose TaskYou updates are not "
+                        "delivered yet; %s", kept,
+                        _undelivered_way_out(self.config["taskyou.outbox_expiry"]))
         return counts
+
+    def _undelivered_expired_before(self, now):
+        """Undelivered task updates queued before this have expired (taskyou.outbox_expiry)."""
+        expiry = self.config["taskyou.outbox_expiry"]
+        return None if expiry is None else now - expiry
 
     # -- schedules ----------------------------------------------------------------
 
@@ -6836,15 +6948,11 @@ class Sidecar:
 
     def spawn_runner(self):
         """Start a detached `runner` process that drives due runs, then exits when idle."""
-        argv, env = [sys.executable, os.path.abspath(__file__)], None
-        if self.config.exists:
-            argv += ["--config", self.config.path]
-        else:  # defaults only: hand the path over without insisting that the file exists
-            env = dict(os.environ, **{CONFIG_ENV: self.config.path})
-        argv.append("runner")
+        # The runner reads this same path; it alone may find no file there (defaults only).
+        argv = [sys.executable, os.path.abspath(__file__), "--config", self.config.path, "runner"]
         log_path = os.path.join(self.config.data_dir, "runner.log")
         with open(log_path, "ab") as log_file:
-            proc = spawn(argv, stdin=False, stdout=subprocess.DEVNULL, stderr=log_file, env=env)
+            proc = spawn(argv, stdin=False, stdout=subprocess.DEVNULL, stderr=log_file)
         # Reap it in the background so a long-lived caller collects no zombies.
         threading.Thread(target=proc.wait, daemon=True).start()
         return proc.pid
@@ -7196,7 +7304,8 @@ def cmd_prune(api, args):
     if not args.older_than:
         raise InputError("prune needs --older-than DURATION (e.g. 30d); nothing was removed")
     statuses = [x.strip() for x in args.status.split(",") if x.strip()] if args.status else list(TERMINAL)
-    res = api.prune(args.older_than, statuses, dry_run=args.dry_run, vacuum=args.vacuum)
+    res = api.prune(args.older_than, statuses, dry_run=args.dry_run, vacuum=args.vacuum,
+                    drop_undelivered=args.drop_undelivered)
     if args.json:
         _print_json(res)
         return 0
@@ -7208,9 +7317,16 @@ def cmd_prune(api, args):
         print("%s %d run%s (%d steps, %d events, %d log entries, %d task updates, %d signals)" % (
             "would remove" if res["dry_run"] else "removed", c["runs"], "" if c["runs"] == 1 else "s", c["steps"],
             c["run_events"], c["run_logs"], c["outbox"], c["signals"]))
+    if res["dropped_task_updates"]:
+        n = res["dropped_task_updates"]
+        why = "--drop-undelivered" if args.drop_undelivered else \
+            "older than taskyou.outbox_expiry, %s" % format_duration(res["outbox_expiry_ms"])
+        print("%s %d task update%s that never reached TaskYou (%s)" % (
+            "would drop" if res["dry_run"] else "dropped", n, "" if n == 1 else "s", why))
     if res["kept_undelivered"]:
-        print("kept %d old run%s whose TaskYou updates are not delivered yet (see `status`)"
-              % (res["kept_undelivered"], "" if res["kept_undelivered"] == 1 else "s"))
+        print("kept %d old run%s whose TaskYou updates are not delivered yet (see `status`); %s"
+              % (res["kept_undelivered"], "" if res["kept_undelivered"] == 1 else "s",
+                 _undelivered_way_out(res["outbox_expiry_ms"])))
     if "vacuum_bytes" in res:
         print("vacuum gave back %d bytes" % res["vacuum_bytes"])
     return 0
@@ -7521,6 +7637,8 @@ def build_parser(only=None):
     sp.add_argument("--status", metavar="S,...", help="only these finished statuses (default: completed,failed,canceled)")
     sp.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     sp.add_argument("--vacuum", action="store_true", help="give the freed space back to the disk")
+    sp.add_argument("--drop-undelivered", action="store_true",
+                    help="also prune runs whose TaskYou updates never got out; drop those updates")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
     sp = cmd("schedule", cmd_schedule, "start runs on a cron schedule: add, list, rm, pause, resume")
@@ -7610,7 +7728,8 @@ def main(argv=None):
     api = None
     try:
         if args.func is not cmd_init and args.func is not cmd_dist:
-            api = Sidecar(config_path=args.config, must_exist=args.config is not None)
+            must_exist = args.config is not None and args.func is not cmd_runner
+            api = Sidecar(config_path=args.config, must_exist=must_exist)
         return args.func(api, args)
     except OpenWorkflowError as exc:
         print("ty-openworkflow: %s" % exc, file=sys.stderr)

@@ -483,23 +483,90 @@ def main(argv):
 
 
 class _PassOutput:
-    """sys.stdout / sys.stderr of a warm worker: a pass's prints go to its own log."""
+    """sys.stdout / sys.stderr of a warm worker: a pass's prints go to its own log.
+
+    Text goes out a line at a time per thread (as a buffered stream would have it), so two
+    threads of a pass printing at once never split each other's lines (print() writes the
+    text and its newline apart). A partial line goes out on flush(), before the pass's next
+    event, at MAX_PARTIAL characters, and when the pass ends.
+    """
+
+    MAX_PARTIAL = 65536
 
     def __init__(self, worker, fallback):
         self._worker, self._fallback = worker, fallback
+        self._partial = {}  # (pass id, thread id) -> what that thread wrote since its last newline
+        self._lock = threading.Lock()
 
     def write(self, text):
-        pass_id = getattr(self._worker.local, "pass_id", None)
+        pass_id = self._worker.current_pass()
         if pass_id is None:
             return self._fallback.write(text)
-        self._worker.send({"type": "log", "pass": pass_id, "text": text})
+        key = (pass_id, threading.get_ident())
+        with self._lock:
+            text_so_far = self._partial.pop(key, "") + text
+            cut = text_so_far.rfind("\n") + 1
+            if len(text_so_far) - cut >= self.MAX_PARTIAL:
+                cut = len(text_so_far)
+            if cut < len(text_so_far):
+                self._partial[key] = text_so_far[cut:]
+        if cut:
+            self._worker.send({"type": "log", "pass": pass_id, "text": text_so_far[:cut]})
         return len(text)
 
     def flush(self):
+        pass_id = self._worker.current_pass()
+        if pass_id is not None:
+            with self._lock:
+                text = self._partial.pop((pass_id, threading.get_ident()), "")
+            if text:
+                self._worker.send({"type": "log", "pass": pass_id, "text": text})
         self._fallback.flush()
+
+    def flush_pass(self, pass_id):
+        """Send what the threads of ``pass_id`` wrote without a newline yet."""
+        with self._lock:
+            keys = [k for k in self._partial if k[0] == pass_id]
+            texts = [self._partial.pop(k) for k in keys]
+        for text in texts:
+            self._worker.send({"type": "log", "pass": pass_id, "text": text})
 
     def __getattr__(self, name):
         return getattr(self._fallback, name)
+
+
+def _follow_passes(worker):
+    """Threads a pass's code starts, and work it hands to a thread pool, print to that pass.
+
+    A thread takes the pass of the thread that starts it. A pool's threads outlive the
+    pass that made them and serve others, so each piece of work a pass submits prints to
+    the pass that submitted it (asyncio's run_in_executor and to_thread submit too).
+    """
+    import concurrent.futures
+
+    start = threading.Thread.start
+    submit = concurrent.futures.ThreadPoolExecutor.submit
+
+    def start_in_pass(thread):
+        thread._tyow_pass = worker.current_pass()
+        return start(thread)
+
+    def submit_in_pass(executor, fn, /, *args, **kwargs):
+        pass_id = worker.current_pass()
+        if pass_id is None:
+            return submit(executor, fn, *args, **kwargs)
+
+        def in_pass(*a, **kw):
+            before = getattr(worker.local, "pass_id", None)
+            worker.local.pass_id = pass_id
+            try:
+                return fn(*a, **kw)
+            finally:
+                worker.local.pass_id = before
+        return submit(executor, in_pass, *args, **kwargs)
+
+    threading.Thread.start = start_in_pass
+    concurrent.futures.ThreadPoolExecutor.submit = submit_in_pass
 
 
 class Worker:
@@ -522,6 +589,14 @@ class Worker:
     def send(self, ev):
         self.write("\n" + json.dumps(ev, ensure_ascii=False) + "\n")
 
+    def current_pass(self):
+        """The pass whose log the calling thread prints to: the one it runs, or the one whose code
+        started the thread (see _follow_passes); None for the worker's own threads."""
+        pass_id = getattr(self.local, "pass_id", None)
+        if pass_id is None:
+            pass_id = getattr(threading.current_thread(), "_tyow_pass", None)
+        return pass_id
+
     def write(self, line):
         with self.lock:
             self.events.write(line)
@@ -543,6 +618,7 @@ class Worker:
         self.local.pass_id = pass_id
 
         def write(line):
+            self.flush_output(pass_id)  # what it printed comes before what it does next
             if state["canceled"]:
                 return
             kind = line[10:40]
@@ -555,12 +631,19 @@ class Worker:
         try:
             run_pass(doc, lambda: self.workflow(msg.get("code")), write, state)
         finally:
+            self.flush_output(pass_id)
             self.local.pass_id = None
             self.live.pop(pass_id, None)
+
+    def flush_output(self, pass_id):
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, _PassOutput):
+                stream.flush_pass(pass_id)
 
     def serve(self):
         sys.stdout = _PassOutput(self, sys.__stderr__)
         sys.stderr = _PassOutput(self, sys.__stderr__)
+        _follow_passes(self)
         buffered = b""
         while True:
             chunk = os.read(0, 65536)
