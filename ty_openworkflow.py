@@ -3632,8 +3632,11 @@ class DockerAdapter(Adapter):
 
     @property
     def install_id(self):
-        """Labels containers with the data dir they belong to, so installs never touch each other's."""
-        return sha256_hex(self.config.data_dir)[:12]
+        """Labels containers with the store they belong to, so installs never touch each other's
+        (not the data dir's path: two machines or containers may use one path for two stores)."""
+        if self.store_fn is None:  # no store, no clean-up: the path will do
+            return sha256_hex(self.config.data_dir)[:12]
+        return self.store_fn().store_id
 
     def image(self, runtime):
         return self.cfg("node_image" if runtime == "node" else "python_image")
