@@ -509,10 +509,39 @@ def _my_boot_id():
 _BOOT_ID = None
 
 
-def scheduler_alive(pid, start, boot, my_boot):
-    """Whether a scheduler registered on this host is still running (False: proven gone)."""
-    if boot and my_boot and boot != my_boot:
+def pid_namespace():
+    """What gives this process's pids their meaning: on Linux its PID namespace (the inode of
+    /proc/self/ns/pid); elsewhere the platform (pids are machine-wide); None if unknowable."""
+    global _PID_NS
+    if _PID_NS is None:
+        _PID_NS = _read_pid_namespace() or ""
+    return _PID_NS or None
+
+
+def _read_pid_namespace():
+    if not sys.platform.startswith("linux"):
+        return sys.platform
+    try:
+        # A /proc mounted for another namespace names other processes by our pids: trust no pid.
+        if int(os.readlink("/proc/self")) != os.getpid():
+            return None
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except (OSError, ValueError):
+        return None
+
+
+_PID_NS = None
+
+
+def scheduler_alive(pid, start, boot, ns):
+    """Whether a scheduler registered on this host still runs: True, False (proven gone), or None.
+
+    None: its pid means nothing here (another PID namespace, or none recorded), so only
+    its lease can tell."""
+    if boot and _my_boot_id() and boot != _my_boot_id():
         return False  # registered before this boot
+    if not ns or ns != pid_namespace():
+        return None
     if not pid_alive(pid):
         return False
     if start:
@@ -1210,6 +1239,12 @@ MIGRATIONS = [
         "CREATE TABLE adapter_state (adapter TEXT NOT NULL, key TEXT NOT NULL, value TEXT, "
         "PRIMARY KEY (adapter, key))",
     ],
+    [  # 10: what makes a scheduler's pid meaningful, and an id that names this store
+        "ALTER TABLE schedulers ADD COLUMN pid_ns TEXT",  # its PID namespace (NULL: unknown)
+        # Marks the processes and containers of this store's passes: no other store has it.
+        "CREATE TABLE store_identity (id TEXT NOT NULL)",
+        "INSERT INTO store_identity (id) VALUES (lower(hex(randomblob(16))))",
+    ],
 ]
 
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
@@ -1275,6 +1310,7 @@ class Store:
         self._synced_inodes = {}
         self._local = threading.local()
         self._alive_cache = {}
+        self._store_id = None
         self._closed = False
         self._prepare_dir()
         self._migrate()
@@ -2012,8 +2048,9 @@ class Store:
 
         Due: pending or sleeping runs whose time has come, and running runs whose
         scheduler is gone: proven dead on this host (at once), or silent past its
-        lease elsewhere. A live scheduler of this host is never robbed, whatever
-        the clocks say, and ``exclude`` (the runs the caller drives) is never claimed.
+        lease where its pid proves nothing (another host, another PID namespace).
+        A live scheduler of this host is never robbed, whatever the clocks say, and
+        ``exclude`` (the runs the caller drives) is never claimed.
         """
         claimed = []
         with self.transaction() as c:
@@ -2066,15 +2103,17 @@ class Store:
         return claimed
 
     def _holders(self, c):
-        """Schedulers of this host: id -> True (alive), False (proven dead); others are not listed.
+        """Schedulers of this host: id -> True (alive), False (proven dead), None (lease decides).
 
-        A verdict is kept for a second: claims come often, schedulers die rarely."""
+        Other hosts' are not listed. A verdict is kept for a second: claims come often,
+        schedulers die rarely."""
         host, now = _hostname(), time.monotonic()
         out, cache = {}, self._alive_cache
-        for row in c.execute("SELECT id, pid, proc_start, boot_id FROM schedulers WHERE host = ?", (host,)):
+        sql = "SELECT id, pid, proc_start, boot_id, pid_ns FROM schedulers WHERE host = ?"
+        for row in c.execute(sql, (host,)):
             seen = cache.get(row)
             if seen is None or now - seen[0] > 1.0:
-                seen = cache[row] = (now, scheduler_alive(row[1], row[2], row[3], _my_boot_id()))
+                seen = cache[row] = (now, scheduler_alive(*row[1:]))
             out[row[0]] = seen[1]
         if len(cache) > 1000:
             cache.clear()
@@ -2617,10 +2656,11 @@ class Store:
 
     def register_scheduler(self, sched_id, kind, pid, host, port, now):
         start, boot = process_identity(pid)
+        ns = pid_namespace() if pid == os.getpid() else None
         with self.transaction() as c:
             c.execute("INSERT OR REPLACE INTO schedulers (id, kind, pid, host, wake_port, started_at, heartbeat_at, "
-                      "proc_start, boot_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                      (sched_id, kind, pid, host, port, now, now, start, boot))
+                      "proc_start, boot_id, pid_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (sched_id, kind, pid, host, port, now, now, start, boot, ns))
 
     def heartbeat_scheduler(self, sched_id, now):
         with self.transaction() as c:
@@ -2631,14 +2671,26 @@ class Store:
             c.execute("DELETE FROM schedulers WHERE id = ?", (sched_id,))
 
     def live_schedulers(self, now, stale_ms):
-        """Schedulers whose heartbeat is fresh (and, on this host, whose pid is alive)."""
+        """Schedulers whose heartbeat is fresh (and, on this host, not proven dead)."""
         host = _hostname()
         live = []
-        for s in self.query("SELECT id, kind, pid, host, wake_port, started_at, heartbeat_at FROM schedulers"):
-            if s["heartbeat_at"] < now - stale_ms or (s["host"] == host and not pid_alive(s["pid"])):
+        for s in self.query("SELECT id, kind, pid, host, wake_port, started_at, heartbeat_at, "
+                            "proc_start, boot_id, pid_ns FROM schedulers"):
+            if s["heartbeat_at"] < now - stale_ms:
+                continue
+            if s["host"] == host and scheduler_alive(s["pid"], s["proc_start"], s["boot_id"],
+                                                     s["pid_ns"]) is False:
                 continue
             live.append(s)
         return live
+
+    @property
+    def store_id(self):
+        """The random id this store was given when made (it marks its passes' processes)."""
+        if self._store_id is None:
+            row = self.query("SELECT id FROM store_identity")
+            self._store_id = row[0]["id"]
+        return self._store_id
 
 
 
@@ -2823,21 +2875,33 @@ def _kill_group(proc, sig=signal.SIGKILL):
         proc.kill()
 
 
-# Every process a pass starts carries its scheduler's identity in this variable, so the
+# Every process a pass starts carries its store and scheduler in this variable, so the
 # processes a killed scheduler's passes left behind (a step's children) can be found.
 OWNER_ENV = "TYOW_OWNER"
 
 
-def owner_mark(pid=None):
-    """``pid:start`` of this process (see process_identity)."""
-    pid = pid or os.getpid()
-    return "%d:%s" % (pid, process_identity(pid)[0] or "")
+def owner_mark(store_id):
+    """``store:pid:start:pidns`` of this process, for the passes it starts for ``store_id``."""
+    pid = os.getpid()
+    start, ns = process_identity(pid)[0] or "", pid_namespace() or ""
+    return "%s:%d:%s:%s" % (store_id or "", pid, start, ns)
 
 
-def reap_orphans():
-    """Kill processes of this user that passes of a scheduler now dead left behind (Linux /proc)."""
+def parse_owner_mark(mark):
+    """(store id, pid, start, pid namespace) from an owner mark; None if it is not one."""
+    parts = mark.split(":")
+    if len(parts) != 4 or not parts[0] or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1]), parts[2] or None, parts[3] or None
+
+
+def reap_orphans(store_id):
+    """Kill processes that this store's passes left behind when their scheduler died (Linux /proc).
+
+    Only a mark naming this store and a scheduler proven dead counts: a process of another
+    store, or whose scheduler's pid means nothing here (another PID namespace), is left alone."""
     killed = []
-    if not os.path.isdir("/proc"):
+    if not store_id or not os.path.isdir("/proc"):
         return killed
     me = os.getpid()
     for name in os.listdir("/proc"):
@@ -2853,8 +2917,10 @@ def reap_orphans():
             continue
         value = env[at + 1:] if at >= 0 else env
         mark = value.split(b"\0", 1)[0].split(b"=", 1)[1].decode("ascii", "replace")
-        owner, _, start = mark.partition(":")
-        if not owner.isdigit() or scheduler_alive(int(owner), start or None, None, None):
+        owner = parse_owner_mark(mark)
+        if owner is None or owner[0] != store_id:
+            continue  # another store's, or no mark at all
+        if scheduler_alive(owner[1], owner[2], None, owner[3]) is not False:
             continue
         with contextlib.suppress(OSError):
             os.kill(int(name), signal.SIGKILL)
@@ -3621,7 +3687,7 @@ class ExecAdapter(Adapter):
         env = {k: os.environ[k] for k in self.SAFE_ENV if k in os.environ}
         env.update(self.config["adapters.exec.env"])
         env["HOME"] = self.work_dir
-        env[OWNER_ENV] = owner_mark()
+        env[OWNER_ENV] = owner_mark(self.store_fn().store_id if self.store_fn else None)
         if spec is not None:  # a warm worker serves many runs: it has none
             env["TY_OPENWORKFLOW_RUN_ID"] = spec.run_id
         env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -3703,7 +3769,8 @@ class ExecAdapter(Adapter):
 
     def cleanup(self, store=None):
         """Stop what passes of a dead scheduler left running; drop cached code files older than a week."""
-        reap_orphans()
+        if store is not None:
+            reap_orphans(store.store_id)
         cutoff = time.time() - 7 * 86400
         folder = os.path.join(self.work_dir, "code")
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
@@ -3727,8 +3794,11 @@ class DockerAdapter(Adapter):
 
     @property
     def install_id(self):
-        """Labels containers with the data dir they belong to, so installs never touch each other's."""
-        return sha256_hex(self.config.data_dir)[:12]
+        """Labels containers with the store they belong to, so installs never touch each other's
+        (not the data dir's path: two machines or containers may use one path for two stores)."""
+        if self.store_fn is None:  # no store, no clean-up: the path will do
+            return sha256_hex(self.config.data_dir)[:12]
+        return self.store_fn().store_id
 
     def image(self, runtime):
         return self.cfg("node_image" if runtime == "node" else "python_image")

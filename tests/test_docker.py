@@ -12,6 +12,15 @@ from tests.test_contract import AdapterContract
 from tests.util import MODULE, TempHome, read_counter, tow, wait_for
 
 
+def store_label(data_dir):
+    """The label value of a store's containers: its store id."""
+    store = tow.Store(data_dir)
+    try:
+        return store.store_id
+    finally:
+        store.close()
+
+
 def docker(*args, timeout=30):
     return subprocess.run(["docker"] + list(args), capture_output=True, text=True, timeout=timeout)
 
@@ -34,7 +43,7 @@ class DockerCase(TempHome):
         return self.shared
 
     def containers(self, all_=False):
-        install = tow.sha256_hex(self.data_dir)[:12]
+        install = store_label(self.data_dir)
         args = ["ps", "--filter", "label=ty-openworkflow.install=%s" % install, "--format", "{{.Names}}"]
         if all_:
             args.insert(1, "-a")
@@ -142,7 +151,7 @@ async function workflow(input, { step }) {
         self.assertEqual(read_counter(counter), ["x", "x"])
 
     def test_serve_removes_orphaned_containers(self):
-        install = tow.sha256_hex(self.data_dir)[:12]
+        install = store_label(self.data_dir)
         sc = self.sidecar(clock=False)
         sc.store  # create the data dir
         proc = docker("run", "-d", "--name", "tyow-orphan-%d" % os.getpid(),
