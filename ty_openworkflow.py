@@ -90,6 +90,11 @@ WORKER_CANCEL_GRACE_S = 1.0
 # the run: a new pass would cost more than the wait itself.
 INLINE_SLEEP_MS = 1000
 MAX_STEP_NAME_LEN = 200
+# Child runs: how deep a tree of them may grow below its root, and how many one run may have
+# unfinished at once (limits.max_child_depth, limits.max_children; Temporal's pending-children
+# limit is 2,000). They bound what a cancel or a deadline walks over, and stop runaway recursion.
+CHILD_DEPTH_DEFAULT = 100
+CHILDREN_DEFAULT = 1000
 MAX_DURATION_MS = 100 * 365 * 86400000  # a century: longer is a typo
 MAX_EPOCH_MS = 1 << 53  # wake times beyond this are not times
 MAX_PASS_LOG_BYTES = 256 * 1024
@@ -579,6 +584,8 @@ CONFIG_SCHEMA = {
     "limits.max_step_attempts": ("int", 1000),
     "limits.max_steps": ("int", 10000),
     "limits.pass_memory": ("size", 1 << 30),
+    "limits.max_child_depth": ("int", CHILD_DEPTH_DEFAULT),
+    "limits.max_children": ("int", CHILDREN_DEFAULT),
     "retry.max_attempts": ("int", 10),
     "retry.initial_interval": ("duration", "1s"),
     "retry.backoff_coefficient": ("float", 2.0),
@@ -642,6 +649,7 @@ CONFIG_RANGES = {
     "dashboard.port": (0, 65535),
     "limits.max_step_attempts": (1, 10 ** 9), "limits.max_steps": (1, 10 ** 9), "retry.max_attempts": (1, 10000),
     "adapters.docker.pids_limit": (0, 10 ** 6),
+    "limits.max_child_depth": (1, 100000), "limits.max_children": (1, 10 ** 6),
     "adapters.cloudflare.cpu_ms": (0, 300000), "adapters.cloudflare.api_budget": (10, 1200),
 }
 _CONFIG_SECTIONS = {"adapters", "adapters.exec", "adapters.docker", "adapters.cloudflare",
@@ -1208,6 +1216,12 @@ SQL_WORKFLOWS = ("SELECT w.id, w.name, w.description, w.latest_version, w.create
                  "(SELECT count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs "
                  "FROM workflows w JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version")
 SQL_RUN = "SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS
+# How many ancestors a run has (its depth below its root), counted up to the second parameter.
+SQL_RUN_DEPTH = ("WITH RECURSIVE up(id, n) AS (SELECT ?, 0 UNION ALL "
+                 "SELECT r.parent_run_id, up.n + 1 FROM runs r JOIN up ON r.id = up.id "
+                 "WHERE r.parent_run_id IS NOT NULL AND up.n < ?) SELECT max(n) FROM up")
+SQL_OPEN_CHILDREN = ("SELECT id, pass_id FROM runs WHERE parent_run_id = ? "
+                     "AND status NOT IN ('completed', 'failed', 'canceled')")
 
 # Outcomes of applying one event.
 APPLIED, IGNORED, ENDED = "applied", "ignored", "ended"
@@ -1581,6 +1595,20 @@ class Store:
                   (run_id, pass_id, type_, None if data is None else dumps(data), now))
 
     def _finish(self, c, run_id, pass_id, status, now, output=None, error=None):
+        """End a run, then cancel its unfinished descendants: a loop over the tree, never a
+        recursion (a chain of child runs may be deeper than Python's stack)."""
+        self._end_run(c, run_id, pass_id, status, now, output, error)
+        ended = [(run_id, status)]
+        while ended:
+            parent, how = ended.pop()
+            for child, child_pass in c.execute(SQL_OPEN_CHILDREN, (parent,)).fetchall():
+                error = {"message": "its parent run %s was %s" % (parent, how), "name": "Canceled",
+                         "stack": None}
+                self._end_run(c, child, child_pass, "canceled", now, error=error)
+                ended.append((child, "canceled"))
+
+    def _end_run(self, c, run_id, pass_id, status, now, output=None, error=None):
+        """End one run (not its children): its task update, its parent's wait, its approvals."""
         c.execute("UPDATE runs SET status = ?, output = ?, error = ?, pass_id = NULL, lease_owner = NULL, "
                   "lease_expires_at = NULL, available_at = NULL, wake_at = NULL, finished_at = ?, updated_at = ? "
                   "WHERE id = ?", (status, None if output is None else dumps(output),
@@ -2118,7 +2146,7 @@ class Store:
                           (run_id, key, seq, ev.get("timeout_at"), now, _call_position(ev), dumps(spec)))
                 self._journal(c, run_id, pass_id, kind, {"step": key, "wait": spec, "timeout_at": ev.get("timeout_at")},
                               now)
-                self._begin_wait(c, run_id, key, spec, now)
+                self._begin_wait(c, run_id, key, spec, now, defaults)
             return APPLIED
         if kind == "sleep_completed":
             cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ? AND kind = 'sleep'",
@@ -2162,8 +2190,14 @@ class Store:
 
     # -- waits: signals, child runs, TaskYou approvals ------------------------------
 
-    def _begin_wait(self, c, run_id, key, spec, now):
+    def _begin_wait(self, c, run_id, key, spec, now, defaults):
         """A new wait was recorded: a buffered signal resolves it at once; a child run is started."""
+        if spec["kind"] == "child":
+            refused = self._child_refused(c, run_id, spec, defaults)
+            if refused:
+                error = {"message": refused, "name": "ChildLimitExceeded", "run_id": None}
+                self._resolve_wait(c, run_id, key, {"error": error}, now)
+                return
         if spec["kind"] == "signal":
             sig = c.execute("SELECT id, data FROM signals WHERE run_id = ? AND name = ? AND consumed_by IS NULL "
                             "ORDER BY id LIMIT 1", (run_id, spec["name"])).fetchone()
@@ -2178,6 +2212,26 @@ class Store:
                     "name": "NotFound", "run_id": None}}, now)
         elif spec["kind"] == "task":
             self._enqueue(c, run_id, "approval", {"key": key, "title": spec["title"], "body": spec.get("body")}, now)
+
+    @staticmethod
+    def _child_refused(c, run_id, spec, defaults):
+        """Why run ``run_id`` may not start another child, or None: limits.max_child_depth and
+        limits.max_children bound what a cascade walks over, and stop a runaway recursion."""
+        max_depth = defaults.get("max_child_depth", CHILD_DEPTH_DEFAULT)
+        depth = c.execute(SQL_RUN_DEPTH, (run_id, max_depth)).fetchone()[0] + 1
+        if depth > max_depth:
+            return ("cannot start a child run of %r: it would be %d levels below its root run, "
+                    "over limits.max_child_depth (%d); a workflow that starts itself needs a case "
+                    "that stops it (or raise the limit)" % (spec["workflow_id"], depth, max_depth))
+        max_children = defaults.get("max_children", CHILDREN_DEFAULT)
+        open_children = c.execute("SELECT count(*) FROM (%s)" % SQL_OPEN_CHILDREN,
+                                  (run_id,)).fetchone()[0]
+        if open_children >= max_children:
+            return ("cannot start a child run of %r: run %s already has %d unfinished child "
+                    "runs, the limit (limits.max_children); wait for some to finish before "
+                    "starting more (or raise the limit)"
+                    % (spec["workflow_id"], run_id, open_children))
+        return None
 
     @staticmethod
     def _latest(c, workflow_id):
@@ -2245,7 +2299,7 @@ class Store:
                                                                     "stack": None})
 
     def _after_finish(self, c, run_id, status, now):
-        """A finished run: its parent's wait resolves, its running children are canceled."""
+        """A finished run: its parent's wait resolves, its approvals end."""
         row = c.execute("SELECT r.parent_run_id, r.parent_wait_key, r.output, r.error, p.status FROM runs r "
                         "LEFT JOIN runs p ON p.id = r.parent_run_id WHERE r.id = ?", (run_id,)).fetchone()
         if row and row[0] and row[4] not in TERMINAL:  # a finished parent keeps its wait open (retry makes anew)
@@ -2257,9 +2311,6 @@ class Store:
                                      "name": "ChildCanceled" if status == "canceled" else "ChildFailed",
                                      "run_id": run_id}}
             self._resolve_wait(c, row[0], row[1], outcome, now)
-        for (child,) in c.execute("SELECT id FROM runs WHERE parent_run_id = ? AND status NOT IN "
-                                  "('completed', 'failed', 'canceled')", (run_id,)).fetchall():
-            self._cancel_tree(c, child, now, "its parent run %s was %s" % (run_id, status))
         for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = 'wait' AND "
                                         "status = 'waiting'", (run_id,)).fetchall():
             if (loads_or_none(spec_json) or {}).get("kind") == "task":
@@ -6294,7 +6345,9 @@ class Sidecar:
     def defaults(self):
         return {"retry": self.config.retry_policy(), "max_output_bytes": self.config["limits.max_output_bytes"],
                 "max_step_attempts": self.config["limits.max_step_attempts"],
-                "max_steps": self.config["limits.max_steps"]}
+                "max_steps": self.config["limits.max_steps"],
+                "max_child_depth": self.config["limits.max_child_depth"],
+                "max_children": self.config["limits.max_children"]}
 
     # -- workflows ------------------------------------------------------------
 

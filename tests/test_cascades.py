@@ -1,0 +1,222 @@
+"""Run trees and many waits: no recursion, no crash of the scheduler, every approval polled.
+
+Deep and wide trees of child runs are built through the store (a claim, then the events a
+pass would send), so a 450-deep chain takes a second, not 900 passes; the limits tests run
+real passes in both runtimes.
+"""
+import time
+import unittest
+
+from tests.util import HAVE_NODE, TempHome, tow
+
+# A workflow that starts itself as a child until ``n`` reaches 0 (the leaf waits for a signal).
+CHAIN = """
+def workflow(input, ctx):
+    if input["n"] == 0:
+        return ctx.wait_for_signal("never")
+    return ctx.run_workflow("chain", {"n": input["n"] - 1})
+"""
+
+# The same in both runtimes, catching what its runWorkflow raises: the error's name and message.
+RECURSE = {
+    "node": """
+async function workflow(input, { runWorkflow }) {
+  try { return await runWorkflow("recurse", { depth: input.depth + 1 }); }
+  catch (e) {
+    if (e.name !== "ChildLimitExceeded") throw e;
+    return { name: e.name, message: e.message, depth: input.depth };
+  }
+}
+""",
+    "python": """
+def workflow(input, ctx):
+    try:
+        return ctx.run_workflow("recurse", {"depth": input["depth"] + 1})
+    except ctx.WaitError as e:
+        if e.name != "ChildLimitExceeded":
+            raise
+        return {"name": e.name, "message": str(e), "depth": input["depth"]}
+""",
+}
+UNCAUGHT = "def workflow(input, ctx):\n    return ctx.run_workflow('uncaught', {})\n"
+LONG_KID = "def workflow(input, ctx):\n    return ctx.wait_for_signal('never')\n"
+
+
+def wait_event(key, spec, call=0):
+    return {"type": "wait", "step": key, "wait": spec, "timeout_at": None, "call": call}
+
+
+def child_spec(input):
+    return {"kind": "child", "workflow_id": "chain", "input": input}
+
+
+SUSPENDED = {"type": "suspended", "waiting": True, "wake_at": None}
+
+
+class TreeCase(TempHome):
+    """Builds trees of waiting child runs through the store, as passes would."""
+
+    def setUp(self):
+        super().setUp()
+        self.sc = self.sidecar()
+        self.sc.deploy("chain", CHAIN, runtime="python")
+        # Limits raised for the trees built here (the defaults would refuse them).
+        self.defaults = dict(self.sc.defaults(), max_child_depth=10000, max_children=100000)
+
+    def claim_one(self, run_id=None):
+        """Claim the next due run (or ``run_id`` among those due) as a pass would."""
+        limit = 1 if run_id is None else 100
+        runs = self.sc.store.claim_due("builder", self.clock(), limit, 60000)
+        return [r for r in runs if run_id in (None, r["id"])][0]
+
+    def chain(self, depth, deadline=None, levels=None):
+        """A root and ``depth`` generations of children, each waiting on the next; their ids.
+        With ``levels``, only that many runs pass (the last one's child may be refused)."""
+        root = self.sc.start("chain", {"n": depth}, deadline=deadline, drive=False)["id"]
+        ids = []
+        for level in range(depth + 1 if levels is None else levels):
+            run = self.claim_one()
+            n = depth - level
+            ev = (wait_event("child:chain", child_spec({"n": n - 1})) if n
+                  else wait_event("signal:never", {"kind": "signal", "name": "never"}))
+            self.assertEqual(self.apply(run, [ev, SUSPENDED]), tow.ENDED)
+            ids.append(run["id"])
+        self.assertEqual(ids[0], root)
+        return ids
+
+    def apply(self, run, events):
+        """Commit ``events`` as the run's pass would send them (with the raised limits)."""
+        return self.sc.store.apply_events(run["id"], run["pass_id"], events, self.clock(),
+                                          self.defaults)[0]
+
+    def children(self, run_id):
+        rows = self.sc.store.query("SELECT id FROM runs WHERE parent_run_id = ?", (run_id,))
+        return [r["id"] for r in rows]
+
+    def statuses(self, ids):
+        rows = self.sc.store.query("SELECT id, status FROM runs")
+        by_id = {r["id"]: r["status"] for r in rows}
+        return [by_id[i] for i in ids]
+
+
+class DeepAndWideTrees(TreeCase):
+    def test_a_deadline_on_the_root_of_a_450_deep_chain_ends_the_tree_and_the_tick_goes_on(self):
+        ids = self.chain(450, deadline="1m")
+        self.assertEqual(set(self.statuses(ids)), {"waiting"})
+        self.clock.advance(61000)
+        self.sc.tick()  # raised RecursionError here, and in every tick after it
+        root = self.sc.status(ids[0])
+        self.assertEqual((root["status"], root["error"]["name"]), ("failed", "DeadlineExceeded"),
+                         root["error"])
+        self.assertEqual(set(self.statuses(ids[1:])), {"canceled"})
+        leaf = self.sc.status(ids[-1])
+        self.assertIn("its parent run %s was canceled" % ids[-2], leaf["error"]["message"])
+        self.sc.tick()  # nothing left due: a later tick is quiet too
+
+    def test_cancel_of_the_root_of_a_450_deep_chain_from_the_cli_cancels_all(self):
+        ids = self.chain(450)
+        code, out, err = self.cli("cancel", ids[0])
+        self.assertEqual(code, 0, err[-2000:])
+        self.assertEqual(set(self.statuses(ids)), {"canceled"})
+        self.assertEqual(self.sc.store.counters()[("canceled", "chain")], 451)
+
+    def test_cancel_of_a_root_with_2000_children_cancels_them_all(self):
+        root = self.sc.start("chain", {"n": 1}, drive=False)["id"]
+        waits = [wait_event("child:kid%d" % i, child_spec({"n": 0}), i) for i in range(2000)]
+        self.apply(self.claim_one(), waits + [SUSPENDED])
+        kids = self.children(root)
+        self.assertEqual(len(kids), 2000)
+        started = time.monotonic()
+        code, out, err = self.cli("cancel", root, "--json")
+        self.assertEqual(code, 0, err[-2000:])
+        self.assertLess(time.monotonic() - started, 30)
+        self.assertEqual(set(self.statuses([root] + kids)), {"canceled"})
+
+
+class ChildLimitsInTheStore(TreeCase):
+    def test_the_depth_limit_refuses_the_child_that_passes_it(self):
+        self.defaults["max_child_depth"] = 3
+        ids = self.chain(5, levels=4)  # levels 0-3 exist; level 3's child would be 4 deep
+        self.assertEqual(len(ids), 4)
+        self.assertEqual(self.sc.store.query_one("SELECT count(*) AS n FROM runs")["n"], 4)
+        st = self.sc.status(ids[-1])
+        self.assertEqual(st["status"], "waiting")
+        [wait] = [s for s in st["steps"] if s["name"] == "child:chain"]
+        self.assertEqual(wait["status"], "completed")
+        self.assertEqual(wait["output"]["error"]["name"], "ChildLimitExceeded")
+        self.assertIn("4 levels below its root run, over limits.max_child_depth (3)",
+                      wait["output"]["error"]["message"])
+
+    def test_the_children_limit_counts_unfinished_children(self):
+        self.defaults["max_children"] = 2
+        root = self.sc.start("chain", {"n": 1}, drive=False)["id"]
+        spec = child_spec({"n": 0})
+        waits = [wait_event("child:k%d" % i, spec, i) for i in range(3)]
+        self.apply(self.claim_one(), waits + [SUSPENDED])
+        steps = {s["name"]: s for s in self.sc.status(root)["steps"]}
+        self.assertEqual([steps["child:k%d" % i]["status"] for i in range(3)],
+                         ["waiting", "waiting", "completed"])
+        error = steps["child:k2"]["output"]["error"]
+        self.assertEqual(error["name"], "ChildLimitExceeded")
+        self.assertIn("already has 2 unfinished child runs, the limit (limits.max_children)",
+                      error["message"])
+        # One child ends: the next one may start.
+        first = self.sc.status(root)["children"][0]["id"]
+        self.sc.cancel(first)
+        self.apply(self.claim_one(root), [wait_event("child:k3", spec, 3), SUSPENDED])
+        self.assertEqual(len(self.sc.status(root)["children"]), 3)
+
+    def test_the_limits_are_read_and_checked_in_the_config(self):
+        self.write_config(extra="limits:\n  max_child_depth: 7\n  max_children: 9\n")
+        sc = tow.Sidecar(config_path=self.config_path)
+        self._sidecars.append(sc)
+        self.assertEqual((sc.defaults()["max_child_depth"], sc.defaults()["max_children"]), (7, 9))
+        for bad in ("max_child_depth: 0", "max_children: 0"):
+            with self.subTest(bad=bad):
+                self.write_config(extra="limits:\n  %s\n" % bad)
+                key = bad.split(":")[0]
+                with self.assertRaisesRegex(tow.ConfigError, "limits.%s must be from 1" % key):
+                    tow.Sidecar(config_path=self.config_path)
+        self.write_config(extra="")
+        sc = tow.Sidecar(config_path=self.config_path)
+        self._sidecars.append(sc)
+        defaults = sc.defaults()
+        self.assertEqual((defaults["max_child_depth"], defaults["max_children"]), (100, 1000))
+
+
+class NodeChildLimits(TempHome):
+    runtime = "node"
+    extra_config = "limits:\n  max_child_depth: 2\n"
+
+    def setUp(self):
+        if self.runtime == "node" and not HAVE_NODE:
+            self.skipTest("node is not installed")
+        super().setUp()
+        self.sc = self.sidecar()
+
+    def test_run_workflow_past_the_depth_limit_raises_a_catchable_error(self):
+        self.sc.deploy("recurse", RECURSE[self.runtime], runtime=self.runtime)
+        root = self.sc.start("recurse", {"depth": 0}, drive=False)["id"]
+        st = self.drive(self.sc, root)
+        self.assertEqual(st["status"], "completed", st)
+        out = st["output"]
+        self.assertEqual((out["name"], out["depth"]), ("ChildLimitExceeded", 2), out)
+        self.assertIn("limits.max_child_depth (2)", out["message"])
+        self.assertEqual(self.sc.store.query_one("SELECT count(*) AS n FROM runs")["n"], 3)
+
+    def test_an_uncaught_limit_error_fails_the_run_with_the_limit_named(self):
+        self.sc.deploy("uncaught", UNCAUGHT, runtime="python")
+        root = self.sc.start("uncaught", {}, drive=False)["id"]
+        st = self.drive(self.sc, root)
+        self.assertEqual(st["status"], "failed", st)  # its grandchild failed, so did each parent
+        deepest = self.sc.status(self.sc.status(st["children"][0]["id"])["children"][0]["id"])
+        self.assertEqual(deepest["status"], "failed")
+        self.assertIn("limits.max_child_depth", deepest["error"]["message"])
+
+
+class PythonChildLimits(NodeChildLimits):
+    runtime = "python"
+
+
+if __name__ == "__main__":
+    unittest.main()
