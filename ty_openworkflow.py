@@ -1231,6 +1231,16 @@ def _row_dict(cursor, row):
     return {d[0]: row[i] for i, d in enumerate(cursor.description)}
 
 
+def _is_outage(exc):
+    """Whether ``exc`` is the store failing (locked, full, I/O, unreadable), not one run's data
+    or a bug: an outage is waited out with backoff, the others are charged to the run."""
+    if isinstance(exc, StoreError) and exc.orig is not None:
+        exc = exc.orig
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)):
+        return False
+    return isinstance(exc, (sqlite3.Error, StoreError))
+
+
 class Store:
     """The durable backend: workflows, versions, runs, steps, events, logs."""
 
@@ -1341,6 +1351,21 @@ class Store:
                         with contextlib.suppress(sqlite3.Error):
                             conn.execute("ROLLBACK")
                     raise self._wrap(exc)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _savepoint(c):
+        """If the block raises, undo what it wrote and nothing else: the transaction goes on."""
+        c.execute("SAVEPOINT one_run")
+        try:
+            yield
+        except BaseException:
+            if c.in_transaction:  # SQLite may have rolled it all back by itself (a full disk)
+                with contextlib.suppress(sqlite3.Error):
+                    c.execute("ROLLBACK TO one_run")
+                    c.execute("RELEASE one_run")
+            raise
+        c.execute("RELEASE one_run")
 
     def _begin(self, conn):
         """BEGIN IMMEDIATE, waiting for another process's write lock in steps of 0.1 ms and up rather
@@ -1856,19 +1881,34 @@ class Store:
                 log.warning("schedule %s: %s; paused", row["name"], exc)
                 self.pause_schedule(row["name"], True, now)
                 continue
-            with self.transaction() as c:
-                if not c.execute("SELECT 1 FROM schedules WHERE name = ? AND paused = 0 AND next_fire_at = ?",
-                                 (row["name"], row["next_fire_at"])).fetchone():
-                    continue  # another scheduler fired it, or it was paused or removed
-                last = None
-                for fire in fires:
-                    run_id = start_run(c, row, fire)
-                    if run_id:
-                        started.append(run_id)
-                        last = run_id
-                c.execute("UPDATE schedules SET next_fire_at = ?, last_fire_at = COALESCE(?, last_fire_at), "
-                          "last_run_id = COALESCE(?, last_run_id), updated_at = ? WHERE name = ?",
-                          (upcoming, fires[-1] if fires else None, last, now, row["name"]))
+            try:
+                started += self._fire(row, fires, upcoming, now, start_run)
+            except Exception as exc:
+                if _is_outage(exc):
+                    raise
+                # That schedule's problem: it is paused (and says why), the others fire on.
+                log.error("schedule %s: firing it failed; paused (`schedule resume %s` once "
+                          "fixed)", row["name"], row["name"], exc_info=exc)
+                self.pause_schedule(row["name"], True, now)
+        return started
+
+    def _fire(self, row, fires, upcoming, now, start_run):
+        """Start one schedule's due fires and move it on, in one transaction; the new run ids."""
+        started = []
+        with self.transaction() as c:
+            if not c.execute("SELECT 1 FROM schedules WHERE name = ? AND paused = 0 AND "
+                             "next_fire_at = ?", (row["name"], row["next_fire_at"])).fetchone():
+                return started  # another scheduler fired it, or it was paused or removed
+            last = None
+            for fire in fires:
+                run_id = start_run(c, row, fire)
+                if run_id:
+                    started.append(run_id)
+                    last = run_id
+            c.execute("UPDATE schedules SET next_fire_at = ?, last_fire_at = COALESCE(?, "
+                      "last_fire_at), last_run_id = COALESCE(?, last_run_id), updated_at = ? "
+                      "WHERE name = ?",
+                      (upcoming, fires[-1] if fires else None, last, now, row["name"]))
         return started
 
     # -- scheduling -----------------------------------------------------------
@@ -1892,44 +1932,59 @@ class Store:
                     continue
                 if status == "running" and holder != owner and holders.get(holder) is True:
                     continue  # alive on this host: its lease only looks expired (a stall, a clock jump)
-                run = self._one(c, SQL_RUN, (run_id,))
-                run["lost_pass_id"] = None
-                run["was"] = status  # for the wake-lateness metric
-                if status == "running":
-                    run["lost_pass_id"] = run["pass_id"]
-                    self._journal(c, run_id, run["pass_id"], "lease_expired",
-                                  {"owner": run["lease_owner"], "message": "its scheduler stopped; replaying"}, now)
-                    self._last_pass(c, run_id, run["passes"], "lost: its scheduler stopped", now)
-                    # A pass that keeps taking its scheduler down must not be replayed forever.
-                    lost = run["pass_failures"] + 1
-                    c.execute("UPDATE runs SET pass_failures = ? WHERE id = ?", (lost, run_id))
-                    if lost >= PASS_RETRY["max_attempts"]:
-                        self._finish(c, run_id, run["pass_id"], "failed", now, error={
-                            "message": "the run's pass was lost %d times in a row (its scheduler stopped each time)"
-                                       % lost, "name": "PassLost", "stack": None})
-                        continue
-                if run["deadline_at"] is not None and now >= run["deadline_at"]:
-                    self._finish(c, run_id, run["pass_id"], "failed", now, error={
-                        "message": "the run passed its deadline (%s)" % format_time(run["deadline_at"]),
-                        "name": "DeadlineExceeded", "stack": None})
+                try:
+                    with self._savepoint(c):
+                        run = self._claim_one(c, run_id, status, owner, now, lease_ms)
+                except Exception as exc:
+                    if _is_outage(exc):
+                        raise
+                    self._set_aside(c, run_id, now, exc)
                     continue
-                if status == "waiting":
-                    self._timed_out_waits(c, run_id, now)
-                pass_id = new_id("pass")
-                c.execute("UPDATE runs SET status = 'running', pass_id = ?, lease_owner = ?, lease_expires_at = ?, "
-                          "passes = passes + 1, started_at = COALESCE(started_at, ?), updated_at = ?, "
-                          "wake_pending = 0 WHERE id = ?",
-                          (pass_id, owner, now + lease_ms, now, now, run_id))
-                run.update(status="running", pass_id=pass_id, lease_owner=owner, passes=run["passes"] + 1)
-                if run["passes"] == 1 and run["task_requested"]:
-                    self._enqueue(c, run_id, "processing", None, now)
-                self._journal(c, run_id, pass_id, "pass_started", {"pass": run["passes"], "owner": owner}, now)
-                claimed.append(run)
+                if run is not None:
+                    claimed.append(run)
             for sid in dead:  # a dead scheduler's row goes once nothing it held is left
                 if not c.execute("SELECT 1 FROM runs WHERE lease_owner = ? AND status = 'running' LIMIT 1",
                                  (sid,)).fetchone():
                     c.execute("DELETE FROM schedulers WHERE id = ?", (sid,))
         return claimed
+
+    def _claim_one(self, c, run_id, status, owner, now, lease_ms):
+        """Claim one due run (None: it ended instead: a deadline, a pass lost too often)."""
+        run = self._one(c, SQL_RUN, (run_id,))
+        run["lost_pass_id"] = None
+        run["was"] = status  # for the wake-lateness metric
+        if status == "running":
+            run["lost_pass_id"] = run["pass_id"]
+            self._journal(c, run_id, run["pass_id"], "lease_expired", {
+                "owner": run["lease_owner"], "message": "its scheduler stopped; replaying"}, now)
+            self._last_pass(c, run_id, run["passes"], "lost: its scheduler stopped", now)
+            # A pass that keeps taking its scheduler down must not be replayed forever.
+            lost = run["pass_failures"] + 1
+            c.execute("UPDATE runs SET pass_failures = ? WHERE id = ?", (lost, run_id))
+            if lost >= PASS_RETRY["max_attempts"]:
+                self._finish(c, run_id, run["pass_id"], "failed", now, error={
+                    "message": "the run's pass was lost %d times in a row (its scheduler stopped "
+                               "each time)" % lost, "name": "PassLost", "stack": None})
+                return None
+        if run["deadline_at"] is not None and now >= run["deadline_at"]:
+            self._finish(c, run_id, run["pass_id"], "failed", now, error={
+                "message": "the run passed its deadline (%s)" % format_time(run["deadline_at"]),
+                "name": "DeadlineExceeded", "stack": None})
+            return None
+        if status == "waiting":
+            self._timed_out_waits(c, run_id, now)
+        pass_id = new_id("pass")
+        c.execute("UPDATE runs SET status = 'running', pass_id = ?, lease_owner = ?, "
+                  "lease_expires_at = ?, passes = passes + 1, "
+                  "started_at = COALESCE(started_at, ?), updated_at = ?, wake_pending = 0 "
+                  "WHERE id = ?",
+                  (pass_id, owner, now + lease_ms, now, now, run_id))
+        run.update(status="running", pass_id=pass_id, lease_owner=owner, passes=run["passes"] + 1)
+        if run["passes"] == 1 and run["task_requested"]:
+            self._enqueue(c, run_id, "processing", None, now)
+        self._journal(c, run_id, pass_id, "pass_started", {"pass": run["passes"], "owner": owner},
+                      now)
+        return run
 
     def _holders(self, c):
         """Schedulers of this host: id -> True (alive), False (proven dead); others are not listed.
@@ -2499,8 +2554,64 @@ class Store:
             row = c.execute("SELECT status, pass_id FROM runs WHERE id = ?", (run_id,)).fetchone()
             if row is None or row[0] in TERMINAL or (pass_id and row[1] != pass_id):
                 return False
-            self._finish(c, run_id, pass_id, "failed", now, error=error)
+            self._fail_guarded(c, run_id, pass_id, now, error)
             return True
+
+    def _fail_guarded(self, c, run_id, pass_id, now, error):
+        """Fail the run with its tree; if even that raises (a bug, data it cannot read), fail
+        the run alone, so that it at least ends."""
+        try:
+            with self._savepoint(c):
+                self._finish(c, run_id, pass_id, "failed", now, error=error)
+            return
+        except Exception as exc:
+            if _is_outage(exc):
+                raise
+            log.exception("run %s: ending it failed; it is failed on its own", run_id)
+            error = dict(error, message="%s (ending its tree failed too, %s: %s; its children and "
+                                        "parent were not told)" % (error["message"],
+                                                                    type(exc).__name__, exc))
+        c.execute("UPDATE runs SET status = 'failed', error = ?, pass_id = NULL, "
+                  "lease_owner = NULL, lease_expires_at = NULL, available_at = NULL, "
+                  "wake_at = NULL, finished_at = ?, updated_at = ? WHERE id = ?",
+                  (dumps(error), now, now, run_id))
+        self._interrupt_steps(c, run_id)
+        self._journal(c, run_id, pass_id, "failed", {"error": error}, now)
+        wf = c.execute("SELECT workflow_id FROM runs WHERE id = ?", (run_id,)).fetchone()
+        self._count(c, "failed", wf[0])
+
+    def _set_aside(self, c, run_id, now, exc):
+        """Handling the run raised unexpectedly (a bug, data the code cannot read): it is tried
+        again after a backoff, and failed with the error after PASS_RETRY tries in a row. One run
+        can neither stop a scheduler nor keep it busy."""
+        log.error("run %s: the scheduler failed while handling it", run_id, exc_info=exc)
+        row = c.execute("SELECT status, pass_id, pass_failures, passes FROM runs WHERE id = ?",
+                        (run_id,)).fetchone()
+        if row is None or row[0] in TERMINAL:
+            return
+        what = "%s: %s" % (type(exc).__name__, str(exc)[:500])
+        failures = row[2] + 1
+        if failures >= PASS_RETRY["max_attempts"]:
+            self._fail_guarded(c, run_id, row[1], now, {
+                "message": "the scheduler failed %d times in a row while handling this run (%s); "
+                           "this is a bug in ty-openworkflow or data it cannot read: report it, "
+                           "and `retry` the run once it is fixed" % (failures, what),
+                "name": "SidecarError", "stack": None})
+            return
+        due = now + backoff_ms(PASS_RETRY, failures)
+        c.execute("UPDATE runs SET status = CASE status WHEN 'running' THEN 'pending' ELSE "
+                  "status END, pass_failures = ?, available_at = ?, pass_id = NULL, "
+                  "lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ?",
+                  (failures, due, now, run_id))
+        self._interrupt_steps(c, run_id)
+        self._journal(c, run_id, row[1], "set_aside", {"error": what, "retry_at": due}, now)
+        self._last_pass(c, run_id, row[3], "the scheduler failed while handling the run (%s); "
+                        "tried again at %s" % (what, format_time(due)), now)
+
+    @staticmethod
+    def _interrupt_steps(c, run_id):
+        c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND "
+                  "status = 'running'", (run_id,))
 
     # -- schedulers -----------------------------------------------------------
 
@@ -4600,7 +4711,7 @@ ADAPTERS = {"exec": ExecAdapter, "docker": DockerAdapter, "cloudflare": Cloudfla
 
 class _ActivePass:
     __slots__ = ("run_id", "pass_id", "passes", "deadline_at", "execution", "thread", "release", "lease_until",
-                 "lease_lost", "paused")
+                 "lease_lost", "paused", "check_failed")
 
     def __init__(self, run, lease_until):
         self.run_id, self.pass_id, self.deadline_at = run["id"], run["pass_id"], run["deadline_at"]
@@ -4611,6 +4722,7 @@ class _ActivePass:
         self.lease_until = lease_until  # lease_clock() by which our lease must have been renewed
         self.lease_lost = False  # another scheduler holds the run now
         self.paused = False  # frozen while the lease is in doubt
+        self.check_failed = False  # _check_active raised on it: stopped, and not checked again
 
 
 class Scheduler:
@@ -4694,9 +4806,9 @@ class Scheduler:
     def loop(self):
         """Run until stopped (serve), idle past the linger time (runner), or nothing is due now (tick).
 
-        A store error (a lock held elsewhere past the busy timeout, a full disk)
-        never ends the loop: it is logged and the loop tries again with backoff
-        (``tick`` gives up after STORE_PATIENCE_S and raises).
+        A store error (a lock held elsewhere past the busy timeout, a full disk), or
+        any other error of a round, never ends the loop: it is logged and the loop
+        tries again with backoff (``tick`` gives up after STORE_PATIENCE_S and raises).
         """
         self.bridge_wake = threading.Event()
         threads = [threading.Thread(target=self._heartbeat_loop, name="tyow-heartbeat", daemon=True),
@@ -4716,13 +4828,17 @@ class Scheduler:
                         registered = True
                     outcome = self._step()
                     failing_since, backoff_s = None, 0.0
-                except StoreError as exc:
+                except Exception as exc:
                     now_s = time.monotonic()
                     failing_since = failing_since or now_s
                     if self.kind == "tick" and now_s - failing_since > STORE_PATIENCE_S:
                         raise
                     backoff_s = min(STORE_BACKOFF_MAX_S, max(0.1, backoff_s * 2))
-                    log.warning("the store is not available (%s); trying again in %.1fs", exc, backoff_s)
+                    if isinstance(exc, StoreError):
+                        log.warning("the store is not available (%s); trying again in %.1fs", exc,
+                                    backoff_s)
+                    else:  # a bug: said in full, and the loop goes on (a run's own is set aside)
+                        log.exception("a scheduler round failed; trying again in %.1fs", backoff_s)
                     self._wait(backoff_s)
                     continue
                 if outcome == "exit":
@@ -5050,14 +5166,25 @@ class Scheduler:
             active = list(self.active.values())
         now = self.clock()
         for ap in active:
-            if ap.execution is None:
+            if ap.execution is None or ap.check_failed:
                 continue
-            if ap.deadline_at is not None and now >= ap.deadline_at:
-                self.store.fail_run(ap.run_id, ap.pass_id, now, {
-                    "message": "the run passed its deadline (%s)" % format_time(ap.deadline_at),
-                    "name": "DeadlineExceeded", "stack": None})
-            if not self.store.pass_is_current(ap.run_id, ap.pass_id):
-                ap.execution.cancel()
+            try:
+                if ap.deadline_at is not None and now >= ap.deadline_at:
+                    self.store.fail_run(ap.run_id, ap.pass_id, now, {
+                        "message": "the run passed its deadline (%s)"
+                                   % format_time(ap.deadline_at),
+                        "name": "DeadlineExceeded", "stack": None})
+                if not self.store.pass_is_current(ap.run_id, ap.pass_id):
+                    ap.execution.cancel()
+            except Exception as exc:
+                if _is_outage(exc):
+                    raise
+                # That run's problem, not the scheduler's: its pass stops and ends as a failed
+                # attempt (claiming it again sets it aside if it keeps failing).
+                log.exception("run %s: checking its pass failed; the pass is stopped", ap.run_id)
+                ap.check_failed = True
+                with contextlib.suppress(Exception):
+                    ap.execution.cancel()
 
     def _heartbeat_loop(self):
         # Runs until the loop has fully ended: leases of passes finishing in the

@@ -4,10 +4,12 @@ Deep and wide trees of child runs are built through the store (a claim, then the
 pass would send), so a 450-deep chain takes a second, not 900 passes; the limits tests run
 real passes in both runtimes.
 """
+import threading
 import time
 import unittest
+from unittest import mock
 
-from tests.util import HAVE_NODE, TempHome, tow
+from tests.util import HAVE_NODE, TempHome, tow, wait_for
 
 # A workflow that starts itself as a child until ``n`` reaches 0 (the leaf waits for a signal).
 CHAIN = """
@@ -39,7 +41,12 @@ def workflow(input, ctx):
 """,
 }
 UNCAUGHT = "def workflow(input, ctx):\n    return ctx.run_workflow('uncaught', {})\n"
-LONG_KID = "def workflow(input, ctx):\n    return ctx.wait_for_signal('never')\n"
+GO = "def workflow(input, ctx):\n    return ctx.wait_for_signal('go')\n"
+SLOW = """
+import time
+def workflow(input, ctx):
+    return ctx.step("slow", lambda: time.sleep(3) or 1)
+"""
 
 
 def wait_event(key, spec, call=0):
@@ -182,6 +189,108 @@ class ChildLimitsInTheStore(TreeCase):
         self._sidecars.append(sc)
         defaults = sc.defaults()
         self.assertEqual((defaults["max_child_depth"], defaults["max_children"]), (100, 1000))
+
+
+def raising_for(run_id, real):
+    """``real`` (a Store method), raising RuntimeError when called for ``run_id``."""
+    def method(store, c, rid, *args, **kwargs):
+        if rid == run_id:
+            raise RuntimeError("injected for %s" % rid)
+        return real(store, c, rid, *args, **kwargs)
+    return method
+
+
+class OneRunCannotStopTheScheduler(TempHome):
+    """An unexpected error while handling one run is that run's, never the scheduler's end."""
+
+    def setUp(self):
+        super().setUp()
+        self.sc = self.sidecar()
+        self.sc.deploy("go", GO, runtime="python")
+
+    def two_woken_runs(self):
+        bad, good = (self.sc.start("go", {}, drive=False)["id"] for _ in range(2))
+        self.sc.tick()
+        for run_id in (bad, good):
+            self.sc.signal(run_id, "go", run_id)
+        return bad, good
+
+    def test_a_run_whose_claim_raises_is_set_aside_then_failed_and_others_go_on(self):
+        bad, good = self.two_woken_runs()
+        broken = raising_for(bad, tow.Store._timed_out_waits)
+        with mock.patch.object(tow.Store, "_timed_out_waits", broken):
+            self.sc.tick()  # raised RuntimeError: the loop only caught StoreError
+            self.assertEqual(self.sc.status(good)["status"], "completed")
+            st = self.sc.status(bad)
+            self.assertEqual(st["status"], "waiting")
+            self.assertGreater(self.sc.store.get_run(bad)["available_at"], self.clock(),
+                               "set aside with a backoff, not tried again at once")
+            self.assertIn("RuntimeError: injected", st["last_pass"]["reason"])
+            for _ in range(10):
+                self.clock.advance(61000)
+                self.sc.tick()
+        st = self.sc.status(bad)
+        self.assertEqual((st["status"], st["error"]["name"]), ("failed", "SidecarError"), st)
+        self.assertIn("failed 5 times in a row while handling this run (RuntimeError: injected",
+                      st["error"]["message"])
+        sets = [e for e in self.sc.events(bad) if e["type"] == "set_aside"]
+        self.assertEqual(len(sets), 4)
+
+    def test_serve_keeps_running_while_one_run_keeps_failing(self):
+        bad, good = self.two_woken_runs()
+        sched = self.sc.scheduler("serve")
+        broken = raising_for(bad, tow.Store._timed_out_waits)
+        with mock.patch.object(tow.Store, "_timed_out_waits", broken):
+            thread = threading.Thread(target=sched.loop, daemon=True)
+            thread.start()
+            try:
+                wait_for(lambda: self.sc.status(good)["status"] == "completed",
+                         what="the good run")
+                wait_for(lambda: any(e["type"] == "set_aside" for e in self.sc.events(bad)),
+                         what="the bad run set aside")
+                time.sleep(0.5)
+                self.assertTrue(thread.is_alive(), "serve ended")
+            finally:
+                sched.stop(hurry=True)
+                thread.join(30)
+        self.assertFalse(thread.is_alive())
+
+    def test_an_error_in_a_round_is_logged_and_the_loop_goes_on(self):
+        run_id = self.sc.start("go", {}, drive=False)["id"]
+        real, calls = tow.Sidecar.fire_schedules, []
+
+        def fire_once_broken(sidecar):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("injected into a round")
+            return real(sidecar)
+        with mock.patch.object(tow.Sidecar, "fire_schedules", fire_once_broken):
+            with self.assertLogs("ty_openworkflow", "ERROR") as logs:
+                self.sc.tick()
+        self.assertIn("injected into a round", "\n".join(logs.output))
+        self.assertEqual(self.sc.status(run_id)["status"], "waiting")
+
+    def test_a_deadline_check_that_raises_stops_that_pass_only(self):
+        self.sc.deploy("slow", SLOW, runtime="python")
+        run_id = self.sc.start("slow", {}, deadline="1s", drive=False)["id"]
+
+        def broken(store, rid, pass_id, now, error):
+            raise RuntimeError("injected into the deadline check")
+        with mock.patch.object(tow.Store, "fail_run", broken):
+            self.sc.tick()  # raised RuntimeError out of Scheduler._check_active
+        st = self.drive(self.sc, run_id)
+        self.assertEqual((st["status"], st["error"]["name"]), ("failed", "DeadlineExceeded"), st)
+
+    def test_a_run_whose_cascade_raises_is_failed_on_its_own(self):
+        run_id = self.sc.start("go", {}, drive=False)["id"]
+        self.sc.tick()  # waiting: it is failed outside a pass, as a deadline would
+        broken = raising_for(run_id, tow.Store._after_finish)
+        with mock.patch.object(tow.Store, "_after_finish", broken):
+            self.assertTrue(self.sc.store.fail_run(run_id, None, self.clock(), {
+                "message": "stop", "name": "Test", "stack": None}))
+        st = self.sc.status(run_id)
+        self.assertEqual(st["status"], "failed")
+        self.assertIn("stop (ending its tree failed too, RuntimeError", st["error"]["message"])
 
 
 class NodeChildLimits(TempHome):
