@@ -90,6 +90,9 @@ WORKER_CANCEL_GRACE_S = 1.0
 # the run: a new pass would cost more than the wait itself.
 INLINE_SLEEP_MS = 1000
 MAX_STEP_NAME_LEN = 200
+# TaskYou approvals: at most this many `ty show` calls per polling round, the waits looked at
+# longest ago first, so every wait gets its turn however many there are.
+APPROVAL_POLL_BATCH = 100
 # Child runs: how deep a tree of them may grow below its root, and how many one run may have
 # unfinished at once (limits.max_child_depth, limits.max_children; Temporal's pending-children
 # limit is 2,000). They bound what a cancel or a deadline walks over, and stop runaway recursion.
@@ -1194,6 +1197,14 @@ MIGRATIONS = [
         "CREATE TABLE adapter_state (adapter TEXT NOT NULL, key TEXT NOT NULL, value TEXT, "
         "PRIMARY KEY (adapter, key))",
     ],
+    [  # 10: when each open TaskYou approval wait was last looked at, so all are polled in turn
+        "ALTER TABLE steps ADD COLUMN polled_at INTEGER",
+        "UPDATE steps SET polled_at = 0 WHERE kind = 'wait' AND status = 'waiting' "
+        "AND wait LIKE '%\"kind\":\"task\"%' AND wait LIKE '%\"task\\_id\":%' ESCAPE '\\' "
+        "AND run_id IN (SELECT id FROM runs "
+        "WHERE status NOT IN ('completed', 'failed', 'canceled'))",
+        "CREATE INDEX steps_polls ON steps(polled_at) WHERE polled_at IS NOT NULL",
+    ],
 ]
 
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
@@ -1216,12 +1227,21 @@ SQL_WORKFLOWS = ("SELECT w.id, w.name, w.description, w.latest_version, w.create
                  "(SELECT count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs "
                  "FROM workflows w JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version")
 SQL_RUN = "SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS
+# TaskYou approval waits to look at: steps.polled_at is set only on open waits with a task.
+SQL_APPROVALS_DUE = ("SELECT s.run_id, s.key, s.wait FROM steps s JOIN runs r ON r.id = s.run_id "
+                     "WHERE s.polled_at IS NOT NULL AND s.polled_at <= ? AND s.status = 'waiting' "
+                     "AND r.status NOT IN ('completed', 'failed', 'canceled') "
+                     "ORDER BY s.polled_at LIMIT ?")
 # How many ancestors a run has (its depth below its root), counted up to the second parameter.
 SQL_RUN_DEPTH = ("WITH RECURSIVE up(id, n) AS (SELECT ?, 0 UNION ALL "
                  "SELECT r.parent_run_id, up.n + 1 FROM runs r JOIN up ON r.id = up.id "
                  "WHERE r.parent_run_id IS NOT NULL AND up.n < ?) SELECT max(n) FROM up")
 SQL_OPEN_CHILDREN = ("SELECT id, pass_id FROM runs WHERE parent_run_id = ? "
                      "AND status NOT IN ('completed', 'failed', 'canceled')")
+
+SQL_POLL_AGAIN = ("UPDATE steps SET polled_at = 0 WHERE run_id = ? AND kind = 'wait' AND "
+                  "status = 'waiting' AND wait LIKE '%\"kind\":\"task\"%' AND "
+                  "wait LIKE '%\"task\\_id\":%' ESCAPE '\\'")
 
 # Outcomes of applying one event.
 APPLIED, IGNORED, ENDED = "applied", "ignored", "ended"
@@ -1744,6 +1764,7 @@ class Store:
                     c.execute("DELETE FROM steps WHERE run_id = ? AND key = ?", (run_id, key))
             c.execute("UPDATE steps SET status = 'sleeping' WHERE run_id = ? AND kind = 'sleep' AND "
                       "status != 'completed'", (run_id,))
+            c.execute(SQL_POLL_AGAIN, (run_id,))  # its approvals are polled again, first in line
             c.execute("UPDATE runs SET status = 'pending', version = ?, output = NULL, error = NULL, finished_at = NULL, "
                       "available_at = ?, wake_at = NULL, deadline_at = NULL, pass_failures = 0, step_attempts = 0, "
                       "retries = retries + 1, step_count = (SELECT count(*) FROM steps WHERE run_id = ?), "
@@ -2314,7 +2335,8 @@ class Store:
 
     def _resolve_wait(self, c, run_id, key, outcome, now):
         """Commit how a wait ended and wake its run; False if it had ended already."""
-        n = c.execute("UPDATE steps SET status = 'completed', output = ?, completed_at = ?, done_seq = "
+        n = c.execute("UPDATE steps SET status = 'completed', output = ?, completed_at = ?, "
+                      "polled_at = NULL, done_seq = "
                       "(SELECT done_count + 1 FROM runs WHERE id = ?) WHERE run_id = ? AND key = ? AND kind = 'wait' "
                       "AND status = 'waiting'", (dumps(outcome), now, run_id, run_id, key)).rowcount
         if not n:
@@ -2355,6 +2377,8 @@ class Store:
 
     def _after_finish(self, c, run_id, status, now):
         """A finished run: its parent's wait resolves, its approvals end."""
+        c.execute("UPDATE steps SET polled_at = NULL WHERE run_id = ? AND polled_at IS NOT NULL",
+                  (run_id,))
         row = c.execute("SELECT r.parent_run_id, r.parent_wait_key, r.output, r.error, p.status FROM runs r "
                         "LEFT JOIN runs p ON p.id = r.parent_run_id WHERE r.id = ?", (run_id,)).fetchone()
         if row and row[0] and row[4] not in TERMINAL:  # a finished parent keeps its wait open (retry makes anew)
@@ -2406,13 +2430,18 @@ class Store:
         return sig_id, wait, True
 
     def set_wait_task(self, run_id, key, task_id, now):
-        """Keep the TaskYou task a wait watches (and when it was last looked at)."""
+        """Keep the TaskYou task a wait watches (and when it was last looked at: its turn to be
+        polled comes again after every other open wait's)."""
         with self.transaction() as c:
-            row = c.execute("SELECT wait FROM steps WHERE run_id = ? AND key = ? AND kind = 'wait'",
+            row = c.execute("SELECT s.wait, s.status = 'waiting' AND r.status NOT IN "
+                            "('completed', 'failed', 'canceled') FROM steps s "
+                            "JOIN runs r ON r.id = s.run_id "
+                            "WHERE s.run_id = ? AND s.key = ? AND s.kind = 'wait'",
                             (run_id, key)).fetchone()
             if row:
                 spec = dict(loads_or_none(row[0]) or {}, task_id=task_id, polled_at=now)
-                c.execute("UPDATE steps SET wait = ? WHERE run_id = ? AND key = ?", (dumps(spec), run_id, key))
+                c.execute("UPDATE steps SET wait = ?, polled_at = ? WHERE run_id = ? AND key = ?",
+                          (dumps(spec), now if row[1] else None, run_id, key))
 
     def wait_open(self, run_id, key):
         """Whether the run still waits on ``key``."""
@@ -2424,14 +2453,13 @@ class Store:
         row = self.query_one("SELECT wait FROM steps WHERE run_id = ? AND key = ?", (run_id, key))
         return (loads_or_none(row["wait"]) or {}).get("task_id") if row else None
 
-    def approvals_due(self, now, every_ms):
-        """(run id, key, wait) of task waits with a task whose last look is older than ``every_ms``."""
+    def approvals_due(self, now, every_ms, limit=APPROVAL_POLL_BATCH):
+        """(run id, key, wait) of up to ``limit`` open task waits whose last look is older than
+        ``every_ms``, the longest unlooked-at first: however many there are, each gets its turn."""
         out = []
-        for r in self.query("SELECT s.run_id, s.key, s.wait FROM steps s JOIN runs r ON r.id = s.run_id WHERE "
-                            "s.kind = 'wait' AND s.status = 'waiting' AND r.status NOT IN ('completed', 'failed', "
-                            "'canceled') AND s.wait LIKE '%\"kind\":\"task\"%' LIMIT 200"):
+        for r in self.query(SQL_APPROVALS_DUE, (now - every_ms, limit)):
             spec = loads_or_none(r["wait"]) or {}
-            if spec.get("task_id") is not None and now - (spec.get("polled_at") or 0) >= every_ms:
+            if spec.get("task_id") is not None:
                 out.append((r["run_id"], r["key"], spec))
         return out
 

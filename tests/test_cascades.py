@@ -9,6 +9,8 @@ import time
 import unittest
 from unittest import mock
 
+from tests import fake_ty
+from tests.test_bridge import BridgeCase
 from tests.util import HAVE_NODE, TempHome, tow, wait_for
 
 # A workflow that starts itself as a child until ``n`` reaches 0 (the leaf waits for a signal).
@@ -326,6 +328,101 @@ class NodeChildLimits(TempHome):
 class PythonChildLimits(NodeChildLimits):
     runtime = "python"
 
+
+class EveryApprovalIsPolled(BridgeCase):
+    """More open approval waits than one round polls: each is looked at in turn."""
+
+    waits = 230
+    approved = 5
+
+    def setUp(self):
+        super().setUp()
+        self.sc = self.sidecar()
+        code = "def workflow(input, ctx):\n    return ctx.wait_for_task('ok?')\n"
+        self.sc.deploy("approve", code, runtime="python")
+
+    def waiting_runs(self):
+        """``waits`` runs waiting on a task each (made in the fake at once, not by the bridge)."""
+        runs = [self.sc.start("approve", {}, drive=False)["id"] for _ in range(self.waits)]
+        claimed = self.sc.store.claim_due("t", self.clock(), self.waits, 60000)
+        claimed = {r["id"]: r for r in claimed}
+        with fake_ty.locked_state(self.state) as state:
+            for i, run_id in enumerate(runs):
+                run = claimed[run_id]
+                ev = {"type": "wait", "step": "task:ok?", "wait": {"kind": "task", "title": "ok?"},
+                      "timeout_at": None, "call": 0}
+                suspended = {"type": "suspended", "waiting": True, "wake_at": None}
+                self.sc.store.apply_events(run_id, run["pass_id"], [ev, suspended], self.clock(),
+                                           self.sc.defaults())
+                code, out, _ = fake_ty.run(["create", "--json", "--", "ok? %d" % i], state)
+                self.assertEqual(code, 0)
+                self.sc.store.set_wait_task(run_id, "task:ok?", fake_ty.json.loads(out)["id"],
+                                            self.clock())
+        return runs
+
+    def approve(self, runs):
+        tasks = {self.sc.store.wait_task(run_id, "task:ok?"): run_id for run_id in runs}
+        with fake_ty.locked_state(self.state) as state:
+            for t in state["tasks"]:
+                if t["id"] in tasks:
+                    t["status"] = "done"
+
+    def test_approvals_past_the_first_200_waits_are_polled_in_a_bounded_number_of_rounds(self):
+        runs = self.waiting_runs()
+        last = runs[-self.approved:]
+        self.approve(last)
+        shows = []
+        self.clock.advance(self.sc.config["poll_interval"])
+        for _ in range(4):  # rounds a few seconds apart: 3 of 100 reach all 230
+            before = len(self.calls())
+            self.clock.advance(5000)
+            self.sc.bridge.poll_approvals()
+            shows.append(len(self.calls()) - before)
+            if not any(self.sc.status(r)["waiting_for"] for r in last):
+                break
+        for run_id in last:
+            st = self.sc.status(run_id)
+            self.assertEqual(st["waiting_for"], [], "approved task never polled (`ty` calls per "
+                             "round: %s)" % shows)
+            [wait] = [s for s in st["steps"] if s["name"] == "task:ok?"]
+            self.assertEqual(wait["output"]["value"]["approved"], True)
+        self.assertLessEqual(max(shows), tow.APPROVAL_POLL_BATCH)
+        self.assert_all_ok()
+
+    def test_a_wait_looked_at_is_last_in_line_and_a_finished_run_leaves_the_line(self):
+        self.waits = 3
+        runs = self.waiting_runs()
+        store, every = self.sc.store, self.sc.config["poll_interval"]
+        self.assertEqual(store.approvals_due(self.clock(), every), [])  # just looked at
+        self.clock.advance(every + 1000)
+        self.assertEqual(sorted(r for r, _, _ in store.approvals_due(self.clock(), every)),
+                         sorted(runs))
+        first = store.approvals_due(self.clock(), every, limit=2)
+        store.set_wait_task(first[0][0], "task:ok?", first[0][2]["task_id"], self.clock())
+        after = [r for r, _, _ in store.approvals_due(self.clock(), every, limit=1000)]
+        self.assertNotIn(first[0][0], after)
+        self.clock.advance(every + 1000)
+        after = [r for r, _, _ in store.approvals_due(self.clock(), every, limit=1000)]
+        self.assertEqual(after[-1], first[0][0], "the wait just looked at must come last")
+        self.sc.cancel(runs[1])
+        after = [r for r, _, _ in store.approvals_due(self.clock(), every, limit=1000)]
+        self.assertNotIn(runs[1], after)
+        left = store.query_one("SELECT count(*) AS n FROM steps WHERE polled_at IS NOT NULL "
+                               "AND run_id = ?", (runs[1],))
+        self.assertEqual(left["n"], 0)
+
+
+    def test_the_migration_puts_waits_stored_before_it_first_in_line(self):
+        self.waits = 2
+        runs = self.waiting_runs()
+        self.sc.cancel(runs[1])
+        added = "ALTER TABLE steps ADD COLUMN polled_at INTEGER"
+        [migration] = [m for m in tow.MIGRATIONS if added in m]
+        with self.sc.store.transaction() as c:
+            c.execute("UPDATE steps SET polled_at = NULL")  # as the column was added
+            c.execute(migration[1])
+        rows = self.sc.store.query("SELECT run_id, polled_at FROM steps ORDER BY run_id")
+        self.assertEqual({r["run_id"]: r["polled_at"] for r in rows}, {runs[0]: 0, runs[1]: None})
 
 if __name__ == "__main__":
     unittest.main()
