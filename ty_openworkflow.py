@@ -101,6 +101,14 @@ WORKER_CANCEL_GRACE_S = 1.0
 # the run: a new pass would cost more than the wait itself.
 INLINE_SLEEP_MS = 1000
 MAX_STEP_NAME_LEN = 200
+# TaskYou approvals: at most this many `ty show` calls per polling round, the waits looked at
+# longest ago first, so every wait gets its turn however many there are.
+APPROVAL_POLL_BATCH = 100
+# Child runs: how deep a tree of them may grow below its root, and how many one run may have
+# unfinished at once (limits.max_child_depth, limits.max_children; Temporal's pending-children
+# limit is 2,000). They bound what a cancel or a deadline walks over, and stop runaway recursion.
+CHILD_DEPTH_DEFAULT = 100
+CHILDREN_DEFAULT = 1000
 MAX_DURATION_MS = 100 * 365 * 86400000  # a century: longer is a typo
 MAX_EPOCH_MS = 1 << 53  # wake times beyond this are not times
 MAX_PASS_LOG_BYTES = 256 * 1024
@@ -620,6 +628,8 @@ CONFIG_SCHEMA = {
     "limits.max_step_attempts": ("int", 1000),
     "limits.max_steps": ("int", 10000),
     "limits.pass_memory": ("size", 1 << 30),
+    "limits.max_child_depth": ("int", CHILD_DEPTH_DEFAULT),
+    "limits.max_children": ("int", CHILDREN_DEFAULT),
     "retry.max_attempts": ("int", 10),
     "retry.initial_interval": ("duration", "1s"),
     "retry.backoff_coefficient": ("float", 2.0),
@@ -685,6 +695,7 @@ CONFIG_RANGES = {
     "dashboard.port": (0, 65535), "dashboard.max_connections": (1, 100000),
     "limits.max_step_attempts": (1, 10 ** 9), "limits.max_steps": (1, 10 ** 9), "retry.max_attempts": (1, 10000),
     "adapters.docker.pids_limit": (0, 10 ** 6),
+    "limits.max_child_depth": (1, 100000), "limits.max_children": (1, 10 ** 6),
     "adapters.cloudflare.cpu_ms": (0, 300000), "adapters.cloudflare.api_budget": (10, 1200),
 }
 _CONFIG_SECTIONS = {"adapters", "adapters.exec", "adapters.docker", "adapters.cloudflare",
@@ -1239,7 +1250,15 @@ MIGRATIONS = [
         "CREATE TABLE adapter_state (adapter TEXT NOT NULL, key TEXT NOT NULL, value TEXT, "
         "PRIMARY KEY (adapter, key))",
     ],
-    [  # 10: what makes a scheduler's pid meaningful, and an id that names this store
+    [  # 10: when each open TaskYou approval wait was last looked at, so all are polled in turn
+        "ALTER TABLE steps ADD COLUMN polled_at INTEGER",
+        "UPDATE steps SET polled_at = 0 WHERE kind = 'wait' AND status = 'waiting' "
+        "AND wait LIKE '%\"kind\":\"task\"%' AND wait LIKE '%\"task\\_id\":%' ESCAPE '\\' "
+        "AND run_id IN (SELECT id FROM runs "
+        "WHERE status NOT IN ('completed', 'failed', 'canceled'))",
+        "CREATE INDEX steps_polls ON steps(polled_at) WHERE polled_at IS NOT NULL",
+    ],
+    [  # 11: what makes a scheduler's pid meaningful, and an id that names this store
         "ALTER TABLE schedulers ADD COLUMN pid_ns TEXT",  # its PID namespace (NULL: unknown)
         # Marks the processes and containers of this store's passes: no other store has it.
         "CREATE TABLE store_identity (id TEXT NOT NULL)",
@@ -1267,6 +1286,21 @@ SQL_WORKFLOWS = ("SELECT w.id, w.name, w.description, w.latest_version, w.create
                  "(SELECT count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs "
                  "FROM workflows w JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version")
 SQL_RUN = "SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS
+# TaskYou approval waits to look at: steps.polled_at is set only on open waits with a task.
+SQL_APPROVALS_DUE = ("SELECT s.run_id, s.key, s.wait FROM steps s JOIN runs r ON r.id = s.run_id "
+                     "WHERE s.polled_at IS NOT NULL AND s.polled_at <= ? AND s.status = 'waiting' "
+                     "AND r.status NOT IN ('completed', 'failed', 'canceled') "
+                     "ORDER BY s.polled_at LIMIT ?")
+# How many ancestors a run has (its depth below its root), counted up to the second parameter.
+SQL_RUN_DEPTH = ("WITH RECURSIVE up(id, n) AS (SELECT ?, 0 UNION ALL "
+                 "SELECT r.parent_run_id, up.n + 1 FROM runs r JOIN up ON r.id = up.id "
+                 "WHERE r.parent_run_id IS NOT NULL AND up.n < ?) SELECT max(n) FROM up")
+SQL_OPEN_CHILDREN = ("SELECT id, pass_id FROM runs WHERE parent_run_id = ? "
+                     "AND status NOT IN ('completed', 'failed', 'canceled')")
+
+SQL_POLL_AGAIN = ("UPDATE steps SET polled_at = 0 WHERE run_id = ? AND kind = 'wait' AND "
+                  "status = 'waiting' AND wait LIKE '%\"kind\":\"task\"%' AND "
+                  "wait LIKE '%\"task\\_id\":%' ESCAPE '\\'")
 
 # Outcomes of applying one event.
 APPLIED, IGNORED, ENDED = "applied", "ignored", "ended"
@@ -1287,6 +1321,16 @@ def _file_version(path):
     """What changes whenever a file is written: (inode, size, modification time in ns)."""
     st = os.stat(path)
     return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _is_outage(exc):
+    """Whether ``exc`` is the store failing (locked, full, I/O, unreadable), not one run's data
+    or a bug: an outage is waited out with backoff, the others are charged to the run."""
+    if isinstance(exc, StoreError) and exc.orig is not None:
+        exc = exc.orig
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)):
+        return False
+    return isinstance(exc, (sqlite3.Error, StoreError))
 
 
 class Store:
@@ -1500,6 +1544,21 @@ class Store:
             finally:
                 os.close(folder)
             self._synced_inodes[path] = inode
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _savepoint(c):
+        """If the block raises, undo what it wrote and nothing else: the transaction goes on."""
+        c.execute("SAVEPOINT one_run")
+        try:
+            yield
+        except BaseException:
+            if c.in_transaction:  # SQLite may have rolled it all back by itself (a full disk)
+                with contextlib.suppress(sqlite3.Error):
+                    c.execute("ROLLBACK TO one_run")
+                    c.execute("RELEASE one_run")
+            raise
+        c.execute("RELEASE one_run")
 
     def _begin(self, conn):
         """BEGIN IMMEDIATE, waiting for another process's write lock in steps of 0.1 ms and up rather
@@ -1758,6 +1817,20 @@ class Store:
                   (run_id, pass_id, type_, None if data is None else dumps(data), now))
 
     def _finish(self, c, run_id, pass_id, status, now, output=None, error=None):
+        """End a run, then cancel its unfinished descendants: a loop over the tree, never a
+        recursion (a chain of child runs may be deeper than Python's stack)."""
+        self._end_run(c, run_id, pass_id, status, now, output, error)
+        ended = [(run_id, status)]
+        while ended:
+            parent, how = ended.pop()
+            for child, child_pass in c.execute(SQL_OPEN_CHILDREN, (parent,)).fetchall():
+                error = {"message": "its parent run %s was %s" % (parent, how), "name": "Canceled",
+                         "stack": None}
+                self._end_run(c, child, child_pass, "canceled", now, error=error)
+                ended.append((child, "canceled"))
+
+    def _end_run(self, c, run_id, pass_id, status, now, output=None, error=None):
+        """End one run (not its children): its task update, its parent's wait, its approvals."""
         c.execute("UPDATE runs SET status = ?, output = ?, error = ?, pass_id = NULL, lease_owner = NULL, "
                   "lease_expires_at = NULL, available_at = NULL, wake_at = NULL, finished_at = ?, updated_at = ? "
                   "WHERE id = ?", (status, None if output is None else dumps(output),
@@ -1868,6 +1941,7 @@ class Store:
                     c.execute("DELETE FROM steps WHERE run_id = ? AND key = ?", (run_id, key))
             c.execute("UPDATE steps SET status = 'sleeping' WHERE run_id = ? AND kind = 'sleep' AND "
                       "status != 'completed'", (run_id,))
+            c.execute(SQL_POLL_AGAIN, (run_id,))  # its approvals are polled again, first in line
             c.execute("UPDATE runs SET status = 'pending', version = ?, output = NULL, error = NULL, finished_at = NULL, "
                       "available_at = ?, wake_at = NULL, deadline_at = NULL, pass_failures = 0, step_attempts = 0, "
                       "retries = retries + 1, step_count = (SELECT count(*) FROM steps WHERE run_id = ?), "
@@ -2026,19 +2100,34 @@ class Store:
                 log.warning("schedule %s: %s; paused", row["name"], exc)
                 self.pause_schedule(row["name"], True, now)
                 continue
-            with self.transaction() as c:
-                if not c.execute("SELECT 1 FROM schedules WHERE name = ? AND paused = 0 AND next_fire_at = ?",
-                                 (row["name"], row["next_fire_at"])).fetchone():
-                    continue  # another scheduler fired it, or it was paused or removed
-                last = None
-                for fire in fires:
-                    run_id = start_run(c, row, fire)
-                    if run_id:
-                        started.append(run_id)
-                        last = run_id
-                c.execute("UPDATE schedules SET next_fire_at = ?, last_fire_at = COALESCE(?, last_fire_at), "
-                          "last_run_id = COALESCE(?, last_run_id), updated_at = ? WHERE name = ?",
-                          (upcoming, fires[-1] if fires else None, last, now, row["name"]))
+            try:
+                started += self._fire(row, fires, upcoming, now, start_run)
+            except Exception as exc:
+                if _is_outage(exc):
+                    raise
+                # That schedule's problem: it is paused (and says why), the others fire on.
+                log.error("schedule %s: firing it failed; paused (`schedule resume %s` once "
+                          "fixed)", row["name"], row["name"], exc_info=exc)
+                self.pause_schedule(row["name"], True, now)
+        return started
+
+    def _fire(self, row, fires, upcoming, now, start_run):
+        """Start one schedule's due fires and move it on, in one transaction; the new run ids."""
+        started = []
+        with self.transaction() as c:
+            if not c.execute("SELECT 1 FROM schedules WHERE name = ? AND paused = 0 AND "
+                             "next_fire_at = ?", (row["name"], row["next_fire_at"])).fetchone():
+                return started  # another scheduler fired it, or it was paused or removed
+            last = None
+            for fire in fires:
+                run_id = start_run(c, row, fire)
+                if run_id:
+                    started.append(run_id)
+                    last = run_id
+            c.execute("UPDATE schedules SET next_fire_at = ?, last_fire_at = COALESCE(?, "
+                      "last_fire_at), last_run_id = COALESCE(?, last_run_id), updated_at = ? "
+                      "WHERE name = ?",
+                      (upcoming, fires[-1] if fires else None, last, now, row["name"]))
         return started
 
     # -- scheduling -----------------------------------------------------------
@@ -2063,44 +2152,59 @@ class Store:
                     continue
                 if status == "running" and holder != owner and holders.get(holder) is True:
                     continue  # alive on this host: its lease only looks expired (a stall, a clock jump)
-                run = self._one(c, SQL_RUN, (run_id,))
-                run["lost_pass_id"] = None
-                run["was"] = status  # for the wake-lateness metric
-                if status == "running":
-                    run["lost_pass_id"] = run["pass_id"]
-                    self._journal(c, run_id, run["pass_id"], "lease_expired",
-                                  {"owner": run["lease_owner"], "message": "its scheduler stopped; replaying"}, now)
-                    self._last_pass(c, run_id, run["passes"], "lost: its scheduler stopped", now)
-                    # A pass that keeps taking its scheduler down must not be replayed forever.
-                    lost = run["pass_failures"] + 1
-                    c.execute("UPDATE runs SET pass_failures = ? WHERE id = ?", (lost, run_id))
-                    if lost >= PASS_RETRY["max_attempts"]:
-                        self._finish(c, run_id, run["pass_id"], "failed", now, error={
-                            "message": "the run's pass was lost %d times in a row (its scheduler stopped each time)"
-                                       % lost, "name": "PassLost", "stack": None})
-                        continue
-                if run["deadline_at"] is not None and now >= run["deadline_at"]:
-                    self._finish(c, run_id, run["pass_id"], "failed", now, error={
-                        "message": "the run passed its deadline (%s)" % format_time(run["deadline_at"]),
-                        "name": "DeadlineExceeded", "stack": None})
+                try:
+                    with self._savepoint(c):
+                        run = self._claim_one(c, run_id, status, owner, now, lease_ms)
+                except Exception as exc:
+                    if _is_outage(exc):
+                        raise
+                    self._set_aside(c, run_id, now, exc)
                     continue
-                if status == "waiting":
-                    self._timed_out_waits(c, run_id, now)
-                pass_id = new_id("pass")
-                c.execute("UPDATE runs SET status = 'running', pass_id = ?, lease_owner = ?, lease_expires_at = ?, "
-                          "passes = passes + 1, started_at = COALESCE(started_at, ?), updated_at = ?, "
-                          "wake_pending = 0 WHERE id = ?",
-                          (pass_id, owner, now + lease_ms, now, now, run_id))
-                run.update(status="running", pass_id=pass_id, lease_owner=owner, passes=run["passes"] + 1)
-                if run["passes"] == 1 and run["task_requested"]:
-                    self._enqueue(c, run_id, "processing", None, now)
-                self._journal(c, run_id, pass_id, "pass_started", {"pass": run["passes"], "owner": owner}, now)
-                claimed.append(run)
+                if run is not None:
+                    claimed.append(run)
             for sid in dead:  # a dead scheduler's row goes once nothing it held is left
                 if not c.execute("SELECT 1 FROM runs WHERE lease_owner = ? AND status = 'running' LIMIT 1",
                                  (sid,)).fetchone():
                     c.execute("DELETE FROM schedulers WHERE id = ?", (sid,))
         return claimed
+
+    def _claim_one(self, c, run_id, status, owner, now, lease_ms):
+        """Claim one due run (None: it ended instead: a deadline, a pass lost too often)."""
+        run = self._one(c, SQL_RUN, (run_id,))
+        run["lost_pass_id"] = None
+        run["was"] = status  # for the wake-lateness metric
+        if status == "running":
+            run["lost_pass_id"] = run["pass_id"]
+            self._journal(c, run_id, run["pass_id"], "lease_expired", {
+                "owner": run["lease_owner"], "message": "its scheduler stopped; replaying"}, now)
+            self._last_pass(c, run_id, run["passes"], "lost: its scheduler stopped", now)
+            # A pass that keeps taking its scheduler down must not be replayed forever.
+            lost = run["pass_failures"] + 1
+            c.execute("UPDATE runs SET pass_failures = ? WHERE id = ?", (lost, run_id))
+            if lost >= PASS_RETRY["max_attempts"]:
+                self._finish(c, run_id, run["pass_id"], "failed", now, error={
+                    "message": "the run's pass was lost %d times in a row (its scheduler stopped "
+                               "each time)" % lost, "name": "PassLost", "stack": None})
+                return None
+        if run["deadline_at"] is not None and now >= run["deadline_at"]:
+            self._finish(c, run_id, run["pass_id"], "failed", now, error={
+                "message": "the run passed its deadline (%s)" % format_time(run["deadline_at"]),
+                "name": "DeadlineExceeded", "stack": None})
+            return None
+        if status == "waiting":
+            self._timed_out_waits(c, run_id, now)
+        pass_id = new_id("pass")
+        c.execute("UPDATE runs SET status = 'running', pass_id = ?, lease_owner = ?, "
+                  "lease_expires_at = ?, passes = passes + 1, "
+                  "started_at = COALESCE(started_at, ?), updated_at = ?, wake_pending = 0 "
+                  "WHERE id = ?",
+                  (pass_id, owner, now + lease_ms, now, now, run_id))
+        run.update(status="running", pass_id=pass_id, lease_owner=owner, passes=run["passes"] + 1)
+        if run["passes"] == 1 and run["task_requested"]:
+            self._enqueue(c, run_id, "processing", None, now)
+        self._journal(c, run_id, pass_id, "pass_started", {"pass": run["passes"], "owner": owner},
+                      now)
+        return run
 
     def _holders(self, c):
         """Schedulers of this host: id -> True (alive), False (proven dead), None (lease decides).
@@ -2319,7 +2423,7 @@ class Store:
                           (run_id, key, seq, ev.get("timeout_at"), now, _call_position(ev), dumps(spec)))
                 self._journal(c, run_id, pass_id, kind, {"step": key, "wait": spec, "timeout_at": ev.get("timeout_at")},
                               now)
-                self._begin_wait(c, run_id, key, spec, now)
+                self._begin_wait(c, run_id, key, spec, now, defaults)
             return APPLIED
         if kind == "sleep_completed":
             cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ? AND kind = 'sleep'",
@@ -2363,8 +2467,14 @@ class Store:
 
     # -- waits: signals, child runs, TaskYou approvals ------------------------------
 
-    def _begin_wait(self, c, run_id, key, spec, now):
+    def _begin_wait(self, c, run_id, key, spec, now, defaults):
         """A new wait was recorded: a buffered signal resolves it at once; a child run is started."""
+        if spec["kind"] == "child":
+            refused = self._child_refused(c, run_id, spec, defaults)
+            if refused:
+                error = {"message": refused, "name": "ChildLimitExceeded", "run_id": None}
+                self._resolve_wait(c, run_id, key, {"error": error}, now)
+                return
         if spec["kind"] == "signal":
             sig = c.execute("SELECT id, data FROM signals WHERE run_id = ? AND name = ? AND consumed_by IS NULL "
                             "ORDER BY id LIMIT 1", (run_id, spec["name"])).fetchone()
@@ -2379,6 +2489,26 @@ class Store:
                     "name": "NotFound", "run_id": None}}, now)
         elif spec["kind"] == "task":
             self._enqueue(c, run_id, "approval", {"key": key, "title": spec["title"], "body": spec.get("body")}, now)
+
+    @staticmethod
+    def _child_refused(c, run_id, spec, defaults):
+        """Why run ``run_id`` may not start another child, or None: limits.max_child_depth and
+        limits.max_children bound what a cascade walks over, and stop a runaway recursion."""
+        max_depth = defaults.get("max_child_depth", CHILD_DEPTH_DEFAULT)
+        depth = c.execute(SQL_RUN_DEPTH, (run_id, max_depth)).fetchone()[0] + 1
+        if depth > max_depth:
+            return ("cannot start a child run of %r: it would be %d levels below its root run, "
+                    "over limits.max_child_depth (%d); a workflow that starts itself needs a case "
+                    "that stops it (or raise the limit)" % (spec["workflow_id"], depth, max_depth))
+        max_children = defaults.get("max_children", CHILDREN_DEFAULT)
+        open_children = c.execute("SELECT count(*) FROM (%s)" % SQL_OPEN_CHILDREN,
+                                  (run_id,)).fetchone()[0]
+        if open_children >= max_children:
+            return ("cannot start a child run of %r: run %s already has %d unfinished child "
+                    "runs, the limit (limits.max_children); wait for some to finish before "
+                    "starting more (or raise the limit)"
+                    % (spec["workflow_id"], run_id, open_children))
+        return None
 
     @staticmethod
     def _latest(c, workflow_id):
@@ -2406,7 +2536,8 @@ class Store:
 
     def _resolve_wait(self, c, run_id, key, outcome, now):
         """Commit how a wait ended and wake its run; False if it had ended already."""
-        n = c.execute("UPDATE steps SET status = 'completed', output = ?, completed_at = ?, done_seq = "
+        n = c.execute("UPDATE steps SET status = 'completed', output = ?, completed_at = ?, "
+                      "polled_at = NULL, done_seq = "
                       "(SELECT done_count + 1 FROM runs WHERE id = ?) WHERE run_id = ? AND key = ? AND kind = 'wait' "
                       "AND status = 'waiting'", (dumps(outcome), now, run_id, run_id, key)).rowcount
         if not n:
@@ -2446,7 +2577,9 @@ class Store:
                                                                     "stack": None})
 
     def _after_finish(self, c, run_id, status, now):
-        """A finished run: its parent's wait resolves, its running children are canceled."""
+        """A finished run: its parent's wait resolves, its approvals end."""
+        c.execute("UPDATE steps SET polled_at = NULL WHERE run_id = ? AND polled_at IS NOT NULL",
+                  (run_id,))
         row = c.execute("SELECT r.parent_run_id, r.parent_wait_key, r.output, r.error, p.status FROM runs r "
                         "LEFT JOIN runs p ON p.id = r.parent_run_id WHERE r.id = ?", (run_id,)).fetchone()
         if row and row[0] and row[4] not in TERMINAL:  # a finished parent keeps its wait open (retry makes anew)
@@ -2458,9 +2591,6 @@ class Store:
                                      "name": "ChildCanceled" if status == "canceled" else "ChildFailed",
                                      "run_id": run_id}}
             self._resolve_wait(c, row[0], row[1], outcome, now)
-        for (child,) in c.execute("SELECT id FROM runs WHERE parent_run_id = ? AND status NOT IN "
-                                  "('completed', 'failed', 'canceled')", (run_id,)).fetchall():
-            self._cancel_tree(c, child, now, "its parent run %s was %s" % (run_id, status))
         for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = 'wait' AND "
                                         "status = 'waiting'", (run_id,)).fetchall():
             if (loads_or_none(spec_json) or {}).get("kind") == "task":
@@ -2501,13 +2631,18 @@ class Store:
         return sig_id, wait, True
 
     def set_wait_task(self, run_id, key, task_id, now):
-        """Keep the TaskYou task a wait watches (and when it was last looked at)."""
+        """Keep the TaskYou task a wait watches (and when it was last looked at: its turn to be
+        polled comes again after every other open wait's)."""
         with self.transaction() as c:
-            row = c.execute("SELECT wait FROM steps WHERE run_id = ? AND key = ? AND kind = 'wait'",
+            row = c.execute("SELECT s.wait, s.status = 'waiting' AND r.status NOT IN "
+                            "('completed', 'failed', 'canceled') FROM steps s "
+                            "JOIN runs r ON r.id = s.run_id "
+                            "WHERE s.run_id = ? AND s.key = ? AND s.kind = 'wait'",
                             (run_id, key)).fetchone()
             if row:
                 spec = dict(loads_or_none(row[0]) or {}, task_id=task_id, polled_at=now)
-                c.execute("UPDATE steps SET wait = ? WHERE run_id = ? AND key = ?", (dumps(spec), run_id, key))
+                c.execute("UPDATE steps SET wait = ?, polled_at = ? WHERE run_id = ? AND key = ?",
+                          (dumps(spec), now if row[1] else None, run_id, key))
 
     def wait_open(self, run_id, key):
         """Whether the run still waits on ``key``."""
@@ -2519,14 +2654,13 @@ class Store:
         row = self.query_one("SELECT wait FROM steps WHERE run_id = ? AND key = ?", (run_id, key))
         return (loads_or_none(row["wait"]) or {}).get("task_id") if row else None
 
-    def approvals_due(self, now, every_ms):
-        """(run id, key, wait) of task waits with a task whose last look is older than ``every_ms``."""
+    def approvals_due(self, now, every_ms, limit=APPROVAL_POLL_BATCH):
+        """(run id, key, wait) of up to ``limit`` open task waits whose last look is older than
+        ``every_ms``, the longest unlooked-at first: however many there are, each gets its turn."""
         out = []
-        for r in self.query("SELECT s.run_id, s.key, s.wait FROM steps s JOIN runs r ON r.id = s.run_id WHERE "
-                            "s.kind = 'wait' AND s.status = 'waiting' AND r.status NOT IN ('completed', 'failed', "
-                            "'canceled') AND s.wait LIKE '%\"kind\":\"task\"%' LIMIT 200"):
+        for r in self.query(SQL_APPROVALS_DUE, (now - every_ms, limit)):
             spec = loads_or_none(r["wait"]) or {}
-            if spec.get("task_id") is not None and now - (spec.get("polled_at") or 0) >= every_ms:
+            if spec.get("task_id") is not None:
                 out.append((r["run_id"], r["key"], spec))
         return out
 
@@ -2649,8 +2783,64 @@ class Store:
             row = c.execute("SELECT status, pass_id FROM runs WHERE id = ?", (run_id,)).fetchone()
             if row is None or row[0] in TERMINAL or (pass_id and row[1] != pass_id):
                 return False
-            self._finish(c, run_id, pass_id, "failed", now, error=error)
+            self._fail_guarded(c, run_id, pass_id, now, error)
             return True
+
+    def _fail_guarded(self, c, run_id, pass_id, now, error):
+        """Fail the run with its tree; if even that raises (a bug, data it cannot read), fail
+        the run alone, so that it at least ends."""
+        try:
+            with self._savepoint(c):
+                self._finish(c, run_id, pass_id, "failed", now, error=error)
+            return
+        except Exception as exc:
+            if _is_outage(exc):
+                raise
+            log.exception("run %s: ending it failed; it is failed on its own", run_id)
+            error = dict(error, message="%s (ending its tree failed too, %s: %s; its children and "
+                                        "parent were not told)" % (error["message"],
+                                                                    type(exc).__name__, exc))
+        c.execute("UPDATE runs SET status = 'failed', error = ?, pass_id = NULL, "
+                  "lease_owner = NULL, lease_expires_at = NULL, available_at = NULL, "
+                  "wake_at = NULL, finished_at = ?, updated_at = ? WHERE id = ?",
+                  (dumps(error), now, now, run_id))
+        self._interrupt_steps(c, run_id)
+        self._journal(c, run_id, pass_id, "failed", {"error": error}, now)
+        wf = c.execute("SELECT workflow_id FROM runs WHERE id = ?", (run_id,)).fetchone()
+        self._count(c, "failed", wf[0])
+
+    def _set_aside(self, c, run_id, now, exc):
+        """Handling the run raised unexpectedly (a bug, data the code cannot read): it is tried
+        again after a backoff, and failed with the error after PASS_RETRY tries in a row. One run
+        can neither stop a scheduler nor keep it busy."""
+        log.error("run %s: the scheduler failed while handling it", run_id, exc_info=exc)
+        row = c.execute("SELECT status, pass_id, pass_failures, passes FROM runs WHERE id = ?",
+                        (run_id,)).fetchone()
+        if row is None or row[0] in TERMINAL:
+            return
+        what = "%s: %s" % (type(exc).__name__, str(exc)[:500])
+        failures = row[2] + 1
+        if failures >= PASS_RETRY["max_attempts"]:
+            self._fail_guarded(c, run_id, row[1], now, {
+                "message": "the scheduler failed %d times in a row while handling this run (%s); "
+                           "this is a bug in ty-openworkflow or data it cannot read: report it, "
+                           "and `retry` the run once it is fixed" % (failures, what),
+                "name": "SidecarError", "stack": None})
+            return
+        due = now + backoff_ms(PASS_RETRY, failures)
+        c.execute("UPDATE runs SET status = CASE status WHEN 'running' THEN 'pending' ELSE "
+                  "status END, pass_failures = ?, available_at = ?, pass_id = NULL, "
+                  "lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ?",
+                  (failures, due, now, run_id))
+        self._interrupt_steps(c, run_id)
+        self._journal(c, run_id, row[1], "set_aside", {"error": what, "retry_at": due}, now)
+        self._last_pass(c, run_id, row[3], "the scheduler failed while handling the run (%s); "
+                        "tried again at %s" % (what, format_time(due)), now)
+
+    @staticmethod
+    def _interrupt_steps(c, run_id):
+        c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND "
+                  "status = 'running'", (run_id,))
 
     # -- schedulers -----------------------------------------------------------
 
@@ -4781,7 +4971,7 @@ ADAPTERS = {"exec": ExecAdapter, "docker": DockerAdapter, "cloudflare": Cloudfla
 
 class _ActivePass:
     __slots__ = ("run_id", "pass_id", "passes", "deadline_at", "execution", "thread", "release", "lease_until",
-                 "lease_lost", "paused")
+                 "lease_lost", "paused", "check_failed")
 
     def __init__(self, run, lease_until):
         self.run_id, self.pass_id, self.deadline_at = run["id"], run["pass_id"], run["deadline_at"]
@@ -4792,6 +4982,7 @@ class _ActivePass:
         self.lease_until = lease_until  # lease_clock() by which our lease must have been renewed
         self.lease_lost = False  # another scheduler holds the run now
         self.paused = False  # frozen while the lease is in doubt
+        self.check_failed = False  # _check_active raised on it: stopped, and not checked again
 
 
 class Scheduler:
@@ -4880,9 +5071,9 @@ class Scheduler:
     def loop(self):
         """Run until stopped (serve), idle past the linger time (runner), or nothing is due now (tick).
 
-        A store error (a lock held elsewhere past the busy timeout, a full disk)
-        never ends the loop: it is logged and the loop tries again with backoff
-        (``tick`` gives up after STORE_PATIENCE_S and raises).
+        A store error (a lock held elsewhere past the busy timeout, a full disk), or
+        any other error of a round, never ends the loop: it is logged and the loop
+        tries again with backoff (``tick`` gives up after STORE_PATIENCE_S and raises).
         """
         # The scheduler's own writes (claims, leases, events) wait for no disk: see Store.sync.
         with self.store.quiet_commits():
@@ -4911,13 +5102,17 @@ class Scheduler:
                         registered = True
                     outcome = self._step()
                     failing_since, backoff_s = None, 0.0
-                except StoreError as exc:
+                except Exception as exc:
                     now_s = time.monotonic()
                     failing_since = failing_since or now_s
                     if self.kind == "tick" and now_s - failing_since > STORE_PATIENCE_S:
                         raise
                     backoff_s = min(STORE_BACKOFF_MAX_S, max(0.1, backoff_s * 2))
-                    log.warning("the store is not available (%s); trying again in %.1fs", exc, backoff_s)
+                    if isinstance(exc, StoreError):
+                        log.warning("the store is not available (%s); trying again in %.1fs", exc,
+                                    backoff_s)
+                    else:  # a bug: said in full, and the loop goes on (a run's own is set aside)
+                        log.exception("a scheduler round failed; trying again in %.1fs", backoff_s)
                     self._wait(backoff_s)
                     continue
                 if outcome == "exit":
@@ -5249,14 +5444,25 @@ class Scheduler:
             active = list(self.active.values())
         now = self.clock()
         for ap in active:
-            if ap.execution is None:
+            if ap.execution is None or ap.check_failed:
                 continue
-            if ap.deadline_at is not None and now >= ap.deadline_at:
-                self.store.fail_run(ap.run_id, ap.pass_id, now, {
-                    "message": "the run passed its deadline (%s)" % format_time(ap.deadline_at),
-                    "name": "DeadlineExceeded", "stack": None})
-            if not self.store.pass_is_current(ap.run_id, ap.pass_id):
-                ap.execution.cancel()
+            try:
+                if ap.deadline_at is not None and now >= ap.deadline_at:
+                    self.store.fail_run(ap.run_id, ap.pass_id, now, {
+                        "message": "the run passed its deadline (%s)"
+                                   % format_time(ap.deadline_at),
+                        "name": "DeadlineExceeded", "stack": None})
+                if not self.store.pass_is_current(ap.run_id, ap.pass_id):
+                    ap.execution.cancel()
+            except Exception as exc:
+                if _is_outage(exc):
+                    raise
+                # That run's problem, not the scheduler's: its pass stops and ends as a failed
+                # attempt (claiming it again sets it aside if it keeps failing).
+                log.exception("run %s: checking its pass failed; the pass is stopped", ap.run_id)
+                ap.check_failed = True
+                with contextlib.suppress(Exception):
+                    ap.execution.cancel()
 
     def _heartbeat_loop(self):
         # Runs until the loop has fully ended: leases of passes finishing in the
@@ -6611,7 +6817,9 @@ class Sidecar:
     def defaults(self):
         return {"retry": self.config.retry_policy(), "max_output_bytes": self.config["limits.max_output_bytes"],
                 "max_step_attempts": self.config["limits.max_step_attempts"],
-                "max_steps": self.config["limits.max_steps"]}
+                "max_steps": self.config["limits.max_steps"],
+                "max_child_depth": self.config["limits.max_child_depth"],
+                "max_children": self.config["limits.max_children"]}
 
     # -- workflows ------------------------------------------------------------
 
