@@ -1186,13 +1186,16 @@ MIGRATIONS = [
         "CREATE TABLE adapter_state (adapter TEXT NOT NULL, key TEXT NOT NULL, value TEXT, "
         "PRIMARY KEY (adapter, key))",
     ],
+    [  # 10: a run whose shared worker died under it runs its passes alone from then on
+        "ALTER TABLE runs ADD COLUMN isolated INTEGER NOT NULL DEFAULT 0",
+    ],
 ]
 
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
                 "step_attempts, available_at, wake_at, deadline_at, pass_id, lease_owner, "
                 "lease_expires_at, task_requested, task_title, task_id, created_at, updated_at, "
                 "started_at, finished_at, step_count, last_pass, idempotency_key, retries, forked_from, parent_run_id, "
-                "parent_wait_key, schedule_name")
+                "parent_wait_key, schedule_name, isolated")
 SQL_DUE_RUNS = ("SELECT id, status, lease_owner FROM runs WHERE (status IN ('pending', 'sleeping', 'waiting') AND "
                 "available_at <= ?) OR (status = 'running' AND lease_expires_at < ?) "
                 "ORDER BY available_at, created_at LIMIT ?")
@@ -1998,15 +2001,41 @@ class Store:
         """Give back a pass we stopped (shutdown, a lost lease, a platform not ready yet): the run is due
         again at once (or at ``due``), no attempt lost."""
         with self.transaction() as c:
-            n = c.execute("UPDATE runs SET status = 'pending', pass_id = NULL, lease_owner = NULL, "
-                          "lease_expires_at = NULL, available_at = ?, updated_at = ? WHERE id = ? AND pass_id = ? "
-                          "AND status = 'running'", (now if due is None else due, now, run_id, pass_id)).rowcount
-            if n:
-                c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND status = 'running'", (run_id,))
-                self._journal(c, run_id, pass_id, "released", {"message": reason}, now)
-                self._last_pass(c, run_id, c.execute("SELECT passes FROM runs WHERE id = ?", (run_id,)).fetchone()[0],
-                                "released: %s" % reason, now)
-            return bool(n)
+            return self._released(c, run_id, pass_id, now, reason, due)
+
+    def _released(self, c, run_id, pass_id, now, reason, due=None):
+        n = c.execute("UPDATE runs SET status = 'pending', pass_id = NULL, lease_owner = NULL, "
+                      "lease_expires_at = NULL, available_at = ?, updated_at = ? "
+                      "WHERE id = ? AND pass_id = ? AND status = 'running'",
+                      (now if due is None else due, now, run_id, pass_id)).rowcount
+        if n:
+            c.execute("UPDATE steps SET status = 'interrupted' "
+                      "WHERE run_id = ? AND status = 'running'", (run_id,))
+            self._journal(c, run_id, pass_id, "released", {"message": reason}, now)
+            passes = c.execute("SELECT passes FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+            self._last_pass(c, run_id, passes, "released: %s" % reason, now)
+        return bool(n)
+
+    def spare(self, run_id, pass_id, now, defaults, message):
+        """The pass's shared worker died under it, perhaps by another pass's doing: it is given
+        back, due now, with no attempt counted, and the run's passes run alone from then on.
+        A pass of a run already alone owns its death: that is a failed attempt."""
+        with self.transaction() as c:
+            row = c.execute("SELECT status, pass_id, isolated FROM runs WHERE id = ?",
+                            (run_id,)).fetchone()
+            if row is None or row[0] != "running" or row[1] != pass_id:
+                return False
+            if row[2]:
+                return self._end_pass(c, run_id, pass_id, now, defaults, message)
+            # The steps it had started start again: that attempt is not counted.
+            cut = c.execute("UPDATE steps SET attempts = max(attempts - 1, 0) "
+                            "WHERE run_id = ? AND status = 'running' AND kind = 'step'",
+                            (run_id,)).rowcount
+            c.execute("UPDATE runs SET isolated = 1, step_attempts = max(step_attempts - ?, 0) "
+                      "WHERE id = ?", (cut, run_id))
+            return self._released(c, run_id, pass_id, now, "%s, in a worker shared with other "
+                                  "passes; not counted, and the run's passes run alone from now on"
+                                  % message)
 
     def apply_event(self, run_id, pass_id, ev, now, defaults):
         """Commit one pass event; returns APPLIED, IGNORED (stale pass) or ENDED (terminal)."""
@@ -2353,29 +2382,36 @@ class Store:
         are spent fails the run.
         """
         with self.transaction() as c:
-            row = c.execute("SELECT status, pass_id, passes FROM runs WHERE id = ?", (run_id,)).fetchone()
-            if row is None or row[0] != "running" or row[1] != pass_id:
-                return False
-            self._last_pass(c, run_id, row[2], message, now)
-            inflight = [r[0] for r in c.execute("SELECT key FROM steps WHERE run_id = ? AND status = 'running' AND "
-                                                "kind = 'step' ORDER BY started_at DESC, seq DESC", (run_id,))]
-            error = {"message": message, "name": "PassLost", "stack": None}
-            for key in inflight:
-                step_error = dict(error, message="%s while step %r was running" % (message, key))
-                c.execute("UPDATE steps SET status = 'failed', error = ? WHERE run_id = ? AND key = ?",
-                          (dumps(step_error), run_id, key))
-                self._journal(c, run_id, pass_id, "step_failed", {"step": key, "error": step_error}, now)
-            if not inflight:
-                self._fail_pass(c, run_id, pass_id, now, defaults, None, error, retryable=True, workflow_error=False)
-                return True
-            # The step whose retry is due last decides; a spent one fails the run at once.
-            plans = [(self._retry_plan(c, run_id, key, defaults, now), key) for key in inflight]
-            spent = [key for plan, key in plans if plan is None]
-            key = spent[0] if spent else max(plans)[1]
-            self._fail_pass(c, run_id, pass_id, now, defaults, key, dict(error, message="%s while step %r was running"
-                                                                         % (message, key)),
-                            retryable=True, workflow_error=False)
+            return self._end_pass(c, run_id, pass_id, now, defaults, message)
+
+    def _end_pass(self, c, run_id, pass_id, now, defaults, message):
+        row = c.execute("SELECT status, pass_id, passes FROM runs WHERE id = ?",
+                        (run_id,)).fetchone()
+        if row is None or row[0] != "running" or row[1] != pass_id:
+            return False
+        self._last_pass(c, run_id, row[2], message, now)
+        inflight = [r[0] for r in c.execute(
+            "SELECT key FROM steps WHERE run_id = ? AND status = 'running' AND kind = 'step' "
+            "ORDER BY started_at DESC, seq DESC", (run_id,))]
+        error = {"message": message, "name": "PassLost", "stack": None}
+        for key in inflight:
+            step_error = dict(error, message="%s while step %r was running" % (message, key))
+            c.execute("UPDATE steps SET status = 'failed', error = ? WHERE run_id = ? AND key = ?",
+                      (dumps(step_error), run_id, key))
+            self._journal(c, run_id, pass_id, "step_failed", {"step": key, "error": step_error},
+                          now)
+        if not inflight:
+            self._fail_pass(c, run_id, pass_id, now, defaults, None, error, retryable=True,
+                            workflow_error=False)
             return True
+        # The step whose retry is due last decides; a spent one fails the run at once.
+        plans = [(self._retry_plan(c, run_id, key, defaults, now), key) for key in inflight]
+        spent = [key for plan, key in plans if plan is None]
+        key = spent[0] if spent else max(plans)[1]
+        error = dict(error, message="%s while step %r was running" % (message, key))
+        self._fail_pass(c, run_id, pass_id, now, defaults, key, error, retryable=True,
+                        workflow_error=False)
+        return True
 
     def _retry_plan(self, c, run_id, key, defaults, now):
         """When step ``key`` may run again after a failure, or None if its attempts are spent."""
@@ -2706,12 +2742,15 @@ def reap_orphans():
 class PassSpec:
     """What an adapter needs to run one pass: the document and the version's code."""
 
-    def __init__(self, doc, version):
+    def __init__(self, doc, version, isolated=False):
         self.doc = doc
         self.version = version
         self.pass_id = doc["pass_id"]
         self.run_id = doc["run_id"]
         self.runtime = version["runtime"]
+        self.isolated = isolated  # the run's passes must not share a process with others
+        # Called with the Execution before it may wait for room: it can be stopped while it waits.
+        self.on_execution = None
 
 
 class Execution:
@@ -2742,14 +2781,21 @@ class Execution:
         """Undo ``pause()``."""
 
     log_text = ""
+    # The process died under the pass for a cause that may be another pass's (a shared worker):
+    # the pass is given back, not charged, and its run's passes run alone from then on.
+    spared = False
 
 
 class ProcessExecution(Execution):
     """A pass running as a child process fed by stdin, reporting on stdout."""
 
     def __init__(self, argv, stdin_bytes, env=None, cwd=None, timeout_ms=None, on_stop=None, event_pipe=False,
-                 address_space=None, on_pause=None, keep_stdin=False, on_output=None):
+                 address_space=None, on_pause=None, keep_stdin=False, on_output=None,
+                 memory=None):
         """``on_stop``: run once when the pass is stopped or ends badly (e.g. remove its container).
+
+        ``memory``: the pass's memory ceiling, to name when it runs out (node's is its heap size,
+        not ``address_space``).
 
         ``event_pipe``: events come on a pipe of their own (its fd number in the
         child's TYOW_EVENT_FD) and the child's stdout joins stderr in the log, so
@@ -2763,7 +2809,7 @@ class ProcessExecution(Execution):
         self._log = bytearray()
         self._log_truncated = 0
         self._timeout_ms = timeout_ms
-        self._memory = address_space
+        self._memory = memory or address_space
         self._on_pause = on_pause  # (paused: bool) -> None, for what a signal to the group cannot freeze
         self._on_output = on_output  # (chunk) -> True if it took the log output itself
         self._events = None
@@ -3522,11 +3568,13 @@ class ExecAdapter(Adapter):
     def launch(self, spec):
         self.check(spec.runtime)
         code = self._code(spec)
-        if self.warm:
+        if self.warm and not spec.isolated:
             return self.pool(spec.runtime).run(spec, code, spec.doc)
+        # Its own process: what it does to that process (a crash, its memory) is its own.
         return ProcessExecution(self._runtime_argv(spec.runtime) + [code], (dumps(spec.doc) + "\n").encode("utf-8"),
                                 env=self.env(spec), cwd=self.work_dir, timeout_ms=self.config["adapters.exec.timeout"],
-                                event_pipe=True, address_space=self.address_space(spec.runtime))
+                                event_pipe=True, address_space=self.address_space(spec.runtime),
+                                memory=self.config["limits.pass_memory"] or None)
 
     def workers(self, busy=False):
         """Pids of the warm workers alive (``busy``: running a pass now), per runtime."""
@@ -4880,7 +4928,9 @@ class Scheduler:
             adapter = self.sidecar.adapter(adapter_name)
             if run.get("lost_pass_id"):
                 adapter.reap(run["id"], run["lost_pass_id"])
-            spec = PassSpec(self._pass_doc(run, version), version)
+            spec = PassSpec(self._pass_doc(run, version), version,
+                            isolated=bool(run.get("isolated")))
+            spec.on_execution = lambda ex: setattr(ap, "execution", ex)  # stoppable while it waits
             if ap.release or ap.lease_lost or lease_clock() > ap.lease_until - self.lease_margin_s:
                 self._give_back(ap)  # not ours to start any more (or shutting down)
                 return
@@ -4957,6 +5007,10 @@ class Scheduler:
             return
         if ap.release or ap.lease_lost:
             self._give_back(ap)
+            return
+        if execution.spared:
+            self._retrying(lambda: self.store.spare(ap.run_id, ap.pass_id, self.clock(), defaults,
+                                                    how), ap)
             return
         self._retrying(lambda: self.store.end_pass_without_result(ap.run_id, ap.pass_id, self.clock(), defaults,
                                                                    how), ap)
@@ -6425,6 +6479,7 @@ class Sidecar:
             "deadline_at": run["deadline_at"], "steps": steps,
             "last_pass": loads_or_none(run["last_pass"]), "idempotency_key": run["idempotency_key"],
             "retries": run["retries"], "forked_from": run["forked_from"], "schedule": run["schedule_name"],
+            "isolated": bool(run["isolated"]),  # its passes run alone (its shared worker died under it)
             "waiting_for": [dict(loads_or_none(w["wait"]) or {}, step=w["key"], timeout_at=w["wake_at"])
                             for w in waits if w["status"] == "waiting"],
             "parent": {"run_id": run["parent_run_id"], "wait": run["parent_wait_key"]} if run["parent_run_id"]
