@@ -2990,11 +2990,13 @@ TIMERS = _Timers()
 class WarmExecution(Execution):
     """A pass running inside a warm worker: its lines arrive demultiplexed by the worker's reader."""
 
-    def __init__(self, worker, spec, timeout_ms):
-        self.worker = worker
+    def __init__(self, pool, spec, timeout_ms):
+        self.pool = pool
+        self.worker = None  # set under the pool's lock once the pass has a worker
         self.pass_id = spec.pass_id
         self.canceled = False
         self.timed_out = False
+        self.sent = False  # its document is in the worker's stdin
         self.ended_why = None  # set when the worker died under the pass
         self._timeout_ms = timeout_ms
         self._queue = queue.SimpleQueue()
@@ -3002,8 +3004,14 @@ class WarmExecution(Execution):
         self._log_bytes = 0
         self._log_truncated = 0
         self._done = threading.Event()
+        self._lock = threading.Lock()  # guards worker and _paused (the pool, cancel, pause)
         self._paused = False
-        self._timer = TIMERS.after(timeout_ms / 1000.0, self._timeout) if timeout_ms else None
+        self._timer = None
+
+    def started(self):
+        """The pass is in its worker: its timeout counts from now, not from its wait for room."""
+        if self._timeout_ms:
+            self._timer = TIMERS.after(self._timeout_ms / 1000.0, self._timeout)
 
     # -- fed by the worker's reader thread --
     def feed(self, line):
@@ -3054,30 +3062,48 @@ class WarmExecution(Execution):
             self.cancel()
 
     def cancel(self):
-        if self._done.is_set():
+        with self._lock:
+            if self._done.is_set():
+                return
+            self.canceled = True
+            worker = self.worker
+        if worker is not None:
+            worker.cancel(self)
             return
-        self.canceled = True
-        self.worker.cancel(self)
+        self.end()  # still waiting for room: it never reaches a worker
+        self.pool.wake()
 
     def pause(self):
-        if not self._paused and not self._done.is_set():
+        with self._lock:
+            if self._paused or self._done.is_set():
+                return
             self._paused = True
-            self.worker.pause(True)
+            worker = self.worker
+        if worker is not None:
+            worker.pause(True)
 
     def resume(self):
-        if self._paused:
+        with self._lock:
+            if not self._paused:
+                return
             self._paused = False
-            self.worker.pause(False)
+            worker = self.worker
+        if worker is not None:
+            worker.pause(False)
+        else:
+            self.pool.wake()
 
     def finish(self, grace_s=5.0):
         self._done.wait(grace_s)
-        if not self._done.is_set():
-            self.worker.kill("a pass did not end when asked")
+        worker = self.worker
+        if not self._done.is_set() and worker is not None:
+            worker.kill("a pass did not end when asked", culprit=self)
             self._done.wait(5)
         self.resume()
         if self._timer:
             TIMERS.cancel(self._timer)
-        self.worker.finished(self)
+        if worker is not None:
+            worker.finished(self)
         if self.timed_out:
             return "the pass timed out after %s and was stopped" % format_duration(self._timeout_ms)
         if self.canceled:
@@ -3093,7 +3119,12 @@ class WarmExecution(Execution):
 
 
 class WarmWorker:
-    """A long-lived runtime process that runs many passes at once (`shim --worker`)."""
+    """A long-lived runtime process that runs many passes at once (`shim --worker`).
+
+    A thread of its own writes its stdin and another reads its events, with no lock
+    between them: a worker slow to take a large pass document never stops its events
+    from being read, and a cancel or a timeout only queues a line or sends a signal.
+    """
 
     def __init__(self, pool, argv, env, cwd, address_space):
         self.pool = pool
@@ -3103,13 +3134,18 @@ class WarmWorker:
         self.draining = False
         self.dead = None  # why it died
         self.idle_since = time.monotonic()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # its state only: never held while writing or reading a pipe
         self._paused = 0
+        self._culprit = None  # the pass it was killed for, if it was
+        self._gone = False  # its death was handled: no pass may join it
+        self._outbox = queue.SimpleQueue()  # (bytes, execution or None); None: close stdin
         self._stderr_tail = collections.deque(maxlen=20)
         self.proc_exec = ProcessExecution(argv, b"", env=env, cwd=cwd, event_pipe=True, address_space=address_space,
                                           keep_stdin=True, on_output=self._output)
         self.proc = self.proc_exec.proc
-        threading.Thread(target=self._read, name="tyow-worker-%d" % self.proc.pid, daemon=True).start()
+        pid = self.proc.pid
+        threading.Thread(target=self._read, name="tyow-worker-%d" % pid, daemon=True).start()
+        threading.Thread(target=self._write, name="tyow-worker-in-%d" % pid, daemon=True).start()
 
     @property
     def load(self):
@@ -3125,29 +3161,44 @@ class WarmWorker:
         return True
 
     def submit(self, execution, code_path, doc):
+        line = (dumps({"op": "pass", "code": code_path, "doc": doc}) + "\n").encode("utf-8")
         with self._lock:
-            self.passes[execution.pass_id] = execution
             self.reserved = max(0, self.reserved - 1)
-            self.served += 1
-            line = dumps({"op": "pass", "code": code_path, "doc": doc}) + "\n"
-        if not self._send(line):
-            execution.end(self.dead or "the worker could not take the pass")
+            gone = self._gone
+            if not gone:
+                self.passes[execution.pass_id] = execution
+                self.served += 1
+        if gone:  # it died before the pass reached it: not the pass's doing
+            execution.spared = True
+            execution.end(self.dead)
+            return
+        execution.started()
+        self._outbox.put((line, execution))
 
-    def _send(self, line):
-        try:
-            with self._lock:
-                self.proc.stdin.write(line.encode("utf-8"))
+    def _write(self):
+        """Feed the worker's stdin from the outbox, in order, until told to close it."""
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                self.proc_exec._close_stdin()
+                return
+            data, execution = item
+            try:
+                self.proc.stdin.write(data)
                 self.proc.stdin.flush()
-            return True
-        except (BrokenPipeError, OSError, ValueError) as exc:
-            self.kill("its stdin failed (%s)" % exc)
-            return False
+            except (BrokenPipeError, OSError, ValueError) as exc:
+                self.kill("its stdin failed (%s)" % exc)
+                return
+            if execution is not None:
+                execution.sent = True
 
     def cancel(self, execution):
         """Ask the worker to drop the pass; a worker too busy to answer (a busy loop) is killed."""
-        self._send(dumps({"op": "cancel", "pass": execution.pass_id}) + "\n")
+        line = dumps({"op": "cancel", "pass": execution.pass_id}) + "\n"
+        self._outbox.put((line.encode("utf-8"), None))
         TIMERS.after(WORKER_CANCEL_GRACE_S, lambda: execution._done.is_set() or self.kill(
-            "it did not answer a cancel within %.1fs (busy in user code)" % WORKER_CANCEL_GRACE_S))
+            "it did not answer a cancel within %.1fs (busy in user code)" % WORKER_CANCEL_GRACE_S,
+            culprit=execution))
 
     def pause(self, paused):
         with self._lock:
@@ -3162,20 +3213,21 @@ class WarmWorker:
             if not self.passes:
                 self.idle_since = time.monotonic()
         self.pool.settle(self)
-        with self.pool._cond:
-            self.pool._cond.notify()
+        self.pool.wake()
 
-    def kill(self, why):
+    def kill(self, why, culprit=None):
+        """Stop the worker; ``culprit``: the pass it is stopped for (the others are spared)."""
         with self._lock:
             if self.dead is None:
                 self.dead = "the worker was stopped: %s" % why
+                self._culprit = culprit
         _kill_group(self.proc)
         self.proc_exec._signal(signal.SIGCONT)
 
     def close(self):
-        """Let the worker exit once idle (stdin end-of-file)."""
+        """Let the worker exit once idle (stdin end-of-file, after what is queued for it)."""
         self.draining = True
-        self.proc_exec._close_stdin()
+        self._outbox.put(None)
 
     def _read(self):
         for raw in iter(self.proc_exec._events.readline, b""):
@@ -3202,30 +3254,44 @@ class WarmWorker:
                 execution.end()
                 if busy:
                     # A step function of that pass is still running and nothing can stop it
-                    # inside the worker: the worker goes, its other passes are retried.
-                    self.kill("a step of a canceled pass was still running")
+                    # inside the worker: the worker goes, its other passes are given back.
+                    self.kill("a step of a canceled pass was still running", culprit=execution)
                 continue
             execution.feed(line)
             if kind in TERMINAL_EVENTS:
                 execution.end()
-        code = self.proc.wait()
+        self._died(self.proc.wait())
+
+    def _died(self, code):
+        """Say why the worker died, and end the passes it held: the one that killed it, if known,
+        is charged; the others are spared (given back, and run alone from then on)."""
         self.proc_exec._err_thread.join(2)
         said = b"".join(self._stderr_tail).decode("utf-8", "replace")[-4000:]
         tail = said.strip().splitlines()[-1:]
+        limit = self.pool.adapter.config["limits.pass_memory"]
         with self._lock:
             if self.dead is None:
                 if code != 0 and re.search(r"heap out of memory|MemoryError", said):
-                    self.dead = "the pass ran out of memory (limits.pass_memory: %s)" % _format_size(
-                        self.pool.adapter.config["limits.pass_memory"])
+                    self.dead = "the pass ran out of memory%s" % (
+                        " (limits.pass_memory: %s)" % _format_size(limit) if limit else "")
                 elif code < 0:
                     self.dead = "the runtime was killed by signal %d" % -code
                 else:
                     self.dead = "the worker exited with status %d%s" % (code, (": " + tail[0][:300]) if tail else "")
-            left = list(self.passes.values())
-        for execution in left:
+            self._gone = True
+            live = [e for e in self.passes.values() if not e._done.is_set()]
+            culprit = self._culprit
+        self._outbox.put(None)  # its writer stops
+        if culprit is None:
+            # Only a pass whose document reached the worker can have killed it: alone, it did.
+            sent = [e for e in live if e.sent]
+            culprit = sent[0] if len(sent) == 1 else None
+        for execution in live:
+            execution.spared = execution is not culprit and not execution.canceled
             execution.end(self.dead)
         self.proc_exec.finish(grace_s=0)
         self.pool.settle(self)
+        self.pool.wake()
 
 
 def _peek_pass(line):
@@ -3270,36 +3336,65 @@ class WorkerPool:
         return PYTHON_WORKER_SLOTS if self.runtime == "python" else None
 
     def run(self, spec, code_path, doc):
-        execution = WarmExecution(None, spec, self.adapter.config["adapters.exec.timeout"])
-        worker = self._worker()
-        execution.worker = worker
-        worker.submit(execution, code_path, doc)
+        execution = WarmExecution(self, spec, self.adapter.config["adapters.exec.timeout"])
+        if spec.on_execution is not None:
+            spec.on_execution(execution)
+        worker = self._worker(execution)
+        if worker is not None:  # else it was stopped while it waited: it has ended
+            worker.submit(execution, code_path, doc)
         return execution
 
-    def _worker(self):
-        """An idle worker, else a new one while under size, else the least loaded."""
+    def wake(self):
+        """Tell those waiting for room that something changed (a pass ended, stopped, went on)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    @staticmethod
+    def _take(worker, execution):
+        """Give ``worker`` to the pass, unless the pass was stopped or frozen meanwhile."""
+        with execution._lock:
+            if execution.canceled or execution._paused:
+                return False
+            execution.worker = worker
+            return True
+
+    def _worker(self, execution):
+        """An idle worker, else a new one while under size, else the least loaded; None if the pass
+        was stopped while it waited (a frozen pass waits until it may go on)."""
         with self._cond:
             while True:
+                if execution.canceled:
+                    return None
                 usable = [w for w in self.workers if w.dead is None and not w.draining]
                 idle = [w for w in usable if w.load == 0]
-                if idle:
-                    idle[0].reserved += 1
-                    return idle[0]
-                if len(self.workers) + self._spawning < self.size:
+                may_spawn = len(self.workers) + self._spawning < self.size
+                best = idle[0] if idle else None
+                if best is None and usable and not may_spawn:
+                    best = min(usable, key=lambda w: w.load)
+                    if self.slots is not None and best.load >= self.slots:
+                        best = None
+                if best is not None:
+                    if self._take(best, execution):
+                        best.reserved += 1
+                        return best
+                    if execution.canceled:
+                        return None
+                elif may_spawn and not execution._paused:
                     self._spawning += 1
                     reply = queue.SimpleQueue()
                     self._requests.put(reply)
                     break
-                best = min(usable, key=lambda w: w.load) if usable else None
-                if best is not None and (self.slots is None or best.load < self.slots):
-                    best.reserved += 1
-                    return best
                 self._cond.wait(5.0)  # workers starting, or all full: wait for one
         worker = reply.get()
         if isinstance(worker, BaseException):
             raise worker
-        with self._lock:
-            worker.reserved += 1
+        with self._cond:  # the spawner registered it with our reservation made
+            while not self._take(worker, execution):
+                if execution.canceled:
+                    worker.reserved -= 1
+                    self._cond.notify_all()
+                    return None
+                self._cond.wait(5.0)  # frozen: keep the worker until it may go on
         return worker
 
     def _spawner(self):
@@ -3311,6 +3406,8 @@ class WorkerPool:
                 worker = WarmWorker(self, self.adapter.worker_argv(self.runtime), self.adapter.worker_env(),
                                     self.adapter.work_dir, self.adapter.address_space(self.runtime))
                 with self._cond:
+                    # Reserved for its requester before anyone sees it: never taken as idle.
+                    worker.reserved += 1
                     self.workers.append(worker)
                     self._spawning -= 1
                     self._cond.notify_all()
