@@ -2033,9 +2033,8 @@ class Store:
                             (run_id,)).rowcount
             c.execute("UPDATE runs SET isolated = 1, step_attempts = max(step_attempts - ?, 0) "
                       "WHERE id = ?", (cut, run_id))
-            return self._released(c, run_id, pass_id, now, "%s, in a worker shared with other "
-                                  "passes; not counted, and the run's passes run alone from now on"
-                                  % message)
+            return self._released(c, run_id, pass_id, now, "%s (in a shared warm worker; not "
+                                  "counted: the run's passes run alone from now on)" % message)
 
     def apply_event(self, run_id, pass_id, ev, now, defaults):
         """Commit one pass event; returns APPLIED, IGNORED (stale pass) or ENDED (terminal)."""
@@ -3213,7 +3212,8 @@ class WarmWorker:
             if not self.passes:
                 self.idle_since = time.monotonic()
         self.pool.settle(self)
-        self.pool.wake()
+        with self.pool._cond:
+            self.pool._cond.notify()  # one slot is free: one waiter (not a herd of them)
 
     def kill(self, why, culprit=None):
         """Stop the worker; ``culprit``: the pass it is stopped for (the others are spared)."""
@@ -3345,7 +3345,7 @@ class WorkerPool:
         return execution
 
     def wake(self):
-        """Tell those waiting for room that something changed (a pass ended, stopped, went on)."""
+        """Tell all those waiting for room that something changed (a pass stopped, went on)."""
         with self._cond:
             self._cond.notify_all()
 

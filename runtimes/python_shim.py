@@ -575,7 +575,7 @@ class Worker:
                 state["inflight"] += 1
             elif '"step_completed"' in kind or '"step_failed"' in kind:
                 state["inflight"] -= 1
-            if '"MemoryError"' in line and ('"step_failed"' in kind or '"failed"' in kind):
+            if ('"step_failed"' in kind or '"failed"' in kind) and '"MemoryError"' in line:
                 self.out_of_memory()
             self.write(line)
 
