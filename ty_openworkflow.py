@@ -1264,13 +1264,16 @@ MIGRATIONS = [
         "CREATE TABLE store_identity (id TEXT NOT NULL)",
         "INSERT INTO store_identity (id) VALUES (lower(hex(randomblob(16))))",
     ],
+    [  # 12: a run whose shared worker died under it runs its passes alone from then on
+        "ALTER TABLE runs ADD COLUMN isolated INTEGER NOT NULL DEFAULT 0",
+    ],
 ]
 
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
                 "step_attempts, available_at, wake_at, deadline_at, pass_id, lease_owner, "
                 "lease_expires_at, task_requested, task_title, task_id, created_at, updated_at, "
                 "started_at, finished_at, step_count, last_pass, idempotency_key, retries, forked_from, parent_run_id, "
-                "parent_wait_key, schedule_name")
+                "parent_wait_key, schedule_name, isolated")
 SQL_DUE_RUNS = ("SELECT id, status, lease_owner FROM runs WHERE (status IN ('pending', 'sleeping', 'waiting') AND "
                 "available_at <= ?) OR (status = 'running' AND lease_expires_at < ?) "
                 "ORDER BY available_at, created_at LIMIT ?")
@@ -2303,15 +2306,40 @@ class Store:
         """Give back a pass we stopped (shutdown, a lost lease, a platform not ready yet): the run is due
         again at once (or at ``due``), no attempt lost."""
         with self.transaction() as c:
-            n = c.execute("UPDATE runs SET status = 'pending', pass_id = NULL, lease_owner = NULL, "
-                          "lease_expires_at = NULL, available_at = ?, updated_at = ? WHERE id = ? AND pass_id = ? "
-                          "AND status = 'running'", (now if due is None else due, now, run_id, pass_id)).rowcount
-            if n:
-                c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND status = 'running'", (run_id,))
-                self._journal(c, run_id, pass_id, "released", {"message": reason}, now)
-                self._last_pass(c, run_id, c.execute("SELECT passes FROM runs WHERE id = ?", (run_id,)).fetchone()[0],
-                                "released: %s" % reason, now)
-            return bool(n)
+            return self._released(c, run_id, pass_id, now, reason, due)
+
+    def _released(self, c, run_id, pass_id, now, reason, due=None):
+        n = c.execute("UPDATE runs SET status = 'pending', pass_id = NULL, lease_owner = NULL, "
+                      "lease_expires_at = NULL, available_at = ?, updated_at = ? "
+                      "WHERE id = ? AND pass_id = ? AND status = 'running'",
+                      (now if due is None else due, now, run_id, pass_id)).rowcount
+        if n:
+            c.execute("UPDATE steps SET status = 'interrupted' "
+                      "WHERE run_id = ? AND status = 'running'", (run_id,))
+            self._journal(c, run_id, pass_id, "released", {"message": reason}, now)
+            passes = c.execute("SELECT passes FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+            self._last_pass(c, run_id, passes, "released: %s" % reason, now)
+        return bool(n)
+
+    def spare(self, run_id, pass_id, now, defaults, message):
+        """The pass's shared worker died under it, perhaps by another pass's doing: it is given
+        back, due now, with no attempt counted, and the run's passes run alone from then on.
+        A pass of a run already alone owns its death: that is a failed attempt."""
+        with self.transaction() as c:
+            row = c.execute("SELECT status, pass_id, isolated FROM runs WHERE id = ?",
+                            (run_id,)).fetchone()
+            if row is None or row[0] != "running" or row[1] != pass_id:
+                return False
+            if row[2]:
+                return self._end_pass(c, run_id, pass_id, now, defaults, message)
+            # The steps it had started start again: that attempt is not counted.
+            cut = c.execute("UPDATE steps SET attempts = max(attempts - 1, 0) "
+                            "WHERE run_id = ? AND status = 'running' AND kind = 'step'",
+                            (run_id,)).rowcount
+            c.execute("UPDATE runs SET isolated = 1, step_attempts = max(step_attempts - ?, 0) "
+                      "WHERE id = ?", (cut, run_id))
+            return self._released(c, run_id, pass_id, now, "%s (in a shared warm worker; not "
+                                  "counted: the run's passes run alone from now on)" % message)
 
     def apply_event(self, run_id, pass_id, ev, now, defaults):
         """Commit one pass event; returns APPLIED, IGNORED (stale pass) or ENDED (terminal)."""
@@ -2688,29 +2716,36 @@ class Store:
         are spent fails the run.
         """
         with self.transaction() as c:
-            row = c.execute("SELECT status, pass_id, passes FROM runs WHERE id = ?", (run_id,)).fetchone()
-            if row is None or row[0] != "running" or row[1] != pass_id:
-                return False
-            self._last_pass(c, run_id, row[2], message, now)
-            inflight = [r[0] for r in c.execute("SELECT key FROM steps WHERE run_id = ? AND status = 'running' AND "
-                                                "kind = 'step' ORDER BY started_at DESC, seq DESC", (run_id,))]
-            error = {"message": message, "name": "PassLost", "stack": None}
-            for key in inflight:
-                step_error = dict(error, message="%s while step %r was running" % (message, key))
-                c.execute("UPDATE steps SET status = 'failed', error = ? WHERE run_id = ? AND key = ?",
-                          (dumps(step_error), run_id, key))
-                self._journal(c, run_id, pass_id, "step_failed", {"step": key, "error": step_error}, now)
-            if not inflight:
-                self._fail_pass(c, run_id, pass_id, now, defaults, None, error, retryable=True, workflow_error=False)
-                return True
-            # The step whose retry is due last decides; a spent one fails the run at once.
-            plans = [(self._retry_plan(c, run_id, key, defaults, now), key) for key in inflight]
-            spent = [key for plan, key in plans if plan is None]
-            key = spent[0] if spent else max(plans)[1]
-            self._fail_pass(c, run_id, pass_id, now, defaults, key, dict(error, message="%s while step %r was running"
-                                                                         % (message, key)),
-                            retryable=True, workflow_error=False)
+            return self._end_pass(c, run_id, pass_id, now, defaults, message)
+
+    def _end_pass(self, c, run_id, pass_id, now, defaults, message):
+        row = c.execute("SELECT status, pass_id, passes FROM runs WHERE id = ?",
+                        (run_id,)).fetchone()
+        if row is None or row[0] != "running" or row[1] != pass_id:
+            return False
+        self._last_pass(c, run_id, row[2], message, now)
+        inflight = [r[0] for r in c.execute(
+            "SELECT key FROM steps WHERE run_id = ? AND status = 'running' AND kind = 'step' "
+            "ORDER BY started_at DESC, seq DESC", (run_id,))]
+        error = {"message": message, "name": "PassLost", "stack": None}
+        for key in inflight:
+            step_error = dict(error, message="%s while step %r was running" % (message, key))
+            c.execute("UPDATE steps SET status = 'failed', error = ? WHERE run_id = ? AND key = ?",
+                      (dumps(step_error), run_id, key))
+            self._journal(c, run_id, pass_id, "step_failed", {"step": key, "error": step_error},
+                          now)
+        if not inflight:
+            self._fail_pass(c, run_id, pass_id, now, defaults, None, error, retryable=True,
+                            workflow_error=False)
             return True
+        # The step whose retry is due last decides; a spent one fails the run at once.
+        plans = [(self._retry_plan(c, run_id, key, defaults, now), key) for key in inflight]
+        spent = [key for plan, key in plans if plan is None]
+        key = spent[0] if spent else max(plans)[1]
+        error = dict(error, message="%s while step %r was running" % (message, key))
+        self._fail_pass(c, run_id, pass_id, now, defaults, key, error, retryable=True,
+                        workflow_error=False)
+        return True
 
     def _retry_plan(self, c, run_id, key, defaults, now):
         """When step ``key`` may run again after a failure, or None if its attempts are spent."""
@@ -3124,12 +3159,15 @@ def reap_orphans(store_id):
 class PassSpec:
     """What an adapter needs to run one pass: the document and the version's code."""
 
-    def __init__(self, doc, version):
+    def __init__(self, doc, version, isolated=False):
         self.doc = doc
         self.version = version
         self.pass_id = doc["pass_id"]
         self.run_id = doc["run_id"]
         self.runtime = version["runtime"]
+        self.isolated = isolated  # the run's passes must not share a process with others
+        # Called with the Execution before it may wait for room: it can be stopped while it waits.
+        self.on_execution = None
 
 
 class Execution:
@@ -3160,14 +3198,21 @@ class Execution:
         """Undo ``pause()``."""
 
     log_text = ""
+    # The process died under the pass for a cause that may be another pass's (a shared worker):
+    # the pass is given back, not charged, and its run's passes run alone from then on.
+    spared = False
 
 
 class ProcessExecution(Execution):
     """A pass running as a child process fed by stdin, reporting on stdout."""
 
     def __init__(self, argv, stdin_bytes, env=None, cwd=None, timeout_ms=None, on_stop=None, event_pipe=False,
-                 address_space=None, on_pause=None, keep_stdin=False, on_output=None):
+                 address_space=None, on_pause=None, keep_stdin=False, on_output=None,
+                 memory=None):
         """``on_stop``: run once when the pass is stopped or ends badly (e.g. remove its container).
+
+        ``memory``: the pass's memory ceiling, to name when it runs out (node's is its heap size,
+        not ``address_space``).
 
         ``event_pipe``: events come on a pipe of their own (its fd number in the
         child's TYOW_EVENT_FD) and the child's stdout joins stderr in the log, so
@@ -3181,7 +3226,7 @@ class ProcessExecution(Execution):
         self._log = bytearray()
         self._log_truncated = 0
         self._timeout_ms = timeout_ms
-        self._memory = address_space
+        self._memory = memory or address_space
         self._on_pause = on_pause  # (paused: bool) -> None, for what a signal to the group cannot freeze
         self._on_output = on_output  # (chunk) -> True if it took the log output itself
         self._events = None
@@ -3362,11 +3407,13 @@ TIMERS = _Timers()
 class WarmExecution(Execution):
     """A pass running inside a warm worker: its lines arrive demultiplexed by the worker's reader."""
 
-    def __init__(self, worker, spec, timeout_ms):
-        self.worker = worker
+    def __init__(self, pool, spec, timeout_ms):
+        self.pool = pool
+        self.worker = None  # set under the pool's lock once the pass has a worker
         self.pass_id = spec.pass_id
         self.canceled = False
         self.timed_out = False
+        self.sent = False  # its document is in the worker's stdin
         self.ended_why = None  # set when the worker died under the pass
         self._timeout_ms = timeout_ms
         self._queue = queue.SimpleQueue()
@@ -3374,8 +3421,14 @@ class WarmExecution(Execution):
         self._log_bytes = 0
         self._log_truncated = 0
         self._done = threading.Event()
+        self._lock = threading.Lock()  # guards worker and _paused (the pool, cancel, pause)
         self._paused = False
-        self._timer = TIMERS.after(timeout_ms / 1000.0, self._timeout) if timeout_ms else None
+        self._timer = None
+
+    def started(self):
+        """The pass is in its worker: its timeout counts from now, not from its wait for room."""
+        if self._timeout_ms:
+            self._timer = TIMERS.after(self._timeout_ms / 1000.0, self._timeout)
 
     # -- fed by the worker's reader thread --
     def feed(self, line):
@@ -3426,30 +3479,48 @@ class WarmExecution(Execution):
             self.cancel()
 
     def cancel(self):
-        if self._done.is_set():
+        with self._lock:
+            if self._done.is_set():
+                return
+            self.canceled = True
+            worker = self.worker
+        if worker is not None:
+            worker.cancel(self)
             return
-        self.canceled = True
-        self.worker.cancel(self)
+        self.end()  # still waiting for room: it never reaches a worker
+        self.pool.wake()
 
     def pause(self):
-        if not self._paused and not self._done.is_set():
+        with self._lock:
+            if self._paused or self._done.is_set():
+                return
             self._paused = True
-            self.worker.pause(True)
+            worker = self.worker
+        if worker is not None:
+            worker.pause(True)
 
     def resume(self):
-        if self._paused:
+        with self._lock:
+            if not self._paused:
+                return
             self._paused = False
-            self.worker.pause(False)
+            worker = self.worker
+        if worker is not None:
+            worker.pause(False)
+        else:
+            self.pool.wake()
 
     def finish(self, grace_s=5.0):
         self._done.wait(grace_s)
-        if not self._done.is_set():
-            self.worker.kill("a pass did not end when asked")
+        worker = self.worker
+        if not self._done.is_set() and worker is not None:
+            worker.kill("a pass did not end when asked", culprit=self)
             self._done.wait(5)
         self.resume()
         if self._timer:
             TIMERS.cancel(self._timer)
-        self.worker.finished(self)
+        if worker is not None:
+            worker.finished(self)
         if self.timed_out:
             return "the pass timed out after %s and was stopped" % format_duration(self._timeout_ms)
         if self.canceled:
@@ -3465,7 +3536,12 @@ class WarmExecution(Execution):
 
 
 class WarmWorker:
-    """A long-lived runtime process that runs many passes at once (`shim --worker`)."""
+    """A long-lived runtime process that runs many passes at once (`shim --worker`).
+
+    A thread of its own writes its stdin and another reads its events, with no lock
+    between them: a worker slow to take a large pass document never stops its events
+    from being read, and a cancel or a timeout only queues a line or sends a signal.
+    """
 
     def __init__(self, pool, argv, env, cwd, address_space):
         self.pool = pool
@@ -3475,13 +3551,18 @@ class WarmWorker:
         self.draining = False
         self.dead = None  # why it died
         self.idle_since = time.monotonic()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # its state only: never held while writing or reading a pipe
         self._paused = 0
+        self._culprit = None  # the pass it was killed for, if it was
+        self._gone = False  # its death was handled: no pass may join it
+        self._outbox = queue.SimpleQueue()  # (bytes, execution or None); None: close stdin
         self._stderr_tail = collections.deque(maxlen=20)
         self.proc_exec = ProcessExecution(argv, b"", env=env, cwd=cwd, event_pipe=True, address_space=address_space,
                                           keep_stdin=True, on_output=self._output)
         self.proc = self.proc_exec.proc
-        threading.Thread(target=self._read, name="tyow-worker-%d" % self.proc.pid, daemon=True).start()
+        pid = self.proc.pid
+        threading.Thread(target=self._read, name="tyow-worker-%d" % pid, daemon=True).start()
+        threading.Thread(target=self._write, name="tyow-worker-in-%d" % pid, daemon=True).start()
 
     @property
     def load(self):
@@ -3497,29 +3578,44 @@ class WarmWorker:
         return True
 
     def submit(self, execution, code_path, doc):
+        line = (dumps({"op": "pass", "code": code_path, "doc": doc}) + "\n").encode("utf-8")
         with self._lock:
-            self.passes[execution.pass_id] = execution
             self.reserved = max(0, self.reserved - 1)
-            self.served += 1
-            line = dumps({"op": "pass", "code": code_path, "doc": doc}) + "\n"
-        if not self._send(line):
-            execution.end(self.dead or "the worker could not take the pass")
+            gone = self._gone
+            if not gone:
+                self.passes[execution.pass_id] = execution
+                self.served += 1
+        if gone:  # it died before the pass reached it: not the pass's doing
+            execution.spared = True
+            execution.end(self.dead)
+            return
+        execution.started()
+        self._outbox.put((line, execution))
 
-    def _send(self, line):
-        try:
-            with self._lock:
-                self.proc.stdin.write(line.encode("utf-8"))
+    def _write(self):
+        """Feed the worker's stdin from the outbox, in order, until told to close it."""
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                self.proc_exec._close_stdin()
+                return
+            data, execution = item
+            try:
+                self.proc.stdin.write(data)
                 self.proc.stdin.flush()
-            return True
-        except (BrokenPipeError, OSError, ValueError) as exc:
-            self.kill("its stdin failed (%s)" % exc)
-            return False
+            except (BrokenPipeError, OSError, ValueError) as exc:
+                self.kill("its stdin failed (%s)" % exc)
+                return
+            if execution is not None:
+                execution.sent = True
 
     def cancel(self, execution):
         """Ask the worker to drop the pass; a worker too busy to answer (a busy loop) is killed."""
-        self._send(dumps({"op": "cancel", "pass": execution.pass_id}) + "\n")
+        line = dumps({"op": "cancel", "pass": execution.pass_id}) + "\n"
+        self._outbox.put((line.encode("utf-8"), None))
         TIMERS.after(WORKER_CANCEL_GRACE_S, lambda: execution._done.is_set() or self.kill(
-            "it did not answer a cancel within %.1fs (busy in user code)" % WORKER_CANCEL_GRACE_S))
+            "it did not answer a cancel within %.1fs (busy in user code)" % WORKER_CANCEL_GRACE_S,
+            culprit=execution))
 
     def pause(self, paused):
         with self._lock:
@@ -3535,19 +3631,21 @@ class WarmWorker:
                 self.idle_since = time.monotonic()
         self.pool.settle(self)
         with self.pool._cond:
-            self.pool._cond.notify()
+            self.pool._cond.notify()  # one slot is free: one waiter (not a herd of them)
 
-    def kill(self, why):
+    def kill(self, why, culprit=None):
+        """Stop the worker; ``culprit``: the pass it is stopped for (the others are spared)."""
         with self._lock:
             if self.dead is None:
                 self.dead = "the worker was stopped: %s" % why
+                self._culprit = culprit
         _kill_group(self.proc)
         self.proc_exec._signal(signal.SIGCONT)
 
     def close(self):
-        """Let the worker exit once idle (stdin end-of-file)."""
+        """Let the worker exit once idle (stdin end-of-file, after what is queued for it)."""
         self.draining = True
-        self.proc_exec._close_stdin()
+        self._outbox.put(None)
 
     def _read(self):
         for raw in iter(self.proc_exec._events.readline, b""):
@@ -3574,30 +3672,44 @@ class WarmWorker:
                 execution.end()
                 if busy:
                     # A step function of that pass is still running and nothing can stop it
-                    # inside the worker: the worker goes, its other passes are retried.
-                    self.kill("a step of a canceled pass was still running")
+                    # inside the worker: the worker goes, its other passes are given back.
+                    self.kill("a step of a canceled pass was still running", culprit=execution)
                 continue
             execution.feed(line)
             if kind in TERMINAL_EVENTS:
                 execution.end()
-        code = self.proc.wait()
+        self._died(self.proc.wait())
+
+    def _died(self, code):
+        """Say why the worker died, and end the passes it held: the one that killed it, if known,
+        is charged; the others are spared (given back, and run alone from then on)."""
         self.proc_exec._err_thread.join(2)
         said = b"".join(self._stderr_tail).decode("utf-8", "replace")[-4000:]
         tail = said.strip().splitlines()[-1:]
+        limit = self.pool.adapter.config["limits.pass_memory"]
         with self._lock:
             if self.dead is None:
                 if code != 0 and re.search(r"heap out of memory|MemoryError", said):
-                    self.dead = "the pass ran out of memory (limits.pass_memory: %s)" % _format_size(
-                        self.pool.adapter.config["limits.pass_memory"])
+                    self.dead = "the pass ran out of memory%s" % (
+                        " (limits.pass_memory: %s)" % _format_size(limit) if limit else "")
                 elif code < 0:
                     self.dead = "the runtime was killed by signal %d" % -code
                 else:
                     self.dead = "the worker exited with status %d%s" % (code, (": " + tail[0][:300]) if tail else "")
-            left = list(self.passes.values())
-        for execution in left:
+            self._gone = True
+            live = [e for e in self.passes.values() if not e._done.is_set()]
+            culprit = self._culprit
+        self._outbox.put(None)  # its writer stops
+        if culprit is None:
+            # Only a pass whose document reached the worker can have killed it: alone, it did.
+            sent = [e for e in live if e.sent]
+            culprit = sent[0] if len(sent) == 1 else None
+        for execution in live:
+            execution.spared = execution is not culprit and not execution.canceled
             execution.end(self.dead)
         self.proc_exec.finish(grace_s=0)
         self.pool.settle(self)
+        self.pool.wake()
 
 
 def _peek_pass(line):
@@ -3642,36 +3754,65 @@ class WorkerPool:
         return PYTHON_WORKER_SLOTS if self.runtime == "python" else None
 
     def run(self, spec, code_path, doc):
-        execution = WarmExecution(None, spec, self.adapter.config["adapters.exec.timeout"])
-        worker = self._worker()
-        execution.worker = worker
-        worker.submit(execution, code_path, doc)
+        execution = WarmExecution(self, spec, self.adapter.config["adapters.exec.timeout"])
+        if spec.on_execution is not None:
+            spec.on_execution(execution)
+        worker = self._worker(execution)
+        if worker is not None:  # else it was stopped while it waited: it has ended
+            worker.submit(execution, code_path, doc)
         return execution
 
-    def _worker(self):
-        """An idle worker, else a new one while under size, else the least loaded."""
+    def wake(self):
+        """Tell all those waiting for room that something changed (a pass stopped, went on)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    @staticmethod
+    def _take(worker, execution):
+        """Give ``worker`` to the pass, unless the pass was stopped or frozen meanwhile."""
+        with execution._lock:
+            if execution.canceled or execution._paused:
+                return False
+            execution.worker = worker
+            return True
+
+    def _worker(self, execution):
+        """An idle worker, else a new one while under size, else the least loaded; None if the pass
+        was stopped while it waited (a frozen pass waits until it may go on)."""
         with self._cond:
             while True:
+                if execution.canceled:
+                    return None
                 usable = [w for w in self.workers if w.dead is None and not w.draining]
                 idle = [w for w in usable if w.load == 0]
-                if idle:
-                    idle[0].reserved += 1
-                    return idle[0]
-                if len(self.workers) + self._spawning < self.size:
+                may_spawn = len(self.workers) + self._spawning < self.size
+                best = idle[0] if idle else None
+                if best is None and usable and not may_spawn:
+                    best = min(usable, key=lambda w: w.load)
+                    if self.slots is not None and best.load >= self.slots:
+                        best = None
+                if best is not None:
+                    if self._take(best, execution):
+                        best.reserved += 1
+                        return best
+                    if execution.canceled:
+                        return None
+                elif may_spawn and not execution._paused:
                     self._spawning += 1
                     reply = queue.SimpleQueue()
                     self._requests.put(reply)
                     break
-                best = min(usable, key=lambda w: w.load) if usable else None
-                if best is not None and (self.slots is None or best.load < self.slots):
-                    best.reserved += 1
-                    return best
                 self._cond.wait(5.0)  # workers starting, or all full: wait for one
         worker = reply.get()
         if isinstance(worker, BaseException):
             raise worker
-        with self._lock:
-            worker.reserved += 1
+        with self._cond:  # the spawner registered it with our reservation made
+            while not self._take(worker, execution):
+                if execution.canceled:
+                    worker.reserved -= 1
+                    self._cond.notify_all()
+                    return None
+                self._cond.wait(5.0)  # frozen: keep the worker until it may go on
         return worker
 
     def _spawner(self):
@@ -3683,6 +3824,8 @@ class WorkerPool:
                 worker = WarmWorker(self, self.adapter.worker_argv(self.runtime), self.adapter.worker_env(),
                                     self.adapter.work_dir, self.adapter.address_space(self.runtime))
                 with self._cond:
+                    # Reserved for its requester before anyone sees it: never taken as idle.
+                    worker.reserved += 1
                     self.workers.append(worker)
                     self._spawning -= 1
                     self._cond.notify_all()
@@ -3940,11 +4083,13 @@ class ExecAdapter(Adapter):
     def launch(self, spec):
         self.check(spec.runtime)
         code = self._code(spec)
-        if self.warm:
+        if self.warm and not spec.isolated:
             return self.pool(spec.runtime).run(spec, code, spec.doc)
+        # Its own process: what it does to that process (a crash, its memory) is its own.
         return ProcessExecution(self._runtime_argv(spec.runtime) + [code], (dumps(spec.doc) + "\n").encode("utf-8"),
                                 env=self.env(spec), cwd=self.work_dir, timeout_ms=self.config["adapters.exec.timeout"],
-                                event_pipe=True, address_space=self.address_space(spec.runtime))
+                                event_pipe=True, address_space=self.address_space(spec.runtime),
+                                memory=self.config["limits.pass_memory"] or None)
 
     def workers(self, busy=False):
         """Pids of the warm workers alive (``busy``: running a pass now), per runtime."""
@@ -5325,7 +5470,9 @@ class Scheduler:
             adapter = self.sidecar.adapter(adapter_name)
             if run.get("lost_pass_id"):
                 adapter.reap(run["id"], run["lost_pass_id"])
-            spec = PassSpec(self._pass_doc(run, version), version)
+            spec = PassSpec(self._pass_doc(run, version), version,
+                            isolated=bool(run.get("isolated")))
+            spec.on_execution = lambda ex: setattr(ap, "execution", ex)  # stoppable while it waits
             if ap.release or ap.lease_lost or lease_clock() > ap.lease_until - self.lease_margin_s:
                 self._give_back(ap)  # not ours to start any more (or shutting down)
                 return
@@ -5402,6 +5549,10 @@ class Scheduler:
             return
         if ap.release or ap.lease_lost:
             self._give_back(ap)
+            return
+        if execution.spared:
+            self._retrying(lambda: self.store.spare(ap.run_id, ap.pass_id, self.clock(), defaults,
+                                                    how), ap)
             return
         self._retrying(lambda: self.store.end_pass_without_result(ap.run_id, ap.pass_id, self.clock(), defaults,
                                                                    how), ap)
@@ -6958,6 +7109,7 @@ class Sidecar:
             "deadline_at": run["deadline_at"], "steps": steps,
             "last_pass": loads_or_none(run["last_pass"]), "idempotency_key": run["idempotency_key"],
             "retries": run["retries"], "forked_from": run["forked_from"], "schedule": run["schedule_name"],
+            "isolated": bool(run["isolated"]),  # its passes run alone (its shared worker died under it)
             "waiting_for": [dict(loads_or_none(w["wait"]) or {}, step=w["key"], timeout_at=w["wake_at"])
                             for w in waits if w["status"] == "waiting"],
             "parent": {"run_id": run["parent_run_id"], "wait": run["parent_wait_key"]} if run["parent_run_id"]

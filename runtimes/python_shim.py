@@ -66,10 +66,28 @@ def _parse_duration_ms(value, unit_ms):
     return None
 
 
+def _memory_ceiling():
+    """The address-space limit the sidecar set (limits.pass_memory), e.g. "200MiB", or None."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, OSError, ValueError):
+        return None
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return None
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if soft >= size and soft % size == 0:
+            return "%d%s" % (soft // size, unit)
+    return "%d bytes" % soft
+
+
 def error_doc(exc):
     message = str(exc)
     if isinstance(exc, MemoryError):
-        message = "out of memory%s (the pass's ceiling is limits.pass_memory)" % (": " + message if message else "")
+        ceiling = _memory_ceiling()
+        message = "the pass ran out of memory%s%s" % (
+            " (limits.pass_memory: %s)" % ceiling if ceiling else "",
+            ": " + message if message else "")
     return {
         "message": message or type(exc).__name__,
         "name": type(exc).__name__,
@@ -602,6 +620,13 @@ class Worker:
             self.events.write(line)
             self.events.flush()
 
+    def out_of_memory(self):
+        """The pass that met the ceiling may not be the one that used the memory: the worker
+        goes, and the sidecar runs each pass it held alone, so the one that did fails alone."""
+        with self.lock:
+            os.write(2, b"ty-openworkflow worker: MemoryError (a pass ran out of memory)\n")
+            os._exit(1)
+
     def workflow(self, path):
         with self.lock:
             fn = self.loaded.get(path)
@@ -626,6 +651,8 @@ class Worker:
                 state["inflight"] += 1
             elif '"step_completed"' in kind or '"step_failed"' in kind:
                 state["inflight"] -= 1
+            if ('"step_failed"' in kind or '"failed"' in kind) and '"MemoryError"' in line:
+                self.out_of_memory()
             self.write(line)
 
         try:
