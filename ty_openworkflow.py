@@ -82,9 +82,8 @@ STORE_POOL_IDLE = 8
 # store.synchronous: what a commit survives. full: a crash of the machine or a power
 # cut (SQLite's WAL is synced at every commit); normal: a crash of the process only.
 STORE_SYNC_MODES = ("full", "normal")
-# A scheduler puts its own (quiet) commits on the disk when it idles, at most this often,
-# and at every heartbeat.
-LULL_SYNC_EVERY_S = 1.0
+# A scheduler's own (quiet) commits are put on the disk together, this long after the first.
+QUIET_SYNC_S = 0.05
 # Step retry defaults follow OpenWorkflow: 10 attempts, 1 s, x2, capped at 100 s.
 DEFAULT_RETRY = {"max_attempts": 10, "initial_ms": 1000, "backoff": 2.0, "max_ms": 100000}
 # A pass that dies with no step in flight (shim crash, OOM) retries on this policy.
@@ -106,7 +105,7 @@ MAX_STEP_NAME_LEN = 200
 APPROVAL_POLL_BATCH = 100
 # Child runs: how deep a tree of them may grow below its root, and how many one run may have
 # unfinished at once (limits.max_child_depth, limits.max_children; Temporal's pending-children
-# limit is 2,000). They bound what a cancel or a deadline walks over, and stop runaway recursion.
+# limit is 2,000). They stop runaway recursion; a cascade walks the tree in a loop, however big.
 CHILD_DEPTH_DEFAULT = 100
 CHILDREN_DEFAULT = 1000
 MAX_DURATION_MS = 100 * 365 * 86400000  # a century: longer is a typo
@@ -1012,8 +1011,8 @@ def load_config(path=None, text=None, must_exist=False):
     if values["lease_ttl"] < 2000:
         raise ConfigError("%s: lease_ttl must be at least 2s" % path)
     if values["store.synchronous"] not in STORE_SYNC_MODES:
-        raise ConfigError("%s:%s: store.synchronous must be full (a commit survives a power cut) or "
-                          "normal (faster; survives a crash of the process only)"
+        raise ConfigError("%s:%s: store.synchronous must be full (a commit survives a power cut) "
+                          "or normal (faster; survives a crash of the process only)"
                           % (path, key_lines.get("store.synchronous", "?")))
     if values["adapters.exec.mode"] not in ("warm", "process"):
         raise ConfigError("%s:%s: adapters.exec.mode must be warm (long-lived workers) or process (a process per "
@@ -1261,7 +1260,8 @@ MIGRATIONS = [
     [  # 11: what makes a scheduler's pid meaningful, and an id that names this store
         "ALTER TABLE schedulers ADD COLUMN pid_ns TEXT",  # its PID namespace (NULL: unknown)
         # Marks the processes and containers of this store's passes: no other store has it.
-        "CREATE TABLE store_identity (id TEXT NOT NULL)",
+        # file: the db file's device:inode when the id was given (a copy is another file).
+        "CREATE TABLE store_identity (id TEXT NOT NULL, file TEXT)",
         "INSERT INTO store_identity (id) VALUES (lower(hex(randomblob(16))))",
     ],
     [  # 12: a run whose shared worker died under it runs its passes alone from then on
@@ -1356,6 +1356,8 @@ class Store:
         self._synced_version = None  # the WAL's _file_version then, if trusted
         self._synced_inodes = {}
         self._local = threading.local()
+        self._unsynced = threading.Event()  # quiet commits wait for the syncer
+        self._syncer = None
         self._alive_cache = {}
         self._store_id = None
         self._closed = False
@@ -1385,8 +1387,11 @@ class Store:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 log.debug("journal_mode is %s, not wal", mode)
-            # full: transaction() syncs the WAL after each commit itself (see _sync).
-            conn.execute("PRAGMA synchronous = NORMAL")
+            # full: transaction() syncs the WAL after each commit itself (see sync()); with
+            # no WAL (a file system without shared memory), SQLite's own full mode does.
+            wal = mode.lower() == "wal"
+            conn.execute("PRAGMA synchronous = %s" % (
+                "FULL" if self.synchronous == "full" and not wal else "NORMAL"))
         except sqlite3.DatabaseError as exc:
             raise self._wrap(exc)
         return conn
@@ -1465,6 +1470,31 @@ class Store:
                 self._release(conn)
         if not self._quiet():
             self.sync()
+        elif self.synchronous == "full":
+            self._sync_soon()
+
+    def _sync_soon(self):
+        """A quiet commit reaches the disk within QUIET_SYNC_S, with those near it."""
+        self._unsynced.set()
+        if self._syncer is None:
+            with self._lock:
+                if self._syncer is None:
+                    self._syncer = threading.Thread(target=self._sync_quiet_commits,
+                                                    name="tyow-store-sync", daemon=True)
+                    self._syncer.start()
+
+    def _sync_quiet_commits(self):
+        while not self._closed:
+            if not self._unsynced.wait(1.0):
+                continue
+            time.sleep(QUIET_SYNC_S)  # the commits of the next moments share this sync
+            self._unsynced.clear()
+            try:
+                self.sync()
+            except OpenWorkflowError as exc:
+                self._unsynced.set()
+                log.warning("%s", exc)
+                time.sleep(1.0)
 
     # -- durability: what a commit survives (store.synchronous) ---------------------
     #
@@ -1473,11 +1503,12 @@ class Store:
     # the commit is written under the lock and synced once it is let go (a group
     # commit: writers that queue for a sync share one). A scheduler's own writes
     # (claims, leases, a pass's events) tell nobody anything, so they are not waited
-    # for (quiet_commits); what anyone is told or shown is synced first: a command's
-    # write before it returns, what status, list, logs and the dashboard show before
-    # they answer (Sidecar.shown), the TaskYou bridge before it calls `ty`. A power
-    # cut can so lose only work nobody has seen, which is then done again, as after a
-    # crash a moment earlier.
+    # for (quiet_commits): a syncer puts them on the disk within QUIET_SYNC_S, together.
+    # What anyone is told or shown is synced first: a command's write before it
+    # returns, what status, list, logs and the dashboard show before they answer
+    # (sync_shown), the TaskYou bridge before it calls `ty`. A power cut can so lose
+    # only the last moment of work nobody has seen, which is then done again, as after
+    # a crash a moment earlier.
 
     def _quiet(self):
         return self.synchronous != "full" or getattr(self._local, "quiet", False)
@@ -1497,22 +1528,19 @@ class Store:
         if not self._quiet():
             self.sync()
 
-    def sync(self, unless_within_s=None):
+    def sync(self):
         """Put everything committed so far, by any process, on the disk (a no-op if normal).
 
-        One fdatasync of the WAL; callers that arrive while one runs share the next.
-        ``unless_within_s``: not if a sync began that recently (housekeeping)."""
+        One fdatasync of the WAL; callers that arrive while one runs share the next."""
         if self.synchronous != "full":
             return
         wanted = time.monotonic_ns()
-        if unless_within_s is not None:
-            wanted -= int(unless_within_s * 1e9)
         wal = self.path + "-wal"
         with self._sync_lock:
             if self._synced_from > wanted:
                 return  # a sync that began after we asked covered it
             try:
-                seen = _file_version(wal)
+                seen, seen_at = _file_version(wal), time.time_ns()
             except OSError:
                 seen = None
             if seen is not None and seen == self._synced_version:
@@ -1524,8 +1552,9 @@ class Store:
                 raise StoreError("cannot sync %s to the disk (%s); check the disk and data_dir"
                                  % (self.path, exc.strerror or exc), exc)
             self._synced_from = began
-            # Trusted later only if no write can share its time stamp (they are coarse).
-            settled = seen and time.time_ns() - seen[2] > FILE_TIME_GRAIN_NS
+            # Trusted later only if no write after our look can share its time stamp (they are
+            # coarse): it was already that old when we looked.
+            settled = seen and seen_at - seen[2] > FILE_TIME_GRAIN_NS
             self._synced_version = seen if settled else None
 
     def _fsync(self, path):
@@ -2321,25 +2350,27 @@ class Store:
             self._last_pass(c, run_id, passes, "released: %s" % reason, now)
         return bool(n)
 
-    def spare(self, run_id, pass_id, now, defaults, message):
-        """The pass's shared worker died under it, perhaps by another pass's doing: it is given
-        back, due now, with no attempt counted, and the run's passes run alone from then on.
-        A pass of a run already alone owns its death: that is a failed attempt."""
+    def spare(self, run_id, pass_id, now, defaults, message, isolate=True):
+        """The pass's shared worker died under it by another pass's doing: it is given back, due
+        now, with no attempt counted. ``isolate`` (whose doing is not known): the run's passes
+        run alone from then on, and a pass of a run already alone owns its death."""
         with self.transaction() as c:
             row = c.execute("SELECT status, pass_id, isolated FROM runs WHERE id = ?",
                             (run_id,)).fetchone()
             if row is None or row[0] != "running" or row[1] != pass_id:
                 return False
-            if row[2]:
+            if isolate and row[2]:
                 return self._end_pass(c, run_id, pass_id, now, defaults, message)
             # The steps it had started start again: that attempt is not counted.
             cut = c.execute("UPDATE steps SET attempts = max(attempts - 1, 0) "
                             "WHERE run_id = ? AND status = 'running' AND kind = 'step'",
                             (run_id,)).rowcount
-            c.execute("UPDATE runs SET isolated = 1, step_attempts = max(step_attempts - ?, 0) "
-                      "WHERE id = ?", (cut, run_id))
-            return self._released(c, run_id, pass_id, now, "%s (in a shared warm worker; not "
-                                  "counted: the run's passes run alone from now on)" % message)
+            c.execute("UPDATE runs SET isolated = max(isolated, ?), "
+                      "step_attempts = max(step_attempts - ?, 0) WHERE id = ?",
+                      (1 if isolate else 0, cut, run_id))
+            why = ("the run's passes run alone from now on" if isolate
+                   else "another pass in its shared warm worker caused it")
+            return self._released(c, run_id, pass_id, now, "%s (not counted: %s)" % (message, why))
 
     def apply_event(self, run_id, pass_id, ev, now, defaults):
         """Commit one pass event; returns APPLIED, IGNORED (stale pass) or ENDED (terminal)."""
@@ -2911,12 +2942,22 @@ class Store:
 
     @property
     def store_id(self):
-        """The random id this store was given when made (it marks its passes' processes)."""
-        if self._store_id is None:
-            row = self.query("SELECT id FROM store_identity")
-            self._store_id = row[0]["id"]
-        return self._store_id
+        """The random id this store was given when made (it marks its passes' processes).
 
+        A copy of the store (a restored backup, a cloned data dir) is another file: it
+        takes an id of its own the first time it is opened, so two copies never take
+        each other's processes or containers for their own."""
+        if self._store_id is None:
+            st = os.stat(self.path)
+            here = "%d:%d" % (st.st_dev, st.st_ino)
+            row = self.query_one("SELECT id, file FROM store_identity")
+            if row["file"] != here:
+                with self.transaction() as c:
+                    c.execute("UPDATE store_identity SET id = CASE WHEN file IS NULL THEN id ELSE "
+                              "lower(hex(randomblob(16))) END, file = ?", (here,))
+                row = self.query_one("SELECT id, file FROM store_identity")
+            self._store_id = row["id"]
+        return self._store_id
 
 
 
@@ -3198,9 +3239,11 @@ class Execution:
         """Undo ``pause()``."""
 
     log_text = ""
-    # The process died under the pass for a cause that may be another pass's (a shared worker):
-    # the pass is given back, not charged, and its run's passes run alone from then on.
+    # The process died under the pass for another pass's doing (a shared worker): the pass
+    # is given back, not charged. ``suspect``: nobody knows whose doing, so the run's passes
+    # run alone from then on, and a death there is its own.
     spared = False
+    suspect = False
 
 
 class ProcessExecution(Execution):
@@ -3413,6 +3456,7 @@ class WarmExecution(Execution):
         self.pass_id = spec.pass_id
         self.canceled = False
         self.timed_out = False
+        self.queued = False  # its document is queued for the worker (cancel goes through it)
         self.sent = False  # its document is in the worker's stdin
         self.ended_why = None  # set when the worker died under the pass
         self._timeout_ms = timeout_ms
@@ -3483,12 +3527,13 @@ class WarmExecution(Execution):
             if self._done.is_set():
                 return
             self.canceled = True
-            worker = self.worker
-        if worker is not None:
+            worker, queued = self.worker, self.queued
+        if queued:
             worker.cancel(self)
-            return
-        self.end()  # still waiting for room: it never reaches a worker
-        self.pool.wake()
+        elif worker is None:
+            self.end()  # still waiting for room: it never reaches a worker
+            self.pool.wake()
+        # else its worker is picked but the pass not queued yet: submit() drops it
 
     def pause(self):
         with self._lock:
@@ -3579,18 +3624,23 @@ class WarmWorker:
 
     def submit(self, execution, code_path, doc):
         line = (dumps({"op": "pass", "code": code_path, "doc": doc}) + "\n").encode("utf-8")
-        with self._lock:
+        with self._lock, execution._lock:
             self.reserved = max(0, self.reserved - 1)
-            gone = self._gone
-            if not gone:
+            gone, dropped = self._gone, execution.canceled
+            if not gone and not dropped:
                 self.passes[execution.pass_id] = execution
                 self.served += 1
-        if gone:  # it died before the pass reached it: not the pass's doing
+                # Queued under the pass's lock: a cancel from now on follows it into the worker.
+                execution.queued = True
+                self._outbox.put((line, execution))
+        if dropped:  # canceled after it got this worker, before it reached it: it never runs
+            execution.end()
+            self.pool.wake()
+        elif gone:  # it died before the pass reached it: not the pass's doing
             execution.spared = True
             execution.end(self.dead)
-            return
-        execution.started()
-        self._outbox.put((line, execution))
+        else:
+            execution.started()
 
     def _write(self):
         """Feed the worker's stdin from the outbox, in order, until told to close it."""
@@ -3630,8 +3680,7 @@ class WarmWorker:
             if not self.passes:
                 self.idle_since = time.monotonic()
         self.pool.settle(self)
-        with self.pool._cond:
-            self.pool._cond.notify()  # one slot is free: one waiter (not a herd of them)
+        self.pool.freed()
 
     def kill(self, why, culprit=None):
         """Stop the worker; ``culprit``: the pass it is stopped for (the others are spared)."""
@@ -3682,7 +3731,8 @@ class WarmWorker:
 
     def _died(self, code):
         """Say why the worker died, and end the passes it held: the one that killed it, if known,
-        is charged; the others are spared (given back, and run alone from then on)."""
+        is charged; the others are spared (given back; if the culprit is not known, those that
+        were in the worker run alone from then on, where a death is their own)."""
         self.proc_exec._err_thread.join(2)
         said = b"".join(self._stderr_tail).decode("utf-8", "replace")[-4000:]
         tail = said.strip().splitlines()[-1:]
@@ -3701,11 +3751,14 @@ class WarmWorker:
             culprit = self._culprit
         self._outbox.put(None)  # its writer stops
         if culprit is None:
-            # Only a pass whose document reached the worker can have killed it: alone, it did.
+            # Only a pass whose document reached the worker can have killed it, and what an
+            # earlier pass left running (a timer, a leak) can too: alone in a worker that never
+            # ran another pass, it did.
             sent = [e for e in live if e.sent]
-            culprit = sent[0] if len(sent) == 1 else None
+            culprit = sent[0] if len(sent) == 1 and self.served == 1 else None
         for execution in live:
             execution.spared = execution is not culprit and not execution.canceled
+            execution.suspect = execution.spared and execution.sent and culprit is None
             execution.end(self.dead)
         self.proc_exec.finish(grace_s=0)
         self.pool.settle(self)
@@ -3735,6 +3788,7 @@ class WorkerPool:
         self.runtime = runtime
         self.workers = []
         self._spawning = 0
+        self._frozen = 0  # passes waiting for room that are frozen (a lease in doubt)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._closed = threading.Event()
@@ -3766,6 +3820,23 @@ class WorkerPool:
         """Tell all those waiting for room that something changed (a pass stopped, went on)."""
         with self._cond:
             self._cond.notify_all()
+
+    def freed(self):
+        """One slot is free: one waiter, not a herd of them (all if a frozen one might take it)."""
+        with self._cond:
+            if self._frozen:
+                self._cond.notify_all()
+            else:
+                self._cond.notify()
+
+    def _wait_for_room(self, execution):
+        """Wait (under the pool's lock) until a slot frees or the pass may go on."""
+        frozen = execution._paused
+        self._frozen += frozen
+        try:
+            self._cond.wait(5.0)
+        finally:
+            self._frozen -= frozen
 
     @staticmethod
     def _take(worker, execution):
@@ -3802,7 +3873,7 @@ class WorkerPool:
                     reply = queue.SimpleQueue()
                     self._requests.put(reply)
                     break
-                self._cond.wait(5.0)  # workers starting, or all full: wait for one
+                self._wait_for_room(execution)  # workers starting, or all full
         worker = reply.get()
         if isinstance(worker, BaseException):
             raise worker
@@ -3812,7 +3883,7 @@ class WorkerPool:
                     worker.reserved -= 1
                     self._cond.notify_all()
                     return None
-                self._cond.wait(5.0)  # frozen: keep the worker until it may go on
+                self._wait_for_room(execution)  # frozen: keep the worker until it may go on
         return worker
 
     def _spawner(self):
@@ -5194,11 +5265,6 @@ class Scheduler:
 
     def _wait(self, timeout_s):
         timeout_s = max(0.0, min(timeout_s, self.wait_cap_s))
-        if timeout_s >= 0.005:  # a lull: put the quiet commits made so far on the disk
-            try:
-                self.store.sync(unless_within_s=LULL_SYNC_EVERY_S)
-            except OpenWorkflowError as exc:
-                log.warning("cannot sync the store: %s", exc)
         if not self.sock:
             self.stopping.wait(timeout_s)
             return
@@ -5339,6 +5405,10 @@ class Scheduler:
 
     def _bridge_loop(self):
         """Deliver task updates off the scheduling path: a slow `ty` never delays a pass."""
+        with self.store.quiet_commits():  # it syncs before each `ty` call itself
+            self._bridge_rounds()
+
+    def _bridge_rounds(self):
         while not self.stopping.is_set():
             self._deliver_updates()
             try:
@@ -5552,7 +5622,7 @@ class Scheduler:
             return
         if execution.spared:
             self._retrying(lambda: self.store.spare(ap.run_id, ap.pass_id, self.clock(), defaults,
-                                                    how), ap)
+                                                    how, isolate=execution.suspect), ap)
             return
         self._retrying(lambda: self.store.end_pass_without_result(ap.run_id, ap.pass_id, self.clock(), defaults,
                                                                    how), ap)
@@ -5625,8 +5695,6 @@ class Scheduler:
     def _beat(self, interval):
         while not self.ended.wait(interval):
             try:
-                # Bound what a power cut can take of the passes' quiet commits.
-                self.store.sync()
                 started = lease_clock()
                 now = self.clock()
                 self.store.heartbeat_scheduler(self.id, now)
@@ -7011,7 +7079,9 @@ class Sidecar:
         return wf
 
     def list_workflows(self):
-        return self.store.list_workflows()
+        workflows = self.store.list_workflows()
+        self.store.sync_shown()
+        return workflows
 
     # -- runs -----------------------------------------------------------------
 
@@ -7109,7 +7179,8 @@ class Sidecar:
             "deadline_at": run["deadline_at"], "steps": steps,
             "last_pass": loads_or_none(run["last_pass"]), "idempotency_key": run["idempotency_key"],
             "retries": run["retries"], "forked_from": run["forked_from"], "schedule": run["schedule_name"],
-            "isolated": bool(run["isolated"]),  # its passes run alone (its shared worker died under it)
+            # Its passes run alone (a shared worker died under it, nobody knows by whose doing).
+            "isolated": bool(run["isolated"]),
             "waiting_for": [dict(loads_or_none(w["wait"]) or {}, step=w["key"], timeout_at=w["wake_at"])
                             for w in waits if w["status"] == "waiting"],
             "parent": {"run_id": run["parent_run_id"], "wait": run["parent_wait_key"]} if run["parent_run_id"]
@@ -7260,7 +7331,9 @@ class Sidecar:
                 "last_run_id": row["last_run_id"], "created_at": row["created_at"]}
 
     def schedules(self):
-        return [self._schedule_doc(r) for r in self.store.schedules()]
+        docs = [self._schedule_doc(r) for r in self.store.schedules()]
+        self.store.sync_shown()
+        return docs
 
     def schedule_rm(self, name):
         doc = self.schedule(name)

@@ -57,7 +57,8 @@ def main(argv=None):
     for runtime in args.runtimes.split(","):
         counts, took = soak(tow, runtime, args.passes, args.batch)
         warm, high, last = counts[0], max(counts), counts[-1]
-        print("  %-6s %d passes in %.0f s: fds warm %d, highest %d, last %d (growth %+d); per batch: %s"
+        print("  %-6s %d passes in %.0f s: fds warm %d, highest %d, last %d (growth %+d); "
+              "per batch: %s"
               % (runtime, args.passes, took, warm, high, last, last - warm,
                  " ".join(map(str, counts))), flush=True)
     return 0

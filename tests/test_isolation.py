@@ -358,3 +358,79 @@ class WaitIsNotTimedOut(IsolationCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# Leaves a timer behind that kills the worker after the pass has ended.
+STRAGGLER = """
+async function workflow(input, { step }) {
+  return await step("arm", () => { setTimeout(() => process.exit(7), input.after_ms); return 1; });
+}
+"""
+
+# A step that never yields: only killing its worker stops it.
+BUSY = """
+async function workflow(input, { step }) {
+  return await step("spin", () => { for (;;) {} });
+}
+"""
+
+
+class WhatAnEarlierPassLeftBehind(IsolationCase):
+    def test_a_worker_killed_by_a_finished_pass_charges_nobody(self):
+        """An earlier pass's timer kills the worker while another run is alone in it."""
+        sc = self.sidecar(clock=False)
+        sc.deploy("straggler", STRAGGLER, runtime="node")
+        sched = self.serve_in_thread(sc, concurrency=1)
+        counter, gate = os.path.join(self.tmp, "c.txt"), os.path.join(self.tmp, "gate")
+        armed = sc.start("straggler", {"after_ms": 1500}, drive=False)["id"]
+        sched.wake()
+        self.assertEqual(self.finished(sc, armed)["status"], "completed")
+        runs = self.gated_runs(sc, sched, 1, counter, gate)  # alone in the armed worker
+        wait_for(lambda: sc.status(runs[0])["isolated"], timeout=20,
+                 what="the timer to kill the worker under the gated run")
+        self.assertNotEqual(sc.status(runs[0])["status"], "failed")
+        self.assert_spared(sc, runs, gate)
+
+
+class AKnownCulprit(IsolationCase):
+    def test_bystanders_of_a_pass_killed_for_a_cancel_are_not_isolated(self):
+        sc = self.sidecar(clock=False)
+        counter, gate = os.path.join(self.tmp, "c.txt"), os.path.join(self.tmp, "gate")
+        sched = self.serve_in_thread(sc, concurrency=4)
+        runs = self.gated_runs(sc, sched, 2, counter, gate)
+        sc.deploy("busy", BUSY, runtime="node")
+        busy = sc.start("busy", {}, drive=False)["id"]
+        sched.wake()
+        wait_for(lambda: sc.status(busy)["steps"], what="the busy step to start")
+        sc.cancel(busy)  # the worker cannot answer: it is killed for that pass
+        self.assertEqual(self.finished(sc, busy)["status"], "canceled")
+        self.assert_spared(sc, runs, gate)
+        self.assertEqual([sc.status(r)["isolated"] for r in runs], [False, False])
+
+
+class CancelBeforeItReachesItsWorker(IsolationCase):
+    runtime = "python"
+
+    def test_a_pass_canceled_between_getting_a_worker_and_reaching_it_never_runs(self):
+        sc = self.sidecar(clock=False)
+        sc.deploy("gated", GATED["python"], runtime="python")
+        counter, gate = os.path.join(self.tmp, "c.txt"), os.path.join(self.tmp, "gate")
+        run = sc.start("gated", {"tag": "g", "counter": counter, "gate": gate}, drive=False)
+        adapter = sc.adapter("exec")
+        pool = adapter.pool("python")
+        doc = {"protocol": tow.PROTOCOL_VERSION, "pass_id": "pass_x", "run_id": run["id"],
+               "workflow_id": "gated", "version": run["version"], "version_label": "1.0.0",
+               "attempt": 1, "input": run["input"], "now": tow.now_ms(),
+               "history": sc.store.history(run["id"]), "inline_sleep_ms": 1000,
+               "max_output_bytes": 1 << 20, "max_steps": 100, "callback_url": None}
+        spec = tow.PassSpec(doc, sc.store.get_version("gated", run["version"]))
+        execution = tow.WarmExecution(pool, spec, None)
+        worker = pool._worker(execution)  # it has its worker; its document is not queued yet
+        time.sleep(1.5)  # the worker is up: a pass that reached it would start at once
+        execution.cancel()
+        worker.submit(execution, adapter._code(spec), doc)
+        self.assertEqual(execution.finish(grace_s=2), "the pass was stopped")
+        self.assertNotIn("pass_x", worker.passes)
+        self.assertEqual(worker.load, 0)
+        time.sleep(0.5)
+        self.assertEqual(read_counter(counter), [])  # its step never ran

@@ -256,3 +256,22 @@ class SeparatePidNamespaces(Serving):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class CopiedStores(TempHome):
+    def test_a_copy_of_the_store_takes_an_id_of_its_own(self):
+        """A restored backup or a cloned data dir never takes the original's processes."""
+        sc = self.sidecar()
+        first = sc.store.store_id
+        sc.close()
+        self._sidecars.remove(sc)
+        copy = os.path.join(self.tmp, "copy")
+        shutil.copytree(self.data_dir, copy)
+        original, clone = tow.Store(self.data_dir), tow.Store(copy)
+        self.addCleanup(original.close)
+        self.addCleanup(clone.close)
+        self.assertEqual(original.store_id, first)
+        self.assertNotEqual(clone.store_id, first)
+        again = tow.Store(copy)
+        self.addCleanup(again.close)
+        self.assertEqual(again.store_id, clone.store_id)  # and keeps it
