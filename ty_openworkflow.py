@@ -2971,7 +2971,9 @@ TERMINAL_EVENTS = {"completed", "failed", "suspended"}
 
 
 CLOUDFLARE_GLUE = "cloudflare_worker.js"
-RUNTIME_FILES = [spec["shim"] for spec in RUNTIMES.values()] + [CLOUDFLARE_GLUE]
+DASHBOARD_PAGE = "dashboard.html"  # the dashboard's page: no runtime, but shipped the same way
+# The files of runtimes/, embedded in the single-file build by `make dist`.
+RUNTIME_FILES = [spec["shim"] for spec in RUNTIMES.values()] + [CLOUDFLARE_GLUE, DASHBOARD_PAGE]
 
 
 def runtime_source(runtime):
@@ -2988,8 +2990,9 @@ def runtime_file(name):
         with open(path, encoding="utf-8") as f:
             return f.read()
     except OSError:
-        raise AdapterError("runtime shim runtimes/%s not found beside %s; copy the runtimes/ folder with it, "
-                           "or use the single-file build (make dist)" % (name, os.path.basename(__file__)))
+        raise AdapterError("runtimes/%s not found beside %s; copy the runtimes/ folder with it, "
+                           "or use the single-file build (make dist)"
+                           % (name, os.path.basename(__file__)))
 
 
 def parse_event_line(line, pass_id):
@@ -6553,6 +6556,7 @@ class DashboardServer(_HttpService):
         self.allowed_hosts = {"localhost", "127.0.0.1", "::1", self.host.lower()} | {
             h.strip().lower() for h in cfg["dashboard.allowed_hosts"].split(",") if h.strip()}
         self.slots = threading.BoundedSemaphore(cfg["dashboard.max_connections"])
+        self.page = runtime_file(DASHBOARD_PAGE)  # read here: a missing file stops the start
         self.httpd = None
         # What was answered in the last DASHBOARD_CACHE_S is answered again as it was: many open
         # pages and scrapers cost the scheduler it shares a process with next to nothing.
@@ -6725,7 +6729,7 @@ class _DashboardHandler:
                                                           "it to dashboard.allowed_hosts"})
         try:
             if parts.path in ("/", "/index.html"):
-                return self._send(200, DASHBOARD_HTML, "text/html; charset=utf-8")
+                return self._send(200, self.dashboard.page, "text/html; charset=utf-8")
             if parts.path == "/healthz":
                 return self._json(200, {"ok": True})
             board = self.dashboard
@@ -6803,161 +6807,6 @@ class _DashboardHandler:
     do_DELETE = do_PATCH = do_PUT
 
 
-DASHBOARD_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>ty-openworkflow</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
-header{background:#1d2330;color:#fff;padding:10px 16px;display:flex;gap:16px;align-items:center}
-header b{font-size:16px} header a{color:#cfd6e4;text-decoration:none;cursor:pointer} header a.on{color:#fff;font-weight:600}
-main{padding:16px} .row{display:flex;gap:8px;align-items:center;margin-bottom:10px;flex-wrap:wrap}
-input,select,button{font:inherit;padding:4px 8px;border:1px solid #c5cbd6;border-radius:4px;background:#fff}
-button{cursor:pointer} button:hover{background:#eef1f6}
-table{border-collapse:collapse;width:100%;background:#fff} th,td{text-align:left;padding:6px 8px;border-bottom:1px solid #e4e7ec}
-tr.run{cursor:pointer} tr.run:hover{background:#f0f4fb}
-.st{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;color:#fff}
-.completed{background:#2f9e44}.failed{background:#e03131}.canceled{background:#868e96}.running{background:#1c7ed6}
-.sleeping{background:#7048e8}.waiting{background:#ae3ec9}.pending{background:#f08c00}.interrupted{background:#adb5bd}
-pre{background:#fff;border:1px solid #e4e7ec;padding:8px;overflow:auto;max-height:260px;margin:4px 0 12px}
-.timeline{position:relative;background:#fff;border:1px solid #e4e7ec;padding:8px 8px 8px 170px;margin-bottom:12px}
-.lane{position:relative;height:22px;margin:2px 0}.lane .name{position:absolute;left:-162px;width:156px;overflow:hidden;
-white-space:nowrap;text-overflow:ellipsis;font-size:12px;top:3px}
-.bar{position:absolute;top:3px;height:16px;border-radius:3px;min-width:3px;opacity:.9}
-.bar.step{background:#2f9e44}.bar.sleep{background:#7048e8}.bar.wait{background:#ae3ec9}.bar.failedattempt{background:#e03131}
-.bar.running{background:#1c7ed6}.pass{position:absolute;top:0;bottom:0;border-left:1px dashed #adb5bd}
-.muted{color:#6b7385}.err{color:#c92a2a}.grid{display:grid;grid-template-columns:140px 1fr;gap:4px 12px;margin-bottom:12px}
-</style></head><body>
-<header><b>ty-openworkflow</b><a id="nav-runs" class="on">Runs</a><a id="nav-workflows">Workflows</a>
-<a id="nav-schedules">Schedules</a><span style="flex:1"></span><span id="summary" class="muted"></span></header>
-<main id="main"></main>
-<script>
-"use strict";
-const $ = (s, el) => (el || document).querySelector(s);
-const esc = (v) => String(v === undefined || v === null ? "" : v).replace(/[&<>"']/g, (c) => ({"&":"&amp;","<":"&lt;",">":"&gt;","\\"":"&quot;","'":"&#39;"}[c]));
-const fmt = (ms) => ms ? new Date(ms).toLocaleString() : "-";
-const badge = (s) => '<span class="st ' + esc(s) + '">' + esc(s) + "</span>";
-const json = (v) => esc(JSON.stringify(v, null, 2));
-let view = {page: "runs", run: null, filters: {workflow: "", status: "", q: ""}};
-async function get(path) { const r = await fetch(path, {cache: "no-store"}); return r.json(); }
-async function act(runId, action, body) {
-  const token = localStorage.getItem("tyow-token") || prompt("Dashboard token (the file dashboard.token in data_dir):");
-  if (!token) return;
-  const r = await fetch("api/runs/" + runId + "/" + action, {method: "POST", headers: {"Authorization": "Bearer " + token,
-    "Content-Type": "application/json"}, body: JSON.stringify(body || {})});
-  const doc = await r.json();
-  if (r.status === 401) { localStorage.removeItem("tyow-token"); }
-  else if (r.ok) { localStorage.setItem("tyow-token", token); }
-  $("#action-result").textContent = r.ok ? action + ": done" : action + " refused: " + doc.error;
-  $("#action-result").className = r.ok ? "muted" : "err";
-  refresh();
-}
-function nav(page) { view.page = page; view.run = null;
-  for (const p of ["runs", "workflows", "schedules"]) $("#nav-" + p).className = p === page ? "on" : ""; refresh(); }
-for (const p of ["runs", "workflows", "schedules"]) $("#nav-" + p).onclick = () => nav(p);
-async function runsPage() {
-  const f = view.filters;
-  const q = new URLSearchParams({limit: "50"}); if (f.workflow) q.set("workflow", f.workflow);
-  if (f.status) q.set("status", f.status); if (f.q) q.set("q", f.q);
-  const doc = await get("api/runs?" + q);
-  let html = '<div class="row"><input id="f-q" placeholder="run id" value="' + esc(f.q) + '">' +
-    '<input id="f-wf" placeholder="workflow" value="' + esc(f.workflow) + '"><select id="f-st"><option value="">any status</option>' +
-    ["pending","running","sleeping","waiting","completed","failed","canceled"].map((s) => '<option' + (s === f.status ? " selected" : "") + ">" + s + "</option>").join("") +
-    '</select></div><table id="runs"><tr><th>run</th><th>workflow</th><th>status</th><th>created</th><th>finished</th><th>task</th></tr>';
-  for (const r of doc.runs) html += '<tr class="run" data-id="' + esc(r.id) + '"><td>' + esc(r.id) + "</td><td>" + esc(r.workflow_id) +
-    " v" + esc(r.version) + "</td><td>" + badge(r.status) + "</td><td>" + fmt(r.created_at) + "</td><td>" + fmt(r.finished_at) +
-    "</td><td>" + (r.task_id ? "#" + esc(r.task_id) : "-") + "</td></tr>";
-  html += "</table>" + (doc.runs.length ? "" : '<p class="muted">no runs</p>');
-  return html;
-}
-function timeline(st) {
-  const items = st.steps.filter((s) => s.started_at);
-  const passes = st.events.filter((e) => e.type === "pass_started").map((e) => e.at);
-  const fails = st.events.filter((e) => e.type === "step_failed");
-  const t0 = Math.min(st.created_at, ...items.map((s) => s.started_at));
-  const end = (s) => s.completed_at || (s.kind === "sleep" ? s.wake_at : s.kind === "wait" ? (s.timeout_at || st.updated_at) : st.updated_at);
-  const t1 = Math.max(st.finished_at || st.updated_at, ...items.map(end), t0 + 1);
-  const x = (t) => (100 * (t - t0) / (t1 - t0)).toFixed(3) + "%";
-  let html = '<div class="timeline" id="timeline">';
-  for (const s of items) {
-    const cls = s.kind === "step" ? (s.status === "completed" ? "step" : s.status === "running" ? "running" : "failedattempt") : s.kind;
-    html += '<div class="lane"><span class="name" title="' + esc(s.name) + '">' + esc(s.name) + (s.attempts > 1 ? " (" + s.attempts + " attempts)" : "") +
-      '</span><div class="bar ' + cls + '" data-step="' + esc(s.name) + '" title="' + esc(s.kind + " " + s.status) + '" style="left:' + x(s.started_at) +
-      ";width:calc(" + x(end(s)) + " - " + x(s.started_at) + ')"></div>';
-    for (const f of fails.filter((e) => e.data && e.data.step === s.name)) html += '<div class="bar failedattempt" title="failed: ' +
-      esc(f.data.error && f.data.error.message) + '" style="left:' + x(f.at) + ';width:3px"></div>';
-    html += "</div>";
-  }
-  for (const p of passes) html += '<div class="pass" title="pass started ' + fmt(p) + '" style="left:calc(170px + (100% - 178px) * ' + ((p - t0) / (t1 - t0)).toFixed(4) + ')"></div>';
-  return html + "</div>";
-}
-async function runPage(id) {
-  const st = await get("api/runs/" + encodeURIComponent(id));
-  if (st.ok === false) return '<p class="err">' + esc(st.error) + "</p>";
-  let html = '<div class="row"><button id="back">&larr; runs</button><b>' + esc(st.id) + "</b> " + badge(st.status) +
-    '<span style="flex:1"></span><button id="do-cancel">cancel</button><button id="do-retry">retry</button>' +
-    '<input id="sig-name" placeholder="signal name" size="10"><input id="sig-data" placeholder="JSON data" size="12"><button id="do-signal">signal</button>' +
-    '<span id="action-result" class="muted"></span></div><div class="grid">' +
-    "<span>workflow</span><span>" + esc(st.workflow_id) + " version " + esc(st.version) + " (" + esc(st.runtime) + ", " + esc(st.adapter) + ")</span>" +
-    "<span>created</span><span>" + fmt(st.created_at) + "</span><span>finished</span><span>" + fmt(st.finished_at) + "</span>" +
-    "<span>passes</span><span>" + esc(st.passes) + (st.last_pass && !st.finished_at ? ' <span class="muted">(last: ' + esc(st.last_pass.reason) + ")</span>" : "") + "</span>" +
-    (st.waiting_for && st.waiting_for.length ? "<span>waiting for</span><span>" + esc(st.waiting_for.map((w) => w.kind + " " + (w.name || w.workflow_id || w.title)).join(", ")) + "</span>" : "") +
-    (st.task && st.task.requested ? "<span>task</span><span>" + (st.task.id ? "#" + esc(st.task.id) + " " : "") + esc(st.task.title) + "</span>" : "") +
-    (st.parent ? '<span>parent</span><span><a href="#" data-run="' + esc(st.parent.run_id) + '">' + esc(st.parent.run_id) + "</a></span>" : "") +
-    (st.children.length ? "<span>children</span><span>" + st.children.map((c) => '<a href="#" data-run="' + esc(c.id) + '">' + esc(c.id) + "</a> " + badge(c.status)).join(" ") + "</span>" : "") +
-    (st.schedule ? "<span>schedule</span><span>" + esc(st.schedule) + "</span>" : "") + "</div>";
-  html += "<h3>Timeline</h3>" + timeline(st);
-  html += "<h3>Input</h3><pre>" + json(st.input) + "</pre>";
-  if (st.output !== null) html += "<h3>Output</h3><pre id='output'>" + json(st.output) + "</pre>";
-  if (st.error) html += '<h3>Error</h3><pre class="err">' + esc(st.error.name + ": " + st.error.message) + "\\n" + esc(st.error.stack || "") + "</pre>";
-  html += "<h3>Logs</h3>" + (st.logs.length ? st.logs.map((l) => '<div class="muted">pass ' + esc(l.pass_no) + " (" + esc(l.adapter) + ") " + fmt(l.at) + "</div><pre>" + esc(l.text) + "</pre>").join("") : '<p class="muted">nothing printed</p>');
-  return html;
-}
-async function workflowsPage() {
-  const doc = await get("api/workflows");
-  let html = "<table><tr><th>workflow</th><th>latest</th><th>runtime</th><th>adapter</th><th>runs</th><th>versions</th></tr>";
-  for (const w of doc.workflows) html += "<tr><td>" + esc(w.id) + "</td><td>" + esc(w.latest_version) + " (" + esc(w.label) + ")</td><td>" + esc(w.runtime) +
-    "</td><td>" + esc(w.adapter) + "</td><td>" + esc(w.runs) + "</td><td>" + w.versions.map((v) => esc(v.version + " " + v.label + " " + fmt(v.created_at))).join("<br>") + "</td></tr>";
-  return html + "</table>";
-}
-async function schedulesPage() {
-  const doc = await get("api/schedules");
-  let html = "<table><tr><th>name</th><th>workflow</th><th>cron</th><th>next fire</th><th>last fire</th></tr>";
-  for (const s of doc.schedules) html += "<tr><td>" + esc(s.name) + "</td><td>" + esc(s.workflow_id) + "</td><td>" + esc(s.cron) + " " + esc(s.tz || "") +
-    "</td><td>" + (s.paused ? "paused" : fmt(s.next_fire_at)) + "</td><td>" + fmt(s.last_fire_at) + "</td></tr>";
-  return html + "</table>" + (doc.schedules.length ? "" : '<p class="muted">no schedules</p>');
-}
-let busy = false;
-async function refresh() {
-  if (busy) return; busy = true;
-  try {
-    const sum = await get("api/summary");
-    $("#summary").textContent = Object.entries(sum.runs).map(([k, v]) => k + " " + v).join(" \\u00b7 ");
-    const focus = document.activeElement && document.activeElement.id;
-    const main = $("#main");
-    if (view.run) main.innerHTML = await runPage(view.run);
-    else if (view.page === "runs") main.innerHTML = await runsPage();
-    else if (view.page === "workflows") main.innerHTML = await workflowsPage();
-    else main.innerHTML = await schedulesPage();
-    wire(); if (focus && $("#" + focus)) { const el = $("#" + focus); el.focus(); if (el.setSelectionRange && el.value) el.setSelectionRange(el.value.length, el.value.length); }
-  } catch (e) { $("#summary").textContent = "cannot reach the sidecar: " + e; }
-  busy = false;
-}
-function wire() {
-  for (const tr of document.querySelectorAll("tr.run")) tr.onclick = () => { view.run = tr.dataset.id; refresh(); };
-  for (const a of document.querySelectorAll("a[data-run]")) a.onclick = (ev) => { ev.preventDefault(); view.run = a.dataset.run; refresh(); };
-  if ($("#back")) $("#back").onclick = () => { view.run = null; refresh(); };
-  const f = view.filters;
-  if ($("#f-q")) $("#f-q").oninput = (e) => { f.q = e.target.value; refresh(); };
-  if ($("#f-wf")) $("#f-wf").oninput = (e) => { f.workflow = e.target.value; refresh(); };
-  if ($("#f-st")) $("#f-st").onchange = (e) => { f.status = e.target.value; refresh(); };
-  if ($("#do-cancel")) $("#do-cancel").onclick = () => act(view.run, "cancel");
-  if ($("#do-retry")) $("#do-retry").onclick = () => act(view.run, "retry");
-  if ($("#do-signal")) $("#do-signal").onclick = () => { let data = null; try { data = $("#sig-data").value ? JSON.parse($("#sig-data").value) : null; } catch (e) { alert("data is not JSON"); return; }
-    act(view.run, "signal", {name: $("#sig-name").value, data}); };
-}
-refresh(); setInterval(refresh, 2000);
-</script></body></html>
-"""
 # ---------------------------------------------------------------------------
 # Public API: the Sidecar object the CLI is a thin layer over
 # ---------------------------------------------------------------------------
@@ -8026,7 +7875,7 @@ def cmd_sign(api, args):
 
 
 def cmd_dist(api, args):
-    """Write a single-file build with the runtime shims embedded."""
+    """Write a single-file build with the files of runtimes/ (shims, dashboard page) embedded."""
     with open(os.path.abspath(__file__), encoding="utf-8") as f:
         source = f.read()
     shims = {name: runtime_file(name) for name in RUNTIME_FILES}
