@@ -6549,6 +6549,7 @@ class DashboardServer(_HttpService):
 
     def __init__(self, sidecar, host=None, port=None):
         cfg = sidecar.config
+        self.page = runtime_file(DASHBOARD_PAGE)  # read first: a missing file stops the start
         self.sidecar = sidecar
         self.host = cfg["dashboard.host"] if host is None else host
         self.port = cfg["dashboard.port"] if port is None else port
@@ -6556,7 +6557,6 @@ class DashboardServer(_HttpService):
         self.allowed_hosts = {"localhost", "127.0.0.1", "::1", self.host.lower()} | {
             h.strip().lower() for h in cfg["dashboard.allowed_hosts"].split(",") if h.strip()}
         self.slots = threading.BoundedSemaphore(cfg["dashboard.max_connections"])
-        self.page = runtime_file(DASHBOARD_PAGE)  # read here: a missing file stops the start
         self.httpd = None
         # What was answered in the last DASHBOARD_CACHE_S is answered again as it was: many open
         # pages and scrapers cost the scheduler it shares a process with next to nothing.
