@@ -5826,7 +5826,8 @@ def install_secret(data_dir, filename, create=False):
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise ConfigError("cannot read the secret %s: %s; fix its permissions" % (path, exc.strerror or exc))
+        raise ConfigError("cannot read the secret %s: %s; fix its permissions"
+                          % (path, exc.strerror or exc))
     if not create:
         raise ConfigError("no secret at %s; run `ty-openworkflow init` (it creates one)" % path)
     secret = os.urandom(32).hex().encode("ascii")
@@ -5866,8 +5867,8 @@ def verify_callback(secret, headers, body, now_s, tolerance_s):
         raise WebhookReject(401, "bad %s: expected unix seconds" % TIMESTAMP_HEADER)
     ts = int(ts_text.strip())
     if abs(now_s - ts) > tolerance_s:
-        raise WebhookReject(401, "stale timestamp: %d s away from this server's clock, over the %d s tolerance"
-                            % (abs(ts - now_s), tolerance_s))
+        raise WebhookReject(401, "stale timestamp: %d s away from this server's clock, over the %d s "
+                                 "tolerance" % (abs(ts - now_s), tolerance_s))
     expected = sign_callback(secret, body, ts)[SIGNATURE_HEADER]
     import hmac
     if not hmac.compare_digest(expected.encode("ascii"), sig.strip().encode("ascii", "replace")):
@@ -5876,8 +5877,8 @@ def verify_callback(secret, headers, body, now_s, tolerance_s):
 
 
 def parse_callback(body):
-    """Validate a callback body; returns ("events", run, pass, events), ("signal", run, name, doc) or
-    ("completion", run, status, doc)."""
+    """Validate a callback body; returns ("events", run, pass, events),
+    ("signal", run, name, doc) or ("completion", run, status, doc)."""
     try:
         doc = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -5903,8 +5904,9 @@ def parse_callback(body):
             except (TypeError, ValueError):
                 ok = None
             if ok is None:
-                raise WebhookReject(422, "events[%d] is not a pass event (type one of %s, with step / wake_at "
-                                         "as its type needs)" % (i, ", ".join(sorted(EVENT_TYPES))))
+                raise WebhookReject(422, "events[%d] is not a pass event (type one of %s, with step "
+                                         "/ wake_at as its type needs)"
+                                    % (i, ", ".join(sorted(EVENT_TYPES))))
             checked.append(ok)
         return "events", run_id, pass_id, checked
     if "signal" in doc:
@@ -5971,7 +5973,8 @@ class _HttpService:
             raise ConfigError("cannot listen on %s:%s for the %s (%s); change %s.host / %s.port"
                               % (self.host, self.port, what, exc.strerror or exc, what, what))
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="tyow-" + what, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="tyow-" + what,
+                                       daemon=True)
         self.thread.start()
 
     def stop(self):
@@ -6167,7 +6170,8 @@ class _WebhookHandler:
             body = self._read_body(length)
             self._phase = "handling"
             if len(body) != length:  # timed out, or the sender stopped short
-                return self._reject(408, "the body did not arrive within %s" % format_duration(self.timeout * 1000))
+                return self._reject(408, "the body did not arrive within %s"
+                                    % format_duration(self.timeout * 1000))
             reply = self.webhook.apply(self.headers, body)
             return self._reply(200, reply)
         except WebhookReject as exc:
