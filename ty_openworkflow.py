@@ -6506,14 +6506,17 @@ def render_metrics(sidecar):
     counts = store.counters()
     for kind in ("started", "completed", "failed", "canceled"):
         family("tyow_runs_%s_total" % kind, "counter", "Runs %s, by workflow." % kind,
-               [((("workflow", wf),), n) for (name, wf), n in sorted(counts.items()) if name == kind])
+               [((("workflow", wf),), n) for (name, wf), n in sorted(counts.items())
+                if name == kind])
     mine, hists = METRICS.snapshot()
     family("tyow_passes_total", "counter", "Passes this process started, by workflow.",
-           [((("workflow", wf),), n) for (name, wf), n in sorted(mine.items(), key=str) if name == "passes"])
+           [((("workflow", wf),), n) for (name, wf), n in sorted(mine.items(), key=str)
+            if name == "passes"])
     for name, help_ in (("step_attempts", "Step attempts this process recorded."),
                         ("step_failures", "Step attempts that failed, recorded by this process.")):
         family("tyow_%s_total" % name, "counter", help_, [((), mine.get((name, None), 0))])
-    for name, buckets, help_ in (("pass_duration_seconds", PASS_BUCKETS_S, "How long passes took, launch to end."),
+    for name, buckets, help_ in (("pass_duration_seconds", PASS_BUCKETS_S,
+                                  "How long passes took, launch to end."),
                                  ("wake_lateness_seconds", LATENESS_BUCKETS_S,
                                   "How late a due sleeping or waiting run was claimed.")):
         h = hists.get(name, [0] * (len(buckets) + 1) + [0.0])
@@ -6545,7 +6548,7 @@ def _prom_num(v):
 
 
 class DashboardServer(_HttpService):
-    """`/` (the page), `/api/...` (its JSON), `/metrics`, `/healthz` on dashboard.host:dashboard.port.
+    """`/` (the page), `/api/...` (its JSON), `/metrics`, `/healthz` on dashboard.host:port.
 
     GET never changes anything. POST /api/runs/<id>/cancel|retry|signal needs the
     per-install token (<data_dir>/dashboard.token) in an `Authorization: Bearer`
@@ -6557,7 +6560,8 @@ class DashboardServer(_HttpService):
         self.sidecar = sidecar
         self.host = cfg["dashboard.host"] if host is None else host
         self.port = cfg["dashboard.port"] if port is None else port
-        self.token = install_secret(cfg.data_dir, DASHBOARD_TOKEN_FILE, create=True).decode("ascii").strip()
+        self.token = install_secret(cfg.data_dir, DASHBOARD_TOKEN_FILE,
+                                    create=True).decode("ascii").strip()
         self.allowed_hosts = {"localhost", "127.0.0.1", "::1", self.host.lower()} | {
             h.strip().lower() for h in cfg["dashboard.allowed_hosts"].split(",") if h.strip()}
         self.slots = threading.BoundedSemaphore(cfg["dashboard.max_connections"])
@@ -6569,13 +6573,14 @@ class DashboardServer(_HttpService):
         self._compute_lock = threading.Lock()
 
     def cached(self, key, make):
-        """(body, content type) for ``key``, made by ``make()`` at most once per DASHBOARD_CACHE_S."""
+        """The answer for ``key``, made by ``make()`` at most once per DASHBOARD_CACHE_S."""
         now = time.monotonic()
         with self._cache_lock:
             hit = self._cache.get(key)
             if hit and now - hit[0] < DASHBOARD_CACHE_S:
                 return hit[1]
-        with self._compute_lock:  # one request at a time does the work; the others wait and reuse it
+        # One request at a time does the work; the others wait and reuse it.
+        with self._compute_lock:
             with self._cache_lock:
                 hit = self._cache.get(key)
                 if hit and time.monotonic() - hit[0] < DASHBOARD_CACHE_S:
@@ -6636,8 +6641,10 @@ class DashboardServer(_HttpService):
         """Raise 401 unless ``headers`` carry the dashboard token."""
         given = headers.get("Authorization", "")
         import hmac
-        if not hmac.compare_digest(given.encode("utf-8", "replace"), ("Bearer " + self.token).encode("ascii")):
-            raise WebhookReject(401, "this needs the dashboard token (%s/%s) as `Authorization: Bearer TOKEN`"
+        if not hmac.compare_digest(given.encode("utf-8", "replace"),
+                                   ("Bearer " + self.token).encode("ascii")):
+            raise WebhookReject(401, "this needs the dashboard token (%s/%s) as "
+                                     "`Authorization: Bearer TOKEN`"
                                 % (self.sidecar.config.data_dir, DASHBOARD_TOKEN_FILE))
 
     def api_post(self, path, headers, body):
@@ -6672,9 +6679,10 @@ class DashboardServer(_HttpService):
 
 
 def _run_row(r):
-    return {"id": r["id"], "workflow_id": r["workflow_id"], "version": r["version"], "status": r["status"],
-            "created_at": r["created_at"], "finished_at": r["finished_at"], "task_id": r["task_id"],
-            "schedule": r["schedule_name"], "parent_run_id": r["parent_run_id"]}
+    return {"id": r["id"], "workflow_id": r["workflow_id"], "version": r["version"],
+            "status": r["status"], "created_at": r["created_at"], "finished_at": r["finished_at"],
+            "task_id": r["task_id"], "schedule": r["schedule_name"],
+            "parent_run_id": r["parent_run_id"]}
 
 
 class _DashboardHandler:
@@ -6696,8 +6704,9 @@ class _DashboardHandler:
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("X-Frame-Options", "DENY")
-        self.send_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
-                                                    "style-src 'unsafe-inline'; frame-ancestors 'none'")
+        self.send_header("Content-Security-Policy",
+                         "default-src 'self'; script-src 'unsafe-inline'; "
+                         "style-src 'unsafe-inline'; frame-ancestors 'none'")
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -6708,8 +6717,9 @@ class _DashboardHandler:
         self._send(status, json.dumps(doc, ensure_ascii=False) + "\n", "application/json")
 
     def _host_ok(self, value):
-        """A Host (or an Origin's host) this dashboard answers to: its own name, loopback, or one of
-        dashboard.allowed_hosts (what a reverse proxy forwards); anything else could be DNS rebinding."""
+        """A Host (or an Origin's host) this dashboard answers to: its own name, loopback, or one
+        of dashboard.allowed_hosts (what a reverse proxy forwards); anything else could be DNS
+        rebinding."""
         if not value:
             return False
         name = value.split("://", 1)[-1].split("/", 1)[0]
@@ -6729,8 +6739,9 @@ class _DashboardHandler:
         parts = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
         if not self._host_ok(self.headers.get("Host")):
-            return self._json(421, {"ok": False, "error": "this dashboard does not answer to that host name; add "
-                                                          "it to dashboard.allowed_hosts"})
+            return self._json(421, {"ok": False,
+                                    "error": "this dashboard does not answer to that host name; "
+                                             "add it to dashboard.allowed_hosts"})
         try:
             if parts.path in ("/", "/index.html"):
                 return self._send(200, self.dashboard.page, "text/html; charset=utf-8")
@@ -6788,7 +6799,8 @@ class _DashboardHandler:
         try:
             length = self._body_length()
             origin = self.headers.get("Origin")
-            if not self._host_ok(self.headers.get("Host")) or (origin and not self._host_ok(origin)):
+            if (not self._host_ok(self.headers.get("Host"))
+                    or (origin and not self._host_ok(origin))):
                 raise WebhookReject(403, "cross-site requests are refused")
             self.dashboard.check_token(self.headers)
             body = self._read_body(length)
@@ -6796,7 +6808,8 @@ class _DashboardHandler:
                 raise WebhookReject(408, "the body did not arrive within %ds"
                                     % DASHBOARD_READ_TIMEOUT_S)
             self.close_connection = not keep_open
-            return self._json(200, self.dashboard.api_post(self.path.split("?", 1)[0], self.headers, body))
+            return self._json(200, self.dashboard.api_post(self.path.split("?", 1)[0],
+                                                           self.headers, body))
         except WebhookReject as exc:
             return self._json(exc.status, {"ok": False, "error": exc.message})
         except (ValueError, OpenWorkflowError) as exc:
