@@ -7394,8 +7394,8 @@ def _color(text, code, stream=None):
     return "\033[%sm%s\033[0m" % (code, text)
 
 
-_STATUS_COLORS = {"completed": "32", "failed": "31", "canceled": "33", "running": "36", "sleeping": "35", "waiting": "35",
-                  "pending": "37"}
+_STATUS_COLORS = {"completed": "32", "failed": "31", "canceled": "33", "running": "36",
+                  "sleeping": "35", "waiting": "35", "pending": "37"}
 
 
 def _print_json(value):
@@ -7406,7 +7406,8 @@ def _print_json(value):
 
 
 def _table(rows, headers):
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
     lines = ["  ".join(str(h).upper().ljust(w) for h, w in zip(headers, widths)).rstrip()]
     for r in rows:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -7431,7 +7432,8 @@ def _read_code(args):
 
 
 def cmd_init(api, args):
-    path = write_default_config(args.config or default_config_path(), data_dir=args.data_dir, force=args.force)
+    path = write_default_config(args.config or default_config_path(), data_dir=args.data_dir,
+                                force=args.force)
     cfg = load_config(path)
     sc = Sidecar(cfg)
     try:
@@ -7449,15 +7451,17 @@ def cmd_init(api, args):
 def cmd_deploy(api, args):
     code = _read_code(args)
     runtime = args.runtime or ("python" if (args.file or "").endswith(".py") else "node")
-    res = api.deploy(args.workflow_id, code, adapter=args.adapter, runtime=runtime, version=args.version,
-                     name=args.name, description=args.description, deadline=args.deadline)
+    res = api.deploy(args.workflow_id, code, adapter=args.adapter, runtime=runtime,
+                     version=args.version, name=args.name, description=args.description,
+                     deadline=args.deadline)
     if args.json:
         _print_json(res)
     elif res["created"]:
-        print("deployed %s version %d (%s, %s, %s)" % (res["workflow_id"], res["version"], res["label"],
-                                                       res["runtime"], res["adapter"]))
+        print("deployed %s version %d (%s, %s, %s)"
+              % (res["workflow_id"], res["version"], res["label"], res["runtime"], res["adapter"]))
     else:
-        print("%s is unchanged (version %d, %s)" % (res["workflow_id"], res["version"], res["label"]))
+        print("%s is unchanged (version %d, %s)"
+              % (res["workflow_id"], res["version"], res["label"]))
     return 0
 
 
@@ -7490,8 +7494,9 @@ def cmd_start(api, args):
     if api.last_warning:
         print("ty-openworkflow: warning: %s" % api.last_warning, file=sys.stderr)
     if st.get("existing") and not args.json:
-        print("ty-openworkflow: run %s already started with idempotency key %r (%s); nothing new was started"
-              % (st["id"], args.idempotency_key, st["status"]), file=sys.stderr)
+        print("ty-openworkflow: run %s already started with idempotency key %r (%s); "
+              "nothing new was started" % (st["id"], args.idempotency_key, st["status"]),
+              file=sys.stderr)
     if not args.wait:
         if args.json:
             _print_json(st)
@@ -7500,7 +7505,8 @@ def cmd_start(api, args):
         return 0
     if args.json:
         print(json.dumps({"type": "started", "run_id": st["id"], "workflow_id": st["workflow_id"],
-                          "at": st["created_at"], "existing": bool(st.get("existing"))}), flush=True)
+                          "at": st["created_at"], "existing": bool(st.get("existing"))}),
+              flush=True)
     else:
         print("started %s" % st["id"], file=sys.stderr)
     return _follow(api, st["id"], args.json)
@@ -7515,15 +7521,19 @@ def _follow(api, run_id, as_json):
                 last = ev["id"]
                 data = json.loads(ev["data"]) if ev["data"] else {}
                 if as_json:
-                    print(json.dumps(dict(data, type=ev["type"], at=ev["at"]), ensure_ascii=False), flush=True)
+                    print(json.dumps(dict(data, type=ev["type"], at=ev["at"]), ensure_ascii=False),
+                          flush=True)
                     continue
                 t = ev["type"]
                 if t == "step_completed":
-                    print("step %s completed: %s" % (data["step"], _short(data.get("output"))), flush=True)
+                    print("step %s completed: %s" % (data["step"], _short(data.get("output"))),
+                          flush=True)
                 elif t == "step_failed":
-                    print("step %s failed: %s" % (data["step"], data["error"]["message"]), flush=True)
+                    print("step %s failed: %s" % (data["step"], data["error"]["message"]),
+                          flush=True)
                 elif t == "sleep":
-                    print("sleep %s until %s" % (data["step"], format_time(data["wake_at"])), flush=True)
+                    print("sleep %s until %s" % (data["step"], format_time(data["wake_at"])),
+                          flush=True)
                 elif t == "retry_scheduled":
                     print("retry at %s" % format_time(data["retry_at"]), flush=True)
                 elif t == "lease_expired":
@@ -7548,16 +7558,18 @@ def _print_status(st):
     line = _color(status, _STATUS_COLORS.get(status, "0"))
     if status == "sleeping" and st.get("wake_at"):
         left = st["wake_at"] - now_ms()
-        line += " until %s (%s)" % (format_time(st["wake_at"]), "in %s" % format_duration(left) if left > 0
+        line += " until %s (%s)" % (format_time(st["wake_at"]),
+                                    "in %s" % format_duration(left) if left > 0
                                     else "due now; waiting for a scheduler")
     elif status == "pending" and st.get("available_at") and st["available_at"] > now_ms():
         line += " (retry at %s)" % format_time(st["available_at"])
     elif status == "waiting":
-        line += " for " + "; ".join(_describe_wait(w) for w in st.get("waiting_for") or []) if st.get(
-            "waiting_for") else ""
+        line += (" for " + "; ".join(_describe_wait(w) for w in st.get("waiting_for") or [])
+                 if st.get("waiting_for") else "")
     rows = [("run", st["id"]),
-            ("workflow", "%s  version %d (%s, %s, %s)" % (st["workflow_id"], st["version"], st["version_label"],
-                                                         st["runtime"], st["adapter"])),
+            ("workflow", "%s  version %d (%s, %s, %s)" % (st["workflow_id"], st["version"],
+                                                         st["version_label"], st["runtime"],
+                                                         st["adapter"])),
             ("status", line),
             ("created", format_time(st["created_at"])),
             ("passes", str(st["passes"]))]
@@ -7576,18 +7588,20 @@ def _print_status(st):
     for child in st.get("children") or []:
         rows.append(("child", "%s  %s  %s" % (child["id"], child["workflow_id"], child["status"])))
     for sig in st.get("signals_pending") or []:
-        rows.append(("signal", "%s not consumed yet (sent %s): %s" % (sig["name"], format_time(sig["at"]),
-                                                                   _short(sig["data"]))))
+        rows.append(("signal", "%s not consumed yet (sent %s): %s"
+                     % (sig["name"], format_time(sig["at"]), _short(sig["data"]))))
     task = st["task"]
     if task.get("requested"):
         label = "#%s %s" % (task["id"], task["title"]) if task.get("id") else task["title"]
         if task.get("delivered"):
             note = "updates delivered"
         elif task.get("last_error"):
-            note = "%d update%s waiting: %s" % (task["pending_updates"], "" if task["pending_updates"] == 1 else "s",
+            note = "%d update%s waiting: %s" % (task["pending_updates"],
+                                               "" if task["pending_updates"] == 1 else "s",
                                                task["last_error"])
         else:
-            note = "%d update%s queued" % (task["pending_updates"], "" if task["pending_updates"] == 1 else "s")
+            note = "%d update%s queued" % (task["pending_updates"],
+                                           "" if task["pending_updates"] == 1 else "s")
         rows.append(("task", "%s (%s)" % (label, note)))
     for k, v in rows:
         print("%-9s %s" % (k, v))
@@ -7597,11 +7611,12 @@ def _print_status(st):
         for s in st["steps"]:
             if s["kind"] == "wait":
                 done = s["status"] == "completed"
-                detail = _describe_wait(dict(s.get("wait") or {}, timeout_at=None if done else s.get("timeout_at")))
+                detail = _describe_wait(dict(s.get("wait") or {},
+                                             timeout_at=None if done else s.get("timeout_at")))
                 if done:
                     got = s.get("output") or {}
-                    detail += ": " + ("error: %s" % got["error"].get("message") if got.get("error") else
-                                      _short(got.get("value")))
+                    detail += ": " + ("error: %s" % got["error"].get("message")
+                                      if got.get("error") else _short(got.get("value")))
             elif s["kind"] == "sleep":
                 detail = "until %s" % format_time(s["wake_at"])
             elif s["status"] == "completed":
@@ -7617,7 +7632,8 @@ def _print_status(st):
     if st["error"]:
         name = st["error"].get("name")
         print("error     %s%s" % (st["error"].get("message"),
-                                  " (%s)" % name if name and name not in ("Error", "StepFailed") else ""))
+                                  " (%s)" % name if name and name not in ("Error", "StepFailed")
+                                  else ""))
         if st["error"].get("stack"):
             for ln in st["error"]["stack"].rstrip().splitlines()[:12]:
                 print("          %s" % ln)
@@ -7629,7 +7645,8 @@ def _print_status(st):
 def _describe_wait(w):
     what = {"signal": lambda: "signal %r" % w.get("name"),
             "child": lambda: "child run %s (%s)" % (w.get("run_id") or "?", w.get("workflow_id")),
-            "task": lambda: "TaskYou task %s%r" % ("#%s " % w["task_id"] if w.get("task_id") else "", w.get("title"))
+            "task": lambda: "TaskYou task %s%r" % ("#%s " % w["task_id"] if w.get("task_id")
+                                                   else "", w.get("title"))
             }.get(w.get("kind"), lambda: w.get("step", "?"))()
     return what + (" until %s" % format_time(w["timeout_at"]) if w.get("timeout_at") else "")
 
@@ -7651,20 +7668,22 @@ def cmd_list(api, args):
         elif not rows:
             print("no workflows; deploy one with `ty-openworkflow deploy ID -f FILE`")
         else:
-            _table([(w["id"], w["latest_version"], w["label"], w["runtime"], w["adapter"], w["runs"],
-                     format_time(w["updated_at"])) for w in rows],
+            _table([(w["id"], w["latest_version"], w["label"], w["runtime"], w["adapter"],
+                     w["runs"], format_time(w["updated_at"])) for w in rows],
                    ("id", "version", "label", "runtime", "adapter", "runs", "updated"))
         return 0
     rows = api.list_runs(args.workflow, args.status, args.limit)
     if args.json:
-        _print_json([{"id": r["id"], "workflow_id": r["workflow_id"], "version": r["version"], "status": r["status"],
-                      "created_at": r["created_at"], "finished_at": r["finished_at"], "task_id": r["task_id"],
+        _print_json([{"id": r["id"], "workflow_id": r["workflow_id"], "version": r["version"],
+                      "status": r["status"], "created_at": r["created_at"],
+                      "finished_at": r["finished_at"], "task_id": r["task_id"],
                       "schedule": r["schedule_name"]} for r in rows])
     elif not rows:
         print("no runs")
     else:
         _table([(r["id"], r["workflow_id"], r["version"], r["status"], format_time(r["created_at"]),
-                 "#%s" % r["task_id"] if r["task_id"] else "-", r["schedule_name"] or "-") for r in rows],
+                 "#%s" % r["task_id"] if r["task_id"] else "-", r["schedule_name"] or "-")
+                for r in rows],
                ("id", "workflow", "version", "status", "created", "task", "schedule"))
     return 0
 
@@ -7672,7 +7691,8 @@ def cmd_list(api, args):
 def cmd_prune(api, args):
     if not args.older_than:
         raise InputError("prune needs --older-than DURATION (e.g. 30d); nothing was removed")
-    statuses = [x.strip() for x in args.status.split(",") if x.strip()] if args.status else list(TERMINAL)
+    statuses = ([x.strip() for x in args.status.split(",") if x.strip()] if args.status
+                else list(TERMINAL))
     res = api.prune(args.older_than, statuses, dry_run=args.dry_run, vacuum=args.vacuum,
                     drop_undelivered=args.drop_undelivered)
     if args.json:
@@ -7684,8 +7704,9 @@ def cmd_prune(api, args):
               % ("/".join(res["statuses"]), format_duration(res["older_than_ms"])))
     else:
         print("%s %d run%s (%d steps, %d events, %d log entries, %d task updates, %d signals)" % (
-            "would remove" if res["dry_run"] else "removed", c["runs"], "" if c["runs"] == 1 else "s", c["steps"],
-            c["run_events"], c["run_logs"], c["outbox"], c["signals"]))
+            "would remove" if res["dry_run"] else "removed", c["runs"],
+            "" if c["runs"] == 1 else "s", c["steps"], c["run_events"], c["run_logs"], c["outbox"],
+            c["signals"]))
     if res["dropped_task_updates"]:
         n = res["dropped_task_updates"]
         why = "--drop-undelivered" if args.drop_undelivered else \
@@ -7707,20 +7728,24 @@ def cmd_schedule(api, args):
         if args.json:
             _print_json(rows)
         elif not rows:
-            print("no schedules; add one with `ty-openworkflow schedule add WORKFLOW --cron \"0 * * * *\"`")
+            print("no schedules; add one with "
+                  "`ty-openworkflow schedule add WORKFLOW --cron \"0 * * * *\"`")
         else:
-            _table([(r["name"], r["workflow_id"], r["cron"], r["tz"] or "local", "paused" if r["paused"] else
-                     format_time(r["next_fire_at"]), format_time(r["last_fire_at"]), r["last_run_id"] or "-")
-                    for r in rows], ("name", "workflow", "cron", "tz", "next fire (local)", "last fire (local)",
-                                     "last run"))
+            _table([(r["name"], r["workflow_id"], r["cron"], r["tz"] or "local",
+                     "paused" if r["paused"] else format_time(r["next_fire_at"]),
+                     format_time(r["last_fire_at"]), r["last_run_id"] or "-") for r in rows],
+                   ("name", "workflow", "cron", "tz", "next fire (local)", "last fire (local)",
+                    "last run"))
         return 0
     if not args.target:
-        raise InputError("schedule %s needs a %s" % (args.action, "workflow id" if args.action == "add" else "NAME"))
+        raise InputError("schedule %s needs a %s"
+                         % (args.action, "workflow id" if args.action == "add" else "NAME"))
     if args.action == "add":
         if not args.cron:
-            raise InputError("schedule add needs --cron \"EXPR\" (five fields, or @hourly, @daily, ...)")
-        doc = api.schedule_add(args.target, args.cron, _read_input(args), name=args.name, tz=args.tz,
-                               catch_up=args.catch_up)
+            raise InputError("schedule add needs --cron \"EXPR\" "
+                             "(five fields, or @hourly, @daily, ...)")
+        doc = api.schedule_add(args.target, args.cron, _read_input(args), name=args.name,
+                               tz=args.tz, catch_up=args.catch_up)
     elif args.action == "rm":
         doc = api.schedule_rm(args.target)
     else:
@@ -7761,7 +7786,8 @@ def cmd_signal(api, args):
         print("signal %s to %s was already sent with that idempotency key; not applied again"
               % (args.name, res["run_id"]))
     elif res["consumed_by"]:
-        print("signal %s delivered to %s (wait %s)" % (args.name, res["run_id"], res["consumed_by"]))
+        print("signal %s delivered to %s (wait %s)"
+              % (args.name, res["run_id"], res["consumed_by"]))
     else:
         print("signal %s kept for %s until it waits for it" % (args.name, res["run_id"]))
     return 0
@@ -7777,7 +7803,8 @@ def cmd_retry(api, args):
 
 
 def cmd_fork(api, args):
-    st = api.fork(args.run_id, from_step=args.from_step, latest=args.latest, input=_read_input(args, _NO_INPUT))
+    st = api.fork(args.run_id, from_step=args.from_step, latest=args.latest,
+                  input=_read_input(args, _NO_INPUT))
     if args.json:
         _print_json(st)
     else:
