@@ -5867,8 +5867,8 @@ def verify_callback(secret, headers, body, now_s, tolerance_s):
         raise WebhookReject(401, "bad %s: expected unix seconds" % TIMESTAMP_HEADER)
     ts = int(ts_text.strip())
     if abs(now_s - ts) > tolerance_s:
-        raise WebhookReject(401, "stale timestamp: %d s away from this server's clock, over the %d s "
-                                 "tolerance" % (abs(ts - now_s), tolerance_s))
+        raise WebhookReject(401, "stale timestamp: %d s away from this server's clock, "
+                                 "over the %d s tolerance" % (abs(ts - now_s), tolerance_s))
     expected = sign_callback(secret, body, ts)[SIGNATURE_HEADER]
     import hmac
     if not hmac.compare_digest(expected.encode("ascii"), sig.strip().encode("ascii", "replace")):
@@ -5904,8 +5904,8 @@ def parse_callback(body):
             except (TypeError, ValueError):
                 ok = None
             if ok is None:
-                raise WebhookReject(422, "events[%d] is not a pass event (type one of %s, with step "
-                                         "/ wake_at as its type needs)"
+                raise WebhookReject(422, "events[%d] is not a pass event (type one of %s, "
+                                         "with step / wake_at as its type needs)"
                                     % (i, ", ".join(sorted(EVENT_TYPES))))
             checked.append(ok)
         return "events", run_id, pass_id, checked
@@ -7866,7 +7866,8 @@ def cmd_serve(api, args):
 
     def on_signal(signum, frame):
         if sched.stopping.is_set():
-            log.info("received %s again; stopping passes in flight now", signal.Signals(signum).name)
+            log.info("received %s again; stopping passes in flight now",
+                     signal.Signals(signum).name)
             sched.stop(hurry=True)
             return
         log.info("received %s; no new passes, waiting up to %s for those in flight",
@@ -7875,7 +7876,8 @@ def cmd_serve(api, args):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("serving %s (scheduler %s, concurrency %d)", api.config.data_dir, sched.id, sched.concurrency)
+    log.info("serving %s (scheduler %s, concurrency %d)", api.config.data_dir, sched.id,
+             sched.concurrency)
     api.serve(scheduler=sched)
     log.info("stopped")
     return 0
@@ -7888,8 +7890,8 @@ def cmd_dashboard(api, args):
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
-    print("dashboard on http://%s:%d/ (token in %s)" % (board.host, board.port,
-                                                        os.path.join(api.config.data_dir, DASHBOARD_TOKEN_FILE)),
+    print("dashboard on http://%s:%d/ (token in %s)"
+          % (board.host, board.port, os.path.join(api.config.data_dir, DASHBOARD_TOKEN_FILE)),
           flush=True)
     try:
         while not stop.wait(0.5):
@@ -7908,7 +7910,8 @@ def cmd_sign(api, args):
         except OSError as exc:
             raise InputError("cannot read %s: %s" % (args.file, exc.strerror or exc))
     else:
-        body = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+        body = (sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer")
+                else sys.stdin.read().encode("utf-8"))
     headers = sign_callback(webhook_secret(api.config.data_dir), body, args.timestamp)
     if args.json:
         _print_json(headers)
@@ -7941,12 +7944,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, "%s: %s; see `%s --help`\n" % (self.prog, message, self.prog))
 
 
-COMMANDS = ("init", "deploy", "start", "status", "list", "cancel", "signal", "retry", "fork", "logs", "adapters",
-            "tick", "serve", "sign", "schedule", "prune", "dashboard", "runner", "dist")
+COMMANDS = ("init", "deploy", "start", "status", "list", "cancel", "signal", "retry", "fork",
+            "logs", "adapters", "tick", "serve", "sign", "schedule", "prune", "dashboard", "runner",
+            "dist")
 
 
 class _Unbuilt:
-    """A subcommand's parser left out: only the command being run is built (argparse is slow to build)."""
+    """A subcommand's parser left out: only the command being run is built (argparse is slow
+    to build)."""
 
     def add_argument(self, *args, **kwargs):
         return None
@@ -7969,9 +7974,11 @@ def _command_in(argv):
 
 def build_parser(only=None):
     """The CLI's parser; with ``only``, just that subcommand's (the rest are not built)."""
-    p = _Parser(prog="ty-openworkflow", description="Durable workflows on ephemeral compute, "
-                                "for TaskYou.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="config file (default: $%s or %s)" % (CONFIG_ENV, DEFAULT_CONFIG_PATH))
+    p = _Parser(prog="ty-openworkflow",
+                description="Durable workflows on ephemeral compute, for TaskYou.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config",
+                   help="config file (default: $%s or %s)" % (CONFIG_ENV, DEFAULT_CONFIG_PATH))
     p.add_argument("--version", action="version", version="%(prog)s " + __version__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -7979,26 +7986,31 @@ def build_parser(only=None):
     def cmd(name, func, help_, **kw):
         if only is not None and name != only:
             return _Unbuilt()
-        sp = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            **kw)
+        sp = sub.add_parser(name, help=help_, description=help_,
+                            formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
         sp.set_defaults(func=func)
         sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sp
 
     sp = cmd("init", cmd_init, "write the default config and create the data dir")
     sp.add_argument("--force", action="store_true", help="overwrite an existing config file")
-    sp.add_argument("--data-dir", help="data dir to write into the config (default ~/.config/ty-openworkflow)")
+    sp.add_argument("--data-dir",
+                    help="data dir to write into the config (default ~/.config/ty-openworkflow)")
 
     sp = cmd("deploy", cmd_deploy, "deploy workflow code (a new version if it changed)")
     sp.add_argument("workflow_id")
-    sp.add_argument("-f", "--file", help="workflow code file, or - for stdin (default: stdin when piped)")
-    sp.add_argument("-a", "--adapter", choices=ADAPTER_NAMES, help="compute adapter (default: default_adapter)")
+    sp.add_argument("-f", "--file",
+                    help="workflow code file, or - for stdin (default: stdin when piped)")
+    sp.add_argument("-a", "--adapter", choices=ADAPTER_NAMES,
+                    help="compute adapter (default: default_adapter)")
     sp.add_argument("--name", help="workflow name")
     sp.add_argument("--description", help="workflow description")
-    sp.add_argument("--version", help="workflow version label (default: the current one, 1.0.0 for a new workflow)")
+    sp.add_argument("--version", help="workflow version label (default: the current one, "
+                                      "1.0.0 for a new workflow)")
     sp.add_argument("--runtime", choices=sorted(RUNTIMES),
                     help="runtime (default: python for a .py file, else node)")
-    sp.add_argument("--deadline", help="default deadline for its runs (e.g. 1h); `start --deadline` overrides")
+    sp.add_argument("--deadline",
+                    help="default deadline for its runs (e.g. 1h); `start --deadline` overrides")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
     sp = cmd("start", cmd_start, "start a workflow run")
@@ -8007,10 +8019,13 @@ def build_parser(only=None):
     sp.add_argument("--input-file", help="input JSON file")
     sp.add_argument("-t", "--task", help="task title (creates a linked task)")
     sp.add_argument("--create-task", action="store_true", help="create a linked task")
-    sp.add_argument("--deadline", help="fail the run if it has not finished within this long (e.g. 1h)")
+    sp.add_argument("--deadline",
+                    help="fail the run if it has not finished within this long (e.g. 1h)")
     sp.add_argument("--idempotency-key", metavar="KEY",
-                    help="start at most one run of this workflow per KEY; again, it returns the first run")
-    sp.add_argument("--wait", action="store_true", help="follow the run; exit 0 if it completes, 1 if not")
+                    help="start at most one run of this workflow per KEY; again, it returns "
+                         "the first run")
+    sp.add_argument("--wait", action="store_true",
+                    help="follow the run; exit 0 if it completes, 1 if not")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
     sp = cmd("status", cmd_status, "show a run")
@@ -8028,28 +8043,35 @@ def build_parser(only=None):
     sp.add_argument("run_id")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
-    sp = cmd("prune", cmd_prune, "delete finished runs older than a duration, with what is only theirs")
+    sp = cmd("prune", cmd_prune,
+             "delete finished runs older than a duration, with what is only theirs")
     sp.add_argument("--older-than", metavar="DURATION", help="e.g. 30d, 12h")
-    sp.add_argument("--status", metavar="S,...", help="only these finished statuses (default: completed,failed,canceled)")
+    sp.add_argument("--status", metavar="S,...",
+                    help="only these finished statuses (default: completed,failed,canceled)")
     sp.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     sp.add_argument("--vacuum", action="store_true", help="give the freed space back to the disk")
     sp.add_argument("--drop-undelivered", action="store_true",
                     help="also prune runs whose TaskYou updates never got out; drop those updates")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
-    sp = cmd("schedule", cmd_schedule, "start runs on a cron schedule: add, list, rm, pause, resume")
+    sp = cmd("schedule", cmd_schedule,
+             "start runs on a cron schedule: add, list, rm, pause, resume")
     sp.add_argument("action", choices=("add", "list", "rm", "pause", "resume"))
     sp.add_argument("target", nargs="?", help="the workflow id (add) or the schedule's NAME")
-    sp.add_argument("--cron", metavar="EXPR", help='five-field cron ("*/5 * * * *") or @hourly/@daily/@weekly/@monthly')
+    sp.add_argument("--cron", metavar="EXPR",
+                    help='five-field cron ("*/5 * * * *") or @hourly/@daily/@weekly/@monthly')
     sp.add_argument("-i", "--input", help="input JSON for each run")
     sp.add_argument("--input-file", help="input JSON file for each run")
     sp.add_argument("--name", help="the schedule's name (default: the workflow id)")
-    sp.add_argument("--tz", metavar="ZONE", help="time zone of the cron fields, like Europe/Paris (default: local)")
+    sp.add_argument("--tz", metavar="ZONE",
+                    help="time zone of the cron fields, like Europe/Paris (default: local)")
     sp.add_argument("--catch-up", default="latest", choices=("latest", "all", "none"),
-                    help="after downtime: run the latest missed fire (default), all of them, or none")
+                    help="after downtime: run the latest missed fire (default), all of them, "
+                         "or none")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
-    sp = cmd("signal", cmd_signal, "send a signal (with JSON data) to a run; kept until the run waits for it")
+    sp = cmd("signal", cmd_signal,
+             "send a signal (with JSON data) to a run; kept until the run waits for it")
     sp.add_argument("run_id")
     sp.add_argument("name")
     sp.add_argument("-d", "--data", help="JSON data for the signal")
@@ -8057,14 +8079,18 @@ def build_parser(only=None):
     sp.add_argument("--idempotency-key", metavar="KEY", help="the same key again is applied once")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
-    sp = cmd("retry", cmd_retry, "resume a failed or canceled run from its failed step (committed steps kept)")
+    sp = cmd("retry", cmd_retry,
+             "resume a failed or canceled run from its failed step (committed steps kept)")
     sp.add_argument("run_id")
-    sp.add_argument("--latest", action="store_true", help="on the workflow's latest version, not the run's own")
+    sp.add_argument("--latest", action="store_true",
+                    help="on the workflow's latest version, not the run's own")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
-    sp = cmd("fork", cmd_fork, "start a new run that replays a run's committed history (up to a step)")
+    sp = cmd("fork", cmd_fork,
+             "start a new run that replays a run's committed history (up to a step)")
     sp.add_argument("run_id")
-    sp.add_argument("--from-step", metavar="KEY", help="copy the history before this step only (default: all)")
+    sp.add_argument("--from-step", metavar="KEY",
+                    help="copy the history before this step only (default: all)")
     sp.add_argument("--latest", action="store_true", help="on the workflow's latest version")
     sp.add_argument("-i", "--input", help="a new input JSON (default: the run's own)")
     sp.add_argument("--input-file", help="a new input JSON file")
@@ -8086,7 +8112,8 @@ def build_parser(only=None):
     sp.add_argument("--concurrency", type=int, help="max passes at once (default: concurrency)")
     sp.add_argument("-v", "--verbose", action="store_true")
 
-    sp = cmd("dashboard", cmd_dashboard, "serve the dashboard, its JSON API and /metrics alone (no scheduler)")
+    sp = cmd("dashboard", cmd_dashboard,
+             "serve the dashboard, its JSON API and /metrics alone (no scheduler)")
     sp.add_argument("--port", type=int, help="port (default: dashboard.port)")
     sp.add_argument("-v", "--verbose", action="store_true")
 
