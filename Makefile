@@ -43,10 +43,18 @@ MINIFLARE_VERSION ?= 4.20260426.0
 cf-tools:
 	npm install --prefix .ci miniflare@$(MINIFLARE_VERSION) --no-save --no-audit --no-fund
 
+# The dashboard page's inline script, compiled (not run) by node; an error names the page's line.
+CHECK_PAGE_SCRIPT = const page = "runtimes/dashboard.html"; \
+	const parts = require("fs").readFileSync(page, "utf8").split(/<\/?script>/); \
+	if (parts.length !== 3) throw new Error(page + ": expected one inline <script>"); \
+	const lineOffset = parts[0].split("\n").length - 1; \
+	new (require("vm").Script)(parts[1], {filename: page, lineOffset});
+
 lint:
 	$(PYTHON) -m py_compile ty_openworkflow.py runtimes/python_shim.py
 	node --check runtimes/node_shim.js
 	node --check --input-type=module < runtimes/cloudflare_worker.js
+	node -e '$(CHECK_PAGE_SCRIPT)'
 
 clean:
 	rm -rf dist .test-tmp

@@ -2971,7 +2971,9 @@ TERMINAL_EVENTS = {"completed", "failed", "suspended"}
 
 
 CLOUDFLARE_GLUE = "cloudflare_worker.js"
-RUNTIME_FILES = [spec["shim"] for spec in RUNTIMES.values()] + [CLOUDFLARE_GLUE]
+DASHBOARD_PAGE = "dashboard.html"  # the dashboard's page: no runtime, but shipped the same way
+# The files of runtimes/, embedded in the single-file build by `make dist`.
+RUNTIME_FILES = [spec["shim"] for spec in RUNTIMES.values()] + [CLOUDFLARE_GLUE, DASHBOARD_PAGE]
 
 
 def runtime_source(runtime):
@@ -2988,8 +2990,9 @@ def runtime_file(name):
         with open(path, encoding="utf-8") as f:
             return f.read()
     except OSError:
-        raise AdapterError("runtime shim runtimes/%s not found beside %s; copy the runtimes/ folder with it, "
-                           "or use the single-file build (make dist)" % (name, os.path.basename(__file__)))
+        raise AdapterError("runtimes/%s not found beside %s; copy the runtimes/ folder with it, "
+                           "or use the single-file build (make dist)"
+                           % (name, os.path.basename(__file__)))
 
 
 def parse_event_line(line, pass_id):
@@ -5823,7 +5826,8 @@ def install_secret(data_dir, filename, create=False):
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise ConfigError("cannot read the secret %s: %s; fix its permissions" % (path, exc.strerror or exc))
+        raise ConfigError("cannot read the secret %s: %s; fix its permissions"
+                          % (path, exc.strerror or exc))
     if not create:
         raise ConfigError("no secret at %s; run `ty-openworkflow init` (it creates one)" % path)
     secret = os.urandom(32).hex().encode("ascii")
@@ -5863,8 +5867,8 @@ def verify_callback(secret, headers, body, now_s, tolerance_s):
         raise WebhookReject(401, "bad %s: expected unix seconds" % TIMESTAMP_HEADER)
     ts = int(ts_text.strip())
     if abs(now_s - ts) > tolerance_s:
-        raise WebhookReject(401, "stale timestamp: %d s away from this server's clock, over the %d s tolerance"
-                            % (abs(ts - now_s), tolerance_s))
+        raise WebhookReject(401, "stale timestamp: %d s away from this server's clock, "
+                                 "over the %d s tolerance" % (abs(ts - now_s), tolerance_s))
     expected = sign_callback(secret, body, ts)[SIGNATURE_HEADER]
     import hmac
     if not hmac.compare_digest(expected.encode("ascii"), sig.strip().encode("ascii", "replace")):
@@ -5873,8 +5877,8 @@ def verify_callback(secret, headers, body, now_s, tolerance_s):
 
 
 def parse_callback(body):
-    """Validate a callback body; returns ("events", run, pass, events), ("signal", run, name, doc) or
-    ("completion", run, status, doc)."""
+    """Validate a callback body; returns ("events", run, pass, events),
+    ("signal", run, name, doc) or ("completion", run, status, doc)."""
     try:
         doc = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -5900,8 +5904,9 @@ def parse_callback(body):
             except (TypeError, ValueError):
                 ok = None
             if ok is None:
-                raise WebhookReject(422, "events[%d] is not a pass event (type one of %s, with step / wake_at "
-                                         "as its type needs)" % (i, ", ".join(sorted(EVENT_TYPES))))
+                raise WebhookReject(422, "events[%d] is not a pass event (type one of %s, "
+                                         "with step / wake_at as its type needs)"
+                                    % (i, ", ".join(sorted(EVENT_TYPES))))
             checked.append(ok)
         return "events", run_id, pass_id, checked
     if "signal" in doc:
@@ -5968,7 +5973,8 @@ class _HttpService:
             raise ConfigError("cannot listen on %s:%s for the %s (%s); change %s.host / %s.port"
                               % (self.host, self.port, what, exc.strerror or exc, what, what))
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="tyow-" + what, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="tyow-" + what,
+                                       daemon=True)
         self.thread.start()
 
     def stop(self):
@@ -6164,7 +6170,8 @@ class _WebhookHandler:
             body = self._read_body(length)
             self._phase = "handling"
             if len(body) != length:  # timed out, or the sender stopped short
-                return self._reject(408, "the body did not arrive within %s" % format_duration(self.timeout * 1000))
+                return self._reject(408, "the body did not arrive within %s"
+                                    % format_duration(self.timeout * 1000))
             reply = self.webhook.apply(self.headers, body)
             return self._reply(200, reply)
         except WebhookReject as exc:
@@ -6499,14 +6506,17 @@ def render_metrics(sidecar):
     counts = store.counters()
     for kind in ("started", "completed", "failed", "canceled"):
         family("tyow_runs_%s_total" % kind, "counter", "Runs %s, by workflow." % kind,
-               [((("workflow", wf),), n) for (name, wf), n in sorted(counts.items()) if name == kind])
+               [((("workflow", wf),), n) for (name, wf), n in sorted(counts.items())
+                if name == kind])
     mine, hists = METRICS.snapshot()
     family("tyow_passes_total", "counter", "Passes this process started, by workflow.",
-           [((("workflow", wf),), n) for (name, wf), n in sorted(mine.items(), key=str) if name == "passes"])
+           [((("workflow", wf),), n) for (name, wf), n in sorted(mine.items(), key=str)
+            if name == "passes"])
     for name, help_ in (("step_attempts", "Step attempts this process recorded."),
                         ("step_failures", "Step attempts that failed, recorded by this process.")):
         family("tyow_%s_total" % name, "counter", help_, [((), mine.get((name, None), 0))])
-    for name, buckets, help_ in (("pass_duration_seconds", PASS_BUCKETS_S, "How long passes took, launch to end."),
+    for name, buckets, help_ in (("pass_duration_seconds", PASS_BUCKETS_S,
+                                  "How long passes took, launch to end."),
                                  ("wake_lateness_seconds", LATENESS_BUCKETS_S,
                                   "How late a due sleeping or waiting run was claimed.")):
         h = hists.get(name, [0] * (len(buckets) + 1) + [0.0])
@@ -6538,7 +6548,7 @@ def _prom_num(v):
 
 
 class DashboardServer(_HttpService):
-    """`/` (the page), `/api/...` (its JSON), `/metrics`, `/healthz` on dashboard.host:dashboard.port.
+    """`/` (the page), `/api/...` (its JSON), `/metrics`, `/healthz` on dashboard.host:port.
 
     GET never changes anything. POST /api/runs/<id>/cancel|retry|signal needs the
     per-install token (<data_dir>/dashboard.token) in an `Authorization: Bearer`
@@ -6546,10 +6556,12 @@ class DashboardServer(_HttpService):
 
     def __init__(self, sidecar, host=None, port=None):
         cfg = sidecar.config
+        self.page = runtime_file(DASHBOARD_PAGE)  # read first: a missing file stops the start
         self.sidecar = sidecar
         self.host = cfg["dashboard.host"] if host is None else host
         self.port = cfg["dashboard.port"] if port is None else port
-        self.token = install_secret(cfg.data_dir, DASHBOARD_TOKEN_FILE, create=True).decode("ascii").strip()
+        self.token = install_secret(cfg.data_dir, DASHBOARD_TOKEN_FILE,
+                                    create=True).decode("ascii").strip()
         self.allowed_hosts = {"localhost", "127.0.0.1", "::1", self.host.lower()} | {
             h.strip().lower() for h in cfg["dashboard.allowed_hosts"].split(",") if h.strip()}
         self.slots = threading.BoundedSemaphore(cfg["dashboard.max_connections"])
@@ -6561,13 +6573,14 @@ class DashboardServer(_HttpService):
         self._compute_lock = threading.Lock()
 
     def cached(self, key, make):
-        """(body, content type) for ``key``, made by ``make()`` at most once per DASHBOARD_CACHE_S."""
+        """The answer for ``key``, made by ``make()`` at most once per DASHBOARD_CACHE_S."""
         now = time.monotonic()
         with self._cache_lock:
             hit = self._cache.get(key)
             if hit and now - hit[0] < DASHBOARD_CACHE_S:
                 return hit[1]
-        with self._compute_lock:  # one request at a time does the work; the others wait and reuse it
+        # One request at a time does the work; the others wait and reuse it.
+        with self._compute_lock:
             with self._cache_lock:
                 hit = self._cache.get(key)
                 if hit and time.monotonic() - hit[0] < DASHBOARD_CACHE_S:
@@ -6628,8 +6641,10 @@ class DashboardServer(_HttpService):
         """Raise 401 unless ``headers`` carry the dashboard token."""
         given = headers.get("Authorization", "")
         import hmac
-        if not hmac.compare_digest(given.encode("utf-8", "replace"), ("Bearer " + self.token).encode("ascii")):
-            raise WebhookReject(401, "this needs the dashboard token (%s/%s) as `Authorization: Bearer TOKEN`"
+        if not hmac.compare_digest(given.encode("utf-8", "replace"),
+                                   ("Bearer " + self.token).encode("ascii")):
+            raise WebhookReject(401, "this needs the dashboard token (%s/%s) as "
+                                     "`Authorization: Bearer TOKEN`"
                                 % (self.sidecar.config.data_dir, DASHBOARD_TOKEN_FILE))
 
     def api_post(self, path, headers, body):
@@ -6664,9 +6679,10 @@ class DashboardServer(_HttpService):
 
 
 def _run_row(r):
-    return {"id": r["id"], "workflow_id": r["workflow_id"], "version": r["version"], "status": r["status"],
-            "created_at": r["created_at"], "finished_at": r["finished_at"], "task_id": r["task_id"],
-            "schedule": r["schedule_name"], "parent_run_id": r["parent_run_id"]}
+    return {"id": r["id"], "workflow_id": r["workflow_id"], "version": r["version"],
+            "status": r["status"], "created_at": r["created_at"], "finished_at": r["finished_at"],
+            "task_id": r["task_id"], "schedule": r["schedule_name"],
+            "parent_run_id": r["parent_run_id"]}
 
 
 class _DashboardHandler:
@@ -6688,8 +6704,9 @@ class _DashboardHandler:
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("X-Frame-Options", "DENY")
-        self.send_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
-                                                    "style-src 'unsafe-inline'; frame-ancestors 'none'")
+        self.send_header("Content-Security-Policy",
+                         "default-src 'self'; script-src 'unsafe-inline'; "
+                         "style-src 'unsafe-inline'; frame-ancestors 'none'")
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -6700,8 +6717,9 @@ class _DashboardHandler:
         self._send(status, json.dumps(doc, ensure_ascii=False) + "\n", "application/json")
 
     def _host_ok(self, value):
-        """A Host (or an Origin's host) this dashboard answers to: its own name, loopback, or one of
-        dashboard.allowed_hosts (what a reverse proxy forwards); anything else could be DNS rebinding."""
+        """A Host (or an Origin's host) this dashboard answers to: its own name, loopback, or one
+        of dashboard.allowed_hosts (what a reverse proxy forwards); anything else could be DNS
+        rebinding."""
         if not value:
             return False
         name = value.split("://", 1)[-1].split("/", 1)[0]
@@ -6721,11 +6739,12 @@ class _DashboardHandler:
         parts = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
         if not self._host_ok(self.headers.get("Host")):
-            return self._json(421, {"ok": False, "error": "this dashboard does not answer to that host name; add "
-                                                          "it to dashboard.allowed_hosts"})
+            return self._json(421, {"ok": False,
+                                    "error": "this dashboard does not answer to that host name; "
+                                             "add it to dashboard.allowed_hosts"})
         try:
             if parts.path in ("/", "/index.html"):
-                return self._send(200, DASHBOARD_HTML, "text/html; charset=utf-8")
+                return self._send(200, self.dashboard.page, "text/html; charset=utf-8")
             if parts.path == "/healthz":
                 return self._json(200, {"ok": True})
             board = self.dashboard
@@ -6780,7 +6799,8 @@ class _DashboardHandler:
         try:
             length = self._body_length()
             origin = self.headers.get("Origin")
-            if not self._host_ok(self.headers.get("Host")) or (origin and not self._host_ok(origin)):
+            if (not self._host_ok(self.headers.get("Host"))
+                    or (origin and not self._host_ok(origin))):
                 raise WebhookReject(403, "cross-site requests are refused")
             self.dashboard.check_token(self.headers)
             body = self._read_body(length)
@@ -6788,7 +6808,8 @@ class _DashboardHandler:
                 raise WebhookReject(408, "the body did not arrive within %ds"
                                     % DASHBOARD_READ_TIMEOUT_S)
             self.close_connection = not keep_open
-            return self._json(200, self.dashboard.api_post(self.path.split("?", 1)[0], self.headers, body))
+            return self._json(200, self.dashboard.api_post(self.path.split("?", 1)[0],
+                                                           self.headers, body))
         except WebhookReject as exc:
             return self._json(exc.status, {"ok": False, "error": exc.message})
         except (ValueError, OpenWorkflowError) as exc:
@@ -6803,161 +6824,6 @@ class _DashboardHandler:
     do_DELETE = do_PATCH = do_PUT
 
 
-DASHBOARD_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>ty-openworkflow</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
-header{background:#1d2330;color:#fff;padding:10px 16px;display:flex;gap:16px;align-items:center}
-header b{font-size:16px} header a{color:#cfd6e4;text-decoration:none;cursor:pointer} header a.on{color:#fff;font-weight:600}
-main{padding:16px} .row{display:flex;gap:8px;align-items:center;margin-bottom:10px;flex-wrap:wrap}
-input,select,button{font:inherit;padding:4px 8px;border:1px solid #c5cbd6;border-radius:4px;background:#fff}
-button{cursor:pointer} button:hover{background:#eef1f6}
-table{border-collapse:collapse;width:100%;background:#fff} th,td{text-align:left;padding:6px 8px;border-bottom:1px solid #e4e7ec}
-tr.run{cursor:pointer} tr.run:hover{background:#f0f4fb}
-.st{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;color:#fff}
-.completed{background:#2f9e44}.failed{background:#e03131}.canceled{background:#868e96}.running{background:#1c7ed6}
-.sleeping{background:#7048e8}.waiting{background:#ae3ec9}.pending{background:#f08c00}.interrupted{background:#adb5bd}
-pre{background:#fff;border:1px solid #e4e7ec;padding:8px;overflow:auto;max-height:260px;margin:4px 0 12px}
-.timeline{position:relative;background:#fff;border:1px solid #e4e7ec;padding:8px 8px 8px 170px;margin-bottom:12px}
-.lane{position:relative;height:22px;margin:2px 0}.lane .name{position:absolute;left:-162px;width:156px;overflow:hidden;
-white-space:nowrap;text-overflow:ellipsis;font-size:12px;top:3px}
-.bar{position:absolute;top:3px;height:16px;border-radius:3px;min-width:3px;opacity:.9}
-.bar.step{background:#2f9e44}.bar.sleep{background:#7048e8}.bar.wait{background:#ae3ec9}.bar.failedattempt{background:#e03131}
-.bar.running{background:#1c7ed6}.pass{position:absolute;top:0;bottom:0;border-left:1px dashed #adb5bd}
-.muted{color:#6b7385}.err{color:#c92a2a}.grid{display:grid;grid-template-columns:140px 1fr;gap:4px 12px;margin-bottom:12px}
-</style></head><body>
-<header><b>ty-openworkflow</b><a id="nav-runs" class="on">Runs</a><a id="nav-workflows">Workflows</a>
-<a id="nav-schedules">Schedules</a><span style="flex:1"></span><span id="summary" class="muted"></span></header>
-<main id="main"></main>
-<script>
-"use strict";
-const $ = (s, el) => (el || document).querySelector(s);
-const esc = (v) => String(v === undefined || v === null ? "" : v).replace(/[&<>"']/g, (c) => ({"&":"&amp;","<":"&lt;",">":"&gt;","\\"":"&quot;","'":"&#39;"}[c]));
-const fmt = (ms) => ms ? new Date(ms).toLocaleString() : "-";
-const badge = (s) => '<span class="st ' + esc(s) + '">' + esc(s) + "</span>";
-const json = (v) => esc(JSON.stringify(v, null, 2));
-let view = {page: "runs", run: null, filters: {workflow: "", status: "", q: ""}};
-async function get(path) { const r = await fetch(path, {cache: "no-store"}); return r.json(); }
-async function act(runId, action, body) {
-  const token = localStorage.getItem("tyow-token") || prompt("Dashboard token (the file dashboard.token in data_dir):");
-  if (!token) return;
-  const r = await fetch("api/runs/" + runId + "/" + action, {method: "POST", headers: {"Authorization": "Bearer " + token,
-    "Content-Type": "application/json"}, body: JSON.stringify(body || {})});
-  const doc = await r.json();
-  if (r.status === 401) { localStorage.removeItem("tyow-token"); }
-  else if (r.ok) { localStorage.setItem("tyow-token", token); }
-  $("#action-result").textContent = r.ok ? action + ": done" : action + " refused: " + doc.error;
-  $("#action-result").className = r.ok ? "muted" : "err";
-  refresh();
-}
-function nav(page) { view.page = page; view.run = null;
-  for (const p of ["runs", "workflows", "schedules"]) $("#nav-" + p).className = p === page ? "on" : ""; refresh(); }
-for (const p of ["runs", "workflows", "schedules"]) $("#nav-" + p).onclick = () => nav(p);
-async function runsPage() {
-  const f = view.filters;
-  const q = new URLSearchParams({limit: "50"}); if (f.workflow) q.set("workflow", f.workflow);
-  if (f.status) q.set("status", f.status); if (f.q) q.set("q", f.q);
-  const doc = await get("api/runs?" + q);
-  let html = '<div class="row"><input id="f-q" placeholder="run id" value="' + esc(f.q) + '">' +
-    '<input id="f-wf" placeholder="workflow" value="' + esc(f.workflow) + '"><select id="f-st"><option value="">any status</option>' +
-    ["pending","running","sleeping","waiting","completed","failed","canceled"].map((s) => '<option' + (s === f.status ? " selected" : "") + ">" + s + "</option>").join("") +
-    '</select></div><table id="runs"><tr><th>run</th><th>workflow</th><th>status</th><th>created</th><th>finished</th><th>task</th></tr>';
-  for (const r of doc.runs) html += '<tr class="run" data-id="' + esc(r.id) + '"><td>' + esc(r.id) + "</td><td>" + esc(r.workflow_id) +
-    " v" + esc(r.version) + "</td><td>" + badge(r.status) + "</td><td>" + fmt(r.created_at) + "</td><td>" + fmt(r.finished_at) +
-    "</td><td>" + (r.task_id ? "#" + esc(r.task_id) : "-") + "</td></tr>";
-  html += "</table>" + (doc.runs.length ? "" : '<p class="muted">no runs</p>');
-  return html;
-}
-function timeline(st) {
-  const items = st.steps.filter((s) => s.started_at);
-  const passes = st.events.filter((e) => e.type === "pass_started").map((e) => e.at);
-  const fails = st.events.filter((e) => e.type === "step_failed");
-  const t0 = Math.min(st.created_at, ...items.map((s) => s.started_at));
-  const end = (s) => s.completed_at || (s.kind === "sleep" ? s.wake_at : s.kind === "wait" ? (s.timeout_at || st.updated_at) : st.updated_at);
-  const t1 = Math.max(st.finished_at || st.updated_at, ...items.map(end), t0 + 1);
-  const x = (t) => (100 * (t - t0) / (t1 - t0)).toFixed(3) + "%";
-  let html = '<div class="timeline" id="timeline">';
-  for (const s of items) {
-    const cls = s.kind === "step" ? (s.status === "completed" ? "step" : s.status === "running" ? "running" : "failedattempt") : s.kind;
-    html += '<div class="lane"><span class="name" title="' + esc(s.name) + '">' + esc(s.name) + (s.attempts > 1 ? " (" + s.attempts + " attempts)" : "") +
-      '</span><div class="bar ' + cls + '" data-step="' + esc(s.name) + '" title="' + esc(s.kind + " " + s.status) + '" style="left:' + x(s.started_at) +
-      ";width:calc(" + x(end(s)) + " - " + x(s.started_at) + ')"></div>';
-    for (const f of fails.filter((e) => e.data && e.data.step === s.name)) html += '<div class="bar failedattempt" title="failed: ' +
-      esc(f.data.error && f.data.error.message) + '" style="left:' + x(f.at) + ';width:3px"></div>';
-    html += "</div>";
-  }
-  for (const p of passes) html += '<div class="pass" title="pass started ' + fmt(p) + '" style="left:calc(170px + (100% - 178px) * ' + ((p - t0) / (t1 - t0)).toFixed(4) + ')"></div>';
-  return html + "</div>";
-}
-async function runPage(id) {
-  const st = await get("api/runs/" + encodeURIComponent(id));
-  if (st.ok === false) return '<p class="err">' + esc(st.error) + "</p>";
-  let html = '<div class="row"><button id="back">&larr; runs</button><b>' + esc(st.id) + "</b> " + badge(st.status) +
-    '<span style="flex:1"></span><button id="do-cancel">cancel</button><button id="do-retry">retry</button>' +
-    '<input id="sig-name" placeholder="signal name" size="10"><input id="sig-data" placeholder="JSON data" size="12"><button id="do-signal">signal</button>' +
-    '<span id="action-result" class="muted"></span></div><div class="grid">' +
-    "<span>workflow</span><span>" + esc(st.workflow_id) + " version " + esc(st.version) + " (" + esc(st.runtime) + ", " + esc(st.adapter) + ")</span>" +
-    "<span>created</span><span>" + fmt(st.created_at) + "</span><span>finished</span><span>" + fmt(st.finished_at) + "</span>" +
-    "<span>passes</span><span>" + esc(st.passes) + (st.last_pass && !st.finished_at ? ' <span class="muted">(last: ' + esc(st.last_pass.reason) + ")</span>" : "") + "</span>" +
-    (st.waiting_for && st.waiting_for.length ? "<span>waiting for</span><span>" + esc(st.waiting_for.map((w) => w.kind + " " + (w.name || w.workflow_id || w.title)).join(", ")) + "</span>" : "") +
-    (st.task && st.task.requested ? "<span>task</span><span>" + (st.task.id ? "#" + esc(st.task.id) + " " : "") + esc(st.task.title) + "</span>" : "") +
-    (st.parent ? '<span>parent</span><span><a href="#" data-run="' + esc(st.parent.run_id) + '">' + esc(st.parent.run_id) + "</a></span>" : "") +
-    (st.children.length ? "<span>children</span><span>" + st.children.map((c) => '<a href="#" data-run="' + esc(c.id) + '">' + esc(c.id) + "</a> " + badge(c.status)).join(" ") + "</span>" : "") +
-    (st.schedule ? "<span>schedule</span><span>" + esc(st.schedule) + "</span>" : "") + "</div>";
-  html += "<h3>Timeline</h3>" + timeline(st);
-  html += "<h3>Input</h3><pre>" + json(st.input) + "</pre>";
-  if (st.output !== null) html += "<h3>Output</h3><pre id='output'>" + json(st.output) + "</pre>";
-  if (st.error) html += '<h3>Error</h3><pre class="err">' + esc(st.error.name + ": " + st.error.message) + "\\n" + esc(st.error.stack || "") + "</pre>";
-  html += "<h3>Logs</h3>" + (st.logs.length ? st.logs.map((l) => '<div class="muted">pass ' + esc(l.pass_no) + " (" + esc(l.adapter) + ") " + fmt(l.at) + "</div><pre>" + esc(l.text) + "</pre>").join("") : '<p class="muted">nothing printed</p>');
-  return html;
-}
-async function workflowsPage() {
-  const doc = await get("api/workflows");
-  let html = "<table><tr><th>workflow</th><th>latest</th><th>runtime</th><th>adapter</th><th>runs</th><th>versions</th></tr>";
-  for (const w of doc.workflows) html += "<tr><td>" + esc(w.id) + "</td><td>" + esc(w.latest_version) + " (" + esc(w.label) + ")</td><td>" + esc(w.runtime) +
-    "</td><td>" + esc(w.adapter) + "</td><td>" + esc(w.runs) + "</td><td>" + w.versions.map((v) => esc(v.version + " " + v.label + " " + fmt(v.created_at))).join("<br>") + "</td></tr>";
-  return html + "</table>";
-}
-async function schedulesPage() {
-  const doc = await get("api/schedules");
-  let html = "<table><tr><th>name</th><th>workflow</th><th>cron</th><th>next fire</th><th>last fire</th></tr>";
-  for (const s of doc.schedules) html += "<tr><td>" + esc(s.name) + "</td><td>" + esc(s.workflow_id) + "</td><td>" + esc(s.cron) + " " + esc(s.tz || "") +
-    "</td><td>" + (s.paused ? "paused" : fmt(s.next_fire_at)) + "</td><td>" + fmt(s.last_fire_at) + "</td></tr>";
-  return html + "</table>" + (doc.schedules.length ? "" : '<p class="muted">no schedules</p>');
-}
-let busy = false;
-async function refresh() {
-  if (busy) return; busy = true;
-  try {
-    const sum = await get("api/summary");
-    $("#summary").textContent = Object.entries(sum.runs).map(([k, v]) => k + " " + v).join(" \\u00b7 ");
-    const focus = document.activeElement && document.activeElement.id;
-    const main = $("#main");
-    if (view.run) main.innerHTML = await runPage(view.run);
-    else if (view.page === "runs") main.innerHTML = await runsPage();
-    else if (view.page === "workflows") main.innerHTML = await workflowsPage();
-    else main.innerHTML = await schedulesPage();
-    wire(); if (focus && $("#" + focus)) { const el = $("#" + focus); el.focus(); if (el.setSelectionRange && el.value) el.setSelectionRange(el.value.length, el.value.length); }
-  } catch (e) { $("#summary").textContent = "cannot reach the sidecar: " + e; }
-  busy = false;
-}
-function wire() {
-  for (const tr of document.querySelectorAll("tr.run")) tr.onclick = () => { view.run = tr.dataset.id; refresh(); };
-  for (const a of document.querySelectorAll("a[data-run]")) a.onclick = (ev) => { ev.preventDefault(); view.run = a.dataset.run; refresh(); };
-  if ($("#back")) $("#back").onclick = () => { view.run = null; refresh(); };
-  const f = view.filters;
-  if ($("#f-q")) $("#f-q").oninput = (e) => { f.q = e.target.value; refresh(); };
-  if ($("#f-wf")) $("#f-wf").oninput = (e) => { f.workflow = e.target.value; refresh(); };
-  if ($("#f-st")) $("#f-st").onchange = (e) => { f.status = e.target.value; refresh(); };
-  if ($("#do-cancel")) $("#do-cancel").onclick = () => act(view.run, "cancel");
-  if ($("#do-retry")) $("#do-retry").onclick = () => act(view.run, "retry");
-  if ($("#do-signal")) $("#do-signal").onclick = () => { let data = null; try { data = $("#sig-data").value ? JSON.parse($("#sig-data").value) : null; } catch (e) { alert("data is not JSON"); return; }
-    act(view.run, "signal", {name: $("#sig-name").value, data}); };
-}
-refresh(); setInterval(refresh, 2000);
-</script></body></html>
-"""
 # ---------------------------------------------------------------------------
 # Public API: the Sidecar object the CLI is a thin layer over
 # ---------------------------------------------------------------------------
@@ -7528,8 +7394,8 @@ def _color(text, code, stream=None):
     return "\033[%sm%s\033[0m" % (code, text)
 
 
-_STATUS_COLORS = {"completed": "32", "failed": "31", "canceled": "33", "running": "36", "sleeping": "35", "waiting": "35",
-                  "pending": "37"}
+_STATUS_COLORS = {"completed": "32", "failed": "31", "canceled": "33", "running": "36",
+                  "sleeping": "35", "waiting": "35", "pending": "37"}
 
 
 def _print_json(value):
@@ -7540,7 +7406,8 @@ def _print_json(value):
 
 
 def _table(rows, headers):
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
     lines = ["  ".join(str(h).upper().ljust(w) for h, w in zip(headers, widths)).rstrip()]
     for r in rows:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -7565,7 +7432,8 @@ def _read_code(args):
 
 
 def cmd_init(api, args):
-    path = write_default_config(args.config or default_config_path(), data_dir=args.data_dir, force=args.force)
+    path = write_default_config(args.config or default_config_path(), data_dir=args.data_dir,
+                                force=args.force)
     cfg = load_config(path)
     sc = Sidecar(cfg)
     try:
@@ -7583,15 +7451,17 @@ def cmd_init(api, args):
 def cmd_deploy(api, args):
     code = _read_code(args)
     runtime = args.runtime or ("python" if (args.file or "").endswith(".py") else "node")
-    res = api.deploy(args.workflow_id, code, adapter=args.adapter, runtime=runtime, version=args.version,
-                     name=args.name, description=args.description, deadline=args.deadline)
+    res = api.deploy(args.workflow_id, code, adapter=args.adapter, runtime=runtime,
+                     version=args.version, name=args.name, description=args.description,
+                     deadline=args.deadline)
     if args.json:
         _print_json(res)
     elif res["created"]:
-        print("deployed %s version %d (%s, %s, %s)" % (res["workflow_id"], res["version"], res["label"],
-                                                       res["runtime"], res["adapter"]))
+        print("deployed %s version %d (%s, %s, %s)"
+              % (res["workflow_id"], res["version"], res["label"], res["runtime"], res["adapter"]))
     else:
-        print("%s is unchanged (version %d, %s)" % (res["workflow_id"], res["version"], res["label"]))
+        print("%s is unchanged (version %d, %s)"
+              % (res["workflow_id"], res["version"], res["label"]))
     return 0
 
 
@@ -7624,8 +7494,9 @@ def cmd_start(api, args):
     if api.last_warning:
         print("ty-openworkflow: warning: %s" % api.last_warning, file=sys.stderr)
     if st.get("existing") and not args.json:
-        print("ty-openworkflow: run %s already started with idempotency key %r (%s); nothing new was started"
-              % (st["id"], args.idempotency_key, st["status"]), file=sys.stderr)
+        print("ty-openworkflow: run %s already started with idempotency key %r (%s); "
+              "nothing new was started" % (st["id"], args.idempotency_key, st["status"]),
+              file=sys.stderr)
     if not args.wait:
         if args.json:
             _print_json(st)
@@ -7634,7 +7505,8 @@ def cmd_start(api, args):
         return 0
     if args.json:
         print(json.dumps({"type": "started", "run_id": st["id"], "workflow_id": st["workflow_id"],
-                          "at": st["created_at"], "existing": bool(st.get("existing"))}), flush=True)
+                          "at": st["created_at"], "existing": bool(st.get("existing"))}),
+              flush=True)
     else:
         print("started %s" % st["id"], file=sys.stderr)
     return _follow(api, st["id"], args.json)
@@ -7649,15 +7521,19 @@ def _follow(api, run_id, as_json):
                 last = ev["id"]
                 data = json.loads(ev["data"]) if ev["data"] else {}
                 if as_json:
-                    print(json.dumps(dict(data, type=ev["type"], at=ev["at"]), ensure_ascii=False), flush=True)
+                    print(json.dumps(dict(data, type=ev["type"], at=ev["at"]), ensure_ascii=False),
+                          flush=True)
                     continue
                 t = ev["type"]
                 if t == "step_completed":
-                    print("step %s completed: %s" % (data["step"], _short(data.get("output"))), flush=True)
+                    print("step %s completed: %s" % (data["step"], _short(data.get("output"))),
+                          flush=True)
                 elif t == "step_failed":
-                    print("step %s failed: %s" % (data["step"], data["error"]["message"]), flush=True)
+                    print("step %s failed: %s" % (data["step"], data["error"]["message"]),
+                          flush=True)
                 elif t == "sleep":
-                    print("sleep %s until %s" % (data["step"], format_time(data["wake_at"])), flush=True)
+                    print("sleep %s until %s" % (data["step"], format_time(data["wake_at"])),
+                          flush=True)
                 elif t == "retry_scheduled":
                     print("retry at %s" % format_time(data["retry_at"]), flush=True)
                 elif t == "lease_expired":
@@ -7682,16 +7558,18 @@ def _print_status(st):
     line = _color(status, _STATUS_COLORS.get(status, "0"))
     if status == "sleeping" and st.get("wake_at"):
         left = st["wake_at"] - now_ms()
-        line += " until %s (%s)" % (format_time(st["wake_at"]), "in %s" % format_duration(left) if left > 0
+        line += " until %s (%s)" % (format_time(st["wake_at"]),
+                                    "in %s" % format_duration(left) if left > 0
                                     else "due now; waiting for a scheduler")
     elif status == "pending" and st.get("available_at") and st["available_at"] > now_ms():
         line += " (retry at %s)" % format_time(st["available_at"])
     elif status == "waiting":
-        line += " for " + "; ".join(_describe_wait(w) for w in st.get("waiting_for") or []) if st.get(
-            "waiting_for") else ""
+        line += (" for " + "; ".join(_describe_wait(w) for w in st.get("waiting_for") or [])
+                 if st.get("waiting_for") else "")
     rows = [("run", st["id"]),
-            ("workflow", "%s  version %d (%s, %s, %s)" % (st["workflow_id"], st["version"], st["version_label"],
-                                                         st["runtime"], st["adapter"])),
+            ("workflow", "%s  version %d (%s, %s, %s)" % (st["workflow_id"], st["version"],
+                                                         st["version_label"], st["runtime"],
+                                                         st["adapter"])),
             ("status", line),
             ("created", format_time(st["created_at"])),
             ("passes", str(st["passes"]))]
@@ -7710,18 +7588,20 @@ def _print_status(st):
     for child in st.get("children") or []:
         rows.append(("child", "%s  %s  %s" % (child["id"], child["workflow_id"], child["status"])))
     for sig in st.get("signals_pending") or []:
-        rows.append(("signal", "%s not consumed yet (sent %s): %s" % (sig["name"], format_time(sig["at"]),
-                                                                   _short(sig["data"]))))
+        rows.append(("signal", "%s not consumed yet (sent %s): %s"
+                     % (sig["name"], format_time(sig["at"]), _short(sig["data"]))))
     task = st["task"]
     if task.get("requested"):
         label = "#%s %s" % (task["id"], task["title"]) if task.get("id") else task["title"]
         if task.get("delivered"):
             note = "updates delivered"
         elif task.get("last_error"):
-            note = "%d update%s waiting: %s" % (task["pending_updates"], "" if task["pending_updates"] == 1 else "s",
+            note = "%d update%s waiting: %s" % (task["pending_updates"],
+                                               "" if task["pending_updates"] == 1 else "s",
                                                task["last_error"])
         else:
-            note = "%d update%s queued" % (task["pending_updates"], "" if task["pending_updates"] == 1 else "s")
+            note = "%d update%s queued" % (task["pending_updates"],
+                                           "" if task["pending_updates"] == 1 else "s")
         rows.append(("task", "%s (%s)" % (label, note)))
     for k, v in rows:
         print("%-9s %s" % (k, v))
@@ -7731,11 +7611,12 @@ def _print_status(st):
         for s in st["steps"]:
             if s["kind"] == "wait":
                 done = s["status"] == "completed"
-                detail = _describe_wait(dict(s.get("wait") or {}, timeout_at=None if done else s.get("timeout_at")))
+                detail = _describe_wait(dict(s.get("wait") or {},
+                                             timeout_at=None if done else s.get("timeout_at")))
                 if done:
                     got = s.get("output") or {}
-                    detail += ": " + ("error: %s" % got["error"].get("message") if got.get("error") else
-                                      _short(got.get("value")))
+                    detail += ": " + ("error: %s" % got["error"].get("message")
+                                      if got.get("error") else _short(got.get("value")))
             elif s["kind"] == "sleep":
                 detail = "until %s" % format_time(s["wake_at"])
             elif s["status"] == "completed":
@@ -7751,7 +7632,8 @@ def _print_status(st):
     if st["error"]:
         name = st["error"].get("name")
         print("error     %s%s" % (st["error"].get("message"),
-                                  " (%s)" % name if name and name not in ("Error", "StepFailed") else ""))
+                                  " (%s)" % name if name and name not in ("Error", "StepFailed")
+                                  else ""))
         if st["error"].get("stack"):
             for ln in st["error"]["stack"].rstrip().splitlines()[:12]:
                 print("          %s" % ln)
@@ -7763,7 +7645,8 @@ def _print_status(st):
 def _describe_wait(w):
     what = {"signal": lambda: "signal %r" % w.get("name"),
             "child": lambda: "child run %s (%s)" % (w.get("run_id") or "?", w.get("workflow_id")),
-            "task": lambda: "TaskYou task %s%r" % ("#%s " % w["task_id"] if w.get("task_id") else "", w.get("title"))
+            "task": lambda: "TaskYou task %s%r" % ("#%s " % w["task_id"] if w.get("task_id")
+                                                   else "", w.get("title"))
             }.get(w.get("kind"), lambda: w.get("step", "?"))()
     return what + (" until %s" % format_time(w["timeout_at"]) if w.get("timeout_at") else "")
 
@@ -7785,20 +7668,22 @@ def cmd_list(api, args):
         elif not rows:
             print("no workflows; deploy one with `ty-openworkflow deploy ID -f FILE`")
         else:
-            _table([(w["id"], w["latest_version"], w["label"], w["runtime"], w["adapter"], w["runs"],
-                     format_time(w["updated_at"])) for w in rows],
+            _table([(w["id"], w["latest_version"], w["label"], w["runtime"], w["adapter"],
+                     w["runs"], format_time(w["updated_at"])) for w in rows],
                    ("id", "version", "label", "runtime", "adapter", "runs", "updated"))
         return 0
     rows = api.list_runs(args.workflow, args.status, args.limit)
     if args.json:
-        _print_json([{"id": r["id"], "workflow_id": r["workflow_id"], "version": r["version"], "status": r["status"],
-                      "created_at": r["created_at"], "finished_at": r["finished_at"], "task_id": r["task_id"],
+        _print_json([{"id": r["id"], "workflow_id": r["workflow_id"], "version": r["version"],
+                      "status": r["status"], "created_at": r["created_at"],
+                      "finished_at": r["finished_at"], "task_id": r["task_id"],
                       "schedule": r["schedule_name"]} for r in rows])
     elif not rows:
         print("no runs")
     else:
         _table([(r["id"], r["workflow_id"], r["version"], r["status"], format_time(r["created_at"]),
-                 "#%s" % r["task_id"] if r["task_id"] else "-", r["schedule_name"] or "-") for r in rows],
+                 "#%s" % r["task_id"] if r["task_id"] else "-", r["schedule_name"] or "-")
+                for r in rows],
                ("id", "workflow", "version", "status", "created", "task", "schedule"))
     return 0
 
@@ -7806,7 +7691,8 @@ def cmd_list(api, args):
 def cmd_prune(api, args):
     if not args.older_than:
         raise InputError("prune needs --older-than DURATION (e.g. 30d); nothing was removed")
-    statuses = [x.strip() for x in args.status.split(",") if x.strip()] if args.status else list(TERMINAL)
+    statuses = ([x.strip() for x in args.status.split(",") if x.strip()] if args.status
+                else list(TERMINAL))
     res = api.prune(args.older_than, statuses, dry_run=args.dry_run, vacuum=args.vacuum,
                     drop_undelivered=args.drop_undelivered)
     if args.json:
@@ -7818,8 +7704,9 @@ def cmd_prune(api, args):
               % ("/".join(res["statuses"]), format_duration(res["older_than_ms"])))
     else:
         print("%s %d run%s (%d steps, %d events, %d log entries, %d task updates, %d signals)" % (
-            "would remove" if res["dry_run"] else "removed", c["runs"], "" if c["runs"] == 1 else "s", c["steps"],
-            c["run_events"], c["run_logs"], c["outbox"], c["signals"]))
+            "would remove" if res["dry_run"] else "removed", c["runs"],
+            "" if c["runs"] == 1 else "s", c["steps"], c["run_events"], c["run_logs"], c["outbox"],
+            c["signals"]))
     if res["dropped_task_updates"]:
         n = res["dropped_task_updates"]
         why = "--drop-undelivered" if args.drop_undelivered else \
@@ -7841,20 +7728,24 @@ def cmd_schedule(api, args):
         if args.json:
             _print_json(rows)
         elif not rows:
-            print("no schedules; add one with `ty-openworkflow schedule add WORKFLOW --cron \"0 * * * *\"`")
+            print("no schedules; add one with "
+                  "`ty-openworkflow schedule add WORKFLOW --cron \"0 * * * *\"`")
         else:
-            _table([(r["name"], r["workflow_id"], r["cron"], r["tz"] or "local", "paused" if r["paused"] else
-                     format_time(r["next_fire_at"]), format_time(r["last_fire_at"]), r["last_run_id"] or "-")
-                    for r in rows], ("name", "workflow", "cron", "tz", "next fire (local)", "last fire (local)",
-                                     "last run"))
+            _table([(r["name"], r["workflow_id"], r["cron"], r["tz"] or "local",
+                     "paused" if r["paused"] else format_time(r["next_fire_at"]),
+                     format_time(r["last_fire_at"]), r["last_run_id"] or "-") for r in rows],
+                   ("name", "workflow", "cron", "tz", "next fire (local)", "last fire (local)",
+                    "last run"))
         return 0
     if not args.target:
-        raise InputError("schedule %s needs a %s" % (args.action, "workflow id" if args.action == "add" else "NAME"))
+        raise InputError("schedule %s needs a %s"
+                         % (args.action, "workflow id" if args.action == "add" else "NAME"))
     if args.action == "add":
         if not args.cron:
-            raise InputError("schedule add needs --cron \"EXPR\" (five fields, or @hourly, @daily, ...)")
-        doc = api.schedule_add(args.target, args.cron, _read_input(args), name=args.name, tz=args.tz,
-                               catch_up=args.catch_up)
+            raise InputError("schedule add needs --cron \"EXPR\" "
+                             "(five fields, or @hourly, @daily, ...)")
+        doc = api.schedule_add(args.target, args.cron, _read_input(args), name=args.name,
+                               tz=args.tz, catch_up=args.catch_up)
     elif args.action == "rm":
         doc = api.schedule_rm(args.target)
     else:
@@ -7895,7 +7786,8 @@ def cmd_signal(api, args):
         print("signal %s to %s was already sent with that idempotency key; not applied again"
               % (args.name, res["run_id"]))
     elif res["consumed_by"]:
-        print("signal %s delivered to %s (wait %s)" % (args.name, res["run_id"], res["consumed_by"]))
+        print("signal %s delivered to %s (wait %s)"
+              % (args.name, res["run_id"], res["consumed_by"]))
     else:
         print("signal %s kept for %s until it waits for it" % (args.name, res["run_id"]))
     return 0
@@ -7911,7 +7803,8 @@ def cmd_retry(api, args):
 
 
 def cmd_fork(api, args):
-    st = api.fork(args.run_id, from_step=args.from_step, latest=args.latest, input=_read_input(args, _NO_INPUT))
+    st = api.fork(args.run_id, from_step=args.from_step, latest=args.latest,
+                  input=_read_input(args, _NO_INPUT))
     if args.json:
         _print_json(st)
     else:
@@ -7973,7 +7866,8 @@ def cmd_serve(api, args):
 
     def on_signal(signum, frame):
         if sched.stopping.is_set():
-            log.info("received %s again; stopping passes in flight now", signal.Signals(signum).name)
+            log.info("received %s again; stopping passes in flight now",
+                     signal.Signals(signum).name)
             sched.stop(hurry=True)
             return
         log.info("received %s; no new passes, waiting up to %s for those in flight",
@@ -7982,7 +7876,8 @@ def cmd_serve(api, args):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("serving %s (scheduler %s, concurrency %d)", api.config.data_dir, sched.id, sched.concurrency)
+    log.info("serving %s (scheduler %s, concurrency %d)", api.config.data_dir, sched.id,
+             sched.concurrency)
     api.serve(scheduler=sched)
     log.info("stopped")
     return 0
@@ -7995,8 +7890,8 @@ def cmd_dashboard(api, args):
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
-    print("dashboard on http://%s:%d/ (token in %s)" % (board.host, board.port,
-                                                        os.path.join(api.config.data_dir, DASHBOARD_TOKEN_FILE)),
+    print("dashboard on http://%s:%d/ (token in %s)"
+          % (board.host, board.port, os.path.join(api.config.data_dir, DASHBOARD_TOKEN_FILE)),
           flush=True)
     try:
         while not stop.wait(0.5):
@@ -8015,7 +7910,8 @@ def cmd_sign(api, args):
         except OSError as exc:
             raise InputError("cannot read %s: %s" % (args.file, exc.strerror or exc))
     else:
-        body = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+        body = (sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer")
+                else sys.stdin.read().encode("utf-8"))
     headers = sign_callback(webhook_secret(api.config.data_dir), body, args.timestamp)
     if args.json:
         _print_json(headers)
@@ -8026,7 +7922,7 @@ def cmd_sign(api, args):
 
 
 def cmd_dist(api, args):
-    """Write a single-file build with the runtime shims embedded."""
+    """Write a single-file build with the files of runtimes/ (shims, dashboard page) embedded."""
     with open(os.path.abspath(__file__), encoding="utf-8") as f:
         source = f.read()
     shims = {name: runtime_file(name) for name in RUNTIME_FILES}
@@ -8048,12 +7944,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, "%s: %s; see `%s --help`\n" % (self.prog, message, self.prog))
 
 
-COMMANDS = ("init", "deploy", "start", "status", "list", "cancel", "signal", "retry", "fork", "logs", "adapters",
-            "tick", "serve", "sign", "schedule", "prune", "dashboard", "runner", "dist")
+COMMANDS = ("init", "deploy", "start", "status", "list", "cancel", "signal", "retry", "fork",
+            "logs", "adapters", "tick", "serve", "sign", "schedule", "prune", "dashboard", "runner",
+            "dist")
 
 
 class _Unbuilt:
-    """A subcommand's parser left out: only the command being run is built (argparse is slow to build)."""
+    """A subcommand's parser left out: only the command being run is built (argparse is slow
+    to build)."""
 
     def add_argument(self, *args, **kwargs):
         return None
@@ -8076,9 +7974,11 @@ def _command_in(argv):
 
 def build_parser(only=None):
     """The CLI's parser; with ``only``, just that subcommand's (the rest are not built)."""
-    p = _Parser(prog="ty-openworkflow", description="Durable workflows on ephemeral compute, "
-                                "for TaskYou.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="config file (default: $%s or %s)" % (CONFIG_ENV, DEFAULT_CONFIG_PATH))
+    p = _Parser(prog="ty-openworkflow",
+                description="Durable workflows on ephemeral compute, for TaskYou.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config",
+                   help="config file (default: $%s or %s)" % (CONFIG_ENV, DEFAULT_CONFIG_PATH))
     p.add_argument("--version", action="version", version="%(prog)s " + __version__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -8086,26 +7986,31 @@ def build_parser(only=None):
     def cmd(name, func, help_, **kw):
         if only is not None and name != only:
             return _Unbuilt()
-        sp = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            **kw)
+        sp = sub.add_parser(name, help=help_, description=help_,
+                            formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
         sp.set_defaults(func=func)
         sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sp
 
     sp = cmd("init", cmd_init, "write the default config and create the data dir")
     sp.add_argument("--force", action="store_true", help="overwrite an existing config file")
-    sp.add_argument("--data-dir", help="data dir to write into the config (default ~/.config/ty-openworkflow)")
+    sp.add_argument("--data-dir",
+                    help="data dir to write into the config (default ~/.config/ty-openworkflow)")
 
     sp = cmd("deploy", cmd_deploy, "deploy workflow code (a new version if it changed)")
     sp.add_argument("workflow_id")
-    sp.add_argument("-f", "--file", help="workflow code file, or - for stdin (default: stdin when piped)")
-    sp.add_argument("-a", "--adapter", choices=ADAPTER_NAMES, help="compute adapter (default: default_adapter)")
+    sp.add_argument("-f", "--file",
+                    help="workflow code file, or - for stdin (default: stdin when piped)")
+    sp.add_argument("-a", "--adapter", choices=ADAPTER_NAMES,
+                    help="compute adapter (default: default_adapter)")
     sp.add_argument("--name", help="workflow name")
     sp.add_argument("--description", help="workflow description")
-    sp.add_argument("--version", help="workflow version label (default: the current one, 1.0.0 for a new workflow)")
+    sp.add_argument("--version", help="workflow version label (default: the current one, "
+                                      "1.0.0 for a new workflow)")
     sp.add_argument("--runtime", choices=sorted(RUNTIMES),
                     help="runtime (default: python for a .py file, else node)")
-    sp.add_argument("--deadline", help="default deadline for its runs (e.g. 1h); `start --deadline` overrides")
+    sp.add_argument("--deadline",
+                    help="default deadline for its runs (e.g. 1h); `start --deadline` overrides")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
     sp = cmd("start", cmd_start, "start a workflow run")
@@ -8114,10 +8019,13 @@ def build_parser(only=None):
     sp.add_argument("--input-file", help="input JSON file")
     sp.add_argument("-t", "--task", help="task title (creates a linked task)")
     sp.add_argument("--create-task", action="store_true", help="create a linked task")
-    sp.add_argument("--deadline", help="fail the run if it has not finished within this long (e.g. 1h)")
+    sp.add_argument("--deadline",
+                    help="fail the run if it has not finished within this long (e.g. 1h)")
     sp.add_argument("--idempotency-key", metavar="KEY",
-                    help="start at most one run of this workflow per KEY; again, it returns the first run")
-    sp.add_argument("--wait", action="store_true", help="follow the run; exit 0 if it completes, 1 if not")
+                    help="start at most one run of this workflow per KEY; again, it returns "
+                         "the first run")
+    sp.add_argument("--wait", action="store_true",
+                    help="follow the run; exit 0 if it completes, 1 if not")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
     sp = cmd("status", cmd_status, "show a run")
@@ -8135,28 +8043,35 @@ def build_parser(only=None):
     sp.add_argument("run_id")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
-    sp = cmd("prune", cmd_prune, "delete finished runs older than a duration, with what is only theirs")
+    sp = cmd("prune", cmd_prune,
+             "delete finished runs older than a duration, with what is only theirs")
     sp.add_argument("--older-than", metavar="DURATION", help="e.g. 30d, 12h")
-    sp.add_argument("--status", metavar="S,...", help="only these finished statuses (default: completed,failed,canceled)")
+    sp.add_argument("--status", metavar="S,...",
+                    help="only these finished statuses (default: completed,failed,canceled)")
     sp.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     sp.add_argument("--vacuum", action="store_true", help="give the freed space back to the disk")
     sp.add_argument("--drop-undelivered", action="store_true",
                     help="also prune runs whose TaskYou updates never got out; drop those updates")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
-    sp = cmd("schedule", cmd_schedule, "start runs on a cron schedule: add, list, rm, pause, resume")
+    sp = cmd("schedule", cmd_schedule,
+             "start runs on a cron schedule: add, list, rm, pause, resume")
     sp.add_argument("action", choices=("add", "list", "rm", "pause", "resume"))
     sp.add_argument("target", nargs="?", help="the workflow id (add) or the schedule's NAME")
-    sp.add_argument("--cron", metavar="EXPR", help='five-field cron ("*/5 * * * *") or @hourly/@daily/@weekly/@monthly')
+    sp.add_argument("--cron", metavar="EXPR",
+                    help='five-field cron ("*/5 * * * *") or @hourly/@daily/@weekly/@monthly')
     sp.add_argument("-i", "--input", help="input JSON for each run")
     sp.add_argument("--input-file", help="input JSON file for each run")
     sp.add_argument("--name", help="the schedule's name (default: the workflow id)")
-    sp.add_argument("--tz", metavar="ZONE", help="time zone of the cron fields, like Europe/Paris (default: local)")
+    sp.add_argument("--tz", metavar="ZONE",
+                    help="time zone of the cron fields, like Europe/Paris (default: local)")
     sp.add_argument("--catch-up", default="latest", choices=("latest", "all", "none"),
-                    help="after downtime: run the latest missed fire (default), all of them, or none")
+                    help="after downtime: run the latest missed fire (default), all of them, "
+                         "or none")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
-    sp = cmd("signal", cmd_signal, "send a signal (with JSON data) to a run; kept until the run waits for it")
+    sp = cmd("signal", cmd_signal,
+             "send a signal (with JSON data) to a run; kept until the run waits for it")
     sp.add_argument("run_id")
     sp.add_argument("name")
     sp.add_argument("-d", "--data", help="JSON data for the signal")
@@ -8164,14 +8079,18 @@ def build_parser(only=None):
     sp.add_argument("--idempotency-key", metavar="KEY", help="the same key again is applied once")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
-    sp = cmd("retry", cmd_retry, "resume a failed or canceled run from its failed step (committed steps kept)")
+    sp = cmd("retry", cmd_retry,
+             "resume a failed or canceled run from its failed step (committed steps kept)")
     sp.add_argument("run_id")
-    sp.add_argument("--latest", action="store_true", help="on the workflow's latest version, not the run's own")
+    sp.add_argument("--latest", action="store_true",
+                    help="on the workflow's latest version, not the run's own")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
-    sp = cmd("fork", cmd_fork, "start a new run that replays a run's committed history (up to a step)")
+    sp = cmd("fork", cmd_fork,
+             "start a new run that replays a run's committed history (up to a step)")
     sp.add_argument("run_id")
-    sp.add_argument("--from-step", metavar="KEY", help="copy the history before this step only (default: all)")
+    sp.add_argument("--from-step", metavar="KEY",
+                    help="copy the history before this step only (default: all)")
     sp.add_argument("--latest", action="store_true", help="on the workflow's latest version")
     sp.add_argument("-i", "--input", help="a new input JSON (default: the run's own)")
     sp.add_argument("--input-file", help="a new input JSON file")
@@ -8193,7 +8112,8 @@ def build_parser(only=None):
     sp.add_argument("--concurrency", type=int, help="max passes at once (default: concurrency)")
     sp.add_argument("-v", "--verbose", action="store_true")
 
-    sp = cmd("dashboard", cmd_dashboard, "serve the dashboard, its JSON API and /metrics alone (no scheduler)")
+    sp = cmd("dashboard", cmd_dashboard,
+             "serve the dashboard, its JSON API and /metrics alone (no scheduler)")
     sp.add_argument("--port", type=int, help="port (default: dashboard.port)")
     sp.add_argument("-v", "--verbose", action="store_true")
 

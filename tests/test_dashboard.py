@@ -158,6 +158,18 @@ class Command(TempHome):
             p.stdout.close()
             p.stderr.close()
 
+    def test_a_checkout_without_the_page_says_so(self):
+        checkout = os.path.join(self.tmp, "checkout")
+        shutil.copytree(os.path.join(os.path.dirname(MODULE), "runtimes"), os.path.join(checkout, "runtimes"),
+                        ignore=shutil.ignore_patterns("dashboard.html"))
+        module = shutil.copy(MODULE, checkout)
+        res = subprocess.run([sys.executable, module, "--config", self.config_path, "dashboard", "--port", "0"],
+                             capture_output=True, text=True, timeout=30)
+        self.assertEqual((res.returncode, res.stdout), (1, ""))
+        self.assertIn("runtimes/dashboard.html not found beside ty_openworkflow.py; copy the runtimes/ folder "
+                      "with it, or use the single-file build (make dist)", res.stderr)
+        self.assertEqual(len(res.stderr.strip().splitlines()), 1, res.stderr)
+
 
 if __name__ == "__main__":
     unittest.main()

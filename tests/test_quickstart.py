@@ -1,6 +1,8 @@
 """The seed README's Quick Start and Python example, run as a new user would: subprocesses only."""
+import http.client
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,6 +113,26 @@ class QuickStart(unittest.TestCase):
         self.assertEqual(st["status"], "completed", st)
         self.assertEqual(st["output"], {"count": 3, "source": "https://example.invalid/data"})
 
+    def test_the_dashboard_serves_its_page(self):
+        self.tow("init")
+        p = subprocess.Popen([sys.executable, self.module, "dashboard", "--port", "0"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=self.env, cwd=self.tmp)
+        try:
+            port = re.match(r"dashboard on http://localhost:(\d+)/", p.stdout.readline().decode())
+            self.assertTrue(port, "the dashboard did not say where it listens")
+            conn = http.client.HTTPConnection("localhost", int(port.group(1)), timeout=10)
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            page = resp.read()
+            conn.close()
+        finally:
+            p.terminate()
+            p.wait(10)
+            p.stdout.close()
+            p.stderr.close()
+        with open(os.path.join(ROOT, "runtimes", "dashboard.html"), "rb") as f:
+            self.assertEqual((resp.status, page), (200, f.read()))
+
     def test_start_wait_follows_the_run(self):
         self.tow("init")
         self.tow("deploy", "py-workflow", "--runtime", "python", input_text=SEED_PY)
@@ -146,7 +168,7 @@ class SingleFileBuild(QuickStart):
         self.assertEqual(os.listdir(self.dist_dir), ["ty-openworkflow"])
         with open(self.module) as f:
             text = f.read()
-        for name in ("node_shim.js", "python_shim.py", "cloudflare_worker.js"):
+        for name in ("node_shim.js", "python_shim.py", "cloudflare_worker.js", "dashboard.html"):
             with open(os.path.join(ROOT, "runtimes", name)) as f:
                 self.assertIn(repr(f.read())[1:200], text)
 
