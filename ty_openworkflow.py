@@ -5204,6 +5204,311 @@ class _ActivePass:
         self.check_failed = False  # _check_active raised on it: stopped, and not checked again
 
 
+class PassThreads:
+    """The threads that drive passes, reused: a pass starts no thread while one is idle."""
+
+    def __init__(self, context):
+        self._context = context  # () -> a context each thread holds for its life (quiet commits)
+        self._lock = threading.Lock()
+        self._work = queue.Queue()
+        self._idle = 0
+        self._numbers = itertools.count(1)
+
+    def run(self, fn, *args):
+        """Run ``fn(*args)`` on an idle thread, or a new one (RuntimeError: none to be had)."""
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._work.put((fn, args))
+                return
+        thread = threading.Thread(target=self._serve, args=(fn, args), daemon=True,
+                                  name="tyow-pass-%d" % next(self._numbers))
+        thread.start()
+
+    def _serve(self, fn, args):
+        with self._context():
+            while True:
+                fn(*args)
+                with self._lock:
+                    self._idle += 1
+                try:
+                    fn, args = self._work.get(timeout=PASS_THREAD_IDLE_S)
+                except queue.Empty:
+                    with self._lock:
+                        # A task may have been handed to us as we timed out: take it.
+                        try:
+                            fn, args = self._work.get_nowait()
+                        except queue.Empty:
+                            self._idle -= 1
+                            return
+
+
+class LeaseKeeper:
+    """Keeps the leases of the passes a scheduler drives: renews them with its heartbeat, and
+    freezes a pass whose lease is in doubt before another scheduler may claim its run.
+
+    Lease time is kept on lease_clock(): a wall-clock jump neither makes a scheduler
+    give up a lease it holds nor claim back its own pass."""
+
+    def __init__(self, store, owner, active, lock, lease_ms, clock, on_lost):
+        self.store = store
+        self.owner = owner  # the scheduler's id
+        self.active = active  # run id -> _ActivePass, shared with the scheduler under ``lock``
+        self.lock = lock
+        self.lease_ms = lease_ms
+        self.clock = clock
+        self.on_lost = on_lost  # () -> None: a lease went to another scheduler
+        self.ended = threading.Event()
+
+    @property
+    def margin_s(self):
+        """A pass is stopped this long before its lease runs out, if no renewal came."""
+        return max(0.2, self.lease_ms / 10000.0)
+
+    def start(self):
+        """Renew and guard until end() (after the shutdown grace: leases of passes still
+        finishing must not expire under them)."""
+        for target, name in ((self._heartbeat, "tyow-heartbeat"), (self._guard, "tyow-lease-guard")):
+            threading.Thread(target=target, name=name, daemon=True).start()
+
+    def end(self):
+        self.ended.set()
+
+    def _heartbeat(self):
+        # Runs until the loop has fully ended: leases of passes finishing in the
+        # shutdown grace must not expire under them.
+        interval = max(0.2, self.lease_ms / 4000.0)
+        with self.store.quiet_commits():
+            self._beat(interval)
+
+    def _beat(self, interval):
+        while not self.ended.wait(interval):
+            try:
+                started = lease_clock()
+                now = self.clock()
+                self.store.heartbeat_scheduler(self.owner, now)
+                with self.lock:
+                    held = [ap for ap in self.active.values() if not ap.lease_lost]
+                if held:
+                    lost = set(self.store.renew_leases(self.owner, [(ap.run_id, ap.pass_id) for ap in held],
+                                                       now + self.lease_ms))
+                    for ap in held:
+                        if ap.pass_id in lost:
+                            ap.lease_lost = True
+                            if ap.execution:
+                                ap.execution.cancel()
+                            continue
+                        ap.lease_until = max(ap.lease_until, started + self.lease_ms / 1000.0)
+                        if ap.paused:
+                            ap.paused = False
+                            log.warning("run %s: lease renewed; its pass goes on", ap.run_id)
+                            if ap.execution:
+                                ap.execution.resume()
+                    if lost:
+                        self.on_lost()
+            except OpenWorkflowError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def _guard(self):
+        """Freeze a pass whose lease was not renewed in time, before anyone else may claim the run.
+
+        It never touches the store, so a stalled store cannot stall it. The
+        heartbeat thaws the pass when a renewal gets through (the run is still
+        ours: its steps run once), or kills it when another scheduler has it."""
+        while not self.ended.wait(0.05):
+            now = lease_clock()
+            with self.lock:
+                late = [ap for ap in self.active.values() if not ap.lease_lost and not ap.paused
+                        and ap.execution is not None and now > ap.lease_until - self.margin_s]
+                for ap in late:  # under the lock: a pass that ended meanwhile is not frozen
+                    ap.paused = True
+                    ap.execution.pause()
+            for ap in late:
+                log.warning("run %s: its lease could not be renewed in time; its pass is frozen until the store "
+                            "answers, so no two schedulers run it at once", ap.run_id)
+
+
+class PassDriver:
+    """Drives one pass of a run: its document, its launch on the run's adapter, its events into
+    the store as they arrive, and how it ended (committed, retried, given back or spared)."""
+
+    def __init__(self, store, adapter, policy, config, clock, lease_margin_s, stopping):
+        self.store = store
+        self.adapter = adapter  # name -> Adapter
+        self.policy = policy  # () -> the run policy (retries, limits) for the store
+        self.config = config
+        self.clock = clock
+        self.lease_margin_s = lease_margin_s  # a pass is not started this close to its lease's end
+        self.stopping = stopping  # set when the scheduler stops claiming
+        self._versions = {}
+
+    def drive(self, run, ap):
+        """Drive one pass to its end; whatever happens, the run is left in a state a scheduler
+        can pick up (a store failure retries the pass, a bug fails the run, never the loop)."""
+        try:
+            self._drive(run, ap)
+        except StoreError as exc:
+            # Not the run's fault: the pass is retried (here once the store answers,
+            # or by any scheduler once its lease runs out).
+            log.error("run %s: the store failed during its pass (%s); the pass will be retried", ap.run_id, exc)
+            if ap.execution:
+                ap.execution.cancel()
+                ap.execution.finish()
+            self._retrying(lambda: self.store.end_pass_without_result(
+                ap.run_id, ap.pass_id, self.clock(), self.policy(), "the store failed: %s" % exc), ap)
+        except Exception as exc:
+            log.exception("pass %s of run %s crashed in the scheduler", ap.pass_id, ap.run_id)
+            if ap.execution:
+                ap.execution.cancel()
+            # Fail the run rather than leave it to be replayed into the same crash forever.
+            with contextlib.suppress(Exception):
+                self.store.fail_run(ap.run_id, ap.pass_id, self.clock(), {
+                    "message": "the sidecar could not record this run's pass (%s: %s); this is a bug in "
+                               "ty-openworkflow or an event it cannot store" % (type(exc).__name__, exc),
+                    "name": "SidecarError", "stack": None})
+
+    def _pass_doc(self, run, version):
+        return {
+            "protocol": PROTOCOL_VERSION, "pass_id": run["pass_id"], "run_id": run["id"],
+            "workflow_id": run["workflow_id"], "version": run["version"], "version_label": version["label"],
+            "attempt": run["passes"], "input": json.loads(run["input"]), "now": self.clock(),
+            "history": self.store.history(run["id"]), "inline_sleep_ms": INLINE_SLEEP_MS,
+            "max_output_bytes": self.config["limits.max_output_bytes"], "max_steps": self.config["limits.max_steps"],
+            # Where remote compute may send signed callbacks (webhook.external_url), if set.
+            "callback_url": self.config["webhook.external_url"] or None,
+        }
+
+    def _drive(self, run, ap):
+        defaults = self.policy()
+        key = (run["workflow_id"], run["version"])
+        version = self._versions.get(key)  # versions never change once stored
+        if version is None:
+            version = self._versions[key] = self.store.get_version(*key)
+        adapter_name = version["adapter"]
+        try:
+            adapter = self.adapter(adapter_name)
+            if run.get("lost_pass_id"):
+                adapter.reap(run["id"], run["lost_pass_id"])
+            spec = PassSpec(self._pass_doc(run, version), version,
+                            isolated=bool(run.get("isolated")))
+            spec.on_execution = lambda ex: setattr(ap, "execution", ex)  # stoppable while it waits
+            if ap.release or ap.lease_lost or lease_clock() > ap.lease_until - self.lease_margin_s:
+                self._give_back(ap)  # not ours to start any more (or shutting down)
+                return
+            if not self.store.pass_is_current(ap.run_id, ap.pass_id):
+                return
+            launched = time.monotonic()
+            ap.execution = adapter.launch(spec)
+        except NotReady as exc:  # the platform cannot take it yet: later, and no attempt counted
+            log.info("run %s: %s; the pass is given back for %s", ap.run_id, exc, format_duration(exc.retry_ms))
+            self.store.release(ap.run_id, ap.pass_id, self.clock(), reason=str(exc), due=self.clock() + exc.retry_ms)
+            return
+        except (OpenWorkflowError, RuntimeError) as exc:
+            if isinstance(exc, StoreError):
+                raise
+            log.warning("run %s: cannot launch a pass: %s", ap.run_id, exc)
+            self.store.end_pass_without_result(ap.run_id, ap.pass_id, self.clock(), defaults,
+                                               "the %s adapter could not start the pass: %s" % (adapter_name, exc))
+            return
+        execution = ap.execution
+        if (self.stopping.is_set() and ap.release) or ap.lease_lost:
+            execution.cancel()
+        ended = False
+        try:
+            for batch in execution.batches():
+                events = []
+                for line in batch:
+                    ev = parse_event_line(line, ap.pass_id)
+                    if ev is not None:
+                        events.append(ev)
+                    elif line.strip():
+                        execution.add_stray(line)
+                if not events:
+                    continue
+                if ap.lease_lost:
+                    break
+                try:
+                    outcome, used = self.store.apply_events(ap.run_id, ap.pass_id, events, self.clock(), defaults)
+                except (ValueError, TypeError, OverflowError, RecursionError, UnicodeError) as exc:
+                    if len(events) > 1:  # find the one event that cannot be stored; keep the others
+                        outcome, used = self._apply_one_by_one(ap, events, defaults)
+                    else:
+                        outcome, used = "bad", 0
+                    if outcome == "bad":
+                        execution.cancel()
+                        self.store.fail_run(ap.run_id, ap.pass_id, self.clock(), {
+                            "message": "the runtime sent a %s event the sidecar cannot store (%s: %s)"
+                                       % (events[used].get("type"), type(exc).__name__, exc), "name": "BadEvent",
+                            "stack": None})
+                        break
+                kinds = [e["type"] for e in events[:used]]
+                METRICS.inc("step_attempts", by=kinds.count("step_started"))
+                METRICS.inc("step_failures", by=kinds.count("step_failed"))
+                ev = events[used - 1]
+                if outcome == IGNORED:
+                    log.info("run %s: pass %s is no longer current (canceled or reclaimed); stopping it",
+                             ap.run_id, ap.pass_id)
+                    execution.cancel()
+                    break
+                if outcome == ENDED:
+                    ended = True
+                    if ev["type"] not in TERMINAL_EVENTS:
+                        execution.cancel()  # the sidecar ended the run (a limit): the shim must not go on
+                    break
+        except StoreError as exc:
+            log.error("run %s: cannot record an event (%s); the pass is stopped and will be retried", ap.run_id, exc)
+            execution.cancel()
+        how = execution.finish()
+        METRICS.observe("pass_duration_seconds", time.monotonic() - launched, PASS_BUCKETS_S)
+        now = self.clock()
+        log.info("run %s: pass %d ended: %s", ap.run_id, run["passes"], "recorded" if ended else how)
+        with contextlib.suppress(OpenWorkflowError):
+            self.store.add_log(ap.run_id, ap.pass_id, run["passes"], adapter_name, execution.log_text, now)
+        if ended:
+            return
+        if ap.release or ap.lease_lost:
+            self._give_back(ap)
+            return
+        if execution.spared:
+            self._retrying(lambda: self.store.spare(ap.run_id, ap.pass_id, self.clock(), defaults,
+                                                    how, isolate=execution.suspect), ap)
+            return
+        self._retrying(lambda: self.store.end_pass_without_result(ap.run_id, ap.pass_id, self.clock(), defaults,
+                                                                   how), ap)
+
+    def _apply_one_by_one(self, ap, events, defaults):
+        """After a batch failed to store: apply its events singly; ("bad", i) names the culprit."""
+        for i, ev in enumerate(events):
+            try:
+                outcome = self.store.apply_event(ap.run_id, ap.pass_id, ev, self.clock(), defaults)
+            except (ValueError, TypeError, OverflowError, RecursionError, UnicodeError):
+                return "bad", i
+            if outcome != APPLIED:
+                return outcome, i + 1
+        return APPLIED, len(events)
+
+    def _give_back(self, ap):
+        """Release a pass we stopped ourselves (shutdown, a lease we could not renew in time)."""
+        reason = "scheduler stopping" if ap.release else "its lease could not be renewed in time"
+        self._retrying(lambda: self.store.release(ap.run_id, ap.pass_id, self.clock(), reason=reason), ap)
+
+    def _retrying(self, write, ap):
+        """Record a pass's end, trying again a few times while the store is unavailable.
+
+        If it still fails the run keeps its lease until that runs out, and is then
+        replayed like any lost pass: nothing is lost, only delayed.
+        """
+        for delay_s in (0.2, 0.5, 1.0, 2.0, None):
+            try:
+                return write()
+            except StoreError as exc:
+                if delay_s is None or lease_clock() + delay_s > ap.lease_until:
+                    log.error("run %s: cannot record the end of its pass (%s); it is replayed once its lease runs "
+                              "out", ap.run_id, exc)
+                    return None
+                time.sleep(delay_s)
+
+
 class Scheduler:
     """Drives due runs: ``loop()`` for serve/runner, ``tick()`` for cron.
 
@@ -5226,17 +5531,18 @@ class Scheduler:
         self.concurrency = concurrency or self.config["concurrency"]
         self.lease_ms = self.config["lease_ttl"]
         self.id = new_id("sched")
-        self.active = {}
+        self.active = {}  # run id -> _ActivePass, under ``lock``
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.ended = threading.Event()
         self.hurry = threading.Event()
         self.stats = {"passes": 0}
         self._maintained_at = 0
-        self._work = queue.Queue()
-        self._idle_threads = 0
-        self._thread_no = itertools.count(1)
-        self._versions = {}
+        self.leases = LeaseKeeper(self.store, self.id, self.active, self.lock, self.lease_ms,
+                                  self.clock, self.wake)
+        self.ended = self.leases.ended
+        self.threads = PassThreads(self.store.quiet_commits)
+        self.driver = PassDriver(self.store, sidecar.adapter, sidecar.defaults, self.config,
+                                 self.clock, self.leases.margin_s, self.stopping)
         self.sock = None
         import socket
         with contextlib.suppress(OSError):
@@ -5252,7 +5558,7 @@ class Scheduler:
     @property
     def lease_margin_s(self):
         """A pass is stopped this long before its lease runs out, if no renewal came."""
-        return max(0.2, self.lease_ms / 10000.0)
+        return self.leases.margin_s
 
     def wake(self):
         if self.sock:
@@ -5299,14 +5605,14 @@ class Scheduler:
 
     def _loop(self):
         self.bridge_wake = threading.Event()
-        threads = [threading.Thread(target=self._heartbeat_loop, name="tyow-heartbeat", daemon=True),
-                   threading.Thread(target=self._lease_guard, name="tyow-lease-guard", daemon=True)]
+        threads = []
         if self.kind != "tick":
             threads.append(threading.Thread(target=self._bridge_loop, name="tyow-bridge", daemon=True))
         registered = False
         self.sidecar.bridge.resume()
         failing_since, backoff_s, idle_s = None, 0.0, 0.0
         try:
+            self.leases.start()
             for t in threads:
                 t.start()
             while not self.stopping.is_set():
@@ -5447,7 +5753,7 @@ class Scheduler:
                 return False
             self.active[run["id"]] = ap
         try:
-            self._in_thread(self._drive_safe, run, ap)
+            self.threads.run(self._drive, run, ap)
         except RuntimeError as exc:  # no thread to be had (a pids limit): give the run back for later
             with self.lock:
                 self.active.pop(run["id"], None)
@@ -5463,204 +5769,13 @@ class Scheduler:
         log.debug("run %s: pass %d started (%s)", run["id"], run["passes"], run["workflow_id"])
         return True
 
-    def _in_thread(self, fn, *args):
-        """Run ``fn(*args)`` on an idle pass thread, or a new one: passes reuse threads."""
-        with self.lock:
-            if self._idle_threads:
-                self._idle_threads -= 1
-                self._work.put((fn, args))
-                return
-        thread = threading.Thread(target=self._thread_loop, args=(fn, args), daemon=True,
-                                  name="tyow-pass-%d" % next(self._thread_no))
-        thread.start()
-
-    def _thread_loop(self, fn, args):
-        with self.store.quiet_commits():
-            self._serve_passes(fn, args)
-
-    def _serve_passes(self, fn, args):
-        while True:
-            fn(*args)
-            with self.lock:
-                self._idle_threads += 1
-            try:
-                fn, args = self._work.get(timeout=PASS_THREAD_IDLE_S)
-            except queue.Empty:
-                with self.lock:
-                    # A task may have been handed to us as we timed out: take it.
-                    try:
-                        fn, args = self._work.get_nowait()
-                    except queue.Empty:
-                        self._idle_threads -= 1
-                        return
-
-    def _drive_safe(self, run, ap):
+    def _drive(self, run, ap):
         try:
-            self._drive(run, ap)
-        except StoreError as exc:
-            # Not the run's fault: the pass is retried (here once the store answers,
-            # or by any scheduler once its lease runs out).
-            log.error("run %s: the store failed during its pass (%s); the pass will be retried", ap.run_id, exc)
-            if ap.execution:
-                ap.execution.cancel()
-                ap.execution.finish()
-            self._retrying(lambda: self.store.end_pass_without_result(
-                ap.run_id, ap.pass_id, self.clock(), self.sidecar.defaults(), "the store failed: %s" % exc), ap)
-        except Exception as exc:
-            log.exception("pass %s of run %s crashed in the scheduler", ap.pass_id, ap.run_id)
-            if ap.execution:
-                ap.execution.cancel()
-            # Fail the run rather than leave it to be replayed into the same crash forever.
-            with contextlib.suppress(Exception):
-                self.store.fail_run(ap.run_id, ap.pass_id, self.clock(), {
-                    "message": "the sidecar could not record this run's pass (%s: %s); this is a bug in "
-                               "ty-openworkflow or an event it cannot store" % (type(exc).__name__, exc),
-                    "name": "SidecarError", "stack": None})
+            self.driver.drive(run, ap)
         finally:
             with self.lock:
                 self.active.pop(ap.run_id, None)
             self.wake()
-
-    def _pass_doc(self, run, version):
-        return {
-            "protocol": PROTOCOL_VERSION, "pass_id": run["pass_id"], "run_id": run["id"],
-            "workflow_id": run["workflow_id"], "version": run["version"], "version_label": version["label"],
-            "attempt": run["passes"], "input": json.loads(run["input"]), "now": self.clock(),
-            "history": self.store.history(run["id"]), "inline_sleep_ms": INLINE_SLEEP_MS,
-            "max_output_bytes": self.config["limits.max_output_bytes"], "max_steps": self.config["limits.max_steps"],
-            # Where remote compute may send signed callbacks (webhook.external_url), if set.
-            "callback_url": self.config["webhook.external_url"] or None,
-        }
-
-    def _drive(self, run, ap):
-        defaults = self.sidecar.defaults()
-        key = (run["workflow_id"], run["version"])
-        version = self._versions.get(key)  # versions never change once stored
-        if version is None:
-            version = self._versions[key] = self.store.get_version(*key)
-        adapter_name = version["adapter"]
-        try:
-            adapter = self.sidecar.adapter(adapter_name)
-            if run.get("lost_pass_id"):
-                adapter.reap(run["id"], run["lost_pass_id"])
-            spec = PassSpec(self._pass_doc(run, version), version,
-                            isolated=bool(run.get("isolated")))
-            spec.on_execution = lambda ex: setattr(ap, "execution", ex)  # stoppable while it waits
-            if ap.release or ap.lease_lost or lease_clock() > ap.lease_until - self.lease_margin_s:
-                self._give_back(ap)  # not ours to start any more (or shutting down)
-                return
-            if not self.store.pass_is_current(ap.run_id, ap.pass_id):
-                return
-            launched = time.monotonic()
-            ap.execution = adapter.launch(spec)
-        except NotReady as exc:  # the platform cannot take it yet: later, and no attempt counted
-            log.info("run %s: %s; the pass is given back for %s", ap.run_id, exc, format_duration(exc.retry_ms))
-            self.store.release(ap.run_id, ap.pass_id, self.clock(), reason=str(exc), due=self.clock() + exc.retry_ms)
-            return
-        except (OpenWorkflowError, RuntimeError) as exc:
-            if isinstance(exc, StoreError):
-                raise
-            log.warning("run %s: cannot launch a pass: %s", ap.run_id, exc)
-            self.store.end_pass_without_result(ap.run_id, ap.pass_id, self.clock(), defaults,
-                                               "the %s adapter could not start the pass: %s" % (adapter_name, exc))
-            return
-        execution = ap.execution
-        if (self.stopping.is_set() and ap.release) or ap.lease_lost:
-            execution.cancel()
-        ended = False
-        try:
-            for batch in execution.batches():
-                events = []
-                for line in batch:
-                    ev = parse_event_line(line, ap.pass_id)
-                    if ev is not None:
-                        events.append(ev)
-                    elif line.strip():
-                        execution.add_stray(line)
-                if not events:
-                    continue
-                if ap.lease_lost:
-                    break
-                try:
-                    outcome, used = self.store.apply_events(ap.run_id, ap.pass_id, events, self.clock(), defaults)
-                except (ValueError, TypeError, OverflowError, RecursionError, UnicodeError) as exc:
-                    if len(events) > 1:  # find the one event that cannot be stored; keep the others
-                        outcome, used = self._apply_one_by_one(ap, events, defaults)
-                    else:
-                        outcome, used = "bad", 0
-                    if outcome == "bad":
-                        execution.cancel()
-                        self.store.fail_run(ap.run_id, ap.pass_id, self.clock(), {
-                            "message": "the runtime sent a %s event the sidecar cannot store (%s: %s)"
-                                       % (events[used].get("type"), type(exc).__name__, exc), "name": "BadEvent",
-                            "stack": None})
-                        break
-                kinds = [e["type"] for e in events[:used]]
-                METRICS.inc("step_attempts", by=kinds.count("step_started"))
-                METRICS.inc("step_failures", by=kinds.count("step_failed"))
-                ev = events[used - 1]
-                if outcome == IGNORED:
-                    log.info("run %s: pass %s is no longer current (canceled or reclaimed); stopping it",
-                             ap.run_id, ap.pass_id)
-                    execution.cancel()
-                    break
-                if outcome == ENDED:
-                    ended = True
-                    if ev["type"] not in TERMINAL_EVENTS:
-                        execution.cancel()  # the sidecar ended the run (a limit): the shim must not go on
-                    break
-        except StoreError as exc:
-            log.error("run %s: cannot record an event (%s); the pass is stopped and will be retried", ap.run_id, exc)
-            execution.cancel()
-        how = execution.finish()
-        METRICS.observe("pass_duration_seconds", time.monotonic() - launched, PASS_BUCKETS_S)
-        now = self.clock()
-        log.info("run %s: pass %d ended: %s", ap.run_id, run["passes"], "recorded" if ended else how)
-        with contextlib.suppress(OpenWorkflowError):
-            self.store.add_log(ap.run_id, ap.pass_id, run["passes"], adapter_name, execution.log_text, now)
-        if ended:
-            return
-        if ap.release or ap.lease_lost:
-            self._give_back(ap)
-            return
-        if execution.spared:
-            self._retrying(lambda: self.store.spare(ap.run_id, ap.pass_id, self.clock(), defaults,
-                                                    how, isolate=execution.suspect), ap)
-            return
-        self._retrying(lambda: self.store.end_pass_without_result(ap.run_id, ap.pass_id, self.clock(), defaults,
-                                                                   how), ap)
-
-    def _apply_one_by_one(self, ap, events, defaults):
-        """After a batch failed to store: apply its events singly; ("bad", i) names the culprit."""
-        for i, ev in enumerate(events):
-            try:
-                outcome = self.store.apply_event(ap.run_id, ap.pass_id, ev, self.clock(), defaults)
-            except (ValueError, TypeError, OverflowError, RecursionError, UnicodeError):
-                return "bad", i
-            if outcome != APPLIED:
-                return outcome, i + 1
-        return APPLIED, len(events)
-
-    def _give_back(self, ap):
-        """Release a pass we stopped ourselves (shutdown, a lease we could not renew in time)."""
-        reason = "scheduler stopping" if ap.release else "its lease could not be renewed in time"
-        self._retrying(lambda: self.store.release(ap.run_id, ap.pass_id, self.clock(), reason=reason), ap)
-
-    def _retrying(self, write, ap):
-        """Record a pass's end, trying again a few times while the store is unavailable.
-
-        If it still fails the run keeps its lease until that runs out, and is then
-        replayed like any lost pass: nothing is lost, only delayed.
-        """
-        for delay_s in (0.2, 0.5, 1.0, 2.0, None):
-            try:
-                return write()
-            except StoreError as exc:
-                if delay_s is None or lease_clock() + delay_s > ap.lease_until:
-                    log.error("run %s: cannot record the end of its pass (%s); it is replayed once its lease runs "
-                              "out", ap.run_id, exc)
-                    return None
-                time.sleep(delay_s)
 
     def _check_active(self):
         """Stop passes whose run was canceled or reclaimed, or whose deadline passed."""
@@ -5687,59 +5802,6 @@ class Scheduler:
                 ap.check_failed = True
                 with contextlib.suppress(Exception):
                     ap.execution.cancel()
-
-    def _heartbeat_loop(self):
-        # Runs until the loop has fully ended: leases of passes finishing in the
-        # shutdown grace must not expire under them.
-        interval = max(0.2, self.lease_ms / 4000.0)
-        with self.store.quiet_commits():
-            self._beat(interval)
-
-    def _beat(self, interval):
-        while not self.ended.wait(interval):
-            try:
-                started = lease_clock()
-                now = self.clock()
-                self.store.heartbeat_scheduler(self.id, now)
-                with self.lock:
-                    held = [ap for ap in self.active.values() if not ap.lease_lost]
-                if held:
-                    lost = set(self.store.renew_leases(self.id, [(ap.run_id, ap.pass_id) for ap in held],
-                                                       now + self.lease_ms))
-                    for ap in held:
-                        if ap.pass_id in lost:
-                            ap.lease_lost = True
-                            if ap.execution:
-                                ap.execution.cancel()
-                            continue
-                        ap.lease_until = max(ap.lease_until, started + self.lease_ms / 1000.0)
-                        if ap.paused:
-                            ap.paused = False
-                            log.warning("run %s: lease renewed; its pass goes on", ap.run_id)
-                            if ap.execution:
-                                ap.execution.resume()
-                    if lost:
-                        self.wake()
-            except OpenWorkflowError as exc:
-                log.warning("heartbeat failed: %s", exc)
-
-    def _lease_guard(self):
-        """Freeze a pass whose lease was not renewed in time, before anyone else may claim the run.
-
-        It never touches the store, so a stalled store cannot stall it. The
-        heartbeat thaws the pass when a renewal gets through (the run is still
-        ours: its steps run once), or kills it when another scheduler has it."""
-        while not self.ended.wait(0.05):
-            now = lease_clock()
-            with self.lock:
-                late = [ap for ap in self.active.values() if not ap.lease_lost and not ap.paused
-                        and ap.execution is not None and now > ap.lease_until - self.lease_margin_s]
-                for ap in late:  # under the lock: a pass that ended meanwhile is not frozen
-                    ap.paused = True
-                    ap.execution.pause()
-            for ap in late:
-                log.warning("run %s: its lease could not be renewed in time; its pass is frozen until the store "
-                            "answers, so no two schedulers run it at once", ap.run_id)
 
     def _shutdown(self, registered=True):
         self.stopping.set()
