@@ -23,12 +23,26 @@ def fds(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
+def fd_kinds(pid):
+    """What serve's fds are: {kind: count}, kind being a file's name, pipe, socket, ..."""
+    kinds = {}
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        kind = target.split(":")[0] if ":" in target else os.path.basename(target)
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 def soak(tow, runtime, passes, batch):
     inst = bench.Install(tow, runtime)
     try:
         serve = inst.start_serve()
         inst.warm()
         counts, done, t0 = [], 0, time.time()
+        kinds = []
         while done < passes:
             n = min(batch, passes - done)
             ids = [inst.sc.start("w", {"x": 0, "n": 4})["id"] for _ in range(n)]
@@ -36,8 +50,10 @@ def soak(tow, runtime, passes, batch):
                 inst.wait_run(run_id, 120, 0.005)
             done += n
             counts.append(fds(serve.pid))
+            kinds.append(fd_kinds(serve.pid))
         took = time.time() - t0
-        return counts, took
+        grew = {k: kinds[-1].get(k, 0) - kinds[0].get(k, 0) for k in set(kinds[0]) | set(kinds[-1])}
+        return counts, took, {k: v for k, v in grew.items() if v}
     except BaseException:
         inst.failed = True
         raise
@@ -55,12 +71,13 @@ def main(argv=None):
     print("soak: %d passes per runtime through one serve, batches of %d, fds counted after each"
           % (args.passes, args.batch), flush=True)
     for runtime in args.runtimes.split(","):
-        counts, took = soak(tow, runtime, args.passes, args.batch)
+        counts, took, grew = soak(tow, runtime, args.passes, args.batch)
         warm, high, last = counts[0], max(counts), counts[-1]
         print("  %-6s %d passes in %.0f s: fds warm %d, highest %d, last %d (growth %+d); "
               "per batch: %s"
               % (runtime, args.passes, took, warm, high, last, last - warm,
                  " ".join(map(str, counts))), flush=True)
+        print("         grew from warm to last, by kind: %s" % (grew or "nothing"), flush=True)
     return 0
 
 
