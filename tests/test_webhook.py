@@ -94,9 +94,12 @@ class Callbacks(WebhookCase):
     def test_same_body_twice_changes_nothing_the_second_time(self):
         run_id, pass_id = self.new_run(claim=True)
         body = {"runId": run_id, "passId": pass_id, "events": [{"type": "step_started", "step": "a"}]}
-        self.assertEqual(self.request(body=body)[0], 200)
+        first = int(time.time())
+        self.assertEqual(self.request(body=body, timestamp=first)[0], 200)
         before = self.db_snapshot()
-        status, reply = self.request(body=body, timestamp=int(time.time()) - 1)  # a fresh signature
+        # Another signature (a second timestamp), the same body. (Taking "now - 1" here made the
+        # same signature when a second passed between the two: a replay, 409.)
+        status, reply = self.request(body=body, timestamp=first - 1)
         self.assertEqual((status, reply["duplicate"]), (200, True))
         self.assertEqual(self.db_snapshot(), before)
         self.assertEqual(self.sc.status(run_id)["steps"][0]["attempts"], 1)
