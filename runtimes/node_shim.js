@@ -42,12 +42,12 @@ function tooManySteps(maxSteps) {
 
 // The error a replay gets when its durable call #pos+1 is not the recorded `had`.
 function nonDeterministic(pos, kind, key, had) {
-  return { message: `durable call #${pos + 1} is ${kind} "${key}", but when this run made that ` +
+  return { name: "NonDeterministicWorkflow", stack: null,
+           message: `durable call #${pos + 1} is ${kind} "${key}", but when this run made that ` +
                     `call it was ${had[1]} "${had[0]}": ` +
                     "the workflow took another path on replay (it must not branch on the " +
                     "clock, random numbers or anything read outside a step); the run cannot " +
-                    "go on",
-           name: "NonDeterministicWorkflow", stack: null };
+                    "go on" };
 }
 
 // The error a pass ends with when step `key` failed (the sidecar retries or fails it).

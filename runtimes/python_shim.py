@@ -48,11 +48,11 @@ def too_many_steps(max_steps):
 
 def non_deterministic(pos, kind, key, had):
     """The error a replay gets when its durable call #pos+1 is not the recorded ``had``."""
-    return {"message": "durable call #%d is %s %r, but when this run made that call it was %s %r: "
+    return {"name": "NonDeterministicWorkflow", "stack": None,
+            "message": "durable call #%d is %s %r, but when this run made that call it was %s %r: "
                        "the workflow took another path on replay (it must not branch on the "
                        "clock, random numbers or anything read outside a step); the run cannot "
-                       "go on" % (pos + 1, kind, key, had[1], had[0]),
-            "name": "NonDeterministicWorkflow", "stack": None}
+                       "go on" % (pos + 1, kind, key, had[1], had[0])}
 
 
 def step_failed(key):
