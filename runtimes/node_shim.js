@@ -7,6 +7,9 @@
 // replays memoized steps from the history, runs the first new step(s), and
 // writes newline-delimited JSON events on stdout. Anything the user's code
 // prints goes to stderr (the run log), never to the event stream.
+//
+// The sections, their banners and their names follow runtimes/python_shim.py part
+// for part (camelCase here for its snake_case): a change to one is mirrored in the other.
 "use strict";
 
 const fs = require("fs");
@@ -19,11 +22,53 @@ const { AsyncLocalStorage } = require("async_hooks");
 // hands each event object to `sink`; it returns when the pass's terminal event
 // has been handed over.
 
+// ---- constants ----
+
 const PROTOCOL = 1;
 const MAX_NAME = 200; // step and sleep names, in characters
 const MAX_DEPTH = 100; // nesting of step outputs: deeper JSON is refused
 const MAX_SLEEP_MS = 100 * 365 * 86400000; // a century
+const UNITS_MS = { ms: 1, s: 1000, m: 60000, h: 3600000, d: 86400000 };
 
+// ---- messages: the texts both shims print, line for line as in python_shim.py ----
+// (names are quoted in double quotes here, by repr() there; tests hold each to its own)
+
+// The error a run gets when it makes more durable calls than limits.max_steps.
+function tooManySteps(maxSteps) {
+  return { message: `the run reached ${maxSteps} steps and sleeps (limits.max_steps); stopped ` +
+                    "as a runaway (raise the limit if it really needs more)",
+           name: "TooManySteps", stack: null };
+}
+
+// The error a replay gets when its durable call #pos+1 is not the recorded `had`.
+function nonDeterministic(pos, kind, key, had) {
+  return { name: "NonDeterministicWorkflow", stack: null,
+           message: `durable call #${pos + 1} is ${kind} "${key}", but when this run made that ` +
+                    `call it was ${had[1]} "${had[0]}": ` +
+                    "the workflow took another path on replay (it must not branch on the " +
+                    "clock, random numbers or anything read outside a step); the run cannot " +
+                    "go on" };
+}
+
+// The error a pass ends with when step `key` failed (the sidecar retries or fails it).
+function stepFailed(key) {
+  return { message: `step "${key}" failed`, name: "StepFailed", stack: null };
+}
+
+// Why step `key`'s output of `size` bytes is refused.
+function outputTooLarge(key, size, limit) {
+  return (`the output of step "${key}" is ${size} bytes, over the limit of ${limit} bytes ` +
+          "(limits.max_output_bytes); store large data elsewhere and return a reference");
+}
+
+// Why a pass document of another protocol is refused.
+function unsupportedProtocol(protocol) {
+  return `protocol ${protocol} not supported (this shim speaks ${PROTOCOL})`;
+}
+
+// ---- errors ----
+
+// The protocol's error document for `err`: message, name, stack.
 function serializeError(err) {
   if (err instanceof Error) {
     return {
@@ -41,14 +86,15 @@ function serializeError(err) {
   return { message: String(message), name: "NonErrorThrown", stack: null };
 }
 
-const UNITS_MS = { ms: 1, s: 1000, m: 60000, h: 3600000, d: 86400000 };
+// ---- durations ----
 
 // Parses 5000, "5000", "500ms", "30s", "5m", "1h30m", "2d" into milliseconds.
 function durationMs(value, what) {
   const ms = parseDurationMs(value);
   if (ms === null || !Number.isFinite(ms) || ms < 0 || ms > MAX_SLEEP_MS) {
     throw new TypeError(
-      `${what}: invalid duration ${JSON.stringify(value)}; use milliseconds (up to a century) or a string like "500ms", "30s", "5m", "1h30m"`
+      `${what}: invalid duration ${JSON.stringify(value)}; use milliseconds (up to a century) ` +
+        'or a string like "500ms", "30s", "5m", "1h30m"'
     );
   }
   return ms;
@@ -72,13 +118,17 @@ function parseDurationMs(value) {
   return null;
 }
 
+// ---- retry policy ----
+
+// Retry options as the protocol's policy: max_attempts, initial_ms, backoff, max_ms.
 function retryPolicy(opts) {
   const r = (opts && opts.retry) || {};
   const policy = {};
   const max = r.maxAttempts !== undefined ? r.maxAttempts : r.max_attempts;
   if (max !== undefined) {
     if (!Number.isInteger(max) || max < 1 || max > 10000) {
-      throw new TypeError(`retry.maxAttempts must be a whole number from 1 to 10000, got ${JSON.stringify(max)}`);
+      throw new TypeError(
+        `retry.maxAttempts must be a whole number from 1 to 10000, got ${JSON.stringify(max)}`);
     }
     policy.max_attempts = max;
   }
@@ -87,7 +137,8 @@ function retryPolicy(opts) {
   const coeff = r.backoffCoefficient !== undefined ? r.backoffCoefficient : r.backoff;
   if (coeff !== undefined) {
     if (typeof coeff !== "number" || !Number.isFinite(coeff) || coeff < 1 || coeff > 100) {
-      throw new TypeError(`retry.backoffCoefficient must be a number from 1 to 100, got ${JSON.stringify(coeff)}`);
+      throw new TypeError(
+        `retry.backoffCoefficient must be a number from 1 to 100, got ${JSON.stringify(coeff)}`);
     }
     policy.backoff = coeff;
   }
@@ -96,6 +147,8 @@ function retryPolicy(opts) {
   return policy;
 }
 
+// ---- JSON ----
+
 // Returns [jsonText, value] or throws a TypeError saying why the value is not JSON.
 function toJson(value, what) {
   if (value === undefined) return ["null", null];
@@ -103,9 +156,13 @@ function toJson(value, what) {
   const loneSurrogate = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
   function check(v, where, depth) {
     const t = typeof v;
-    if (depth > MAX_DEPTH) throw new TypeError(`${what} is nested more than ${MAX_DEPTH} levels deep`);
+    if (depth > MAX_DEPTH) {
+      throw new TypeError(`${what} is nested more than ${MAX_DEPTH} levels deep`);
+    }
     if (t === "string") {
-      if (loneSurrogate.test(v)) throw new TypeError(`${what} is not JSON: ${where} holds a lone UTF-16 surrogate`);
+      if (loneSurrogate.test(v)) {
+        throw new TypeError(`${what} is not JSON: ${where} holds a lone UTF-16 surrogate`);
+      }
       return;
     }
     if (v === null || t === "boolean") return;
@@ -125,10 +182,14 @@ function toJson(value, what) {
       const proto = Object.getPrototypeOf(v);
       if (proto !== Object.prototype && proto !== null) {
         const kind = (v.constructor && v.constructor.name) || "object";
-        throw new TypeError(`${what} is not JSON: ${where} is a ${kind}; return plain objects, arrays, strings, numbers, booleans or null`);
+        throw new TypeError(`${what} is not JSON: ${where} is a ${kind}; return plain objects, ` +
+                            "arrays, strings, numbers, booleans or null");
       }
       for (const k of Object.keys(v)) {
-        if (loneSurrogate.test(k)) throw new TypeError(`${what} is not JSON: a key of ${where} holds a lone UTF-16 surrogate`);
+        if (loneSurrogate.test(k)) {
+          throw new TypeError(
+            `${what} is not JSON: a key of ${where} holds a lone UTF-16 surrogate`);
+        }
         if (v[k] !== undefined) check(v[k], `${where}.${k}`, depth + 1);
       }
     }
@@ -139,7 +200,11 @@ function toJson(value, what) {
   return [text, JSON.parse(text)];
 }
 
-const defer = typeof setImmediate === "function" ? (f) => setImmediate(f) : (f) => setTimeout(f, 0);
+// ---- the pass: keys, steps, sleeps, waits ----
+
+const defer = typeof setImmediate === "function"
+  ? (f) => setImmediate(f)
+  : (f) => setTimeout(f, 0);
 const idle = () => new Promise((r) => defer(r));
 const pause = (ms) => new Promise((r) => setTimeout(r, ms));
 const hasOwn = (o, k) => Object.prototype.hasOwnProperty.call(o, k);
@@ -162,7 +227,8 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
   const rawSkew = typeof doc.now === "number" ? doc.now - Date.now() : 0;
   const skewMs = rawSkew > 0 ? rawSkew : 0;
   const now = () => Date.now() + skewMs;
-  const emit = (type, data) => sink(Object.assign({ type, pass: doc.pass_id, at: now() }, data || {}));
+  const emit = (type, data) =>
+    sink(Object.assign({ type, pass: doc.pass_id, at: now() }, data || {}));
   const currentStep = stepStore(AsyncLocalStorageClass);
   const history = doc.history || {};
   const done = history.steps || {}; // key -> output
@@ -178,9 +244,11 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
   // branches then call their next steps in the same order as live, and so get
   // the same auto-indexed keys and the same memoized values.
   const waits = history.waits || {}; // key -> {value} | {error}: how a wait resolved
-  const parked = history.waiting || {}; // key -> timeout_at (ms) or null: waits recorded, not resolved yet
+  // key -> timeout_at (ms) or null: waits recorded, not resolved yet
+  const parked = history.waiting || {};
   const resolvedKeys = new Set(history.order || []);
-  const replayQueue = (history.order || []).filter((k) => hasOwn(done, k) || hasOwn(sleeps, k) || hasOwn(waits, k));
+  const replayQueue = (history.order || []).filter(
+    (k) => hasOwn(done, k) || hasOwn(sleeps, k) || hasOwn(waits, k));
   let replaying = replayQueue.length > 0;
   const waiting = new Map(); // key -> hands the memoized result to the awaiting call
   let nudge = null; // wakes the replay driver: a call asked for a result, or the workflow ended
@@ -194,7 +262,8 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
   const used = new Map();
   const usedKeys = new Set();
   let calls = 0; // durable calls made so far in this pass, in call order
-  const recordedCalls = new Map((history.calls || []).map(([pos, key, kind]) => [pos, [key, kind]]));
+  const recordedCalls = new Map(
+    (history.calls || []).map(([pos, key, kind]) => [pos, [key, kind]]));
   const inflight = new Set();
   let stop = null; // {kind: "suspend", wake_at} | {kind: "step_failed", ...}
   let stopResolve;
@@ -206,7 +275,8 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
       stop = reason;
       stopResolve();
       kick();
-    } else if (reason.kind === "fatal" || (reason.kind === "step_failed" && stop.kind === "suspend")) {
+    } else if (reason.kind === "fatal"
+               || (reason.kind === "step_failed" && stop.kind === "suspend")) {
       stop = reason; // a failure outranks a sleep
     } else if (reason.kind === "suspend" && stop.kind === "suspend") {
       stop.wake_at = Math.min(stop.wake_at, reason.wake_at); // wake for the earliest
@@ -231,24 +301,26 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
       throw new TypeError(`${kind} names must be non-empty strings, got ${JSON.stringify(name)}`);
     }
     if (name.length > MAX_NAME) {
-      throw new TypeError(`${kind} name "${name.slice(0, 40)}..." is ${name.length} characters; the limit is ${MAX_NAME}`);
+      throw new TypeError(`${kind} name "${name.slice(0, 40)}..." is ${name.length} characters; ` +
+                          `the limit is ${MAX_NAME}`);
     }
     if (aborted()) return [null, -1];
     const outer = currentStep.getStore();
     if (outer) {
-      throw new TypeError(`${kind} "${name}" was called inside step "${outer}"; steps and sleeps cannot be nested, call them from the workflow function`);
+      throw new TypeError(`${kind} "${name}" was called inside step "${outer}"; steps and ` +
+                          "sleeps cannot be nested, call them from the workflow function");
     }
     const [key, n] = peekKey(name);
     used.set(name, n + 1);
     usedKeys.add(key);
     if (usedKeys.size > maxSteps) {
-      halt({ kind: "fatal", error: { message: `the run reached ${maxSteps} steps and sleeps (limits.max_steps); stopped as a runaway (raise the limit if it really needs more)`, name: "TooManySteps", stack: null } });
+      halt({ kind: "fatal", error: tooManySteps(maxSteps) });
     }
     // The determinism guard: the n-th durable call must be the n-th one recorded.
     const pos = calls++;
     const had = recordedCalls.get(pos);
     if (had && (had[0] !== key || had[1] !== kind)) {
-      halt({ kind: "fatal", error: { name: "NonDeterministicWorkflow", stack: null, message: `durable call #${pos + 1} is ${kind} "${key}", but when this run made that call it was ${had[1]} "${had[0]}": the workflow took another path on replay (it must not branch on the clock, random numbers or anything read outside a step); the run cannot go on` } });
+      halt({ kind: "fatal", error: nonDeterministic(pos, kind, key, had) });
       return [null, pos];
     }
     return [key, pos];
@@ -260,7 +332,7 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
       try {
         resolve(value());
       } catch (err) {
-        reject(err); // a wait that resolved as an error (a failed child) throws where it is awaited
+        reject(err); // a wait that resolved as an error (a failed child) throws where awaited
       }
     };
     if (!replaying || !resolvedKeys.has(key)) return new Promise(settle);
@@ -303,9 +375,12 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
     const [key, pos] = keyFor(name, "step");
     if (key === null) return never;
     if (hasOwn(done, key)) {
-      return memoized(key, () => (done[key] === null ? null : JSON.parse(JSON.stringify(done[key]))));
+      return memoized(key,
+                      () => (done[key] === null ? null : JSON.parse(JSON.stringify(done[key]))));
     }
-    if (typeof fn !== "function") throw new TypeError(`step "${key}": the second argument must be a function`);
+    if (typeof fn !== "function") {
+      throw new TypeError(`step "${key}": the second argument must be a function`);
+    }
     const retry = retryPolicy(opts);
     return later(() => runStep(key, fn, retry, pos));
   }
@@ -314,7 +389,8 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
     if (stop || aborted()) return never;
     const attempt = (attempts[key] || 0) + 1;
     emit("step_started", { step: key, attempt, retry, call: pos });
-    const info = { runId: doc.run_id, stepKey: key, attempt, idempotencyKey: `${doc.run_id}:${key}` };
+    const info = { runId: doc.run_id, stepKey: key, attempt,
+                   idempotencyKey: `${doc.run_id}:${key}` };
     const work = (async () => {
       let value;
       try {
@@ -328,14 +404,16 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
       try {
         [text, out] = toJson(value, `the output of step "${key}"`);
       } catch (err) {
-        emit("step_failed", { step: key, attempt, retry, retryable: false, error: serializeError(err) });
+        emit("step_failed", { step: key, attempt, retry, retryable: false,
+                              error: serializeError(err) });
         halt({ kind: "step_failed", step: key });
         return { failed: true };
       }
       const size = new TextEncoder().encode(text).length;
       if (size > maxOutput) {
-        const err = new RangeError(`the output of step "${key}" is ${size} bytes, over the limit of ${maxOutput} bytes (limits.max_output_bytes); store large data elsewhere and return a reference`);
-        emit("step_failed", { step: key, attempt, retry, retryable: false, error: serializeError(err) });
+        const err = new RangeError(outputTooLarge(key, size, maxOutput));
+        emit("step_failed", { step: key, attempt, retry, retryable: false,
+                              error: serializeError(err) });
         halt({ kind: "step_failed", step: key });
         return { failed: true };
       }
@@ -359,7 +437,8 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
     } else {
       wakeAt = when instanceof Date ? when.getTime() : Number(when);
       if (!Number.isFinite(wakeAt) || Math.abs(wakeAt - now()) > MAX_SLEEP_MS) {
-        throw new TypeError(`sleepUntil "${key}": invalid time ${String(when)}; give a Date or epoch milliseconds within a century`);
+        throw new TypeError(`sleepUntil "${key}": invalid time ${String(when)}; give a Date or ` +
+                            "epoch milliseconds within a century");
       }
       wakeAt = Math.round(wakeAt);
     }
@@ -405,7 +484,9 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
     if (hasOwn(waits, key)) return memoized(key, () => unwrapWait(waits[key]));
     let timeoutAt = null;
     if (hasOwn(parked, key)) timeoutAt = parked[key];
-    else if (timeout !== undefined && timeout !== null) timeoutAt = now() + durationMs(timeout, `timeout of ${base}`);
+    else if (timeout !== undefined && timeout !== null) {
+      timeoutAt = now() + durationMs(timeout, `timeout of ${base}`);
+    }
     return later(async () => {
       if (parking()) return never;
       if (!hasOwn(parked, key)) {
@@ -429,23 +510,30 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
   }
 
   function waitName(what, name) {
-    if (typeof name !== "string" || name === "") throw new TypeError(`${what} needs a non-empty name, got ${JSON.stringify(name)}`);
+    if (typeof name !== "string" || name === "") {
+      throw new TypeError(`${what} needs a non-empty name, got ${JSON.stringify(name)}`);
+    }
     return name;
   }
 
   const waitForSignal = (name, opts) =>
-    durableWait(`signal:${waitName("waitForSignal", name)}`, { kind: "signal", name }, opts && opts.timeout);
+    durableWait(`signal:${waitName("waitForSignal", name)}`, { kind: "signal", name },
+                opts && opts.timeout);
   const runWorkflow = (workflowId, input, opts) =>
     durableWait(`child:${waitName("runWorkflow", (opts && opts.name) || workflowId)}`,
-                { kind: "child", workflow_id: waitName("runWorkflow", workflowId), input: toJson(input, "the child's input")[1] },
+                { kind: "child", workflow_id: waitName("runWorkflow", workflowId),
+                  input: toJson(input, "the child's input")[1] },
                 opts && opts.timeout);
-  const waitForTask = (title, opts) =>
-    durableWait(`task:${waitName("waitForTask", (opts && opts.name) || String(title).slice(0, 150))}`,
-                { kind: "task", title: waitName("waitForTask", title), body: opts && opts.body !== undefined ? String(opts.body) : null },
-                opts && opts.timeout);
+  const waitForTask = (title, opts) => {
+    const name = (opts && opts.name) || String(title).slice(0, 150);
+    return durableWait(`task:${waitName("waitForTask", name)}`,
+                       { kind: "task", title: waitName("waitForTask", title),
+                         body: opts && opts.body !== undefined ? String(opts.body) : null },
+                       opts && opts.timeout);
+  };
 
-  const ctx = { step, sleep, sleepUntil, waitForSignal, runWorkflow, waitForTask, runId: doc.run_id,
-                workflowId: doc.workflow_id, attempt: doc.attempt };
+  const ctx = { step, sleep, sleepUntil, waitForSignal, runWorkflow, waitForTask,
+                runId: doc.run_id, workflowId: doc.workflow_id, attempt: doc.attempt };
 
   let settled = false;
   const running = Promise.resolve()
@@ -465,10 +553,13 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
     // Let steps already in flight settle and report, then end the pass.
     while (inflight.size) await Promise.allSettled([...inflight]);
     if (stop.kind === "suspend") {
-      emit("suspended", { wake_at: stop.wake_at === Infinity ? null : stop.wake_at, waiting: Boolean(stop.waiting) });
+      emit("suspended", { wake_at: stop.wake_at === Infinity ? null : stop.wake_at,
+                          waiting: Boolean(stop.waiting) });
+    } else if (stop.kind === "fatal") {
+      emit("failed", { retryable: false, error: stop.error });
+    } else {
+      emit("failed", { step: stop.step, error: stepFailed(stop.step) });
     }
-    else if (stop.kind === "fatal") emit("failed", { retryable: false, error: stop.error });
-    else emit("failed", { step: stop.step, error: { message: `step "${stop.step}" failed`, name: "StepFailed", stack: null } });
     return;
   }
   if (!outcome.ok) {
@@ -486,20 +577,26 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
 }
 // ---- engine: end ----
 
+// ---- loading a workflow ----
+
 function loadWorkflow(file) {
   const code = fs.readFileSync(file, "utf8");
   const mod = { exports: {} };
   const fn = vm.compileFunction(
-    code + "\n;return (typeof workflow === 'function') ? workflow : (module.exports && (module.exports.workflow || module.exports.default || module.exports));",
+    code + "\n;return (typeof workflow === 'function') ? workflow : (module.exports && " +
+      "(module.exports.workflow || module.exports.default || module.exports));",
     ["require", "module", "exports", "__filename", "__dirname"],
     { filename: file }
   );
   const wf = fn(require, mod, mod.exports, file, path.dirname(file));
   if (typeof wf !== "function") {
-    throw new TypeError("the workflow code defines no function named `workflow` (and module.exports is not a function)");
+    throw new TypeError("the workflow code defines no function named `workflow` " +
+                        "(and module.exports is not a function)");
   }
   return wf;
 }
+
+// ---- one pass: the event channel and main ----
 
 // The event channel. With TYOW_EVENT_FD (exec and docker) it is a pipe of its
 // own and fd 1 already goes to the log, so nothing the workflow or a child
@@ -584,19 +681,22 @@ function main() {
       process.exit(2);
     }
     if (doc.protocol !== PROTOCOL) {
-      process.stderr.write(`ty-openworkflow shim: protocol ${doc.protocol} not supported (this shim speaks ${PROTOCOL})\n`);
+      process.stderr.write(`ty-openworkflow shim: ${unsupportedProtocol(doc.protocol)}\n`);
       process.exit(2);
     }
     try {
       await runPass(doc, loadWorkflow(workflowFile), writeEvent, AsyncLocalStorage);
     } catch (err) {
-      writeEvent({ type: "failed", pass: doc.pass_id, at: Date.now(), error: serializeError(err) });
+      writeEvent({ type: "failed", pass: doc.pass_id, at: Date.now(),
+                   error: serializeError(err) });
     }
     eventsOpen = false;
     // Exit even if user code left timers or sockets open: the pass is over.
     stdoutWrite("", () => process.exit(0));
   }
 }
+
+// ---- warm worker ----
 
 // Warm worker: `node node_shim.js --worker` serves many passes, at once, over
 // the same protocol. Each line on stdin is {"op": "pass", "code": FILE, "doc":
@@ -671,7 +771,7 @@ function workerMain() {
     };
     try {
       if (doc.protocol !== PROTOCOL) {
-        throw new Error(`protocol ${doc.protocol} not supported (this shim speaks ${PROTOCOL})`);
+        throw new Error(unsupportedProtocol(doc.protocol));
       }
       let wf = loaded.get(msg.code);
       if (!wf) {
@@ -700,7 +800,8 @@ function workerMain() {
       const state = live.get(msg.pass);
       if (state) {
         state.canceled = true;
-        state.control.aborted = true; // it starts nothing more; a step function still running is reported busy
+        // it starts nothing more; a step function still running is reported busy
+        state.control.aborted = true;
       }
       live.delete(msg.pass);
       writeEvent({ type: "canceled", pass: msg.pass, busy: Boolean(state && state.inflight > 0) });
@@ -721,6 +822,8 @@ function workerMain() {
   // The sidecar is gone: so are its passes.
   process.stdin.on("end", () => process.exit(3));
 }
+
+// ---- entry point ----
 
 if (process.argv[2] === "--worker") workerMain();
 else main();

@@ -5,40 +5,10 @@ import unittest
 
 from tests.util import ROOT, TempHome, tow
 
-SEED_CONFIG = """\
-data_dir: ~/.config/ty-openworkflow
-default_adapter: exec
-
-adapters:
-  exec:
-    enabled: true
-    work_dir: ~/.config/ty-openworkflow/exec
-
-  docker:
-    enabled: false
-    work_dir: ~/.config/ty-openworkflow/docker
-    network: ""
-
-  cloudflare:
-    enabled: false
-    account_id: ""
-    api_token_cmd: "op read 'op://Private/Cloudflare/api_token'"
-    namespace: ""
-
-webhook:
-  enabled: false
-  port: 8765
-  host: localhost
-  path: /webhook
-  external_url: ""
-
-taskyou:
-  cli: ty
-  project: ""
-  auto_create_tasks: true
-
-poll_interval: 30s
-"""
+# What `init` writes with the default data dir: the module's own template, filled in.
+SEED_CONFIG = tow.DEFAULT_CONFIG_TEXT.format(data_dir="~/.config/ty-openworkflow",
+                                             exec_dir="~/.config/ty-openworkflow/exec",
+                                             docker_dir="~/.config/ty-openworkflow/docker")
 
 
 class YamlSubset(unittest.TestCase):

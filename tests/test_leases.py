@@ -9,19 +9,13 @@
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import unittest
 
-from tests.test_reliability import ONE_STEP_PY, db_path, write_lock
-from tests.util import MODULE, TempHome, processes_mentioning, read_counter, tow, wait_for
-
-
-def proc_state(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
+from tests.util import (ServeCase, TempHome, db_path, proc_state, proc_state_or_none,
+                        processes_mentioning, read_counter, tow, wait_for, write_lock)
+from tests.workflows import ONE_STEP_PY, ORPHAN_MAKER
 
 
 class InProcessLeases(TempHome):
@@ -74,33 +68,10 @@ class InProcessLeases(TempHome):
                  what="the pass to be killed")
 
 
-class Serving(TempHome):
-    """Real `serve` subprocesses, killed (group and all) at the end."""
-
+class ServeLeases(ServeCase):
     lease_ttl = "60s"
+    linger = "3s"
 
-    def setUp(self):
-        super().setUp()
-        self.procs = []
-
-    def tearDown(self):
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-        super().tearDown()
-
-    def serve(self):
-        p = subprocess.Popen([sys.executable, MODULE, "--config", self.config_path, "serve"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        self.procs.append(p)
-        sc = self.sidecar(clock=False)
-        wait_for(lambda: any(s["pid"] == p.pid for s in sc.store.live_schedulers(tow.now_ms(), 60000)),
-                 what="serve to register")
-        return p
-
-
-class ServeLeases(Serving):
     def test_a_clock_an_hour_ahead_does_not_rob_a_live_serve_of_this_host(self):
         sc = self.sidecar(clock=False)
         sc.deploy("one", ONE_STEP_PY, runtime="python")
@@ -136,20 +107,10 @@ class ServeLeases(Serving):
         self.assertEqual(len(read_counter(counter)), 2)  # the killed step ran again (at-least-once)
 
 
-ORPHAN_MAKER = """
-import os, subprocess
-def workflow(input, ctx):
-    def start_child():
-        p = subprocess.Popen(["sleep", "300"])
-        with open(input["pidfile"], "w") as f:
-            f.write(str(p.pid))
-        p.wait()
-        return 1
-    return ctx.step("child", start_child)
-"""
+class Orphans(ServeCase):
+    lease_ttl = "60s"
+    linger = "3s"
 
-
-class Orphans(Serving):
     def test_what_a_killed_serve_left_behind_is_stopped_by_the_next_one(self):
         for mode in ("warm", "process"):
             with self.subTest(mode=mode):
@@ -171,13 +132,6 @@ class Orphans(Serving):
                     if p.poll() is None:
                         os.killpg(p.pid, signal.SIGKILL)
                         p.wait()
-
-
-def proc_state_or_none(pid):
-    try:
-        return proc_state(pid)
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ import sys
 import time
 import unittest
 
-from tests.test_leases import ORPHAN_MAKER, Serving, proc_state_or_none
-from tests.test_reliability import ONE_STEP_PY, db_path
-from tests.util import CONFIG_TEMPLATE, MODULE, TempHome, read_counter, tow, wait_for
+from tests.util import (CONFIG_TEMPLATE, MODULE, ServeCase, TempHome, db_path, proc_state_or_none,
+                        read_counter, tow, wait_for)
+from tests.workflows import ONE_STEP_PY, ORPHAN_MAKER
 
 
 def unused_pid():
@@ -53,8 +53,11 @@ def unshare_works():
 HAVE_UNSHARE = unshare_works()
 
 
-class OtherStores(Serving):
+class OtherStores(ServeCase):
     """Two stores of one user: each `serve` stops only its own store's orphans."""
+
+    lease_ttl = "60s"
+    linger = "3s"
 
     def setUp(self):
         super().setUp()
@@ -73,15 +76,10 @@ class OtherStores(Serving):
         super().tearDown()
 
     def serve_of(self, config_path):
-        p = subprocess.Popen([sys.executable, MODULE, "--config", config_path, "serve"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-        self.procs.append(p)
+        p = self.spawn([sys.executable, MODULE, "--config", config_path, "serve"])
         sc = tow.Sidecar(config_path=config_path)
         self._sidecars.append(sc)
-        wait_for(lambda: any(s["pid"] == p.pid
-                             for s in sc.store.live_schedulers(tow.now_ms(), 60000)),
-                 what="serve to register")
+        self.wait_registered(p, sc)
         return p, sc
 
     def orphan_of(self, config_path, name):
@@ -212,19 +210,17 @@ class ForeignSchedulers(TempHome):
 
 @unittest.skipUnless(HAVE_UNSHARE, "needs `unshare --pid --fork --mount-proc` (Linux, as root or "
                                    "with user namespaces)")
-class SeparatePidNamespaces(Serving):
+class SeparatePidNamespaces(ServeCase):
     """Two `serve`s sharing one data dir, the second in a PID namespace of its own."""
 
     lease_ttl = "6s"
+    linger = "3s"
 
     def serve_unshared(self):
         # sh is the namespace's init, so serve is an ordinary process in it.
         argv = ["unshare", "--pid", "--fork", "--mount-proc", "/bin/sh", "-c", '"$@" & wait', "sh",
                 sys.executable, MODULE, "--config", self.config_path, "serve"]
-        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-        self.procs.append(p)
-        return p
+        return self.spawn(argv)
 
     def test_a_live_serve_in_another_namespace_is_not_robbed(self):
         sc = self.sidecar(clock=False)

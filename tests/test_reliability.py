@@ -17,44 +17,13 @@ import unittest
 from unittest import mock
 
 from tests import workflows
-from tests.util import (HAVE_NODE, MODULE, ROOT, TempHome, processes_mentioning, read_counter, tow,
-                        wait_for)
-
-# One step that appends a line to input.counter when it starts, then works input.work seconds.
-ONE_STEP_PY = """
-import time
-def mark(path, work):
-    if path:
-        with open(path, "a") as f:
-            f.write("s\\n")
-    if work:
-        time.sleep(work)
-    return "done"
-
-def workflow(input, ctx):
-    return ctx.step("s", lambda: mark(input.get("counter"), input.get("work", 0)))
-"""
+from tests.util import (HAVE_NODE, MODULE, ServeCase, TempHome, db_path, processes_mentioning,
+                        read_counter, tow, wait_for, write_lock)
+from tests.workflows import ONE_STEP_PY
 
 
 def fd_count(pid="self"):
     return len(os.listdir("/proc/%s/fd" % pid))
-
-
-def db_path(case):
-    return os.path.join(case.data_dir, tow.DB_FILE)
-
-
-@contextlib.contextmanager
-def write_lock(path):
-    """Hold the database's write lock from another connection."""
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        yield conn
-    finally:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        conn.close()
 
 
 def run_row(case, run_id):
@@ -67,64 +36,12 @@ def run_row(case, run_id):
         conn.close()
 
 
-class ServeBase(TempHome):
-    """Real `serve` subprocesses (optionally through a wrapper that patches a module constant)."""
-
-    lease_ttl = "2s"
-    linger = "1s"
-
-    def setUp(self):
-        super().setUp()
-        self.procs = []
-
-    def tearDown(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            p.log_file.close()
-        super().tearDown()
-
-    def serve(self, busy_timeout_ms=None):
-        if busy_timeout_ms is None:
-            argv = [sys.executable, MODULE, "--config", self.config_path, "serve"]
-        else:
-            code = ("import sys; sys.path.insert(0, %r); import ty_openworkflow as t; "
-                    "t.SQLITE_BUSY_TIMEOUT_MS = %d; sys.exit(t.main(['--config', %r, 'serve']))"
-                    % (ROOT, busy_timeout_ms, self.config_path))
-            argv = [sys.executable, "-c", code]
-        log_path = os.path.join(self.tmp, "serve-%d.log" % len(self.procs))
-        f = open(log_path, "w")
-        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
-        p.log_file, p.log_path = f, log_path
-        self.procs.append(p)
-        sc = self.sidecar(clock=False)
-        wait_for(lambda: p.poll() is not None or any(s["pid"] == p.pid
-                                                     for s in sc.store.live_schedulers(tow.now_ms(), 60000)),
-                 what="serve to register")
-        self.assertIsNone(p.poll(), self.serve_log(p))
-        return p
-
-    def serve_log(self, p):
-        with open(p.log_path) as f:
-            return f.read()
-
-    def wait_status(self, sc, run_id, statuses, timeout=30, proc=None):
-        def check():
-            if proc is not None and proc.poll() is not None:
-                raise AssertionError("serve exited with %s while waiting for run %s:\n%s"
-                                     % (proc.returncode, run_id, self.serve_log(proc)))
-            st = sc.status(run_id)
-            return st if st["status"] in statuses else None
-        return wait_for(check, timeout=timeout, what="run %s to be %s" % (run_id, statuses))
-
-
 # ---------------------------------------------------------------------------
 # 1. file descriptors stay flat
 # ---------------------------------------------------------------------------
 
 
-class FdLeak(ServeBase):
+class FdLeak(ServeCase):
     def test_serve_fd_count_stays_flat_over_many_passes(self):
         sc = self.sidecar(clock=False)
         sc.deploy("one", ONE_STEP_PY, runtime="python")
@@ -173,7 +90,7 @@ class FdLeak(ServeBase):
 # ---------------------------------------------------------------------------
 
 
-class LoopSurvivesStoreErrors(ServeBase):
+class LoopSurvivesStoreErrors(ServeCase):
     def test_serve_outlives_a_write_lock_held_past_the_busy_timeout(self):
         sc = self.sidecar(clock=False)
         sc.deploy("one", ONE_STEP_PY, runtime="python")
@@ -259,7 +176,7 @@ class DiskFull(TempHome):
 # ---------------------------------------------------------------------------
 
 
-class NoSelfReclaim(ServeBase):
+class NoSelfReclaim(ServeCase):
     def test_serve_with_lease_stalled_by_a_write_lock_runs_the_step_once(self):
         sc = self.sidecar(clock=False)
         sc.deploy("one", ONE_STEP_PY, runtime="python")

@@ -14,7 +14,7 @@ import time
 import unittest
 
 from tests import workflows
-from tests.util import MODULE, TempHome, processes_mentioning, read_counter, tow, wait_for
+from tests.util import MODULE, ServeCase, TempHome, processes_mentioning, read_counter, tow, wait_for
 
 # Each step body appends "<run_id> <step> <start-ms>" to the counter file, so a
 # test can tell when every execution began and compare it with the commit time.
@@ -33,53 +33,6 @@ def workflow(input, ctx):
         out.append(ctx.step("s%d" % i, lambda i=i: mark(input["counter"], ctx.run_id, "s%d" % i, input.get("work", 0))))
     return out
 """
-
-
-class ServeCase(TempHome):
-    lease_ttl = "2s"
-    linger = "1s"
-
-    def setUp(self):
-        super().setUp()
-        self.procs = []
-
-    def tearDown(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            p.stderr_file.close()
-        super().tearDown()
-
-    def serve(self, *extra):
-        log_path = os.path.join(self.tmp, "serve-%d.log" % len(self.procs))
-        f = open(log_path, "w")
-        p = subprocess.Popen([sys.executable, MODULE, "--config", self.config_path, "serve"] + list(extra),
-                             stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
-        p.stderr_file, p.log_path = f, log_path
-        self.procs.append(p)
-        sc = self.sidecar(clock=False)
-        wait_for(lambda: any(s["pid"] == p.pid for s in sc.store.live_schedulers(tow.now_ms(), 60000)),
-                 what="serve to register")
-        return p
-
-    def serve_log(self, p):
-        with open(p.log_path) as f:
-            return f.read()
-
-    def wait_status(self, sc, run_id, statuses, timeout=30):
-        return wait_for(lambda: (lambda st: st if st["status"] in statuses else None)(sc.status(run_id)),
-                        timeout=timeout, interval=0.05, what="run %s to be %s" % (run_id, statuses))
-
-    def shims(self):
-        return processes_mentioning(os.path.join(self.data_dir, "exec", "runtimes"))
-
-    def integrity(self):
-        conn = sqlite3.connect(os.path.join(self.data_dir, tow.DB_FILE))
-        try:
-            return conn.execute("PRAGMA integrity_check").fetchone()[0]
-        finally:
-            conn.close()
 
 
 class Serve(ServeCase):

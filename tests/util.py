@@ -1,4 +1,5 @@
-"""Shared test helpers: temp homes and configs, a settable clock, CLI capture, process checks."""
+"""Shared test helpers: temp homes and configs, a settable clock, CLI capture, `serve`
+subprocesses, process checks."""
 import contextlib
 import io
 import json
@@ -149,6 +150,111 @@ class TempHome(unittest.TestCase):
             if due:
                 self.clock.advance_to(due)
         self.fail("run %s did not finish in %d rounds: %s" % (run_id, max_rounds, st["status"]))
+
+
+class ServeCase(TempHome):
+    """Real `serve` subprocesses, each in a process group of its own and logging to a file of its
+    own; what is still alive at the end is killed, group and all."""
+
+    lease_ttl = "2s"
+    linger = "1s"
+
+    def setUp(self):
+        super().setUp()
+        self.procs = []
+
+    def tearDown(self):
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            p.log_file.close()
+        super().tearDown()
+
+    def spawn(self, argv):
+        """Start ``argv`` in a new session, stderr to serve-N.log; it is killed at tearDown."""
+        log_path = os.path.join(self.tmp, "serve-%d.log" % len(self.procs))
+        f = open(log_path, "w")
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
+        p.log_file, p.log_path = f, log_path
+        self.procs.append(p)
+        return p
+
+    def serve(self, *extra, busy_timeout_ms=None):
+        """A `serve` of this test's config, once it registered (optionally with the module's
+        SQLITE_BUSY_TIMEOUT_MS patched)."""
+        if busy_timeout_ms is None:
+            argv = [sys.executable, MODULE, "--config", self.config_path, "serve"] + list(extra)
+        else:
+            code = ("import sys; sys.path.insert(0, %r); import ty_openworkflow as t; "
+                    "t.SQLITE_BUSY_TIMEOUT_MS = %d; sys.exit(t.main(%r))"
+                    % (ROOT, busy_timeout_ms, ["--config", self.config_path, "serve"] + list(extra)))
+            argv = [sys.executable, "-c", code]
+        p = self.spawn(argv)
+        self.wait_registered(p, self.sidecar(clock=False))
+        return p
+
+    def wait_registered(self, p, sc):
+        """Wait until ``p`` shows among ``sc``'s live schedulers; fail with its log if it exits."""
+        wait_for(lambda: p.poll() is not None
+                 or any(s["pid"] == p.pid for s in sc.store.live_schedulers(tow.now_ms(), 60000)),
+                 what="serve to register")
+        self.assertIsNone(p.poll(), self.serve_log(p))
+
+    def serve_log(self, p):
+        with open(p.log_path) as f:
+            return f.read()
+
+    def wait_status(self, sc, run_id, statuses, timeout=30, proc=None):
+        """The run's status once it is one of ``statuses``; fails at once if ``proc`` exits."""
+        def check():
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError("serve exited with %s while waiting for run %s:\n%s"
+                                     % (proc.returncode, run_id, self.serve_log(proc)))
+            st = sc.status(run_id)
+            return st if st["status"] in statuses else None
+        return wait_for(check, timeout=timeout, what="run %s to be %s" % (run_id, statuses))
+
+    def shims(self):
+        """Pids of the exec adapter's shims still running for this test's data dir."""
+        return processes_mentioning(os.path.join(self.data_dir, "exec", "runtimes"))
+
+    def integrity(self):
+        conn = sqlite3.connect(db_path(self))
+        try:
+            return conn.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            conn.close()
+
+
+def db_path(case):
+    return os.path.join(case.data_dir, tow.DB_FILE)
+
+
+@contextlib.contextmanager
+def write_lock(path):
+    """Hold the database's write lock from another connection."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield conn
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        conn.close()
+
+
+def proc_state(pid):
+    """The state letter of ``pid`` in /proc (R, S, T, Z, ...); OSError if it is gone."""
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def proc_state_or_none(pid):
+    try:
+        return proc_state(pid)
+    except OSError:
+        return None
 
 
 def processes_mentioning(text):

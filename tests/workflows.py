@@ -339,3 +339,35 @@ def workflow(input, ctx):
         err = e.name
     return {"ok": ok, "err": err}
 """
+
+
+# ---- Python workflows several test files share (deployed with runtime="python") ----
+
+# One step that appends a line to input.counter when it starts, then works input.work seconds.
+ONE_STEP_PY = """
+import time
+def mark(path, work):
+    if path:
+        with open(path, "a") as f:
+            f.write("s\\n")
+    if work:
+        time.sleep(work)
+    return "done"
+
+def workflow(input, ctx):
+    return ctx.step("s", lambda: mark(input.get("counter"), input.get("work", 0)))
+"""
+
+# A step that starts a child process (`sleep 300`), writes its pid to input.pidfile and waits
+# for it: what a killed `serve` leaves behind.
+ORPHAN_MAKER = """
+import os, subprocess
+def workflow(input, ctx):
+    def start_child():
+        p = subprocess.Popen(["sleep", "300"])
+        with open(input["pidfile"], "w") as f:
+            f.write(str(p.pid))
+        p.wait()
+        return 1
+    return ctx.step("child", start_child)
+"""
