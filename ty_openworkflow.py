@@ -2240,139 +2240,181 @@ class PassLedger:
                     return outcome, i + 1
             return APPLIED, len(events)
 
+    # Events that record a step, a sleep or a wait: the first sight of one numbers it.
+    RECORDING = frozenset(("step_started", "step_completed", "step_failed", "sleep", "wait"))
+
     def apply_in(self, c, run_id, pass_id, ev, now, defaults):
-        row = c.execute("SELECT status, pass_id, step_attempts, deadline_at, step_count, passes FROM runs "
-                        "WHERE id = ?", (run_id,)).fetchone()
+        """Apply one event in transaction ``c`` with the handler of its kind (HANDLERS)."""
+        row = c.execute("SELECT status, pass_id, step_attempts, deadline_at, step_count, passes "
+                        "FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None or row[0] != "running" or row[1] != pass_id:
             return IGNORED
-        kind = ev["type"]
-        key = ev.get("step")
-        if kind in ("step_started", "step_completed", "step_failed", "sleep", "wait"):
-            cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()
+        cur = seq = None
+        if ev["type"] in self.RECORDING:
+            cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?",
+                            (run_id, ev.get("step"))).fetchone()
             if cur is None:
                 if row[4] >= defaults["max_steps"]:
                     self.store.runs.finish(c, run_id, pass_id, "failed", now, error={
-                        "message": "the run reached %d steps and sleeps (limits.max_steps); stopped as a runaway "
-                                   "(raise the limit if it really needs more)" % defaults["max_steps"],
+                        "message": "the run reached %d steps and sleeps (limits.max_steps); stopped "
+                                   "as a runaway (raise the limit if it really needs more)"
+                                   % defaults["max_steps"],
                         "name": "TooManySteps", "stack": None})
                     return ENDED
                 seq = row[4] + 1
                 c.execute("UPDATE runs SET step_count = ? WHERE id = ?", (seq, run_id))
-        if kind == "step_started":
-            if cur and cur[0] == "completed":
-                return APPLIED
-            retry = ev.get("retry") if isinstance(ev.get("retry"), dict) else {}
-            call = _call_position(ev)
-            if cur:
-                c.execute("UPDATE steps SET status = 'running', attempts = attempts + 1, retry = ?, started_at = ?, "
-                          "error = NULL, call_seq = COALESCE(call_seq, ?) WHERE run_id = ? AND key = ?",
-                          (dumps(retry), now, call, run_id, key))
-            else:
-                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, retry, attempts, started_at, call_seq) "
-                          "VALUES (?, ?, 'step', 'running', ?, ?, 1, ?, ?)", (run_id, key, seq, dumps(retry), now, call))
-            self.store.runs.journal(c, run_id, pass_id, kind, {"step": key, "attempt": ev.get("attempt")}, now)
-            if cur:  # a retry: these count towards the runaway cap, first attempts do not
-                c.execute("UPDATE runs SET step_attempts = step_attempts + 1, updated_at = ? WHERE id = ?",
-                          (now, run_id))
-                if row[2] + 1 > defaults["max_step_attempts"]:
-                    self.store.runs.finish(c, run_id, pass_id, "failed", now, error={
-                        "message": "the run retried steps %d times, over limits.max_step_attempts (%d); "
-                                   "stopped as a runaway" % (row[2] + 1, defaults["max_step_attempts"]),
-                        "name": "TooManyAttempts", "stack": None})
-                    return ENDED
+        handler = self.HANDLERS.get(ev["type"])
+        if handler is None:
             return APPLIED
-        if kind == "step_completed":
-            if cur and cur[0] == "completed":
-                return APPLIED  # memoized results are never overwritten
-            output = dumps(ev.get("output"))
-            if len(output.encode("utf-8")) > defaults["max_output_bytes"]:
-                ev = {"type": "step_failed", "step": key, "retryable": False, "oversized": True, "error": {
-                    "message": "the output of step %r is %d bytes, over the limit of %d bytes "
-                               "(limits.max_output_bytes)" % (key, len(output.encode("utf-8")),
-                                                              defaults["max_output_bytes"]),
-                    "name": "OutputTooLarge", "stack": None}}
-                kind = "step_failed"
-            else:
-                done_seq = self._next_done(c, run_id)
-                if cur:
-                    c.execute("UPDATE steps SET status = 'completed', output = ?, error = NULL, completed_at = ?, "
-                              "done_seq = ? WHERE run_id = ? AND key = ?", (output, now, done_seq, run_id, key))
-                else:
-                    c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, attempts, started_at, "
-                              "completed_at, done_seq) VALUES (?, ?, 'step', 'completed', ?, ?, 1, ?, ?, ?)",
-                              (run_id, key, seq, output, now, now, done_seq))
-                self.store.runs.journal(c, run_id, pass_id, kind, {"step": key, "output": ev.get("output")}, now)
-                return APPLIED
-        if kind == "step_failed":
-            error = _clean_error(ev.get("error"))
-            retryable = 0 if ev.get("retryable") is False else 1
-            if cur is None:
-                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, attempts, started_at) "
-                          "VALUES (?, ?, 'step', 'running', ?, 1, ?)", (run_id, key, seq, now))
-            c.execute("UPDATE steps SET status = 'failed', error = ?, retryable = ? WHERE run_id = ? AND key = ? "
-                      "AND status != 'completed'", (dumps(error), retryable, run_id, key))
-            self.store.runs.journal(c, run_id, pass_id, "step_failed", {"step": key, "error": error}, now)
-            if ev.get("oversized"):
-                # The shim believes the step succeeded: end the pass here, the run cannot go on.
-                self._fail_pass(c, run_id, pass_id, now, defaults, key, error, retryable=False, workflow_error=False)
-                return ENDED
+        return handler(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq)
+
+    # Each handler: (c, run_id, pass_id, ev, now, defaults, the run's row, the step's status row
+    # or None, the new step's seq or None) -> APPLIED or ENDED.
+
+    def _on_step_started(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        if cur and cur[0] == "completed":
             return APPLIED
-        if kind == "sleep":
-            wake_at = ev.get("wake_at")
-            if cur is None:
-                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, wake_at, started_at, call_seq) VALUES "
-                          "(?, ?, 'sleep', 'sleeping', ?, ?, ?, ?)", (run_id, key, seq, wake_at, now, _call_position(ev)))
-                self.store.runs.journal(c, run_id, pass_id, kind, {"step": key, "wake_at": wake_at}, now)
-            return APPLIED
-        if kind == "wait":
-            if cur is None:
-                spec = dict(ev["wait"])
-                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, wake_at, started_at, call_seq, wait) "
-                          "VALUES (?, ?, 'wait', 'waiting', ?, ?, ?, ?, ?)",
-                          (run_id, key, seq, ev.get("timeout_at"), now, _call_position(ev), dumps(spec)))
-                self.store.runs.journal(c, run_id, pass_id, kind, {"step": key, "wait": spec, "timeout_at": ev.get("timeout_at")},
-                              now)
-                self.store.waits.begin_wait(c, run_id, key, spec, now, defaults)
-            return APPLIED
-        if kind == "sleep_completed":
-            cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ? AND kind = 'sleep'",
-                            (run_id, key)).fetchone()
-            if cur and cur[0] != "completed":
-                c.execute("UPDATE steps SET status = 'completed', completed_at = ?, done_seq = ? WHERE run_id = ? "
-                          "AND key = ?", (now, self._next_done(c, run_id), run_id, key))
-                self.store.runs.journal(c, run_id, pass_id, kind, {"step": key}, now)
-            return APPLIED
-        if kind == "completed":
-            output = ev.get("output")
-            size = len(dumps(output).encode("utf-8"))
-            if size > defaults["max_output_bytes"]:
+        key = ev.get("step")
+        retry = ev.get("retry") if isinstance(ev.get("retry"), dict) else {}
+        call = _call_position(ev)
+        if cur:
+            c.execute("UPDATE steps SET status = 'running', attempts = attempts + 1, retry = ?, "
+                      "started_at = ?, error = NULL, call_seq = COALESCE(call_seq, ?) "
+                      "WHERE run_id = ? AND key = ?", (dumps(retry), now, call, run_id, key))
+        else:
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, retry, attempts, started_at, "
+                      "call_seq) VALUES (?, ?, 'step', 'running', ?, ?, 1, ?, ?)",
+                      (run_id, key, seq, dumps(retry), now, call))
+        self.store.runs.journal(c, run_id, pass_id, "step_started",
+                                {"step": key, "attempt": ev.get("attempt")}, now)
+        if cur:  # a retry: these count towards the runaway cap, first attempts do not
+            c.execute("UPDATE runs SET step_attempts = step_attempts + 1, updated_at = ? WHERE id = ?",
+                      (now, run_id))
+            if row[2] + 1 > defaults["max_step_attempts"]:
                 self.store.runs.finish(c, run_id, pass_id, "failed", now, error={
-                    "message": "the workflow's return value is %d bytes, over the limit of %d bytes "
-                               "(limits.max_output_bytes)" % (size, defaults["max_output_bytes"]),
-                    "name": "OutputTooLarge", "stack": None})
-            else:
-                self.store.runs.finish(c, run_id, pass_id, "completed", now, output=output)
-            return ENDED
-        if kind == "suspended":
-            waiting = bool(ev.get("waiting"))
-            wake_at = None if ev.get("wake_at") is None and waiting else int(ev.get("wake_at") or now)
-            due = min([t for t in (wake_at, row[3]) if t is not None], default=None)
-            if c.execute("SELECT wake_pending FROM runs WHERE id = ?", (run_id,)).fetchone()[0]:
-                due = now  # a wait resolved while this pass ran: go again at once
-            reason = "waiting%s" % ("" if wake_at is None else " (at the latest until %s)" % format_time(wake_at)) \
-                if waiting else "suspended until %s" % format_time(wake_at)
-            c.execute("UPDATE runs SET status = ?, wake_at = ?, available_at = ?, pass_id = NULL, "
-                      "lease_owner = NULL, lease_expires_at = NULL, pass_failures = 0, updated_at = ?, "
-                      "last_pass = ?, wake_pending = 0 WHERE id = ?",
-                      ("waiting" if waiting else "sleeping", wake_at, due, now,
-                       dumps({"pass": row[5], "ended_at": now, "reason": reason}), run_id))
-            self.store.runs.journal(c, run_id, pass_id, "suspended", {"wake_at": wake_at, "waiting": waiting}, now)
-            return ENDED
-        if kind == "failed":
-            self._fail_pass(c, run_id, pass_id, now, defaults, key, _clean_error(ev.get("error")),
-                            retryable=ev.get("retryable") is not False, workflow_error=not key)
+                    "message": "the run retried steps %d times, over limits.max_step_attempts (%d); "
+                               "stopped as a runaway" % (row[2] + 1, defaults["max_step_attempts"]),
+                    "name": "TooManyAttempts", "stack": None})
+                return ENDED
+        return APPLIED
+
+    def _on_step_completed(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        if cur and cur[0] == "completed":
+            return APPLIED  # memoized results are never overwritten
+        key = ev.get("step")
+        output = dumps(ev.get("output"))
+        size = len(output.encode("utf-8"))
+        if size > defaults["max_output_bytes"]:
+            failed = {"type": "step_failed", "step": key, "retryable": False, "oversized": True,
+                      "error": {"message": "the output of step %r is %d bytes, over the limit of %d "
+                                           "bytes (limits.max_output_bytes)"
+                                           % (key, size, defaults["max_output_bytes"]),
+                                "name": "OutputTooLarge", "stack": None}}
+            return self._on_step_failed(c, run_id, pass_id, failed, now, defaults, row, cur, seq)
+        done_seq = self._next_done(c, run_id)
+        if cur:
+            c.execute("UPDATE steps SET status = 'completed', output = ?, error = NULL, "
+                      "completed_at = ?, done_seq = ? WHERE run_id = ? AND key = ?",
+                      (output, now, done_seq, run_id, key))
+        else:
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, attempts, started_at, "
+                      "completed_at, done_seq) VALUES (?, ?, 'step', 'completed', ?, ?, 1, ?, ?, ?)",
+                      (run_id, key, seq, output, now, now, done_seq))
+        self.store.runs.journal(c, run_id, pass_id, "step_completed",
+                                {"step": key, "output": ev.get("output")}, now)
+        return APPLIED
+
+    def _on_step_failed(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        key = ev.get("step")
+        error = _clean_error(ev.get("error"))
+        retryable = 0 if ev.get("retryable") is False else 1
+        if cur is None:
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, attempts, started_at) "
+                      "VALUES (?, ?, 'step', 'running', ?, 1, ?)", (run_id, key, seq, now))
+        c.execute("UPDATE steps SET status = 'failed', error = ?, retryable = ? WHERE run_id = ? "
+                  "AND key = ? AND status != 'completed'", (dumps(error), retryable, run_id, key))
+        self.store.runs.journal(c, run_id, pass_id, "step_failed", {"step": key, "error": error}, now)
+        if ev.get("oversized"):
+            # The shim believes the step succeeded: end the pass here, the run cannot go on.
+            self._fail_pass(c, run_id, pass_id, now, defaults, key, error, retryable=False,
+                            workflow_error=False)
             return ENDED
         return APPLIED
+
+    def _on_sleep(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        key, wake_at = ev.get("step"), ev.get("wake_at")
+        if cur is None:
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, wake_at, started_at, "
+                      "call_seq) VALUES (?, ?, 'sleep', 'sleeping', ?, ?, ?, ?)",
+                      (run_id, key, seq, wake_at, now, _call_position(ev)))
+            self.store.runs.journal(c, run_id, pass_id, "sleep", {"step": key, "wake_at": wake_at},
+                                    now)
+        return APPLIED
+
+    def _on_wait(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        if cur is None:
+            key, spec = ev.get("step"), dict(ev["wait"])
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, wake_at, started_at, "
+                      "call_seq, wait) VALUES (?, ?, 'wait', 'waiting', ?, ?, ?, ?, ?)",
+                      (run_id, key, seq, ev.get("timeout_at"), now, _call_position(ev), dumps(spec)))
+            self.store.runs.journal(c, run_id, pass_id, "wait", {
+                "step": key, "wait": spec, "timeout_at": ev.get("timeout_at")}, now)
+            self.store.waits.begin_wait(c, run_id, key, spec, now, defaults)
+        return APPLIED
+
+    def _on_sleep_completed(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        key = ev.get("step")
+        cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ? AND kind = 'sleep'",
+                        (run_id, key)).fetchone()
+        if cur and cur[0] != "completed":
+            c.execute("UPDATE steps SET status = 'completed', completed_at = ?, done_seq = ? "
+                      "WHERE run_id = ? AND key = ?", (now, self._next_done(c, run_id), run_id, key))
+            self.store.runs.journal(c, run_id, pass_id, "sleep_completed", {"step": key}, now)
+        return APPLIED
+
+    def _on_completed(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        output = ev.get("output")
+        size = len(dumps(output).encode("utf-8"))
+        if size > defaults["max_output_bytes"]:
+            self.store.runs.finish(c, run_id, pass_id, "failed", now, error={
+                "message": "the workflow's return value is %d bytes, over the limit of %d bytes "
+                           "(limits.max_output_bytes)" % (size, defaults["max_output_bytes"]),
+                "name": "OutputTooLarge", "stack": None})
+        else:
+            self.store.runs.finish(c, run_id, pass_id, "completed", now, output=output)
+        return ENDED
+
+    def _on_suspended(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        waiting = bool(ev.get("waiting"))
+        wake_at = None if ev.get("wake_at") is None and waiting else int(ev.get("wake_at") or now)
+        due = min([t for t in (wake_at, row[3]) if t is not None], default=None)
+        if c.execute("SELECT wake_pending FROM runs WHERE id = ?", (run_id,)).fetchone()[0]:
+            due = now  # a wait resolved while this pass ran: go again at once
+        if not waiting:
+            reason = "suspended until %s" % format_time(wake_at)
+        elif wake_at is None:
+            reason = "waiting"
+        else:
+            reason = "waiting (at the latest until %s)" % format_time(wake_at)
+        c.execute("UPDATE runs SET status = ?, wake_at = ?, available_at = ?, pass_id = NULL, "
+                  "lease_owner = NULL, lease_expires_at = NULL, pass_failures = 0, updated_at = ?, "
+                  "last_pass = ?, wake_pending = 0 WHERE id = ?",
+                  ("waiting" if waiting else "sleeping", wake_at, due, now,
+                   dumps({"pass": row[5], "ended_at": now, "reason": reason}), run_id))
+        self.store.runs.journal(c, run_id, pass_id, "suspended",
+                                {"wake_at": wake_at, "waiting": waiting}, now)
+        return ENDED
+
+    def _on_failed(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        key = ev.get("step")
+        self._fail_pass(c, run_id, pass_id, now, defaults, key, _clean_error(ev.get("error")),
+                        retryable=ev.get("retryable") is not False, workflow_error=not key)
+        return ENDED
+
+    HANDLERS = {"step_started": _on_step_started, "step_completed": _on_step_completed,
+                "step_failed": _on_step_failed, "sleep": _on_sleep, "wait": _on_wait,
+                "sleep_completed": _on_sleep_completed, "completed": _on_completed,
+                "suspended": _on_suspended, "failed": _on_failed}
 
     @staticmethod
     def _next_done(c, run_id):
