@@ -1108,7 +1108,8 @@ MIGRATIONS = [
             updated_at INTEGER NOT NULL,
             started_at INTEGER,
             finished_at INTEGER,
-            FOREIGN KEY (workflow_id, version) REFERENCES workflow_versions(workflow_id, version))""",
+            FOREIGN KEY (workflow_id, version)
+                REFERENCES workflow_versions(workflow_id, version))""",
         "CREATE INDEX runs_due ON runs(status, available_at)",
         "CREATE INDEX runs_workflow ON runs(workflow_id, created_at)",
         """CREATE TABLE steps (
@@ -1187,7 +1188,7 @@ MIGRATIONS = [
         # Warnings said recently (a `tick` from cron must not repeat one every minute).
         "CREATE TABLE notices (key TEXT PRIMARY KEY, at INTEGER NOT NULL)",
     ],
-    [  # 5: the position of each step and sleep in the run's durable call order (the determinism guard)
+    [  # 5: each step's and sleep's place in the run's durable call order (the determinism guard)
         "ALTER TABLE steps ADD COLUMN call_seq INTEGER",
         # Idempotent starts: one run per (workflow, key).
         "ALTER TABLE runs ADD COLUMN idempotency_key TEXT",
@@ -1198,7 +1199,8 @@ MIGRATIONS = [
         "ALTER TABLE runs ADD COLUMN forked_from TEXT",
     ],
     [  # 6: waits (signals, child runs, TaskYou approvals)
-        "ALTER TABLE steps ADD COLUMN wait TEXT",  # what a wait waits for (kind, name, child run, task id)
+        "ALTER TABLE steps ADD COLUMN wait TEXT",
+         # what a wait waits for (kind, name, child run, task id)
         "ALTER TABLE runs ADD COLUMN parent_run_id TEXT",
         "ALTER TABLE runs ADD COLUMN parent_wait_key TEXT",
         # A wait resolved while a pass ran: that pass did not see it, so the run must go again.
@@ -1214,7 +1216,8 @@ MIGRATIONS = [
             consumed_by TEXT,
             consumed_at INTEGER)""",
         "CREATE INDEX signals_pending ON signals(run_id, name, id) WHERE consumed_by IS NULL",
-        "CREATE UNIQUE INDEX signals_idempotency ON signals(run_id, idempotency_key) WHERE idempotency_key IS NOT NULL",
+        "CREATE UNIQUE INDEX signals_idempotency ON signals(run_id, idempotency_key) WHERE "
+        "idempotency_key IS NOT NULL",
     ],
     [  # 7: cron schedules
         """CREATE TABLE schedules (
@@ -1233,10 +1236,11 @@ MIGRATIONS = [
         "CREATE INDEX schedules_due ON schedules(paused, next_fire_at)",
         "ALTER TABLE runs ADD COLUMN schedule_name TEXT",
     ],
-    [  # 8: counters for /metrics (runs started and finished, by workflow): they never go down, prune or not
-        "CREATE TABLE counters (name TEXT NOT NULL, workflow TEXT NOT NULL, value INTEGER NOT NULL, "
-        "PRIMARY KEY (name, workflow))",
-        "INSERT INTO counters SELECT 'started', workflow_id, count(*) FROM runs GROUP BY workflow_id",
+    [  # 8: counters for /metrics (runs started and finished, by workflow): never down, prune or not
+        "CREATE TABLE counters (name TEXT NOT NULL, workflow TEXT NOT NULL, value INTEGER NOT "
+        "NULL, PRIMARY KEY (name, workflow))",
+        "INSERT INTO counters SELECT 'started', workflow_id, count(*) FROM runs GROUP BY "
+        "workflow_id",
         "INSERT INTO counters SELECT status, workflow_id, count(*) FROM runs WHERE status IN "
         "('completed', 'failed', 'canceled') GROUP BY status, workflow_id",
         # The dashboard pages through runs newest first, with or without a status filter.
@@ -1244,8 +1248,9 @@ MIGRATIONS = [
         "CREATE INDEX runs_status_created ON runs(status, created_at)",
     ],
     [  # 9: what the cloudflare adapter uploaded (so a cron tick never uploads again) and remembers
-        "CREATE TABLE cf_scripts (name TEXT NOT NULL, account_id TEXT NOT NULL, workflow_id TEXT NOT NULL, "
-        "uploaded_at INTEGER NOT NULL, ready_at INTEGER, last_used_at INTEGER, PRIMARY KEY (name, account_id))",
+        "CREATE TABLE cf_scripts (name TEXT NOT NULL, account_id TEXT NOT NULL, workflow_id TEXT "
+        "NOT NULL, uploaded_at INTEGER NOT NULL, ready_at INTEGER, last_used_at INTEGER, PRIMARY "
+        "KEY (name, account_id))",
         "CREATE TABLE adapter_state (adapter TEXT NOT NULL, key TEXT NOT NULL, value TEXT, "
         "PRIMARY KEY (adapter, key))",
     ],
@@ -1272,22 +1277,22 @@ MIGRATIONS = [
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
                 "step_attempts, available_at, wake_at, deadline_at, pass_id, lease_owner, "
                 "lease_expires_at, task_requested, task_title, task_id, created_at, updated_at, "
-                "started_at, finished_at, step_count, last_pass, idempotency_key, retries, forked_from, parent_run_id, "
-                "parent_wait_key, schedule_name, isolated")
-SQL_DUE_RUNS = ("SELECT id, status, lease_owner FROM runs WHERE (status IN ('pending', 'sleeping', 'waiting') AND "
-                "available_at <= ?) OR (status = 'running' AND lease_expires_at < ?) "
-                "ORDER BY available_at, created_at LIMIT ?")
-SQL_NEXT_DUE = ("SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM runs WHERE status IN ('pending', 'sleeping', "
-                "'waiting') "
-                "UNION ALL SELECT MIN(next_fire_at) FROM schedules WHERE paused = 0 "
-                "UNION ALL SELECT MIN(lease_expires_at) FROM runs WHERE status = 'running')")
+                "started_at, finished_at, step_count, last_pass, idempotency_key, retries, "
+                "forked_from, parent_run_id, parent_wait_key, schedule_name, isolated")
+SQL_DUE_RUNS = ("SELECT id, status, lease_owner FROM runs WHERE (status IN ('pending', 'sleeping', "
+                "'waiting') AND available_at <= ?) OR (status = 'running' AND lease_expires_at < "
+                "?) ORDER BY available_at, created_at LIMIT ?")
+SQL_NEXT_DUE = ("SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM runs WHERE status IN "
+                "('pending', 'sleeping', 'waiting') UNION ALL SELECT MIN(next_fire_at) FROM "
+                "schedules WHERE paused = 0 UNION ALL SELECT MIN(lease_expires_at) FROM runs WHERE "
+                "status = 'running')")
 
-SQL_VERSION = ("SELECT workflow_id, version, label, runtime, adapter, code, code_hash, created_at, deadline_ms "
-               "FROM workflow_versions WHERE workflow_id = ? AND version = ?")
-SQL_WORKFLOWS = ("SELECT w.id, w.name, w.description, w.latest_version, w.created_at, w.updated_at, v.label, "
-                 "v.runtime, v.adapter, v.code_hash, v.deadline_ms, "
-                 "(SELECT count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs "
-                 "FROM workflows w JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version")
+SQL_VERSION = ("SELECT workflow_id, version, label, runtime, adapter, code, code_hash, created_at, "
+               "deadline_ms FROM workflow_versions WHERE workflow_id = ? AND version = ?")
+SQL_WORKFLOWS = ("SELECT w.id, w.name, w.description, w.latest_version, w.created_at, "
+                 "w.updated_at, v.label, v.runtime, v.adapter, v.code_hash, v.deadline_ms, (SELECT "
+                 "count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs FROM workflows w JOIN "
+                 "workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version")
 SQL_RUN = "SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS
 # TaskYou approval waits to look at: steps.polled_at is set only on open waits with a task.
 SQL_APPROVALS_DUE = ("SELECT s.run_id, s.key, s.wait FROM steps s JOIN runs r ON r.id = s.run_id "
@@ -1307,6 +1312,11 @@ SQL_POLL_AGAIN = ("UPDATE steps SET polled_at = 0 WHERE run_id = ? AND kind = 'w
 
 # Outcomes of applying one event.
 APPLIED, IGNORED, ENDED = "applied", "ignored", "ended"
+
+
+def _like_prefix(text):
+    """A LIKE pattern (with ESCAPE '\\') for what starts with ``text``."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def _row_dict(cursor, row):
@@ -1337,7 +1347,7 @@ def _is_outage(exc):
 
 
 class Database:
-    """SQLite connections: a small pool, transaction(), migrations, and when a commit reaches the disk."""
+    """SQLite connections: a small pool, transaction(), migrations, when commits reach the disk."""
 
     def __init__(self, data_dir, synchronous="full"):
         if synchronous not in STORE_SYNC_MODES:
@@ -1365,14 +1375,17 @@ class Database:
 
     def _prepare_dir(self):
         if os.path.exists(self.data_dir) and not os.path.isdir(self.data_dir):
-            raise StoreError("data dir %s is not a directory; set data_dir in the config to a folder" % self.data_dir)
+            raise StoreError("data dir %s is not a directory; set data_dir in the config to a "
+                             "folder" % self.data_dir)
         try:
             os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         except OSError as exc:
-            raise StoreError("cannot create data dir %s (%s); set data_dir in the config to a writable folder"
+            raise StoreError("cannot create data dir %s (%s); set data_dir in the config to a "
+                             "writable folder"
                              % (self.data_dir, exc.strerror or exc), exc)
         if not os.access(self.data_dir, os.W_OK | os.X_OK):
-            raise StoreError("data dir %s is not writable; fix its permissions or set data_dir elsewhere"
+            raise StoreError("data dir %s is not writable; fix its permissions or set data_dir "
+                             "elsewhere"
                              % self.data_dir)
 
     def _connect(self):
@@ -1394,18 +1407,22 @@ class Database:
         return conn
 
     def wrap(self, exc):
+        """A sqlite3 error as a StoreError that says what to do."""
         msg = str(exc)
         if "not a database" in msg or "malformed" in msg or "encrypted" in msg:
-            return StoreError("%s is not a ty-openworkflow database (%s); move it away or point data_dir elsewhere"
+            return StoreError("%s is not a ty-openworkflow database (%s); move it away or point "
+                              "data_dir elsewhere"
                               % (self.path, msg), exc)
         if "full" in msg:
-            return StoreError("cannot write %s: the disk (or the database's page limit) is full (%s); free some "
-                              "space" % (self.path, msg), exc)
+            return StoreError("cannot write %s: the disk (or the database's page limit) is full "
+                              "(%s); free some space" % (self.path, msg), exc)
         if "readonly" in msg or "unable to open" in msg or "disk I/O" in msg:
-            return StoreError("cannot write %s (%s); check that data_dir is writable and has free space"
+            return StoreError("cannot write %s (%s); check that data_dir is writable and has free "
+                              "space"
                               % (self.path, msg), exc)
         if "locked" in msg or "busy" in msg:
-            return StoreError("the store %s stayed locked for %ds (%s); another process holds it, try again"
+            return StoreError("the store %s stayed locked for %ds (%s); another process holds it, "
+                              "try again"
                               % (self.path, SQLITE_BUSY_TIMEOUT_MS // 1000, msg), exc)
         return StoreError("store error on %s: %s" % (self.path, msg), exc)
 
@@ -1428,7 +1445,7 @@ class Database:
 
     @contextlib.contextmanager
     def connection(self):
-        """Borrow a pooled connection for a few statements (reads; writes go through transaction())."""
+        """Borrow a pooled connection for a few statements (reads; writes use transaction())."""
         conn = self._acquire()
         try:
             yield conn
@@ -1493,6 +1510,7 @@ class Database:
                 log.warning("%s", exc)
                 time.sleep(1.0)
 
+    # -- durability: what a commit survives (store.synchronous) ---------------------
     #
     # SQLite's own full mode syncs inside COMMIT, holding the database's write lock
     # through the fsync, so every writer of every process waits for every sync. Here
@@ -1589,8 +1607,9 @@ class Database:
         c.execute("RELEASE one_run")
 
     def _begin(self, conn):
-        """BEGIN IMMEDIATE, waiting for another process's write lock in steps of 0.1 ms and up rather
-        than in SQLite's busy handler, which sleeps 1 ms and more per try; as long as the busy timeout."""
+        """BEGIN IMMEDIATE, waiting for another process's write lock in steps of 0.1 ms and up
+        rather than in SQLite's busy handler, which sleeps 1 ms and more per try; as long as the
+        busy timeout."""
         delay, deadline = 0.0001, None
         conn.execute("PRAGMA busy_timeout = 0")
         try:
@@ -1614,6 +1633,7 @@ class Database:
                 conn.execute("PRAGMA busy_timeout = %d" % SQLITE_BUSY_TIMEOUT_MS)
 
     def query(self, sql, params=()):
+        """Rows of one read as dicts."""
         try:
             with self.connection() as conn:
                 cur = conn.execute(sql, params)
@@ -1622,6 +1642,7 @@ class Database:
             raise self.wrap(exc)
 
     def query_one(self, sql, params=()):
+        """The first row of one read as a dict, or None."""
         rows = self.query(sql, params)
         return rows[0] if rows else None
 
@@ -1630,6 +1651,7 @@ class Database:
         self.query_one("SELECT 1 AS ok")
 
     def close(self):
+        """Close the pooled connections; the store takes no more calls."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
@@ -1641,24 +1663,27 @@ class Database:
         # Look before touching: a plain connection sets no journal mode, so a
         # foreign or newer file is refused byte-for-byte unchanged.
         try:
-            conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000.0, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000.0,
+                                   isolation_level=None)
         except sqlite3.DatabaseError as exc:
             raise self.wrap(exc)
         try:
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = "
+                                  "'table'").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise self.wrap(exc)
         if app_id not in (0, DB_APPLICATION_ID) or (app_id == 0 and tables):
             conn.close()
-            raise StoreError("%s is not a ty-openworkflow database (it holds other data); move it away or "
-                             "point data_dir elsewhere" % self.path)
+            raise StoreError("%s is not a ty-openworkflow database (it holds other data); move it "
+                             "away or point data_dir elsewhere" % self.path)
         if version > len(MIGRATIONS):
             conn.close()
-            raise StoreError("%s has schema version %d, newer than this ty-openworkflow %s understands (%d); "
-                             "upgrade ty_openworkflow.py" % (self.path, version, __version__, len(MIGRATIONS)))
+            raise StoreError("%s has schema version %d, newer than this ty-openworkflow %s "
+                             "understands (%d); upgrade ty_openworkflow.py"
+                             % (self.path, version, __version__, len(MIGRATIONS)))
         if version == len(MIGRATIONS):
             conn.close()
             return
@@ -1708,7 +1733,8 @@ class Database:
         return max(0, before - self._db_bytes())
 
     def _db_bytes(self):
-        return sum(os.path.getsize(self.path + ext) for ext in ("", "-wal") if os.path.exists(self.path + ext))
+        files = [self.path + ext for ext in ("", "-wal")]
+        return sum(os.path.getsize(f) for f in files if os.path.exists(f))
 
     @property
     def store_id(self):
@@ -1736,18 +1762,22 @@ class WorkflowBook:
     def __init__(self, store):
         self.store = store
 
-    def save_version(self, workflow_id, code, runtime, adapter, label, name, description, now, deadline_ms=None):
-        """Store code as a new version unless it equals the latest; returns (version row, created)."""
+    def save_version(self, workflow_id, code, runtime, adapter, label, name, description, now,
+                     deadline_ms=None):
+        """Store code as a new version unless it equals the latest; returns (version, created)."""
         code_hash = sha256_hex("%s\0%s\0%s\0%s" % (runtime, adapter, deadline_ms, code))
         with self.store.transaction() as c:
-            wf = c.execute("SELECT latest_version FROM workflows WHERE id = ?", (workflow_id,)).fetchone()
+            wf = c.execute("SELECT latest_version FROM workflows WHERE id = "
+                           "?", (workflow_id,)).fetchone()
             if wf:
-                latest = c.execute("SELECT code_hash, label FROM workflow_versions WHERE workflow_id = ? AND version = ?",
+                latest = c.execute("SELECT code_hash, label FROM workflow_versions WHERE "
+                                   "workflow_id = ? AND version = ?",
                                    (workflow_id, wf[0])).fetchone()
                 if latest and latest[0] == code_hash and latest[1] == label:
                     if name is not None or description is not None:
-                        c.execute("UPDATE workflows SET name = COALESCE(?, name), description = COALESCE(?, description), "
-                                  "updated_at = ? WHERE id = ?", (name, description, now, workflow_id))
+                        c.execute("UPDATE workflows SET name = COALESCE(?, name), description = "
+                                  "COALESCE(?, description), updated_at = ? WHERE id = ?",
+                                  (name, description, now, workflow_id))
                     return self._version(c, workflow_id, wf[0]), False
                 version = wf[0] + 1
                 c.execute("UPDATE workflows SET latest_version = ?, name = COALESCE(?, name), "
@@ -1755,36 +1785,45 @@ class WorkflowBook:
                           (version, name, description, now, workflow_id))
             else:
                 version = 1
-                c.execute("INSERT INTO workflows (id, name, description, latest_version, created_at, updated_at) "
-                          "VALUES (?, ?, ?, ?, ?, ?)", (workflow_id, name or workflow_id, description or "", 1, now, now))
-            c.execute("INSERT INTO workflow_versions (workflow_id, version, label, runtime, adapter, code, code_hash, "
-                      "created_at, deadline_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                      (workflow_id, version, label, runtime, adapter, code, code_hash, now, deadline_ms))
+                c.execute("INSERT INTO workflows (id, name, description, latest_version, "
+                          "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                          (workflow_id, name or workflow_id, description or "", 1, now, now))
+            c.execute("INSERT INTO workflow_versions (workflow_id, version, label, runtime, "
+                      "adapter, code, code_hash, created_at, deadline_ms) VALUES (?, ?, ?, ?, ?, "
+                      "?, ?, ?, ?)",
+                      (workflow_id, version, label, runtime, adapter, code, code_hash, now,
+                       deadline_ms))
             return self._version(c, workflow_id, version), True
 
     def _version(self, c, workflow_id, version):
         return self.store.one(c, SQL_VERSION, (workflow_id, version))
 
     def get_version(self, workflow_id, version):
+        """One version of a workflow (None if there is none)."""
         return self.store.query_one(SQL_VERSION, (workflow_id, version))
 
     def get_workflow(self, workflow_id, counts=True):
+        """A workflow with its latest version (and its run count unless not ``counts``)."""
         sql = SQL_WORKFLOWS if counts else SQL_WORKFLOWS.replace(
             "(SELECT count(*) FROM runs r WHERE r.workflow_id = w.id)", "NULL", 1)
         return self.store.query_one(sql + " WHERE w.id = ?", (workflow_id,))
 
     def list_workflows(self):
+        """Every workflow with its latest version and run count."""
         return self.store.query(SQL_WORKFLOWS + " ORDER BY w.id")
 
     def versions(self, workflow_id):
-        return self.store.query("SELECT version, label, runtime, adapter, code_hash, created_at, deadline_ms FROM "
-                          "workflow_versions WHERE workflow_id = ? ORDER BY version DESC", (workflow_id,))
+        """A workflow's versions, newest first."""
+        return self.store.query("SELECT version, label, runtime, adapter, code_hash, created_at, "
+                                "deadline_ms FROM workflow_versions WHERE workflow_id = ? ORDER BY "
+                                "version DESC", (workflow_id,))
 
     @staticmethod
     def latest(c, workflow_id):
-        """(latest version, its default deadline in ms) of a workflow, or None, inside a transaction."""
-        return c.execute("SELECT w.latest_version, v.deadline_ms FROM workflows w JOIN workflow_versions v ON "
-                         "v.workflow_id = w.id AND v.version = w.latest_version WHERE w.id = ?",
+        """(latest version, its default deadline in ms) of a workflow, or None, in transaction c."""
+        return c.execute("SELECT w.latest_version, v.deadline_ms FROM workflows w JOIN "
+                         "workflow_versions v ON v.workflow_id = w.id AND v.version = "
+                         "w.latest_version WHERE w.id = ?",
                          (workflow_id,)).fetchone()
 
 
@@ -1794,25 +1833,28 @@ class RunLedger:
     def __init__(self, store):
         self.store = store
 
-    def create_run(self, run_id, workflow_id, version, input_json, now, task_requested=False, task_title=None,
-                   deadline_at=None, idempotency_key=None):
+    def create_run(self, run_id, workflow_id, version, input_json, now, task_requested=False,
+                   task_title=None, deadline_at=None, idempotency_key=None):
         """Store a new pending run; returns its id, or with ``idempotency_key`` the id of the
         run that key already started (then nothing is created)."""
         with self.store.transaction() as c:
-            return self.add_run(c, run_id, workflow_id, version, input_json, now, task_requested, task_title,
-                                    deadline_at, idempotency_key)
+            return self.add_run(c, run_id, workflow_id, version, input_json, now, task_requested,
+                                task_title, deadline_at, idempotency_key)
 
-    def add_run(self, c, run_id, workflow_id, version, input_json, now, task_requested=False, task_title=None,
-                    deadline_at=None, idempotency_key=None, schedule_name=None):
+    def add_run(self, c, run_id, workflow_id, version, input_json, now, task_requested=False,
+                task_title=None, deadline_at=None, idempotency_key=None, schedule_name=None):
+        """create_run inside transaction ``c`` (a schedule's fire names its schedule)."""
         if idempotency_key is not None:
             row = c.execute("SELECT id FROM runs WHERE workflow_id = ? AND idempotency_key = ?",
                             (workflow_id, idempotency_key)).fetchone()
             if row:
                 return row[0]
-        c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, deadline_at, "
-                  "task_requested, task_title, created_at, updated_at, idempotency_key, schedule_name) "
-                  "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                  (run_id, workflow_id, version, input_json, now, deadline_at, int(bool(task_requested)),
+        c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, "
+                  "deadline_at, task_requested, task_title, created_at, updated_at, "
+                  "idempotency_key, schedule_name) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, "
+                  "?, ?, ?)",
+                  (run_id, workflow_id, version, input_json, now, deadline_at,
+                   int(bool(task_requested)),
                    task_title, now, now, idempotency_key, schedule_name))
         self.journal(c, run_id, None, "created", {"workflow": workflow_id, "version": version}, now)
         self.count(c, "started", workflow_id)
@@ -1822,18 +1864,23 @@ class RunLedger:
 
     @staticmethod
     def count(c, name, workflow_id):
+        """Count one more run ``name`` (started, completed, ...) of a workflow for /metrics."""
         if not c.execute("UPDATE counters SET value = value + 1 WHERE name = ? AND workflow = ?",
                          (name, workflow_id)).rowcount:
-            c.execute("INSERT INTO counters (name, workflow, value) VALUES (?, ?, 1)", (name, workflow_id))
+            c.execute("INSERT INTO counters (name, workflow, value) VALUES (?, ?, "
+                      "1)", (name, workflow_id))
 
     def add_log(self, run_id, pass_id, pass_no, adapter, text, now):
+        """Keep what a pass printed (nothing if it printed nothing)."""
         if not text:
             return
         with self.store.transaction() as c:
-            c.execute("INSERT INTO run_logs (run_id, pass_id, pass_no, adapter, text, at) VALUES (?, ?, ?, ?, ?, ?)",
+            c.execute("INSERT INTO run_logs (run_id, pass_id, pass_no, adapter, text, at) VALUES "
+                      "(?, ?, ?, ?, ?, ?)",
                       (run_id, pass_id, pass_no, adapter, text, now))
 
     def journal(self, c, run_id, pass_id, type_, data, now):
+        """Add an entry to the run's event journal."""
         c.execute("INSERT INTO run_events (run_id, pass_id, type, data, at) VALUES (?, ?, ?, ?, ?)",
                   (run_id, pass_id, type_, None if data is None else dumps(data), now))
 
@@ -1852,12 +1899,15 @@ class RunLedger:
 
     def _end_run(self, c, run_id, pass_id, status, now, output=None, error=None):
         """End one run (not its children): its task update, its parent's wait, its approvals."""
-        c.execute("UPDATE runs SET status = ?, output = ?, error = ?, pass_id = NULL, lease_owner = NULL, "
-                  "lease_expires_at = NULL, available_at = NULL, wake_at = NULL, finished_at = ?, updated_at = ? "
-                  "WHERE id = ?", (status, None if output is None else dumps(output),
-                                   None if error is None else dumps(error), now, now, run_id))
-        c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND status = 'running'", (run_id,))
-        self.journal(c, run_id, pass_id, status, {"output": output} if status == "completed" else {"error": error}, now)
+        c.execute("UPDATE runs SET status = ?, output = ?, error = ?, pass_id = NULL, lease_owner "
+                  "= NULL, lease_expires_at = NULL, available_at = NULL, wake_at = NULL, "
+                  "finished_at = ?, updated_at = ? WHERE id = ?",
+                  (status, None if output is None else dumps(output),
+                   None if error is None else dumps(error), now, now, run_id))
+        c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND status = "
+                  "'running'", (run_id,))
+        self.journal(c, run_id, pass_id, status,
+                     {"output": output} if status == "completed" else {"error": error}, now)
         wf = c.execute("SELECT workflow_id FROM runs WHERE id = ?", (run_id,)).fetchone()
         if wf:
             self.count(c, status, wf[0])
@@ -1866,9 +1916,12 @@ class RunLedger:
 
     def _on_finish(self, c, run_id, status, now):
         """A finished run queues its task update in the same transaction."""
-        row = c.execute("SELECT task_requested, output, error FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = c.execute("SELECT task_requested, output, error FROM runs WHERE id = "
+                        "?", (run_id,)).fetchone()
         if row and row[0]:
-            self.store.outbox.enqueue(c, run_id, status, {"output": loads_or_none(row[1]), "error": loads_or_none(row[2])}, now)
+            self.store.outbox.enqueue(c, run_id, status,
+                                      {"output": loads_or_none(row[1]),
+                                       "error": loads_or_none(row[2])}, now)
 
     def cancel_run(self, run_id, now, reason="canceled by user"):
         """Cancel a run that is not terminal; returns the run as it was before."""
@@ -1879,33 +1932,39 @@ class RunLedger:
             if run["status"] in TERMINAL:
                 raise Conflict("run %s is already %s; nothing to cancel" % (run_id, run["status"]))
             self.finish(c, run_id, run["pass_id"], "canceled", now,
-                         error={"message": reason, "name": "Canceled", "stack": None})
+                        error={"message": reason, "name": "Canceled", "stack": None})
             return run
 
     def retry_run(self, run_id, now, version=None):
-        """Put a failed or canceled run back to pending: committed steps stay, the others run again."""
+        """Put a failed or canceled run back to pending: committed steps stay, others run again."""
         with self.store.transaction() as c:
             run = self.store.one(c, SQL_RUN, (run_id,))
             if run is None:
                 raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
             if run["status"] not in ("failed", "canceled"):
                 raise Conflict("run %s is %s; only a failed or canceled run can be retried%s" % (
-                    run_id, run["status"], " (fork it to run it again)" if run["status"] == "completed" else ""))
-            c.execute("DELETE FROM steps WHERE run_id = ? AND kind = 'step' AND status != 'completed'", (run_id,))
-            for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = 'wait' AND "
-                                            "status = 'waiting'", (run_id,)).fetchall():
+                    run_id, run["status"],
+                    " (fork it to run it again)" if run["status"] == "completed" else ""))
+            c.execute("DELETE FROM steps WHERE run_id = ? AND kind = 'step' AND status != "
+                      "'completed'", (run_id,))
+            for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind "
+                                            "= 'wait' AND status = "
+                                            "'waiting'", (run_id,)).fetchall():
                 spec = loads_or_none(spec_json) or {}
-                if spec.get("kind") == "child":  # its child was stopped with the run: a new one is made
+                # its child was stopped with the run: a new one is made
+                if spec.get("kind") == "child":
                     c.execute("DELETE FROM steps WHERE run_id = ? AND key = ?", (run_id, key))
-            c.execute("UPDATE steps SET status = 'sleeping' WHERE run_id = ? AND kind = 'sleep' AND "
-                      "status != 'completed'", (run_id,))
+            c.execute("UPDATE steps SET status = 'sleeping' WHERE run_id = ? AND kind = 'sleep' "
+                      "AND status != 'completed'", (run_id,))
             c.execute(SQL_POLL_AGAIN, (run_id,))  # its approvals are polled again, first in line
-            c.execute("UPDATE runs SET status = 'pending', version = ?, output = NULL, error = NULL, finished_at = NULL, "
-                      "available_at = ?, wake_at = NULL, deadline_at = NULL, pass_failures = 0, step_attempts = 0, "
-                      "retries = retries + 1, step_count = (SELECT count(*) FROM steps WHERE run_id = ?), "
-                      "updated_at = ? WHERE id = ?", (version or run["version"], now, run_id, now, run_id))
-            self.journal(c, run_id, None, "retried", {"from": run["status"], "version": version or run["version"]},
-                          now)
+            c.execute("UPDATE runs SET status = 'pending', version = ?, output = NULL, error = "
+                      "NULL, finished_at = NULL, available_at = ?, wake_at = NULL, deadline_at = "
+                      "NULL, pass_failures = 0, step_attempts = 0, retries = retries + 1, "
+                      "step_count = (SELECT count(*) FROM steps WHERE run_id = ?), updated_at = ? "
+                      "WHERE id = ?", (version or run["version"], now, run_id, now, run_id))
+            self.journal(c, run_id, None, "retried",
+                         {"from": run["status"], "version": version or run["version"]},
+                         now)
             if run["task_requested"]:
                 self.store.outbox.enqueue(c, run_id, "processing", None, now)
             return run
@@ -1919,29 +1978,37 @@ class RunLedger:
                 raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
             cutoff = None
             if from_step is not None:
-                row = c.execute("SELECT seq FROM steps WHERE run_id = ? AND key = ?", (run_id, from_step)).fetchone()
+                row = c.execute("SELECT seq FROM steps WHERE run_id = ? AND key = ?",
+                                (run_id, from_step)).fetchone()
                 if row is None:
-                    keys = [r[0] for r in c.execute("SELECT key FROM steps WHERE run_id = ? ORDER BY seq LIMIT 12",
+                    keys = [r[0] for r in c.execute("SELECT key FROM steps WHERE run_id = ? ORDER "
+                                                    "BY seq LIMIT 12",
                                                     (run_id,))]
                     raise InputError("run %s has no step %r; its steps are: %s" % (
                         run_id, from_step, ", ".join(keys) or "none"))
                 cutoff = row[0]
-            c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, task_requested, "
-                      "task_title, created_at, updated_at, forked_from) VALUES (?, ?, ?, 'pending', ?, ?, 0, ?, ?, ?, ?)",
+            c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, "
+                      "task_requested, task_title, created_at, updated_at, forked_from) VALUES (?, "
+                      "?, ?, 'pending', ?, ?, 0, ?, ?, ?, ?)",
                       (new_run_id, run["workflow_id"], version or run["version"],
-                       run["input"] if input_json is None else input_json, now, run["task_title"], now, now, run_id))
-            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, retry, retryable, attempts, wake_at, "
-                      "started_at, completed_at, done_seq, call_seq, wait) SELECT ?, key, kind, status, seq, output, "
-                      "retry, retryable, attempts, wake_at, started_at, completed_at, done_seq, call_seq, wait FROM steps "
-                      "WHERE run_id = ? AND (? IS NULL OR seq < ?) AND (status = 'completed' OR kind = 'sleep')",
+                       run["input"] if input_json is None else input_json, now, run["task_title"],
+                       now, now, run_id))
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, retry, "
+                      "retryable, attempts, wake_at, started_at, completed_at, done_seq, call_seq, "
+                      "wait) SELECT ?, key, kind, status, seq, output, retry, retryable, attempts, "
+                      "wake_at, started_at, completed_at, done_seq, call_seq, wait FROM steps "
+                      "WHERE run_id = ? AND (? IS NULL OR seq < ?) AND (status = 'completed' OR "
+                      "kind = 'sleep')",
                       (new_run_id, run_id, cutoff, cutoff))
-            c.execute("UPDATE runs SET step_count = (SELECT count(*) FROM steps WHERE run_id = ?), done_count = "
-                      "(SELECT COALESCE(MAX(done_seq), 0) FROM steps WHERE run_id = ?) WHERE id = ?",
+            c.execute("UPDATE runs SET step_count = (SELECT count(*) FROM steps WHERE run_id = ?), "
+                      "done_count = (SELECT COALESCE(MAX(done_seq), 0) FROM steps WHERE run_id = "
+                      "?) WHERE id = ?",
                       (new_run_id, new_run_id, new_run_id))
-            c.execute("UPDATE steps SET status = 'sleeping' WHERE run_id = ? AND kind = 'sleep' AND status != "
-                      "'completed'", (new_run_id,))
-            self.journal(c, new_run_id, None, "created", {"workflow": run["workflow_id"], "forked_from": run_id,
-                                                            "from_step": from_step}, now)
+            c.execute("UPDATE steps SET status = 'sleeping' WHERE run_id = ? AND kind = 'sleep' "
+                      "AND status != 'completed'", (new_run_id,))
+            self.journal(c, new_run_id, None, "created",
+                         {"workflow": run["workflow_id"], "forked_from": run_id,
+                          "from_step": from_step}, now)
             self.count(c, "started", run["workflow_id"])
             return new_run_id
 
@@ -1972,8 +2039,8 @@ class RunLedger:
                 raise
             log.exception("run %s: ending it failed; it is failed on its own", run_id)
             error = dict(error, message="%s (ending its tree failed too, %s: %s; its children and "
-                                        "parent were not told)" % (error["message"],
-                                                                    type(exc).__name__, exc))
+                         "parent were not told)" % (error["message"],
+                                                    type(exc).__name__, exc))
         c.execute("UPDATE runs SET status = 'failed', error = ?, pass_id = NULL, "
                   "lease_owner = NULL, lease_expires_at = NULL, available_at = NULL, "
                   "wake_at = NULL, finished_at = ?, updated_at = ? WHERE id = ?",
@@ -2009,7 +2076,7 @@ class RunLedger:
         self._interrupt_steps(c, run_id)
         self.journal(c, run_id, row[1], "set_aside", {"error": what, "retry_at": due}, now)
         self.note_last_pass(c, run_id, row[3], "the scheduler failed while handling the run (%s); "
-                        "tried again at %s" % (what, format_time(due)), now)
+                            "tried again at %s" % (what, format_time(due)), now)
 
     @staticmethod
     def _interrupt_steps(c, run_id):
@@ -2020,8 +2087,9 @@ class RunLedger:
         """Cancel a run that is not finished, with its own unfinished children."""
         row = c.execute("SELECT status, pass_id FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row and row[0] not in TERMINAL:
-            self.finish(c, run_id, row[1], "canceled", now, error={"message": reason, "name": "Canceled",
-                                                                    "stack": None})
+            self.finish(c, run_id, row[1], "canceled",
+                        now, error={"message": reason, "name": "Canceled",
+                                    "stack": None})
 
 
 class LeaseLedger:
@@ -2049,7 +2117,8 @@ class LeaseLedger:
                 if run_id in exclude or len(claimed) >= limit:
                     continue
                 if status == "running" and holder != owner and holders.get(holder) is True:
-                    continue  # alive on this host: its lease only looks expired (a stall, a clock jump)
+                    # alive on this host: its lease only looks expired (a stall, a clock jump)
+                    continue
                 try:
                     with self.store.savepoint(c):
                         run = self._claim_one(c, run_id, status, owner, now, lease_ms)
@@ -2061,7 +2130,8 @@ class LeaseLedger:
                 if run is not None:
                     claimed.append(run)
             for sid in dead:  # a dead scheduler's row goes once nothing it held is left
-                if not c.execute("SELECT 1 FROM runs WHERE lease_owner = ? AND status = 'running' LIMIT 1",
+                if not c.execute("SELECT 1 FROM runs WHERE lease_owner = ? AND status = 'running' "
+                                 "LIMIT 1",
                                  (sid,)).fetchone():
                     c.execute("DELETE FROM schedulers WHERE id = ?", (sid,))
         return claimed
@@ -2075,7 +2145,8 @@ class LeaseLedger:
             run["lost_pass_id"] = run["pass_id"]
             self.store.runs.journal(c, run_id, run["pass_id"], "lease_expired", {
                 "owner": run["lease_owner"], "message": "its scheduler stopped; replaying"}, now)
-            self.store.runs.note_last_pass(c, run_id, run["passes"], "lost: its scheduler stopped", now)
+            self.store.runs.note_last_pass(c, run_id, run["passes"], "lost: its scheduler stopped",
+                                           now)
             # A pass that keeps taking its scheduler down must not be replayed forever.
             lost = run["pass_failures"] + 1
             c.execute("UPDATE runs SET pass_failures = ? WHERE id = ?", (lost, run_id))
@@ -2100,13 +2171,14 @@ class LeaseLedger:
         run.update(status="running", pass_id=pass_id, lease_owner=owner, passes=run["passes"] + 1)
         if run["passes"] == 1 and run["task_requested"]:
             self.store.outbox.enqueue(c, run_id, "processing", None, now)
-        self.store.runs.journal(c, run_id, pass_id, "pass_started", {"pass": run["passes"], "owner": owner},
-                      now)
+        self.store.runs.journal(c, run_id, pass_id, "pass_started",
+                                {"pass": run["passes"], "owner": owner},
+                                now)
         return run
 
     @staticmethod
     def _due_query(now, dead, live, limit):
-        """SQL and parameters for the due runs: a dead holder's runs are due at once, a live one's never."""
+        """SQL and parameters of the due runs: a dead holder's due at once, a live one's never."""
         running = "lease_expires_at < ?"
         params = [now, now]
         if dead:
@@ -2119,13 +2191,15 @@ class LeaseLedger:
         return sql, params + [limit]
 
     def next_due_at(self):
-        """When the next run is due (a live scheduler of this host holding one does not make it due)."""
+        """When the next run is due (one held by a live scheduler of this host is not due)."""
         try:
             with self.store.connection() as c:
-                live = [sid for sid, alive in self.store.registry.holders(c).items() if alive is True]
+                holders = self.store.registry.holders(c)
+                live = [sid for sid, alive in holders.items() if alive is True]
                 sql = SQL_NEXT_DUE
                 if live:
-                    sql = sql.replace("WHERE status = 'running'", "WHERE status = 'running' AND lease_owner NOT IN "
+                    sql = sql.replace("WHERE status = 'running'",
+                                      "WHERE status = 'running' AND lease_owner NOT IN "
                                       "(%s)" % ",".join("?" * len(live)), 1)
                 row = c.execute(sql, live).fetchone()
         except sqlite3.Error as exc:
@@ -2137,21 +2211,26 @@ class LeaseLedger:
         lost = []
         with self.store.transaction() as c:
             for run_id, pass_id in pass_ids:
-                n = c.execute("UPDATE runs SET lease_expires_at = ? WHERE id = ? AND pass_id = ? AND lease_owner = ? "
-                              "AND status = 'running'", (until, run_id, pass_id, owner)).rowcount
+                n = c.execute("UPDATE runs SET lease_expires_at = ? WHERE id = ? AND pass_id = ? "
+                              "AND lease_owner = ? AND status = 'running'",
+                              (until, run_id, pass_id, owner)).rowcount
                 if n == 0:
                     lost.append(pass_id)
         return lost
 
     def pass_is_current(self, run_id, pass_id, now=None):
-        """True while ``pass_id`` is the run's pass in flight (and, given ``now``, its lease holds)."""
-        row = self.store.query_one("SELECT lease_expires_at FROM runs WHERE id = ? AND pass_id = ? AND status = 'running'",
-                             (run_id, pass_id))
-        return row is not None and (now is None or row["lease_expires_at"] is None or row["lease_expires_at"] >= now)
+        """True while ``pass_id`` is the run's pass in flight (and, given ``now``, its lease
+        holds)."""
+        row = self.store.query_one("SELECT lease_expires_at FROM runs WHERE id = ? AND pass_id = ? "
+                                   "AND status = 'running'",
+                                   (run_id, pass_id))
+        if row is None:
+            return False
+        return now is None or row["lease_expires_at"] is None or row["lease_expires_at"] >= now
 
     def release(self, run_id, pass_id, now, reason="scheduler stopping", due=None):
-        """Give back a pass we stopped (shutdown, a lost lease, a platform not ready yet): the run is due
-        again at once (or at ``due``), no attempt lost."""
+        """Give back a pass we stopped (shutdown, a lost lease, a platform not ready yet): the run
+        is due again at once (or at ``due``), no attempt lost."""
         with self.store.transaction() as c:
             return self._released(c, run_id, pass_id, now, reason, due)
 
@@ -2198,10 +2277,11 @@ class PassLedger:
         self.store = store
 
     def history(self, run_id):
-        """The replay history a pass needs: completed outputs, sleep wake times, attempts, resolution order."""
+        """The history a pass replays: outputs, sleep wake times, attempts, resolution order."""
         steps, sleeps, attempts, order, calls, waits, waiting = {}, {}, {}, [], [], {}, {}
-        for row in self.store.query("SELECT key, kind, status, output, wake_at, attempts, done_seq, call_seq FROM steps "
-                              "WHERE run_id = ? ORDER BY done_seq IS NULL, done_seq, seq", (run_id,)):
+        for row in self.store.query("SELECT key, kind, status, output, wake_at, attempts, "
+                                    "done_seq, call_seq FROM steps WHERE run_id = ? ORDER BY "
+                                    "done_seq IS NULL, done_seq, seq", (run_id,)):
             if row["call_seq"] is not None:
                 calls.append([row["call_seq"], row["key"], row["kind"]])
             key, kind, status = row["key"], row["kind"], row["status"]
@@ -2219,7 +2299,8 @@ class PassLedger:
             if row["done_seq"] is not None:
                 order.append(key)
         calls.sort()
-        return {"steps": steps, "sleeps": sleeps, "attempts": attempts, "order": order, "calls": calls,
+        return {"steps": steps, "sleeps": sleeps, "attempts": attempts, "order": order,
+                "calls": calls,
                 "waits": waits, "waiting": waiting}
 
     def apply_event(self, run_id, pass_id, ev, now, defaults):
@@ -2256,8 +2337,8 @@ class PassLedger:
             if cur is None:
                 if row[4] >= defaults["max_steps"]:
                     self.store.runs.finish(c, run_id, pass_id, "failed", now, error={
-                        "message": "the run reached %d steps and sleeps (limits.max_steps); stopped "
-                                   "as a runaway (raise the limit if it really needs more)"
+                        "message": "the run reached %d steps and sleeps (limits.max_steps); "
+                                   "stopped as a runaway (raise the limit if it really needs more)"
                                    % defaults["max_steps"],
                         "name": "TooManySteps", "stack": None})
                     return ENDED
@@ -2282,18 +2363,19 @@ class PassLedger:
                       "started_at = ?, error = NULL, call_seq = COALESCE(call_seq, ?) "
                       "WHERE run_id = ? AND key = ?", (dumps(retry), now, call, run_id, key))
         else:
-            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, retry, attempts, started_at, "
-                      "call_seq) VALUES (?, ?, 'step', 'running', ?, ?, 1, ?, ?)",
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, retry, attempts, "
+                      "started_at, call_seq) VALUES (?, ?, 'step', 'running', ?, ?, 1, ?, ?)",
                       (run_id, key, seq, dumps(retry), now, call))
         self.store.runs.journal(c, run_id, pass_id, "step_started",
                                 {"step": key, "attempt": ev.get("attempt")}, now)
         if cur:  # a retry: these count towards the runaway cap, first attempts do not
-            c.execute("UPDATE runs SET step_attempts = step_attempts + 1, updated_at = ? WHERE id = ?",
-                      (now, run_id))
+            c.execute("UPDATE runs SET step_attempts = step_attempts + 1, updated_at = ? WHERE id "
+                      "= ?", (now, run_id))
             if row[2] + 1 > defaults["max_step_attempts"]:
                 self.store.runs.finish(c, run_id, pass_id, "failed", now, error={
-                    "message": "the run retried steps %d times, over limits.max_step_attempts (%d); "
-                               "stopped as a runaway" % (row[2] + 1, defaults["max_step_attempts"]),
+                    "message": "the run retried steps %d times, over limits.max_step_attempts "
+                               "(%d); stopped as a runaway"
+                               % (row[2] + 1, defaults["max_step_attempts"]),
                     "name": "TooManyAttempts", "stack": None})
                 return ENDED
         return APPLIED
@@ -2306,9 +2388,9 @@ class PassLedger:
         size = len(output.encode("utf-8"))
         if size > defaults["max_output_bytes"]:
             failed = {"type": "step_failed", "step": key, "retryable": False, "oversized": True,
-                      "error": {"message": "the output of step %r is %d bytes, over the limit of %d "
-                                           "bytes (limits.max_output_bytes)"
-                                           % (key, size, defaults["max_output_bytes"]),
+                      "error": {"message": "the output of step %r is %d bytes, over the limit of "
+                                "%d bytes (limits.max_output_bytes)"
+                                % (key, size, defaults["max_output_bytes"]),
                                 "name": "OutputTooLarge", "stack": None}}
             return self._on_step_failed(c, run_id, pass_id, failed, now, defaults, row, cur, seq)
         done_seq = self._next_done(c, run_id)
@@ -2317,8 +2399,9 @@ class PassLedger:
                       "completed_at = ?, done_seq = ? WHERE run_id = ? AND key = ?",
                       (output, now, done_seq, run_id, key))
         else:
-            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, attempts, started_at, "
-                      "completed_at, done_seq) VALUES (?, ?, 'step', 'completed', ?, ?, 1, ?, ?, ?)",
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, attempts, "
+                      "started_at, completed_at, done_seq) VALUES (?, ?, 'step', 'completed', ?, "
+                      "?, 1, ?, ?, ?)",
                       (run_id, key, seq, output, now, now, done_seq))
         self.store.runs.journal(c, run_id, pass_id, "step_completed",
                                 {"step": key, "output": ev.get("output")}, now)
@@ -2333,7 +2416,8 @@ class PassLedger:
                       "VALUES (?, ?, 'step', 'running', ?, 1, ?)", (run_id, key, seq, now))
         c.execute("UPDATE steps SET status = 'failed', error = ?, retryable = ? WHERE run_id = ? "
                   "AND key = ? AND status != 'completed'", (dumps(error), retryable, run_id, key))
-        self.store.runs.journal(c, run_id, pass_id, "step_failed", {"step": key, "error": error}, now)
+        self.store.runs.journal(c, run_id, pass_id, "step_failed",
+                                {"step": key, "error": error}, now)
         if ev.get("oversized"):
             # The shim believes the step succeeded: end the pass here, the run cannot go on.
             self._fail_pass(c, run_id, pass_id, now, defaults, key, error, retryable=False,
@@ -2356,7 +2440,8 @@ class PassLedger:
             key, spec = ev.get("step"), dict(ev["wait"])
             c.execute("INSERT INTO steps (run_id, key, kind, status, seq, wake_at, started_at, "
                       "call_seq, wait) VALUES (?, ?, 'wait', 'waiting', ?, ?, ?, ?, ?)",
-                      (run_id, key, seq, ev.get("timeout_at"), now, _call_position(ev), dumps(spec)))
+                      (run_id, key, seq, ev.get("timeout_at"), now, _call_position(ev),
+                       dumps(spec)))
             self.store.runs.journal(c, run_id, pass_id, "wait", {
                 "step": key, "wait": spec, "timeout_at": ev.get("timeout_at")}, now)
             self.store.waits.begin_wait(c, run_id, key, spec, now, defaults)
@@ -2367,8 +2452,8 @@ class PassLedger:
         cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ? AND kind = 'sleep'",
                         (run_id, key)).fetchone()
         if cur and cur[0] != "completed":
-            c.execute("UPDATE steps SET status = 'completed', completed_at = ?, done_seq = ? "
-                      "WHERE run_id = ? AND key = ?", (now, self._next_done(c, run_id), run_id, key))
+            c.execute("UPDATE steps SET status = 'completed', completed_at = ?, done_seq = ? WHERE "
+                      "run_id = ? AND key = ?", (now, self._next_done(c, run_id), run_id, key))
             self.store.runs.journal(c, run_id, pass_id, "sleep_completed", {"step": key}, now)
         return APPLIED
 
@@ -2418,7 +2503,7 @@ class PassLedger:
 
     @staticmethod
     def _next_done(c, run_id):
-        """Take the next position in the run's resolution order (replay hands results back in it)."""
+        """Take the next place in the run's resolution order (replay hands results back in it)."""
         n = c.execute("SELECT done_count FROM runs WHERE id = ?", (run_id,)).fetchone()[0] + 1
         # Progress was made: a pass that resolves something is not a lost pass.
         c.execute("UPDATE runs SET done_count = ?, pass_failures = 0 WHERE id = ?", (n, run_id))
@@ -2435,6 +2520,7 @@ class PassLedger:
             return self.end_pass(c, run_id, pass_id, now, defaults, message)
 
     def end_pass(self, c, run_id, pass_id, now, defaults, message):
+        """end_pass_without_result inside transaction ``c``."""
         row = c.execute("SELECT status, pass_id, passes FROM runs WHERE id = ?",
                         (run_id,)).fetchone()
         if row is None or row[0] != "running" or row[1] != pass_id:
@@ -2448,8 +2534,9 @@ class PassLedger:
             step_error = dict(error, message="%s while step %r was running" % (message, key))
             c.execute("UPDATE steps SET status = 'failed', error = ? WHERE run_id = ? AND key = ?",
                       (dumps(step_error), run_id, key))
-            self.store.runs.journal(c, run_id, pass_id, "step_failed", {"step": key, "error": step_error},
-                          now)
+            self.store.runs.journal(c, run_id, pass_id, "step_failed",
+                                    {"step": key, "error": step_error},
+                                    now)
         if not inflight:
             self._fail_pass(c, run_id, pass_id, now, defaults, None, error, retryable=True,
                             workflow_error=False)
@@ -2465,7 +2552,8 @@ class PassLedger:
 
     def _retry_plan(self, c, run_id, key, defaults, now):
         """When step ``key`` may run again after a failure, or None if its attempts are spent."""
-        srow = c.execute("SELECT attempts, retry, retryable FROM steps WHERE run_id = ? AND key = ?",
+        srow = c.execute("SELECT attempts, retry, retryable FROM steps WHERE run_id = ? AND key = "
+                         "?",
                          (run_id, key)).fetchone() or (1, None, 1)
         policy = self._policy(defaults, srow[1])
         if not srow[2] or srow[0] >= policy["max_attempts"]:
@@ -2479,10 +2567,12 @@ class PassLedger:
             policy.update({k: v for k, v in json.loads(retry_json or "{}").items() if k in policy})
         return policy
 
-    def _fail_pass(self, c, run_id, pass_id, now, defaults, step_key, error, retryable, workflow_error):
+    def _fail_pass(self, c, run_id, pass_id, now, defaults, step_key, error, retryable,
+                   workflow_error):
         """Decide between a retry (back to pending with backoff) and failing the run."""
         if step_key:
-            srow = c.execute("SELECT attempts, retry, retryable, error FROM steps WHERE run_id = ? AND key = ?",
+            srow = c.execute("SELECT attempts, retry, retryable, error FROM steps WHERE run_id = ? "
+                             "AND key = ?",
                              (run_id, step_key)).fetchone()
             if srow is None:
                 srow = (1, None, 1, None)
@@ -2490,8 +2580,9 @@ class PassLedger:
             attempts, step_error = srow[0], json.loads(srow[3]) if srow[3] else error
             if retryable and srow[2] and attempts < policy["max_attempts"]:
                 due = now + backoff_ms(policy, attempts)
-                self._retry_later(c, run_id, pass_id, due, now, {"step": step_key, "attempt": attempts,
-                                                                   "retry_at": due, "error": step_error})
+                self._retry_later(c, run_id, pass_id, due, now,
+                                  {"step": step_key, "attempt": attempts, "retry_at": due,
+                                   "error": step_error})
                 return
             step_error = dict(step_error)
             step_error["step"] = step_key
@@ -2506,26 +2597,32 @@ class PassLedger:
         if workflow_error:
             self.store.runs.finish(c, run_id, pass_id, "failed", now, error=error)
             return
-        failures = c.execute("SELECT pass_failures FROM runs WHERE id = ?", (run_id,)).fetchone()[0] + 1
+        failures = c.execute("SELECT pass_failures FROM runs WHERE id = "
+                             "?", (run_id,)).fetchone()[0] + 1
         if failures < PASS_RETRY["max_attempts"]:
             due = now + backoff_ms(PASS_RETRY, failures)
             c.execute("UPDATE runs SET pass_failures = ? WHERE id = ?", (failures, run_id))
-            self._retry_later(c, run_id, pass_id, due, now, {"attempt": failures, "retry_at": due, "error": error})
+            self._retry_later(c, run_id, pass_id, due, now,
+                              {"attempt": failures, "retry_at": due, "error": error})
             return
         error = dict(error)
         error["message"] = "the pass failed %d times in a row: %s" % (failures, error["message"])
         self.store.runs.finish(c, run_id, pass_id, "failed", now, error=error)
 
     def _retry_later(self, c, run_id, pass_id, due, now, data):
-        deadline, passes, last = c.execute("SELECT deadline_at, passes, last_pass FROM runs WHERE id = ?",
+        deadline, passes, last = c.execute("SELECT deadline_at, passes, last_pass FROM runs WHERE "
+                                           "id = ?",
                                            (run_id,)).fetchone()
         if deadline is not None:
             due = min(due, deadline)
         if data.get("step") and not (last and json.loads(last).get("pass") == passes):
-            self.store.runs.note_last_pass(c, run_id, passes, "step %r failed (attempt %s); retry at %s"
-                            % (data["step"], data.get("attempt"), format_time(due)), now)
-        c.execute("UPDATE runs SET status = 'pending', available_at = ?, pass_id = NULL, lease_owner = NULL, "
-                  "lease_expires_at = NULL, updated_at = ? WHERE id = ?", (due, now, run_id))
+            self.store.runs.note_last_pass(c, run_id, passes,
+                                           "step %r failed (attempt %s); retry at %s"
+                                           % (data["step"], data.get("attempt"), format_time(due)),
+                                           now)
+        c.execute("UPDATE runs SET status = 'pending', available_at = ?, pass_id = NULL, "
+                  "lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = "
+                  "?", (due, now, run_id))
         self.store.runs.journal(c, run_id, pass_id, "retry_scheduled", data, now)
 
 
@@ -2536,7 +2633,7 @@ class WaitLedger:
         self.store = store
 
     def begin_wait(self, c, run_id, key, spec, now, defaults):
-        """A new wait was recorded: a buffered signal resolves it at once; a child run is started."""
+        """A new wait was recorded: a buffered signal resolves it at once; a child run starts."""
         if spec["kind"] == "child":
             refused = self._child_refused(c, run_id, spec, defaults)
             if refused:
@@ -2544,19 +2641,24 @@ class WaitLedger:
                 self.resolve(c, run_id, key, {"error": error}, now)
                 return
         if spec["kind"] == "signal":
-            sig = c.execute("SELECT id, data FROM signals WHERE run_id = ? AND name = ? AND consumed_by IS NULL "
-                            "ORDER BY id LIMIT 1", (run_id, spec["name"])).fetchone()
+            sig = c.execute("SELECT id, data FROM signals WHERE run_id = ? AND name = ? AND "
+                            "consumed_by IS NULL ORDER BY id LIMIT 1",
+                            (run_id, spec["name"])).fetchone()
             if sig:
-                c.execute("UPDATE signals SET consumed_by = ?, consumed_at = ? WHERE id = ?", (key, now, sig[0]))
+                c.execute("UPDATE signals SET consumed_by = ?, consumed_at = ? WHERE id = "
+                          "?", (key, now, sig[0]))
                 self.resolve(c, run_id, key, {"value": {"data": loads_or_none(sig[1])}}, now)
         elif spec["kind"] == "child":
             child = self._start_child(c, run_id, key, spec, now)
             if child is None:
                 self.resolve(c, run_id, key, {"error": {
-                    "message": "no workflow %r to run as a child; deploy it first" % spec["workflow_id"],
+                    "message": "no workflow %r to run as a child; deploy it "
+                               "first" % spec["workflow_id"],
                     "name": "NotFound", "run_id": None}}, now)
         elif spec["kind"] == "task":
-            self.store.outbox.enqueue(c, run_id, "approval", {"key": key, "title": spec["title"], "body": spec.get("body")}, now)
+            self.store.outbox.enqueue(c, run_id, "approval",
+                                      {"key": key, "title": spec["title"],
+                                       "body": spec.get("body")}, now)
 
     @staticmethod
     def _child_refused(c, run_id, spec, defaults):
@@ -2579,28 +2681,32 @@ class WaitLedger:
         return None
 
     def _start_child(self, c, run_id, key, spec, now):
-        """Create the child run of wait ``key`` (once: the wait row is new) on its workflow's latest version."""
+        """Create the child run of wait ``key`` (once: the wait row is new) on its workflow's
+        latest version."""
         wf = self.store.workflows.latest(c, spec["workflow_id"])
         if wf is None:
             return None
         child_id = new_id("run")
-        c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, deadline_at, "
-                  "task_requested, created_at, updated_at, parent_run_id, parent_wait_key) VALUES (?, ?, ?, 'pending', "
-                  "?, ?, ?, 0, ?, ?, ?, ?)", (child_id, spec["workflow_id"], wf[0], dumps(spec.get("input")), now,
-                                          now + wf[1] if wf[1] else None, now, now, run_id, key))
-        self.store.runs.journal(c, child_id, None, "created", {"workflow": spec["workflow_id"], "version": wf[0],
-                                                      "parent": run_id}, now)
+        c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, "
+                  "deadline_at, task_requested, created_at, updated_at, parent_run_id, "
+                  "parent_wait_key) VALUES (?, ?, ?, 'pending', ?, ?, ?, 0, ?, ?, ?, ?)",
+                  (child_id, spec["workflow_id"], wf[0], dumps(spec.get("input")), now,
+                   now + wf[1] if wf[1] else None, now, now, run_id, key))
+        self.store.runs.journal(c, child_id, None, "created",
+                                {"workflow": spec["workflow_id"], "version": wf[0],
+                                 "parent": run_id}, now)
         self.store.runs.count(c, "started", spec["workflow_id"])
         spec = dict(spec, run_id=child_id)
-        c.execute("UPDATE steps SET wait = ? WHERE run_id = ? AND key = ?", (dumps(spec), run_id, key))
+        c.execute("UPDATE steps SET wait = ? WHERE run_id = ? AND key = "
+                  "?", (dumps(spec), run_id, key))
         return child_id
 
     def resolve(self, c, run_id, key, outcome, now):
         """Commit how a wait ended and wake its run; False if it had ended already."""
         n = c.execute("UPDATE steps SET status = 'completed', output = ?, completed_at = ?, "
-                      "polled_at = NULL, done_seq = "
-                      "(SELECT done_count + 1 FROM runs WHERE id = ?) WHERE run_id = ? AND key = ? AND kind = 'wait' "
-                      "AND status = 'waiting'", (dumps(outcome), now, run_id, run_id, key)).rowcount
+                      "polled_at = NULL, done_seq = (SELECT done_count + 1 FROM runs WHERE id = ?) "
+                      "WHERE run_id = ? AND key = ? AND kind = 'wait' AND status = 'waiting'",
+                      (dumps(outcome), now, run_id, run_id, key)).rowcount
         if not n:
             return False
         c.execute("UPDATE runs SET done_count = done_count + 1 WHERE id = ?", (run_id,))
@@ -2609,13 +2715,15 @@ class WaitLedger:
         if status == "running":
             c.execute("UPDATE runs SET wake_pending = 1 WHERE id = ?", (run_id,))
         elif status == "waiting":  # a pending run (a retry's backoff) sees it when its time comes
-            c.execute("UPDATE runs SET available_at = ?, updated_at = ? WHERE id = ?", (now, now, run_id))
+            c.execute("UPDATE runs SET available_at = ?, updated_at = ? WHERE id = "
+                      "?", (now, now, run_id))
         return True
 
     def time_out_waits(self, c, run_id, now):
         """Resolve the run's waits whose timeout passed (a child's is canceled with it)."""
-        for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = 'wait' AND "
-                                        "status = 'waiting' AND wake_at IS NOT NULL AND wake_at <= ?",
+        for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = "
+                                        "'wait' AND status = 'waiting' AND wake_at IS NOT NULL AND "
+                                        "wake_at <= ?",
                                         (run_id, now)).fetchall():
             spec = loads_or_none(spec_json) or {}
             if spec.get("kind") == "child":
@@ -2624,63 +2732,74 @@ class WaitLedger:
                         spec.get("run_id"), spec.get("workflow_id")), "name": "ChildTimeout",
                     "run_id": spec.get("run_id")}}, now)
                 if spec.get("run_id"):
-                    self.store.runs.cancel_tree(c, spec["run_id"], now, "its parent stopped waiting for it (timeout)")
+                    self.store.runs.cancel_tree(c, spec["run_id"], now,
+                                                "its parent stopped waiting for it (timeout)")
             else:
                 self.resolve(c, run_id, key, {"value": None}, now)
                 if spec.get("kind") == "task":
-                    self.store.outbox.enqueue(c, run_id, "approval_end", {"key": key, "reason": "its timeout passed"}, now)
+                    self.store.outbox.enqueue(c, run_id, "approval_end",
+                                              {"key": key, "reason": "its timeout passed"}, now)
 
     def after_finish(self, c, run_id, status, now):
         """A finished run: its parent's wait resolves, its approvals end."""
         c.execute("UPDATE steps SET polled_at = NULL WHERE run_id = ? AND polled_at IS NOT NULL",
                   (run_id,))
-        row = c.execute("SELECT r.parent_run_id, r.parent_wait_key, r.output, r.error, p.status FROM runs r "
-                        "LEFT JOIN runs p ON p.id = r.parent_run_id WHERE r.id = ?", (run_id,)).fetchone()
-        if row and row[0] and row[4] not in TERMINAL:  # a finished parent keeps its wait open (retry makes anew)
+        row = c.execute("SELECT r.parent_run_id, r.parent_wait_key, r.output, r.error, p.status "
+                        "FROM runs r LEFT JOIN runs p ON p.id = r.parent_run_id "
+                        "WHERE r.id = ?", (run_id,)).fetchone()
+        # A finished parent keeps its wait open (a retry makes it anew).
+        if row and row[0] and row[4] not in TERMINAL:
             if status == "completed":
                 outcome = {"value": loads_or_none(row[2])}
             else:
                 err = loads_or_none(row[3]) or {}
-                outcome = {"error": {"message": "child run %s %s: %s" % (run_id, status, err.get("message")),
-                                     "name": "ChildCanceled" if status == "canceled" else "ChildFailed",
-                                     "run_id": run_id}}
+                outcome = {"error": {
+                    "message": "child run %s %s: %s" % (run_id, status, err.get("message")),
+                    "name": "ChildCanceled" if status == "canceled" else "ChildFailed",
+                    "run_id": run_id}}
             self.resolve(c, row[0], row[1], outcome, now)
-        for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = 'wait' AND "
-                                        "status = 'waiting'", (run_id,)).fetchall():
+        for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = "
+                                        "'wait' AND status = 'waiting'", (run_id,)).fetchall():
             if (loads_or_none(spec_json) or {}).get("kind") == "task":
-                self.store.outbox.enqueue(c, run_id, "approval_end", {"key": key, "reason": "the run was %s" % status}, now)
+                self.store.outbox.enqueue(c, run_id, "approval_end",
+                                          {"key": key, "reason": "the run was %s" % status}, now)
 
     def signal(self, run_id, name, data_json, now, idempotency_key=None):
-        """Deliver a signal: the oldest wait for ``name`` takes it, or it waits for one (FIFO per name).
+        """Deliver a signal: the oldest wait for ``name`` takes it, or it waits for one (FIFO).
 
         Returns (signal id, consumed by wait key or None, applied: False when the key was seen)."""
         with self.store.transaction() as c:
             return self.deliver(c, run_id, name, data_json, now, idempotency_key)
 
     def deliver(self, c, run_id, name, data_json, now, idempotency_key=None):
+        """signal() inside transaction ``c``."""
         run = c.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
         if run is None:
             raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
         if idempotency_key is not None:
-            seen = c.execute("SELECT id, consumed_by FROM signals WHERE run_id = ? AND idempotency_key = ?",
+            seen = c.execute("SELECT id, consumed_by FROM signals WHERE run_id = ? AND "
+                             "idempotency_key = ?",
                              (run_id, idempotency_key)).fetchone()
             if seen:
                 return seen[0], seen[1], False
         if run[0] in TERMINAL:
-            raise Conflict("run %s is already %s; a signal to it would never be read" % (run_id, run[0]))
-        cur = c.execute("INSERT INTO signals (run_id, name, data, idempotency_key, created_at) VALUES "
-                        "(?, ?, ?, ?, ?)", (run_id, name, data_json, idempotency_key, now))
+            raise Conflict("run %s is already %s; a signal to it would never be "
+                           "read" % (run_id, run[0]))
+        cur = c.execute("INSERT INTO signals (run_id, name, data, idempotency_key, created_at) "
+                        "VALUES (?, ?, ?, ?, ?)", (run_id, name, data_json, idempotency_key, now))
         sig_id = cur.lastrowid
         self.store.runs.journal(c, run_id, None, "signal", {"name": name, "signal": sig_id}, now)
         wait = None
-        for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = 'wait' AND "
-                                        "status = 'waiting' ORDER BY seq", (run_id,)).fetchall():
+        for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = "
+                                        "'wait' AND status = 'waiting' ORDER BY "
+                                        "seq", (run_id,)).fetchall():
             spec = loads_or_none(spec_json) or {}
             if spec.get("kind") == "signal" and spec.get("name") == name:
                 wait = key
                 break
         if wait is not None:
-            c.execute("UPDATE signals SET consumed_by = ?, consumed_at = ? WHERE id = ?", (wait, now, sig_id))
+            c.execute("UPDATE signals SET consumed_by = ?, consumed_at = ? WHERE id = "
+                      "?", (wait, now, sig_id))
             self.resolve(c, run_id, wait, {"value": {"data": loads_or_none(data_json)}}, now)
         return sig_id, wait, True
 
@@ -2700,12 +2819,15 @@ class WaitLedger:
 
     def wait_open(self, run_id, key):
         """Whether the run still waits on ``key``."""
-        return self.store.query_one("SELECT 1 AS x FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.run_id = ? AND "
-                              "s.key = ? AND s.status = 'waiting' AND r.status NOT IN ('completed', 'failed', "
-                              "'canceled')", (run_id, key)) is not None
+        return self.store.query_one("SELECT 1 AS x FROM steps s JOIN runs r ON r.id = s.run_id "
+                                    "WHERE s.run_id = ? AND s.key = ? AND s.status = 'waiting' AND "
+                                    "r.status NOT IN ('completed', 'failed', "
+                                    "'canceled')", (run_id, key)) is not None
 
     def wait_task(self, run_id, key):
-        row = self.store.query_one("SELECT wait FROM steps WHERE run_id = ? AND key = ?", (run_id, key))
+        """The TaskYou task id a wait watches, if it has one."""
+        row = self.store.query_one("SELECT wait FROM steps WHERE run_id = ? AND key = "
+                                   "?", (run_id, key))
         return (loads_or_none(row["wait"]) or {}).get("task_id") if row else None
 
     def approvals_due(self, now, every_ms, limit=APPROVAL_POLL_BATCH):
@@ -2719,12 +2841,14 @@ class WaitLedger:
         return out
 
     def resolve_wait(self, run_id, key, outcome, now):
+        """Commit how a wait ended and wake its run; False if it had ended already."""
         with self.store.transaction() as c:
             return self.resolve(c, run_id, key, outcome, now)
 
     def signals(self, run_id):
-        return self.store.query("SELECT id, name, data, created_at, consumed_by, consumed_at FROM signals WHERE run_id = ? "
-                          "ORDER BY id", (run_id,))
+        """A run's signals, oldest first, with the waits that took them."""
+        return self.store.query("SELECT id, name, data, created_at, consumed_by, consumed_at FROM "
+                                "signals WHERE run_id = ? ORDER BY id", (run_id,))
 
 
 class Outbox:
@@ -2734,7 +2858,9 @@ class Outbox:
         self.store = store
 
     def enqueue(self, c, run_id, kind, payload, now):
-        c.execute("INSERT INTO outbox (run_id, kind, payload, next_at, created_at) VALUES (?, ?, ?, ?, ?)",
+        """Queue a TaskYou update of the run inside transaction ``c``."""
+        c.execute("INSERT INTO outbox (run_id, kind, payload, next_at, created_at) VALUES (?, ?, "
+                  "?, ?, ?)",
                   (run_id, kind, None if payload is None else dumps(payload), now, now))
 
     def claim_outbox(self, now, lease_ms, limit=20):
@@ -2742,9 +2868,9 @@ class Outbox:
         with self.store.transaction() as c:
             cur = c.execute(
                 "SELECT o.id, o.run_id, o.kind, o.payload, o.attempts, o.created_at FROM outbox o "
-                "WHERE o.delivered_at IS NULL AND o.id = (SELECT MIN(id) FROM outbox WHERE run_id = o.run_id AND "
-                "delivered_at IS NULL) AND o.next_at <= ? AND (o.lease_until IS NULL OR o.lease_until < ?) "
-                "ORDER BY o.next_at, o.id LIMIT ?", (now, now, limit))
+                "WHERE o.delivered_at IS NULL AND o.id = (SELECT MIN(id) FROM outbox WHERE run_id "
+                "= o.run_id AND delivered_at IS NULL) AND o.next_at <= ? AND (o.lease_until IS "
+                "NULL OR o.lease_until < ?) ORDER BY o.next_at, o.id LIMIT ?", (now, now, limit))
             items = [_row_dict(cur, r) for r in cur.fetchall()]
             for it in items:
                 c.execute("UPDATE outbox SET lease_until = ?, attempts = attempts + 1 WHERE id = ?",
@@ -2752,25 +2878,32 @@ class Outbox:
         return items
 
     def outbox_delivered(self, item_id, now, task_id=None, run_id=None):
+        """An item reached TaskYou (a new task's id is linked to its run)."""
         with self.store.transaction() as c:
-            c.execute("UPDATE outbox SET delivered_at = ?, lease_until = NULL, last_error = NULL WHERE id = ?",
+            c.execute("UPDATE outbox SET delivered_at = ?, lease_until = NULL, last_error = NULL "
+                      "WHERE id = ?",
                       (now, item_id))
             if task_id is not None:
                 c.execute("UPDATE runs SET task_id = ? WHERE id = ?", (task_id, run_id))
                 self.store.runs.journal(c, run_id, None, "task_linked", {"task_id": task_id}, now)
 
     def outbox_failed(self, item_id, now, error, retry_at):
+        """An item failed to reach TaskYou: it is tried again at ``retry_at``."""
         with self.store.transaction() as c:
-            c.execute("UPDATE outbox SET lease_until = NULL, last_error = ?, next_at = ? WHERE id = ?",
+            c.execute("UPDATE outbox SET lease_until = NULL, last_error = ?, next_at = ? WHERE id "
+                      "= ?",
                       (error[:2000], retry_at, item_id))
 
     def next_outbox_at(self):
-        row = self.store.query_one("SELECT MIN(next_at) AS t FROM outbox WHERE delivered_at IS NULL")
+        """When the next undelivered item is due (None: nothing to deliver)."""
+        row = self.store.query_one("SELECT MIN(next_at) AS t FROM outbox WHERE delivered_at IS "
+                                   "NULL")
         return row["t"] if row else None
 
     def outbox_for_run(self, run_id):
-        return self.store.query("SELECT id, kind, delivered_at, attempts, next_at, last_error FROM outbox WHERE run_id = ? "
-                          "ORDER BY id", (run_id,))
+        """A run's outbox items, oldest first."""
+        return self.store.query("SELECT id, kind, delivered_at, attempts, next_at, last_error FROM "
+                                "outbox WHERE run_id = ? ORDER BY id", (run_id,))
 
 
 class NoticeBook:
@@ -2811,7 +2944,8 @@ class CallbackBook:
             c.execute("INSERT OR REPLACE INTO webhook_seen (digest, kind, at) VALUES (?, ?, ?)",
                       (digest, kind, now))
 
-    def apply_callback(self, kind, run_id, second, payload, digests, now, defaults, max_input_bytes):
+    def apply_callback(self, kind, run_id, second, payload, digests, now, defaults,
+                       max_input_bytes):
         """Apply one verified callback in one transaction; returns what it did (``applied``, and
         ``duplicate`` or ``ignored``). A replayed signature raises Conflict, an unknown run
         NotFound, unusable data InputError.
@@ -2841,7 +2975,8 @@ class CallbackBook:
                 if ignored and not applied:
                     log.info("webhook: ignored events for run %s: pass %s is not its current pass",
                              run_id, second)
-                    return {"ignored": "pass %s is not the run's current pass" % second, "applied": 0}
+                    return {"ignored": "pass %s is not the run's current "
+                            "pass" % second, "applied": 0}
             self.mark_seen(c, digests, now, WEBHOOK_SEEN_KEEP_MS)
         return {"applied": applied}
 
@@ -2889,27 +3024,34 @@ class ScheduleBook:
         self.store = store
 
     def add_schedule(self, name, workflow_id, cron, tz, input_json, catch_up, now, next_fire_at):
+        """A new schedule (Conflict if the name is taken)."""
         with self.store.transaction() as c:
             if c.execute("SELECT 1 FROM schedules WHERE name = ?", (name,)).fetchone():
-                raise Conflict("a schedule named %r exists; give another --name, or `schedule rm %s` first"
+                raise Conflict("a schedule named %r exists; give another --name, or `schedule rm "
+                               "%s` first"
                                % (name, name))
-            c.execute("INSERT INTO schedules (name, workflow_id, cron, tz, input, catch_up, next_fire_at, created_at, "
-                      "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            c.execute("INSERT INTO schedules (name, workflow_id, cron, tz, input, catch_up, "
+                      "next_fire_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                       (name, workflow_id, cron, tz, input_json, catch_up, next_fire_at, now, now))
 
     def schedules(self, name=None):
-        sql = ("SELECT name, workflow_id, cron, tz, input, catch_up, paused, next_fire_at, last_fire_at, last_run_id, "
-               "created_at, updated_at FROM schedules")
-        return self.store.query(sql + (" WHERE name = ?" if name else " ORDER BY name"), (name,) if name else ())
+        """Every schedule by name, or the one named ``name``."""
+        sql = ("SELECT name, workflow_id, cron, tz, input, catch_up, paused, next_fire_at, "
+               "last_fire_at, last_run_id, created_at, updated_at FROM schedules")
+        return self.store.query(sql + (" WHERE name = ?" if name else " ORDER BY name"),
+                                (name,) if name else ())
 
     def remove_schedule(self, name):
+        """Delete a schedule; returns how many went (0 or 1)."""
         with self.store.transaction() as c:
             return c.execute("DELETE FROM schedules WHERE name = ?", (name,)).rowcount
 
     def pause_schedule(self, name, paused, now, next_fire_at=None):
+        """Pause or resume a schedule (resumed: from ``next_fire_at``)."""
         with self.store.transaction() as c:
-            return c.execute("UPDATE schedules SET paused = ?, next_fire_at = COALESCE(?, next_fire_at), "
-                             "updated_at = ? WHERE name = ?", (int(paused), next_fire_at, now, name)).rowcount
+            return c.execute("UPDATE schedules SET paused = ?, next_fire_at = COALESCE(?, "
+                             "next_fire_at), updated_at = ? WHERE name = ?",
+                             (int(paused), next_fire_at, now, name)).rowcount
 
     def fire_schedules(self, now, auto_task=False):
         """Start the runs of every fire that is due (with a TaskYou task if ``auto_task``);
@@ -3003,18 +3145,22 @@ class SchedulerRegistry:
         return out
 
     def register_scheduler(self, sched_id, kind, pid, host, port, now):
+        """A scheduler starts work on this store (with what proves it alive)."""
         start, boot = process_identity(pid)
         ns = pid_namespace() if pid == os.getpid() else None
         with self.store.transaction() as c:
-            c.execute("INSERT OR REPLACE INTO schedulers (id, kind, pid, host, wake_port, started_at, heartbeat_at, "
-                      "proc_start, boot_id, pid_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            c.execute("INSERT OR REPLACE INTO schedulers (id, kind, pid, host, wake_port, "
+                      "started_at, heartbeat_at, proc_start, boot_id, pid_ns) VALUES (?, ?, ?, ?, "
+                      "?, ?, ?, ?, ?, ?)",
                       (sched_id, kind, pid, host, port, now, now, start, boot, ns))
 
     def heartbeat_scheduler(self, sched_id, now):
+        """A scheduler is still at work."""
         with self.store.transaction() as c:
             c.execute("UPDATE schedulers SET heartbeat_at = ? WHERE id = ?", (now, sched_id))
 
     def unregister_scheduler(self, sched_id):
+        """A scheduler leaves."""
         with self.store.transaction() as c:
             c.execute("DELETE FROM schedulers WHERE id = ?", (sched_id,))
 
@@ -3022,8 +3168,8 @@ class SchedulerRegistry:
         """Schedulers whose heartbeat is fresh (and, on this host, not proven dead)."""
         host = _hostname()
         live = []
-        for s in self.store.query("SELECT id, kind, pid, host, wake_port, started_at, heartbeat_at, "
-                            "proc_start, boot_id, pid_ns FROM schedulers"):
+        for s in self.store.query("SELECT id, kind, pid, host, wake_port, started_at, "
+                                  "heartbeat_at, proc_start, boot_id, pid_ns FROM schedulers"):
             if s["heartbeat_at"] < now - stale_ms:
                 continue
             if s["host"] == host and scheduler_alive(s["pid"], s["proc_start"], s["boot_id"],
@@ -3040,11 +3186,11 @@ class Retention:
         self.store = store
 
     # An undelivered task update queued at or after the given time holds its run back.
-    SQL_PRUNABLE = ("SELECT r.id FROM runs r WHERE r.status IN (%s) AND r.finished_at < ? "
-                    "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = r.id "
-                    "AND o.delivered_at IS NULL AND o.created_at >= ?) "
-                    "AND NOT EXISTS (SELECT 1 FROM runs p WHERE p.id = r.parent_run_id AND p.status NOT IN "
-                    "('completed', 'failed', 'canceled')) ORDER BY r.finished_at LIMIT ?")
+    SQL_PRUNABLE = ("SELECT r.id FROM runs r WHERE r.status IN (%s) AND r.finished_at < ? AND NOT "
+                    "EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = r.id AND o.delivered_at IS "
+                    "NULL AND o.created_at >= ?) AND NOT EXISTS (SELECT 1 FROM runs p WHERE p.id = "
+                    "r.parent_run_id AND p.status NOT IN ('completed', 'failed', 'canceled')) "
+                    "ORDER BY r.finished_at LIMIT ?")
 
     PRUNED_TABLES = ("steps", "run_events", "run_logs", "outbox", "signals")
 
@@ -3056,8 +3202,9 @@ class Retention:
                      "WHERE o.run_id = r.id AND o.delivered_at IS NULL AND o.created_at >= ?)")
 
     def prune(self, cutoff, statuses, dry_run=False, batch=200, pause_s=0.0, drop_before=None):
-        """Delete finished runs that ended before ``cutoff`` with all that is only theirs, ``batch`` runs per
-        transaction (a pass never waits long for the write lock); returns counts per table.
+        """Delete finished runs that ended before ``cutoff`` with all that is only theirs,
+        ``batch`` runs per transaction (a pass never waits long for the write lock); returns
+        counts per table.
 
         A run with an undelivered task update is kept, unless every such update was queued
         before ``drop_before``: then they go with it, counted in ``dropped_task_updates``."""
@@ -3071,8 +3218,9 @@ class Retention:
                 part = ids[i:i + 500]
                 marks = ",".join("?" * len(part))
                 for table in self.PRUNED_TABLES:
-                    counts[table] += self.store.query_one("SELECT count(*) AS n FROM %s WHERE run_id IN (%s)"
-                                                    % (table, marks), part)["n"]
+                    counts[table] += self.store.query_one("SELECT count(*) AS n FROM %s WHERE "
+                                                          "run_id IN (%s)"
+                                                          % (table, marks), part)["n"]
                 dropped = self.store.query_one(self.SQL_UNDELIVERED % marks, part)["n"]
                 counts["dropped_task_updates"] += dropped
             return counts
@@ -3085,8 +3233,10 @@ class Retention:
                 dropped = c.execute(self.SQL_UNDELIVERED % marks, ids).fetchone()[0]
                 counts["dropped_task_updates"] += dropped
                 for table in self.PRUNED_TABLES:
-                    counts[table] += c.execute("DELETE FROM %s WHERE run_id IN (%s)" % (table, marks), ids).rowcount
-                counts["runs"] += c.execute("DELETE FROM runs WHERE id IN (%s)" % marks, ids).rowcount
+                    sql_delete = "DELETE FROM %s WHERE run_id IN (%s)" % (table, marks)
+                    counts[table] += c.execute(sql_delete, ids).rowcount
+                sql_delete = "DELETE FROM runs WHERE id IN (%s)" % marks
+                counts["runs"] += c.execute(sql_delete, ids).rowcount
             if pause_s:
                 time.sleep(pause_s)
 
@@ -3094,7 +3244,7 @@ class Retention:
         """How many runs prune(cutoff, statuses, drop_before) keeps for undelivered updates."""
         hold_from = _NEVER_BEFORE if drop_before is None else drop_before
         return self.store.query_one(self.SQL_HELD_BACK % ",".join("?" * len(statuses)),
-                              (*statuses, cutoff, hold_from))["n"]
+                                    (*statuses, cutoff, hold_from))["n"]
 
 
 class ReadModel:
@@ -3104,7 +3254,9 @@ class ReadModel:
         self.store = store
 
     def counters(self):
-        return {(r["name"], r["workflow"]): r["value"] for r in self.store.query("SELECT name, workflow, value FROM counters")}
+        """The /metrics counters: (name, workflow) -> value."""
+        rows = self.store.query("SELECT name, workflow, value FROM counters")
+        return {(r["name"], r["workflow"]): r["value"] for r in rows}
 
     def runs_page(self, workflow_id, status, id_prefix, before, limit):
         """Newest runs first, a page at a time (``before``: created_at of the last row seen)."""
@@ -3117,30 +3269,35 @@ class ReadModel:
             params.append(status)
         if id_prefix:
             where.append("id LIKE ? ESCAPE '\\'")
-            params.append(id_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+            params.append(_like_prefix(id_prefix))
         if before:  # the cursor "created_at:id" of the last row seen (ids break ties of one ms)
             if not re.fullmatch(r"\d{1,15}:[A-Za-z0-9_]*", str(before)):
-                raise ValueError("bad cursor %r; pass back the `next` of the previous page" % before)
+                raise ValueError("bad cursor %r; pass back the `next` of the previous "
+                                 "page" % before)
             at, _, last_id = str(before).partition(":")
             where.append("(created_at < ? OR (created_at = ? AND id < ?))")
             params += [int(at), int(at), last_id]
-        return self.store.query("SELECT %s FROM runs %s ORDER BY created_at DESC, id DESC LIMIT ?" % (
-            _RUN_COLUMNS, ("WHERE " + " AND ".join(where)) if where else ""), params + [limit])
+        sql = "SELECT %s FROM runs %s ORDER BY created_at DESC, id DESC LIMIT ?" % (
+            _RUN_COLUMNS, ("WHERE " + " AND ".join(where)) if where else "")
+        return self.store.query(sql, params + [limit])
 
     def get_run(self, run_id):
+        """A run by id or by a unique prefix of six characters or more (None if none)."""
         run = self.store.query_one(SQL_RUN, (run_id,))
         if run is None and run_id and len(run_id) >= 6:
-            matches = self.store.query("SELECT %s FROM runs WHERE id LIKE ? ESCAPE '\\' LIMIT 3" % _RUN_COLUMNS,
-                                 (run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",))
+            matches = self.store.query("SELECT %s FROM runs WHERE id LIKE ? ESCAPE '\\' "
+                                       "LIMIT 3" % _RUN_COLUMNS, (_like_prefix(run_id),))
             if len(matches) == 1:
                 run = matches[0]
             elif matches:
+                starts = ", ".join(m["id"] for m in matches[:2]) + (", ..." if len(matches) > 2
+                                                                    else "")
                 raise NotFound("run id %r is ambiguous: it starts %s; give more of it"
-                               % (run_id, ", ".join(m["id"] for m in matches[:2]) + (", ..." if len(matches) > 2
-                                                                                     else "")))
+                               % (run_id, starts))
         return run
 
     def list_runs(self, workflow_id=None, status=None, limit=20):
+        """Newest runs first, of a workflow or a status if given."""
         where, params = [], []
         if workflow_id:
             where.append("workflow_id = ?")
@@ -3153,14 +3310,19 @@ class ReadModel:
         return self.store.query(sql, params + [limit])
 
     def steps(self, run_id):
-        return self.store.query("SELECT key, kind, status, seq, output, error, retry, retryable, attempts, wake_at, "
-                          "started_at, completed_at, wait FROM steps WHERE run_id = ? ORDER BY seq", (run_id,))
+        """A run's steps, sleeps and waits in the order they were first seen."""
+        return self.store.query("SELECT key, kind, status, seq, output, error, retry, retryable, "
+                                "attempts, wake_at, started_at, completed_at, wait FROM steps "
+                                "WHERE run_id = ? ORDER BY seq", (run_id,))
 
     def events(self, run_id, after_id=0):
-        return self.store.query("SELECT id, pass_id, type, data, at FROM run_events WHERE run_id = ? AND id > ? ORDER BY id",
-                          (run_id, after_id))
+        """A run's event journal after entry ``after_id``."""
+        return self.store.query("SELECT id, pass_id, type, data, at FROM run_events WHERE run_id = "
+                                "? AND id > ? ORDER BY id",
+                                (run_id, after_id))
 
     def logs(self, run_id):
+        """What a run's passes printed, in order."""
         return self.store.query("SELECT pass_id, pass_no, adapter, text, at FROM run_logs "
                                 "WHERE run_id = ? ORDER BY id", (run_id,))
 
@@ -3176,7 +3338,8 @@ class ReadModel:
 
     def outbox_backlog(self):
         """How many TaskYou updates are not delivered yet."""
-        return self.store.query_one("SELECT count(*) AS n FROM outbox WHERE delivered_at IS NULL")["n"]
+        return self.store.query_one("SELECT count(*) AS n FROM outbox WHERE delivered_at IS "
+                                    "NULL")["n"]
 
     def leases_held(self, now):
         """How many runs have a pass holding a live lease (any scheduler)."""
@@ -3214,23 +3377,25 @@ class AdapterBook:
 
     def script(self, name, account_id):
         """The record of an uploaded script (None if not uploaded)."""
-        return self.store.query_one("SELECT name, uploaded_at, ready_at, last_used_at FROM cf_scripts "
-                                    "WHERE name = ? AND account_id = ?", (name, account_id))
+        return self.store.query_one("SELECT name, uploaded_at, ready_at, last_used_at FROM "
+                                    "cf_scripts WHERE name = ? AND account_id = "
+                                    "?", (name, account_id))
 
     def remember_script(self, name, account_id, workflow_id, row, state=None):
         """Record an uploaded script (and ``state``, an (adapter, key, value) fact, with it)."""
         with self.store.transaction() as c:
             if state is not None:
                 self._put_state(c, *state)
-            c.execute("INSERT OR REPLACE INTO cf_scripts (name, account_id, workflow_id, uploaded_at, "
-                      "ready_at, last_used_at) VALUES (?, ?, ?, ?, ?, ?)",
+            c.execute("INSERT OR REPLACE INTO cf_scripts (name, account_id, workflow_id, "
+                      "uploaded_at, ready_at, last_used_at) VALUES (?, ?, ?, ?, ?, ?)",
                       (name, account_id, workflow_id, row["uploaded_at"], row["ready_at"],
                        row["last_used_at"]))
 
     def forget_script(self, name, account_id):
         """Drop the record of an uploaded script."""
         with self.store.transaction() as c:
-            c.execute("DELETE FROM cf_scripts WHERE name = ? AND account_id = ?", (name, account_id))
+            c.execute("DELETE FROM cf_scripts WHERE name = ? AND account_id = "
+                      "?", (name, account_id))
 
     def script_count(self, account_id):
         """How many scripts of the account are recorded."""
@@ -3254,7 +3419,7 @@ class AdapterBook:
 
 
 def _verb(part, method):
-    """A verb of the Store front that does ``method`` of its part ``part`` (one attribute lookup)."""
+    """A verb of the Store front that does ``method`` of its part ``part``."""
     name = method.__name__
 
     def verb(self, *args, **kwargs):
@@ -5370,7 +5535,8 @@ class CloudflareAdapter(Adapter):
             state = None
             if self._subdomain:  # first known before the store existed (a first deploy): kept now
                 state = (self.name, "subdomain:" + self.cfg("account_id"), self._subdomain)
-            store.adapter_book.remember_script(name, self.cfg("account_id"), workflow_id, row, state)
+            store.adapter_book.remember_script(name, self.cfg("account_id"), workflow_id, row,
+                                               state)
 
     def forget(self, version):
         """The platform no longer has this version's script (deleted, or its route gone): upload it again."""
@@ -6159,7 +6325,8 @@ class Scheduler:
             now = self.clock()
             with self.lock:
                 held = set(self.active)
-            due = [run_id for run_id in self.store.pending_due(now, len(held) + 1) if run_id not in held]
+            due = [run_id for run_id in self.store.pending_due(now, len(held) + 1)
+                   if run_id not in held]
             if due:
                 self.sidecar.ensure_driven()
         except OpenWorkflowError as exc:
@@ -6390,10 +6557,11 @@ class WebhookServer(_HttpService):
         now = sc.clock()
         signature = verify_callback(self.secret, headers, body, now // 1000, self.tolerance_s)
         kind, run_id, second, payload = parse_callback(body)
-        digests = [("sig:" + sha256_hex(signature), "signature"), ("body:" + sha256_hex(body), "body")]
+        digests = [("sig:" + sha256_hex(signature), "signature"),
+                   ("body:" + sha256_hex(body), "body")]
         try:
-            done = sc.store.apply_callback(kind, run_id, second, payload, digests, now, sc.defaults(),
-                                           sc.config["limits.max_input_bytes"])
+            done = sc.store.apply_callback(kind, run_id, second, payload, digests, now,
+                                           sc.defaults(), sc.config["limits.max_input_bytes"])
         except Conflict as exc:
             raise WebhookReject(409, str(exc))
         except NotFound as exc:
