@@ -128,12 +128,12 @@ class _Log:
     _logger = None
 
     def __getattr__(self, name):
-        if _Log._logger is None:
+        if self._logger is None:
             import logging
             logger = logging.getLogger("ty_openworkflow")
             logger.addHandler(logging.NullHandler())
-            _Log._logger = logger
-        return getattr(_Log._logger, name)
+            self._logger = logger
+        return getattr(self._logger, name)
 
 
 log = _Log()
@@ -3869,9 +3869,19 @@ class ProcessExecution(Execution):
         except (BrokenPipeError, OSError, ValueError):
             pass
 
-    def _close_stdin(self):
+    def close_stdin(self):
+        """End the process's stdin (a warm worker exits once idle)."""
         with contextlib.suppress(BrokenPipeError, OSError, ValueError):
             self.proc.stdin.close()
+
+    @property
+    def event_stream(self):
+        """The pipe the process writes its events to (None: it writes them to stdout)."""
+        return self._events
+
+    def wait_stderr(self, timeout_s):
+        """Wait up to ``timeout_s`` for the process's stderr to be read to its end."""
+        self._err_thread.join(timeout_s)
 
     def _drain_stderr(self):
         out = self.proc.stdout if self._events is not None else self.proc.stderr
@@ -3909,14 +3919,14 @@ class ProcessExecution(Execution):
     def cancel(self):
         self.canceled = True
         self._stop()
-        self._signal(signal.SIGCONT)  # a frozen group must wake to die
+        self.send_signal(signal.SIGCONT)  # a frozen group must wake to die
 
-    def _signal(self, sig):
+    def send_signal(self, sig):
         with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
             os.killpg(self.proc.pid, sig)
 
     def pause(self):
-        self._signal(signal.SIGSTOP)
+        self.send_signal(signal.SIGSTOP)
         if self._on_pause:
             with contextlib.suppress(Exception):
                 self._on_pause(True)
@@ -3925,7 +3935,7 @@ class ProcessExecution(Execution):
         if self._on_pause:
             with contextlib.suppress(Exception):
                 self._on_pause(False)
-        self._signal(signal.SIGCONT)
+        self.send_signal(signal.SIGCONT)
 
     def finish(self, grace_s=5.0):
         if self._stdin_thread.is_alive():
@@ -3940,7 +3950,7 @@ class ProcessExecution(Execution):
             _kill_group(self.proc)
         if self._timer:
             self._timer.cancel()
-        self._close_stdin()
+        self.close_stdin()
         if code != 0 or self.canceled or self.timed_out:
             self._run_on_stop()
         self._err_thread.join(2)
@@ -4028,6 +4038,20 @@ class WarmExecution(Execution):
         self._lock = threading.Lock()  # guards worker and _paused (the pool, cancel, pause)
         self._paused = False
         self._timer = None
+
+    @property
+    def lock(self):
+        """Guards the pass's worker and whether it is paused (the pool, cancel, pause take it)."""
+        return self._lock
+
+    @property
+    def paused(self):
+        """Whether the pass is frozen (a frozen pass waiting for a slot keeps waiting)."""
+        return self._paused
+
+    def is_done(self):
+        """Whether the pass has ended."""
+        return self._done.is_set()
 
     def started(self):
         """The pass is in its worker: its timeout counts from now, not from its wait for room."""
@@ -4184,7 +4208,7 @@ class WarmWorker:
 
     def submit(self, execution, code_path, doc):
         line = (dumps({"op": "pass", "code": code_path, "doc": doc}) + "\n").encode("utf-8")
-        with self._lock, execution._lock:
+        with self._lock, execution.lock:
             self.reserved = max(0, self.reserved - 1)
             gone, dropped = self._gone, execution.canceled
             if not gone and not dropped:
@@ -4207,7 +4231,7 @@ class WarmWorker:
         while True:
             item = self._outbox.get()
             if item is None:
-                self.proc_exec._close_stdin()
+                self.proc_exec.close_stdin()
                 return
             data, execution = item
             try:
@@ -4223,7 +4247,7 @@ class WarmWorker:
         """Ask the worker to drop the pass; a worker too busy to answer (a busy loop) is killed."""
         line = dumps({"op": "cancel", "pass": execution.pass_id}) + "\n"
         self._outbox.put((line.encode("utf-8"), None))
-        TIMERS.after(WORKER_CANCEL_GRACE_S, lambda: execution._done.is_set() or self.kill(
+        TIMERS.after(WORKER_CANCEL_GRACE_S, lambda: execution.is_done() or self.kill(
             "it did not answer a cancel within %.1fs (busy in user code)" % WORKER_CANCEL_GRACE_S,
             culprit=execution))
 
@@ -4232,7 +4256,7 @@ class WarmWorker:
             self._paused += 1 if paused else -1
             sig = signal.SIGSTOP if self._paused == 1 and paused else signal.SIGCONT if self._paused == 0 else None
         if sig is not None:
-            self.proc_exec._signal(sig)
+            self.proc_exec.send_signal(sig)
 
     def finished(self, execution):
         with self._lock:
@@ -4249,7 +4273,7 @@ class WarmWorker:
                 self.dead = "the worker was stopped: %s" % why
                 self._culprit = culprit
         _kill_group(self.proc)
-        self.proc_exec._signal(signal.SIGCONT)
+        self.proc_exec.send_signal(signal.SIGCONT)
 
     def close(self):
         """Let the worker exit once idle (stdin end-of-file, after what is queued for it)."""
@@ -4257,7 +4281,7 @@ class WarmWorker:
         self._outbox.put(None)
 
     def _read(self):
-        for raw in iter(self.proc_exec._events.readline, b""):
+        for raw in iter(self.proc_exec.event_stream.readline, b""):
             line = raw.decode("utf-8", "replace")
             if not line.strip():
                 continue
@@ -4293,7 +4317,7 @@ class WarmWorker:
         """Say why the worker died, and end the passes it held: the one that killed it, if known,
         is charged; the others are spared (given back; if the culprit is not known, those that
         were in the worker run alone from then on, where a death is their own)."""
-        self.proc_exec._err_thread.join(2)
+        self.proc_exec.wait_stderr(2)
         said = b"".join(self._stderr_tail).decode("utf-8", "replace")[-4000:]
         tail = said.strip().splitlines()[-1:]
         limit = self.pool.adapter.config["limits.pass_memory"]
@@ -4307,7 +4331,7 @@ class WarmWorker:
                 else:
                     self.dead = "the worker exited with status %d%s" % (code, (": " + tail[0][:300]) if tail else "")
             self._gone = True
-            live = [e for e in self.passes.values() if not e._done.is_set()]
+            live = [e for e in self.passes.values() if not e.is_done()]
             culprit = self._culprit
         self._outbox.put(None)  # its writer stops
         if culprit is None:
@@ -4391,7 +4415,7 @@ class WorkerPool:
 
     def _wait_for_room(self, execution):
         """Wait (under the pool's lock) until a slot frees or the pass may go on."""
-        frozen = execution._paused
+        frozen = execution.paused
         self._frozen += frozen
         try:
             self._cond.wait(5.0)
@@ -4401,8 +4425,8 @@ class WorkerPool:
     @staticmethod
     def _take(worker, execution):
         """Give ``worker`` to the pass, unless the pass was stopped or frozen meanwhile."""
-        with execution._lock:
-            if execution.canceled or execution._paused:
+        with execution.lock:
+            if execution.canceled or execution.paused:
                 return False
             execution.worker = worker
             return True
@@ -4428,7 +4452,7 @@ class WorkerPool:
                         return best
                     if execution.canceled:
                         return None
-                elif may_spawn and not execution._paused:
+                elif may_spawn and not execution.paused:
                     self._spawning += 1
                     reply = queue.SimpleQueue()
                     self._requests.put(reply)
@@ -6749,7 +6773,7 @@ class Bridge:
         """Record that a problem was already reported, so delivery does not log it again."""
         self._warned.add(str(exc).split(";")[0])
 
-    def _first_time(self, exc):
+    def first_time(self, exc):
         """Whether to report ``exc``: once per process, and across processes once a day."""
         key = str(exc).split(";")[0]
         if key in self._warned:
@@ -6798,7 +6822,7 @@ class Bridge:
                 except TaskYouError as exc:
                     retry_at = self.sidecar.clock() + backoff_ms(OUTBOX_RETRY, item["attempts"] + 1)
                     self.store.outbox_failed(item["id"], self.sidecar.clock(), str(exc), retry_at)
-                    if self._first_time(exc):
+                    if self.first_time(exc):
                         log.warning("taskyou: %s; will retry", exc)
                     continue
                 self.store.outbox_delivered(item["id"], self.sidecar.clock(), task_id, item["run_id"])
@@ -6874,7 +6898,7 @@ class Bridge:
             try:
                 task = parse_ty_json(self._ty(["show", str(spec["task_id"]), "--json"]), "show")
             except TaskYouError as exc:
-                if self._first_time(exc):
+                if self.first_time(exc):
                     log.warning("taskyou: %s; will look again", exc)
                 self.store.set_wait_task(run_id, key, spec["task_id"], self.sidecar.clock())
                 continue
@@ -7025,7 +7049,7 @@ def render_metrics(sidecar):
         lines.append("tyow_%s_count %d" % (name, h[len(buckets)]))
     backlog = store.outbox_backlog()
     family("tyow_taskyou_outbox_backlog", "gauge", "TaskYou updates not delivered yet.", [((), backlog)])
-    workers = sidecar.adapter("exec").workers() if "exec" in sidecar._adapters else {}
+    workers = sidecar.adapter("exec").workers() if sidecar.adapter_made("exec") else {}
     family("tyow_warm_workers", "gauge", "Warm workers alive in this process, by runtime.",
            [((("runtime", rt),), len(workers.get(rt, []))) for rt in sorted(RUNTIMES)])
     leases = store.leases_held(now)
@@ -7537,6 +7561,10 @@ class Sidecar:
                 impl.store_fn = lambda: self.store
             return self._adapters[name]
 
+    def adapter_made(self, name):
+        """Whether adapter ``name`` was made already (adapter() makes it on first use)."""
+        return name in self._adapters
+
     def defaults(self):
         return {"retry": self.config.retry_policy(), "max_output_bytes": self.config["limits.max_output_bytes"],
                 "max_step_attempts": self.config["limits.max_step_attempts"],
@@ -7968,7 +7996,7 @@ class Sidecar:
         try:
             find_ty(self.config)
         except TaskYouError as exc:
-            if self.bridge._first_time(exc):  # once is enough; the bridge will not repeat it
+            if self.bridge.first_time(exc):  # once is enough; the bridge will not repeat it
                 log.warning("taskyou: %s", exc)
         try:
             return sched.loop()
@@ -8697,7 +8725,8 @@ def build_parser(only=None):
         sp = sub.add_parser("dist")
         sp.set_defaults(func=cmd_dist)
         sp.add_argument("out")
-    # Internal commands (the background runner, the single-file build) stay out of --help.
+    # Internal commands (the background runner, the single-file build) stay out of --help:
+    # argparse has no verb for it, so this is the module's one reach into another's privates.
     sub._choices_actions = [a for a in sub._choices_actions if a.dest not in ("runner", "dist")]
     return p
 
