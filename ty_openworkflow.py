@@ -128,12 +128,12 @@ class _Log:
     _logger = None
 
     def __getattr__(self, name):
-        if _Log._logger is None:
+        if self._logger is None:
             import logging
             logger = logging.getLogger("ty_openworkflow")
             logger.addHandler(logging.NullHandler())
-            _Log._logger = logger
-        return getattr(_Log._logger, name)
+            self._logger = logger
+        return getattr(self._logger, name)
 
 
 log = _Log()
@@ -1108,7 +1108,8 @@ MIGRATIONS = [
             updated_at INTEGER NOT NULL,
             started_at INTEGER,
             finished_at INTEGER,
-            FOREIGN KEY (workflow_id, version) REFERENCES workflow_versions(workflow_id, version))""",
+            FOREIGN KEY (workflow_id, version)
+                REFERENCES workflow_versions(workflow_id, version))""",
         "CREATE INDEX runs_due ON runs(status, available_at)",
         "CREATE INDEX runs_workflow ON runs(workflow_id, created_at)",
         """CREATE TABLE steps (
@@ -1187,7 +1188,7 @@ MIGRATIONS = [
         # Warnings said recently (a `tick` from cron must not repeat one every minute).
         "CREATE TABLE notices (key TEXT PRIMARY KEY, at INTEGER NOT NULL)",
     ],
-    [  # 5: the position of each step and sleep in the run's durable call order (the determinism guard)
+    [  # 5: each step's and sleep's place in the run's durable call order (the determinism guard)
         "ALTER TABLE steps ADD COLUMN call_seq INTEGER",
         # Idempotent starts: one run per (workflow, key).
         "ALTER TABLE runs ADD COLUMN idempotency_key TEXT",
@@ -1198,7 +1199,8 @@ MIGRATIONS = [
         "ALTER TABLE runs ADD COLUMN forked_from TEXT",
     ],
     [  # 6: waits (signals, child runs, TaskYou approvals)
-        "ALTER TABLE steps ADD COLUMN wait TEXT",  # what a wait waits for (kind, name, child run, task id)
+        "ALTER TABLE steps ADD COLUMN wait TEXT",
+         # what a wait waits for (kind, name, child run, task id)
         "ALTER TABLE runs ADD COLUMN parent_run_id TEXT",
         "ALTER TABLE runs ADD COLUMN parent_wait_key TEXT",
         # A wait resolved while a pass ran: that pass did not see it, so the run must go again.
@@ -1214,7 +1216,8 @@ MIGRATIONS = [
             consumed_by TEXT,
             consumed_at INTEGER)""",
         "CREATE INDEX signals_pending ON signals(run_id, name, id) WHERE consumed_by IS NULL",
-        "CREATE UNIQUE INDEX signals_idempotency ON signals(run_id, idempotency_key) WHERE idempotency_key IS NOT NULL",
+        "CREATE UNIQUE INDEX signals_idempotency ON signals(run_id, idempotency_key) WHERE "
+        "idempotency_key IS NOT NULL",
     ],
     [  # 7: cron schedules
         """CREATE TABLE schedules (
@@ -1233,10 +1236,11 @@ MIGRATIONS = [
         "CREATE INDEX schedules_due ON schedules(paused, next_fire_at)",
         "ALTER TABLE runs ADD COLUMN schedule_name TEXT",
     ],
-    [  # 8: counters for /metrics (runs started and finished, by workflow): they never go down, prune or not
-        "CREATE TABLE counters (name TEXT NOT NULL, workflow TEXT NOT NULL, value INTEGER NOT NULL, "
-        "PRIMARY KEY (name, workflow))",
-        "INSERT INTO counters SELECT 'started', workflow_id, count(*) FROM runs GROUP BY workflow_id",
+    [  # 8: counters for /metrics (runs started and finished, by workflow): never down, prune or not
+        "CREATE TABLE counters (name TEXT NOT NULL, workflow TEXT NOT NULL, value INTEGER NOT "
+        "NULL, PRIMARY KEY (name, workflow))",
+        "INSERT INTO counters SELECT 'started', workflow_id, count(*) FROM runs GROUP BY "
+        "workflow_id",
         "INSERT INTO counters SELECT status, workflow_id, count(*) FROM runs WHERE status IN "
         "('completed', 'failed', 'canceled') GROUP BY status, workflow_id",
         # The dashboard pages through runs newest first, with or without a status filter.
@@ -1244,8 +1248,9 @@ MIGRATIONS = [
         "CREATE INDEX runs_status_created ON runs(status, created_at)",
     ],
     [  # 9: what the cloudflare adapter uploaded (so a cron tick never uploads again) and remembers
-        "CREATE TABLE cf_scripts (name TEXT NOT NULL, account_id TEXT NOT NULL, workflow_id TEXT NOT NULL, "
-        "uploaded_at INTEGER NOT NULL, ready_at INTEGER, last_used_at INTEGER, PRIMARY KEY (name, account_id))",
+        "CREATE TABLE cf_scripts (name TEXT NOT NULL, account_id TEXT NOT NULL, workflow_id TEXT "
+        "NOT NULL, uploaded_at INTEGER NOT NULL, ready_at INTEGER, last_used_at INTEGER, PRIMARY "
+        "KEY (name, account_id))",
         "CREATE TABLE adapter_state (adapter TEXT NOT NULL, key TEXT NOT NULL, value TEXT, "
         "PRIMARY KEY (adapter, key))",
     ],
@@ -1272,22 +1277,22 @@ MIGRATIONS = [
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
                 "step_attempts, available_at, wake_at, deadline_at, pass_id, lease_owner, "
                 "lease_expires_at, task_requested, task_title, task_id, created_at, updated_at, "
-                "started_at, finished_at, step_count, last_pass, idempotency_key, retries, forked_from, parent_run_id, "
-                "parent_wait_key, schedule_name, isolated")
-SQL_DUE_RUNS = ("SELECT id, status, lease_owner FROM runs WHERE (status IN ('pending', 'sleeping', 'waiting') AND "
-                "available_at <= ?) OR (status = 'running' AND lease_expires_at < ?) "
-                "ORDER BY available_at, created_at LIMIT ?")
-SQL_NEXT_DUE = ("SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM runs WHERE status IN ('pending', 'sleeping', "
-                "'waiting') "
-                "UNION ALL SELECT MIN(next_fire_at) FROM schedules WHERE paused = 0 "
-                "UNION ALL SELECT MIN(lease_expires_at) FROM runs WHERE status = 'running')")
+                "started_at, finished_at, step_count, last_pass, idempotency_key, retries, "
+                "forked_from, parent_run_id, parent_wait_key, schedule_name, isolated")
+SQL_DUE_RUNS = ("SELECT id, status, lease_owner FROM runs WHERE (status IN ('pending', 'sleeping', "
+                "'waiting') AND available_at <= ?) OR (status = 'running' AND lease_expires_at < "
+                "?) ORDER BY available_at, created_at LIMIT ?")
+SQL_NEXT_DUE = ("SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM runs WHERE status IN "
+                "('pending', 'sleeping', 'waiting') UNION ALL SELECT MIN(next_fire_at) FROM "
+                "schedules WHERE paused = 0 UNION ALL SELECT MIN(lease_expires_at) FROM runs WHERE "
+                "status = 'running')")
 
-SQL_VERSION = ("SELECT workflow_id, version, label, runtime, adapter, code, code_hash, created_at, deadline_ms "
-               "FROM workflow_versions WHERE workflow_id = ? AND version = ?")
-SQL_WORKFLOWS = ("SELECT w.id, w.name, w.description, w.latest_version, w.created_at, w.updated_at, v.label, "
-                 "v.runtime, v.adapter, v.code_hash, v.deadline_ms, "
-                 "(SELECT count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs "
-                 "FROM workflows w JOIN workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version")
+SQL_VERSION = ("SELECT workflow_id, version, label, runtime, adapter, code, code_hash, created_at, "
+               "deadline_ms FROM workflow_versions WHERE workflow_id = ? AND version = ?")
+SQL_WORKFLOWS = ("SELECT w.id, w.name, w.description, w.latest_version, w.created_at, "
+                 "w.updated_at, v.label, v.runtime, v.adapter, v.code_hash, v.deadline_ms, (SELECT "
+                 "count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs FROM workflows w JOIN "
+                 "workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version")
 SQL_RUN = "SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS
 # TaskYou approval waits to look at: steps.polled_at is set only on open waits with a task.
 SQL_APPROVALS_DUE = ("SELECT s.run_id, s.key, s.wait FROM steps s JOIN runs r ON r.id = s.run_id "
@@ -1307,6 +1312,11 @@ SQL_POLL_AGAIN = ("UPDATE steps SET polled_at = 0 WHERE run_id = ? AND kind = 'w
 
 # Outcomes of applying one event.
 APPLIED, IGNORED, ENDED = "applied", "ignored", "ended"
+
+
+def _like_prefix(text):
+    """A LIKE pattern (with ESCAPE '\\') for what starts with ``text``."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def _row_dict(cursor, row):
@@ -1336,8 +1346,8 @@ def _is_outage(exc):
     return isinstance(exc, (sqlite3.Error, StoreError))
 
 
-class Store:
-    """The durable backend: workflows, versions, runs, steps, events, logs."""
+class Database:
+    """SQLite connections: a small pool, transaction(), migrations, when commits reach the disk."""
 
     def __init__(self, data_dir, synchronous="full"):
         if synchronous not in STORE_SYNC_MODES:
@@ -1358,24 +1368,24 @@ class Store:
         self._local = threading.local()
         self._unsynced = threading.Event()  # quiet commits wait for the syncer
         self._syncer = None
-        self._alive_cache = {}
         self._store_id = None
         self._closed = False
         self._prepare_dir()
         self._migrate()
 
-    # -- connection and transactions ------------------------------------------
-
     def _prepare_dir(self):
         if os.path.exists(self.data_dir) and not os.path.isdir(self.data_dir):
-            raise StoreError("data dir %s is not a directory; set data_dir in the config to a folder" % self.data_dir)
+            raise StoreError("data dir %s is not a directory; set data_dir in the config to a "
+                             "folder" % self.data_dir)
         try:
             os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         except OSError as exc:
-            raise StoreError("cannot create data dir %s (%s); set data_dir in the config to a writable folder"
+            raise StoreError("cannot create data dir %s (%s); set data_dir in the config to a "
+                             "writable folder"
                              % (self.data_dir, exc.strerror or exc), exc)
         if not os.access(self.data_dir, os.W_OK | os.X_OK):
-            raise StoreError("data dir %s is not writable; fix its permissions or set data_dir elsewhere"
+            raise StoreError("data dir %s is not writable; fix its permissions or set data_dir "
+                             "elsewhere"
                              % self.data_dir)
 
     def _connect(self):
@@ -1393,22 +1403,26 @@ class Store:
             conn.execute("PRAGMA synchronous = %s" % (
                 "FULL" if self.synchronous == "full" and not wal else "NORMAL"))
         except sqlite3.DatabaseError as exc:
-            raise self._wrap(exc)
+            raise self.wrap(exc)
         return conn
 
-    def _wrap(self, exc):
+    def wrap(self, exc):
+        """A sqlite3 error as a StoreError that says what to do."""
         msg = str(exc)
         if "not a database" in msg or "malformed" in msg or "encrypted" in msg:
-            return StoreError("%s is not a ty-openworkflow database (%s); move it away or point data_dir elsewhere"
+            return StoreError("%s is not a ty-openworkflow database (%s); move it away or point "
+                              "data_dir elsewhere"
                               % (self.path, msg), exc)
         if "full" in msg:
-            return StoreError("cannot write %s: the disk (or the database's page limit) is full (%s); free some "
-                              "space" % (self.path, msg), exc)
+            return StoreError("cannot write %s: the disk (or the database's page limit) is full "
+                              "(%s); free some space" % (self.path, msg), exc)
         if "readonly" in msg or "unable to open" in msg or "disk I/O" in msg:
-            return StoreError("cannot write %s (%s); check that data_dir is writable and has free space"
+            return StoreError("cannot write %s (%s); check that data_dir is writable and has free "
+                              "space"
                               % (self.path, msg), exc)
         if "locked" in msg or "busy" in msg:
-            return StoreError("the store %s stayed locked for %ds (%s); another process holds it, try again"
+            return StoreError("the store %s stayed locked for %ds (%s); another process holds it, "
+                              "try again"
                               % (self.path, SQLITE_BUSY_TIMEOUT_MS // 1000, msg), exc)
         return StoreError("store error on %s: %s" % (self.path, msg), exc)
 
@@ -1431,7 +1445,7 @@ class Store:
 
     @contextlib.contextmanager
     def connection(self):
-        """Borrow a pooled connection for a few statements (reads; writes go through transaction())."""
+        """Borrow a pooled connection for a few statements (reads; writes use transaction())."""
         conn = self._acquire()
         try:
             yield conn
@@ -1457,7 +1471,7 @@ class Store:
                         with contextlib.suppress(sqlite3.Error):
                             conn.execute("ROLLBACK")
                     if isinstance(exc, sqlite3.Error):
-                        raise self._wrap(exc)
+                        raise self.wrap(exc)
                     raise
                 try:
                     conn.execute("COMMIT")
@@ -1465,7 +1479,7 @@ class Store:
                     if conn.in_transaction:
                         with contextlib.suppress(sqlite3.Error):
                             conn.execute("ROLLBACK")
-                    raise self._wrap(exc)
+                    raise self.wrap(exc)
             finally:
                 self._release(conn)
         if not self._quiet():
@@ -1579,7 +1593,7 @@ class Store:
 
     @staticmethod
     @contextlib.contextmanager
-    def _savepoint(c):
+    def savepoint(c):
         """If the block raises, undo what it wrote and nothing else: the transaction goes on."""
         c.execute("SAVEPOINT one_run")
         try:
@@ -1593,8 +1607,9 @@ class Store:
         c.execute("RELEASE one_run")
 
     def _begin(self, conn):
-        """BEGIN IMMEDIATE, waiting for another process's write lock in steps of 0.1 ms and up rather
-        than in SQLite's busy handler, which sleeps 1 ms and more per try; as long as the busy timeout."""
+        """BEGIN IMMEDIATE, waiting for another process's write lock in steps of 0.1 ms and up
+        rather than in SQLite's busy handler, which sleeps 1 ms and more per try; as long as the
+        busy timeout."""
         delay, deadline = 0.0001, None
         conn.execute("PRAGMA busy_timeout = 0")
         try:
@@ -1604,32 +1619,39 @@ class Store:
                     return
                 except sqlite3.OperationalError as exc:
                     if "locked" not in str(exc) and "busy" not in str(exc):
-                        raise self._wrap(exc)
+                        raise self.wrap(exc)
                     now = time.monotonic()
                     deadline = deadline or now + SQLITE_BUSY_TIMEOUT_MS / 1000.0
                     if now >= deadline:
-                        raise self._wrap(exc)
+                        raise self.wrap(exc)
                     time.sleep(delay)
                     delay = min(delay * 2, 0.005)
                 except sqlite3.DatabaseError as exc:
-                    raise self._wrap(exc)
+                    raise self.wrap(exc)
         finally:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("PRAGMA busy_timeout = %d" % SQLITE_BUSY_TIMEOUT_MS)
 
     def query(self, sql, params=()):
+        """Rows of one read as dicts."""
         try:
             with self.connection() as conn:
                 cur = conn.execute(sql, params)
                 return [_row_dict(cur, r) for r in cur.fetchall()]
         except sqlite3.Error as exc:
-            raise self._wrap(exc)
+            raise self.wrap(exc)
 
     def query_one(self, sql, params=()):
+        """The first row of one read as a dict, or None."""
         rows = self.query(sql, params)
         return rows[0] if rows else None
 
+    def ping(self):
+        """Raise unless the store answers a query (a health check)."""
+        self.query_one("SELECT 1 AS ok")
+
     def close(self):
+        """Close the pooled connections; the store takes no more calls."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
@@ -1641,24 +1663,27 @@ class Store:
         # Look before touching: a plain connection sets no journal mode, so a
         # foreign or newer file is refused byte-for-byte unchanged.
         try:
-            conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000.0, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000.0,
+                                   isolation_level=None)
         except sqlite3.DatabaseError as exc:
-            raise self._wrap(exc)
+            raise self.wrap(exc)
         try:
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = "
+                                  "'table'").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise self._wrap(exc)
+            raise self.wrap(exc)
         if app_id not in (0, DB_APPLICATION_ID) or (app_id == 0 and tables):
             conn.close()
-            raise StoreError("%s is not a ty-openworkflow database (it holds other data); move it away or "
-                             "point data_dir elsewhere" % self.path)
+            raise StoreError("%s is not a ty-openworkflow database (it holds other data); move it "
+                             "away or point data_dir elsewhere" % self.path)
         if version > len(MIGRATIONS):
             conn.close()
-            raise StoreError("%s has schema version %d, newer than this ty-openworkflow %s understands (%d); "
-                             "upgrade ty_openworkflow.py" % (self.path, version, __version__, len(MIGRATIONS)))
+            raise StoreError("%s has schema version %d, newer than this ty-openworkflow %s "
+                             "understands (%d); upgrade ty_openworkflow.py"
+                             % (self.path, version, __version__, len(MIGRATIONS)))
         if version == len(MIGRATIONS):
             conn.close()
             return
@@ -1681,7 +1706,7 @@ class Store:
                     conn.execute("ROLLBACK")
                     raise
         except sqlite3.DatabaseError as exc:
-            raise self._wrap(exc)
+            raise self.wrap(exc)
         finally:
             conn.close()
         if self.synchronous == "full":  # a new or upgraded store: its files and their names
@@ -1689,20 +1714,70 @@ class Store:
                 with contextlib.suppress(OSError):
                     self._fsync(path)
 
-    # -- workflows ------------------------------------------------------------
+    @staticmethod
+    def one(c, sql, params):
+        """One row as a dict (or None) inside a transaction."""
+        cur = c.execute(sql, params)
+        row = cur.fetchone()
+        return _row_dict(cur, row) if row else None
 
-    def save_version(self, workflow_id, code, runtime, adapter, label, name, description, now, deadline_ms=None):
-        """Store code as a new version unless it equals the latest; returns (version row, created)."""
+    def vacuum(self):
+        """Give the space of deleted rows back to the disk; returns the bytes freed."""
+        before = self._db_bytes()
+        with self._write_lock, self.connection() as conn:
+            try:
+                conn.execute("VACUUM")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                raise self.wrap(exc)
+        return max(0, before - self._db_bytes())
+
+    def _db_bytes(self):
+        files = [self.path + ext for ext in ("", "-wal")]
+        return sum(os.path.getsize(f) for f in files if os.path.exists(f))
+
+    @property
+    def store_id(self):
+        """The random id this store was given when made (it marks its passes' processes).
+
+        A copy of the store (a restored backup, a cloned data dir) is another file: it
+        takes an id of its own the first time it is opened, so two copies never take
+        each other's processes or containers for their own."""
+        if self._store_id is None:
+            st = os.stat(self.path)
+            here = "%d:%d" % (st.st_dev, st.st_ino)
+            row = self.query_one("SELECT id, file FROM store_identity")
+            if row["file"] != here:
+                with self.transaction() as c:
+                    c.execute("UPDATE store_identity SET id = CASE WHEN file IS NULL THEN id ELSE "
+                              "lower(hex(randomblob(16))) END, file = ?", (here,))
+                row = self.query_one("SELECT id, file FROM store_identity")
+            self._store_id = row["id"]
+        return self._store_id
+
+
+class WorkflowBook:
+    """The workflow catalogue: workflows and their versions."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def save_version(self, workflow_id, code, runtime, adapter, label, name, description, now,
+                     deadline_ms=None):
+        """Store code as a new version unless it equals the latest; returns (version, created)."""
         code_hash = sha256_hex("%s\0%s\0%s\0%s" % (runtime, adapter, deadline_ms, code))
-        with self.transaction() as c:
-            wf = c.execute("SELECT latest_version FROM workflows WHERE id = ?", (workflow_id,)).fetchone()
+        with self.store.transaction() as c:
+            wf = c.execute("SELECT latest_version FROM workflows WHERE id = "
+                           "?", (workflow_id,)).fetchone()
             if wf:
-                latest = c.execute("SELECT code_hash, label FROM workflow_versions WHERE workflow_id = ? AND version = ?",
+                latest = c.execute("SELECT code_hash, label FROM workflow_versions WHERE "
+                                   "workflow_id = ? AND version = ?",
                                    (workflow_id, wf[0])).fetchone()
                 if latest and latest[0] == code_hash and latest[1] == label:
                     if name is not None or description is not None:
-                        c.execute("UPDATE workflows SET name = COALESCE(?, name), description = COALESCE(?, description), "
-                                  "updated_at = ? WHERE id = ?", (name, description, now, workflow_id))
+                        c.execute("UPDATE workflows SET name = COALESCE(?, name), description = "
+                                  "COALESCE(?, description), updated_at = ? WHERE id = ?",
+                                  (name, description, now, workflow_id))
                     return self._version(c, workflow_id, wf[0]), False
                 version = wf[0] + 1
                 c.execute("UPDATE workflows SET latest_version = ?, name = COALESCE(?, name), "
@@ -1710,145 +1785,106 @@ class Store:
                           (version, name, description, now, workflow_id))
             else:
                 version = 1
-                c.execute("INSERT INTO workflows (id, name, description, latest_version, created_at, updated_at) "
-                          "VALUES (?, ?, ?, ?, ?, ?)", (workflow_id, name or workflow_id, description or "", 1, now, now))
-            c.execute("INSERT INTO workflow_versions (workflow_id, version, label, runtime, adapter, code, code_hash, "
-                      "created_at, deadline_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                      (workflow_id, version, label, runtime, adapter, code, code_hash, now, deadline_ms))
+                c.execute("INSERT INTO workflows (id, name, description, latest_version, "
+                          "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                          (workflow_id, name or workflow_id, description or "", 1, now, now))
+            c.execute("INSERT INTO workflow_versions (workflow_id, version, label, runtime, "
+                      "adapter, code, code_hash, created_at, deadline_ms) VALUES (?, ?, ?, ?, ?, "
+                      "?, ?, ?, ?)",
+                      (workflow_id, version, label, runtime, adapter, code, code_hash, now,
+                       deadline_ms))
             return self._version(c, workflow_id, version), True
 
-    @staticmethod
-    def _one(c, sql, params):
-        """One row as a dict (or None) inside a transaction."""
-        cur = c.execute(sql, params)
-        row = cur.fetchone()
-        return _row_dict(cur, row) if row else None
-
     def _version(self, c, workflow_id, version):
-        return self._one(c, SQL_VERSION, (workflow_id, version))
+        return self.store.one(c, SQL_VERSION, (workflow_id, version))
 
     def get_version(self, workflow_id, version):
-        return self.query_one(SQL_VERSION, (workflow_id, version))
+        """One version of a workflow (None if there is none)."""
+        return self.store.query_one(SQL_VERSION, (workflow_id, version))
 
     def get_workflow(self, workflow_id, counts=True):
+        """A workflow with its latest version (and its run count unless not ``counts``)."""
         sql = SQL_WORKFLOWS if counts else SQL_WORKFLOWS.replace(
             "(SELECT count(*) FROM runs r WHERE r.workflow_id = w.id)", "NULL", 1)
-        return self.query_one(sql + " WHERE w.id = ?", (workflow_id,))
+        return self.store.query_one(sql + " WHERE w.id = ?", (workflow_id,))
 
     def list_workflows(self):
-        return self.query(SQL_WORKFLOWS + " ORDER BY w.id")
+        """Every workflow with its latest version and run count."""
+        return self.store.query(SQL_WORKFLOWS + " ORDER BY w.id")
 
-    # -- runs -----------------------------------------------------------------
+    def versions(self, workflow_id):
+        """A workflow's versions, newest first."""
+        return self.store.query("SELECT version, label, runtime, adapter, code_hash, created_at, "
+                                "deadline_ms FROM workflow_versions WHERE workflow_id = ? ORDER BY "
+                                "version DESC", (workflow_id,))
 
-    def create_run(self, run_id, workflow_id, version, input_json, now, task_requested=False, task_title=None,
-                   deadline_at=None, idempotency_key=None):
+    @staticmethod
+    def latest(c, workflow_id):
+        """(latest version, its default deadline in ms) of a workflow, or None, in transaction c."""
+        return c.execute("SELECT w.latest_version, v.deadline_ms FROM workflows w JOIN "
+                         "workflow_versions v ON v.workflow_id = w.id AND v.version = "
+                         "w.latest_version WHERE w.id = ?",
+                         (workflow_id,)).fetchone()
+
+
+class RunLedger:
+    """A run's life: created, ended (with its tree), canceled, retried, forked, failed."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def create_run(self, run_id, workflow_id, version, input_json, now, task_requested=False,
+                   task_title=None, deadline_at=None, idempotency_key=None):
         """Store a new pending run; returns its id, or with ``idempotency_key`` the id of the
         run that key already started (then nothing is created)."""
-        with self.transaction() as c:
-            return self._create_run(c, run_id, workflow_id, version, input_json, now, task_requested, task_title,
-                                    deadline_at, idempotency_key)
+        with self.store.transaction() as c:
+            return self.add_run(c, run_id, workflow_id, version, input_json, now, task_requested,
+                                task_title, deadline_at, idempotency_key)
 
-    def _create_run(self, c, run_id, workflow_id, version, input_json, now, task_requested=False, task_title=None,
-                    deadline_at=None, idempotency_key=None, schedule_name=None):
+    def add_run(self, c, run_id, workflow_id, version, input_json, now, task_requested=False,
+                task_title=None, deadline_at=None, idempotency_key=None, schedule_name=None):
+        """create_run inside transaction ``c`` (a schedule's fire names its schedule)."""
         if idempotency_key is not None:
             row = c.execute("SELECT id FROM runs WHERE workflow_id = ? AND idempotency_key = ?",
                             (workflow_id, idempotency_key)).fetchone()
             if row:
                 return row[0]
-        c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, deadline_at, "
-                  "task_requested, task_title, created_at, updated_at, idempotency_key, schedule_name) "
-                  "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                  (run_id, workflow_id, version, input_json, now, deadline_at, int(bool(task_requested)),
+        c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, "
+                  "deadline_at, task_requested, task_title, created_at, updated_at, "
+                  "idempotency_key, schedule_name) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, "
+                  "?, ?, ?)",
+                  (run_id, workflow_id, version, input_json, now, deadline_at,
+                   int(bool(task_requested)),
                    task_title, now, now, idempotency_key, schedule_name))
-        self._journal(c, run_id, None, "created", {"workflow": workflow_id, "version": version}, now)
-        self._count(c, "started", workflow_id)
+        self.journal(c, run_id, None, "created", {"workflow": workflow_id, "version": version}, now)
+        self.count(c, "started", workflow_id)
         if task_requested:
-            self._enqueue(c, run_id, "create", None, now)
+            self.store.outbox.enqueue(c, run_id, "create", None, now)
         return run_id
 
     @staticmethod
-    def _count(c, name, workflow_id):
+    def count(c, name, workflow_id):
+        """Count one more run ``name`` (started, completed, ...) of a workflow for /metrics."""
         if not c.execute("UPDATE counters SET value = value + 1 WHERE name = ? AND workflow = ?",
                          (name, workflow_id)).rowcount:
-            c.execute("INSERT INTO counters (name, workflow, value) VALUES (?, ?, 1)", (name, workflow_id))
-
-    def counters(self):
-        return {(r["name"], r["workflow"]): r["value"] for r in self.query("SELECT name, workflow, value FROM counters")}
-
-    def runs_page(self, workflow_id, status, id_prefix, before, limit):
-        """Newest runs first, a page at a time (``before``: created_at of the last row seen)."""
-        where, params = [], []
-        if workflow_id:
-            where.append("workflow_id = ?")
-            params.append(workflow_id)
-        if status:
-            where.append("status = ?")
-            params.append(status)
-        if id_prefix:
-            where.append("id LIKE ? ESCAPE '\\'")
-            params.append(id_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
-        if before:  # the cursor "created_at:id" of the last row seen (ids break ties of one ms)
-            if not re.fullmatch(r"\d{1,15}:[A-Za-z0-9_]*", str(before)):
-                raise ValueError("bad cursor %r; pass back the `next` of the previous page" % before)
-            at, _, last_id = str(before).partition(":")
-            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
-            params += [int(at), int(at), last_id]
-        return self.query("SELECT %s FROM runs %s ORDER BY created_at DESC, id DESC LIMIT ?" % (
-            _RUN_COLUMNS, ("WHERE " + " AND ".join(where)) if where else ""), params + [limit])
-
-    def versions(self, workflow_id):
-        return self.query("SELECT version, label, runtime, adapter, code_hash, created_at, deadline_ms FROM "
-                          "workflow_versions WHERE workflow_id = ? ORDER BY version DESC", (workflow_id,))
-
-    def get_run(self, run_id):
-        run = self.query_one(SQL_RUN, (run_id,))
-        if run is None and run_id and len(run_id) >= 6:
-            matches = self.query("SELECT %s FROM runs WHERE id LIKE ? ESCAPE '\\' LIMIT 3" % _RUN_COLUMNS,
-                                 (run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",))
-            if len(matches) == 1:
-                run = matches[0]
-            elif matches:
-                raise NotFound("run id %r is ambiguous: it starts %s; give more of it"
-                               % (run_id, ", ".join(m["id"] for m in matches[:2]) + (", ..." if len(matches) > 2
-                                                                                     else "")))
-        return run
-
-    def list_runs(self, workflow_id=None, status=None, limit=20):
-        where, params = [], []
-        if workflow_id:
-            where.append("workflow_id = ?")
-            params.append(workflow_id)
-        if status:
-            where.append("status = ?")
-            params.append(status)
-        sql = "SELECT %s FROM runs %s ORDER BY created_at DESC, id DESC LIMIT ?" % (
-            _RUN_COLUMNS, ("WHERE " + " AND ".join(where)) if where else "")
-        return self.query(sql, params + [limit])
-
-    def steps(self, run_id):
-        return self.query("SELECT key, kind, status, seq, output, error, retry, retryable, attempts, wake_at, "
-                          "started_at, completed_at, wait FROM steps WHERE run_id = ? ORDER BY seq", (run_id,))
-
-    def events(self, run_id, after_id=0):
-        return self.query("SELECT id, pass_id, type, data, at FROM run_events WHERE run_id = ? AND id > ? ORDER BY id",
-                          (run_id, after_id))
+            c.execute("INSERT INTO counters (name, workflow, value) VALUES (?, ?, "
+                      "1)", (name, workflow_id))
 
     def add_log(self, run_id, pass_id, pass_no, adapter, text, now):
+        """Keep what a pass printed (nothing if it printed nothing)."""
         if not text:
             return
-        with self.transaction() as c:
-            c.execute("INSERT INTO run_logs (run_id, pass_id, pass_no, adapter, text, at) VALUES (?, ?, ?, ?, ?, ?)",
+        with self.store.transaction() as c:
+            c.execute("INSERT INTO run_logs (run_id, pass_id, pass_no, adapter, text, at) VALUES "
+                      "(?, ?, ?, ?, ?, ?)",
                       (run_id, pass_id, pass_no, adapter, text, now))
 
-    def logs(self, run_id):
-        return self.query("SELECT pass_id, pass_no, adapter, text, at FROM run_logs WHERE run_id = ? ORDER BY id",
-                          (run_id,))
-
-    def _journal(self, c, run_id, pass_id, type_, data, now):
+    def journal(self, c, run_id, pass_id, type_, data, now):
+        """Add an entry to the run's event journal."""
         c.execute("INSERT INTO run_events (run_id, pass_id, type, data, at) VALUES (?, ?, ?, ?, ?)",
                   (run_id, pass_id, type_, None if data is None else dumps(data), now))
 
-    def _finish(self, c, run_id, pass_id, status, now, output=None, error=None):
+    def finish(self, c, run_id, pass_id, status, now, output=None, error=None):
         """End a run, then cancel its unfinished descendants: a loop over the tree, never a
         recursion (a chain of child runs may be deeper than Python's stack)."""
         self._end_run(c, run_id, pass_id, status, now, output, error)
@@ -1863,989 +1899,128 @@ class Store:
 
     def _end_run(self, c, run_id, pass_id, status, now, output=None, error=None):
         """End one run (not its children): its task update, its parent's wait, its approvals."""
-        c.execute("UPDATE runs SET status = ?, output = ?, error = ?, pass_id = NULL, lease_owner = NULL, "
-                  "lease_expires_at = NULL, available_at = NULL, wake_at = NULL, finished_at = ?, updated_at = ? "
-                  "WHERE id = ?", (status, None if output is None else dumps(output),
-                                   None if error is None else dumps(error), now, now, run_id))
-        c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND status = 'running'", (run_id,))
-        self._journal(c, run_id, pass_id, status, {"output": output} if status == "completed" else {"error": error}, now)
+        c.execute("UPDATE runs SET status = ?, output = ?, error = ?, pass_id = NULL, lease_owner "
+                  "= NULL, lease_expires_at = NULL, available_at = NULL, wake_at = NULL, "
+                  "finished_at = ?, updated_at = ? WHERE id = ?",
+                  (status, None if output is None else dumps(output),
+                   None if error is None else dumps(error), now, now, run_id))
+        c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND status = "
+                  "'running'", (run_id,))
+        self.journal(c, run_id, pass_id, status,
+                     {"output": output} if status == "completed" else {"error": error}, now)
         wf = c.execute("SELECT workflow_id FROM runs WHERE id = ?", (run_id,)).fetchone()
         if wf:
-            self._count(c, status, wf[0])
+            self.count(c, status, wf[0])
         self._on_finish(c, run_id, status, now)
-        self._after_finish(c, run_id, status, now)
+        self.store.waits.after_finish(c, run_id, status, now)
 
     def _on_finish(self, c, run_id, status, now):
         """A finished run queues its task update in the same transaction."""
-        row = c.execute("SELECT task_requested, output, error FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = c.execute("SELECT task_requested, output, error FROM runs WHERE id = "
+                        "?", (run_id,)).fetchone()
         if row and row[0]:
-            self._enqueue(c, run_id, status, {"output": loads_or_none(row[1]), "error": loads_or_none(row[2])}, now)
-
-    def _enqueue(self, c, run_id, kind, payload, now):
-        c.execute("INSERT INTO outbox (run_id, kind, payload, next_at, created_at) VALUES (?, ?, ?, ?, ?)",
-                  (run_id, kind, None if payload is None else dumps(payload), now, now))
-
-    # -- the bridge outbox ------------------------------------------------------
-
-    def claim_outbox(self, now, lease_ms, limit=20):
-        """Claim the oldest undelivered item of each run whose turn it is (in order per run)."""
-        with self.transaction() as c:
-            cur = c.execute(
-                "SELECT o.id, o.run_id, o.kind, o.payload, o.attempts, o.created_at FROM outbox o "
-                "WHERE o.delivered_at IS NULL AND o.id = (SELECT MIN(id) FROM outbox WHERE run_id = o.run_id AND "
-                "delivered_at IS NULL) AND o.next_at <= ? AND (o.lease_until IS NULL OR o.lease_until < ?) "
-                "ORDER BY o.next_at, o.id LIMIT ?", (now, now, limit))
-            items = [_row_dict(cur, r) for r in cur.fetchall()]
-            for it in items:
-                c.execute("UPDATE outbox SET lease_until = ?, attempts = attempts + 1 WHERE id = ?",
-                          (now + lease_ms, it["id"]))
-        return items
-
-    def outbox_delivered(self, item_id, now, task_id=None, run_id=None):
-        with self.transaction() as c:
-            c.execute("UPDATE outbox SET delivered_at = ?, lease_until = NULL, last_error = NULL WHERE id = ?",
-                      (now, item_id))
-            if task_id is not None:
-                c.execute("UPDATE runs SET task_id = ? WHERE id = ?", (task_id, run_id))
-                self._journal(c, run_id, None, "task_linked", {"task_id": task_id}, now)
-
-    def outbox_failed(self, item_id, now, error, retry_at):
-        with self.transaction() as c:
-            c.execute("UPDATE outbox SET lease_until = NULL, last_error = ?, next_at = ? WHERE id = ?",
-                      (error[:2000], retry_at, item_id))
-
-    def next_outbox_at(self):
-        row = self.query_one("SELECT MIN(next_at) AS t FROM outbox WHERE delivered_at IS NULL")
-        return row["t"] if row else None
-
-    def outbox_for_run(self, run_id):
-        return self.query("SELECT id, kind, delivered_at, attempts, next_at, last_error FROM outbox WHERE run_id = ? "
-                          "ORDER BY id", (run_id,))
-
-    def notice_due(self, key, now, every_ms):
-        """True (and noted) if warning ``key`` was not given within ``every_ms``."""
-        with self.transaction() as c:
-            row = c.execute("SELECT at FROM notices WHERE key = ?", (key,)).fetchone()
-            if row and now - row[0] < every_ms:
-                return False
-            c.execute("INSERT OR REPLACE INTO notices (key, at) VALUES (?, ?)", (key, now))
-            return True
-
-    # -- the webhook replay guard ---------------------------------------------------
-
-    def seen(self, c, digest, now, keep_ms):
-        """True if ``digest`` was recorded within ``keep_ms``."""
-        return c.execute("SELECT 1 FROM webhook_seen WHERE digest = ? AND at >= ?",
-                         (digest, now - keep_ms)).fetchone() is not None
-
-    def mark_seen(self, c, digests, now, keep_ms):
-        """Record applied callbacks (their signature and body digests); old entries expire."""
-        c.execute("DELETE FROM webhook_seen WHERE at < ?", (now - keep_ms,))
-        for digest, kind in digests:
-            c.execute("INSERT OR REPLACE INTO webhook_seen (digest, kind, at) VALUES (?, ?, ?)", (digest, kind, now))
+            self.store.outbox.enqueue(c, run_id, status,
+                                      {"output": loads_or_none(row[1]),
+                                       "error": loads_or_none(row[2])}, now)
 
     def cancel_run(self, run_id, now, reason="canceled by user"):
         """Cancel a run that is not terminal; returns the run as it was before."""
-        with self.transaction() as c:
-            run = self._one(c, SQL_RUN, (run_id,))
+        with self.store.transaction() as c:
+            run = self.store.one(c, SQL_RUN, (run_id,))
             if run is None:
                 raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
             if run["status"] in TERMINAL:
                 raise Conflict("run %s is already %s; nothing to cancel" % (run_id, run["status"]))
-            self._finish(c, run_id, run["pass_id"], "canceled", now,
-                         error={"message": reason, "name": "Canceled", "stack": None})
+            self.finish(c, run_id, run["pass_id"], "canceled", now,
+                        error={"message": reason, "name": "Canceled", "stack": None})
             return run
 
     def retry_run(self, run_id, now, version=None):
-        """Put a failed or canceled run back to pending: committed steps stay, the others run again."""
-        with self.transaction() as c:
-            run = self._one(c, SQL_RUN, (run_id,))
+        """Put a failed or canceled run back to pending: committed steps stay, others run again."""
+        with self.store.transaction() as c:
+            run = self.store.one(c, SQL_RUN, (run_id,))
             if run is None:
                 raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
             if run["status"] not in ("failed", "canceled"):
                 raise Conflict("run %s is %s; only a failed or canceled run can be retried%s" % (
-                    run_id, run["status"], " (fork it to run it again)" if run["status"] == "completed" else ""))
-            c.execute("DELETE FROM steps WHERE run_id = ? AND kind = 'step' AND status != 'completed'", (run_id,))
-            for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = 'wait' AND "
-                                            "status = 'waiting'", (run_id,)).fetchall():
+                    run_id, run["status"],
+                    " (fork it to run it again)" if run["status"] == "completed" else ""))
+            c.execute("DELETE FROM steps WHERE run_id = ? AND kind = 'step' AND status != "
+                      "'completed'", (run_id,))
+            for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind "
+                                            "= 'wait' AND status = "
+                                            "'waiting'", (run_id,)).fetchall():
                 spec = loads_or_none(spec_json) or {}
-                if spec.get("kind") == "child":  # its child was stopped with the run: a new one is made
+                # its child was stopped with the run: a new one is made
+                if spec.get("kind") == "child":
                     c.execute("DELETE FROM steps WHERE run_id = ? AND key = ?", (run_id, key))
-            c.execute("UPDATE steps SET status = 'sleeping' WHERE run_id = ? AND kind = 'sleep' AND "
-                      "status != 'completed'", (run_id,))
+            c.execute("UPDATE steps SET status = 'sleeping' WHERE run_id = ? AND kind = 'sleep' "
+                      "AND status != 'completed'", (run_id,))
             c.execute(SQL_POLL_AGAIN, (run_id,))  # its approvals are polled again, first in line
-            c.execute("UPDATE runs SET status = 'pending', version = ?, output = NULL, error = NULL, finished_at = NULL, "
-                      "available_at = ?, wake_at = NULL, deadline_at = NULL, pass_failures = 0, step_attempts = 0, "
-                      "retries = retries + 1, step_count = (SELECT count(*) FROM steps WHERE run_id = ?), "
-                      "updated_at = ? WHERE id = ?", (version or run["version"], now, run_id, now, run_id))
-            self._journal(c, run_id, None, "retried", {"from": run["status"], "version": version or run["version"]},
-                          now)
+            c.execute("UPDATE runs SET status = 'pending', version = ?, output = NULL, error = "
+                      "NULL, finished_at = NULL, available_at = ?, wake_at = NULL, deadline_at = "
+                      "NULL, pass_failures = 0, step_attempts = 0, retries = retries + 1, "
+                      "step_count = (SELECT count(*) FROM steps WHERE run_id = ?), updated_at = ? "
+                      "WHERE id = ?", (version or run["version"], now, run_id, now, run_id))
+            self.journal(c, run_id, None, "retried",
+                         {"from": run["status"], "version": version or run["version"]},
+                         now)
             if run["task_requested"]:
-                self._enqueue(c, run_id, "processing", None, now)
+                self.store.outbox.enqueue(c, run_id, "processing", None, now)
             return run
 
     def fork_run(self, run_id, new_run_id, now, from_step=None, version=None, input_json=None):
         """A new pending run with the source's input (or ``input_json``) and a copy of its committed
         history before ``from_step`` (everything committed by default)."""
-        with self.transaction() as c:
-            run = self._one(c, SQL_RUN, (run_id,))
+        with self.store.transaction() as c:
+            run = self.store.one(c, SQL_RUN, (run_id,))
             if run is None:
                 raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
             cutoff = None
             if from_step is not None:
-                row = c.execute("SELECT seq FROM steps WHERE run_id = ? AND key = ?", (run_id, from_step)).fetchone()
+                row = c.execute("SELECT seq FROM steps WHERE run_id = ? AND key = ?",
+                                (run_id, from_step)).fetchone()
                 if row is None:
-                    keys = [r[0] for r in c.execute("SELECT key FROM steps WHERE run_id = ? ORDER BY seq LIMIT 12",
+                    keys = [r[0] for r in c.execute("SELECT key FROM steps WHERE run_id = ? ORDER "
+                                                    "BY seq LIMIT 12",
                                                     (run_id,))]
                     raise InputError("run %s has no step %r; its steps are: %s" % (
                         run_id, from_step, ", ".join(keys) or "none"))
                 cutoff = row[0]
-            c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, task_requested, "
-                      "task_title, created_at, updated_at, forked_from) VALUES (?, ?, ?, 'pending', ?, ?, 0, ?, ?, ?, ?)",
+            c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, "
+                      "task_requested, task_title, created_at, updated_at, forked_from) VALUES (?, "
+                      "?, ?, 'pending', ?, ?, 0, ?, ?, ?, ?)",
                       (new_run_id, run["workflow_id"], version or run["version"],
-                       run["input"] if input_json is None else input_json, now, run["task_title"], now, now, run_id))
-            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, retry, retryable, attempts, wake_at, "
-                      "started_at, completed_at, done_seq, call_seq, wait) SELECT ?, key, kind, status, seq, output, "
-                      "retry, retryable, attempts, wake_at, started_at, completed_at, done_seq, call_seq, wait FROM steps "
-                      "WHERE run_id = ? AND (? IS NULL OR seq < ?) AND (status = 'completed' OR kind = 'sleep')",
+                       run["input"] if input_json is None else input_json, now, run["task_title"],
+                       now, now, run_id))
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, retry, "
+                      "retryable, attempts, wake_at, started_at, completed_at, done_seq, call_seq, "
+                      "wait) SELECT ?, key, kind, status, seq, output, retry, retryable, attempts, "
+                      "wake_at, started_at, completed_at, done_seq, call_seq, wait FROM steps "
+                      "WHERE run_id = ? AND (? IS NULL OR seq < ?) AND (status = 'completed' OR "
+                      "kind = 'sleep')",
                       (new_run_id, run_id, cutoff, cutoff))
-            c.execute("UPDATE runs SET step_count = (SELECT count(*) FROM steps WHERE run_id = ?), done_count = "
-                      "(SELECT COALESCE(MAX(done_seq), 0) FROM steps WHERE run_id = ?) WHERE id = ?",
+            c.execute("UPDATE runs SET step_count = (SELECT count(*) FROM steps WHERE run_id = ?), "
+                      "done_count = (SELECT COALESCE(MAX(done_seq), 0) FROM steps WHERE run_id = "
+                      "?) WHERE id = ?",
                       (new_run_id, new_run_id, new_run_id))
-            c.execute("UPDATE steps SET status = 'sleeping' WHERE run_id = ? AND kind = 'sleep' AND status != "
-                      "'completed'", (new_run_id,))
-            self._journal(c, new_run_id, None, "created", {"workflow": run["workflow_id"], "forked_from": run_id,
-                                                            "from_step": from_step}, now)
-            self._count(c, "started", run["workflow_id"])
+            c.execute("UPDATE steps SET status = 'sleeping' WHERE run_id = ? AND kind = 'sleep' "
+                      "AND status != 'completed'", (new_run_id,))
+            self.journal(c, new_run_id, None, "created",
+                         {"workflow": run["workflow_id"], "forked_from": run_id,
+                          "from_step": from_step}, now)
+            self.count(c, "started", run["workflow_id"])
             return new_run_id
 
-    # -- retention ------------------------------------------------------------------
-
-    # An undelivered task update queued at or after the given time holds its run back.
-    SQL_PRUNABLE = ("SELECT r.id FROM runs r WHERE r.status IN (%s) AND r.finished_at < ? "
-                    "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = r.id "
-                    "AND o.delivered_at IS NULL AND o.created_at >= ?) "
-                    "AND NOT EXISTS (SELECT 1 FROM runs p WHERE p.id = r.parent_run_id AND p.status NOT IN "
-                    "('completed', 'failed', 'canceled')) ORDER BY r.finished_at LIMIT ?")
-    PRUNED_TABLES = ("steps", "run_events", "run_logs", "outbox", "signals")
-    SQL_UNDELIVERED = ("SELECT count(*) AS n FROM outbox WHERE run_id IN (%s) "
-                       "AND delivered_at IS NULL")
-    SQL_HELD_BACK = ("SELECT count(*) AS n FROM runs r WHERE r.status IN (%s) "
-                     "AND r.finished_at < ? AND EXISTS (SELECT 1 FROM outbox o "
-                     "WHERE o.run_id = r.id AND o.delivered_at IS NULL AND o.created_at >= ?)")
-
-    def prune(self, cutoff, statuses, dry_run=False, batch=200, pause_s=0.0, drop_before=None):
-        """Delete finished runs that ended before ``cutoff`` with all that is only theirs, ``batch`` runs per
-        transaction (a pass never waits long for the write lock); returns counts per table.
-
-        A run with an undelivered task update is kept, unless every such update was queued
-        before ``drop_before``: then they go with it, counted in ``dropped_task_updates``."""
-        counts = dict.fromkeys(("runs",) + self.PRUNED_TABLES + ("dropped_task_updates",), 0)
-        sql = self.SQL_PRUNABLE % ",".join("?" * len(statuses))
-        hold_from = _NEVER_BEFORE if drop_before is None else drop_before
-        if dry_run:
-            ids = [r["id"] for r in self.query(sql, (*statuses, cutoff, hold_from, 10 ** 9))]
-            counts["runs"] = len(ids)
-            for i in range(0, len(ids), 500):
-                part = ids[i:i + 500]
-                marks = ",".join("?" * len(part))
-                for table in self.PRUNED_TABLES:
-                    counts[table] += self.query_one("SELECT count(*) AS n FROM %s WHERE run_id IN (%s)"
-                                                    % (table, marks), part)["n"]
-                dropped = self.query_one(self.SQL_UNDELIVERED % marks, part)["n"]
-                counts["dropped_task_updates"] += dropped
-            return counts
-        while True:
-            with self.transaction() as c:
-                ids = [r[0] for r in c.execute(sql, (*statuses, cutoff, hold_from, batch))]
-                if not ids:
-                    return counts
-                marks = ",".join("?" * len(ids))
-                dropped = c.execute(self.SQL_UNDELIVERED % marks, ids).fetchone()[0]
-                counts["dropped_task_updates"] += dropped
-                for table in self.PRUNED_TABLES:
-                    counts[table] += c.execute("DELETE FROM %s WHERE run_id IN (%s)" % (table, marks), ids).rowcount
-                counts["runs"] += c.execute("DELETE FROM runs WHERE id IN (%s)" % marks, ids).rowcount
-            if pause_s:
-                time.sleep(pause_s)
-
-    def held_back(self, cutoff, statuses, drop_before=None):
-        """How many runs prune(cutoff, statuses, drop_before) keeps for undelivered updates."""
-        hold_from = _NEVER_BEFORE if drop_before is None else drop_before
-        return self.query_one(self.SQL_HELD_BACK % ",".join("?" * len(statuses)),
-                              (*statuses, cutoff, hold_from))["n"]
-
-    def vacuum(self):
-        """Give the space of deleted rows back to the disk; returns the bytes freed."""
-        before = self._db_bytes()
-        with self._write_lock, self.connection() as conn:
-            try:
-                conn.execute("VACUUM")
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as exc:
-                raise self._wrap(exc)
-        return max(0, before - self._db_bytes())
-
-    def _db_bytes(self):
-        return sum(os.path.getsize(self.path + ext) for ext in ("", "-wal") if os.path.exists(self.path + ext))
-
-    # -- cron schedules -----------------------------------------------------------
-
-    def add_schedule(self, name, workflow_id, cron, tz, input_json, catch_up, now, next_fire_at):
-        with self.transaction() as c:
-            if c.execute("SELECT 1 FROM schedules WHERE name = ?", (name,)).fetchone():
-                raise Conflict("a schedule named %r exists; give another --name, or `schedule rm %s` first"
-                               % (name, name))
-            c.execute("INSERT INTO schedules (name, workflow_id, cron, tz, input, catch_up, next_fire_at, created_at, "
-                      "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                      (name, workflow_id, cron, tz, input_json, catch_up, next_fire_at, now, now))
-
-    def schedules(self, name=None):
-        sql = ("SELECT name, workflow_id, cron, tz, input, catch_up, paused, next_fire_at, last_fire_at, last_run_id, "
-               "created_at, updated_at FROM schedules")
-        return self.query(sql + (" WHERE name = ?" if name else " ORDER BY name"), (name,) if name else ())
-
-    def remove_schedule(self, name):
-        with self.transaction() as c:
-            return c.execute("DELETE FROM schedules WHERE name = ?", (name,)).rowcount
-
-    def pause_schedule(self, name, paused, now, next_fire_at=None):
-        with self.transaction() as c:
-            return c.execute("UPDATE schedules SET paused = ?, next_fire_at = COALESCE(?, next_fire_at), "
-                             "updated_at = ? WHERE name = ?", (int(paused), next_fire_at, now, name)).rowcount
-
-    def fire_schedules(self, now, start_run):
-        """Start the runs of every fire that is due; returns their ids.
-
-        One transaction per schedule: the fire time is the run's idempotency key and the
-        next fire time moves on in the same commit, so several schedulers on one
-        database, or a crash mid-fire, still start each fire once. Which fires are due
-        is worked out before the transaction: a long outage never holds the lock."""
-        started = []
-        for row in self.query("SELECT name, workflow_id, cron, tz, input, catch_up, next_fire_at FROM schedules "
-                              "WHERE paused = 0 AND next_fire_at <= ? LIMIT 100", (now,)):
-            try:
-                cron = Cron(row["cron"])
-                fires = _missed_fires(cron, row["tz"], row["next_fire_at"], now, row["catch_up"])
-                upcoming = cron.next_after(now, row["tz"])
-            except ValueError as exc:
-                log.warning("schedule %s: %s; paused", row["name"], exc)
-                self.pause_schedule(row["name"], True, now)
-                continue
-            try:
-                started += self._fire(row, fires, upcoming, now, start_run)
-            except Exception as exc:
-                if _is_outage(exc):
-                    raise
-                # That schedule's problem: it is paused (and says why), the others fire on.
-                log.error("schedule %s: firing it failed; paused (`schedule resume %s` once "
-                          "fixed)", row["name"], row["name"], exc_info=exc)
-                self.pause_schedule(row["name"], True, now)
-        return started
-
-    def _fire(self, row, fires, upcoming, now, start_run):
-        """Start one schedule's due fires and move it on, in one transaction; the new run ids."""
-        started = []
-        with self.transaction() as c:
-            if not c.execute("SELECT 1 FROM schedules WHERE name = ? AND paused = 0 AND "
-                             "next_fire_at = ?", (row["name"], row["next_fire_at"])).fetchone():
-                return started  # another scheduler fired it, or it was paused or removed
-            last = None
-            for fire in fires:
-                run_id = start_run(c, row, fire)
-                if run_id:
-                    started.append(run_id)
-                    last = run_id
-            c.execute("UPDATE schedules SET next_fire_at = ?, last_fire_at = COALESCE(?, "
-                      "last_fire_at), last_run_id = COALESCE(?, last_run_id), updated_at = ? "
-                      "WHERE name = ?",
-                      (upcoming, fires[-1] if fires else None, last, now, row["name"]))
-        return started
-
-    # -- scheduling -----------------------------------------------------------
-
-    def claim_due(self, owner, now, limit, lease_ms, exclude=()):
-        """Atomically claim up to ``limit`` due runs for ``owner``; returns the claimed runs.
-
-        Due: pending or sleeping runs whose time has come, and running runs whose
-        scheduler is gone: proven dead on this host (at once), or silent past its
-        lease where its pid proves nothing (another host, another PID namespace).
-        A live scheduler of this host is never robbed, whatever the clocks say, and
-        ``exclude`` (the runs the caller drives) is never claimed.
-        """
-        claimed = []
-        with self.transaction() as c:
-            holders = self._holders(c)
-            dead = [sid for sid, alive in holders.items() if alive is False]
-            live = [sid for sid, alive in holders.items() if alive is True and sid != owner]
-            rows = c.execute(*self._due_query(now, dead, live, limit + len(exclude))).fetchall()
-            for run_id, status, holder in rows:
-                if run_id in exclude or len(claimed) >= limit:
-                    continue
-                if status == "running" and holder != owner and holders.get(holder) is True:
-                    continue  # alive on this host: its lease only looks expired (a stall, a clock jump)
-                try:
-                    with self._savepoint(c):
-                        run = self._claim_one(c, run_id, status, owner, now, lease_ms)
-                except Exception as exc:
-                    if _is_outage(exc):
-                        raise
-                    self._set_aside(c, run_id, now, exc)
-                    continue
-                if run is not None:
-                    claimed.append(run)
-            for sid in dead:  # a dead scheduler's row goes once nothing it held is left
-                if not c.execute("SELECT 1 FROM runs WHERE lease_owner = ? AND status = 'running' LIMIT 1",
-                                 (sid,)).fetchone():
-                    c.execute("DELETE FROM schedulers WHERE id = ?", (sid,))
-        return claimed
-
-    def _claim_one(self, c, run_id, status, owner, now, lease_ms):
-        """Claim one due run (None: it ended instead: a deadline, a pass lost too often)."""
-        run = self._one(c, SQL_RUN, (run_id,))
-        run["lost_pass_id"] = None
-        run["was"] = status  # for the wake-lateness metric
-        if status == "running":
-            run["lost_pass_id"] = run["pass_id"]
-            self._journal(c, run_id, run["pass_id"], "lease_expired", {
-                "owner": run["lease_owner"], "message": "its scheduler stopped; replaying"}, now)
-            self._last_pass(c, run_id, run["passes"], "lost: its scheduler stopped", now)
-            # A pass that keeps taking its scheduler down must not be replayed forever.
-            lost = run["pass_failures"] + 1
-            c.execute("UPDATE runs SET pass_failures = ? WHERE id = ?", (lost, run_id))
-            if lost >= PASS_RETRY["max_attempts"]:
-                self._finish(c, run_id, run["pass_id"], "failed", now, error={
-                    "message": "the run's pass was lost %d times in a row (its scheduler stopped "
-                               "each time)" % lost, "name": "PassLost", "stack": None})
-                return None
-        if run["deadline_at"] is not None and now >= run["deadline_at"]:
-            self._finish(c, run_id, run["pass_id"], "failed", now, error={
-                "message": "the run passed its deadline (%s)" % format_time(run["deadline_at"]),
-                "name": "DeadlineExceeded", "stack": None})
-            return None
-        if status == "waiting":
-            self._timed_out_waits(c, run_id, now)
-        pass_id = new_id("pass")
-        c.execute("UPDATE runs SET status = 'running', pass_id = ?, lease_owner = ?, "
-                  "lease_expires_at = ?, passes = passes + 1, "
-                  "started_at = COALESCE(started_at, ?), updated_at = ?, wake_pending = 0 "
-                  "WHERE id = ?",
-                  (pass_id, owner, now + lease_ms, now, now, run_id))
-        run.update(status="running", pass_id=pass_id, lease_owner=owner, passes=run["passes"] + 1)
-        if run["passes"] == 1 and run["task_requested"]:
-            self._enqueue(c, run_id, "processing", None, now)
-        self._journal(c, run_id, pass_id, "pass_started", {"pass": run["passes"], "owner": owner},
-                      now)
-        return run
-
-    def _holders(self, c):
-        """Schedulers of this host: id -> True (alive), False (proven dead), None (lease decides).
-
-        Other hosts' are not listed. A verdict is kept for a second: claims come often,
-        schedulers die rarely."""
-        host, now = _hostname(), time.monotonic()
-        out, cache = {}, self._alive_cache
-        sql = "SELECT id, pid, proc_start, boot_id, pid_ns FROM schedulers WHERE host = ?"
-        for row in c.execute(sql, (host,)):
-            seen = cache.get(row)
-            if seen is None or now - seen[0] > 1.0:
-                seen = cache[row] = (now, scheduler_alive(*row[1:]))
-            out[row[0]] = seen[1]
-        if len(cache) > 1000:
-            cache.clear()
-        return out
-
     @staticmethod
-    def _last_pass(c, run_id, number, reason, now):
+    def note_last_pass(c, run_id, number, reason, now):
         """Remember how the run's latest pass ended (status shows it)."""
         c.execute("UPDATE runs SET last_pass = ? WHERE id = ?",
                   (dumps({"pass": number, "ended_at": now, "reason": reason}), run_id))
 
-    @staticmethod
-    def _due_query(now, dead, live, limit):
-        """SQL and parameters for the due runs: a dead holder's runs are due at once, a live one's never."""
-        running = "lease_expires_at < ?"
-        params = [now, now]
-        if dead:
-            running = "(%s OR lease_owner IN (%s))" % (running, ",".join("?" * len(dead)))
-            params += dead
-        if live:
-            running += " AND lease_owner NOT IN (%s)" % ",".join("?" * len(live))
-            params += live
-        sql = SQL_DUE_RUNS.replace("lease_expires_at < ?", running, 1)
-        return sql, params + [limit]
-
-    def next_due_at(self):
-        """When the next run is due (a live scheduler of this host holding one does not make it due)."""
-        try:
-            with self.connection() as c:
-                live = [sid for sid, alive in self._holders(c).items() if alive is True]
-                sql = SQL_NEXT_DUE
-                if live:
-                    sql = sql.replace("WHERE status = 'running'", "WHERE status = 'running' AND lease_owner NOT IN "
-                                      "(%s)" % ",".join("?" * len(live)), 1)
-                row = c.execute(sql, live).fetchone()
-        except sqlite3.Error as exc:
-            raise self._wrap(exc)
-        return row[0] if row else None
-
-    def renew_leases(self, owner, pass_ids, until):
-        """Extend the leases of our passes; returns the pass ids we no longer hold."""
-        lost = []
-        with self.transaction() as c:
-            for run_id, pass_id in pass_ids:
-                n = c.execute("UPDATE runs SET lease_expires_at = ? WHERE id = ? AND pass_id = ? AND lease_owner = ? "
-                              "AND status = 'running'", (until, run_id, pass_id, owner)).rowcount
-                if n == 0:
-                    lost.append(pass_id)
-        return lost
-
-    def pass_is_current(self, run_id, pass_id, now=None):
-        """True while ``pass_id`` is the run's pass in flight (and, given ``now``, its lease holds)."""
-        row = self.query_one("SELECT lease_expires_at FROM runs WHERE id = ? AND pass_id = ? AND status = 'running'",
-                             (run_id, pass_id))
-        return row is not None and (now is None or row["lease_expires_at"] is None or row["lease_expires_at"] >= now)
-
-    def history(self, run_id):
-        """The replay history a pass needs: completed outputs, sleep wake times, attempts, resolution order."""
-        steps, sleeps, attempts, order, calls, waits, waiting = {}, {}, {}, [], [], {}, {}
-        for row in self.query("SELECT key, kind, status, output, wake_at, attempts, done_seq, call_seq FROM steps "
-                              "WHERE run_id = ? ORDER BY done_seq IS NULL, done_seq, seq", (run_id,)):
-            if row["call_seq"] is not None:
-                calls.append([row["call_seq"], row["key"], row["kind"]])
-            key, kind, status = row["key"], row["kind"], row["status"]
-            if kind == "sleep":
-                sleeps[key] = row["wake_at"]
-            elif kind == "wait":
-                if status == "completed":
-                    waits[key] = json.loads(row["output"])
-                else:
-                    waiting[key] = row["wake_at"]
-            elif status == "completed":
-                steps[key] = json.loads(row["output"])
-            if row["attempts"]:
-                attempts[key] = row["attempts"]
-            if row["done_seq"] is not None:
-                order.append(key)
-        calls.sort()
-        return {"steps": steps, "sleeps": sleeps, "attempts": attempts, "order": order, "calls": calls,
-                "waits": waits, "waiting": waiting}
-
-    def release(self, run_id, pass_id, now, reason="scheduler stopping", due=None):
-        """Give back a pass we stopped (shutdown, a lost lease, a platform not ready yet): the run is due
-        again at once (or at ``due``), no attempt lost."""
-        with self.transaction() as c:
-            return self._released(c, run_id, pass_id, now, reason, due)
-
-    def _released(self, c, run_id, pass_id, now, reason, due=None):
-        n = c.execute("UPDATE runs SET status = 'pending', pass_id = NULL, lease_owner = NULL, "
-                      "lease_expires_at = NULL, available_at = ?, updated_at = ? "
-                      "WHERE id = ? AND pass_id = ? AND status = 'running'",
-                      (now if due is None else due, now, run_id, pass_id)).rowcount
-        if n:
-            c.execute("UPDATE steps SET status = 'interrupted' "
-                      "WHERE run_id = ? AND status = 'running'", (run_id,))
-            self._journal(c, run_id, pass_id, "released", {"message": reason}, now)
-            passes = c.execute("SELECT passes FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
-            self._last_pass(c, run_id, passes, "released: %s" % reason, now)
-        return bool(n)
-
-    def spare(self, run_id, pass_id, now, defaults, message, isolate=True):
-        """The pass's shared worker died under it by another pass's doing: it is given back, due
-        now, with no attempt counted. ``isolate`` (whose doing is not known): the run's passes
-        run alone from then on, and a pass of a run already alone owns its death."""
-        with self.transaction() as c:
-            row = c.execute("SELECT status, pass_id, isolated FROM runs WHERE id = ?",
-                            (run_id,)).fetchone()
-            if row is None or row[0] != "running" or row[1] != pass_id:
-                return False
-            if isolate and row[2]:
-                return self._end_pass(c, run_id, pass_id, now, defaults, message)
-            # The steps it had started start again: that attempt is not counted.
-            cut = c.execute("UPDATE steps SET attempts = max(attempts - 1, 0) "
-                            "WHERE run_id = ? AND status = 'running' AND kind = 'step'",
-                            (run_id,)).rowcount
-            c.execute("UPDATE runs SET isolated = max(isolated, ?), "
-                      "step_attempts = max(step_attempts - ?, 0) WHERE id = ?",
-                      (1 if isolate else 0, cut, run_id))
-            why = ("the run's passes run alone from now on" if isolate
-                   else "another pass in its shared warm worker caused it")
-            return self._released(c, run_id, pass_id, now, "%s (not counted: %s)" % (message, why))
-
-    def apply_event(self, run_id, pass_id, ev, now, defaults):
-        """Commit one pass event; returns APPLIED, IGNORED (stale pass) or ENDED (terminal)."""
-        with self.transaction() as c:
-            return self._apply_event(c, run_id, pass_id, ev, now, defaults)
-
-    def apply_events(self, run_id, pass_id, events, now, defaults):
-        """Commit events that arrived together in one transaction; returns (outcome, events used).
-
-        Each is applied as apply_event would, in order, up to the first that ends
-        the pass or is ignored: committing a batch at once is as durable as one by
-        one, since none of them was acknowledged to anyone before its commit."""
-        with self.transaction() as c:
-            for i, ev in enumerate(events):
-                outcome = self._apply_event(c, run_id, pass_id, ev, now, defaults)
-                if outcome != APPLIED:
-                    return outcome, i + 1
-            return APPLIED, len(events)
-
-    def _apply_event(self, c, run_id, pass_id, ev, now, defaults):
-        row = c.execute("SELECT status, pass_id, step_attempts, deadline_at, step_count, passes FROM runs "
-                        "WHERE id = ?", (run_id,)).fetchone()
-        if row is None or row[0] != "running" or row[1] != pass_id:
-            return IGNORED
-        kind = ev["type"]
-        key = ev.get("step")
-        if kind in ("step_started", "step_completed", "step_failed", "sleep", "wait"):
-            cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()
-            if cur is None:
-                if row[4] >= defaults["max_steps"]:
-                    self._finish(c, run_id, pass_id, "failed", now, error={
-                        "message": "the run reached %d steps and sleeps (limits.max_steps); stopped as a runaway "
-                                   "(raise the limit if it really needs more)" % defaults["max_steps"],
-                        "name": "TooManySteps", "stack": None})
-                    return ENDED
-                seq = row[4] + 1
-                c.execute("UPDATE runs SET step_count = ? WHERE id = ?", (seq, run_id))
-        if kind == "step_started":
-            if cur and cur[0] == "completed":
-                return APPLIED
-            retry = ev.get("retry") if isinstance(ev.get("retry"), dict) else {}
-            call = _call_position(ev)
-            if cur:
-                c.execute("UPDATE steps SET status = 'running', attempts = attempts + 1, retry = ?, started_at = ?, "
-                          "error = NULL, call_seq = COALESCE(call_seq, ?) WHERE run_id = ? AND key = ?",
-                          (dumps(retry), now, call, run_id, key))
-            else:
-                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, retry, attempts, started_at, call_seq) "
-                          "VALUES (?, ?, 'step', 'running', ?, ?, 1, ?, ?)", (run_id, key, seq, dumps(retry), now, call))
-            self._journal(c, run_id, pass_id, kind, {"step": key, "attempt": ev.get("attempt")}, now)
-            if cur:  # a retry: these count towards the runaway cap, first attempts do not
-                c.execute("UPDATE runs SET step_attempts = step_attempts + 1, updated_at = ? WHERE id = ?",
-                          (now, run_id))
-                if row[2] + 1 > defaults["max_step_attempts"]:
-                    self._finish(c, run_id, pass_id, "failed", now, error={
-                        "message": "the run retried steps %d times, over limits.max_step_attempts (%d); "
-                                   "stopped as a runaway" % (row[2] + 1, defaults["max_step_attempts"]),
-                        "name": "TooManyAttempts", "stack": None})
-                    return ENDED
-            return APPLIED
-        if kind == "step_completed":
-            if cur and cur[0] == "completed":
-                return APPLIED  # memoized results are never overwritten
-            output = dumps(ev.get("output"))
-            if len(output.encode("utf-8")) > defaults["max_output_bytes"]:
-                ev = {"type": "step_failed", "step": key, "retryable": False, "oversized": True, "error": {
-                    "message": "the output of step %r is %d bytes, over the limit of %d bytes "
-                               "(limits.max_output_bytes)" % (key, len(output.encode("utf-8")),
-                                                              defaults["max_output_bytes"]),
-                    "name": "OutputTooLarge", "stack": None}}
-                kind = "step_failed"
-            else:
-                done_seq = self._next_done(c, run_id)
-                if cur:
-                    c.execute("UPDATE steps SET status = 'completed', output = ?, error = NULL, completed_at = ?, "
-                              "done_seq = ? WHERE run_id = ? AND key = ?", (output, now, done_seq, run_id, key))
-                else:
-                    c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, attempts, started_at, "
-                              "completed_at, done_seq) VALUES (?, ?, 'step', 'completed', ?, ?, 1, ?, ?, ?)",
-                              (run_id, key, seq, output, now, now, done_seq))
-                self._journal(c, run_id, pass_id, kind, {"step": key, "output": ev.get("output")}, now)
-                return APPLIED
-        if kind == "step_failed":
-            error = _clean_error(ev.get("error"))
-            retryable = 0 if ev.get("retryable") is False else 1
-            if cur is None:
-                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, attempts, started_at) "
-                          "VALUES (?, ?, 'step', 'running', ?, 1, ?)", (run_id, key, seq, now))
-            c.execute("UPDATE steps SET status = 'failed', error = ?, retryable = ? WHERE run_id = ? AND key = ? "
-                      "AND status != 'completed'", (dumps(error), retryable, run_id, key))
-            self._journal(c, run_id, pass_id, "step_failed", {"step": key, "error": error}, now)
-            if ev.get("oversized"):
-                # The shim believes the step succeeded: end the pass here, the run cannot go on.
-                self._fail_pass(c, run_id, pass_id, now, defaults, key, error, retryable=False, workflow_error=False)
-                return ENDED
-            return APPLIED
-        if kind == "sleep":
-            wake_at = ev.get("wake_at")
-            if cur is None:
-                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, wake_at, started_at, call_seq) VALUES "
-                          "(?, ?, 'sleep', 'sleeping', ?, ?, ?, ?)", (run_id, key, seq, wake_at, now, _call_position(ev)))
-                self._journal(c, run_id, pass_id, kind, {"step": key, "wake_at": wake_at}, now)
-            return APPLIED
-        if kind == "wait":
-            if cur is None:
-                spec = dict(ev["wait"])
-                c.execute("INSERT INTO steps (run_id, key, kind, status, seq, wake_at, started_at, call_seq, wait) "
-                          "VALUES (?, ?, 'wait', 'waiting', ?, ?, ?, ?, ?)",
-                          (run_id, key, seq, ev.get("timeout_at"), now, _call_position(ev), dumps(spec)))
-                self._journal(c, run_id, pass_id, kind, {"step": key, "wait": spec, "timeout_at": ev.get("timeout_at")},
-                              now)
-                self._begin_wait(c, run_id, key, spec, now, defaults)
-            return APPLIED
-        if kind == "sleep_completed":
-            cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ? AND kind = 'sleep'",
-                            (run_id, key)).fetchone()
-            if cur and cur[0] != "completed":
-                c.execute("UPDATE steps SET status = 'completed', completed_at = ?, done_seq = ? WHERE run_id = ? "
-                          "AND key = ?", (now, self._next_done(c, run_id), run_id, key))
-                self._journal(c, run_id, pass_id, kind, {"step": key}, now)
-            return APPLIED
-        if kind == "completed":
-            output = ev.get("output")
-            size = len(dumps(output).encode("utf-8"))
-            if size > defaults["max_output_bytes"]:
-                self._finish(c, run_id, pass_id, "failed", now, error={
-                    "message": "the workflow's return value is %d bytes, over the limit of %d bytes "
-                               "(limits.max_output_bytes)" % (size, defaults["max_output_bytes"]),
-                    "name": "OutputTooLarge", "stack": None})
-            else:
-                self._finish(c, run_id, pass_id, "completed", now, output=output)
-            return ENDED
-        if kind == "suspended":
-            waiting = bool(ev.get("waiting"))
-            wake_at = None if ev.get("wake_at") is None and waiting else int(ev.get("wake_at") or now)
-            due = min([t for t in (wake_at, row[3]) if t is not None], default=None)
-            if c.execute("SELECT wake_pending FROM runs WHERE id = ?", (run_id,)).fetchone()[0]:
-                due = now  # a wait resolved while this pass ran: go again at once
-            reason = "waiting%s" % ("" if wake_at is None else " (at the latest until %s)" % format_time(wake_at)) \
-                if waiting else "suspended until %s" % format_time(wake_at)
-            c.execute("UPDATE runs SET status = ?, wake_at = ?, available_at = ?, pass_id = NULL, "
-                      "lease_owner = NULL, lease_expires_at = NULL, pass_failures = 0, updated_at = ?, "
-                      "last_pass = ?, wake_pending = 0 WHERE id = ?",
-                      ("waiting" if waiting else "sleeping", wake_at, due, now,
-                       dumps({"pass": row[5], "ended_at": now, "reason": reason}), run_id))
-            self._journal(c, run_id, pass_id, "suspended", {"wake_at": wake_at, "waiting": waiting}, now)
-            return ENDED
-        if kind == "failed":
-            self._fail_pass(c, run_id, pass_id, now, defaults, key, _clean_error(ev.get("error")),
-                            retryable=ev.get("retryable") is not False, workflow_error=not key)
-            return ENDED
-        return APPLIED
-
-    # -- waits: signals, child runs, TaskYou approvals ------------------------------
-
-    def _begin_wait(self, c, run_id, key, spec, now, defaults):
-        """A new wait was recorded: a buffered signal resolves it at once; a child run is started."""
-        if spec["kind"] == "child":
-            refused = self._child_refused(c, run_id, spec, defaults)
-            if refused:
-                error = {"message": refused, "name": "ChildLimitExceeded", "run_id": None}
-                self._resolve_wait(c, run_id, key, {"error": error}, now)
-                return
-        if spec["kind"] == "signal":
-            sig = c.execute("SELECT id, data FROM signals WHERE run_id = ? AND name = ? AND consumed_by IS NULL "
-                            "ORDER BY id LIMIT 1", (run_id, spec["name"])).fetchone()
-            if sig:
-                c.execute("UPDATE signals SET consumed_by = ?, consumed_at = ? WHERE id = ?", (key, now, sig[0]))
-                self._resolve_wait(c, run_id, key, {"value": {"data": loads_or_none(sig[1])}}, now)
-        elif spec["kind"] == "child":
-            child = self._start_child(c, run_id, key, spec, now)
-            if child is None:
-                self._resolve_wait(c, run_id, key, {"error": {
-                    "message": "no workflow %r to run as a child; deploy it first" % spec["workflow_id"],
-                    "name": "NotFound", "run_id": None}}, now)
-        elif spec["kind"] == "task":
-            self._enqueue(c, run_id, "approval", {"key": key, "title": spec["title"], "body": spec.get("body")}, now)
-
-    @staticmethod
-    def _child_refused(c, run_id, spec, defaults):
-        """Why run ``run_id`` may not start another child, or None: limits.max_child_depth and
-        limits.max_children bound what a cascade walks over, and stop a runaway recursion."""
-        max_depth = defaults.get("max_child_depth", CHILD_DEPTH_DEFAULT)
-        depth = c.execute(SQL_RUN_DEPTH, (run_id, max_depth)).fetchone()[0] + 1
-        if depth > max_depth:
-            return ("cannot start a child run of %r: it would be %d levels below its root run, "
-                    "over limits.max_child_depth (%d); a workflow that starts itself needs a case "
-                    "that stops it (or raise the limit)" % (spec["workflow_id"], depth, max_depth))
-        max_children = defaults.get("max_children", CHILDREN_DEFAULT)
-        open_children = c.execute("SELECT count(*) FROM (%s)" % SQL_OPEN_CHILDREN,
-                                  (run_id,)).fetchone()[0]
-        if open_children >= max_children:
-            return ("cannot start a child run of %r: run %s already has %d unfinished child "
-                    "runs, the limit (limits.max_children); wait for some to finish before "
-                    "starting more (or raise the limit)"
-                    % (spec["workflow_id"], run_id, open_children))
-        return None
-
-    @staticmethod
-    def _latest(c, workflow_id):
-        """(latest version, its default deadline in ms) of a workflow, or None, inside a transaction."""
-        return c.execute("SELECT w.latest_version, v.deadline_ms FROM workflows w JOIN workflow_versions v ON "
-                         "v.workflow_id = w.id AND v.version = w.latest_version WHERE w.id = ?",
-                         (workflow_id,)).fetchone()
-
-    def _start_child(self, c, run_id, key, spec, now):
-        """Create the child run of wait ``key`` (once: the wait row is new) on its workflow's latest version."""
-        wf = self._latest(c, spec["workflow_id"])
-        if wf is None:
-            return None
-        child_id = new_id("run")
-        c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, deadline_at, "
-                  "task_requested, created_at, updated_at, parent_run_id, parent_wait_key) VALUES (?, ?, ?, 'pending', "
-                  "?, ?, ?, 0, ?, ?, ?, ?)", (child_id, spec["workflow_id"], wf[0], dumps(spec.get("input")), now,
-                                          now + wf[1] if wf[1] else None, now, now, run_id, key))
-        self._journal(c, child_id, None, "created", {"workflow": spec["workflow_id"], "version": wf[0],
-                                                      "parent": run_id}, now)
-        self._count(c, "started", spec["workflow_id"])
-        spec = dict(spec, run_id=child_id)
-        c.execute("UPDATE steps SET wait = ? WHERE run_id = ? AND key = ?", (dumps(spec), run_id, key))
-        return child_id
-
-    def _resolve_wait(self, c, run_id, key, outcome, now):
-        """Commit how a wait ended and wake its run; False if it had ended already."""
-        n = c.execute("UPDATE steps SET status = 'completed', output = ?, completed_at = ?, "
-                      "polled_at = NULL, done_seq = "
-                      "(SELECT done_count + 1 FROM runs WHERE id = ?) WHERE run_id = ? AND key = ? AND kind = 'wait' "
-                      "AND status = 'waiting'", (dumps(outcome), now, run_id, run_id, key)).rowcount
-        if not n:
-            return False
-        c.execute("UPDATE runs SET done_count = done_count + 1 WHERE id = ?", (run_id,))
-        self._journal(c, run_id, None, "wait_resolved", dict(outcome, step=key), now)
-        status = c.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
-        if status == "running":
-            c.execute("UPDATE runs SET wake_pending = 1 WHERE id = ?", (run_id,))
-        elif status == "waiting":  # a pending run (a retry's backoff) sees it when its time comes
-            c.execute("UPDATE runs SET available_at = ?, updated_at = ? WHERE id = ?", (now, now, run_id))
-        return True
-
-    def _timed_out_waits(self, c, run_id, now):
-        """Resolve the run's waits whose timeout passed (a child's is canceled with it)."""
-        for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = 'wait' AND "
-                                        "status = 'waiting' AND wake_at IS NOT NULL AND wake_at <= ?",
-                                        (run_id, now)).fetchall():
-            spec = loads_or_none(spec_json) or {}
-            if spec.get("kind") == "child":
-                self._resolve_wait(c, run_id, key, {"error": {
-                    "message": "child run %s of %s did not finish within its timeout" % (
-                        spec.get("run_id"), spec.get("workflow_id")), "name": "ChildTimeout",
-                    "run_id": spec.get("run_id")}}, now)
-                if spec.get("run_id"):
-                    self._cancel_tree(c, spec["run_id"], now, "its parent stopped waiting for it (timeout)")
-            else:
-                self._resolve_wait(c, run_id, key, {"value": None}, now)
-                if spec.get("kind") == "task":
-                    self._enqueue(c, run_id, "approval_end", {"key": key, "reason": "its timeout passed"}, now)
-
-    def _cancel_tree(self, c, run_id, now, reason):
-        """Cancel a run that is not finished, with its own unfinished children."""
-        row = c.execute("SELECT status, pass_id FROM runs WHERE id = ?", (run_id,)).fetchone()
-        if row and row[0] not in TERMINAL:
-            self._finish(c, run_id, row[1], "canceled", now, error={"message": reason, "name": "Canceled",
-                                                                    "stack": None})
-
-    def _after_finish(self, c, run_id, status, now):
-        """A finished run: its parent's wait resolves, its approvals end."""
-        c.execute("UPDATE steps SET polled_at = NULL WHERE run_id = ? AND polled_at IS NOT NULL",
-                  (run_id,))
-        row = c.execute("SELECT r.parent_run_id, r.parent_wait_key, r.output, r.error, p.status FROM runs r "
-                        "LEFT JOIN runs p ON p.id = r.parent_run_id WHERE r.id = ?", (run_id,)).fetchone()
-        if row and row[0] and row[4] not in TERMINAL:  # a finished parent keeps its wait open (retry makes anew)
-            if status == "completed":
-                outcome = {"value": loads_or_none(row[2])}
-            else:
-                err = loads_or_none(row[3]) or {}
-                outcome = {"error": {"message": "child run %s %s: %s" % (run_id, status, err.get("message")),
-                                     "name": "ChildCanceled" if status == "canceled" else "ChildFailed",
-                                     "run_id": run_id}}
-            self._resolve_wait(c, row[0], row[1], outcome, now)
-        for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = 'wait' AND "
-                                        "status = 'waiting'", (run_id,)).fetchall():
-            if (loads_or_none(spec_json) or {}).get("kind") == "task":
-                self._enqueue(c, run_id, "approval_end", {"key": key, "reason": "the run was %s" % status}, now)
-
-    def signal(self, run_id, name, data_json, now, idempotency_key=None):
-        """Deliver a signal: the oldest wait for ``name`` takes it, or it waits for one (FIFO per name).
-
-        Returns (signal id, consumed by wait key or None, applied: False when the key was seen)."""
-        with self.transaction() as c:
-            return self._signal(c, run_id, name, data_json, now, idempotency_key)
-
-    def _signal(self, c, run_id, name, data_json, now, idempotency_key=None):
-        run = c.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
-        if run is None:
-            raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
-        if idempotency_key is not None:
-            seen = c.execute("SELECT id, consumed_by FROM signals WHERE run_id = ? AND idempotency_key = ?",
-                             (run_id, idempotency_key)).fetchone()
-            if seen:
-                return seen[0], seen[1], False
-        if run[0] in TERMINAL:
-            raise Conflict("run %s is already %s; a signal to it would never be read" % (run_id, run[0]))
-        cur = c.execute("INSERT INTO signals (run_id, name, data, idempotency_key, created_at) VALUES "
-                        "(?, ?, ?, ?, ?)", (run_id, name, data_json, idempotency_key, now))
-        sig_id = cur.lastrowid
-        self._journal(c, run_id, None, "signal", {"name": name, "signal": sig_id}, now)
-        wait = None
-        for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = 'wait' AND "
-                                        "status = 'waiting' ORDER BY seq", (run_id,)).fetchall():
-            spec = loads_or_none(spec_json) or {}
-            if spec.get("kind") == "signal" and spec.get("name") == name:
-                wait = key
-                break
-        if wait is not None:
-            c.execute("UPDATE signals SET consumed_by = ?, consumed_at = ? WHERE id = ?", (wait, now, sig_id))
-            self._resolve_wait(c, run_id, wait, {"value": {"data": loads_or_none(data_json)}}, now)
-        return sig_id, wait, True
-
-    def set_wait_task(self, run_id, key, task_id, now):
-        """Keep the TaskYou task a wait watches (and when it was last looked at: its turn to be
-        polled comes again after every other open wait's)."""
-        with self.transaction() as c:
-            row = c.execute("SELECT s.wait, s.status = 'waiting' AND r.status NOT IN "
-                            "('completed', 'failed', 'canceled') FROM steps s "
-                            "JOIN runs r ON r.id = s.run_id "
-                            "WHERE s.run_id = ? AND s.key = ? AND s.kind = 'wait'",
-                            (run_id, key)).fetchone()
-            if row:
-                spec = dict(loads_or_none(row[0]) or {}, task_id=task_id, polled_at=now)
-                c.execute("UPDATE steps SET wait = ?, polled_at = ? WHERE run_id = ? AND key = ?",
-                          (dumps(spec), now if row[1] else None, run_id, key))
-
-    def wait_open(self, run_id, key):
-        """Whether the run still waits on ``key``."""
-        return self.query_one("SELECT 1 AS x FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.run_id = ? AND "
-                              "s.key = ? AND s.status = 'waiting' AND r.status NOT IN ('completed', 'failed', "
-                              "'canceled')", (run_id, key)) is not None
-
-    def wait_task(self, run_id, key):
-        row = self.query_one("SELECT wait FROM steps WHERE run_id = ? AND key = ?", (run_id, key))
-        return (loads_or_none(row["wait"]) or {}).get("task_id") if row else None
-
-    def approvals_due(self, now, every_ms, limit=APPROVAL_POLL_BATCH):
-        """(run id, key, wait) of up to ``limit`` open task waits whose last look is older than
-        ``every_ms``, the longest unlooked-at first: however many there are, each gets its turn."""
-        out = []
-        for r in self.query(SQL_APPROVALS_DUE, (now - every_ms, limit)):
-            spec = loads_or_none(r["wait"]) or {}
-            if spec.get("task_id") is not None:
-                out.append((r["run_id"], r["key"], spec))
-        return out
-
-    def resolve_wait(self, run_id, key, outcome, now):
-        with self.transaction() as c:
-            return self._resolve_wait(c, run_id, key, outcome, now)
-
-    def signals(self, run_id):
-        return self.query("SELECT id, name, data, created_at, consumed_by, consumed_at FROM signals WHERE run_id = ? "
-                          "ORDER BY id", (run_id,))
-
-    @staticmethod
-    def _next_done(c, run_id):
-        """Take the next position in the run's resolution order (replay hands results back in it)."""
-        n = c.execute("SELECT done_count FROM runs WHERE id = ?", (run_id,)).fetchone()[0] + 1
-        # Progress was made: a pass that resolves something is not a lost pass.
-        c.execute("UPDATE runs SET done_count = ?, pass_failures = 0 WHERE id = ?", (n, run_id))
-        return n
-
-    def end_pass_without_result(self, run_id, pass_id, now, defaults, message):
-        """The pass stopped with no terminal event (crash, kill, timeout): a failed attempt.
-
-        Every step still in flight (several, with Promise.all) failed with it; the
-        retry waits for the slowest of their backoffs, and a step whose attempts
-        are spent fails the run.
-        """
-        with self.transaction() as c:
-            return self._end_pass(c, run_id, pass_id, now, defaults, message)
-
-    def _end_pass(self, c, run_id, pass_id, now, defaults, message):
-        row = c.execute("SELECT status, pass_id, passes FROM runs WHERE id = ?",
-                        (run_id,)).fetchone()
-        if row is None or row[0] != "running" or row[1] != pass_id:
-            return False
-        self._last_pass(c, run_id, row[2], message, now)
-        inflight = [r[0] for r in c.execute(
-            "SELECT key FROM steps WHERE run_id = ? AND status = 'running' AND kind = 'step' "
-            "ORDER BY started_at DESC, seq DESC", (run_id,))]
-        error = {"message": message, "name": "PassLost", "stack": None}
-        for key in inflight:
-            step_error = dict(error, message="%s while step %r was running" % (message, key))
-            c.execute("UPDATE steps SET status = 'failed', error = ? WHERE run_id = ? AND key = ?",
-                      (dumps(step_error), run_id, key))
-            self._journal(c, run_id, pass_id, "step_failed", {"step": key, "error": step_error},
-                          now)
-        if not inflight:
-            self._fail_pass(c, run_id, pass_id, now, defaults, None, error, retryable=True,
-                            workflow_error=False)
-            return True
-        # The step whose retry is due last decides; a spent one fails the run at once.
-        plans = [(self._retry_plan(c, run_id, key, defaults, now), key) for key in inflight]
-        spent = [key for plan, key in plans if plan is None]
-        key = spent[0] if spent else max(plans)[1]
-        error = dict(error, message="%s while step %r was running" % (message, key))
-        self._fail_pass(c, run_id, pass_id, now, defaults, key, error, retryable=True,
-                        workflow_error=False)
-        return True
-
-    def _retry_plan(self, c, run_id, key, defaults, now):
-        """When step ``key`` may run again after a failure, or None if its attempts are spent."""
-        srow = c.execute("SELECT attempts, retry, retryable FROM steps WHERE run_id = ? AND key = ?",
-                         (run_id, key)).fetchone() or (1, None, 1)
-        policy = self._policy(defaults, srow[1])
-        if not srow[2] or srow[0] >= policy["max_attempts"]:
-            return None
-        return now + backoff_ms(policy, srow[0])
-
-    @staticmethod
-    def _policy(defaults, retry_json):
-        policy = dict(defaults["retry"])
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            policy.update({k: v for k, v in json.loads(retry_json or "{}").items() if k in policy})
-        return policy
-
-    def _fail_pass(self, c, run_id, pass_id, now, defaults, step_key, error, retryable, workflow_error):
-        """Decide between a retry (back to pending with backoff) and failing the run."""
-        if step_key:
-            srow = c.execute("SELECT attempts, retry, retryable, error FROM steps WHERE run_id = ? AND key = ?",
-                             (run_id, step_key)).fetchone()
-            if srow is None:
-                srow = (1, None, 1, None)
-            policy = self._policy(defaults, srow[1])
-            attempts, step_error = srow[0], json.loads(srow[3]) if srow[3] else error
-            if retryable and srow[2] and attempts < policy["max_attempts"]:
-                due = now + backoff_ms(policy, attempts)
-                self._retry_later(c, run_id, pass_id, due, now, {"step": step_key, "attempt": attempts,
-                                                                   "retry_at": due, "error": step_error})
-                return
-            step_error = dict(step_error)
-            step_error["step"] = step_key
-            step_error["attempts"] = attempts
-            if srow[2] and retryable:
-                step_error["message"] = "step %r failed after %d attempt%s: %s" % (
-                    step_key, attempts, "" if attempts == 1 else "s", step_error.get("message"))
-            else:
-                step_error["message"] = "step %r failed: %s" % (step_key, step_error.get("message"))
-            self._finish(c, run_id, pass_id, "failed", now, error=step_error)
-            return
-        if workflow_error:
-            self._finish(c, run_id, pass_id, "failed", now, error=error)
-            return
-        failures = c.execute("SELECT pass_failures FROM runs WHERE id = ?", (run_id,)).fetchone()[0] + 1
-        if failures < PASS_RETRY["max_attempts"]:
-            due = now + backoff_ms(PASS_RETRY, failures)
-            c.execute("UPDATE runs SET pass_failures = ? WHERE id = ?", (failures, run_id))
-            self._retry_later(c, run_id, pass_id, due, now, {"attempt": failures, "retry_at": due, "error": error})
-            return
-        error = dict(error)
-        error["message"] = "the pass failed %d times in a row: %s" % (failures, error["message"])
-        self._finish(c, run_id, pass_id, "failed", now, error=error)
-
-    def _retry_later(self, c, run_id, pass_id, due, now, data):
-        deadline, passes, last = c.execute("SELECT deadline_at, passes, last_pass FROM runs WHERE id = ?",
-                                           (run_id,)).fetchone()
-        if deadline is not None:
-            due = min(due, deadline)
-        if data.get("step") and not (last and json.loads(last).get("pass") == passes):
-            self._last_pass(c, run_id, passes, "step %r failed (attempt %s); retry at %s"
-                            % (data["step"], data.get("attempt"), format_time(due)), now)
-        c.execute("UPDATE runs SET status = 'pending', available_at = ?, pass_id = NULL, lease_owner = NULL, "
-                  "lease_expires_at = NULL, updated_at = ? WHERE id = ?", (due, now, run_id))
-        self._journal(c, run_id, pass_id, "retry_scheduled", data, now)
-
     def fail_run(self, run_id, pass_id, now, error):
         """Fail a running pass's run outright (deadline passed, runaway)."""
-        with self.transaction() as c:
+        with self.store.transaction() as c:
             row = c.execute("SELECT status, pass_id FROM runs WHERE id = ?", (run_id,)).fetchone()
             if row is None or row[0] in TERMINAL or (pass_id and row[1] != pass_id):
                 return False
@@ -2856,26 +2031,26 @@ class Store:
         """Fail the run with its tree; if even that raises (a bug, data it cannot read), fail
         the run alone, so that it at least ends."""
         try:
-            with self._savepoint(c):
-                self._finish(c, run_id, pass_id, "failed", now, error=error)
+            with self.store.savepoint(c):
+                self.finish(c, run_id, pass_id, "failed", now, error=error)
             return
         except Exception as exc:
             if _is_outage(exc):
                 raise
             log.exception("run %s: ending it failed; it is failed on its own", run_id)
             error = dict(error, message="%s (ending its tree failed too, %s: %s; its children and "
-                                        "parent were not told)" % (error["message"],
-                                                                    type(exc).__name__, exc))
+                         "parent were not told)" % (error["message"],
+                                                    type(exc).__name__, exc))
         c.execute("UPDATE runs SET status = 'failed', error = ?, pass_id = NULL, "
                   "lease_owner = NULL, lease_expires_at = NULL, available_at = NULL, "
                   "wake_at = NULL, finished_at = ?, updated_at = ? WHERE id = ?",
                   (dumps(error), now, now, run_id))
         self._interrupt_steps(c, run_id)
-        self._journal(c, run_id, pass_id, "failed", {"error": error}, now)
+        self.journal(c, run_id, pass_id, "failed", {"error": error}, now)
         wf = c.execute("SELECT workflow_id FROM runs WHERE id = ?", (run_id,)).fetchone()
-        self._count(c, "failed", wf[0])
+        self.count(c, "failed", wf[0])
 
-    def _set_aside(self, c, run_id, now, exc):
+    def set_aside(self, c, run_id, now, exc):
         """Handling the run raised unexpectedly (a bug, data the code cannot read): it is tried
         again after a backoff, and failed with the error after PASS_RETRY tries in a row. One run
         can neither stop a scheduler nor keep it busy."""
@@ -2899,39 +2074,1102 @@ class Store:
                   "lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ?",
                   (failures, due, now, run_id))
         self._interrupt_steps(c, run_id)
-        self._journal(c, run_id, row[1], "set_aside", {"error": what, "retry_at": due}, now)
-        self._last_pass(c, run_id, row[3], "the scheduler failed while handling the run (%s); "
-                        "tried again at %s" % (what, format_time(due)), now)
+        self.journal(c, run_id, row[1], "set_aside", {"error": what, "retry_at": due}, now)
+        self.note_last_pass(c, run_id, row[3], "the scheduler failed while handling the run (%s); "
+                            "tried again at %s" % (what, format_time(due)), now)
 
     @staticmethod
     def _interrupt_steps(c, run_id):
         c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND "
                   "status = 'running'", (run_id,))
 
-    # -- schedulers -----------------------------------------------------------
+    def cancel_tree(self, c, run_id, now, reason):
+        """Cancel a run that is not finished, with its own unfinished children."""
+        row = c.execute("SELECT status, pass_id FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row and row[0] not in TERMINAL:
+            self.finish(c, run_id, row[1], "canceled",
+                        now, error={"message": reason, "name": "Canceled",
+                                    "stack": None})
+
+
+class LeaseLedger:
+    """Which scheduler runs what: claiming due runs, their leases, giving passes back."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def claim_due(self, owner, now, limit, lease_ms, exclude=()):
+        """Atomically claim up to ``limit`` due runs for ``owner``; returns the claimed runs.
+
+        Due: pending or sleeping runs whose time has come, and running runs whose
+        scheduler is gone: proven dead on this host (at once), or silent past its
+        lease where its pid proves nothing (another host, another PID namespace).
+        A live scheduler of this host is never robbed, whatever the clocks say, and
+        ``exclude`` (the runs the caller drives) is never claimed.
+        """
+        claimed = []
+        with self.store.transaction() as c:
+            holders = self.store.registry.holders(c)
+            dead = [sid for sid, alive in holders.items() if alive is False]
+            live = [sid for sid, alive in holders.items() if alive is True and sid != owner]
+            rows = c.execute(*self._due_query(now, dead, live, limit + len(exclude))).fetchall()
+            for run_id, status, holder in rows:
+                if run_id in exclude or len(claimed) >= limit:
+                    continue
+                if status == "running" and holder != owner and holders.get(holder) is True:
+                    # alive on this host: its lease only looks expired (a stall, a clock jump)
+                    continue
+                try:
+                    with self.store.savepoint(c):
+                        run = self._claim_one(c, run_id, status, owner, now, lease_ms)
+                except Exception as exc:
+                    if _is_outage(exc):
+                        raise
+                    self.store.runs.set_aside(c, run_id, now, exc)
+                    continue
+                if run is not None:
+                    claimed.append(run)
+            for sid in dead:  # a dead scheduler's row goes once nothing it held is left
+                if not c.execute("SELECT 1 FROM runs WHERE lease_owner = ? AND status = 'running' "
+                                 "LIMIT 1",
+                                 (sid,)).fetchone():
+                    c.execute("DELETE FROM schedulers WHERE id = ?", (sid,))
+        return claimed
+
+    def _claim_one(self, c, run_id, status, owner, now, lease_ms):
+        """Claim one due run (None: it ended instead: a deadline, a pass lost too often)."""
+        run = self.store.one(c, SQL_RUN, (run_id,))
+        run["lost_pass_id"] = None
+        run["was"] = status  # for the wake-lateness metric
+        if status == "running":
+            run["lost_pass_id"] = run["pass_id"]
+            self.store.runs.journal(c, run_id, run["pass_id"], "lease_expired", {
+                "owner": run["lease_owner"], "message": "its scheduler stopped; replaying"}, now)
+            self.store.runs.note_last_pass(c, run_id, run["passes"], "lost: its scheduler stopped",
+                                           now)
+            # A pass that keeps taking its scheduler down must not be replayed forever.
+            lost = run["pass_failures"] + 1
+            c.execute("UPDATE runs SET pass_failures = ? WHERE id = ?", (lost, run_id))
+            if lost >= PASS_RETRY["max_attempts"]:
+                self.store.runs.finish(c, run_id, run["pass_id"], "failed", now, error={
+                    "message": "the run's pass was lost %d times in a row (its scheduler stopped "
+                               "each time)" % lost, "name": "PassLost", "stack": None})
+                return None
+        if run["deadline_at"] is not None and now >= run["deadline_at"]:
+            self.store.runs.finish(c, run_id, run["pass_id"], "failed", now, error={
+                "message": "the run passed its deadline (%s)" % format_time(run["deadline_at"]),
+                "name": "DeadlineExceeded", "stack": None})
+            return None
+        if status == "waiting":
+            self.store.waits.time_out_waits(c, run_id, now)
+        pass_id = new_id("pass")
+        c.execute("UPDATE runs SET status = 'running', pass_id = ?, lease_owner = ?, "
+                  "lease_expires_at = ?, passes = passes + 1, "
+                  "started_at = COALESCE(started_at, ?), updated_at = ?, wake_pending = 0 "
+                  "WHERE id = ?",
+                  (pass_id, owner, now + lease_ms, now, now, run_id))
+        run.update(status="running", pass_id=pass_id, lease_owner=owner, passes=run["passes"] + 1)
+        if run["passes"] == 1 and run["task_requested"]:
+            self.store.outbox.enqueue(c, run_id, "processing", None, now)
+        self.store.runs.journal(c, run_id, pass_id, "pass_started",
+                                {"pass": run["passes"], "owner": owner},
+                                now)
+        return run
+
+    @staticmethod
+    def _due_query(now, dead, live, limit):
+        """SQL and parameters of the due runs: a dead holder's due at once, a live one's never."""
+        running = "lease_expires_at < ?"
+        params = [now, now]
+        if dead:
+            running = "(%s OR lease_owner IN (%s))" % (running, ",".join("?" * len(dead)))
+            params += dead
+        if live:
+            running += " AND lease_owner NOT IN (%s)" % ",".join("?" * len(live))
+            params += live
+        sql = SQL_DUE_RUNS.replace("lease_expires_at < ?", running, 1)
+        return sql, params + [limit]
+
+    def next_due_at(self):
+        """When the next run is due (one held by a live scheduler of this host is not due)."""
+        try:
+            with self.store.connection() as c:
+                holders = self.store.registry.holders(c)
+                live = [sid for sid, alive in holders.items() if alive is True]
+                sql = SQL_NEXT_DUE
+                if live:
+                    sql = sql.replace("WHERE status = 'running'",
+                                      "WHERE status = 'running' AND lease_owner NOT IN "
+                                      "(%s)" % ",".join("?" * len(live)), 1)
+                row = c.execute(sql, live).fetchone()
+        except sqlite3.Error as exc:
+            raise self.store.wrap(exc)
+        return row[0] if row else None
+
+    def renew_leases(self, owner, pass_ids, until):
+        """Extend the leases of our passes; returns the pass ids we no longer hold."""
+        lost = []
+        with self.store.transaction() as c:
+            for run_id, pass_id in pass_ids:
+                n = c.execute("UPDATE runs SET lease_expires_at = ? WHERE id = ? AND pass_id = ? "
+                              "AND lease_owner = ? AND status = 'running'",
+                              (until, run_id, pass_id, owner)).rowcount
+                if n == 0:
+                    lost.append(pass_id)
+        return lost
+
+    def pass_is_current(self, run_id, pass_id, now=None):
+        """True while ``pass_id`` is the run's pass in flight (and, given ``now``, its lease
+        holds)."""
+        row = self.store.query_one("SELECT lease_expires_at FROM runs WHERE id = ? AND pass_id = ? "
+                                   "AND status = 'running'",
+                                   (run_id, pass_id))
+        if row is None:
+            return False
+        return now is None or row["lease_expires_at"] is None or row["lease_expires_at"] >= now
+
+    def release(self, run_id, pass_id, now, reason="scheduler stopping", due=None):
+        """Give back a pass we stopped (shutdown, a lost lease, a platform not ready yet): the run
+        is due again at once (or at ``due``), no attempt lost."""
+        with self.store.transaction() as c:
+            return self._released(c, run_id, pass_id, now, reason, due)
+
+    def _released(self, c, run_id, pass_id, now, reason, due=None):
+        n = c.execute("UPDATE runs SET status = 'pending', pass_id = NULL, lease_owner = NULL, "
+                      "lease_expires_at = NULL, available_at = ?, updated_at = ? "
+                      "WHERE id = ? AND pass_id = ? AND status = 'running'",
+                      (now if due is None else due, now, run_id, pass_id)).rowcount
+        if n:
+            c.execute("UPDATE steps SET status = 'interrupted' "
+                      "WHERE run_id = ? AND status = 'running'", (run_id,))
+            self.store.runs.journal(c, run_id, pass_id, "released", {"message": reason}, now)
+            passes = c.execute("SELECT passes FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+            self.store.runs.note_last_pass(c, run_id, passes, "released: %s" % reason, now)
+        return bool(n)
+
+    def spare(self, run_id, pass_id, now, defaults, message, isolate=True):
+        """The pass's shared worker died under it by another pass's doing: it is given back, due
+        now, with no attempt counted. ``isolate`` (whose doing is not known): the run's passes
+        run alone from then on, and a pass of a run already alone owns its death."""
+        with self.store.transaction() as c:
+            row = c.execute("SELECT status, pass_id, isolated FROM runs WHERE id = ?",
+                            (run_id,)).fetchone()
+            if row is None or row[0] != "running" or row[1] != pass_id:
+                return False
+            if isolate and row[2]:
+                return self.store.passes.end_pass(c, run_id, pass_id, now, defaults, message)
+            # The steps it had started start again: that attempt is not counted.
+            cut = c.execute("UPDATE steps SET attempts = max(attempts - 1, 0) "
+                            "WHERE run_id = ? AND status = 'running' AND kind = 'step'",
+                            (run_id,)).rowcount
+            c.execute("UPDATE runs SET isolated = max(isolated, ?), "
+                      "step_attempts = max(step_attempts - ?, 0) WHERE id = ?",
+                      (1 if isolate else 0, cut, run_id))
+            why = ("the run's passes run alone from now on" if isolate
+                   else "another pass in its shared warm worker caused it")
+            return self._released(c, run_id, pass_id, now, "%s (not counted: %s)" % (message, why))
+
+
+class PassLedger:
+    """What a pass tells: its history to replay, its events applied, its end and retries."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def history(self, run_id):
+        """The history a pass replays: outputs, sleep wake times, attempts, resolution order."""
+        steps, sleeps, attempts, order, calls, waits, waiting = {}, {}, {}, [], [], {}, {}
+        for row in self.store.query("SELECT key, kind, status, output, wake_at, attempts, "
+                                    "done_seq, call_seq FROM steps WHERE run_id = ? ORDER BY "
+                                    "done_seq IS NULL, done_seq, seq", (run_id,)):
+            if row["call_seq"] is not None:
+                calls.append([row["call_seq"], row["key"], row["kind"]])
+            key, kind, status = row["key"], row["kind"], row["status"]
+            if kind == "sleep":
+                sleeps[key] = row["wake_at"]
+            elif kind == "wait":
+                if status == "completed":
+                    waits[key] = json.loads(row["output"])
+                else:
+                    waiting[key] = row["wake_at"]
+            elif status == "completed":
+                steps[key] = json.loads(row["output"])
+            if row["attempts"]:
+                attempts[key] = row["attempts"]
+            if row["done_seq"] is not None:
+                order.append(key)
+        calls.sort()
+        return {"steps": steps, "sleeps": sleeps, "attempts": attempts, "order": order,
+                "calls": calls,
+                "waits": waits, "waiting": waiting}
+
+    def apply_event(self, run_id, pass_id, ev, now, defaults):
+        """Commit one pass event; returns APPLIED, IGNORED (stale pass) or ENDED (terminal)."""
+        with self.store.transaction() as c:
+            return self.apply_in(c, run_id, pass_id, ev, now, defaults)
+
+    def apply_events(self, run_id, pass_id, events, now, defaults):
+        """Commit events that arrived together in one transaction; returns (outcome, events used).
+
+        Each is applied as apply_event would, in order, up to the first that ends
+        the pass or is ignored: committing a batch at once is as durable as one by
+        one, since none of them was acknowledged to anyone before its commit."""
+        with self.store.transaction() as c:
+            for i, ev in enumerate(events):
+                outcome = self.apply_in(c, run_id, pass_id, ev, now, defaults)
+                if outcome != APPLIED:
+                    return outcome, i + 1
+            return APPLIED, len(events)
+
+    # Events that record a step, a sleep or a wait: the first sight of one numbers it.
+    RECORDING = frozenset(("step_started", "step_completed", "step_failed", "sleep", "wait"))
+
+    def apply_in(self, c, run_id, pass_id, ev, now, defaults):
+        """Apply one event in transaction ``c`` with the handler of its kind (HANDLERS)."""
+        row = c.execute("SELECT status, pass_id, step_attempts, deadline_at, step_count, passes "
+                        "FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None or row[0] != "running" or row[1] != pass_id:
+            return IGNORED
+        cur = seq = None
+        if ev["type"] in self.RECORDING:
+            cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?",
+                            (run_id, ev.get("step"))).fetchone()
+            if cur is None:
+                if row[4] >= defaults["max_steps"]:
+                    self.store.runs.finish(c, run_id, pass_id, "failed", now, error={
+                        "message": "the run reached %d steps and sleeps (limits.max_steps); "
+                                   "stopped as a runaway (raise the limit if it really needs more)"
+                                   % defaults["max_steps"],
+                        "name": "TooManySteps", "stack": None})
+                    return ENDED
+                seq = row[4] + 1
+                c.execute("UPDATE runs SET step_count = ? WHERE id = ?", (seq, run_id))
+        handler = self.HANDLERS.get(ev["type"])
+        if handler is None:
+            return APPLIED
+        return handler(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq)
+
+    # Each handler: (c, run_id, pass_id, ev, now, defaults, the run's row, the step's status row
+    # or None, the new step's seq or None) -> APPLIED or ENDED.
+
+    def _on_step_started(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        if cur and cur[0] == "completed":
+            return APPLIED
+        key = ev.get("step")
+        retry = ev.get("retry") if isinstance(ev.get("retry"), dict) else {}
+        call = _call_position(ev)
+        if cur:
+            c.execute("UPDATE steps SET status = 'running', attempts = attempts + 1, retry = ?, "
+                      "started_at = ?, error = NULL, call_seq = COALESCE(call_seq, ?) "
+                      "WHERE run_id = ? AND key = ?", (dumps(retry), now, call, run_id, key))
+        else:
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, retry, attempts, "
+                      "started_at, call_seq) VALUES (?, ?, 'step', 'running', ?, ?, 1, ?, ?)",
+                      (run_id, key, seq, dumps(retry), now, call))
+        self.store.runs.journal(c, run_id, pass_id, "step_started",
+                                {"step": key, "attempt": ev.get("attempt")}, now)
+        if cur:  # a retry: these count towards the runaway cap, first attempts do not
+            c.execute("UPDATE runs SET step_attempts = step_attempts + 1, updated_at = ? WHERE id "
+                      "= ?", (now, run_id))
+            if row[2] + 1 > defaults["max_step_attempts"]:
+                self.store.runs.finish(c, run_id, pass_id, "failed", now, error={
+                    "message": "the run retried steps %d times, over limits.max_step_attempts "
+                               "(%d); stopped as a runaway"
+                               % (row[2] + 1, defaults["max_step_attempts"]),
+                    "name": "TooManyAttempts", "stack": None})
+                return ENDED
+        return APPLIED
+
+    def _on_step_completed(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        if cur and cur[0] == "completed":
+            return APPLIED  # memoized results are never overwritten
+        key = ev.get("step")
+        output = dumps(ev.get("output"))
+        size = len(output.encode("utf-8"))
+        if size > defaults["max_output_bytes"]:
+            failed = {"type": "step_failed", "step": key, "retryable": False, "oversized": True,
+                      "error": {"message": "the output of step %r is %d bytes, over the limit of "
+                                "%d bytes (limits.max_output_bytes)"
+                                % (key, size, defaults["max_output_bytes"]),
+                                "name": "OutputTooLarge", "stack": None}}
+            return self._on_step_failed(c, run_id, pass_id, failed, now, defaults, row, cur, seq)
+        done_seq = self._next_done(c, run_id)
+        if cur:
+            c.execute("UPDATE steps SET status = 'completed', output = ?, error = NULL, "
+                      "completed_at = ?, done_seq = ? WHERE run_id = ? AND key = ?",
+                      (output, now, done_seq, run_id, key))
+        else:
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, attempts, "
+                      "started_at, completed_at, done_seq) VALUES (?, ?, 'step', 'completed', ?, "
+                      "?, 1, ?, ?, ?)",
+                      (run_id, key, seq, output, now, now, done_seq))
+        self.store.runs.journal(c, run_id, pass_id, "step_completed",
+                                {"step": key, "output": ev.get("output")}, now)
+        return APPLIED
+
+    def _on_step_failed(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        key = ev.get("step")
+        error = _clean_error(ev.get("error"))
+        retryable = 0 if ev.get("retryable") is False else 1
+        if cur is None:
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, attempts, started_at) "
+                      "VALUES (?, ?, 'step', 'running', ?, 1, ?)", (run_id, key, seq, now))
+        c.execute("UPDATE steps SET status = 'failed', error = ?, retryable = ? WHERE run_id = ? "
+                  "AND key = ? AND status != 'completed'", (dumps(error), retryable, run_id, key))
+        self.store.runs.journal(c, run_id, pass_id, "step_failed",
+                                {"step": key, "error": error}, now)
+        if ev.get("oversized"):
+            # The shim believes the step succeeded: end the pass here, the run cannot go on.
+            self._fail_pass(c, run_id, pass_id, now, defaults, key, error, retryable=False,
+                            workflow_error=False)
+            return ENDED
+        return APPLIED
+
+    def _on_sleep(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        key, wake_at = ev.get("step"), ev.get("wake_at")
+        if cur is None:
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, wake_at, started_at, "
+                      "call_seq) VALUES (?, ?, 'sleep', 'sleeping', ?, ?, ?, ?)",
+                      (run_id, key, seq, wake_at, now, _call_position(ev)))
+            self.store.runs.journal(c, run_id, pass_id, "sleep", {"step": key, "wake_at": wake_at},
+                                    now)
+        return APPLIED
+
+    def _on_wait(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        if cur is None:
+            key, spec = ev.get("step"), dict(ev["wait"])
+            c.execute("INSERT INTO steps (run_id, key, kind, status, seq, wake_at, started_at, "
+                      "call_seq, wait) VALUES (?, ?, 'wait', 'waiting', ?, ?, ?, ?, ?)",
+                      (run_id, key, seq, ev.get("timeout_at"), now, _call_position(ev),
+                       dumps(spec)))
+            self.store.runs.journal(c, run_id, pass_id, "wait", {
+                "step": key, "wait": spec, "timeout_at": ev.get("timeout_at")}, now)
+            self.store.waits.begin_wait(c, run_id, key, spec, now, defaults)
+        return APPLIED
+
+    def _on_sleep_completed(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        key = ev.get("step")
+        cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ? AND kind = 'sleep'",
+                        (run_id, key)).fetchone()
+        if cur and cur[0] != "completed":
+            c.execute("UPDATE steps SET status = 'completed', completed_at = ?, done_seq = ? WHERE "
+                      "run_id = ? AND key = ?", (now, self._next_done(c, run_id), run_id, key))
+            self.store.runs.journal(c, run_id, pass_id, "sleep_completed", {"step": key}, now)
+        return APPLIED
+
+    def _on_completed(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        output = ev.get("output")
+        size = len(dumps(output).encode("utf-8"))
+        if size > defaults["max_output_bytes"]:
+            self.store.runs.finish(c, run_id, pass_id, "failed", now, error={
+                "message": "the workflow's return value is %d bytes, over the limit of %d bytes "
+                           "(limits.max_output_bytes)" % (size, defaults["max_output_bytes"]),
+                "name": "OutputTooLarge", "stack": None})
+        else:
+            self.store.runs.finish(c, run_id, pass_id, "completed", now, output=output)
+        return ENDED
+
+    def _on_suspended(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        waiting = bool(ev.get("waiting"))
+        wake_at = None if ev.get("wake_at") is None and waiting else int(ev.get("wake_at") or now)
+        due = min([t for t in (wake_at, row[3]) if t is not None], default=None)
+        if c.execute("SELECT wake_pending FROM runs WHERE id = ?", (run_id,)).fetchone()[0]:
+            due = now  # a wait resolved while this pass ran: go again at once
+        if not waiting:
+            reason = "suspended until %s" % format_time(wake_at)
+        elif wake_at is None:
+            reason = "waiting"
+        else:
+            reason = "waiting (at the latest until %s)" % format_time(wake_at)
+        c.execute("UPDATE runs SET status = ?, wake_at = ?, available_at = ?, pass_id = NULL, "
+                  "lease_owner = NULL, lease_expires_at = NULL, pass_failures = 0, updated_at = ?, "
+                  "last_pass = ?, wake_pending = 0 WHERE id = ?",
+                  ("waiting" if waiting else "sleeping", wake_at, due, now,
+                   dumps({"pass": row[5], "ended_at": now, "reason": reason}), run_id))
+        self.store.runs.journal(c, run_id, pass_id, "suspended",
+                                {"wake_at": wake_at, "waiting": waiting}, now)
+        return ENDED
+
+    def _on_failed(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+        key = ev.get("step")
+        self._fail_pass(c, run_id, pass_id, now, defaults, key, _clean_error(ev.get("error")),
+                        retryable=ev.get("retryable") is not False, workflow_error=not key)
+        return ENDED
+
+    HANDLERS = {"step_started": _on_step_started, "step_completed": _on_step_completed,
+                "step_failed": _on_step_failed, "sleep": _on_sleep, "wait": _on_wait,
+                "sleep_completed": _on_sleep_completed, "completed": _on_completed,
+                "suspended": _on_suspended, "failed": _on_failed}
+
+    @staticmethod
+    def _next_done(c, run_id):
+        """Take the next place in the run's resolution order (replay hands results back in it)."""
+        n = c.execute("SELECT done_count FROM runs WHERE id = ?", (run_id,)).fetchone()[0] + 1
+        # Progress was made: a pass that resolves something is not a lost pass.
+        c.execute("UPDATE runs SET done_count = ?, pass_failures = 0 WHERE id = ?", (n, run_id))
+        return n
+
+    def end_pass_without_result(self, run_id, pass_id, now, defaults, message):
+        """The pass stopped with no terminal event (crash, kill, timeout): a failed attempt.
+
+        Every step still in flight (several, with Promise.all) failed with it; the
+        retry waits for the slowest of their backoffs, and a step whose attempts
+        are spent fails the run.
+        """
+        with self.store.transaction() as c:
+            return self.end_pass(c, run_id, pass_id, now, defaults, message)
+
+    def end_pass(self, c, run_id, pass_id, now, defaults, message):
+        """end_pass_without_result inside transaction ``c``."""
+        row = c.execute("SELECT status, pass_id, passes FROM runs WHERE id = ?",
+                        (run_id,)).fetchone()
+        if row is None or row[0] != "running" or row[1] != pass_id:
+            return False
+        self.store.runs.note_last_pass(c, run_id, row[2], message, now)
+        inflight = [r[0] for r in c.execute(
+            "SELECT key FROM steps WHERE run_id = ? AND status = 'running' AND kind = 'step' "
+            "ORDER BY started_at DESC, seq DESC", (run_id,))]
+        error = {"message": message, "name": "PassLost", "stack": None}
+        for key in inflight:
+            step_error = dict(error, message="%s while step %r was running" % (message, key))
+            c.execute("UPDATE steps SET status = 'failed', error = ? WHERE run_id = ? AND key = ?",
+                      (dumps(step_error), run_id, key))
+            self.store.runs.journal(c, run_id, pass_id, "step_failed",
+                                    {"step": key, "error": step_error},
+                                    now)
+        if not inflight:
+            self._fail_pass(c, run_id, pass_id, now, defaults, None, error, retryable=True,
+                            workflow_error=False)
+            return True
+        # The step whose retry is due last decides; a spent one fails the run at once.
+        plans = [(self._retry_plan(c, run_id, key, defaults, now), key) for key in inflight]
+        spent = [key for plan, key in plans if plan is None]
+        key = spent[0] if spent else max(plans)[1]
+        error = dict(error, message="%s while step %r was running" % (message, key))
+        self._fail_pass(c, run_id, pass_id, now, defaults, key, error, retryable=True,
+                        workflow_error=False)
+        return True
+
+    def _retry_plan(self, c, run_id, key, defaults, now):
+        """When step ``key`` may run again after a failure, or None if its attempts are spent."""
+        srow = c.execute("SELECT attempts, retry, retryable FROM steps WHERE run_id = ? AND key = "
+                         "?",
+                         (run_id, key)).fetchone() or (1, None, 1)
+        policy = self._policy(defaults, srow[1])
+        if not srow[2] or srow[0] >= policy["max_attempts"]:
+            return None
+        return now + backoff_ms(policy, srow[0])
+
+    @staticmethod
+    def _policy(defaults, retry_json):
+        policy = dict(defaults["retry"])
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            policy.update({k: v for k, v in json.loads(retry_json or "{}").items() if k in policy})
+        return policy
+
+    def _fail_pass(self, c, run_id, pass_id, now, defaults, step_key, error, retryable,
+                   workflow_error):
+        """Decide between a retry (back to pending with backoff) and failing the run."""
+        if step_key:
+            srow = c.execute("SELECT attempts, retry, retryable, error FROM steps WHERE run_id = ? "
+                             "AND key = ?",
+                             (run_id, step_key)).fetchone()
+            if srow is None:
+                srow = (1, None, 1, None)
+            policy = self._policy(defaults, srow[1])
+            attempts, step_error = srow[0], json.loads(srow[3]) if srow[3] else error
+            if retryable and srow[2] and attempts < policy["max_attempts"]:
+                due = now + backoff_ms(policy, attempts)
+                self._retry_later(c, run_id, pass_id, due, now,
+                                  {"step": step_key, "attempt": attempts, "retry_at": due,
+                                   "error": step_error})
+                return
+            step_error = dict(step_error)
+            step_error["step"] = step_key
+            step_error["attempts"] = attempts
+            if srow[2] and retryable:
+                step_error["message"] = "step %r failed after %d attempt%s: %s" % (
+                    step_key, attempts, "" if attempts == 1 else "s", step_error.get("message"))
+            else:
+                step_error["message"] = "step %r failed: %s" % (step_key, step_error.get("message"))
+            self.store.runs.finish(c, run_id, pass_id, "failed", now, error=step_error)
+            return
+        if workflow_error:
+            self.store.runs.finish(c, run_id, pass_id, "failed", now, error=error)
+            return
+        failures = c.execute("SELECT pass_failures FROM runs WHERE id = "
+                             "?", (run_id,)).fetchone()[0] + 1
+        if failures < PASS_RETRY["max_attempts"]:
+            due = now + backoff_ms(PASS_RETRY, failures)
+            c.execute("UPDATE runs SET pass_failures = ? WHERE id = ?", (failures, run_id))
+            self._retry_later(c, run_id, pass_id, due, now,
+                              {"attempt": failures, "retry_at": due, "error": error})
+            return
+        error = dict(error)
+        error["message"] = "the pass failed %d times in a row: %s" % (failures, error["message"])
+        self.store.runs.finish(c, run_id, pass_id, "failed", now, error=error)
+
+    def _retry_later(self, c, run_id, pass_id, due, now, data):
+        deadline, passes, last = c.execute("SELECT deadline_at, passes, last_pass FROM runs WHERE "
+                                           "id = ?",
+                                           (run_id,)).fetchone()
+        if deadline is not None:
+            due = min(due, deadline)
+        if data.get("step") and not (last and json.loads(last).get("pass") == passes):
+            self.store.runs.note_last_pass(c, run_id, passes,
+                                           "step %r failed (attempt %s); retry at %s"
+                                           % (data["step"], data.get("attempt"), format_time(due)),
+                                           now)
+        c.execute("UPDATE runs SET status = 'pending', available_at = ?, pass_id = NULL, "
+                  "lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = "
+                  "?", (due, now, run_id))
+        self.store.runs.journal(c, run_id, pass_id, "retry_scheduled", data, now)
+
+
+class WaitLedger:
+    """Waits and what ends them: signals, child runs, TaskYou approvals, timeouts."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def begin_wait(self, c, run_id, key, spec, now, defaults):
+        """A new wait was recorded: a buffered signal resolves it at once; a child run starts."""
+        if spec["kind"] == "child":
+            refused = self._child_refused(c, run_id, spec, defaults)
+            if refused:
+                error = {"message": refused, "name": "ChildLimitExceeded", "run_id": None}
+                self.resolve(c, run_id, key, {"error": error}, now)
+                return
+        if spec["kind"] == "signal":
+            sig = c.execute("SELECT id, data FROM signals WHERE run_id = ? AND name = ? AND "
+                            "consumed_by IS NULL ORDER BY id LIMIT 1",
+                            (run_id, spec["name"])).fetchone()
+            if sig:
+                c.execute("UPDATE signals SET consumed_by = ?, consumed_at = ? WHERE id = "
+                          "?", (key, now, sig[0]))
+                self.resolve(c, run_id, key, {"value": {"data": loads_or_none(sig[1])}}, now)
+        elif spec["kind"] == "child":
+            child = self._start_child(c, run_id, key, spec, now)
+            if child is None:
+                self.resolve(c, run_id, key, {"error": {
+                    "message": "no workflow %r to run as a child; deploy it "
+                               "first" % spec["workflow_id"],
+                    "name": "NotFound", "run_id": None}}, now)
+        elif spec["kind"] == "task":
+            self.store.outbox.enqueue(c, run_id, "approval",
+                                      {"key": key, "title": spec["title"],
+                                       "body": spec.get("body")}, now)
+
+    @staticmethod
+    def _child_refused(c, run_id, spec, defaults):
+        """Why run ``run_id`` may not start another child, or None: limits.max_child_depth and
+        limits.max_children bound what a cascade walks over, and stop a runaway recursion."""
+        max_depth = defaults.get("max_child_depth", CHILD_DEPTH_DEFAULT)
+        depth = c.execute(SQL_RUN_DEPTH, (run_id, max_depth)).fetchone()[0] + 1
+        if depth > max_depth:
+            return ("cannot start a child run of %r: it would be %d levels below its root run, "
+                    "over limits.max_child_depth (%d); a workflow that starts itself needs a case "
+                    "that stops it (or raise the limit)" % (spec["workflow_id"], depth, max_depth))
+        max_children = defaults.get("max_children", CHILDREN_DEFAULT)
+        open_children = c.execute("SELECT count(*) FROM (%s)" % SQL_OPEN_CHILDREN,
+                                  (run_id,)).fetchone()[0]
+        if open_children >= max_children:
+            return ("cannot start a child run of %r: run %s already has %d unfinished child "
+                    "runs, the limit (limits.max_children); wait for some to finish before "
+                    "starting more (or raise the limit)"
+                    % (spec["workflow_id"], run_id, open_children))
+        return None
+
+    def _start_child(self, c, run_id, key, spec, now):
+        """Create the child run of wait ``key`` (once: the wait row is new) on its workflow's
+        latest version."""
+        wf = self.store.workflows.latest(c, spec["workflow_id"])
+        if wf is None:
+            return None
+        child_id = new_id("run")
+        c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, "
+                  "deadline_at, task_requested, created_at, updated_at, parent_run_id, "
+                  "parent_wait_key) VALUES (?, ?, ?, 'pending', ?, ?, ?, 0, ?, ?, ?, ?)",
+                  (child_id, spec["workflow_id"], wf[0], dumps(spec.get("input")), now,
+                   now + wf[1] if wf[1] else None, now, now, run_id, key))
+        self.store.runs.journal(c, child_id, None, "created",
+                                {"workflow": spec["workflow_id"], "version": wf[0],
+                                 "parent": run_id}, now)
+        self.store.runs.count(c, "started", spec["workflow_id"])
+        spec = dict(spec, run_id=child_id)
+        c.execute("UPDATE steps SET wait = ? WHERE run_id = ? AND key = "
+                  "?", (dumps(spec), run_id, key))
+        return child_id
+
+    def resolve(self, c, run_id, key, outcome, now):
+        """Commit how a wait ended and wake its run; False if it had ended already."""
+        n = c.execute("UPDATE steps SET status = 'completed', output = ?, completed_at = ?, "
+                      "polled_at = NULL, done_seq = (SELECT done_count + 1 FROM runs WHERE id = ?) "
+                      "WHERE run_id = ? AND key = ? AND kind = 'wait' AND status = 'waiting'",
+                      (dumps(outcome), now, run_id, run_id, key)).rowcount
+        if not n:
+            return False
+        c.execute("UPDATE runs SET done_count = done_count + 1 WHERE id = ?", (run_id,))
+        self.store.runs.journal(c, run_id, None, "wait_resolved", dict(outcome, step=key), now)
+        status = c.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+        if status == "running":
+            c.execute("UPDATE runs SET wake_pending = 1 WHERE id = ?", (run_id,))
+        elif status == "waiting":  # a pending run (a retry's backoff) sees it when its time comes
+            c.execute("UPDATE runs SET available_at = ?, updated_at = ? WHERE id = "
+                      "?", (now, now, run_id))
+        return True
+
+    def time_out_waits(self, c, run_id, now):
+        """Resolve the run's waits whose timeout passed (a child's is canceled with it)."""
+        for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = "
+                                        "'wait' AND status = 'waiting' AND wake_at IS NOT NULL AND "
+                                        "wake_at <= ?",
+                                        (run_id, now)).fetchall():
+            spec = loads_or_none(spec_json) or {}
+            if spec.get("kind") == "child":
+                self.resolve(c, run_id, key, {"error": {
+                    "message": "child run %s of %s did not finish within its timeout" % (
+                        spec.get("run_id"), spec.get("workflow_id")), "name": "ChildTimeout",
+                    "run_id": spec.get("run_id")}}, now)
+                if spec.get("run_id"):
+                    self.store.runs.cancel_tree(c, spec["run_id"], now,
+                                                "its parent stopped waiting for it (timeout)")
+            else:
+                self.resolve(c, run_id, key, {"value": None}, now)
+                if spec.get("kind") == "task":
+                    self.store.outbox.enqueue(c, run_id, "approval_end",
+                                              {"key": key, "reason": "its timeout passed"}, now)
+
+    def after_finish(self, c, run_id, status, now):
+        """A finished run: its parent's wait resolves, its approvals end."""
+        c.execute("UPDATE steps SET polled_at = NULL WHERE run_id = ? AND polled_at IS NOT NULL",
+                  (run_id,))
+        row = c.execute("SELECT r.parent_run_id, r.parent_wait_key, r.output, r.error, p.status "
+                        "FROM runs r LEFT JOIN runs p ON p.id = r.parent_run_id "
+                        "WHERE r.id = ?", (run_id,)).fetchone()
+        # A finished parent keeps its wait open (a retry makes it anew).
+        if row and row[0] and row[4] not in TERMINAL:
+            if status == "completed":
+                outcome = {"value": loads_or_none(row[2])}
+            else:
+                err = loads_or_none(row[3]) or {}
+                outcome = {"error": {
+                    "message": "child run %s %s: %s" % (run_id, status, err.get("message")),
+                    "name": "ChildCanceled" if status == "canceled" else "ChildFailed",
+                    "run_id": run_id}}
+            self.resolve(c, row[0], row[1], outcome, now)
+        for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = "
+                                        "'wait' AND status = 'waiting'", (run_id,)).fetchall():
+            if (loads_or_none(spec_json) or {}).get("kind") == "task":
+                self.store.outbox.enqueue(c, run_id, "approval_end",
+                                          {"key": key, "reason": "the run was %s" % status}, now)
+
+    def signal(self, run_id, name, data_json, now, idempotency_key=None):
+        """Deliver a signal: the oldest wait for ``name`` takes it, or it waits for one (FIFO).
+
+        Returns (signal id, consumed by wait key or None, applied: False when the key was seen)."""
+        with self.store.transaction() as c:
+            return self.deliver(c, run_id, name, data_json, now, idempotency_key)
+
+    def deliver(self, c, run_id, name, data_json, now, idempotency_key=None):
+        """signal() inside transaction ``c``."""
+        run = c.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if run is None:
+            raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
+        if idempotency_key is not None:
+            seen = c.execute("SELECT id, consumed_by FROM signals WHERE run_id = ? AND "
+                             "idempotency_key = ?",
+                             (run_id, idempotency_key)).fetchone()
+            if seen:
+                return seen[0], seen[1], False
+        if run[0] in TERMINAL:
+            raise Conflict("run %s is already %s; a signal to it would never be "
+                           "read" % (run_id, run[0]))
+        cur = c.execute("INSERT INTO signals (run_id, name, data, idempotency_key, created_at) "
+                        "VALUES (?, ?, ?, ?, ?)", (run_id, name, data_json, idempotency_key, now))
+        sig_id = cur.lastrowid
+        self.store.runs.journal(c, run_id, None, "signal", {"name": name, "signal": sig_id}, now)
+        wait = None
+        for key, spec_json in c.execute("SELECT key, wait FROM steps WHERE run_id = ? AND kind = "
+                                        "'wait' AND status = 'waiting' ORDER BY "
+                                        "seq", (run_id,)).fetchall():
+            spec = loads_or_none(spec_json) or {}
+            if spec.get("kind") == "signal" and spec.get("name") == name:
+                wait = key
+                break
+        if wait is not None:
+            c.execute("UPDATE signals SET consumed_by = ?, consumed_at = ? WHERE id = "
+                      "?", (wait, now, sig_id))
+            self.resolve(c, run_id, wait, {"value": {"data": loads_or_none(data_json)}}, now)
+        return sig_id, wait, True
+
+    def set_wait_task(self, run_id, key, task_id, now):
+        """Keep the TaskYou task a wait watches (and when it was last looked at: its turn to be
+        polled comes again after every other open wait's)."""
+        with self.store.transaction() as c:
+            row = c.execute("SELECT s.wait, s.status = 'waiting' AND r.status NOT IN "
+                            "('completed', 'failed', 'canceled') FROM steps s "
+                            "JOIN runs r ON r.id = s.run_id "
+                            "WHERE s.run_id = ? AND s.key = ? AND s.kind = 'wait'",
+                            (run_id, key)).fetchone()
+            if row:
+                spec = dict(loads_or_none(row[0]) or {}, task_id=task_id, polled_at=now)
+                c.execute("UPDATE steps SET wait = ?, polled_at = ? WHERE run_id = ? AND key = ?",
+                          (dumps(spec), now if row[1] else None, run_id, key))
+
+    def wait_open(self, run_id, key):
+        """Whether the run still waits on ``key``."""
+        return self.store.query_one("SELECT 1 AS x FROM steps s JOIN runs r ON r.id = s.run_id "
+                                    "WHERE s.run_id = ? AND s.key = ? AND s.status = 'waiting' AND "
+                                    "r.status NOT IN ('completed', 'failed', "
+                                    "'canceled')", (run_id, key)) is not None
+
+    def wait_task(self, run_id, key):
+        """The TaskYou task id a wait watches, if it has one."""
+        row = self.store.query_one("SELECT wait FROM steps WHERE run_id = ? AND key = "
+                                   "?", (run_id, key))
+        return (loads_or_none(row["wait"]) or {}).get("task_id") if row else None
+
+    def approvals_due(self, now, every_ms, limit=APPROVAL_POLL_BATCH):
+        """(run id, key, wait) of up to ``limit`` open task waits whose last look is older than
+        ``every_ms``, the longest unlooked-at first: however many there are, each gets its turn."""
+        out = []
+        for r in self.store.query(SQL_APPROVALS_DUE, (now - every_ms, limit)):
+            spec = loads_or_none(r["wait"]) or {}
+            if spec.get("task_id") is not None:
+                out.append((r["run_id"], r["key"], spec))
+        return out
+
+    def resolve_wait(self, run_id, key, outcome, now):
+        """Commit how a wait ended and wake its run; False if it had ended already."""
+        with self.store.transaction() as c:
+            return self.resolve(c, run_id, key, outcome, now)
+
+    def signals(self, run_id):
+        """A run's signals, oldest first, with the waits that took them."""
+        return self.store.query("SELECT id, name, data, created_at, consumed_by, consumed_at FROM "
+                                "signals WHERE run_id = ? ORDER BY id", (run_id,))
+
+
+class Outbox:
+    """The TaskYou bridge outbox: updates queued with a run, delivered in order per run."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def enqueue(self, c, run_id, kind, payload, now):
+        """Queue a TaskYou update of the run inside transaction ``c``."""
+        c.execute("INSERT INTO outbox (run_id, kind, payload, next_at, created_at) VALUES (?, ?, "
+                  "?, ?, ?)",
+                  (run_id, kind, None if payload is None else dumps(payload), now, now))
+
+    def claim_outbox(self, now, lease_ms, limit=20):
+        """Claim the oldest undelivered item of each run whose turn it is (in order per run)."""
+        with self.store.transaction() as c:
+            cur = c.execute(
+                "SELECT o.id, o.run_id, o.kind, o.payload, o.attempts, o.created_at FROM outbox o "
+                "WHERE o.delivered_at IS NULL AND o.id = (SELECT MIN(id) FROM outbox WHERE run_id "
+                "= o.run_id AND delivered_at IS NULL) AND o.next_at <= ? AND (o.lease_until IS "
+                "NULL OR o.lease_until < ?) ORDER BY o.next_at, o.id LIMIT ?", (now, now, limit))
+            items = [_row_dict(cur, r) for r in cur.fetchall()]
+            for it in items:
+                c.execute("UPDATE outbox SET lease_until = ?, attempts = attempts + 1 WHERE id = ?",
+                          (now + lease_ms, it["id"]))
+        return items
+
+    def outbox_delivered(self, item_id, now, task_id=None, run_id=None):
+        """An item reached TaskYou (a new task's id is linked to its run)."""
+        with self.store.transaction() as c:
+            c.execute("UPDATE outbox SET delivered_at = ?, lease_until = NULL, last_error = NULL "
+                      "WHERE id = ?",
+                      (now, item_id))
+            if task_id is not None:
+                c.execute("UPDATE runs SET task_id = ? WHERE id = ?", (task_id, run_id))
+                self.store.runs.journal(c, run_id, None, "task_linked", {"task_id": task_id}, now)
+
+    def outbox_failed(self, item_id, now, error, retry_at):
+        """An item failed to reach TaskYou: it is tried again at ``retry_at``."""
+        with self.store.transaction() as c:
+            c.execute("UPDATE outbox SET lease_until = NULL, last_error = ?, next_at = ? WHERE id "
+                      "= ?",
+                      (error[:2000], retry_at, item_id))
+
+    def next_outbox_at(self):
+        """When the next undelivered item is due (None: nothing to deliver)."""
+        row = self.store.query_one("SELECT MIN(next_at) AS t FROM outbox WHERE delivered_at IS "
+                                   "NULL")
+        return row["t"] if row else None
+
+    def outbox_for_run(self, run_id):
+        """A run's outbox items, oldest first."""
+        return self.store.query("SELECT id, kind, delivered_at, attempts, next_at, last_error FROM "
+                                "outbox WHERE run_id = ? ORDER BY id", (run_id,))
+
+
+class NoticeBook:
+    """Warnings said recently (a cron `tick` must not repeat one every minute)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def notice_due(self, key, now, every_ms):
+        """True (and noted) if warning ``key`` was not given within ``every_ms``."""
+        with self.store.transaction() as c:
+            row = c.execute("SELECT at FROM notices WHERE key = ?", (key,)).fetchone()
+            if row and now - row[0] < every_ms:
+                return False
+            c.execute("INSERT OR REPLACE INTO notices (key, at) VALUES (?, ?)", (key, now))
+            return True
+
+
+# Replay-guard entries are kept this long; older callbacks fail the timestamp check anyway.
+WEBHOOK_SEEN_KEEP_MS = 24 * 3600 * 1000
+
+
+class CallbackBook:
+    """Signed callbacks from remote compute: the replay guard, and applying one."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def seen(self, c, digest, now, keep_ms):
+        """True if ``digest`` was recorded within ``keep_ms``."""
+        return c.execute("SELECT 1 FROM webhook_seen WHERE digest = ? AND at >= ?",
+                         (digest, now - keep_ms)).fetchone() is not None
+
+    def mark_seen(self, c, digests, now, keep_ms):
+        """Record applied callbacks (their signature and body digests); old entries expire."""
+        c.execute("DELETE FROM webhook_seen WHERE at < ?", (now - keep_ms,))
+        for digest, kind in digests:
+            c.execute("INSERT OR REPLACE INTO webhook_seen (digest, kind, at) VALUES (?, ?, ?)",
+                      (digest, kind, now))
+
+    def apply_callback(self, kind, run_id, second, payload, digests, now, defaults,
+                       max_input_bytes):
+        """Apply one verified callback in one transaction; returns what it did (``applied``, and
+        ``duplicate`` or ``ignored``). A replayed signature raises Conflict, an unknown run
+        NotFound, unusable data InputError.
+
+        ``second`` is the signal's name, the completion's status, or the events' pass id;
+        ``digests`` are the signature's and the body's, recorded once it is applied."""
+        (sig_digest, _), (body_digest, _) = digests
+        with self.store.transaction() as c:
+            if self.seen(c, sig_digest, now, WEBHOOK_SEEN_KEEP_MS):
+                raise Conflict("replayed: this signature was already used")
+            row = c.execute("SELECT status, pass_id FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise NotFound("no run %r" % run_id)
+            if self.seen(c, body_digest, now, WEBHOOK_SEEN_KEEP_MS):
+                return {"duplicate": True, "applied": 0}
+            if row[0] in TERMINAL:
+                log.info("webhook: ignored a callback for run %s, which is %s", run_id, row[0])
+                return {"ignored": "run is %s" % row[0], "applied": 0}
+            if kind == "signal":
+                self._signal(c, run_id, second, payload, now, max_input_bytes)
+                applied = 1
+            elif kind == "completion":
+                self._completion(c, run_id, row[1], second, payload, now, defaults)
+                applied = 1
+            else:
+                applied, ignored = self._events(c, run_id, second, payload, now, defaults)
+                if ignored and not applied:
+                    log.info("webhook: ignored events for run %s: pass %s is not its current pass",
+                             run_id, second)
+                    return {"ignored": "pass %s is not the run's current "
+                            "pass" % second, "applied": 0}
+            self.mark_seen(c, digests, now, WEBHOOK_SEEN_KEEP_MS)
+        return {"applied": applied}
+
+    def _signal(self, c, run_id, name, payload, now, max_input_bytes):
+        try:
+            data_json = dumps(payload.get("data"))
+        except (ValueError, TypeError):
+            raise InputError("data is not JSON text")
+        if len(data_json.encode("utf-8")) > max_input_bytes:
+            raise InputError("data is over limits.max_input_bytes")
+        self.store.waits.deliver(c, run_id, name, data_json, now, payload.get("idempotencyKey"))
+
+    def _completion(self, c, run_id, pass_id, status, doc, now, defaults):
+        if status == "completed":
+            try:
+                size = len(dumps(doc.get("output")).encode("utf-8"))
+            except (ValueError, TypeError, UnicodeError):
+                raise InputError("output is not JSON text")
+            if size > defaults["max_output_bytes"]:
+                raise InputError("output is %d bytes, over limits.max_output_bytes" % size)
+            self.store.runs.finish(c, run_id, pass_id, "completed", now, output=doc.get("output"))
+        else:
+            err = doc.get("error")
+            error = _clean_error(err if isinstance(err, dict) else {"message": str(err)})
+            self.store.runs.finish(c, run_id, pass_id, "failed", now, error=error)
+
+    def _events(self, c, run_id, pass_id, events, now, defaults):
+        """Apply a pass's events up to the first that ends it; returns (applied, ignored)."""
+        applied = ignored = 0
+        for ev in events:
+            outcome = self.store.passes.apply_in(c, run_id, pass_id, ev, now, defaults)
+            if outcome == IGNORED:
+                ignored += 1
+            else:
+                applied += 1
+            if outcome == ENDED:
+                break
+        return applied, ignored
+
+
+class ScheduleBook:
+    """Cron schedules, and their fires (each starts its run once)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def add_schedule(self, name, workflow_id, cron, tz, input_json, catch_up, now, next_fire_at):
+        """A new schedule (Conflict if the name is taken)."""
+        with self.store.transaction() as c:
+            if c.execute("SELECT 1 FROM schedules WHERE name = ?", (name,)).fetchone():
+                raise Conflict("a schedule named %r exists; give another --name, or `schedule rm "
+                               "%s` first"
+                               % (name, name))
+            c.execute("INSERT INTO schedules (name, workflow_id, cron, tz, input, catch_up, "
+                      "next_fire_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (name, workflow_id, cron, tz, input_json, catch_up, next_fire_at, now, now))
+
+    def schedules(self, name=None):
+        """Every schedule by name, or the one named ``name``."""
+        sql = ("SELECT name, workflow_id, cron, tz, input, catch_up, paused, next_fire_at, "
+               "last_fire_at, last_run_id, created_at, updated_at FROM schedules")
+        return self.store.query(sql + (" WHERE name = ?" if name else " ORDER BY name"),
+                                (name,) if name else ())
+
+    def remove_schedule(self, name):
+        """Delete a schedule; returns how many went (0 or 1)."""
+        with self.store.transaction() as c:
+            return c.execute("DELETE FROM schedules WHERE name = ?", (name,)).rowcount
+
+    def pause_schedule(self, name, paused, now, next_fire_at=None):
+        """Pause or resume a schedule (resumed: from ``next_fire_at``)."""
+        with self.store.transaction() as c:
+            return c.execute("UPDATE schedules SET paused = ?, next_fire_at = COALESCE(?, "
+                             "next_fire_at), updated_at = ? WHERE name = ?",
+                             (int(paused), next_fire_at, now, name)).rowcount
+
+    def fire_schedules(self, now, auto_task=False):
+        """Start the runs of every fire that is due (with a TaskYou task if ``auto_task``);
+        returns their ids.
+
+        One transaction per schedule: the fire time is the run's idempotency key and the
+        next fire time moves on in the same commit, so several schedulers on one
+        database, or a crash mid-fire, still start each fire once. Which fires are due
+        is worked out before the transaction: a long outage never holds the lock."""
+        started = []
+        for row in self.store.query("SELECT name, workflow_id, cron, tz, input, catch_up, "
+                                    "next_fire_at FROM schedules "
+                                    "WHERE paused = 0 AND next_fire_at <= ? LIMIT 100", (now,)):
+            try:
+                cron = Cron(row["cron"])
+                fires = _missed_fires(cron, row["tz"], row["next_fire_at"], now, row["catch_up"])
+                upcoming = cron.next_after(now, row["tz"])
+            except ValueError as exc:
+                log.warning("schedule %s: %s; paused", row["name"], exc)
+                self.pause_schedule(row["name"], True, now)
+                continue
+            try:
+                started += self._fire(row, fires, upcoming, now, auto_task)
+            except Exception as exc:
+                if _is_outage(exc):
+                    raise
+                # That schedule's problem: it is paused (and says why), the others fire on.
+                log.error("schedule %s: firing it failed; paused (`schedule resume %s` once "
+                          "fixed)", row["name"], row["name"], exc_info=exc)
+                self.pause_schedule(row["name"], True, now)
+        return started
+
+    def _fire(self, row, fires, upcoming, now, auto_task):
+        """Start one schedule's due fires and move it on, in one transaction; the new run ids."""
+        started = []
+        with self.store.transaction() as c:
+            if not c.execute("SELECT 1 FROM schedules WHERE name = ? AND paused = 0 AND "
+                             "next_fire_at = ?", (row["name"], row["next_fire_at"])).fetchone():
+                return started  # another scheduler fired it, or it was paused or removed
+            last = None
+            for fire in fires:
+                run_id = self._start_run(c, row, fire, now, auto_task)
+                if run_id:
+                    started.append(run_id)
+                    last = run_id
+            c.execute("UPDATE schedules SET next_fire_at = ?, last_fire_at = COALESCE(?, "
+                      "last_fire_at), last_run_id = COALESCE(?, last_run_id), updated_at = ? "
+                      "WHERE name = ?",
+                      (upcoming, fires[-1] if fires else None, last, now, row["name"]))
+        return started
+
+    def _start_run(self, c, row, fire, now, auto_task):
+        """The run of one fire on the workflow's latest version; None if none was made (no such
+        workflow, or that fire's run exists already)."""
+        wf = self.store.workflows.latest(c, row["workflow_id"])
+        if wf is None:
+            log.warning("schedule %s: no workflow %r; the fire at %s is skipped", row["name"],
+                        row["workflow_id"], format_time(fire))
+            return None
+        run_id = new_id("run")
+        got = self.store.runs.add_run(
+            c, run_id, row["workflow_id"], wf[0], row["input"], now, task_requested=auto_task,
+            task_title="Workflow: %s (schedule %s)" % (row["workflow_id"], row["name"]),
+            deadline_at=now + wf[1] if wf[1] else None,
+            idempotency_key="schedule:%s:%d" % (row["name"], fire), schedule_name=row["name"])
+        return got if got == run_id else None
+
+
+class SchedulerRegistry:
+    """The schedulers at work on this store, and which of them are alive."""
+
+    def __init__(self, store):
+        self.store = store
+        self._alive_cache = {}
+
+    def holders(self, c):
+        """Schedulers of this host: id -> True (alive), False (proven dead), None (lease decides).
+
+        Other hosts' are not listed. A verdict is kept for a second: claims come often,
+        schedulers die rarely."""
+        host, now = _hostname(), time.monotonic()
+        out, cache = {}, self._alive_cache
+        sql = "SELECT id, pid, proc_start, boot_id, pid_ns FROM schedulers WHERE host = ?"
+        for row in c.execute(sql, (host,)):
+            seen = cache.get(row)
+            if seen is None or now - seen[0] > 1.0:
+                seen = cache[row] = (now, scheduler_alive(*row[1:]))
+            out[row[0]] = seen[1]
+        if len(cache) > 1000:
+            cache.clear()
+        return out
 
     def register_scheduler(self, sched_id, kind, pid, host, port, now):
+        """A scheduler starts work on this store (with what proves it alive)."""
         start, boot = process_identity(pid)
         ns = pid_namespace() if pid == os.getpid() else None
-        with self.transaction() as c:
-            c.execute("INSERT OR REPLACE INTO schedulers (id, kind, pid, host, wake_port, started_at, heartbeat_at, "
-                      "proc_start, boot_id, pid_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        with self.store.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO schedulers (id, kind, pid, host, wake_port, "
+                      "started_at, heartbeat_at, proc_start, boot_id, pid_ns) VALUES (?, ?, ?, ?, "
+                      "?, ?, ?, ?, ?, ?)",
                       (sched_id, kind, pid, host, port, now, now, start, boot, ns))
 
     def heartbeat_scheduler(self, sched_id, now):
-        with self.transaction() as c:
+        """A scheduler is still at work."""
+        with self.store.transaction() as c:
             c.execute("UPDATE schedulers SET heartbeat_at = ? WHERE id = ?", (now, sched_id))
 
     def unregister_scheduler(self, sched_id):
-        with self.transaction() as c:
+        """A scheduler leaves."""
+        with self.store.transaction() as c:
             c.execute("DELETE FROM schedulers WHERE id = ?", (sched_id,))
 
     def live_schedulers(self, now, stale_ms):
         """Schedulers whose heartbeat is fresh (and, on this host, not proven dead)."""
         host = _hostname()
         live = []
-        for s in self.query("SELECT id, kind, pid, host, wake_port, started_at, heartbeat_at, "
-                            "proc_start, boot_id, pid_ns FROM schedulers"):
+        for s in self.store.query("SELECT id, kind, pid, host, wake_port, started_at, "
+                                  "heartbeat_at, proc_start, boot_id, pid_ns FROM schedulers"):
             if s["heartbeat_at"] < now - stale_ms:
                 continue
             if s["host"] == host and scheduler_alive(s["pid"], s["proc_start"], s["boot_id"],
@@ -2940,25 +3178,347 @@ class Store:
             live.append(s)
         return live
 
-    @property
-    def store_id(self):
-        """The random id this store was given when made (it marks its passes' processes).
 
-        A copy of the store (a restored backup, a cloned data dir) is another file: it
-        takes an id of its own the first time it is opened, so two copies never take
-        each other's processes or containers for their own."""
-        if self._store_id is None:
-            st = os.stat(self.path)
-            here = "%d:%d" % (st.st_dev, st.st_ino)
-            row = self.query_one("SELECT id, file FROM store_identity")
-            if row["file"] != here:
-                with self.transaction() as c:
-                    c.execute("UPDATE store_identity SET id = CASE WHEN file IS NULL THEN id ELSE "
-                              "lower(hex(randomblob(16))) END, file = ?", (here,))
-                row = self.query_one("SELECT id, file FROM store_identity")
-            self._store_id = row["id"]
-        return self._store_id
+class Retention:
+    """Deleting finished runs with everything that is only theirs."""
 
+    def __init__(self, store):
+        self.store = store
+
+    # An undelivered task update queued at or after the given time holds its run back.
+    SQL_PRUNABLE = ("SELECT r.id FROM runs r WHERE r.status IN (%s) AND r.finished_at < ? AND NOT "
+                    "EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = r.id AND o.delivered_at IS "
+                    "NULL AND o.created_at >= ?) AND NOT EXISTS (SELECT 1 FROM runs p WHERE p.id = "
+                    "r.parent_run_id AND p.status NOT IN ('completed', 'failed', 'canceled')) "
+                    "ORDER BY r.finished_at LIMIT ?")
+
+    PRUNED_TABLES = ("steps", "run_events", "run_logs", "outbox", "signals")
+
+    SQL_UNDELIVERED = ("SELECT count(*) AS n FROM outbox WHERE run_id IN (%s) "
+                       "AND delivered_at IS NULL")
+
+    SQL_HELD_BACK = ("SELECT count(*) AS n FROM runs r WHERE r.status IN (%s) "
+                     "AND r.finished_at < ? AND EXISTS (SELECT 1 FROM outbox o "
+                     "WHERE o.run_id = r.id AND o.delivered_at IS NULL AND o.created_at >= ?)")
+
+    def prune(self, cutoff, statuses, dry_run=False, batch=200, pause_s=0.0, drop_before=None):
+        """Delete finished runs that ended before ``cutoff`` with all that is only theirs,
+        ``batch`` runs per transaction (a pass never waits long for the write lock); returns
+        counts per table.
+
+        A run with an undelivered task update is kept, unless every such update was queued
+        before ``drop_before``: then they go with it, counted in ``dropped_task_updates``."""
+        counts = dict.fromkeys(("runs",) + self.PRUNED_TABLES + ("dropped_task_updates",), 0)
+        sql = self.SQL_PRUNABLE % ",".join("?" * len(statuses))
+        hold_from = _NEVER_BEFORE if drop_before is None else drop_before
+        if dry_run:
+            ids = [r["id"] for r in self.store.query(sql, (*statuses, cutoff, hold_from, 10 ** 9))]
+            counts["runs"] = len(ids)
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                marks = ",".join("?" * len(part))
+                for table in self.PRUNED_TABLES:
+                    counts[table] += self.store.query_one("SELECT count(*) AS n FROM %s WHERE "
+                                                          "run_id IN (%s)"
+                                                          % (table, marks), part)["n"]
+                dropped = self.store.query_one(self.SQL_UNDELIVERED % marks, part)["n"]
+                counts["dropped_task_updates"] += dropped
+            return counts
+        while True:
+            with self.store.transaction() as c:
+                ids = [r[0] for r in c.execute(sql, (*statuses, cutoff, hold_from, batch))]
+                if not ids:
+                    return counts
+                marks = ",".join("?" * len(ids))
+                dropped = c.execute(self.SQL_UNDELIVERED % marks, ids).fetchone()[0]
+                counts["dropped_task_updates"] += dropped
+                for table in self.PRUNED_TABLES:
+                    sql_delete = "DELETE FROM %s WHERE run_id IN (%s)" % (table, marks)
+                    counts[table] += c.execute(sql_delete, ids).rowcount
+                sql_delete = "DELETE FROM runs WHERE id IN (%s)" % marks
+                counts["runs"] += c.execute(sql_delete, ids).rowcount
+            if pause_s:
+                time.sleep(pause_s)
+
+    def held_back(self, cutoff, statuses, drop_before=None):
+        """How many runs prune(cutoff, statuses, drop_before) keeps for undelivered updates."""
+        hold_from = _NEVER_BEFORE if drop_before is None else drop_before
+        return self.store.query_one(self.SQL_HELD_BACK % ",".join("?" * len(statuses)),
+                                    (*statuses, cutoff, hold_from))["n"]
+
+
+class ReadModel:
+    """What status, list, the dashboard and /metrics read."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def counters(self):
+        """The /metrics counters: (name, workflow) -> value."""
+        rows = self.store.query("SELECT name, workflow, value FROM counters")
+        return {(r["name"], r["workflow"]): r["value"] for r in rows}
+
+    def runs_page(self, workflow_id, status, id_prefix, before, limit):
+        """Newest runs first, a page at a time (``before``: created_at of the last row seen)."""
+        where, params = [], []
+        if workflow_id:
+            where.append("workflow_id = ?")
+            params.append(workflow_id)
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        if id_prefix:
+            where.append("id LIKE ? ESCAPE '\\'")
+            params.append(_like_prefix(id_prefix))
+        if before:  # the cursor "created_at:id" of the last row seen (ids break ties of one ms)
+            if not re.fullmatch(r"\d{1,15}:[A-Za-z0-9_]*", str(before)):
+                raise ValueError("bad cursor %r; pass back the `next` of the previous "
+                                 "page" % before)
+            at, _, last_id = str(before).partition(":")
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params += [int(at), int(at), last_id]
+        sql = "SELECT %s FROM runs %s ORDER BY created_at DESC, id DESC LIMIT ?" % (
+            _RUN_COLUMNS, ("WHERE " + " AND ".join(where)) if where else "")
+        return self.store.query(sql, params + [limit])
+
+    def get_run(self, run_id):
+        """A run by id or by a unique prefix of six characters or more (None if none)."""
+        run = self.store.query_one(SQL_RUN, (run_id,))
+        if run is None and run_id and len(run_id) >= 6:
+            matches = self.store.query("SELECT %s FROM runs WHERE id LIKE ? ESCAPE '\\' "
+                                       "LIMIT 3" % _RUN_COLUMNS, (_like_prefix(run_id),))
+            if len(matches) == 1:
+                run = matches[0]
+            elif matches:
+                starts = ", ".join(m["id"] for m in matches[:2]) + (", ..." if len(matches) > 2
+                                                                    else "")
+                raise NotFound("run id %r is ambiguous: it starts %s; give more of it"
+                               % (run_id, starts))
+        return run
+
+    def list_runs(self, workflow_id=None, status=None, limit=20):
+        """Newest runs first, of a workflow or a status if given."""
+        where, params = [], []
+        if workflow_id:
+            where.append("workflow_id = ?")
+            params.append(workflow_id)
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        sql = "SELECT %s FROM runs %s ORDER BY created_at DESC, id DESC LIMIT ?" % (
+            _RUN_COLUMNS, ("WHERE " + " AND ".join(where)) if where else "")
+        return self.store.query(sql, params + [limit])
+
+    def steps(self, run_id):
+        """A run's steps, sleeps and waits in the order they were first seen."""
+        return self.store.query("SELECT key, kind, status, seq, output, error, retry, retryable, "
+                                "attempts, wake_at, started_at, completed_at, wait FROM steps "
+                                "WHERE run_id = ? ORDER BY seq", (run_id,))
+
+    def events(self, run_id, after_id=0):
+        """A run's event journal after entry ``after_id``."""
+        return self.store.query("SELECT id, pass_id, type, data, at FROM run_events WHERE run_id = "
+                                "? AND id > ? ORDER BY id",
+                                (run_id, after_id))
+
+    def logs(self, run_id):
+        """What a run's passes printed, in order."""
+        return self.store.query("SELECT pass_id, pass_no, adapter, text, at FROM run_logs "
+                                "WHERE run_id = ? ORDER BY id", (run_id,))
+
+    def count_by_status(self):
+        """How many runs the store holds in each status (statuses with none left out)."""
+        return {r["status"]: r["n"] for r in self.store.query(
+            "SELECT status, count(*) AS n FROM runs GROUP BY status")}
+
+    def children(self, run_id):
+        """The child runs a run started, oldest first: id, workflow_id, status."""
+        return self.store.query("SELECT id, workflow_id, status FROM runs WHERE parent_run_id = ? "
+                                "ORDER BY created_at", (run_id,))
+
+    def outbox_backlog(self):
+        """How many TaskYou updates are not delivered yet."""
+        return self.store.query_one("SELECT count(*) AS n FROM outbox WHERE delivered_at IS "
+                                    "NULL")["n"]
+
+    def leases_held(self, now):
+        """How many runs have a pass holding a live lease (any scheduler)."""
+        return self.store.query_one("SELECT count(*) AS n FROM runs WHERE status = 'running' "
+                                    "AND lease_expires_at >= ?", (now,))["n"]
+
+    def pending_due(self, now, limit):
+        """Ids of up to ``limit`` pending runs due at ``now``."""
+        return [r["id"] for r in self.store.query(
+            "SELECT id FROM runs WHERE status = 'pending' AND available_at <= ? LIMIT ?",
+            (now, limit))]
+
+
+class AdapterBook:
+    """What adapters remember in the store: cloudflare's uploaded scripts, and small facts."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def adapter_state(self, adapter, key):
+        """A remembered fact of ``adapter`` (None if never told)."""
+        row = self.store.query_one("SELECT value FROM adapter_state WHERE adapter = ? AND key = ?",
+                                   (adapter, key))
+        return row["value"] if row else None
+
+    def set_adapter_state(self, adapter, key, value):
+        """Remember a fact of ``adapter``."""
+        with self.store.transaction() as c:
+            self._put_state(c, adapter, key, value)
+
+    @staticmethod
+    def _put_state(c, adapter, key, value):
+        c.execute("INSERT OR REPLACE INTO adapter_state (adapter, key, value) VALUES (?, ?, ?)",
+                  (adapter, key, value))
+
+    def script(self, name, account_id):
+        """The record of an uploaded script (None if not uploaded)."""
+        return self.store.query_one("SELECT name, uploaded_at, ready_at, last_used_at FROM "
+                                    "cf_scripts WHERE name = ? AND account_id = "
+                                    "?", (name, account_id))
+
+    def remember_script(self, name, account_id, workflow_id, row, state=None):
+        """Record an uploaded script (and ``state``, an (adapter, key, value) fact, with it)."""
+        with self.store.transaction() as c:
+            if state is not None:
+                self._put_state(c, *state)
+            c.execute("INSERT OR REPLACE INTO cf_scripts (name, account_id, workflow_id, "
+                      "uploaded_at, ready_at, last_used_at) VALUES (?, ?, ?, ?, ?, ?)",
+                      (name, account_id, workflow_id, row["uploaded_at"], row["ready_at"],
+                       row["last_used_at"]))
+
+    def forget_script(self, name, account_id):
+        """Drop the record of an uploaded script."""
+        with self.store.transaction() as c:
+            c.execute("DELETE FROM cf_scripts WHERE name = ? AND account_id = "
+                      "?", (name, account_id))
+
+    def script_count(self, account_id):
+        """How many scripts of the account are recorded."""
+        return self.store.query_one("SELECT count(*) AS n FROM cf_scripts WHERE account_id = ?",
+                                    (account_id,))["n"]
+
+    def scripts(self, account_id):
+        """The account's recorded scripts: name, uploaded_at, last_used_at."""
+        return self.store.query("SELECT name, uploaded_at, last_used_at FROM cf_scripts "
+                                "WHERE account_id = ?", (account_id,))
+
+    def versions_needed(self, adapter):
+        """(workflow_id, code) of the versions on ``adapter`` still needed: each workflow's newest,
+        and every unfinished run's."""
+        return self.store.query(
+            "SELECT v.workflow_id, v.code FROM workflow_versions v "
+            "JOIN workflows w ON w.id = v.workflow_id "
+            "WHERE v.adapter = ? AND (v.version = w.latest_version OR EXISTS (SELECT 1 FROM runs r "
+            "WHERE r.workflow_id = v.workflow_id AND r.version = v.version AND r.status NOT IN "
+            "('completed', 'failed', 'canceled')))", (adapter,))
+
+
+def _verb(part, method):
+    """A verb of the Store front that does ``method`` of its part ``part``."""
+    name = method.__name__
+
+    def verb(self, *args, **kwargs):
+        return getattr(getattr(self, part), name)(*args, **kwargs)
+    verb.__name__ = verb.__qualname__ = name
+    verb.__doc__ = method.__doc__
+    return verb
+
+
+class Store(Database):
+    """The durable backend: a Database with its parts, one reason to change each.
+
+    Every part is given this front and reaches the others only through it. The verbs
+    below are the ones callers use; each says which part does it."""
+
+    def __init__(self, data_dir, synchronous="full"):
+        super().__init__(data_dir, synchronous)
+        self.workflows = WorkflowBook(self)
+        self.runs = RunLedger(self)
+        self.leases = LeaseLedger(self)
+        self.passes = PassLedger(self)
+        self.waits = WaitLedger(self)
+        self.outbox = Outbox(self)
+        self.notices = NoticeBook(self)
+        self.callbacks = CallbackBook(self)
+        self.schedule_book = ScheduleBook(self)
+        self.registry = SchedulerRegistry(self)
+        self.retention = Retention(self)
+        self.reads = ReadModel(self)
+        self.adapter_book = AdapterBook(self)
+
+    save_version = _verb("workflows", WorkflowBook.save_version)
+    get_version = _verb("workflows", WorkflowBook.get_version)
+    get_workflow = _verb("workflows", WorkflowBook.get_workflow)
+    list_workflows = _verb("workflows", WorkflowBook.list_workflows)
+    versions = _verb("workflows", WorkflowBook.versions)
+
+    create_run = _verb("runs", RunLedger.create_run)
+    add_log = _verb("runs", RunLedger.add_log)
+    cancel_run = _verb("runs", RunLedger.cancel_run)
+    retry_run = _verb("runs", RunLedger.retry_run)
+    fork_run = _verb("runs", RunLedger.fork_run)
+    fail_run = _verb("runs", RunLedger.fail_run)
+
+    claim_due = _verb("leases", LeaseLedger.claim_due)
+    next_due_at = _verb("leases", LeaseLedger.next_due_at)
+    renew_leases = _verb("leases", LeaseLedger.renew_leases)
+    pass_is_current = _verb("leases", LeaseLedger.pass_is_current)
+    release = _verb("leases", LeaseLedger.release)
+    spare = _verb("leases", LeaseLedger.spare)
+
+    history = _verb("passes", PassLedger.history)
+    apply_event = _verb("passes", PassLedger.apply_event)
+    apply_events = _verb("passes", PassLedger.apply_events)
+    end_pass_without_result = _verb("passes", PassLedger.end_pass_without_result)
+
+    signal = _verb("waits", WaitLedger.signal)
+    signals = _verb("waits", WaitLedger.signals)
+    resolve_wait = _verb("waits", WaitLedger.resolve_wait)
+    set_wait_task = _verb("waits", WaitLedger.set_wait_task)
+    wait_open = _verb("waits", WaitLedger.wait_open)
+    wait_task = _verb("waits", WaitLedger.wait_task)
+    approvals_due = _verb("waits", WaitLedger.approvals_due)
+
+    claim_outbox = _verb("outbox", Outbox.claim_outbox)
+    outbox_delivered = _verb("outbox", Outbox.outbox_delivered)
+    outbox_failed = _verb("outbox", Outbox.outbox_failed)
+    next_outbox_at = _verb("outbox", Outbox.next_outbox_at)
+    outbox_for_run = _verb("outbox", Outbox.outbox_for_run)
+
+    notice_due = _verb("notices", NoticeBook.notice_due)
+    apply_callback = _verb("callbacks", CallbackBook.apply_callback)
+
+    add_schedule = _verb("schedule_book", ScheduleBook.add_schedule)
+    schedules = _verb("schedule_book", ScheduleBook.schedules)
+    remove_schedule = _verb("schedule_book", ScheduleBook.remove_schedule)
+    pause_schedule = _verb("schedule_book", ScheduleBook.pause_schedule)
+    fire_schedules = _verb("schedule_book", ScheduleBook.fire_schedules)
+
+    register_scheduler = _verb("registry", SchedulerRegistry.register_scheduler)
+    heartbeat_scheduler = _verb("registry", SchedulerRegistry.heartbeat_scheduler)
+    unregister_scheduler = _verb("registry", SchedulerRegistry.unregister_scheduler)
+    live_schedulers = _verb("registry", SchedulerRegistry.live_schedulers)
+
+    prune = _verb("retention", Retention.prune)
+    held_back = _verb("retention", Retention.held_back)
+
+    get_run = _verb("reads", ReadModel.get_run)
+    list_runs = _verb("reads", ReadModel.list_runs)
+    runs_page = _verb("reads", ReadModel.runs_page)
+    steps = _verb("reads", ReadModel.steps)
+    events = _verb("reads", ReadModel.events)
+    logs = _verb("reads", ReadModel.logs)
+    counters = _verb("reads", ReadModel.counters)
+    count_by_status = _verb("reads", ReadModel.count_by_status)
+    children = _verb("reads", ReadModel.children)
+    outbox_backlog = _verb("reads", ReadModel.outbox_backlog)
+    leases_held = _verb("reads", ReadModel.leases_held)
+    pending_due = _verb("reads", ReadModel.pending_due)
 
 
 # ---------------------------------------------------------------------------
@@ -3312,9 +3872,19 @@ class ProcessExecution(Execution):
         except (BrokenPipeError, OSError, ValueError):
             pass
 
-    def _close_stdin(self):
+    def close_stdin(self):
+        """End the process's stdin (a warm worker exits once idle)."""
         with contextlib.suppress(BrokenPipeError, OSError, ValueError):
             self.proc.stdin.close()
+
+    @property
+    def event_stream(self):
+        """The pipe the process writes its events to (None: it writes them to stdout)."""
+        return self._events
+
+    def wait_stderr(self, timeout_s):
+        """Wait up to ``timeout_s`` for the process's stderr to be read to its end."""
+        self._err_thread.join(timeout_s)
 
     def _drain_stderr(self):
         out = self.proc.stdout if self._events is not None else self.proc.stderr
@@ -3352,14 +3922,14 @@ class ProcessExecution(Execution):
     def cancel(self):
         self.canceled = True
         self._stop()
-        self._signal(signal.SIGCONT)  # a frozen group must wake to die
+        self.send_signal(signal.SIGCONT)  # a frozen group must wake to die
 
-    def _signal(self, sig):
+    def send_signal(self, sig):
         with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
             os.killpg(self.proc.pid, sig)
 
     def pause(self):
-        self._signal(signal.SIGSTOP)
+        self.send_signal(signal.SIGSTOP)
         if self._on_pause:
             with contextlib.suppress(Exception):
                 self._on_pause(True)
@@ -3368,7 +3938,7 @@ class ProcessExecution(Execution):
         if self._on_pause:
             with contextlib.suppress(Exception):
                 self._on_pause(False)
-        self._signal(signal.SIGCONT)
+        self.send_signal(signal.SIGCONT)
 
     def finish(self, grace_s=5.0):
         if self._stdin_thread.is_alive():
@@ -3383,7 +3953,7 @@ class ProcessExecution(Execution):
             _kill_group(self.proc)
         if self._timer:
             self._timer.cancel()
-        self._close_stdin()
+        self.close_stdin()
         if code != 0 or self.canceled or self.timed_out:
             self._run_on_stop()
         self._err_thread.join(2)
@@ -3471,6 +4041,20 @@ class WarmExecution(Execution):
         self._lock = threading.Lock()  # guards worker and _paused (the pool, cancel, pause)
         self._paused = False
         self._timer = None
+
+    @property
+    def lock(self):
+        """Guards the pass's worker and whether it is paused (the pool, cancel, pause take it)."""
+        return self._lock
+
+    @property
+    def paused(self):
+        """Whether the pass is frozen (a frozen pass waiting for a slot keeps waiting)."""
+        return self._paused
+
+    def is_done(self):
+        """Whether the pass has ended."""
+        return self._done.is_set()
 
     def started(self):
         """The pass is in its worker: its timeout counts from now, not from its wait for room."""
@@ -3627,7 +4211,7 @@ class WarmWorker:
 
     def submit(self, execution, code_path, doc):
         line = (dumps({"op": "pass", "code": code_path, "doc": doc}) + "\n").encode("utf-8")
-        with self._lock, execution._lock:
+        with self._lock, execution.lock:
             self.reserved = max(0, self.reserved - 1)
             gone, dropped = self._gone, execution.canceled
             if not gone and not dropped:
@@ -3650,7 +4234,7 @@ class WarmWorker:
         while True:
             item = self._outbox.get()
             if item is None:
-                self.proc_exec._close_stdin()
+                self.proc_exec.close_stdin()
                 return
             data, execution = item
             try:
@@ -3666,7 +4250,7 @@ class WarmWorker:
         """Ask the worker to drop the pass; a worker too busy to answer (a busy loop) is killed."""
         line = dumps({"op": "cancel", "pass": execution.pass_id}) + "\n"
         self._outbox.put((line.encode("utf-8"), None))
-        TIMERS.after(WORKER_CANCEL_GRACE_S, lambda: execution._done.is_set() or self.kill(
+        TIMERS.after(WORKER_CANCEL_GRACE_S, lambda: execution.is_done() or self.kill(
             "it did not answer a cancel within %.1fs (busy in user code)" % WORKER_CANCEL_GRACE_S,
             culprit=execution))
 
@@ -3675,7 +4259,7 @@ class WarmWorker:
             self._paused += 1 if paused else -1
             sig = signal.SIGSTOP if self._paused == 1 and paused else signal.SIGCONT if self._paused == 0 else None
         if sig is not None:
-            self.proc_exec._signal(sig)
+            self.proc_exec.send_signal(sig)
 
     def finished(self, execution):
         with self._lock:
@@ -3692,7 +4276,7 @@ class WarmWorker:
                 self.dead = "the worker was stopped: %s" % why
                 self._culprit = culprit
         _kill_group(self.proc)
-        self.proc_exec._signal(signal.SIGCONT)
+        self.proc_exec.send_signal(signal.SIGCONT)
 
     def close(self):
         """Let the worker exit once idle (stdin end-of-file, after what is queued for it)."""
@@ -3700,7 +4284,7 @@ class WarmWorker:
         self._outbox.put(None)
 
     def _read(self):
-        for raw in iter(self.proc_exec._events.readline, b""):
+        for raw in iter(self.proc_exec.event_stream.readline, b""):
             line = raw.decode("utf-8", "replace")
             if not line.strip():
                 continue
@@ -3736,7 +4320,7 @@ class WarmWorker:
         """Say why the worker died, and end the passes it held: the one that killed it, if known,
         is charged; the others are spared (given back; if the culprit is not known, those that
         were in the worker run alone from then on, where a death is their own)."""
-        self.proc_exec._err_thread.join(2)
+        self.proc_exec.wait_stderr(2)
         said = b"".join(self._stderr_tail).decode("utf-8", "replace")[-4000:]
         tail = said.strip().splitlines()[-1:]
         limit = self.pool.adapter.config["limits.pass_memory"]
@@ -3750,7 +4334,7 @@ class WarmWorker:
                 else:
                     self.dead = "the worker exited with status %d%s" % (code, (": " + tail[0][:300]) if tail else "")
             self._gone = True
-            live = [e for e in self.passes.values() if not e._done.is_set()]
+            live = [e for e in self.passes.values() if not e.is_done()]
             culprit = self._culprit
         self._outbox.put(None)  # its writer stops
         if culprit is None:
@@ -3834,7 +4418,7 @@ class WorkerPool:
 
     def _wait_for_room(self, execution):
         """Wait (under the pool's lock) until a slot frees or the pass may go on."""
-        frozen = execution._paused
+        frozen = execution.paused
         self._frozen += frozen
         try:
             self._cond.wait(5.0)
@@ -3844,8 +4428,8 @@ class WorkerPool:
     @staticmethod
     def _take(worker, execution):
         """Give ``worker`` to the pass, unless the pass was stopped or frozen meanwhile."""
-        with execution._lock:
-            if execution.canceled or execution._paused:
+        with execution.lock:
+            if execution.canceled or execution.paused:
                 return False
             execution.worker = worker
             return True
@@ -3871,7 +4455,7 @@ class WorkerPool:
                         return best
                     if execution.canceled:
                         return None
-                elif may_spawn and not execution._paused:
+                elif may_spawn and not execution.paused:
                     self._spawning += 1
                     reply = queue.SimpleQueue()
                     self._requests.put(reply)
@@ -4873,14 +5457,9 @@ class CloudflareAdapter(Adapter):
         if store is None:
             return None
         if value is None:
-            row = store.query_one("SELECT value FROM adapter_state WHERE adapter = ? AND key = ?", (self.name, key))
-            return row["value"] if row else None
-        with store.transaction() as c:
-            self._put_state(c, key, value)
+            return store.adapter_book.adapter_state(self.name, key)
+        store.adapter_book.set_adapter_state(self.name, key, value)
         return value
-
-    def _put_state(self, c, key, value):
-        c.execute("INSERT OR REPLACE INTO adapter_state (adapter, key, value) VALUES (?, ?, ?)", (self.name, key, value))
 
     def subdomain(self):
         if self._subdomain is None:
@@ -4962,8 +5541,7 @@ class CloudflareAdapter(Adapter):
             if name in self._known:
                 return self._known[name]
         store = self._store(create=False)
-        row = store.query_one("SELECT name, uploaded_at, ready_at, last_used_at FROM cf_scripts WHERE name = ? "
-                              "AND account_id = ?", (name, self.cfg("account_id"))) if store else None
+        row = store.adapter_book.script(name, self.cfg("account_id")) if store else None
         if row is not None:
             with self._lock:
                 self._known[name] = dict(row)
@@ -4981,13 +5559,11 @@ class CloudflareAdapter(Adapter):
 
     def _write_row(self, store, name, workflow_id, row):
         if store is not None:
-            with store.transaction() as c:
-                if self._subdomain:  # first known before the store existed (a first deploy): kept now
-                    self._put_state(c, "subdomain:" + self.cfg("account_id"), self._subdomain)
-                c.execute("INSERT OR REPLACE INTO cf_scripts (name, account_id, workflow_id, uploaded_at, ready_at, "
-                          "last_used_at) VALUES (?, ?, ?, ?, ?, ?)", (name, self.cfg("account_id"), workflow_id,
-                                                                      row["uploaded_at"], row["ready_at"],
-                                                                      row["last_used_at"]))
+            state = None
+            if self._subdomain:  # first known before the store existed (a first deploy): kept now
+                state = (self.name, "subdomain:" + self.cfg("account_id"), self._subdomain)
+            store.adapter_book.remember_script(name, self.cfg("account_id"), workflow_id, row,
+                                               state)
 
     def forget(self, version):
         """The platform no longer has this version's script (deleted, or its route gone): upload it again."""
@@ -4999,16 +5575,15 @@ class CloudflareAdapter(Adapter):
             self._known.pop(name, None)
         store = store or self._store(create=False)
         if store is not None:
-            with contextlib.suppress(StoreError), store.transaction() as c:
-                c.execute("DELETE FROM cf_scripts WHERE name = ? AND account_id = ?", (name, self.cfg("account_id")))
+            with contextlib.suppress(StoreError):
+                store.adapter_book.forget_script(name, self.cfg("account_id"))
 
     def script_count(self):
         store = self._store(create=False)
         if store is None:
             return len(self._known)
         with contextlib.suppress(StoreError):
-            return store.query_one("SELECT count(*) AS n FROM cf_scripts WHERE account_id = ?",
-                                   (self.cfg("account_id"),))["n"]
+            return store.adapter_book.script_count(self.cfg("account_id"))
         return 0
 
     def upload(self, workflow_id, code):
@@ -5038,11 +5613,7 @@ class CloudflareAdapter(Adapter):
 
     def needed_scripts(self, store):
         """Script names some version still needs: each cloudflare workflow's newest, and every unfinished run's."""
-        rows = store.query(
-            "SELECT v.workflow_id, v.code FROM workflow_versions v JOIN workflows w ON w.id = v.workflow_id "
-            "WHERE v.adapter = 'cloudflare' AND (v.version = w.latest_version OR EXISTS (SELECT 1 FROM runs r "
-            "WHERE r.workflow_id = v.workflow_id AND r.version = v.version AND r.status NOT IN "
-            "('completed', 'failed', 'canceled')))")
+        rows = store.adapter_book.versions_needed("cloudflare")
         return {self._name_for(r["workflow_id"], r["code"]) for r in rows}
 
     def collect(self, force=False, store=None):
@@ -5057,8 +5628,7 @@ class CloudflareAdapter(Adapter):
         needed = self.needed_scripts(store)
         # The longest a pass lives, and the minute last_used_at may lag behind.
         recent = now_ms() - self.cfg("timeout") - self.cfg("recovery_window") - 60000
-        rows = store.query("SELECT name, uploaded_at, last_used_at FROM cf_scripts WHERE account_id = ?",
-                           (self.cfg("account_id"),))
+        rows = store.adapter_book.scripts(self.cfg("account_id"))
         gone = 0
         for row in rows:
             if row["name"] in needed or max(row["uploaded_at"] or 0, row["last_used_at"] or 0) > recent:
@@ -5844,8 +6414,8 @@ class Scheduler:
             now = self.clock()
             with self.lock:
                 held = set(self.active)
-            due = [r for r in self.store.query("SELECT id FROM runs WHERE status = 'pending' AND available_at <= ? "
-                                               "LIMIT ?", (now, len(held) + 1)) if r["id"] not in held]
+            due = [run_id for run_id in self.store.pending_due(now, len(held) + 1)
+                   if run_id not in held]
             if due:
                 self.sidecar.ensure_driven()
         except OpenWorkflowError as exc:
@@ -5859,8 +6429,6 @@ class Scheduler:
 SIGNATURE_HEADER = "X-Openworkflow-Signature"
 TIMESTAMP_HEADER = "X-Openworkflow-Timestamp"
 WEBHOOK_SECRET_FILE = "webhook.secret"
-# Replay-guard entries are kept this long; older callbacks fail the timestamp check anyway.
-WEBHOOK_SEEN_KEEP_MS = 24 * 3600 * 1000
 
 
 class WebhookReject(Exception):
@@ -6081,59 +6649,21 @@ class WebhookServer(_HttpService):
         now = sc.clock()
         signature = verify_callback(self.secret, headers, body, now // 1000, self.tolerance_s)
         kind, run_id, second, payload = parse_callback(body)
-        store = sc.store
-        sig_digest, body_digest = "sig:" + sha256_hex(signature), "body:" + sha256_hex(body)
-        with store.transaction() as c:
-            if store.seen(c, sig_digest, now, WEBHOOK_SEEN_KEEP_MS):
-                raise WebhookReject(409, "replayed: this signature was already used")
-            row = c.execute("SELECT status, pass_id FROM runs WHERE id = ?", (run_id,)).fetchone()
-            if row is None:
-                raise WebhookReject(404, "no run %r" % run_id)
-            if store.seen(c, body_digest, now, WEBHOOK_SEEN_KEEP_MS):
-                return {"ok": True, "duplicate": True, "applied": 0}
-            if row[0] in TERMINAL:
-                log.info("webhook: ignored a callback for run %s, which is %s", run_id, row[0])
-                return {"ok": True, "ignored": "run is %s" % row[0], "applied": 0}
-            if kind == "signal":
-                try:
-                    data_json = dumps(payload.get("data"))
-                except (ValueError, TypeError):
-                    raise WebhookReject(422, "data is not JSON text")
-                if len(data_json.encode("utf-8")) > sc.config["limits.max_input_bytes"]:
-                    raise WebhookReject(422, "data is over limits.max_input_bytes")
-                store._signal(c, run_id, second, data_json, now, payload.get("idempotencyKey"))
-                applied = 1
-            elif kind == "completion":
-                status, doc = second, payload
-                if status == "completed":
-                    try:
-                        size = len(dumps(doc.get("output")).encode("utf-8"))
-                    except (ValueError, TypeError, UnicodeError):
-                        raise WebhookReject(422, "output is not JSON text")
-                    if size > sc.config["limits.max_output_bytes"]:
-                        raise WebhookReject(422, "output is %d bytes, over limits.max_output_bytes" % size)
-                    store._finish(c, run_id, row[1], "completed", now, output=doc.get("output"))
-                else:
-                    err = doc.get("error")
-                    store._finish(c, run_id, row[1], "failed", now,
-                                  error=_clean_error(err if isinstance(err, dict) else {"message": str(err)}))
-                applied = 1
-            else:
-                applied = ignored = 0
-                for ev in payload:
-                    outcome = store._apply_event(c, run_id, second, ev, now, sc.defaults())
-                    if outcome == IGNORED:
-                        ignored += 1
-                    else:
-                        applied += 1
-                    if outcome == ENDED:
-                        break
-                if ignored and not applied:
-                    log.info("webhook: ignored events for run %s: pass %s is not its current pass", run_id, second)
-                    return {"ok": True, "ignored": "pass %s is not the run's current pass" % second, "applied": 0}
-            store.mark_seen(c, [(sig_digest, "signature"), (body_digest, "body")], now, WEBHOOK_SEEN_KEEP_MS)
+        digests = [("sig:" + sha256_hex(signature), "signature"),
+                   ("body:" + sha256_hex(body), "body")]
+        try:
+            done = sc.store.apply_callback(kind, run_id, second, payload, digests, now,
+                                           sc.defaults(), sc.config["limits.max_input_bytes"])
+        except Conflict as exc:
+            raise WebhookReject(409, str(exc))
+        except NotFound as exc:
+            raise WebhookReject(404, str(exc))
+        except InputError as exc:
+            raise WebhookReject(422, str(exc))
+        if "duplicate" in done or "ignored" in done:
+            return dict({"ok": True}, **done)
         sc.poke_schedulers()
-        return {"ok": True, "applied": applied}
+        return {"ok": True, "applied": done["applied"]}
 
 
 class _WebhookHandler:
@@ -6208,7 +6738,7 @@ class _WebhookHandler:
         path = self.path.split("?", 1)[0]
         if path == "/healthz":
             try:
-                self.webhook.sidecar.store.query_one("SELECT 1 AS ok")
+                self.webhook.sidecar.store.ping()
             except Exception:
                 return self._reply(503, {"ok": False, "store": "unreachable"})
             return self._reply(200, {"ok": True, "store": "ok", "version": __version__})
@@ -6312,7 +6842,7 @@ class Bridge:
         """Record that a problem was already reported, so delivery does not log it again."""
         self._warned.add(str(exc).split(";")[0])
 
-    def _first_time(self, exc):
+    def first_time(self, exc):
         """Whether to report ``exc``: once per process, and across processes once a day."""
         key = str(exc).split(";")[0]
         if key in self._warned:
@@ -6361,7 +6891,7 @@ class Bridge:
                 except TaskYouError as exc:
                     retry_at = self.sidecar.clock() + backoff_ms(OUTBOX_RETRY, item["attempts"] + 1)
                     self.store.outbox_failed(item["id"], self.sidecar.clock(), str(exc), retry_at)
-                    if self._first_time(exc):
+                    if self.first_time(exc):
                         log.warning("taskyou: %s; will retry", exc)
                     continue
                 self.store.outbox_delivered(item["id"], self.sidecar.clock(), task_id, item["run_id"])
@@ -6437,7 +6967,7 @@ class Bridge:
             try:
                 task = parse_ty_json(self._ty(["show", str(spec["task_id"]), "--json"]), "show")
             except TaskYouError as exc:
-                if self._first_time(exc):
+                if self.first_time(exc):
                     log.warning("taskyou: %s; will look again", exc)
                 self.store.set_wait_task(run_id, key, spec["task_id"], self.sidecar.clock())
                 continue
@@ -6562,7 +7092,7 @@ def render_metrics(sidecar):
             label = ",".join('%s="%s"' % (k, _prom_escape(v)) for k, v in labels)
             lines.append("%s%s %s" % (name, "{%s}" % label if label else "", _prom_num(value)))
 
-    by_status = {r["status"]: r["n"] for r in store.query("SELECT status, count(*) AS n FROM runs GROUP BY status")}
+    by_status = store.count_by_status()
     family("tyow_runs", "gauge", "Runs in the store by status.",
            [((("status", st),), by_status.get(st, 0)) for st in RUN_STATUSES])
     counts = store.counters()
@@ -6589,13 +7119,12 @@ def render_metrics(sidecar):
         lines.append('tyow_%s_bucket{le="+Inf"} %d' % (name, h[len(buckets)]))
         lines.append("tyow_%s_sum %s" % (name, _prom_num(h[-1])))
         lines.append("tyow_%s_count %d" % (name, h[len(buckets)]))
-    backlog = store.query_one("SELECT count(*) AS n FROM outbox WHERE delivered_at IS NULL")["n"]
+    backlog = store.outbox_backlog()
     family("tyow_taskyou_outbox_backlog", "gauge", "TaskYou updates not delivered yet.", [((), backlog)])
-    workers = sidecar.adapter("exec").workers() if "exec" in sidecar._adapters else {}
+    workers = sidecar.adapter("exec").workers() if sidecar.adapter_made("exec") else {}
     family("tyow_warm_workers", "gauge", "Warm workers alive in this process, by runtime.",
            [((("runtime", rt),), len(workers.get(rt, []))) for rt in sorted(RUNTIMES)])
-    leases = store.query_one("SELECT count(*) AS n FROM runs WHERE status = 'running' AND lease_expires_at >= ?",
-                             (now,))["n"]
+    leases = store.leases_held(now)
     family("tyow_leases_held", "gauge", "Runs whose pass holds a live lease (all schedulers).", [((), leases)])
     family("tyow_schedulers_alive", "gauge", "Schedulers with a fresh heartbeat.",
            [((), len(store.live_schedulers(now, 2 * sidecar.config["lease_ttl"])))])
@@ -6695,8 +7224,7 @@ class DashboardServer(_HttpService):
         if path == "/api/schedules":
             return {"schedules": sc.schedules()}
         if path == "/api/summary":
-            return {"runs": {r["status"]: r["n"] for r in sc.store.query(
-                "SELECT status, count(*) AS n FROM runs GROUP BY status")}, "now": sc.clock()}
+            return {"runs": sc.store.count_by_status(), "now": sc.clock()}
         raise WebhookReject(404, "no such page: %s" % path)
 
     def check_token(self, headers):
@@ -6961,6 +7489,10 @@ class Sidecar:
                 impl.store_fn = lambda: self.store
             return self._adapters[name]
 
+    def adapter_made(self, name):
+        """Whether adapter ``name`` was made already (adapter() makes it on first use)."""
+        return name in self._adapters
+
     def defaults(self):
         return {"retry": self.config.retry_policy(), "max_output_bytes": self.config["limits.max_output_bytes"],
                 "max_step_attempts": self.config["limits.max_step_attempts"],
@@ -7114,8 +7646,7 @@ class Sidecar:
             "parent": {"run_id": run["parent_run_id"], "wait": run["parent_wait_key"]} if run["parent_run_id"]
             else None,
             "children": [{"id": ch["id"], "workflow_id": ch["workflow_id"], "status": ch["status"]}
-                         for ch in self.store.query("SELECT id, workflow_id, status FROM runs WHERE parent_run_id = ? "
-                                                    "ORDER BY created_at", (run["id"],))],
+                         for ch in self.store.children(run["id"])],
             "signals_pending": [{"id": g["id"], "name": g["name"], "data": loads_or_none(g["data"]),
                                  "at": g["created_at"]} for g in self.store.signals(run["id"])
                                 if g["consumed_by"] is None],
@@ -7279,24 +7810,7 @@ class Sidecar:
 
     def fire_schedules(self):
         """Start the runs of the schedules' due fires (serve and tick call this); returns their ids."""
-        auto_task = self.config["taskyou.auto_create_tasks"]
-
-        def start_run(c, row, fire):
-            wf = self.store._latest(c, row["workflow_id"])
-            if wf is None:
-                log.warning("schedule %s: no workflow %r; the fire at %s is skipped", row["name"], row["workflow_id"],
-                            format_time(fire))
-                return None
-            now = self.clock()
-            run_id = new_id("run")
-            got = self.store._create_run(c, run_id, row["workflow_id"], wf[0], row["input"], now,
-                                         task_requested=auto_task,
-                                         task_title="Workflow: %s (schedule %s)" % (row["workflow_id"], row["name"]),
-                                         deadline_at=now + wf[1] if wf[1] else None,
-                                         idempotency_key="schedule:%s:%d" % (row["name"], fire),
-                                         schedule_name=row["name"])
-            return got if got == run_id else None
-        return self.store.fire_schedules(self.clock(), start_run)
+        return self.store.fire_schedules(self.clock(), self.config["taskyou.auto_create_tasks"])
 
     def retry(self, run_id, latest=False, drive=True):
         """A failed or canceled run resumes from its failed step (committed steps are kept), on the
@@ -7410,7 +7924,7 @@ class Sidecar:
         try:
             find_ty(self.config)
         except TaskYouError as exc:
-            if self.bridge._first_time(exc):  # once is enough; the bridge will not repeat it
+            if self.bridge.first_time(exc):  # once is enough; the bridge will not repeat it
                 log.warning("taskyou: %s", exc)
         try:
             return sched.loop()
@@ -8193,7 +8707,8 @@ def build_parser(only=None):
         sp = sub.add_parser("dist")
         sp.set_defaults(func=cmd_dist)
         sp.add_argument("out")
-    # Internal commands (the background runner, the single-file build) stay out of --help.
+    # Internal commands (the background runner, the single-file build) stay out of --help:
+    # argparse has no verb for it, so this is the module's one reach into another's privates.
     sub._choices_actions = [a for a in sub._choices_actions if a.dest not in ("runner", "dist")]
     return p
 

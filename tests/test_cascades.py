@@ -219,8 +219,8 @@ class OneRunCannotStopTheScheduler(TempHome):
 
     def test_a_run_whose_claim_raises_is_set_aside_then_failed_and_others_go_on(self):
         bad, good = self.two_woken_runs()
-        broken = raising_for(bad, tow.Store._timed_out_waits)
-        with mock.patch.object(tow.Store, "_timed_out_waits", broken):
+        broken = raising_for(bad, tow.WaitLedger.time_out_waits)
+        with mock.patch.object(tow.WaitLedger, "time_out_waits", broken):
             self.sc.tick()  # raised RuntimeError: the loop only caught StoreError
             self.assertEqual(self.sc.status(good)["status"], "completed")
             st = self.sc.status(bad)
@@ -241,8 +241,8 @@ class OneRunCannotStopTheScheduler(TempHome):
     def test_serve_keeps_running_while_one_run_keeps_failing(self):
         bad, good = self.two_woken_runs()
         sched = self.sc.scheduler("serve")
-        broken = raising_for(bad, tow.Store._timed_out_waits)
-        with mock.patch.object(tow.Store, "_timed_out_waits", broken):
+        broken = raising_for(bad, tow.WaitLedger.time_out_waits)
+        with mock.patch.object(tow.WaitLedger, "time_out_waits", broken):
             thread = threading.Thread(target=sched.loop, daemon=True)
             thread.start()
             try:
@@ -286,8 +286,8 @@ class OneRunCannotStopTheScheduler(TempHome):
     def test_a_run_whose_cascade_raises_is_failed_on_its_own(self):
         run_id = self.sc.start("go", {}, drive=False)["id"]
         self.sc.tick()  # waiting: it is failed outside a pass, as a deadline would
-        broken = raising_for(run_id, tow.Store._after_finish)
-        with mock.patch.object(tow.Store, "_after_finish", broken):
+        broken = raising_for(run_id, tow.WaitLedger.after_finish)
+        with mock.patch.object(tow.WaitLedger, "after_finish", broken):
             self.assertTrue(self.sc.store.fail_run(run_id, None, self.clock(), {
                 "message": "stop", "name": "Test", "stack": None}))
         st = self.sc.status(run_id)
