@@ -1434,6 +1434,12 @@ class Database:
                 return self._idle.pop()
         return self._connect()
 
+    def fill_pool(self):
+        """Open the connections the pool keeps idle now, not as load first peaks: a long-lived
+        scheduler's open files are then flat from its start."""
+        for conn in [self._acquire() for _ in range(STORE_POOL_IDLE)]:
+            self._release(conn)
+
     def _release(self, conn):
         # A connection goes back to the pool only clean: no open transaction.
         with self._lock:
@@ -3253,6 +3259,78 @@ class ReadModel:
     def __init__(self, store):
         self.store = store
 
+    def run_document(self, run):
+        """A run as `status` shows it: its version, steps, waits, family and pending signals."""
+        version = self.store.get_version(run["workflow_id"], run["version"])
+        rows = self.store.steps(run["id"])
+        steps = [self._step_document(run, s) for s in rows]
+        waits = [s for s in rows if s["kind"] == "wait"]
+        status = run["status"]
+        parent = run["parent_run_id"]
+        return {
+            "id": run["id"], "workflow_id": run["workflow_id"], "version": run["version"],
+            "version_label": version["label"], "runtime": version["runtime"],
+            "adapter": version["adapter"], "status": status, "input": json.loads(run["input"]),
+            "output": loads_or_none(run["output"]), "error": loads_or_none(run["error"]),
+            "passes": run["passes"], "created_at": run["created_at"],
+            "started_at": run["started_at"], "finished_at": run["finished_at"],
+            "updated_at": run["updated_at"],
+            "wake_at": run["wake_at"] if status in ("sleeping", "waiting") else None,
+            "available_at": run["available_at"] if status == "pending" else None,
+            "deadline_at": run["deadline_at"], "steps": steps,
+            "last_pass": loads_or_none(run["last_pass"]),
+            "idempotency_key": run["idempotency_key"], "retries": run["retries"],
+            "forked_from": run["forked_from"], "schedule": run["schedule_name"],
+            # Its passes run alone (a shared worker died under it, nobody knows by whose doing).
+            "isolated": bool(run["isolated"]),
+            "waiting_for": [dict(loads_or_none(w["wait"]) or {}, step=w["key"],
+                                 timeout_at=w["wake_at"])
+                            for w in waits if w["status"] == "waiting"],
+            "parent": {"run_id": parent, "wait": run["parent_wait_key"]} if parent else None,
+            "children": [{"id": ch["id"], "workflow_id": ch["workflow_id"], "status": ch["status"]}
+                         for ch in self.store.children(run["id"])],
+            "signals_pending": [{"id": g["id"], "name": g["name"], "data": loads_or_none(g["data"]),
+                                 "at": g["created_at"]}
+                                for g in self.store.signals(run["id"]) if g["consumed_by"] is None],
+        }
+
+    def driven_by(self, run, now, window_ms):
+        """Whether a scheduler (heard from within ``window_ms``) is alive to drive an unfinished
+        run, and what to do if none is."""
+        live = self.store.live_schedulers(now, window_ms)
+        doc = {"alive": bool(live), "kinds": sorted({s["kind"] for s in live})}
+        lease_end = run["lease_expires_at"]
+        if run["status"] == "running" and lease_end is not None and lease_end < now:
+            doc["message"] = ("the scheduler running this pass stopped; the run is replayed "
+                              "from its last committed step when a scheduler runs")
+        if not live:
+            doc["message"] = doc.get("message", "no scheduler is alive to drive this run") + (
+                "; run `ty-openworkflow tick` (or put it in cron) or keep "
+                "`ty-openworkflow serve` running")
+        return doc
+
+    @staticmethod
+    def _step_document(run, s):
+        """One step, sleep or wait of a run as `status` shows it."""
+        item = {"name": s["key"], "kind": s["kind"], "status": s["status"],
+                "attempts": s["attempts"], "started_at": s["started_at"],
+                "completed_at": s["completed_at"]}
+        if s["kind"] == "wait":
+            item["wait"] = loads_or_none(s["wait"])
+            item["timeout_at"] = s["wake_at"]
+            if s["status"] == "waiting" and run["status"] in TERMINAL:
+                item["status"] = "interrupted"
+        elif s["kind"] == "sleep":
+            item["wake_at"] = s["wake_at"]
+            if s["status"] != "completed":  # over only once the run went past it
+                item["status"] = ("completed" if run["status"] == "completed" else
+                                  "interrupted" if run["status"] in TERMINAL else "sleeping")
+        if s["output"] is not None:
+            item["output"] = json.loads(s["output"])
+        if s["error"]:
+            item["error"] = json.loads(s["error"])
+        return item
+
     def counters(self):
         """The /metrics counters: (name, workflow) -> value."""
         rows = self.store.query("SELECT name, workflow, value FROM counters")
@@ -3514,6 +3592,8 @@ class Store(Database):
     events = _verb("reads", ReadModel.events)
     logs = _verb("reads", ReadModel.logs)
     counters = _verb("reads", ReadModel.counters)
+    run_document = _verb("reads", ReadModel.run_document)
+    driven_by = _verb("reads", ReadModel.driven_by)
     count_by_status = _verb("reads", ReadModel.count_by_status)
     children = _verb("reads", ReadModel.children)
     outbox_backlog = _verb("reads", ReadModel.outbox_backlog)
@@ -6182,6 +6262,9 @@ class Scheduler:
         self.sidecar.bridge.resume()
         failing_since, backoff_s, idle_s = None, 0.0, 0.0
         try:
+            if self.kind == "serve":
+                with contextlib.suppress(OpenWorkflowError):  # only an optimisation
+                    self.store.fill_pool()
             self.leases.start()
             for t in threads:
                 t.start()
@@ -7607,63 +7690,10 @@ class Sidecar:
 
     def _status(self, run_id):
         run = self.run(run_id)
-        version = self.store.get_version(run["workflow_id"], run["version"])
-        steps, waits = [], []
-        for s in self.store.steps(run["id"]):
-            item = {"name": s["key"], "kind": s["kind"], "status": s["status"], "attempts": s["attempts"],
-                    "started_at": s["started_at"], "completed_at": s["completed_at"]}
-            if s["kind"] == "wait":
-                waits.append(s)
-                item["wait"] = loads_or_none(s["wait"])
-                item["timeout_at"] = s["wake_at"]
-                if s["status"] == "waiting" and run["status"] in TERMINAL:
-                    item["status"] = "interrupted"
-            elif s["kind"] == "sleep":
-                item["wake_at"] = s["wake_at"]
-                if s["status"] != "completed":  # over only once the run went past it
-                    item["status"] = ("completed" if run["status"] == "completed" else
-                                      "interrupted" if run["status"] in TERMINAL else "sleeping")
-            if s["output"] is not None:
-                item["output"] = json.loads(s["output"])
-            if s["error"]:
-                item["error"] = json.loads(s["error"])
-            steps.append(item)
-        out = {
-            "id": run["id"], "workflow_id": run["workflow_id"], "version": run["version"],
-            "version_label": version["label"], "runtime": version["runtime"], "adapter": version["adapter"],
-            "status": run["status"], "input": json.loads(run["input"]), "output": loads_or_none(run["output"]),
-            "error": loads_or_none(run["error"]), "passes": run["passes"], "created_at": run["created_at"],
-            "started_at": run["started_at"], "finished_at": run["finished_at"], "updated_at": run["updated_at"],
-            "wake_at": run["wake_at"] if run["status"] in ("sleeping", "waiting") else None,
-            "available_at": run["available_at"] if run["status"] == "pending" else None,
-            "deadline_at": run["deadline_at"], "steps": steps,
-            "last_pass": loads_or_none(run["last_pass"]), "idempotency_key": run["idempotency_key"],
-            "retries": run["retries"], "forked_from": run["forked_from"], "schedule": run["schedule_name"],
-            # Its passes run alone (a shared worker died under it, nobody knows by whose doing).
-            "isolated": bool(run["isolated"]),
-            "waiting_for": [dict(loads_or_none(w["wait"]) or {}, step=w["key"], timeout_at=w["wake_at"])
-                            for w in waits if w["status"] == "waiting"],
-            "parent": {"run_id": run["parent_run_id"], "wait": run["parent_wait_key"]} if run["parent_run_id"]
-            else None,
-            "children": [{"id": ch["id"], "workflow_id": ch["workflow_id"], "status": ch["status"]}
-                         for ch in self.store.children(run["id"])],
-            "signals_pending": [{"id": g["id"], "name": g["name"], "data": loads_or_none(g["data"]),
-                                 "at": g["created_at"]} for g in self.store.signals(run["id"])
-                                if g["consumed_by"] is None],
-            "task": self.bridge.task_state(run),
-        }
+        out = self.store.run_document(run)
+        out["task"] = self.bridge.task_state(run)
         if run["status"] not in TERMINAL:
-            now = self.clock()
-            live = self.store.live_schedulers(now, 2 * self.config["lease_ttl"])
-            out["scheduler"] = {"alive": bool(live), "kinds": sorted({s["kind"] for s in live})}
-            if run["status"] == "running" and run["lease_expires_at"] is not None and run["lease_expires_at"] < now:
-                out["scheduler"]["message"] = ("the scheduler running this pass stopped; the run is replayed from "
-                                               "its last committed step when a scheduler runs")
-            if not live:
-                out["scheduler"]["message"] = out["scheduler"].get("message", "no scheduler is alive to drive this "
-                                                                   "run") + ("; run `ty-openworkflow tick` (or put it "
-                                                                             "in cron) or keep `ty-openworkflow serve` "
-                                                                             "running")
+            out["scheduler"] = self.store.driven_by(run, self.clock(), 2 * self.config["lease_ttl"])
         return out
 
     def list_runs(self, workflow_id=None, status=None, limit=20):
