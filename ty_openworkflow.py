@@ -5839,8 +5839,8 @@ ADAPTERS = {"exec": ExecAdapter, "docker": DockerAdapter, "cloudflare": Cloudfla
 
 
 class _ActivePass:
-    __slots__ = ("run_id", "pass_id", "passes", "deadline_at", "execution", "thread", "release", "lease_until",
-                 "lease_lost", "paused", "check_failed")
+    __slots__ = ("run_id", "pass_id", "passes", "deadline_at", "execution", "thread", "release",
+                 "lease_until", "lease_lost", "paused", "check_failed")
 
     def __init__(self, run, lease_until):
         self.run_id, self.pass_id, self.deadline_at = run["id"], run["pass_id"], run["deadline_at"]
@@ -5918,7 +5918,8 @@ class LeaseKeeper:
     def start(self):
         """Renew and guard until end() (after the shutdown grace: leases of passes still
         finishing must not expire under them)."""
-        for target, name in ((self._heartbeat, "tyow-heartbeat"), (self._guard, "tyow-lease-guard")):
+        for target, name in ((self._heartbeat, "tyow-heartbeat"),
+                             (self._guard, "tyow-lease-guard")):
             threading.Thread(target=target, name=name, daemon=True).start()
 
     def end(self):
@@ -5940,8 +5941,8 @@ class LeaseKeeper:
                 with self.lock:
                     held = [ap for ap in self.active.values() if not ap.lease_lost]
                 if held:
-                    lost = set(self.store.renew_leases(self.owner, [(ap.run_id, ap.pass_id) for ap in held],
-                                                       now + self.lease_ms))
+                    lost = set(self.store.renew_leases(
+                        self.owner, [(ap.run_id, ap.pass_id) for ap in held], now + self.lease_ms))
                     for ap in held:
                         if ap.pass_id in lost:
                             ap.lease_lost = True
@@ -5974,8 +5975,9 @@ class LeaseKeeper:
                     ap.paused = True
                     ap.execution.pause()
             for ap in late:
-                log.warning("run %s: its lease could not be renewed in time; its pass is frozen until the store "
-                            "answers, so no two schedulers run it at once", ap.run_id)
+                log.warning("run %s: its lease could not be renewed in time; its pass is frozen "
+                            "until the store answers, so no two schedulers run it at once",
+                            ap.run_id)
 
 
 class PassDriver:
@@ -6000,12 +6002,14 @@ class PassDriver:
         except StoreError as exc:
             # Not the run's fault: the pass is retried (here once the store answers,
             # or by any scheduler once its lease runs out).
-            log.error("run %s: the store failed during its pass (%s); the pass will be retried", ap.run_id, exc)
+            log.error("run %s: the store failed during its pass (%s); the pass will be retried",
+                      ap.run_id, exc)
             if ap.execution:
                 ap.execution.cancel()
                 ap.execution.finish()
             self._retrying(lambda: self.store.end_pass_without_result(
-                ap.run_id, ap.pass_id, self.clock(), self.policy(), "the store failed: %s" % exc), ap)
+                ap.run_id, ap.pass_id, self.clock(), self.policy(),
+                "the store failed: %s" % exc), ap)
         except Exception as exc:
             log.exception("pass %s of run %s crashed in the scheduler", ap.pass_id, ap.run_id)
             if ap.execution:
@@ -6013,27 +6017,49 @@ class PassDriver:
             # Fail the run rather than leave it to be replayed into the same crash forever.
             with contextlib.suppress(Exception):
                 self.store.fail_run(ap.run_id, ap.pass_id, self.clock(), {
-                    "message": "the sidecar could not record this run's pass (%s: %s); this is a bug in "
-                               "ty-openworkflow or an event it cannot store" % (type(exc).__name__, exc),
+                    "message": "the sidecar could not record this run's pass (%s: %s); this is a "
+                               "bug in ty-openworkflow or an event it cannot store"
+                               % (type(exc).__name__, exc),
                     "name": "SidecarError", "stack": None})
 
     def _pass_doc(self, run, version):
+        """The pass document the runtime shim reads (pass protocol v1)."""
         return {
             "protocol": PROTOCOL_VERSION, "pass_id": run["pass_id"], "run_id": run["id"],
-            "workflow_id": run["workflow_id"], "version": run["version"], "version_label": version["label"],
-            "attempt": run["passes"], "input": json.loads(run["input"]), "now": self.clock(),
+            "workflow_id": run["workflow_id"], "version": run["version"],
+            "version_label": version["label"], "attempt": run["passes"],
+            "input": json.loads(run["input"]), "now": self.clock(),
             "history": self.store.history(run["id"]), "inline_sleep_ms": INLINE_SLEEP_MS,
-            "max_output_bytes": self.config["limits.max_output_bytes"], "max_steps": self.config["limits.max_steps"],
+            "max_output_bytes": self.config["limits.max_output_bytes"],
+            "max_steps": self.config["limits.max_steps"],
             # Where remote compute may send signed callbacks (webhook.external_url), if set.
             "callback_url": self.config["webhook.external_url"] or None,
         }
 
     def _drive(self, run, ap):
-        defaults = self.policy()
+        policy = self.policy()
         key = (run["workflow_id"], run["version"])
         version = self._versions.get(key)  # versions never change once stored
         if version is None:
             version = self._versions[key] = self.store.get_version(*key)
+        execution, launched = self._launch(run, ap, version, policy)
+        if execution is None:
+            return
+        if (self.stopping.is_set() and ap.release) or ap.lease_lost:
+            execution.cancel()
+        ended = self._commit_events(ap, execution, policy)
+        how = execution.finish()
+        METRICS.observe("pass_duration_seconds", time.monotonic() - launched, PASS_BUCKETS_S)
+        log.info("run %s: pass %d ended: %s", ap.run_id, run["passes"],
+                 "recorded" if ended else how)
+        with contextlib.suppress(OpenWorkflowError):
+            self.store.add_log(ap.run_id, ap.pass_id, run["passes"], version["adapter"],
+                               execution.log_text, self.clock())
+        if not ended:
+            self._record_end(ap, execution, how, policy)
+
+    def _launch(self, run, ap, version, policy):
+        """(the pass's Execution, when it started), or (None, None): given back, or not started."""
         adapter_name = version["adapter"]
         try:
             adapter = self.adapter(adapter_name)
@@ -6042,28 +6068,31 @@ class PassDriver:
             spec = PassSpec(self._pass_doc(run, version), version,
                             isolated=bool(run.get("isolated")))
             spec.on_execution = lambda ex: setattr(ap, "execution", ex)  # stoppable while it waits
-            if ap.release or ap.lease_lost or lease_clock() > ap.lease_until - self.lease_margin_s:
+            late = lease_clock() > ap.lease_until - self.lease_margin_s
+            if ap.release or ap.lease_lost or late:
                 self._give_back(ap)  # not ours to start any more (or shutting down)
-                return
+                return None, None
             if not self.store.pass_is_current(ap.run_id, ap.pass_id):
-                return
+                return None, None
             launched = time.monotonic()
             ap.execution = adapter.launch(spec)
+            return ap.execution, launched
         except NotReady as exc:  # the platform cannot take it yet: later, and no attempt counted
-            log.info("run %s: %s; the pass is given back for %s", ap.run_id, exc, format_duration(exc.retry_ms))
-            self.store.release(ap.run_id, ap.pass_id, self.clock(), reason=str(exc), due=self.clock() + exc.retry_ms)
-            return
+            log.info("run %s: %s; the pass is given back for %s", ap.run_id, exc,
+                     format_duration(exc.retry_ms))
+            self.store.release(ap.run_id, ap.pass_id, self.clock(), reason=str(exc),
+                               due=self.clock() + exc.retry_ms)
         except (OpenWorkflowError, RuntimeError) as exc:
             if isinstance(exc, StoreError):
                 raise
             log.warning("run %s: cannot launch a pass: %s", ap.run_id, exc)
-            self.store.end_pass_without_result(ap.run_id, ap.pass_id, self.clock(), defaults,
-                                               "the %s adapter could not start the pass: %s" % (adapter_name, exc))
-            return
-        execution = ap.execution
-        if (self.stopping.is_set() and ap.release) or ap.lease_lost:
-            execution.cancel()
-        ended = False
+            self.store.end_pass_without_result(
+                ap.run_id, ap.pass_id, self.clock(), policy,
+                "the %s adapter could not start the pass: %s" % (adapter_name, exc))
+        return None, None
+
+    def _commit_events(self, ap, execution, policy):
+        """Commit the pass's events as they arrive; True once one ended the pass (recorded)."""
         try:
             for batch in execution.batches():
                 events = []
@@ -6076,55 +6105,56 @@ class PassDriver:
                 if not events:
                     continue
                 if ap.lease_lost:
-                    break
-                try:
-                    outcome, used = self.store.apply_events(ap.run_id, ap.pass_id, events, self.clock(), defaults)
-                except (ValueError, TypeError, OverflowError, RecursionError, UnicodeError) as exc:
-                    if len(events) > 1:  # find the one event that cannot be stored; keep the others
-                        outcome, used = self._apply_one_by_one(ap, events, defaults)
-                    else:
-                        outcome, used = "bad", 0
-                    if outcome == "bad":
-                        execution.cancel()
-                        self.store.fail_run(ap.run_id, ap.pass_id, self.clock(), {
-                            "message": "the runtime sent a %s event the sidecar cannot store (%s: %s)"
-                                       % (events[used].get("type"), type(exc).__name__, exc), "name": "BadEvent",
-                            "stack": None})
-                        break
+                    return False
+                outcome, used = self._apply(ap, execution, events, policy)
+                if outcome == "bad":
+                    return False
                 kinds = [e["type"] for e in events[:used]]
                 METRICS.inc("step_attempts", by=kinds.count("step_started"))
                 METRICS.inc("step_failures", by=kinds.count("step_failed"))
-                ev = events[used - 1]
                 if outcome == IGNORED:
-                    log.info("run %s: pass %s is no longer current (canceled or reclaimed); stopping it",
-                             ap.run_id, ap.pass_id)
+                    log.info("run %s: pass %s is no longer current (canceled or reclaimed); "
+                             "stopping it", ap.run_id, ap.pass_id)
                     execution.cancel()
-                    break
+                    return False
                 if outcome == ENDED:
-                    ended = True
-                    if ev["type"] not in TERMINAL_EVENTS:
-                        execution.cancel()  # the sidecar ended the run (a limit): the shim must not go on
-                    break
+                    if events[used - 1]["type"] not in TERMINAL_EVENTS:
+                        execution.cancel()  # the sidecar ended the run (a limit): the shim stops
+                    return True
         except StoreError as exc:
-            log.error("run %s: cannot record an event (%s); the pass is stopped and will be retried", ap.run_id, exc)
+            log.error("run %s: cannot record an event (%s); the pass is stopped and will be "
+                      "retried", ap.run_id, exc)
             execution.cancel()
-        how = execution.finish()
-        METRICS.observe("pass_duration_seconds", time.monotonic() - launched, PASS_BUCKETS_S)
-        now = self.clock()
-        log.info("run %s: pass %d ended: %s", ap.run_id, run["passes"], "recorded" if ended else how)
-        with contextlib.suppress(OpenWorkflowError):
-            self.store.add_log(ap.run_id, ap.pass_id, run["passes"], adapter_name, execution.log_text, now)
-        if ended:
-            return
+        return False
+
+    def _apply(self, ap, execution, events, policy):
+        """Commit events that arrived together: (outcome, events used); "bad" fails the run."""
+        try:
+            return self.store.apply_events(ap.run_id, ap.pass_id, events, self.clock(), policy)
+        except (ValueError, TypeError, OverflowError, RecursionError, UnicodeError) as exc:
+            if len(events) > 1:  # find the one event that cannot be stored; keep the others
+                outcome, used = self._apply_one_by_one(ap, events, policy)
+            else:
+                outcome, used = "bad", 0
+            if outcome == "bad":
+                execution.cancel()
+                self.store.fail_run(ap.run_id, ap.pass_id, self.clock(), {
+                    "message": "the runtime sent a %s event the sidecar cannot store (%s: %s)"
+                               % (events[used].get("type"), type(exc).__name__, exc),
+                    "name": "BadEvent", "stack": None})
+            return outcome, used
+
+    def _record_end(self, ap, execution, how, policy):
+        """A pass that ended without a recorded end: given back, spared, or a failed attempt."""
         if ap.release or ap.lease_lost:
             self._give_back(ap)
             return
         if execution.spared:
-            self._retrying(lambda: self.store.spare(ap.run_id, ap.pass_id, self.clock(), defaults,
+            self._retrying(lambda: self.store.spare(ap.run_id, ap.pass_id, self.clock(), policy,
                                                     how, isolate=execution.suspect), ap)
             return
-        self._retrying(lambda: self.store.end_pass_without_result(ap.run_id, ap.pass_id, self.clock(), defaults,
-                                                                   how), ap)
+        self._retrying(lambda: self.store.end_pass_without_result(
+            ap.run_id, ap.pass_id, self.clock(), policy, how), ap)
 
     def _apply_one_by_one(self, ap, events, defaults):
         """After a batch failed to store: apply its events singly; ("bad", i) names the culprit."""
@@ -6140,7 +6170,8 @@ class PassDriver:
     def _give_back(self, ap):
         """Release a pass we stopped ourselves (shutdown, a lease we could not renew in time)."""
         reason = "scheduler stopping" if ap.release else "its lease could not be renewed in time"
-        self._retrying(lambda: self.store.release(ap.run_id, ap.pass_id, self.clock(), reason=reason), ap)
+        self._retrying(lambda: self.store.release(ap.run_id, ap.pass_id, self.clock(),
+                                                  reason=reason), ap)
 
     def _retrying(self, write, ap):
         """Record a pass's end, trying again a few times while the store is unavailable.
@@ -6153,8 +6184,8 @@ class PassDriver:
                 return write()
             except StoreError as exc:
                 if delay_s is None or lease_clock() + delay_s > ap.lease_until:
-                    log.error("run %s: cannot record the end of its pass (%s); it is replayed once its lease runs "
-                              "out", ap.run_id, exc)
+                    log.error("run %s: cannot record the end of its pass (%s); it is replayed "
+                              "once its lease runs out", ap.run_id, exc)
                     return None
                 time.sleep(delay_s)
 
@@ -6216,7 +6247,7 @@ class Scheduler:
                 self.sock.sendto(b"w", self.sock.getsockname())
 
     def stop(self, hurry=False):
-        """Stop claiming and end the loop; in-flight passes get ``shutdown_grace`` unless ``hurry``."""
+        """Stop claiming and end the loop; passes in flight get ``shutdown_grace`` (not if hurry)."""
         if hurry:
             self.hurry.set()
         self.stopping.set()
@@ -6236,10 +6267,11 @@ class Scheduler:
 
     def _register(self):
         port = self.sock.getsockname()[1] if self.sock else None
-        self.store.register_scheduler(self.id, self.kind, os.getpid(), _hostname(), port, self.clock())
+        self.store.register_scheduler(self.id, self.kind, os.getpid(), _hostname(), port,
+                                      self.clock())
 
     def loop(self):
-        """Run until stopped (serve), idle past the linger time (runner), or nothing is due now (tick).
+        """Run until stopped (serve), idle past the linger time (runner), or nothing is due (tick).
 
         A store error (a lock held elsewhere past the busy timeout, a full disk), or
         any other error of a round, never ends the loop: it is logged and the loop
@@ -6257,7 +6289,8 @@ class Scheduler:
         self.bridge_wake = threading.Event()
         threads = []
         if self.kind != "tick":
-            threads.append(threading.Thread(target=self._bridge_loop, name="tyow-bridge", daemon=True))
+            threads.append(threading.Thread(target=self._bridge_loop, name="tyow-bridge",
+                                            daemon=True))
         registered = False
         self.sidecar.bridge.resume()
         failing_since, backoff_s, idle_s = None, 0.0, 0.0
@@ -6342,7 +6375,8 @@ class Scheduler:
                 self._register()
                 return "claimed"
         with self.lock:
-            deadlines = [ap.deadline_at for ap in self.active.values() if ap.deadline_at is not None]
+            deadlines = [ap.deadline_at for ap in self.active.values()
+                         if ap.deadline_at is not None]
         if free <= 0:
             next_due = None
         return min([t for t in [next_due] + deadlines if t is not None], default=None), now
@@ -6378,7 +6412,8 @@ class Scheduler:
             except OpenWorkflowError as exc:
                 log.warning("taskyou bridge: %s", exc)
                 nxt = None
-            wait_s = self.wait_cap_s if nxt is None else max(0.01, min(self.wait_cap_s, (nxt - self.clock()) / 1000.0))
+            wait_s = self.wait_cap_s if nxt is None else max(
+                0.01, min(self.wait_cap_s, (nxt - self.clock()) / 1000.0))
             self.bridge_wake.wait(wait_s)
             self.bridge_wake.clear()
 
@@ -6407,18 +6442,19 @@ class Scheduler:
             self.active[run["id"]] = ap
         try:
             self.threads.run(self._drive, run, ap)
-        except RuntimeError as exc:  # no thread to be had (a pids limit): give the run back for later
+        except RuntimeError as exc:  # no thread to be had (a pids limit): the run goes back
             with self.lock:
                 self.active.pop(run["id"], None)
-            log.warning("run %s: cannot start a thread for its pass (%s); it is given back and retried", run["id"],
-                        exc)
-            self.store.release(run["id"], run["pass_id"], self.clock(), reason="no thread for the pass (%s)" % exc)
+            log.warning("run %s: cannot start a thread for its pass (%s); it is given back and "
+                        "retried", run["id"], exc)
+            self.store.release(run["id"], run["pass_id"], self.clock(),
+                               reason="no thread for the pass (%s)" % exc)
             return False
         self.stats["passes"] += 1
         METRICS.inc("passes", run["workflow_id"])
         if run.get("was") in ("sleeping", "waiting") and run.get("available_at"):
-            METRICS.observe("wake_lateness_seconds", max(0, self.clock() - run["available_at"]) / 1000.0,
-                            LATENESS_BUCKETS_S)
+            late_s = max(0, self.clock() - run["available_at"]) / 1000.0
+            METRICS.observe("wake_lateness_seconds", late_s, LATENESS_BUCKETS_S)
         log.debug("run %s: pass %d started (%s)", run["id"], run["passes"], run["workflow_id"])
         return True
 
@@ -6492,7 +6528,7 @@ class Scheduler:
             self.sock = None
 
     def _hand_over(self):
-        """After leaving the table: a run a `start` made while we were leaving must not be stranded."""
+        """After leaving the table: a run a `start` made while we left must not be stranded."""
         try:
             now = self.clock()
             with self.lock:
