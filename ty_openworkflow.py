@@ -3624,7 +3624,7 @@ def materialize(directory, filename, text):
 
 
 # ---------------------------------------------------------------------------
-# Adapters: exec (local processes), docker (containers), cloudflare (Workers)
+# Adapters: the interface, exec (local processes), docker (containers)
 # ---------------------------------------------------------------------------
 
 
@@ -4929,6 +4929,11 @@ def validate_code_in_docker(adapter, code):
          adapter.image("node"), "node", "--check", "/ow/workflow.js"], timeout_s=60))
 
 
+# ---------------------------------------------------------------------------
+# Cloudflare: passes run in Workers (an API client, the Worker scripts, the adapter)
+# ---------------------------------------------------------------------------
+
+# Only Cloudflare speaks HTTP as a client, so the one point of contact for HTTP lives here.
 USER_AGENT = "ty-openworkflow/%s (python %d.%d)" % ((__version__,) + tuple(sys.version_info[:2]))
 
 
@@ -5750,6 +5755,7 @@ class CloudflareAdapter(Adapter):
         return out
 
 
+# Adapters by name; the config and the CLI pick one from here.
 ADAPTERS = {"exec": ExecAdapter, "docker": DockerAdapter, "cloudflare": CloudflareAdapter}
 
 
