@@ -3704,7 +3704,7 @@ def materialize(directory, filename, text):
 
 
 # ---------------------------------------------------------------------------
-# Adapters: exec (local processes), docker (containers), cloudflare (Workers)
+# Adapters: the interface, exec (local processes), docker (containers)
 # ---------------------------------------------------------------------------
 
 
@@ -5009,6 +5009,11 @@ def validate_code_in_docker(adapter, code):
          adapter.image("node"), "node", "--check", "/ow/workflow.js"], timeout_s=60))
 
 
+# ---------------------------------------------------------------------------
+# Cloudflare: passes run in Workers (an API client, the Worker scripts, the adapter)
+# ---------------------------------------------------------------------------
+
+# Only Cloudflare speaks HTTP as a client, so the one point of contact for HTTP lives here.
 USER_AGENT = "ty-openworkflow/%s (python %d.%d)" % ((__version__,) + tuple(sys.version_info[:2]))
 
 
@@ -5058,15 +5063,29 @@ def multipart(parts):
     out = []
     for name, filename, ctype, data in parts:
         disp = 'form-data; name="%s"' % name + ('; filename="%s"' % filename if filename else "")
-        out.append(("--%s\r\nContent-Disposition: %s\r\nContent-Type: %s\r\n\r\n" % (boundary, disp, ctype))
-                   .encode("utf-8") + data + b"\r\n")
+        head = "--%s\r\nContent-Disposition: %s\r\nContent-Type: %s\r\n\r\n" % (
+            boundary, disp, ctype)
+        out.append(head.encode("utf-8") + data + b"\r\n")
     out.append(("--%s--\r\n" % boundary).encode("utf-8"))
     return b"".join(out), "multipart/form-data; boundary=%s" % boundary
 
 
+def _retry_after_s(value, default):
+    """Seconds from a Retry-After header (seconds or an HTTP date)."""
+    if not value:
+        return default
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    import email.utils
+    with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    return default
+
+
 class NotReady(AdapterError):
-    """The platform cannot take the pass yet (a new route still propagating): try again in ``retry_ms``,
-    without counting an attempt."""
+    """The platform cannot take the pass yet (a new route still propagating): try again in
+    ``retry_ms``, without counting an attempt."""
 
     def __init__(self, message, retry_ms):
         super().__init__(message)
@@ -5078,19 +5097,25 @@ class CloudflareError(AdapterError):
 
     def __init__(self, message, status=None, codes=(), detail=None):
         super().__init__(message)
-        self.status, self.codes, self.detail = status, tuple(codes), detail  # detail: "HTTP 404: 10007 ..."
+        # detail: "HTTP 404: 10007 ..."
+        self.status, self.codes, self.detail = status, tuple(codes), detail
 
 
 # Cloudflare's API allows 1,200 calls per 5 minutes per user (shared with the dashboard and
 # wrangler), then blocks every call for 5 minutes with HTTP 429.
 CF_RATE_WINDOW_S = 300.0
 CF_TOKEN_CODES = {6003, 6100, 6101, 6102, 6103, 6111, 9106, 9109, 10000, 10001, 10023}
+CF_BAD_TOKEN_CODES = {6003, 6100, 6101, 6102, 6103, 6111}  # the token text itself is malformed
 CF_QUOTA_CODES = {10048}  # KV's daily free-plan quotas
+CF_NOT_FOUND = 10007
+CF_TOO_MANY_SCRIPTS = 10037
+CF_NO_CPU_LIMIT = 100328
 # Errors of the workers.dev edge, shown as "error code: N" in its answer.
 CF_EDGE_ERRORS = {
     "1101": "the Worker threw an exception or was stopped before it answered",
-    "1102": "the Worker exceeded its CPU time limit (adapters.cloudflare.cpu_ms; Free allows 10 ms a request, "
-            "Paid 30 s by default and up to 300000 ms); split the work into more steps or raise cpu_ms",
+    "1102": "the Worker exceeded its CPU time limit (adapters.cloudflare.cpu_ms; Free allows "
+            "10 ms a request, Paid 30 s by default and up to 300000 ms); split the work into more "
+            "steps or raise cpu_ms",
     "1015": "workers.dev is rate-limiting these requests",
     "1027": "the account's daily Workers request limit is used up (Free: 100,000 a day)",
     "523": "the workers.dev route is not reachable yet",
@@ -5098,7 +5123,8 @@ CF_EDGE_ERRORS = {
 
 
 class _ApiBudget:
-    """One process's share of the account's API calls: a sliding 5-minute window and the block after a 429.
+    """One process's share of the account's API calls: a sliding 5-minute window and the block
+    after a 429.
 
     Shared by every thread of the process for one API base and token holder, so a
     busy serve slows down before Cloudflare blocks it, and waits out a block instead
@@ -5132,10 +5158,11 @@ class _ApiBudget:
         return max(0.0, wait)
 
     def take(self, deadline, stop):
-        """Take a call slot, waiting up to the monotonic ``deadline`` or ``stop()``; returns 0, or the seconds
-        still to wait."""
+        """Take a call slot, waiting up to the monotonic ``deadline`` or ``stop()``; returns 0,
+        or the seconds still to wait."""
         while True:
-            with self.lock:  # looked at and taken at once: threads cannot all see the same free slot
+            # Looked at and taken at once: threads cannot all see the same free slot.
+            with self.lock:
                 now = time.monotonic()
                 wait = self._wait_s(now)
                 if wait <= 0:
@@ -5150,17 +5177,438 @@ class _ApiBudget:
             self.blocked_until = max(self.blocked_until, time.monotonic() + seconds)
 
 
-def _retry_after_s(value, default):
-    """Seconds from a Retry-After header (seconds or an HTTP date)."""
-    if not value:
-        return default
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    import email.utils
-    with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    return default
+class CloudflareApi:
+    """The Cloudflare API v4 as one verb, ``call``: the token, the process's budget, retries
+    that honour Retry-After, and answers mapped to CloudflareErrors that say what to do."""
+
+    PATIENCE_S = 60.0  # how long one call may wait out 429s, 5xx and a busy budget
+
+    def __init__(self, config, scripts_held=lambda: 0):
+        self.config = config
+        self.scripts_held = scripts_held  # how many Workers this install holds (for a full account)
+        self._token = None
+
+    def cfg(self, key):
+        return self.config["adapters.cloudflare." + key]
+
+    def token(self):
+        """The API token, from ``api_token_cmd``: kept in memory only, never logged or stored."""
+        if self._token:
+            return self._token
+        cmd = self.cfg("api_token_cmd")
+        if not cmd.strip():
+            raise AdapterError("adapters.cloudflare.api_token_cmd is empty; set it to a command "
+                               "that prints the API token (e.g. op read "
+                               "'op://Private/Cloudflare/api_token')")
+        rc, out, err = run_command(["/bin/sh", "-c", cmd], timeout_s=60)
+        if rc != 0:
+            raise AdapterError("adapters.cloudflare.api_token_cmd failed (exit %d): %s" % (
+                rc, (err.strip().splitlines() or ["no message"])[-1][:200]))
+        token = out.strip()
+        if not token or any(ch.isspace() for ch in token):
+            raise AdapterError("adapters.cloudflare.api_token_cmd printed no token "
+                               "(expected one line)")
+        self._token = token
+        return token
+
+    def budget(self):
+        """This process's share of the account's calls (one per API base and account)."""
+        key = (self.cfg("api_base"), self.cfg("account_id"))
+        return _ApiBudget.of(key, self.cfg("api_budget"))
+
+    def call(self, method, path, body=None, content_type="application/json", raw=False,
+             patience_s=None, stop=None, whole=False):
+        """One call; returns ``result`` (the raw body with ``raw``, the whole envelope with
+        ``whole``), raises CloudflareError.
+
+        429 and 5xx answers and unreachable moments are retried with backoff (a 429's
+        Retry-After blocks every call of the process that long), within ``patience_s``
+        or until ``stop()``; a 401/403 reads the token again once (it may have been rotated)."""
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode("utf-8")
+        patience = self.PATIENCE_S if patience_s is None else patience_s
+        deadline = time.monotonic() + patience
+        stopped = stop or (lambda: False)
+        budget = self.budget()
+        url = self.cfg("api_base").rstrip("/") + path
+        backoff, fresh = 1.0, False
+        while True:
+            wait = budget.take(deadline, stopped)
+            if wait:
+                raise self._rate_limited(wait)
+            headers = {"Authorization": "Bearer " + self.token()}
+            if body is not None:
+                headers["Content-Type"] = content_type
+            try:
+                status, rheaders, data = http_request(method, url, headers, body)
+            except AdapterError:
+                if time.monotonic() + backoff > deadline or stopped():
+                    raise
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 15.0)
+                continue
+            if raw and 200 <= status < 300:
+                return data
+            envelope = self._envelope(status, data)
+            codes = self._codes(envelope)
+            retry_after = rheaders.get("retry-after")
+            if status == 429 and not (codes & CF_QUOTA_CODES):
+                # Never sooner than the backoff, even told "Retry-After: 0": a tight loop would
+                # only be blocked.
+                budget.block(max(backoff, _retry_after_s(retry_after, CF_RATE_WINDOW_S)))
+                backoff = min(backoff * 2, 15.0)
+                continue
+            if status >= 500 and time.monotonic() + backoff <= deadline and not stopped():
+                pause = max(backoff, min(_retry_after_s(retry_after, 0), 30.0))
+                time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+                backoff = min(backoff * 2, 15.0)
+                continue
+            if status in (401, 403) and not fresh and (codes & CF_TOKEN_CODES or not codes):
+                # The token may have been rotated: read it again once.
+                fresh, self._token = True, None
+                continue
+            break
+        if 200 <= status < 300 and isinstance(envelope, dict) and envelope.get("success", True):
+            return envelope if whole else envelope.get("result")
+        raise self._error(method, path, status, envelope, data, codes)
+
+    @staticmethod
+    def _rate_limited(wait_s):
+        return CloudflareError(
+            "the Cloudflare API is rate-limiting this account (at most 1,200 calls per 5 minutes "
+            "per user, shared with the dashboard and wrangler; adapters.cloudflare.api_budget is "
+            "this process's share); calls resume in %s" % format_duration(int(wait_s * 1000)),
+            429, (971,))
+
+    @staticmethod
+    def _envelope(status, data):
+        try:
+            if not data.strip():
+                return {"success": 200 <= status < 300}
+            return json.loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+    @staticmethod
+    def _errors(envelope):
+        errors = envelope.get("errors") if isinstance(envelope, dict) else None
+        return [e for e in errors or [] if isinstance(e, dict)]
+
+    @staticmethod
+    def _chain(error):
+        return [c for c in error.get("error_chain") or [] if isinstance(c, dict)]
+
+    def _codes(self, envelope):
+        codes = set()
+        for e in self._errors(envelope):
+            for item in [e] + self._chain(e):
+                with contextlib.suppress(TypeError, ValueError):
+                    codes.add(int(item.get("code")))
+        return codes
+
+    def _error(self, method, path, status, envelope, data, codes):
+        """A CloudflareError naming what went wrong, by the codes of the answer."""
+        parts = []
+        for e in self._errors(envelope):
+            text = ("%s %s" % (e.get("code", ""), e.get("message", ""))).strip()
+            chain = ["%s %s" % (c.get("code", ""), c.get("message", "")) for c in self._chain(e)]
+            parts.append(text + (" [%s]" % "; ".join(chain) if chain else ""))
+        detail = "; ".join(parts) or (data[:200].decode("utf-8", "replace").strip() or "no body")
+        what = "HTTP %d: %s" % (status, detail)
+        if CF_TOO_MANY_SCRIPTS in codes:
+            message = ("the account holds as many Workers as its plan allows (%s); this "
+                       "install holds %d of them (`ty-openworkflow adapters`); delete Workers you "
+                       "no longer use in the dashboard (Free: 100, Paid: 500)"
+                       % (what, self.scripts_held()))
+        elif CF_NO_CPU_LIMIT in codes:
+            message = ("the account's plan does not take a CPU limit (%s); set "
+                       "adapters.cloudflare.cpu_ms: 0 (Free allows 10 ms a request, fixed)" % what)
+        elif codes & CF_TOKEN_CODES or status in (401, 403):
+            if codes & CF_BAD_TOKEN_CODES:
+                hint = ("check that adapters.cloudflare.api_token_cmd prints the token itself, one "
+                        "line, nothing else")
+            else:
+                hint = ("check adapters.cloudflare.api_token_cmd and that the token may edit "
+                        "Workers Scripts and Workers KV Storage of account %s"
+                        % self.cfg("account_id"))
+            message = "the Cloudflare API refused the token (%s); %s" % (what, hint)
+        elif status == 429 and codes & CF_QUOTA_CODES:
+            message = ("Workers KV's daily quota is used up (%s); the Free plan allows 100,000 "
+                       "reads and 1,000 writes and lists a day, reset at 00:00 UTC" % what)
+        else:
+            message = "Cloudflare API %s %s failed (%s)" % (method, path.split("?")[0], what)
+        return CloudflareError(message, status, codes, what)
+
+
+class WorkerScripts:
+    """The Worker scripts of this install: built from a workflow version, uploaded once and
+    remembered in the store, waited for until their route answers, deleted when no run
+    needs them."""
+
+    COMPATIBILITY_DATE = "2024-09-23"
+    SECRET_FILE = "cloudflare.secret"
+    COLLECT_EVERY_S = 600.0
+
+    def __init__(self, config, api, store_fn):
+        self.config, self.api = config, api
+        self.store_fn = store_fn  # store_fn(create=True): the store, or None outside a Sidecar
+        self._secret = None
+        self._subdomain = None
+        self._names = {}  # (workflow_id, code) -> script name
+        self._known = {}  # script name -> its row in cf_scripts (or {} without a store)
+        self._lock = threading.RLock()
+        self._upload_lock = threading.Lock()
+        self._collected_at = 0.0
+
+    def cfg(self, key):
+        return self.config["adapters.cloudflare." + key]
+
+    def _path(self, name, tail=""):
+        return "/accounts/%s/workers/scripts/%s%s" % (self.cfg("account_id"), name, tail)
+
+    def invocation_secret(self):
+        """The install's secret the Worker checks on every pass (read once: it never changes)."""
+        if self._secret is None:
+            self._secret = install_secret(self.config.data_dir, self.SECRET_FILE, create=True)
+        return self._secret
+
+    # -- the account's workers.dev subdomain, remembered as adapter state ------------
+
+    def _state(self, key, value=None):
+        """A remembered fact of this adapter (the subdomain), in the store."""
+        store = self.store_fn(create=False)
+        if store is None:
+            return None
+        if value is None:
+            return store.adapter_book.adapter_state("cloudflare", key)
+        store.adapter_book.set_adapter_state("cloudflare", key, value)
+        return value
+
+    def subdomain(self):
+        if self._subdomain is None:
+            key = "subdomain:" + self.cfg("account_id")
+            known = self._state(key)
+            if known:
+                self._subdomain = known
+                return known
+            none = ("this Cloudflare account has no workers.dev subdomain%s; create one in the "
+                    "dashboard (Workers & Pages > your subdomain) and try again")
+            try:
+                result = self.api.call("GET", "/accounts/%s/workers/subdomain"
+                                       % self.cfg("account_id"))
+            except CloudflareError as exc:
+                if CF_NOT_FOUND in exc.codes:
+                    raise CloudflareError(none % (" (%s)" % exc.detail), exc.status, exc.codes,
+                                          exc.detail)
+                raise
+            if not isinstance(result, dict) or not result.get("subdomain"):
+                raise AdapterError(none % "")
+            self._subdomain = self._state(key, result["subdomain"]) or result["subdomain"]
+        return self._subdomain
+
+    def worker_url(self, name):
+        return self.cfg("workers_url").format(script=name, subdomain=self.subdomain())
+
+    # -- building: the module, its metadata, its name ----------------------------------
+
+    def module_text(self, code):
+        """The uploaded ES module: the shared engine, the workflow code, the Worker glue."""
+        src = runtime_source("node")
+        start, end = src.index("// ---- engine: start"), src.index("// ---- engine: end ----")
+        return ("// Generated by ty-openworkflow %s: engine, workflow, glue.\n"
+                "const __tyow_engine = (() => {\n%s\nreturn { runPass, serializeError };\n})();\n"
+                "const __tyow_workflow = (() => {\n%s\n;return typeof workflow === \"function\" "
+                "? workflow : undefined;\n})();\n%s"
+                % (__version__, src[start:end], code, runtime_file(CLOUDFLARE_GLUE)))
+
+    def metadata(self):
+        """The upload's metadata: module, bindings, CPU limit and logs as configured."""
+        secret = self.invocation_secret().decode("ascii")
+        meta = {"main_module": "worker.mjs", "compatibility_date": self.COMPATIBILITY_DATE,
+                "compatibility_flags": ["nodejs_compat"],
+                "bindings": [{"type": "kv_namespace", "name": "STATE",
+                              "namespace_id": self.cfg("namespace")},
+                             {"type": "secret_text", "name": "TYOW_TOKEN", "text": secret}]}
+        if self.cfg("cpu_ms"):
+            meta["limits"] = {"cpu_ms": self.cfg("cpu_ms")}
+        if self.cfg("observability"):
+            meta["observability"] = {"enabled": True, "head_sampling_rate": 1}
+        return meta
+
+    def script_name(self, workflow_id, module):
+        """``tyow-<workflow>-<hash>``: the hash covers the module, the settings in the upload
+        and this install's secret, so two installs on one account never overwrite each
+        other's Workers."""
+        slug = re.sub(r"[^a-z0-9]+", "-", workflow_id.lower()).strip("-")[:36] or "wf"
+        settings = "%s\0%s\0%s" % (self.cfg("cpu_ms"), self.cfg("observability"),
+                                   self.cfg("namespace"))
+        return "tyow-%s-%s" % (slug, sha256_hex("%s\0%s\0%s" % (
+            self.invocation_secret().decode("ascii"), settings, module))[:12])
+
+    def name_for(self, workflow_id, code):
+        """The script name of a workflow version (built once per process)."""
+        key = (workflow_id, code)
+        name = self._names.get(key)
+        if name is None:
+            name = self._names[key] = self.script_name(workflow_id, self.module_text(code))
+        return name
+
+    # -- records: what was uploaded, in the store's AdapterBook ------------------------
+
+    def row(self, name):
+        """What is remembered of an upload (a dict), or None if it is not known."""
+        with self._lock:
+            if name in self._known:
+                return self._known[name]
+        store = self.store_fn(create=False)
+        row = store.adapter_book.script(name, self.cfg("account_id")) if store else None
+        if row is not None:
+            with self._lock:
+                self._known[name] = dict(row)
+        return dict(row) if row else None
+
+    def remember(self, name, workflow_id, **fields):
+        """Record an upload, or update its record (``ready_at``, ``last_used_at``)."""
+        now = now_ms()
+        store = self.store_fn()
+        with self._lock:  # held through the write: rows land in the order they were made
+            row = dict(self._known.get(name) or {"name": name, "uploaded_at": now,
+                                                 "ready_at": None, "last_used_at": now})
+            row.update(fields)
+            self._known[name] = row
+            self._write_row(store, name, workflow_id, row)
+
+    def _write_row(self, store, name, workflow_id, row):
+        if store is not None:
+            state = None
+            if self._subdomain:  # first known before the store existed (a first deploy): kept now
+                state = ("cloudflare", "subdomain:" + self.cfg("account_id"), self._subdomain)
+            store.adapter_book.remember_script(name, self.cfg("account_id"), workflow_id, row,
+                                               state)
+
+    def forget(self, version):
+        """The platform lost this version's script (deleted, route gone): upload it again."""
+        self.drop(self.name_for(version["workflow_id"], version["code"]))
+
+    def drop(self, name, store=None):
+        """Let go of a remembered upload."""
+        with self._lock:
+            self._known.pop(name, None)
+        store = store or self.store_fn(create=False)
+        if store is not None:
+            with contextlib.suppress(StoreError):
+                store.adapter_book.forget_script(name, self.cfg("account_id"))
+
+    def script_count(self):
+        """How many Workers this install holds on the account."""
+        store = self.store_fn(create=False)
+        if store is None:
+            return len(self._known)
+        with contextlib.suppress(StoreError):
+            return store.adapter_book.script_count(self.cfg("account_id"))
+        return 0
+
+    # -- uploading and collecting -------------------------------------------------------
+
+    def upload(self, workflow_id, code):
+        """Upload a version's Worker unless this install already has; returns its name."""
+        name = self.name_for(workflow_id, code)
+        if self.row(name) is not None:
+            return name  # uploaded before, by this or another process of the install
+        with self._upload_lock:  # two passes of one new version upload it once
+            if self.row(name) is not None:
+                return name
+            return self._upload(name, workflow_id, code)
+
+    def _upload(self, name, workflow_id, code):
+        module = self.module_text(code)
+        metadata = json.dumps(self.metadata()).encode("utf-8")
+        body, ctype = multipart([
+            ("metadata", None, "application/json", metadata),
+            ("worker.mjs", "worker.mjs", "application/javascript+module", module.encode("utf-8"))])
+        try:
+            self.api.call("PUT", self._path(name), body, ctype)
+        except CloudflareError as exc:
+            if CF_TOO_MANY_SCRIPTS not in exc.codes or not self.collect(force=True):
+                raise
+            self.api.call("PUT", self._path(name), body, ctype)  # room was made
+        self.api.call("POST", self._path(name, "/subdomain"), {"enabled": True})
+        self.remember(name, workflow_id, uploaded_at=now_ms(), ready_at=None,
+                      last_used_at=now_ms())
+        log.info("cloudflare: uploaded worker %s", name)
+        return name
+
+    def needed_scripts(self, store):
+        """Scripts still needed: each cloudflare workflow's newest, and every unfinished run's."""
+        rows = store.adapter_book.versions_needed("cloudflare")
+        return {self.name_for(r["workflow_id"], r["code"]) for r in rows}
+
+    def collect(self, force=False, store=None):
+        """Delete this install's Workers that no version needs any more; returns how many went.
+
+        A script used by a pass in the last pass timeout (by any process) is kept, so
+        nothing in flight loses its Worker."""
+        store = store or self.store_fn()
+        if store is None or (not force and time.time() - self._collected_at < self.COLLECT_EVERY_S):
+            return 0
+        self._collected_at = time.time()
+        needed = self.needed_scripts(store)
+        # The longest a pass lives, and the minute last_used_at may lag behind.
+        recent = now_ms() - self.cfg("timeout") - self.cfg("recovery_window") - 60000
+        rows = store.adapter_book.scripts(self.cfg("account_id"))
+        gone = 0
+        for row in rows:
+            used = max(row["uploaded_at"] or 0, row["last_used_at"] or 0)
+            if row["name"] in needed or used > recent:
+                continue
+            # Housekeeping: a short patience, and the first trouble ends the round (the loop
+            # waits on it).
+            try:
+                self.api.call("DELETE", self._path(row["name"]), patience_s=5)
+            except AdapterError as exc:
+                if not isinstance(exc, CloudflareError) or (
+                        CF_NOT_FOUND not in exc.codes and exc.status != 404):
+                    log.warning("cloudflare: cannot delete worker %s now: %s", row["name"], exc)
+                    break
+            self.drop(row["name"], store)
+            gone += 1
+            log.info("cloudflare: deleted worker %s (no run needs it)", row["name"])
+        return gone
+
+    # -- readiness --------------------------------------------------------------------
+
+    def ensure_ready(self, name, workflow_id, try_s):
+        """A new script's route answers its /healthz before the first pass goes to it.
+
+        Waits here up to ``try_s``; past that the pass is given back (NotReady, no attempt
+        counted) until ``ready_timeout`` after the upload, then it is an error."""
+        row = self.row(name) or {}
+        if row.get("ready_at"):
+            return
+        url = self.worker_url(name).rstrip("/") + "/healthz"
+        until = time.monotonic() + try_s
+        pause, last = 0.25, "no answer"
+        while True:
+            try:
+                status, _, _ = http_request("GET", url, timeout_s=10)
+                if status == 200:
+                    self.remember(name, workflow_id, ready_at=now_ms())
+                    return
+                last = "HTTP %d" % status
+            except AdapterError as exc:
+                last = str(exc)
+            if time.monotonic() + pause > until:
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, 4.0)
+        since = now_ms() - (row.get("uploaded_at") or now_ms())
+        if since < self.cfg("ready_timeout"):
+            raise NotReady("the new Worker %s is not reachable yet (%s); its workers.dev route may "
+                           "take a minute to work after it is enabled" % (name, last), 3000)
+        self.drop(name)
+        raise AdapterError("the Worker %s did not answer at %s within %s of its upload (%s); it is "
+                           "uploaded again on the next pass (check adapters.cloudflare.workers_url)"
+                           % (name, url, format_duration(self.cfg("ready_timeout")), last))
 
 
 class HttpExecution(Execution):
@@ -5193,13 +5641,14 @@ class HttpExecution(Execution):
         self._timer = threading.Timer(timeout_ms / 1000.0, self._timeout)
         self._timer.daemon = True
         beat_ms = adapter.cfg("heartbeat")
-        self._idle_s = max(3 * beat_ms, beat_ms + 5000) / 1000.0  # silent this long: the connection is dead
+        # Silent this long: the connection is dead.
+        self._idle_s = max(3 * beat_ms, beat_ms + 5000) / 1000.0
         doc = dict(spec.doc, heartbeat_ms=beat_ms)
         self._timer.start()  # the pass timeout covers connecting and sending too
         self._post(url, (dumps(doc) + "\n").encode("utf-8"))
 
     def _post(self, url, body):
-        """Send the pass; connecting and sending apart, so an error after sending is known to be one."""
+        """Send the pass: connect, then send, so an error after sending is known to be one."""
         import http.client
         headers = {"Authorization": "Bearer " + self.adapter.invocation_secret().decode("ascii"),
                    "Content-Type": "application/json", "User-Agent": USER_AGENT}
@@ -5251,6 +5700,13 @@ class HttpExecution(Execution):
             return "Cloudflare error %s: %s" % (m.group(1), CF_EDGE_ERRORS[m.group(1)])
         return None
 
+    def _lost(self, exc):
+        """Why the stream of events broke off."""
+        if "timed out" in str(exc):
+            return "no word from the worker for %s (not even a heartbeat)" % format_duration(
+                int(self._idle_s * 1000))
+        return "the connection to the worker was lost (%s)" % (exc or type(exc).__name__)
+
     def _accept(self, ev):
         """Take the event if it is the next in seq order (never one past a gap)."""
         if ev is None or ev.get("seq") != self.last_seq + 1:
@@ -5262,9 +5718,10 @@ class HttpExecution(Execution):
     def lines(self):
         if self._resp is not None and self.status != 200:
             body = self._resp.read(4000).decode("utf-8", "replace").strip()
-            self.error = "the worker answered HTTP %d: %s" % (self.status, self._edge_error(body) or body[:300])
-            if self.status == 404:
-                self.adapter.forget(self.spec.version)  # the script or its route is gone: upload again next pass
+            self.error = "the worker answered HTTP %d: %s" % (
+                self.status, self._edge_error(body) or body[:300])
+            if self.status == 404:  # the script or its route is gone: upload again next pass
+                self.adapter.forget(self.spec.version)
             return  # the Worker refused the pass: it is not running
         if self._resp is not None:
             while True:
@@ -5272,9 +5729,7 @@ class HttpExecution(Execution):
                     raw = self._resp.readline()
                 except (OSError, _http_exception(), ValueError) as exc:
                     if not self.canceled and not self.timed_out:
-                        self.error = ("no word from the worker for %s (not even a heartbeat)" % format_duration(
-                            int(self._idle_s * 1000)) if "timed out" in str(exc) else
-                            "the connection to the worker was lost (%s)" % (exc or type(exc).__name__))
+                        self.error = self._lost(exc)
                     break
                 if not raw:
                     break
@@ -5285,49 +5740,56 @@ class HttpExecution(Execution):
                 if ev is not None and ev.get("type") == "heartbeat":
                     continue
                 if ev is not None and isinstance(ev.get("seq"), int) and not self._accept(ev):
-                    continue  # never past a gap (cannot happen on one stream; the copy in KV decides)
+                    continue  # never past a gap (not on one stream; the copy in KV decides)
                 yield text
         if self.saw_terminal or self.canceled or self.timed_out or not self.sent:
             return  # it ended, was stopped, or nothing reached the Worker: nothing to follow in KV
         yield from self._reconcile()
 
     def _reconcile(self):
-        """Follow the pass's events in KV, in seq order, until its terminal event or the window ends."""
+        """Follow the pass's events in KV, in seq order, until its end or the window closes."""
         lost = self.error or "it ended before the pass did"
         window_end = min(self._deadline, time.time() + self.adapter.cfg("recovery_window") / 1000.0)
         pause = min(2.0, max(0.2, self.adapter.cfg("recovery_window") / 8000.0))
         looked_after_end = False
         while not self.saw_terminal and not self.canceled and not self.timed_out:
             try:
-                found = self.adapter.kv_events(self.spec.pass_id, self.last_seq, stop=self._stop.is_set)
+                found = self.adapter.kv_events(self.spec.pass_id, self.last_seq,
+                                               stop=self._stop.is_set)
                 if time.time() >= window_end:
                     looked_after_end = True
-            except AdapterError as exc:  # unreachable or blocked: look again, slower (the window waits for an answer)
+            # Unreachable or blocked: look again, slower (the window waits for an answer).
+            except AdapterError as exc:
                 found = []
                 if str(exc) not in self._log_seen:
                     self._log_seen.add(str(exc))
                     self._log.append("reconcile: %s" % exc)
-                if isinstance(exc, CloudflareError) and (exc.status in (401, 403, 404) or exc.codes & CF_QUOTA_CODES):
-                    break  # no answer will come: a token without KV access, no such namespace, no quota left
+                # No answer will come: a token without KV access, no such namespace, no quota left.
+                if isinstance(exc, CloudflareError) and (
+                        exc.status in (401, 403, 404) or exc.codes & CF_QUOTA_CODES):
+                    break
             for text in found:
                 if not self._accept(self._event(text)):
                     break
-                if not self.recovered:  # said now: the pass may be over (and this generator left) at its end
-                    self._log.append("the response was lost (%s); its events from seq %d on were recovered from KV"
-                                     % (lost, self.last_seq))
+                # Said now: the pass may be over (and this generator left) at its end.
+                if not self.recovered:
+                    self._log.append("the response was lost (%s); its events from seq %d on were "
+                                     "recovered from KV" % (lost, self.last_seq))
                 self.recovered += 1
                 yield text
                 if self.saw_terminal:
                     break
             if self.saw_terminal or looked_after_end or time.time() >= self._deadline:
                 break
-            self._stop.wait(max(0.05, min(pause, window_end - time.time()) if time.time() < window_end else pause))
+            left_s = window_end - time.time()
+            self._stop.wait(max(0.05, min(pause, left_s) if left_s > 0 else pause))
             pause = min(pause * 2, 15.0)
         if not self.saw_terminal and not self.canceled and not self.timed_out:
-            self.error = ("the response was lost (%s) and the pass's end did not show in KV within %s: a Worker "
-                          "runs at most 30 s once its caller is gone (longer steps cannot finish past a lost "
-                          "response), and KV may take a minute to show a write; committed steps stay, the pass "
-                          "is retried" % (lost, format_duration(self.adapter.cfg("recovery_window"))))
+            window = format_duration(self.adapter.cfg("recovery_window"))
+            self.error = ("the response was lost (%s) and the pass's end did not show in KV within "
+                          "%s: a Worker runs at most 30 s once its caller is gone (longer steps "
+                          "cannot finish past a lost response), and KV may take a minute to show a "
+                          "write; committed steps stay, the pass is retried" % (lost, window))
 
     def add_stray(self, line):
         self._log.append(line.rstrip("\n"))
@@ -5341,7 +5803,8 @@ class HttpExecution(Execution):
         self._timer.cancel()
         self._close()
         if self.timed_out:
-            return "the pass timed out after %s and its request was aborted" % format_duration(self._timeout_ms)
+            return "the pass timed out after %s and its request was aborted" % format_duration(
+                self._timeout_ms)
         if self.canceled:
             return "the pass was stopped"
         return self.error or "the worker's response ended without a result"
@@ -5354,450 +5817,126 @@ class HttpExecution(Execution):
 class CloudflareAdapter(Adapter):
     """Each workflow version is a module Worker; each pass is one HTTPS request to it.
 
-    Uploads are remembered in the store (a cron `tick` does not upload again), a
-    new route is waited for before its first pass, scripts no unfinished run needs
-    are deleted, and every API call goes through one budget per process with
-    retries that honour Retry-After.
+    The API client (``api_client``) and the install's scripts (``scripts``) do the work:
+    uploads are remembered in the store (a cron `tick` does not upload again), a new
+    route is waited for before its first pass, scripts no unfinished run needs are
+    deleted, and every API call goes through one budget per process with retries that
+    honour Retry-After.
     """
 
     name = "cloudflare"
-    COMPATIBILITY_DATE = "2024-09-23"
-    SECRET_FILE = "cloudflare.secret"
-    API_PATIENCE_S = 60.0  # how long one API call may wait out 429s, 5xx and a busy budget
-    COLLECT_EVERY_S = 600.0
     READY_TRY_S = 15.0  # per pass: how long to wait for a new route before giving the pass back
 
     def __init__(self, config):
         super().__init__(config)
-        self._token = None
-        self._secret = None
-        self._subdomain = None
-        self._names = {}  # (workflow_id, code) -> script name
-        self._known = {}  # script name -> its row in cf_scripts (or {} without a store)
-        self._lock = threading.RLock()
-        self._upload_lock = threading.Lock()
-        self._collected_at = 0.0
+        self.api_client = CloudflareApi(config, scripts_held=lambda: self.scripts.script_count())
+        self.scripts = WorkerScripts(config, self.api_client, store_fn=self.open_store)
 
     def cfg(self, key):
         return self.config["adapters.cloudflare." + key]
 
-    def _store(self, create=True):
-        """The store (None outside a Sidecar); with ``create=False`` only if it exists already, so a
-        failed first command leaves no store behind."""
-        if not self.store_fn or (not create and not os.path.exists(os.path.join(self.config.data_dir, DB_FILE))):
+    def open_store(self, create=True):
+        """The store (None outside a Sidecar); with ``create=False`` only if it exists already,
+        so a failed first command leaves no store behind."""
+        db_path = os.path.join(self.config.data_dir, DB_FILE)
+        if not self.store_fn or (not create and not os.path.exists(db_path)):
             return None
         return self.store_fn()
 
-    def token(self):
-        """The API token, from ``api_token_cmd``: kept in memory only, never logged or stored."""
-        if self._token:
-            return self._token
-        cmd = self.cfg("api_token_cmd")
-        if not cmd.strip():
-            raise AdapterError("adapters.cloudflare.api_token_cmd is empty; set it to a command that prints the "
-                               "API token (e.g. op read 'op://Private/Cloudflare/api_token')")
-        rc, out, err = run_command(["/bin/sh", "-c", cmd], timeout_s=60)
-        if rc != 0:
-            raise AdapterError("adapters.cloudflare.api_token_cmd failed (exit %d): %s" % (
-                rc, (err.strip().splitlines() or ["no message"])[-1][:200]))
-        token = out.strip()
-        if not token or any(ch.isspace() for ch in token):
-            raise AdapterError("adapters.cloudflare.api_token_cmd printed no token (expected one line)")
-        self._token = token
-        return token
+    # The verbs other parts use, kept on the adapter.
+
+    def api(self, *args, **kwargs):
+        """One Cloudflare API call (CloudflareApi.call)."""
+        return self.api_client.call(*args, **kwargs)
 
     def invocation_secret(self):
-        """The per-install secret the Worker checks on every pass request (read once: it never changes)."""
-        if self._secret is None:
-            self._secret = install_secret(self.config.data_dir, self.SECRET_FILE, create=True)
-        return self._secret
+        return self.scripts.invocation_secret()
 
-    def budget(self):
-        return _ApiBudget.of((self.cfg("api_base"), self.cfg("account_id")), self.cfg("api_budget"))
+    def subdomain(self):
+        return self.scripts.subdomain()
 
-    def api(self, method, path, body=None, content_type="application/json", raw=False, patience_s=None,
-            stop=None, whole=False):
-        """One Cloudflare API v4 call; returns ``result`` (the raw body with ``raw``, the whole envelope
-        with ``whole``), raises CloudflareError.
+    def upload(self, workflow_id, code):
+        return self.scripts.upload(workflow_id, code)
 
-        429 and 5xx answers and unreachable moments are retried with backoff (a 429's
-        Retry-After blocks every call of the process that long), within ``patience_s``
-        or until ``stop()``; a 401/403 reads the token again once (it may have been rotated)."""
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body).encode("utf-8")
-        patience = self.API_PATIENCE_S if patience_s is None else patience_s
-        deadline = time.monotonic() + patience
-        stopped = stop or (lambda: False)
-        budget = self.budget()
-        url = self.cfg("api_base").rstrip("/") + path
-        backoff, fresh = 1.0, False
-        while True:
-            wait = budget.take(deadline, stopped)
-            if wait:
-                raise CloudflareError(
-                    "the Cloudflare API is rate-limiting this account (at most 1,200 calls per 5 minutes per user, "
-                    "shared with the dashboard and wrangler; adapters.cloudflare.api_budget is this process's "
-                    "share); calls resume in %s" % format_duration(int(wait * 1000)), 429, (971,))
-            headers = {"Authorization": "Bearer " + self.token()}
-            if body is not None:
-                headers["Content-Type"] = content_type
-            try:
-                status, rheaders, data = http_request(method, url, headers, body)
-            except AdapterError:
-                if time.monotonic() + backoff > deadline or stopped():
-                    raise
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 15.0)
-                continue
-            if raw and 200 <= status < 300:
-                return data
-            envelope = self._envelope(status, data)
-            codes = self._codes(envelope)
-            if status == 429 and not (codes & CF_QUOTA_CODES):
-                # Never sooner than the backoff, even told "Retry-After: 0": a tight loop would only be blocked.
-                budget.block(max(backoff, _retry_after_s(rheaders.get("retry-after"), CF_RATE_WINDOW_S)))
-                backoff = min(backoff * 2, 15.0)
-                continue
-            if status >= 500 and time.monotonic() + backoff <= deadline and not stopped():
-                pause = max(backoff, min(_retry_after_s(rheaders.get("retry-after"), 0), 30.0))
-                time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
-                backoff = min(backoff * 2, 15.0)
-                continue
-            if status in (401, 403) and not fresh and (codes & CF_TOKEN_CODES or not codes):
-                fresh, self._token = True, None  # the token may have been rotated: read it again once
-                continue
-            break
-        if 200 <= status < 300 and isinstance(envelope, dict) and envelope.get("success", True):
-            return envelope if whole else envelope.get("result")
-        raise self._error(method, path, status, envelope, data, codes)
+    def forget(self, version):
+        self.scripts.forget(version)
 
-    @staticmethod
-    def _envelope(status, data):
-        try:
-            return json.loads(data.decode("utf-8")) if data.strip() else {"success": 200 <= status < 300}
-        except (ValueError, UnicodeDecodeError):
-            return None
+    def script_count(self):
+        return self.scripts.script_count()
 
-    @staticmethod
-    def _errors(envelope):
-        errors = envelope.get("errors") if isinstance(envelope, dict) else None
-        return [e for e in errors or [] if isinstance(e, dict)]
+    def collect(self, force=False, store=None):
+        return self.scripts.collect(force, store)
 
-    def _codes(self, envelope):
-        codes = set()
-        for e in self._errors(envelope):
-            for item in [e] + [c for c in e.get("error_chain") or [] if isinstance(c, dict)]:
-                with contextlib.suppress(TypeError, ValueError):
-                    codes.add(int(item.get("code")))
-        return codes
-
-    def _error(self, method, path, status, envelope, data, codes):
-        """A CloudflareError naming what went wrong, by the codes of the answer."""
-        parts = []
-        for e in self._errors(envelope):
-            text = ("%s %s" % (e.get("code", ""), e.get("message", ""))).strip()
-            chain = ["%s %s" % (c.get("code", ""), c.get("message", "")) for c in e.get("error_chain") or []
-                     if isinstance(c, dict)]
-            parts.append(text + (" [%s]" % "; ".join(chain) if chain else ""))
-        detail = "; ".join(parts) or (data[:200].decode("utf-8", "replace").strip() or "no body")
-        what = "HTTP %d: %s" % (status, detail)
-        if codes & {10037}:
-            return CloudflareError(
-                "the account holds as many Workers as its plan allows (%s); this install holds %d of them "
-                "(`ty-openworkflow adapters`); delete Workers you no longer use in the dashboard (Free: 100, "
-                "Paid: 500)" % (what, self.script_count()), status, codes, what)
-        if codes & {100328}:
-            return CloudflareError("the account's plan does not take a CPU limit (%s); set adapters.cloudflare.cpu_ms: 0 "
-                                   "(Free allows 10 ms a request, fixed)" % what, status, codes, what)
-        if codes & CF_TOKEN_CODES or status in (401, 403):
-            hint = ("check that adapters.cloudflare.api_token_cmd prints the token itself, one line, nothing else"
-                    if codes & {6003, 6100, 6101, 6102, 6103, 6111} else
-                    "check adapters.cloudflare.api_token_cmd and that the token may edit Workers Scripts and "
-                    "Workers KV Storage of account %s" % self.cfg("account_id"))
-            return CloudflareError("the Cloudflare API refused the token (%s); %s" % (what, hint), status, codes, what)
-        if status == 429 and codes & CF_QUOTA_CODES:
-            return CloudflareError("Workers KV's daily quota is used up (%s); the Free plan allows 100,000 reads and "
-                                   "1,000 writes and lists a day, reset at 00:00 UTC" % what, status, codes, what)
-        return CloudflareError("Cloudflare API %s %s failed (%s)" % (method, path.split("?")[0], what), status, codes, what)
+    # -- the Adapter interface ----------------------------------------------------------
 
     def _check(self, runtime):
         if runtime == "python":
-            raise AdapterError("the cloudflare adapter runs JavaScript workflows only; deploy with --runtime node, "
-                               "or use exec or docker for Python")
+            raise AdapterError("the cloudflare adapter runs JavaScript workflows only; deploy with "
+                               "--runtime node, or use exec or docker for Python")
         for key in ("account_id", "namespace"):
             if not self.cfg(key).strip():
-                raise AdapterError("adapters.cloudflare.%s is empty; set it (namespace is the KV namespace id)" % key)
-        self.subdomain()
+                raise AdapterError("adapters.cloudflare.%s is empty; set it (namespace is the KV "
+                                   "namespace id)" % key)
+        self.scripts.subdomain()
         runtime_source("node")
         runtime_file(CLOUDFLARE_GLUE)
 
-    def _state(self, key, value=None):
-        """A remembered fact of this adapter (the subdomain), in the store."""
-        store = self._store(create=False)
-        if store is None:
-            return None
-        if value is None:
-            return store.adapter_book.adapter_state(self.name, key)
-        store.adapter_book.set_adapter_state(self.name, key, value)
-        return value
-
-    def subdomain(self):
-        if self._subdomain is None:
-            key = "subdomain:" + self.cfg("account_id")
-            known = self._state(key)
-            if known:
-                self._subdomain = known
-                return known
-            try:
-                result = self.api("GET", "/accounts/%s/workers/subdomain" % self.cfg("account_id"))
-            except CloudflareError as exc:
-                if 10007 in exc.codes:
-                    raise CloudflareError("this Cloudflare account has no workers.dev subdomain (%s); create one in "
-                                          "the dashboard (Workers & Pages > your subdomain) and try again"
-                                          % exc.detail, exc.status, exc.codes, exc.detail)
-                raise
-            if not isinstance(result, dict) or not result.get("subdomain"):
-                raise AdapterError("this Cloudflare account has no workers.dev subdomain; create one in the "
-                                   "dashboard (Workers & Pages > your subdomain) and try again")
-            self._subdomain = self._state(key, result["subdomain"]) or result["subdomain"]
-        return self._subdomain
-
-    def module_text(self, code):
-        """The uploaded ES module: the shared engine, the workflow code, the Worker glue."""
-        src = runtime_source("node")
-        start, end = src.index("// ---- engine: start"), src.index("// ---- engine: end ----")
-        return ("// Generated by ty-openworkflow %s: engine, workflow, glue.\n"
-                "const __tyow_engine = (() => {\n%s\nreturn { runPass, serializeError };\n})();\n"
-                "const __tyow_workflow = (() => {\n%s\n;return typeof workflow === \"function\" ? workflow : "
-                "undefined;\n})();\n%s" % (__version__, src[start:end], code, runtime_file(CLOUDFLARE_GLUE)))
-
-    def metadata(self):
-        """The upload's metadata: module, bindings, CPU limit and logs as configured."""
-        meta = {"main_module": "worker.mjs", "compatibility_date": self.COMPATIBILITY_DATE,
-                "compatibility_flags": ["nodejs_compat"],
-                "bindings": [{"type": "kv_namespace", "name": "STATE", "namespace_id": self.cfg("namespace")},
-                             {"type": "secret_text", "name": "TYOW_TOKEN",
-                              "text": self.invocation_secret().decode("ascii")}]}
-        if self.cfg("cpu_ms"):
-            meta["limits"] = {"cpu_ms": self.cfg("cpu_ms")}
-        if self.cfg("observability"):
-            meta["observability"] = {"enabled": True, "head_sampling_rate": 1}
-        return meta
-
-    def script_name(self, workflow_id, module):
-        """``tyow-<workflow>-<hash>``: the hash covers the module, the settings in the upload and this
-        install's secret, so two installs on one account never overwrite each other's Workers."""
-        slug = re.sub(r"[^a-z0-9]+", "-", workflow_id.lower()).strip("-")[:36] or "wf"
-        settings = "%s\0%s\0%s" % (self.cfg("cpu_ms"), self.cfg("observability"), self.cfg("namespace"))
-        return "tyow-%s-%s" % (slug, sha256_hex("%s\0%s\0%s" % (
-            self.invocation_secret().decode("ascii"), settings, module))[:12])
-
     def validate(self, runtime, code):
         if runtime != "node":
-            raise InputError("the cloudflare adapter runs JavaScript workflows only; use --runtime node")
+            raise InputError("the cloudflare adapter runs JavaScript workflows only; use "
+                             "--runtime node")
         validate_code(runtime, code, self.config)
         if re.search(r"\brequire\s*\(|^\s*import\s", code, re.M):
-            raise InputError("Workers have no require() or import for workflow code; inline what it needs "
-                             "(fetch is available)")
+            raise InputError("Workers have no require() or import for workflow code; inline what "
+                             "it needs (fetch is available)")
         node = _which(self.config["adapters.exec.node"])
-        node_check(self.module_text(code), "workflow.mjs", lambda path: run_command([node, "--check", path],
-                                                                                 timeout_s=30))
+        node_check(self.scripts.module_text(code), "workflow.mjs",
+                   lambda path: run_command([node, "--check", path], timeout_s=30))
 
     def deploy(self, workflow_id, code, runtime):
-        """Upload the Worker now, so `deploy` reports API problems and nothing is stored on failure."""
-        self.upload(workflow_id, code)
-
-    # -- scripts: uploaded once, remembered, deleted when nothing needs them -------------
-
-    def _name_for(self, workflow_id, code):
-        key = (workflow_id, code)
-        name = self._names.get(key)
-        if name is None:
-            name = self._names[key] = self.script_name(workflow_id, self.module_text(code))
-        return name
-
-    def _row(self, name):
-        with self._lock:
-            if name in self._known:
-                return self._known[name]
-        store = self._store(create=False)
-        row = store.adapter_book.script(name, self.cfg("account_id")) if store else None
-        if row is not None:
-            with self._lock:
-                self._known[name] = dict(row)
-        return dict(row) if row else None
-
-    def _remember(self, name, workflow_id, **fields):
-        now = now_ms()
-        store = self._store()
-        with self._lock:  # held through the write: rows land in the order they were made
-            row = dict(self._known.get(name) or {"name": name, "uploaded_at": now, "ready_at": None,
-                                                 "last_used_at": now})
-            row.update(fields)
-            self._known[name] = row
-            self._write_row(store, name, workflow_id, row)
-
-    def _write_row(self, store, name, workflow_id, row):
-        if store is not None:
-            state = None
-            if self._subdomain:  # first known before the store existed (a first deploy): kept now
-                state = (self.name, "subdomain:" + self.cfg("account_id"), self._subdomain)
-            store.adapter_book.remember_script(name, self.cfg("account_id"), workflow_id, row,
-                                               state)
-
-    def forget(self, version):
-        """The platform no longer has this version's script (deleted, or its route gone): upload it again."""
-        self._drop(self._name_for(version["workflow_id"], version["code"]))
-
-    def _drop(self, name, store=None):
-        """Let go of a remembered upload."""
-        with self._lock:
-            self._known.pop(name, None)
-        store = store or self._store(create=False)
-        if store is not None:
-            with contextlib.suppress(StoreError):
-                store.adapter_book.forget_script(name, self.cfg("account_id"))
-
-    def script_count(self):
-        store = self._store(create=False)
-        if store is None:
-            return len(self._known)
-        with contextlib.suppress(StoreError):
-            return store.adapter_book.script_count(self.cfg("account_id"))
-        return 0
-
-    def upload(self, workflow_id, code):
-        name = self._name_for(workflow_id, code)
-        if self._row(name) is not None:
-            return name  # uploaded before, by this or another process of the install
-        with self._upload_lock:  # two passes of one new version upload it once
-            if self._row(name) is not None:
-                return name
-            return self._upload(name, workflow_id, code)
-
-    def _upload(self, name, workflow_id, code):
-        module = self.module_text(code)
-        acct = self.cfg("account_id")
-        body, ctype = multipart([("metadata", None, "application/json", json.dumps(self.metadata()).encode("utf-8")),
-                                 ("worker.mjs", "worker.mjs", "application/javascript+module", module.encode("utf-8"))])
-        try:
-            self.api("PUT", "/accounts/%s/workers/scripts/%s" % (acct, name), body, ctype)
-        except CloudflareError as exc:
-            if 10037 not in exc.codes or not self.collect(force=True):
-                raise
-            self.api("PUT", "/accounts/%s/workers/scripts/%s" % (acct, name), body, ctype)  # room was made
-        self.api("POST", "/accounts/%s/workers/scripts/%s/subdomain" % (acct, name), {"enabled": True})
-        self._remember(name, workflow_id, uploaded_at=now_ms(), ready_at=None, last_used_at=now_ms())
-        log.info("cloudflare: uploaded worker %s", name)
-        return name
-
-    def needed_scripts(self, store):
-        """Script names some version still needs: each cloudflare workflow's newest, and every unfinished run's."""
-        rows = store.adapter_book.versions_needed("cloudflare")
-        return {self._name_for(r["workflow_id"], r["code"]) for r in rows}
-
-    def collect(self, force=False, store=None):
-        """Delete this install's Workers that no version needs any more; returns how many went.
-
-        A script used by a pass in the last pass timeout (by any process) is kept, so
-        nothing in flight loses its Worker."""
-        store = store or self._store()
-        if store is None or (not force and time.time() - self._collected_at < self.COLLECT_EVERY_S):
-            return 0
-        self._collected_at = time.time()
-        needed = self.needed_scripts(store)
-        # The longest a pass lives, and the minute last_used_at may lag behind.
-        recent = now_ms() - self.cfg("timeout") - self.cfg("recovery_window") - 60000
-        rows = store.adapter_book.scripts(self.cfg("account_id"))
-        gone = 0
-        for row in rows:
-            if row["name"] in needed or max(row["uploaded_at"] or 0, row["last_used_at"] or 0) > recent:
-                continue
-            try:  # housekeeping: a short patience, and the first trouble ends the round (the loop waits on it)
-                self.api("DELETE", "/accounts/%s/workers/scripts/%s" % (self.cfg("account_id"), row["name"]),
-                         patience_s=5)
-            except AdapterError as exc:
-                if not isinstance(exc, CloudflareError) or (10007 not in exc.codes and exc.status != 404):
-                    log.warning("cloudflare: cannot delete worker %s now: %s", row["name"], exc)
-                    break
-            self._drop(row["name"], store)
-            gone += 1
-            log.info("cloudflare: deleted worker %s (no run needs it)", row["name"])
-        return gone
-
-    def cleanup(self, store=None):
-        if self.enabled and self.cfg("account_id").strip():
-            self.collect(store=store)
-
-    # -- passes ---------------------------------------------------------------------
-
-    def worker_url(self, name):
-        return self.cfg("workers_url").format(script=name, subdomain=self.subdomain())
-
-    def ensure_ready(self, name, workflow_id):
-        """A new script's route answers its /healthz before the first pass goes to it.
-
-        Waits here a little; past that the pass is given back (NotReady, no attempt
-        counted) until ``ready_timeout`` after the upload, then it is an error."""
-        row = self._row(name) or {}
-        if row.get("ready_at"):
-            return
-        url = self.worker_url(name).rstrip("/") + "/healthz"
-        until = time.monotonic() + self.READY_TRY_S
-        pause, last = 0.25, "no answer"
-        while True:
-            try:
-                status, _, _ = http_request("GET", url, timeout_s=10)
-                if status == 200:
-                    self._remember(name, workflow_id, ready_at=now_ms())
-                    return
-                last = "HTTP %d" % status
-            except AdapterError as exc:
-                last = str(exc)
-            if time.monotonic() + pause > until:
-                break
-            time.sleep(pause)
-            pause = min(pause * 2, 4.0)
-        since = now_ms() - (row.get("uploaded_at") or now_ms())
-        if since < self.cfg("ready_timeout"):
-            raise NotReady("the new Worker %s is not reachable yet (%s); its workers.dev route may take a minute "
-                           "to work after it is enabled" % (name, last), 3000)
-        self._drop(name)
-        raise AdapterError("the Worker %s did not answer at %s within %s of its upload (%s); it is uploaded again "
-                           "on the next pass (check adapters.cloudflare.workers_url)"
-                           % (name, url, format_duration(self.cfg("ready_timeout")), last))
+        """Upload now, so `deploy` reports API problems and nothing is stored on failure."""
+        self.scripts.upload(workflow_id, code)
 
     def launch(self, spec):
         self.check(spec.runtime)
         wf = spec.version["workflow_id"]
-        name = self.upload(wf, spec.version["code"])
-        self.ensure_ready(name, wf)
-        row = self._row(name) or {}
-        if now_ms() - (row.get("last_used_at") or 0) > 60000:  # at most once a minute: guards it from collect()
-            self._remember(name, wf, last_used_at=now_ms())
-        execution = HttpExecution(self, self.worker_url(name), spec, self.cfg("timeout"))
-        if execution.status in (404, 523) and now_ms() - (row.get("ready_at") or 0) < self.cfg("ready_timeout"):
-            # workers.dev answers from many places and they learn a new route one by one: the Worker did not
-            # run, so the pass goes back without an attempt counted.
+        name = self.scripts.upload(wf, spec.version["code"])
+        self.scripts.ensure_ready(name, wf, self.READY_TRY_S)
+        row = self.scripts.row(name) or {}
+        # At most once a minute: guards it from collect().
+        if now_ms() - (row.get("last_used_at") or 0) > 60000:
+            self.scripts.remember(name, wf, last_used_at=now_ms())
+        execution = HttpExecution(self, self.scripts.worker_url(name), spec, self.cfg("timeout"))
+        ready_ms = now_ms() - (row.get("ready_at") or 0)
+        if execution.status in (404, 523) and ready_ms < self.cfg("ready_timeout"):
+            # workers.dev answers from many places and they learn a new route one by one: the
+            # Worker did not run, so the pass goes back without an attempt counted.
             execution.finish()
-            raise NotReady("the new Worker %s answered HTTP %d after it was ready once (its route is still "
-                           "spreading)" % (name, execution.status), 3000)
+            raise NotReady("the new Worker %s answered HTTP %d after it was ready once (its route "
+                           "is still spreading)" % (name, execution.status), 3000)
         return execution
 
+    def cleanup(self, store=None):
+        if self.enabled and self.cfg("account_id").strip():
+            self.scripts.collect(store=store)
+
     def kv_events(self, pass_id, after_seq=0, stop=None):
-        """The event lines the Worker copied to KV for a pass after ``after_seq``, in seq order, up to the
-        first one KV does not show yet (nothing past a gap)."""
+        """The event lines the Worker copied to KV for a pass after ``after_seq``, in seq order,
+        up to the first one KV does not show yet (nothing past a gap)."""
         from urllib.parse import quote
-        base = "/accounts/%s/storage/kv/namespaces/%s" % (self.cfg("account_id"), self.cfg("namespace"))
+        base = "/accounts/%s/storage/kv/namespaces/%s" % (self.cfg("account_id"),
+                                                          self.cfg("namespace"))
         prefix = "ev:%s:" % pass_id
         chunks, cursor = {}, ""  # by key: a key listed twice across pages counts once
         while True:  # every page, following the cursor (a page may be empty while more remain)
-            path = "%s/keys?prefix=%s&limit=1000%s" % (base, quote(prefix, safe=""),
-                                                       "&cursor=" + quote(cursor, safe="") if cursor else "")
-            doc = self.api("GET", path, patience_s=20, stop=stop, whole=True)  # a body that is no envelope: raised
+            path = "%s/keys?prefix=%s&limit=1000%s" % (
+                base, quote(prefix, safe=""), "&cursor=" + quote(cursor, safe="") if cursor else "")
+            # A body that is no envelope: raised.
+            doc = self.api_client.call("GET", path, patience_s=20, stop=stop, whole=True)
             for k in doc.get("result") or []:
                 name = k.get("name") if isinstance(k, dict) else None
-                if isinstance(name, str) and name[len(prefix):].isdigit() and name.startswith(prefix):
+                if isinstance(name, str) and name.startswith(prefix) \
+                        and name[len(prefix):].isdigit():
                     meta = k.get("metadata") if isinstance(k.get("metadata"), dict) else {}
                     chunks[name] = (int(name[len(prefix):]), meta.get("last"), meta.get("v"), name)
             cursor = (doc.get("result_info") or {}).get("cursor") or ""
@@ -5811,8 +5950,9 @@ class CloudflareAdapter(Adapter):
                 break  # a gap: the chunk before is not visible yet
             if not isinstance(text, str):
                 try:
-                    text = self.api("GET", "%s/values/%s" % (base, quote(name, safe="")), raw=True, patience_s=20,
-                                    stop=stop).decode("utf-8", "replace")
+                    text = self.api_client.call(
+                        "GET", "%s/values/%s" % (base, quote(name, safe="")), raw=True,
+                        patience_s=20, stop=stop).decode("utf-8", "replace")
                 except CloudflareError as exc:
                     if exc.status == 404:
                         break  # listed but not readable here yet: not yet
@@ -5830,6 +5970,7 @@ class CloudflareAdapter(Adapter):
         return out
 
 
+# Adapters by name; the config and the CLI pick one from here.
 ADAPTERS = {"exec": ExecAdapter, "docker": DockerAdapter, "cloudflare": CloudflareAdapter}
 
 

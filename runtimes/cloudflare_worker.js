@@ -75,8 +75,9 @@ class KvMirror {
   }
 
   async write() {
-    // A chunk once tried keeps exactly its lines until stored: a failed put may still land later, and
-    // a late copy must never be shorter than the one that replaced it (the next chunk starts after it).
+    // A chunk once tried keeps exactly its lines until stored: a failed put may still land
+    // later, and a late copy must never be shorter than the one that replaced it (the next
+    // chunk starts after it).
     const n = this.fixed || this.pending.length;
     this.fixed = n;
     const chunk = this.pending.slice(0, n);
@@ -84,7 +85,8 @@ class KvMirror {
     const key = `ev:${this.passId}:${String(chunk[0][0]).padStart(6, "0")}`;
     const last = chunk[chunk.length - 1][0];
     let metadata = { last, v: text };
-    if (new TextEncoder().encode(JSON.stringify(metadata)).length > KV_METADATA_MAX) metadata = { last };
+    const metadataBytes = new TextEncoder().encode(JSON.stringify(metadata)).length;
+    if (metadataBytes > KV_METADATA_MAX) metadata = { last };
     for (let attempt = 1; attempt <= KV_PUT_TRIES; attempt++) {
       try {
         await this.kv.put(key, text, { expirationTtl: KV_TTL_S, metadata });
@@ -109,7 +111,8 @@ class KvMirror {
   async drain() {
     // At the pass's end: write what is left now, in order, and wait for it.
     this.final = true;
-    for (let rounds = 0; rounds < 50 && (this.pending.length || this.writing || this.timer); rounds++) {
+    const busy = () => this.pending.length || this.writing || this.timer;
+    for (let rounds = 0; rounds < 50 && busy(); rounds++) {
       if (this.timer) {
         clearTimeout(this.timer);
         this.timer = null;
@@ -129,7 +132,8 @@ export default {
     const url = new URL(request.url);
     if (request.method === "GET" && url.pathname === "/healthz") return reply(200, null);
     if (request.method !== "POST") return reply(405, "POST a pass document");
-    if (!env.TYOW_TOKEN || !sameSecret(request.headers.get("Authorization") || "", "Bearer " + env.TYOW_TOKEN)) {
+    const auth = request.headers.get("Authorization") || "";
+    if (!env.TYOW_TOKEN || !sameSecret(auth, "Bearer " + env.TYOW_TOKEN)) {
       return reply(401, "bad or missing invocation token");
     }
     let doc;
@@ -162,9 +166,11 @@ export default {
       send("\n" + line + "\n");
       mirror.add(seq, line);
     };
-    const beatMs = Number.isInteger(doc.heartbeat_ms) && doc.heartbeat_ms >= 100 ? doc.heartbeat_ms : 20000;
+    const beatMs =
+      Number.isInteger(doc.heartbeat_ms) && doc.heartbeat_ms >= 100 ? doc.heartbeat_ms : 20000;
     const beat = setInterval(() => {
-      if (Date.now() - lastSent >= beatMs - 50) send(JSON.stringify({ type: "heartbeat", at: Date.now() }) + "\n");
+      if (Date.now() - lastSent < beatMs - 50) return;
+      send(JSON.stringify({ type: "heartbeat", at: Date.now() }) + "\n");
     }, Math.max(50, Math.floor(beatMs / 4)));
     const pass = (async () => {
       try {
@@ -173,13 +179,15 @@ export default {
         }
         await __tyow_engine.runPass(doc, __tyow_workflow, sink, AsyncLocalStorage);
       } catch (err) {
-        sink({ type: "failed", pass: doc.pass_id, at: Date.now(), error: __tyow_engine.serializeError(err) });
+        const error = __tyow_engine.serializeError(err);
+        sink({ type: "failed", pass: doc.pass_id, at: Date.now(), error });
       }
       clearInterval(beat);
       await mirror.drain();
       await writer.close().catch(() => {});
     })();
-    // The pass runs on if the caller disconnects (for at most 30 s on Cloudflare), its events into KV.
+    // The pass runs on if the caller disconnects (for at most 30 s on Cloudflare), its events
+    // into KV.
     ctx.waitUntil(pass);
     return new Response(readable, { headers: { "content-type": "application/x-ndjson" } });
   },
