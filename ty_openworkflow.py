@@ -1917,10 +1917,10 @@ class RunLedger:
         wf = c.execute("SELECT workflow_id FROM runs WHERE id = ?", (run_id,)).fetchone()
         if wf:
             self.count(c, status, wf[0])
-        self._on_finish(c, run_id, status, now)
+        self._queue_task_update(c, run_id, status, now)
         self.store.waits.after_finish(c, run_id, status, now)
 
-    def _on_finish(self, c, run_id, status, now):
+    def _queue_task_update(self, c, run_id, status, now):
         """A finished run queues its task update in the same transaction."""
         row = c.execute("SELECT task_requested, output, error FROM runs WHERE id = "
                         "?", (run_id,)).fetchone()
@@ -2253,7 +2253,7 @@ class LeaseLedger:
             self.store.runs.note_last_pass(c, run_id, passes, "released: %s" % reason, now)
         return bool(n)
 
-    def spare(self, run_id, pass_id, now, defaults, message, isolate=True):
+    def spare(self, run_id, pass_id, now, policy, message, isolate=True):
         """The pass's shared worker died under it by another pass's doing: it is given back, due
         now, with no attempt counted. ``isolate`` (whose doing is not known): the run's passes
         run alone from then on, and a pass of a run already alone owns its death."""
@@ -2263,7 +2263,7 @@ class LeaseLedger:
             if row is None or row[0] != "running" or row[1] != pass_id:
                 return False
             if isolate and row[2]:
-                return self.store.passes.end_pass(c, run_id, pass_id, now, defaults, message)
+                return self.store.passes.end_pass(c, run_id, pass_id, now, policy, message)
             # The steps it had started start again: that attempt is not counted.
             cut = c.execute("UPDATE steps SET attempts = max(attempts - 1, 0) "
                             "WHERE run_id = ? AND status = 'running' AND kind = 'step'",
@@ -2309,12 +2309,12 @@ class PassLedger:
                 "calls": calls,
                 "waits": waits, "waiting": waiting}
 
-    def apply_event(self, run_id, pass_id, ev, now, defaults):
+    def apply_event(self, run_id, pass_id, ev, now, policy):
         """Commit one pass event; returns APPLIED, IGNORED (stale pass) or ENDED (terminal)."""
         with self.store.transaction() as c:
-            return self.apply_in(c, run_id, pass_id, ev, now, defaults)
+            return self.apply_in(c, run_id, pass_id, ev, now, policy)
 
-    def apply_events(self, run_id, pass_id, events, now, defaults):
+    def apply_events(self, run_id, pass_id, events, now, policy):
         """Commit events that arrived together in one transaction; returns (outcome, events used).
 
         Each is applied as apply_event would, in order, up to the first that ends
@@ -2322,7 +2322,7 @@ class PassLedger:
         one, since none of them was acknowledged to anyone before its commit."""
         with self.store.transaction() as c:
             for i, ev in enumerate(events):
-                outcome = self.apply_in(c, run_id, pass_id, ev, now, defaults)
+                outcome = self.apply_in(c, run_id, pass_id, ev, now, policy)
                 if outcome != APPLIED:
                     return outcome, i + 1
             return APPLIED, len(events)
@@ -2330,7 +2330,7 @@ class PassLedger:
     # Events that record a step, a sleep or a wait: the first sight of one numbers it.
     RECORDING = frozenset(("step_started", "step_completed", "step_failed", "sleep", "wait"))
 
-    def apply_in(self, c, run_id, pass_id, ev, now, defaults):
+    def apply_in(self, c, run_id, pass_id, ev, now, policy):
         """Apply one event in transaction ``c`` with the handler of its kind (HANDLERS)."""
         row = c.execute("SELECT status, pass_id, step_attempts, deadline_at, step_count, passes "
                         "FROM runs WHERE id = ?", (run_id,)).fetchone()
@@ -2341,11 +2341,11 @@ class PassLedger:
             cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?",
                             (run_id, ev.get("step"))).fetchone()
             if cur is None:
-                if row[4] >= defaults["max_steps"]:
+                if row[4] >= policy["max_steps"]:
                     self.store.runs.finish(c, run_id, pass_id, "failed", now, error={
                         "message": "the run reached %d steps and sleeps (limits.max_steps); "
                                    "stopped as a runaway (raise the limit if it really needs more)"
-                                   % defaults["max_steps"],
+                                   % policy["max_steps"],
                         "name": "TooManySteps", "stack": None})
                     return ENDED
                 seq = row[4] + 1
@@ -2353,12 +2353,12 @@ class PassLedger:
         handler = self.HANDLERS.get(ev["type"])
         if handler is None:
             return APPLIED
-        return handler(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq)
+        return handler(self, c, run_id, pass_id, ev, now, policy, row, cur, seq)
 
-    # Each handler: (c, run_id, pass_id, ev, now, defaults, the run's row, the step's status row
+    # Each handler: (c, run_id, pass_id, ev, now, policy, the run's row, the step's status row
     # or None, the new step's seq or None) -> APPLIED or ENDED.
 
-    def _on_step_started(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+    def _on_step_started(self, c, run_id, pass_id, ev, now, policy, row, cur, seq):
         if cur and cur[0] == "completed":
             return APPLIED
         key = ev.get("step")
@@ -2377,28 +2377,28 @@ class PassLedger:
         if cur:  # a retry: these count towards the runaway cap, first attempts do not
             c.execute("UPDATE runs SET step_attempts = step_attempts + 1, updated_at = ? WHERE id "
                       "= ?", (now, run_id))
-            if row[2] + 1 > defaults["max_step_attempts"]:
+            if row[2] + 1 > policy["max_step_attempts"]:
                 self.store.runs.finish(c, run_id, pass_id, "failed", now, error={
                     "message": "the run retried steps %d times, over limits.max_step_attempts "
                                "(%d); stopped as a runaway"
-                               % (row[2] + 1, defaults["max_step_attempts"]),
+                               % (row[2] + 1, policy["max_step_attempts"]),
                     "name": "TooManyAttempts", "stack": None})
                 return ENDED
         return APPLIED
 
-    def _on_step_completed(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+    def _on_step_completed(self, c, run_id, pass_id, ev, now, policy, row, cur, seq):
         if cur and cur[0] == "completed":
             return APPLIED  # memoized results are never overwritten
         key = ev.get("step")
         output = dumps(ev.get("output"))
         size = len(output.encode("utf-8"))
-        if size > defaults["max_output_bytes"]:
+        if size > policy["max_output_bytes"]:
             failed = {"type": "step_failed", "step": key, "retryable": False, "oversized": True,
                       "error": {"message": "the output of step %r is %d bytes, over the limit of "
                                 "%d bytes (limits.max_output_bytes)"
-                                % (key, size, defaults["max_output_bytes"]),
+                                % (key, size, policy["max_output_bytes"]),
                                 "name": "OutputTooLarge", "stack": None}}
-            return self._on_step_failed(c, run_id, pass_id, failed, now, defaults, row, cur, seq)
+            return self._on_step_failed(c, run_id, pass_id, failed, now, policy, row, cur, seq)
         done_seq = self._next_done(c, run_id)
         if cur:
             c.execute("UPDATE steps SET status = 'completed', output = ?, error = NULL, "
@@ -2413,7 +2413,7 @@ class PassLedger:
                                 {"step": key, "output": ev.get("output")}, now)
         return APPLIED
 
-    def _on_step_failed(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+    def _on_step_failed(self, c, run_id, pass_id, ev, now, policy, row, cur, seq):
         key = ev.get("step")
         error = _clean_error(ev.get("error"))
         retryable = 0 if ev.get("retryable") is False else 1
@@ -2426,12 +2426,12 @@ class PassLedger:
                                 {"step": key, "error": error}, now)
         if ev.get("oversized"):
             # The shim believes the step succeeded: end the pass here, the run cannot go on.
-            self._fail_pass(c, run_id, pass_id, now, defaults, key, error, retryable=False,
+            self._fail_pass(c, run_id, pass_id, now, policy, key, error, retryable=False,
                             workflow_error=False)
             return ENDED
         return APPLIED
 
-    def _on_sleep(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+    def _on_sleep(self, c, run_id, pass_id, ev, now, policy, row, cur, seq):
         key, wake_at = ev.get("step"), ev.get("wake_at")
         if cur is None:
             c.execute("INSERT INTO steps (run_id, key, kind, status, seq, wake_at, started_at, "
@@ -2441,7 +2441,7 @@ class PassLedger:
                                     now)
         return APPLIED
 
-    def _on_wait(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+    def _on_wait(self, c, run_id, pass_id, ev, now, policy, row, cur, seq):
         if cur is None:
             key, spec = ev.get("step"), dict(ev["wait"])
             c.execute("INSERT INTO steps (run_id, key, kind, status, seq, wake_at, started_at, "
@@ -2450,10 +2450,10 @@ class PassLedger:
                        dumps(spec)))
             self.store.runs.journal(c, run_id, pass_id, "wait", {
                 "step": key, "wait": spec, "timeout_at": ev.get("timeout_at")}, now)
-            self.store.waits.begin_wait(c, run_id, key, spec, now, defaults)
+            self.store.waits.begin_wait(c, run_id, key, spec, now, policy)
         return APPLIED
 
-    def _on_sleep_completed(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+    def _on_sleep_completed(self, c, run_id, pass_id, ev, now, policy, row, cur, seq):
         key = ev.get("step")
         cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ? AND kind = 'sleep'",
                         (run_id, key)).fetchone()
@@ -2463,19 +2463,19 @@ class PassLedger:
             self.store.runs.journal(c, run_id, pass_id, "sleep_completed", {"step": key}, now)
         return APPLIED
 
-    def _on_completed(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+    def _on_completed(self, c, run_id, pass_id, ev, now, policy, row, cur, seq):
         output = ev.get("output")
         size = len(dumps(output).encode("utf-8"))
-        if size > defaults["max_output_bytes"]:
+        if size > policy["max_output_bytes"]:
             self.store.runs.finish(c, run_id, pass_id, "failed", now, error={
                 "message": "the workflow's return value is %d bytes, over the limit of %d bytes "
-                           "(limits.max_output_bytes)" % (size, defaults["max_output_bytes"]),
+                           "(limits.max_output_bytes)" % (size, policy["max_output_bytes"]),
                 "name": "OutputTooLarge", "stack": None})
         else:
             self.store.runs.finish(c, run_id, pass_id, "completed", now, output=output)
         return ENDED
 
-    def _on_suspended(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+    def _on_suspended(self, c, run_id, pass_id, ev, now, policy, row, cur, seq):
         waiting = bool(ev.get("waiting"))
         wake_at = None if ev.get("wake_at") is None and waiting else int(ev.get("wake_at") or now)
         due = min([t for t in (wake_at, row[3]) if t is not None], default=None)
@@ -2496,9 +2496,9 @@ class PassLedger:
                                 {"wake_at": wake_at, "waiting": waiting}, now)
         return ENDED
 
-    def _on_failed(self, c, run_id, pass_id, ev, now, defaults, row, cur, seq):
+    def _on_failed(self, c, run_id, pass_id, ev, now, policy, row, cur, seq):
         key = ev.get("step")
-        self._fail_pass(c, run_id, pass_id, now, defaults, key, _clean_error(ev.get("error")),
+        self._fail_pass(c, run_id, pass_id, now, policy, key, _clean_error(ev.get("error")),
                         retryable=ev.get("retryable") is not False, workflow_error=not key)
         return ENDED
 
@@ -2515,7 +2515,7 @@ class PassLedger:
         c.execute("UPDATE runs SET done_count = ?, pass_failures = 0 WHERE id = ?", (n, run_id))
         return n
 
-    def end_pass_without_result(self, run_id, pass_id, now, defaults, message):
+    def end_pass_without_result(self, run_id, pass_id, now, policy, message):
         """The pass stopped with no terminal event (crash, kill, timeout): a failed attempt.
 
         Every step still in flight (several, with Promise.all) failed with it; the
@@ -2523,9 +2523,9 @@ class PassLedger:
         are spent fails the run.
         """
         with self.store.transaction() as c:
-            return self.end_pass(c, run_id, pass_id, now, defaults, message)
+            return self.end_pass(c, run_id, pass_id, now, policy, message)
 
-    def end_pass(self, c, run_id, pass_id, now, defaults, message):
+    def end_pass(self, c, run_id, pass_id, now, policy, message):
         """end_pass_without_result inside transaction ``c``."""
         row = c.execute("SELECT status, pass_id, passes FROM runs WHERE id = ?",
                         (run_id,)).fetchone()
@@ -2544,36 +2544,36 @@ class PassLedger:
                                     {"step": key, "error": step_error},
                                     now)
         if not inflight:
-            self._fail_pass(c, run_id, pass_id, now, defaults, None, error, retryable=True,
+            self._fail_pass(c, run_id, pass_id, now, policy, None, error, retryable=True,
                             workflow_error=False)
             return True
         # The step whose retry is due last decides; a spent one fails the run at once.
-        plans = [(self._retry_plan(c, run_id, key, defaults, now), key) for key in inflight]
+        plans = [(self._retry_plan(c, run_id, key, policy, now), key) for key in inflight]
         spent = [key for plan, key in plans if plan is None]
         key = spent[0] if spent else max(plans)[1]
         error = dict(error, message="%s while step %r was running" % (message, key))
-        self._fail_pass(c, run_id, pass_id, now, defaults, key, error, retryable=True,
+        self._fail_pass(c, run_id, pass_id, now, policy, key, error, retryable=True,
                         workflow_error=False)
         return True
 
-    def _retry_plan(self, c, run_id, key, defaults, now):
+    def _retry_plan(self, c, run_id, key, policy, now):
         """When step ``key`` may run again after a failure, or None if its attempts are spent."""
         srow = c.execute("SELECT attempts, retry, retryable FROM steps WHERE run_id = ? AND key = "
                          "?",
                          (run_id, key)).fetchone() or (1, None, 1)
-        policy = self._policy(defaults, srow[1])
+        policy = self._policy(policy, srow[1])
         if not srow[2] or srow[0] >= policy["max_attempts"]:
             return None
         return now + backoff_ms(policy, srow[0])
 
     @staticmethod
-    def _policy(defaults, retry_json):
-        policy = dict(defaults["retry"])
+    def _policy(policy, retry_json):
+        policy = dict(policy["retry"])
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             policy.update({k: v for k, v in json.loads(retry_json or "{}").items() if k in policy})
         return policy
 
-    def _fail_pass(self, c, run_id, pass_id, now, defaults, step_key, error, retryable,
+    def _fail_pass(self, c, run_id, pass_id, now, policy, step_key, error, retryable,
                    workflow_error):
         """Decide between a retry (back to pending with backoff) and failing the run."""
         if step_key:
@@ -2582,7 +2582,7 @@ class PassLedger:
                              (run_id, step_key)).fetchone()
             if srow is None:
                 srow = (1, None, 1, None)
-            policy = self._policy(defaults, srow[1])
+            policy = self._policy(policy, srow[1])
             attempts, step_error = srow[0], json.loads(srow[3]) if srow[3] else error
             if retryable and srow[2] and attempts < policy["max_attempts"]:
                 due = now + backoff_ms(policy, attempts)
@@ -2638,10 +2638,10 @@ class WaitLedger:
     def __init__(self, store):
         self.store = store
 
-    def begin_wait(self, c, run_id, key, spec, now, defaults):
+    def begin_wait(self, c, run_id, key, spec, now, policy):
         """A new wait was recorded: a buffered signal resolves it at once; a child run starts."""
         if spec["kind"] == "child":
-            refused = self._child_refused(c, run_id, spec, defaults)
+            refused = self._child_refused(c, run_id, spec, policy)
             if refused:
                 error = {"message": refused, "name": "ChildLimitExceeded", "run_id": None}
                 self.resolve(c, run_id, key, {"error": error}, now)
@@ -2667,16 +2667,16 @@ class WaitLedger:
                                        "body": spec.get("body")}, now)
 
     @staticmethod
-    def _child_refused(c, run_id, spec, defaults):
+    def _child_refused(c, run_id, spec, policy):
         """Why run ``run_id`` may not start another child, or None: limits.max_child_depth and
         limits.max_children bound what a cascade walks over, and stop a runaway recursion."""
-        max_depth = defaults.get("max_child_depth", CHILD_DEPTH_DEFAULT)
+        max_depth = policy.get("max_child_depth", CHILD_DEPTH_DEFAULT)
         depth = c.execute(SQL_RUN_DEPTH, (run_id, max_depth)).fetchone()[0] + 1
         if depth > max_depth:
             return ("cannot start a child run of %r: it would be %d levels below its root run, "
                     "over limits.max_child_depth (%d); a workflow that starts itself needs a case "
                     "that stops it (or raise the limit)" % (spec["workflow_id"], depth, max_depth))
-        max_children = defaults.get("max_children", CHILDREN_DEFAULT)
+        max_children = policy.get("max_children", CHILDREN_DEFAULT)
         open_children = c.execute("SELECT count(*) FROM (%s)" % SQL_OPEN_CHILDREN,
                                   (run_id,)).fetchone()[0]
         if open_children >= max_children:
@@ -2950,13 +2950,13 @@ class CallbackBook:
             c.execute("INSERT OR REPLACE INTO webhook_seen (digest, kind, at) VALUES (?, ?, ?)",
                       (digest, kind, now))
 
-    def apply_callback(self, kind, run_id, second, payload, digests, now, defaults,
+    def apply_callback(self, kind, run_id, subject, payload, digests, now, policy,
                        max_input_bytes):
         """Apply one verified callback in one transaction; returns what it did (``applied``, and
         ``duplicate`` or ``ignored``). A replayed signature raises Conflict, an unknown run
         NotFound, unusable data InputError.
 
-        ``second`` is the signal's name, the completion's status, or the events' pass id;
+        ``subject`` is the signal's name, the completion's status, or the events' pass id;
         ``digests`` are the signature's and the body's, recorded once it is applied."""
         (sig_digest, _), (body_digest, _) = digests
         with self.store.transaction() as c:
@@ -2971,18 +2971,18 @@ class CallbackBook:
                 log.info("webhook: ignored a callback for run %s, which is %s", run_id, row[0])
                 return {"ignored": "run is %s" % row[0], "applied": 0}
             if kind == "signal":
-                self._signal(c, run_id, second, payload, now, max_input_bytes)
+                self._signal(c, run_id, subject, payload, now, max_input_bytes)
                 applied = 1
             elif kind == "completion":
-                self._completion(c, run_id, row[1], second, payload, now, defaults)
+                self._completion(c, run_id, row[1], subject, payload, now, policy)
                 applied = 1
             else:
-                applied, ignored = self._events(c, run_id, second, payload, now, defaults)
+                applied, ignored = self._events(c, run_id, subject, payload, now, policy)
                 if ignored and not applied:
                     log.info("webhook: ignored events for run %s: pass %s is not its current pass",
-                             run_id, second)
+                             run_id, subject)
                     return {"ignored": "pass %s is not the run's current "
-                            "pass" % second, "applied": 0}
+                            "pass" % subject, "applied": 0}
             self.mark_seen(c, digests, now, WEBHOOK_SEEN_KEEP_MS)
         return {"applied": applied}
 
@@ -2995,13 +2995,13 @@ class CallbackBook:
             raise InputError("data is over limits.max_input_bytes")
         self.store.waits.deliver(c, run_id, name, data_json, now, payload.get("idempotencyKey"))
 
-    def _completion(self, c, run_id, pass_id, status, doc, now, defaults):
+    def _completion(self, c, run_id, pass_id, status, doc, now, policy):
         if status == "completed":
             try:
                 size = len(dumps(doc.get("output")).encode("utf-8"))
             except (ValueError, TypeError, UnicodeError):
                 raise InputError("output is not JSON text")
-            if size > defaults["max_output_bytes"]:
+            if size > policy["max_output_bytes"]:
                 raise InputError("output is %d bytes, over limits.max_output_bytes" % size)
             self.store.runs.finish(c, run_id, pass_id, "completed", now, output=doc.get("output"))
         else:
@@ -3009,11 +3009,11 @@ class CallbackBook:
             error = _clean_error(err if isinstance(err, dict) else {"message": str(err)})
             self.store.runs.finish(c, run_id, pass_id, "failed", now, error=error)
 
-    def _events(self, c, run_id, pass_id, events, now, defaults):
+    def _events(self, c, run_id, pass_id, events, now, policy):
         """Apply a pass's events up to the first that ends it; returns (applied, ignored)."""
         applied = ignored = 0
         for ev in events:
-            outcome = self.store.passes.apply_in(c, run_id, pass_id, ev, now, defaults)
+            outcome = self.store.passes.apply_in(c, run_id, pass_id, ev, now, policy)
             if outcome == IGNORED:
                 ignored += 1
             else:
@@ -5995,6 +5995,16 @@ class _ActivePass:
         self.check_failed = False  # _check_active raised on it: stopped, and not checked again
 
 
+class _Round(collections.namedtuple("_Round", "kind wake_at now")):
+    """What a scheduler's round came to: "claimed" (go again at once), "exit", or "idle" (wait
+    until ``wake_at``, None: nothing due, as of ``now``)."""
+
+    __slots__ = ()
+
+
+_Round.__new__.__defaults__ = (None, None)
+
+
 class PassThreads:
     """The threads that drive passes, reused: a pass starts no thread while one is idle."""
 
@@ -6297,11 +6307,11 @@ class PassDriver:
         self._retrying(lambda: self.store.end_pass_without_result(
             ap.run_id, ap.pass_id, self.clock(), policy, how), ap)
 
-    def _apply_one_by_one(self, ap, events, defaults):
+    def _apply_one_by_one(self, ap, events, policy):
         """After a batch failed to store: apply its events singly; ("bad", i) names the culprit."""
         for i, ev in enumerate(events):
             try:
-                outcome = self.store.apply_event(ap.run_id, ap.pass_id, ev, self.clock(), defaults)
+                outcome = self.store.apply_event(ap.run_id, ap.pass_id, ev, self.clock(), policy)
             except (ValueError, TypeError, OverflowError, RecursionError, UnicodeError):
                 return "bad", i
             if outcome != APPLIED:
@@ -6363,7 +6373,7 @@ class Scheduler:
                                   self.clock, self.wake)
         self.ended = self.leases.ended
         self.threads = PassThreads(self.store.quiet_commits)
-        self.driver = PassDriver(self.store, sidecar.adapter, sidecar.defaults, self.config,
+        self.driver = PassDriver(self.store, sidecar.adapter, sidecar.run_policy, self.config,
                                  self.clock, self.leases.margin_s, self.stopping)
         self.sock = None
         import socket
@@ -6447,7 +6457,7 @@ class Scheduler:
                     if not registered:
                         self._register()
                         registered = True
-                    outcome = self._step()
+                    outcome = self._round()
                     failing_since, backoff_s = None, 0.0
                 except Exception as exc:
                     now_s = time.monotonic()
@@ -6462,12 +6472,12 @@ class Scheduler:
                         log.exception("a scheduler round failed; trying again in %.1fs", backoff_s)
                     self._wait(backoff_s)
                     continue
-                if outcome == "exit":
+                if outcome.kind == "exit":
                     break
-                if outcome == "claimed":
+                if outcome.kind == "claimed":
                     idle_s = 0.0
                     continue
-                wake_at, now = outcome
+                wake_at, now = outcome.wake_at, outcome.now
                 delay = self.wait_cap_s if wake_at is None else (wake_at - now) / 1000.0
                 if delay <= 0:
                     # Due but nothing could be claimed (held by a live scheduler of this host,
@@ -6484,12 +6494,12 @@ class Scheduler:
                 self._deliver_updates()
         return self.stats
 
-    def _step(self):
-        """One round of the loop: "claimed", "exit", or (next wake time or None, now)."""
+    def _round(self):
+        """One round of the loop: what it came to (a _Round)."""
         self._check_active()
         self._maintain()
         if self.sidecar.fire_schedules():
-            return "claimed"
+            return _Round("claimed")
         now = self.clock()
         free = self.concurrency - len(self.active)
         if free > 0:
@@ -6499,9 +6509,9 @@ class Scheduler:
             claimed = self.store.claim_due(self.id, now, free, self.lease_ms, exclude=held)
             started = [self._start_pass(run, mono + self.lease_ms / 1000.0) for run in claimed]
             if any(started):
-                return "claimed"
+                return _Round("claimed")
             if claimed:  # given back (no thread to be had): try again in a moment
-                return now + 1000, now
+                return _Round("idle", now + 1000, now)
         next_due = self.store.next_due_at()
         now = self.clock()
         self.bridge_wake.set()
@@ -6512,15 +6522,16 @@ class Scheduler:
                 # committed its run before we look, so we cannot miss it.
                 self.store.unregister_scheduler(self.id)
                 if self._idle_beyond(self.store.next_due_at(), self.clock(), horizon):
-                    return "exit"
+                    return _Round("exit")
                 self._register()
-                return "claimed"
+                return _Round("claimed")
         with self.lock:
             deadlines = [ap.deadline_at for ap in self.active.values()
                          if ap.deadline_at is not None]
         if free <= 0:
             next_due = None
-        return min([t for t in [next_due] + deadlines if t is not None], default=None), now
+        wake_at = min([t for t in [next_due] + deadlines if t is not None], default=None)
+        return _Round("idle", wake_at, now)
 
     def _idle_beyond(self, next_due, now, linger):
         """True if neither a run nor (for the runner) a task update is due within ``linger``."""
@@ -6908,12 +6919,12 @@ class WebhookServer(_HttpService):
         sc = self.sidecar
         now = sc.clock()
         signature = verify_callback(self.secret, headers, body, now // 1000, self.tolerance_s)
-        kind, run_id, second, payload = parse_callback(body)
+        kind, run_id, subject, payload = parse_callback(body)
         digests = [("sig:" + sha256_hex(signature), "signature"),
                    ("body:" + sha256_hex(body), "body")]
         try:
-            done = sc.store.apply_callback(kind, run_id, second, payload, digests, now,
-                                           sc.defaults(), sc.config["limits.max_input_bytes"])
+            done = sc.store.apply_callback(kind, run_id, subject, payload, digests, now,
+                                           sc.run_policy(), sc.config["limits.max_input_bytes"])
         except Conflict as exc:
             raise WebhookReject(409, str(exc))
         except NotFound as exc:
@@ -7753,12 +7764,16 @@ class Sidecar:
         """Whether adapter ``name`` was made already (adapter() makes it on first use)."""
         return name in self._adapters
 
-    def defaults(self):
-        return {"retry": self.config.retry_policy(), "max_output_bytes": self.config["limits.max_output_bytes"],
+    def run_policy(self):
+        """What the store applies to a run's events: retries, output size and step limits."""
+        return {"retry": self.config.retry_policy(),
+                "max_output_bytes": self.config["limits.max_output_bytes"],
                 "max_step_attempts": self.config["limits.max_step_attempts"],
                 "max_steps": self.config["limits.max_steps"],
                 "max_child_depth": self.config["limits.max_child_depth"],
                 "max_children": self.config["limits.max_children"]}
+
+    defaults = run_policy  # its older name
 
     # -- workflows ------------------------------------------------------------
 
