@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Sidecar", "Config", "Store", "Scheduler", "Adapter", "ExecAdapter",
     "OpenWorkflowError", "ConfigError", "NotFound", "InputError", "AdapterError",
-    "StoreError", "load_config", "parse_yaml", "parse_duration", "parse_event_line", "WebhookServer",
+    "StoreError", "load_config", "parse_yaml", "parse_duration", "parse_event_line",
+    "WebhookServer",
     "sign_callback", "verify_callback", "Bridge",
     "main",
 ]
@@ -64,7 +65,8 @@ SQLITE_BUSY_TIMEOUT_MS = 10000
 # `tick` (from cron, which runs it again) gives up after STORE_PATIENCE_S of them.
 STORE_BACKOFF_MAX_S = 5.0
 STORE_PATIENCE_S = 60.0
-# Schedules: `catch_up: none` still runs a fire this late; `all` runs at most this many missed fires.
+# Schedules: `catch_up: none` still runs a fire this late; `all` runs at most this many missed
+# fires.
 SCHEDULE_ON_TIME_MS = 60000
 SCHEDULE_CATCH_UP_MAX = 1000
 # `retention` prunes at most this often.
@@ -122,8 +124,8 @@ RUNTIMES = {"node": {"shim": "node_shim.js", "ext": ".js"},
 _EMBEDDED_RUNTIMES = {}
 
 class _Log:
-    """The module's logger ("ty_openworkflow"), made when first used: importing logging is a good part
-    of a quick command's start. Embedding apps configure it; serve and tick log to stderr."""
+    """The module's logger ("ty_openworkflow"), made when first used: importing logging is a good
+    part of a quick command's start. Embedding apps configure it; serve and tick log to stderr."""
 
     _logger = None
 
@@ -228,7 +230,8 @@ def parse_duration(value, unit_ms=1000):
         total += float(m.group(1)) * _DURATION_UNITS_MS[m.group(2)]
         pos = m.end()
     if not s or pos != len(s):
-        raise ValueError("invalid duration %r; use a number or a string like 500ms, 30s, 5m, 1h30m" % value)
+        raise ValueError(
+            "invalid duration %r; use a number or a string like 500ms, 30s, 5m, 1h30m" % value)
     if total > MAX_DURATION_MS:
         raise ValueError("duration %r is longer than a century" % value)
     return int(total)
@@ -252,21 +255,25 @@ def format_duration(ms):
 # Five-field cron: minute hour day-of-month month day-of-week (Vixie semantics).
 _CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12),
                 ("day of week", 0, 7))
-_CRON_NAMES = {3: {n: i + 1 for i, n in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())},
-               4: {n: i for i, n in enumerate("sun mon tue wed thu fri sat".split())}}
+_CRON_NAMES = {
+    3: {n: i + 1 for i, n in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())},
+    4: {n: i for i, n in enumerate("sun mon tue wed thu fri sat".split())}}
 _CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
-                "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
+                "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                "@hourly": "0 * * * *"}
 
 
 class Cron:
-    """A parsed cron expression; ``next_after(ms, tz)`` is its next fire time (epoch ms) after ``ms``."""
+    """A parsed cron expression; ``next_after(ms, tz)`` is its next fire time (epoch ms)
+    after ``ms``."""
 
     def __init__(self, expr):
         self.expr = expr
         text = _CRON_MACROS.get(str(expr).strip().lower(), str(expr).strip())
         parts = text.split()
         if len(parts) != 5:
-            raise ValueError("a cron expression has five fields (minute hour day-of-month month day-of-week) "
+            raise ValueError("a cron expression has five fields "
+                             "(minute hour day-of-month month day-of-week) "
                              "or is one of %s; got %r" % (", ".join(sorted(_CRON_MACROS)), expr))
         self.sets = [self._field(i, part) for i, part in enumerate(parts)]
         self.sets[4] = {d % 7 for d in self.sets[4]}  # 7 is Sunday too
@@ -293,7 +300,8 @@ class Cron:
                         tok, " or a name (%s)" % ", ".join(names) if names else "", name))
                 v = int(tok)
                 if not low <= v <= high:
-                    raise ValueError("%d is out of range %d-%d in the %s field" % (v, low, high, name))
+                    raise ValueError(
+                        "%d is out of range %d-%d in the %s field" % (v, low, high, name))
                 return v
             if rng == "*":
                 a, b = low, high
@@ -317,17 +325,21 @@ class Cron:
         return dom and dow if self.dom_any or self.dow_any else dom or dow
 
     def next_after(self, ms, tz=None):
-        """The first fire time strictly after ``ms``, in ``tz`` (a zoneinfo name; local time if None)."""
+        """The first fire time strictly after ``ms``, in ``tz`` (a zoneinfo name; local time
+        if None)."""
         import datetime
         zone = _zone(tz)
-        start = datetime.datetime.fromtimestamp(ms / 1000.0, zone).replace(second=0, microsecond=0, tzinfo=None)
+        start = datetime.datetime.fromtimestamp(ms / 1000.0, zone).replace(
+            second=0, microsecond=0, tzinfo=None)
         minutes, hours = sorted(self.sets[0]), sorted(self.sets[1])
         # The second copy of a repeated hour reads as up to an hour before ``start``.
-        lookback = datetime.timedelta(hours=1) if self.every_hour and zone is not None else datetime.timedelta(0)
+        lookback = (datetime.timedelta(hours=1) if self.every_hour and zone is not None
+                    else datetime.timedelta(0))
         day = (start - lookback).date()
         for _ in range(366 * 8):  # a Feb 29 on a Monday can take years to come
             if day.month in self.sets[3] and self._day_matches(day):
-                found = None  # the earliest instant of the day after ms (a repeated hour comes twice)
+                # the earliest instant of the day after ms (a repeated hour comes twice)
+                found = None
                 for h in hours:
                     for m in minutes:
                         local = datetime.datetime(day.year, day.month, day.day, h, m)
@@ -414,7 +426,8 @@ def format_time(ms):
 
 
 def dumps(value):
-    """Compact JSON that keeps the key order it was given (replay must iterate objects as live did)."""
+    """Compact JSON that keeps the key order it was given (replay must iterate objects as live
+    did)."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
@@ -455,9 +468,11 @@ def sha256_hex(data):
 
 def backoff_ms(policy, attempts):
     """Delay before the next attempt after ``attempts`` failures under ``policy``."""
-    initial, factor, cap = float(policy["initial_ms"]), float(policy["backoff"]), float(policy["max_ms"])
+    initial, factor, cap = (float(policy["initial_ms"]), float(policy["backoff"]),
+                            float(policy["max_ms"]))
     n = max(0, attempts - 1)
-    # Compare exponents rather than compute factor ** n: it overflows a float long before n is large.
+    # Compare exponents rather than compute factor ** n: it overflows a float long before n is
+    # large.
     if initial <= 0 or factor <= 1 or n * math.log(factor) < math.log(max(cap, 1.0) / initial):
         return int(min(initial * factor ** n if factor > 1 else initial, cap))
     return int(cap)
@@ -559,8 +574,10 @@ def scheduler_alive(pid, start, boot, ns):
 def _clean_error(error):
     """Normalize an error document from a shim to {message, name, stack}."""
     if not isinstance(error, dict):
-        return {"message": str(error) if error is not None else "unknown error", "name": "Error", "stack": None}
-    return {"message": str(error.get("message", "unknown error"))[:4000], "name": str(error.get("name") or "Error"),
+        return {"message": str(error) if error is not None else "unknown error", "name": "Error",
+                "stack": None}
+    return {"message": str(error.get("message", "unknown error"))[:4000],
+            "name": str(error.get("name") or "Error"),
             "stack": None if error.get("stack") is None else str(error.get("stack"))[:16000]}
 
 
@@ -690,9 +707,11 @@ CONFIG_SCHEMA = {
 }
 # Whole-number settings and their sensible ranges, checked when the config is read.
 CONFIG_RANGES = {
-    "concurrency": (1, 1024), "webhook.port": (0, 65535), "webhook.max_connections": (1, 100000),  # port 0: any
+    "concurrency": (1, 1024),
+    "webhook.port": (0, 65535), "webhook.max_connections": (1, 100000),  # port 0: any
     "dashboard.port": (0, 65535), "dashboard.max_connections": (1, 100000),
-    "limits.max_step_attempts": (1, 10 ** 9), "limits.max_steps": (1, 10 ** 9), "retry.max_attempts": (1, 10000),
+    "limits.max_step_attempts": (1, 10 ** 9), "limits.max_steps": (1, 10 ** 9),
+    "retry.max_attempts": (1, 10000),
     "adapters.docker.pids_limit": (0, 10 ** 6),
     "limits.max_child_depth": (1, 100000), "limits.max_children": (1, 10 ** 6),
     "adapters.cloudflare.cpu_ms": (0, 300000), "adapters.cloudflare.api_budget": (10, 1200),
@@ -754,11 +773,13 @@ def _yaml_scalar(raw, where):
     if s[0] in "'\"":
         q = s[0]
         if len(s) < 2 or s[-1] != q:
-            raise ConfigError("%s: unterminated %s-quoted string" % (where, "double" if q == '"' else "single"))
+            raise ConfigError("%s: unterminated %s-quoted string"
+                              % (where, "double" if q == '"' else "single"))
         body = s[1:-1]
         if q == "'":
             if re.search(r"(?<!')'(?!')", body):
-                raise ConfigError("%s: stray single quote inside a single-quoted string (write '' for ')" % where)
+                raise ConfigError("%s: stray single quote inside a single-quoted string "
+                                  "(write '' for ')" % where)
             return body.replace("''", "'")
         if _quoted_end(s, 0) != len(s):
             raise ConfigError("%s: text after the closing quote in %s" % (where, s))
@@ -775,7 +796,8 @@ def _yaml_scalar(raw, where):
     if s == "[]":
         return []
     if s[0] in "[{&*!|>%@`":
-        raise ConfigError("%s: %r is YAML this reader does not support; use plain nested mappings and scalars" % (where, s))
+        raise ConfigError("%s: %r is YAML this reader does not support; "
+                          "use plain nested mappings and scalars" % (where, s))
     if re.fullmatch(r"[-+]?\d+", s):
         return int(s)
     if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+)([eE][-+]?\d+)?", s):
@@ -791,7 +813,8 @@ def parse_yaml(text, filename="<config>"):
     lines = []
     for no, raw in enumerate(text.splitlines(), 1):
         if "\t" in raw[: len(raw) - len(raw.lstrip())]:
-            raise ConfigError("%s:%d: tab used for indentation; indent with spaces" % (filename, no))
+            raise ConfigError(
+                "%s:%d: tab used for indentation; indent with spaces" % (filename, no))
         body = _strip_comment(raw)
         if not body.strip() or body.strip() in ("---", "..."):
             continue
@@ -810,7 +833,8 @@ def parse_yaml(text, filename="<config>"):
             if ln.indent > indent:
                 raise ConfigError("%s: unexpected indentation" % where)
             if ln.text.startswith("- ") or ln.text == "-":
-                raise ConfigError("%s: lists are not used in this config; write a mapping (key: value)" % where)
+                raise ConfigError("%s: lists are not used in this config; "
+                                  "write a mapping (key: value)" % where)
             m = re.match(r"^(\"[^\"]*\"|'[^']*'|[^:]+?)\s*:(?:\s+(.*))?$", ln.text)
             if not m:
                 m2 = re.match(r"^(\"[^\"]*\"|'[^']*'|[^:]+?)\s*:$", ln.text)
@@ -880,7 +904,8 @@ class Config:
         return self.values["data_dir"]
 
     def retry_policy(self):
-        return {"max_attempts": self["retry.max_attempts"], "initial_ms": self["retry.initial_interval"],
+        return {"max_attempts": self["retry.max_attempts"],
+                "initial_ms": self["retry.initial_interval"],
                 "backoff": self["retry.backoff_coefficient"], "max_ms": self["retry.max_interval"]}
 
 
@@ -895,7 +920,8 @@ def _coerce(kind, value, where, key):
                 return ""
             if isinstance(value, (dict, list)):
                 raise ValueError("expected a string")
-            return value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+            return (value if isinstance(value, str)
+                    else str(value).lower() if isinstance(value, bool) else str(value))
         if kind == "path":
             if not value or isinstance(value, (dict, list, bool)):
                 raise ValueError("expected a path")
@@ -952,7 +978,8 @@ def load_config(path=None, text=None, must_exist=False):
                                   "create the file with `ty-openworkflow init`"
                                   % (path, CONFIG_ENV))
             if must_exist:
-                raise ConfigError("config file %s not found; create it with `ty-openworkflow --config %s init`"
+                raise ConfigError("config file %s not found; "
+                                  "create it with `ty-openworkflow --config %s init`"
                                   % (path, path))
             text = ""
         except (OSError, UnicodeDecodeError) as exc:
@@ -974,8 +1001,10 @@ def load_config(path=None, text=None, must_exist=False):
                     raise ConfigError("%s: %s must be a mapping of settings" % (where, dotted))
                 walk(v, dotted + ".")
             elif kind is None:
-                known = sorted(k2[len(prefix):].split(".")[0] for k2 in CONFIG_SCHEMA if k2.startswith(prefix))
-                raise ConfigError("%s: unknown key %r; known here: %s" % (where, dotted, ", ".join(sorted(set(known)))))
+                known = sorted(k2[len(prefix):].split(".")[0]
+                               for k2 in CONFIG_SCHEMA if k2.startswith(prefix))
+                raise ConfigError("%s: unknown key %r; known here: %s"
+                                  % (where, dotted, ", ".join(sorted(set(known)))))
             else:
                 flat[dotted] = v
 
@@ -1006,8 +1035,8 @@ def load_config(path=None, text=None, must_exist=False):
                              ", ".join(ADAPTER_NAMES)))
     for key, (low, high) in CONFIG_RANGES.items():
         if not low <= values[key] <= high:
-            raise ConfigError("%s:%s: %s must be from %s to %s (got %s)" % (path, key_lines.get(key, "?"), key, low,
-                                                                          high, values[key]))
+            raise ConfigError("%s:%s: %s must be from %s to %s (got %s)"
+                              % (path, key_lines.get(key, "?"), key, low, high, values[key]))
     if values["lease_ttl"] < 2000:
         raise ConfigError("%s: lease_ttl must be at least 2s" % path)
     if values["store.synchronous"] not in STORE_SYNC_MODES:
@@ -1015,8 +1044,9 @@ def load_config(path=None, text=None, must_exist=False):
                           "or normal (faster; survives a crash of the process only)"
                           % (path, key_lines.get("store.synchronous", "?")))
     if values["adapters.exec.mode"] not in ("warm", "process"):
-        raise ConfigError("%s:%s: adapters.exec.mode must be warm (long-lived workers) or process (a process per "
-                          "pass)" % (path, key_lines.get("adapters.exec.mode", "?")))
+        raise ConfigError("%s:%s: adapters.exec.mode must be warm (long-lived workers) "
+                          "or process (a process per pass)"
+                          % (path, key_lines.get("adapters.exec.mode", "?")))
     if values["adapters.docker.pull"] not in ("never", "missing", "always"):
         raise ConfigError("%s:%s: adapters.docker.pull must be never, missing or always"
                           % (path, key_lines.get("adapters.docker.pull", "?")))
@@ -1034,7 +1064,8 @@ def write_default_config(path, data_dir=None, force=False):
         raise ConfigError("config %s is a directory; give the path of a file (e.g. %s)"
                           % (path, os.path.join(path, "config.yaml")))
     if os.path.exists(path) and not force:
-        raise Conflict("%s already exists; edit it, or run `init --force` to overwrite it with the defaults" % path)
+        raise Conflict("%s already exists; edit it, or run `init --force` "
+                       "to overwrite it with the defaults" % path)
     data_dir = data_dir or "~/.config/ty-openworkflow"
     if "\n" in data_dir or "\0" in data_dir:
         raise InputError("--data-dir must be a single-line path")
@@ -1042,7 +1073,8 @@ def write_default_config(path, data_dir=None, force=False):
         data_dir = data_dir.rstrip("/")
 
     def q(value):
-        plain = not re.search(r"[#:'\"\\{}\[\]&*!|>%@`,]", value) and value == value.strip() and value[:1] != "-"
+        plain = (not re.search(r"[#:'\"\\{}\[\]&*!|>%@`,]", value)
+                 and value == value.strip() and value[:1] != "-")
         return value if plain else json.dumps(value)
 
     text = DEFAULT_CONFIG_TEXT.format(data_dir=q(data_dir), exec_dir=q(data_dir + "/exec"),
@@ -3605,8 +3637,8 @@ class Store(Database):
 # Runtimes: the shims that run workflow code, and the event stream parser
 # ---------------------------------------------------------------------------
 
-EVENT_TYPES = {"step_started", "step_completed", "step_failed", "sleep", "sleep_completed", "wait", "completed",
-               "failed", "suspended"}
+EVENT_TYPES = {"step_started", "step_completed", "step_failed", "sleep", "sleep_completed", "wait",
+               "completed", "failed", "suspended"}
 TERMINAL_EVENTS = {"completed", "failed", "suspended"}
 
 
@@ -3646,7 +3678,8 @@ def parse_event_line(line, pass_id):
         return None
     if not isinstance(ev, dict) or ev.get("pass") != pass_id or ev.get("type") not in EVENT_TYPES:
         return None
-    if ev["type"] in ("step_started", "step_completed", "step_failed", "sleep", "sleep_completed", "wait"):
+    if ev["type"] in ("step_started", "step_completed", "step_failed", "sleep", "sleep_completed",
+                      "wait"):
         key = ev.get("step")
         if not isinstance(key, str) or not key or len(key) > MAX_STEP_NAME_LEN:
             return None
@@ -3662,7 +3695,8 @@ def parse_event_line(line, pass_id):
         if not isinstance(spec, dict) or spec.get("kind") not in WAIT_KINDS or not (
                 timeout_at is None or _is_epoch_ms(timeout_at)):
             return None
-        for field in {"signal": ("name",), "child": ("workflow_id",), "task": ("title",)}[spec["kind"]]:
+        for field in {"signal": ("name",), "child": ("workflow_id",),
+                      "task": ("title",)}[spec["kind"]]:
             if not isinstance(spec.get(field), str) or not spec[field]:
                 return None
         ev["timeout_at"] = None if timeout_at is None else int(timeout_at)
@@ -3670,13 +3704,15 @@ def parse_event_line(line, pass_id):
 
 
 def _is_epoch_ms(value):
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < MAX_EPOCH_MS
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and 0 <= value < MAX_EPOCH_MS)
 
 
 def _call_position(ev):
     """The event's place in the run's durable call order, if the shim sent a sane one."""
     call = ev.get("call")
-    return call if isinstance(call, int) and not isinstance(call, bool) and 0 <= call < 10 ** 9 else None
+    return (call if isinstance(call, int) and not isinstance(call, bool) and 0 <= call < 10 ** 9
+            else None)
 
 
 def _no_constants(name):
@@ -3731,13 +3767,14 @@ def _libc():
                 import ctypes
                 lib = ctypes.CDLL(None, use_errno=True)
                 _LIBC = lib if hasattr(lib, "prctl") else None
-            except (ImportError, OSError):  # restricted builds may lack ctypes: passes still stop on stdin EOF
+            except (ImportError, OSError):
+                # restricted builds may lack ctypes: passes still stop on stdin EOF
                 _LIBC = None
     return _LIBC
 
 
-def spawn(argv, env=None, cwd=None, stdin=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, tied=False,
-          pass_fds=(), address_space=None):
+def spawn(argv, env=None, cwd=None, stdin=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          tied=False, pass_fds=(), address_space=None):
     """The one place that starts a child process: its own process group, pipes by default.
 
     ``tied``: the child dies with the calling thread (a pass must never outlive
@@ -3835,8 +3872,8 @@ def reap_orphans(store_id):
             os.kill(int(name), signal.SIGKILL)
             killed.append(int(name))
     if killed:
-        log.warning("stopped %d process(es) that passes of a scheduler no longer running left behind: %s",
-                    len(killed), " ".join(map(str, killed)))
+        log.warning("stopped %d process(es) that passes of a scheduler no longer running "
+                    "left behind: %s", len(killed), " ".join(map(str, killed)))
     return killed
 
 
@@ -3892,9 +3929,9 @@ class Execution:
 class ProcessExecution(Execution):
     """A pass running as a child process fed by stdin, reporting on stdout."""
 
-    def __init__(self, argv, stdin_bytes, env=None, cwd=None, timeout_ms=None, on_stop=None, event_pipe=False,
-                 address_space=None, on_pause=None, keep_stdin=False, on_output=None,
-                 memory=None):
+    def __init__(self, argv, stdin_bytes, env=None, cwd=None, timeout_ms=None, on_stop=None,
+                 event_pipe=False, address_space=None, on_pause=None, keep_stdin=False,
+                 on_output=None, memory=None):
         """``on_stop``: run once when the pass is stopped or ends badly (e.g. remove its container).
 
         ``memory``: the pass's memory ceiling, to name when it runs out (node's is its heap size,
@@ -3913,15 +3950,17 @@ class ProcessExecution(Execution):
         self._log_truncated = 0
         self._timeout_ms = timeout_ms
         self._memory = memory or address_space
-        self._on_pause = on_pause  # (paused: bool) -> None, for what a signal to the group cannot freeze
+        # (paused: bool) -> None, for what a signal to the group cannot freeze
+        self._on_pause = on_pause
         self._on_output = on_output  # (chunk) -> True if it took the log output itself
         self._events = None
         try:
             if event_pipe:
                 r, w = os.pipe()
                 try:
-                    self.proc = spawn(argv, env=dict(env or os.environ, TYOW_EVENT_FD=str(w)), cwd=cwd, tied=True,
-                                      stderr=subprocess.STDOUT, pass_fds=(w,), address_space=address_space)
+                    self.proc = spawn(argv, env=dict(env or os.environ, TYOW_EVENT_FD=str(w)),
+                                      cwd=cwd, tied=True, stderr=subprocess.STDOUT, pass_fds=(w,),
+                                      address_space=address_space)
                 except BaseException:
                     os.close(r)
                     raise
@@ -3968,7 +4007,8 @@ class ProcessExecution(Execution):
 
     def _drain_stderr(self):
         out = self.proc.stdout if self._events is not None else self.proc.stderr
-        for chunk in iter(lambda: out.read1(65536) if hasattr(out, "read1") else out.read(65536), b""):
+        for chunk in iter(lambda: out.read1(65536) if hasattr(out, "read1") else out.read(65536),
+                          b""):
             if self._on_output is not None and self._on_output(chunk):
                 continue
             room = MAX_PASS_LOG_BYTES - len(self._log)
@@ -4044,9 +4084,11 @@ class ProcessExecution(Execution):
             return "the pass timed out after %s and was killed" % format_duration(self._timeout_ms)
         if self.canceled:
             return "the pass was stopped"
-        if code != 0 and re.search(r"heap out of memory|MemoryError|Cannot allocate memory", self.log_text[-4000:]):
-            return "the pass ran out of memory (limits.pass_memory: %s)" % _format_size(self._memory) \
-                if self._memory else "the pass ran out of memory"
+        if code != 0 and re.search(r"heap out of memory|MemoryError|Cannot allocate memory",
+                                   self.log_text[-4000:]):
+            return ("the pass ran out of memory (limits.pass_memory: %s)"
+                    % _format_size(self._memory) if self._memory
+                    else "the pass ran out of memory")
         if code < 0:
             return "the runtime was killed by signal %d" % -code
         tail = self.log_text.strip().splitlines()[-1:] if self.log_text.strip() else []
@@ -4101,7 +4143,8 @@ TIMERS = _Timers()
 
 
 class WarmExecution(Execution):
-    """A pass running inside a warm worker: its lines arrive demultiplexed by the worker's reader."""
+    """A pass running inside a warm worker: its lines arrive demultiplexed by the worker's
+    reader."""
 
     def __init__(self, pool, spec, timeout_ms):
         self.pool = pool
@@ -4269,8 +4312,9 @@ class WarmWorker:
         self._gone = False  # its death was handled: no pass may join it
         self._outbox = queue.SimpleQueue()  # (bytes, execution or None); None: close stdin
         self._stderr_tail = collections.deque(maxlen=20)
-        self.proc_exec = ProcessExecution(argv, b"", env=env, cwd=cwd, event_pipe=True, address_space=address_space,
-                                          keep_stdin=True, on_output=self._output)
+        self.proc_exec = ProcessExecution(argv, b"", env=env, cwd=cwd, event_pipe=True,
+                                          address_space=address_space, keep_stdin=True,
+                                          on_output=self._output)
         self.proc = self.proc_exec.proc
         pid = self.proc.pid
         threading.Thread(target=self._read, name="tyow-worker-%d" % pid, daemon=True).start()
@@ -4281,8 +4325,9 @@ class WarmWorker:
         return len(self.passes) + self.reserved
 
     def _output(self, chunk):
-        """The worker's own stdout/stderr (child processes with inherited stdio, crashes): it cannot be
-        told which pass it came from, so it goes to the scheduler's log, never to a run's."""
+        """The worker's own stdout/stderr (child processes with inherited stdio, crashes): it
+        cannot be told which pass it came from, so it goes to the scheduler's log, never to a
+        run's."""
         self._stderr_tail.append(chunk[-4000:])
         text = chunk.decode("utf-8", "replace").rstrip()
         if text:
@@ -4337,7 +4382,8 @@ class WarmWorker:
     def pause(self, paused):
         with self._lock:
             self._paused += 1 if paused else -1
-            sig = signal.SIGSTOP if self._paused == 1 and paused else signal.SIGCONT if self._paused == 0 else None
+            sig = (signal.SIGSTOP if self._paused == 1 and paused
+                   else signal.SIGCONT if self._paused == 0 else None)
         if sig is not None:
             self.proc_exec.send_signal(sig)
 
@@ -4372,7 +4418,8 @@ class WarmWorker:
             with self._lock:
                 execution = self.passes.get(pass_id)
             if execution is None:
-                if kind == "log":  # a pass that already ended still printed: the scheduler's log, no run's
+                # a pass that already ended still printed: the scheduler's log, no run's
+                if kind == "log":
                     with contextlib.suppress(ValueError, TypeError, AttributeError):
                         log.info("worker %d: pass %s (ended) printed: %s", self.proc.pid, pass_id,
                                  str(json.loads(line).get("text", "")).rstrip()[:2000])
@@ -4412,7 +4459,8 @@ class WarmWorker:
                 elif code < 0:
                     self.dead = "the runtime was killed by signal %d" % -code
                 else:
-                    self.dead = "the worker exited with status %d%s" % (code, (": " + tail[0][:300]) if tail else "")
+                    self.dead = "the worker exited with status %d%s" % (
+                        code, (": " + tail[0][:300]) if tail else "")
             self._gone = True
             live = [e for e in self.passes.values() if not e.is_done()]
             culprit = self._culprit
@@ -4471,7 +4519,8 @@ class WorkerPool:
 
     @property
     def slots(self):
-        """Passes at once per worker: Python threads share one lock, so a few; Node has no such limit."""
+        """Passes at once per worker: Python threads share one lock, so a few; Node has no such
+        limit."""
         return PYTHON_WORKER_SLOTS if self.runtime == "python" else None
 
     def run(self, spec, code_path, doc):
@@ -4559,8 +4608,9 @@ class WorkerPool:
             if reply is None:  # the pool closed
                 return
             try:
-                worker = WarmWorker(self, self.adapter.worker_argv(self.runtime), self.adapter.worker_env(),
-                                    self.adapter.work_dir, self.adapter.address_space(self.runtime))
+                worker = WarmWorker(self, self.adapter.worker_argv(self.runtime),
+                                    self.adapter.worker_env(), self.adapter.work_dir,
+                                    self.adapter.address_space(self.runtime))
                 with self._cond:
                     # Reserved for its requester before anyone sees it: never taken as idle.
                     worker.reserved += 1
@@ -4575,13 +4625,15 @@ class WorkerPool:
                 reply.put(exc)
 
     def settle(self, worker):
-        """After a pass ends: recycle a worker that served its share or grew too big; forget dead ones."""
+        """After a pass ends: recycle a worker that served its share or grew too big; forget dead
+        ones."""
         with self._lock:
             if worker.dead is not None:
                 if worker in self.workers:
                     self.workers.remove(worker)
                 return
-            if not worker.draining and (worker.served >= WORKER_MAX_PASSES or self._too_big(worker)):
+            if not worker.draining and (worker.served >= WORKER_MAX_PASSES
+                                        or self._too_big(worker)):
                 worker.draining = True
             if worker.draining and worker.load == 0:
                 if worker in self.workers:
@@ -4603,7 +4655,8 @@ class WorkerPool:
         while not self._closed.wait(1.0):
             now = time.monotonic()
             with self._lock:
-                idle = [w for w in self.workers if w.load == 0 and now - w.idle_since > WORKER_IDLE_S]
+                idle = [w for w in self.workers
+                        if w.load == 0 and now - w.idle_since > WORKER_IDLE_S]
                 for w in idle:
                     self.workers.remove(w)
             for w in idle:
@@ -4656,7 +4709,8 @@ class Adapter:
         validate_code(runtime, code, self.config)
 
     def deploy(self, workflow_id, code, runtime):
-        """Make a new version runnable on the platform (remote upload); local adapters need nothing."""
+        """Make a new version runnable on the platform (remote upload); local adapters need
+        nothing."""
 
     def launch(self, spec):
         """Start one pass; returns an Execution."""
@@ -4691,9 +4745,12 @@ def validate_code(runtime, code, config):
             import ast
             tree = ast.parse(code, "<workflow>")
         except SyntaxError as exc:
-            raise InputError("syntax error in the workflow code at line %s: %s" % (exc.lineno, exc.msg))
-        names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-        names |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+            raise InputError("syntax error in the workflow code at line %s: %s"
+                             % (exc.lineno, exc.msg))
+        names = {n.name for n in tree.body
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        names |= {t.id for n in tree.body if isinstance(n, ast.Assign)
+                  for t in n.targets if isinstance(t, ast.Name)}
         if "workflow" not in names:
             raise InputError("the workflow code defines no top-level function named `workflow`; "
                              "write `def workflow(input, ctx): ...`")
@@ -4701,21 +4758,23 @@ def validate_code(runtime, code, config):
     if re.search(r"^\s*def\s+workflow\s*\(", code, re.M):
         raise InputError("this looks like Python (def workflow); deploy it with --runtime python")
     if re.search(r"^\s*(import\s[\w{*\s,]+\sfrom\s|import\s+['\"]|export\s)", code, re.M):
-        raise InputError("ES module syntax (import/export) is not supported in workflow code; use require() "
-                         "(exec, docker) or inline what it needs")
+        raise InputError("ES module syntax (import/export) is not supported in workflow code; "
+                         "use require() (exec, docker) or inline what it needs")
     node = config["adapters.exec.node"]
     node_path = _which(node)
     if not node_path:
-        raise AdapterError("%s not found on PATH, needed to check JavaScript workflows; install Node >= 18 "
-                           "or set adapters.exec.node" % node)
+        raise AdapterError("%s not found on PATH, needed to check JavaScript workflows; "
+                           "install Node >= 18 or set adapters.exec.node" % node)
     if not re.search(r"\bworkflow\b", code):
         raise InputError("the workflow code defines no function named `workflow`; write "
                          "`async function workflow(input, { step, sleep }) { ... }`")
-    node_check(code, "workflow.js", lambda path: run_command([node_path, "--check", path], timeout_s=30))
+    node_check(code, "workflow.js",
+               lambda path: run_command([node_path, "--check", path], timeout_s=30))
 
 
 def node_check(text, filename, run):
-    """Syntax-check ``text`` saved as ``filename`` in a temp dir: ``run(path)`` runs `node --check`."""
+    """Syntax-check ``text`` saved as ``filename`` in a temp dir: ``run(path)`` runs
+    `node --check`."""
     import tempfile
     with tempfile.TemporaryDirectory(prefix="tyow-check-") as tmp:
         path = os.path.join(tmp, filename)
@@ -4749,9 +4808,12 @@ class ExecAdapter(Adapter):
         for rt in ([runtime] if runtime else list(RUNTIMES)):
             b = self.binary(rt)
             if not _which(b):
-                raise AdapterError("%s not found on PATH (needed for %s workflows); %s, or set adapters.exec.%s to "
-                                   "its full path" % (b, rt, "install Node >= 18" if rt == "node"
-                                                      else "install Python >= 3.9", "node" if rt == "node" else "python"))
+                raise AdapterError("%s not found on PATH (needed for %s workflows); %s, "
+                                   "or set adapters.exec.%s to its full path"
+                                   % (b, rt,
+                                      "install Node >= 18" if rt == "node"
+                                      else "install Python >= 3.9",
+                                      "node" if rt == "node" else "python"))
             runtime_source(rt)
 
     def env(self, spec):
@@ -4799,11 +4861,12 @@ class ExecAdapter(Adapter):
 
     def _code(self, spec):
         # The version's code is written once and its path remembered (no hash per pass).
-        key = (spec.version.get("workflow_id"), spec.version.get("version"), spec.version.get("code_hash"))
+        key = (spec.version.get("workflow_id"), spec.version.get("version"),
+               spec.version.get("code_hash"))
         path = self._code_paths.get(key) if key[2] else None
         if path is None or not os.path.exists(path):
-            path = materialize(os.path.join(self.work_dir, "code"), "workflow" + RUNTIMES[spec.runtime]["ext"],
-                               spec.version["code"])
+            path = materialize(os.path.join(self.work_dir, "code"),
+                               "workflow" + RUNTIMES[spec.runtime]["ext"], spec.version["code"])
             if key[2]:
                 self._code_paths[key] = path
         return path
@@ -4824,8 +4887,10 @@ class ExecAdapter(Adapter):
         if self.warm and not spec.isolated:
             return self.pool(spec.runtime).run(spec, code, spec.doc)
         # Its own process: what it does to that process (a crash, its memory) is its own.
-        return ProcessExecution(self._runtime_argv(spec.runtime) + [code], (dumps(spec.doc) + "\n").encode("utf-8"),
-                                env=self.env(spec), cwd=self.work_dir, timeout_ms=self.config["adapters.exec.timeout"],
+        return ProcessExecution(self._runtime_argv(spec.runtime) + [code],
+                                (dumps(spec.doc) + "\n").encode("utf-8"),
+                                env=self.env(spec), cwd=self.work_dir,
+                                timeout_ms=self.config["adapters.exec.timeout"],
                                 event_pipe=True, address_space=self.address_space(spec.runtime),
                                 memory=self.config["limits.pass_memory"] or None)
 
@@ -4841,7 +4906,8 @@ class ExecAdapter(Adapter):
             pool.close()
 
     def cleanup(self, store=None):
-        """Stop what passes of a dead scheduler left running; drop cached code files older than a week."""
+        """Stop what passes of a dead scheduler left running; drop cached code files older than a
+        week."""
         if store is not None:
             reap_orphans(store.store_id)
         cutoff = time.time() - 7 * 86400
@@ -4880,23 +4946,26 @@ class DockerAdapter(Adapter):
         """Run a short docker CLI command; returns (rc, stdout, stderr)."""
         binary = _which(self.cfg("docker"))
         if not binary:
-            raise AdapterError("%s not found on PATH; install Docker (e.g. apt-get install docker.io) or set "
-                               "adapters.docker.docker" % self.cfg("docker"))
+            raise AdapterError("%s not found on PATH; install Docker (e.g. apt-get install "
+                               "docker.io) or set adapters.docker.docker" % self.cfg("docker"))
         return run_command([binary] + list(args), timeout_s=timeout_s)
 
     def _check(self, runtime):
         rc, out, err = self.docker(["version", "--format", "{{.Server.Version}}"], timeout_s=15)
         if rc != 0 or not out.strip():
             detail = (err.strip().splitlines() or ["no answer"])[-1][:200]
-            raise AdapterError("the docker engine is not reachable (%s); start it (e.g. `systemctl start docker`) "
-                               "or point DOCKER_HOST at it" % detail)
+            raise AdapterError("the docker engine is not reachable (%s); start it "
+                               "(e.g. `systemctl start docker`) or point DOCKER_HOST at it"
+                               % detail)
         if self.cfg("pull") == "never":
             for rt in ([runtime] if runtime else list(RUNTIMES)):
                 image = self.image(rt)
-                rc, _, _ = self.docker(["image", "inspect", "--format", "{{.Id}}", image], timeout_s=15)
+                rc, _, _ = self.docker(["image", "inspect", "--format", "{{.Id}}", image],
+                                       timeout_s=15)
                 if rc != 0:
-                    raise AdapterError("docker image %s (for %s workflows) is not present; run `docker pull %s`, set "
-                                       "adapters.docker.%s_image, or set adapters.docker.pull: missing"
+                    raise AdapterError("docker image %s (for %s workflows) is not present; "
+                                       "run `docker pull %s`, set adapters.docker.%s_image, "
+                                       "or set adapters.docker.pull: missing"
                                        % (image, rt, image, "node" if rt == "node" else "python"))
         for rt in ([runtime] if runtime else list(RUNTIMES)):
             runtime_source(rt)
@@ -4970,12 +5039,15 @@ class DockerAdapter(Adapter):
             self.docker(["pause" if paused else "unpause", name], timeout_s=20)
 
         return ProcessExecution(argv, (dumps(spec.doc) + "\n").encode("utf-8"), cwd=None,
-                                timeout_ms=self.cfg("timeout"), on_stop=kill_container, on_pause=freeze)
+                                timeout_ms=self.cfg("timeout"), on_stop=kill_container,
+                                on_pause=freeze)
 
     def containers(self):
         """Our containers: (name, run id, pass id) for each, running or not."""
-        rc, out, err = self.docker(["ps", "-a", "--filter", "label=%s.install=%s" % (self.LABEL, self.install_id),
-                                    "--format", '{{.Names}}\t{{.Label "%s.run"}}\t{{.Label "%s.pass"}}'
+        rc, out, err = self.docker(["ps", "-a", "--filter",
+                                    "label=%s.install=%s" % (self.LABEL, self.install_id),
+                                    "--format",
+                                    '{{.Names}}\t{{.Label "%s.run"}}\t{{.Label "%s.pass"}}'
                                     % (self.LABEL, self.LABEL)], timeout_s=30)
         if rc != 0:
             raise AdapterError("docker ps failed: %s" % (err.strip().splitlines() or ["?"])[-1])
@@ -4988,7 +5060,8 @@ class DockerAdapter(Adapter):
             log.info("docker: removed the container of lost pass %s of run %s", pass_id, run_id)
 
     def cleanup(self, store=None):
-        """Remove our containers whose pass is no longer running (a killed client leaves them behind)."""
+        """Remove our containers whose pass is no longer running (a killed client leaves them
+        behind)."""
         removed = []
         if store is None:
             return removed
@@ -4998,14 +5071,16 @@ class DockerAdapter(Adapter):
                 self.docker(["rm", "-f", name], timeout_s=20)
                 removed.append(name)
         if removed:
-            log.info("docker: removed %d orphaned container(s): %s", len(removed), ", ".join(removed))
+            log.info("docker: removed %d orphaned container(s): %s",
+                     len(removed), ", ".join(removed))
         return removed
 
 
 def validate_code_in_docker(adapter, code):
     """`node --check` inside the node image, for hosts without node."""
     node_check(code, "workflow.js", lambda path: adapter.docker(
-        ["run", "--rm", "--network", "none", "--pull", adapter.cfg("pull"), "-v", "%s:/ow/workflow.js:ro" % path,
+        ["run", "--rm", "--network", "none", "--pull", adapter.cfg("pull"),
+         "-v", "%s:/ow/workflow.js:ro" % path,
          adapter.image("node"), "node", "--check", "/ow/workflow.js"], timeout_s=60))
 
 
@@ -7065,8 +7140,8 @@ def find_ty(config):
     binary = config["taskyou.cli"]
     path = shutil.which(binary)
     if not path:
-        raise TaskYouError("%s not found on PATH; install TaskYou or set taskyou.cli (task updates are queued "
-                           "and delivered once it is there)" % binary)
+        raise TaskYouError("%s not found on PATH; install TaskYou or set taskyou.cli "
+                           "(task updates are queued and delivered once it is there)" % binary)
     return path
 
 
@@ -7076,7 +7151,8 @@ def run_ty(config, args, on_start=None):
     timeout_s = config["taskyou.timeout"] / 1000.0
     rc, out, err = run_command(argv, timeout_s=timeout_s, on_start=on_start)
     if rc == 124 and err.startswith("timed out"):
-        raise TaskYouError("`ty %s` did not answer within %s" % (args[0], format_duration(config["taskyou.timeout"])))
+        raise TaskYouError("`ty %s` did not answer within %s"
+                           % (args[0], format_duration(config["taskyou.timeout"])))
     if rc != 0:
         lines = [ln for ln in err.strip().splitlines() if ln.strip()] or ["exit status %d" % rc]
         raise TaskYouError("`ty %s` failed: %s" % (args[0], lines[0][:300]))
@@ -7120,7 +7196,8 @@ class Bridge:
             return False
         self._warned.add(key)
         try:
-            return self.store.notice_due("taskyou:" + key[:200], self.sidecar.clock(), NOTICE_EVERY_MS)
+            return self.store.notice_due("taskyou:" + key[:200], self.sidecar.clock(),
+                                         NOTICE_EVERY_MS)
         except OpenWorkflowError:
             return True
 
@@ -7154,8 +7231,8 @@ class Bridge:
             self.store.sync()  # TaskYou hears only of what a power cut cannot take back
             for item in items:
                 if self._stop.is_set():
-                    self.store.outbox_failed(item["id"], self.sidecar.clock(), "interrupted by shutdown",
-                                             self.sidecar.clock())
+                    self.store.outbox_failed(item["id"], self.sidecar.clock(),
+                                             "interrupted by shutdown", self.sidecar.clock())
                     continue
                 try:
                     task_id = self._deliver(item)
@@ -7165,12 +7242,14 @@ class Bridge:
                     if self.first_time(exc):
                         log.warning("taskyou: %s; will retry", exc)
                     continue
-                self.store.outbox_delivered(item["id"], self.sidecar.clock(), task_id, item["run_id"])
+                self.store.outbox_delivered(item["id"], self.sidecar.clock(), task_id,
+                                            item["run_id"])
                 delivered += 1
         return delivered
 
     def _project_args(self):
-        return ["--project", self.config["taskyou.project"]] if self.config["taskyou.project"] else []
+        return (["--project", self.config["taskyou.project"]] if self.config["taskyou.project"]
+                else [])
 
     def _deliver(self, item):
         run = self.store.get_run(item["run_id"])
@@ -7208,18 +7287,21 @@ class Bridge:
         return None
 
     def _create_approval(self, run, item):
-        """The task a `waitForTask` waits on: created once (a marker in its body), its id kept in the wait."""
+        """The task a `waitForTask` waits on: created once (a marker in its body), its id kept in
+        the wait."""
         payload = json.loads(item["payload"])
         if not self.store.wait_open(run["id"], payload["key"]):
             return None  # the wait ended (timeout, the run finished) before the task could be made
         marker = WAIT_MARKER % (run["id"], payload["key"])
         task_id = self._find_task(payload["title"], marker) if item["attempts"] > 0 else None
         if task_id is None:
-            body = ("%s\n\nAsked by ty-openworkflow run %s (workflow %s): move this task to done to approve, "
-                    "to blocked or archived to refuse.\n\n%s" % ((payload.get("body") or "").rstrip(), run["id"],
-                                                                  run["workflow_id"], marker))
-            out = self._ty(["create", "--body", body.lstrip(), "--json"] + self._project_args() + ["--",
-                                                                                              payload["title"]])
+            body = ("%s\n\nAsked by ty-openworkflow run %s (workflow %s): "
+                    "move this task to done to approve, "
+                    "to blocked or archived to refuse.\n\n%s"
+                    % ((payload.get("body") or "").rstrip(), run["id"], run["workflow_id"],
+                       marker))
+            out = self._ty(["create", "--body", body.lstrip(), "--json"] + self._project_args()
+                           + ["--", payload["title"]])
             doc = parse_ty_json(out, "create")
             if not isinstance(doc, dict) or not isinstance(doc.get("id"), int):
                 raise TaskYouError("`ty create --json` printed no task id: %r" % out[:200])
@@ -7229,7 +7311,8 @@ class Bridge:
 
     def poll_approvals(self):
         """Look at the tasks runs wait on (`ty show ID --json`, at most every poll_interval each):
-        done resolves the wait as approved, blocked or archived as refused. `ty` failing only delays it."""
+        done resolves the wait as approved, blocked or archived as refused. `ty` failing only
+        delays it."""
         now = self.sidecar.clock()
         resolved = 0
         for run_id, key, spec in self.store.approvals_due(now, self.config["poll_interval"]):
@@ -7244,7 +7327,8 @@ class Bridge:
                 continue
             status = task.get("status") if isinstance(task, dict) else None
             if status in ("done", "blocked", "archived"):
-                if self.store.resolve_wait(run_id, key, {"value": {"approved": status == "done", "task": task}},
+                if self.store.resolve_wait(run_id, key,
+                                           {"value": {"approved": status == "done", "task": task}},
                                            self.sidecar.clock()):
                     resolved += 1
             else:
@@ -7260,10 +7344,13 @@ class Bridge:
             found = self._find_task(run["task_title"], marker)
             if found is not None:
                 return found
-        body = "Workflow run started by ty-openworkflow.\n\nworkflow: %s (version %d)\nrun: %s\ninput: %s\n\n%s" % (
-            run["workflow_id"], run["version"], run["id"], _short(json.loads(run["input"]), 1000), marker)
+        body = ("Workflow run started by ty-openworkflow.\n\n"
+                "workflow: %s (version %d)\nrun: %s\ninput: %s\n\n%s"
+                % (run["workflow_id"], run["version"], run["id"],
+                   _short(json.loads(run["input"]), 1000), marker))
         # `--` first: a title like "-1 day: renew" must not be read as flags.
-        out = self._ty(["create", "--body", body, "--json"] + self._project_args() + ["--", run["task_title"]])
+        out = self._ty(["create", "--body", body, "--json"] + self._project_args()
+                       + ["--", run["task_title"]])
         doc = parse_ty_json(out, "create")
         if not isinstance(doc, dict) or not isinstance(doc.get("id"), int):
             raise TaskYouError("`ty create --json` printed no task id: %r" % out[:200])
@@ -7282,8 +7369,8 @@ class Bridge:
 
     def _append(self, task_id, run, kind, text):
         """Append a section to the task body once (the tag makes a retry a no-op)."""
-        tag = "[ty-openworkflow: run %s %s%s]" % (run["id"], kind,
-                                                  " after retry %d" % run["retries"] if run.get("retries") else "")
+        tag = "[ty-openworkflow: run %s %s%s]" % (
+            run["id"], kind, " after retry %d" % run["retries"] if run.get("retries") else "")
         task = parse_ty_json(self._ty(["show", task_id, "--json"]), "show")
         body = task.get("body") or ""
         if tag in body:
@@ -7295,8 +7382,8 @@ class Bridge:
         """How the run's task link stands, for `status`."""
         items = self.store.outbox_for_run(run["id"])
         pending = [i for i in items if i["delivered_at"] is None]
-        state = {"requested": bool(run["task_requested"]), "title": run["task_title"], "id": run["task_id"],
-                 "pending_updates": len(pending), "delivered": not pending}
+        state = {"requested": bool(run["task_requested"]), "title": run["task_title"],
+                 "id": run["task_id"], "pending_updates": len(pending), "delivered": not pending}
         if pending:
             state["last_error"] = pending[0]["last_error"]
             state["next_attempt_at"] = pending[0]["next_at"]
@@ -7391,12 +7478,14 @@ def render_metrics(sidecar):
         lines.append("tyow_%s_sum %s" % (name, _prom_num(h[-1])))
         lines.append("tyow_%s_count %d" % (name, h[len(buckets)]))
     backlog = store.outbox_backlog()
-    family("tyow_taskyou_outbox_backlog", "gauge", "TaskYou updates not delivered yet.", [((), backlog)])
+    family("tyow_taskyou_outbox_backlog", "gauge", "TaskYou updates not delivered yet.",
+           [((), backlog)])
     workers = sidecar.adapter("exec").workers() if sidecar.adapter_made("exec") else {}
     family("tyow_warm_workers", "gauge", "Warm workers alive in this process, by runtime.",
            [((("runtime", rt),), len(workers.get(rt, []))) for rt in sorted(RUNTIMES)])
     leases = store.leases_held(now)
-    family("tyow_leases_held", "gauge", "Runs whose pass holds a live lease (all schedulers).", [((), leases)])
+    family("tyow_leases_held", "gauge", "Runs whose pass holds a live lease (all schedulers).",
+           [((), leases)])
     family("tyow_schedulers_alive", "gauge", "Schedulers with a fresh heartbeat.",
            [((), len(store.live_schedulers(now, 2 * sidecar.config["lease_ttl"])))])
     return "\n".join(lines) + "\n"
@@ -7480,18 +7569,21 @@ class DashboardServer(_HttpService):
             rows = sc.store.runs_page(query.get("workflow") or None, status, query.get("q") or None,
                                       query.get("before") or None, limit)
             return {"runs": [_run_row(r) for r in rows],
-                    "next": "%d:%s" % (rows[-1]["created_at"], rows[-1]["id"]) if len(rows) == limit else None}
+                    "next": ("%d:%s" % (rows[-1]["created_at"], rows[-1]["id"])
+                             if len(rows) == limit else None)}
         if path.startswith("/api/runs/"):
             run_id = path[len("/api/runs/"):]
             try:
                 st = sc.status(run_id)
             except NotFound as exc:
                 raise WebhookReject(404, str(exc))
-            st["events"] = [dict(e, data=loads_or_none(e["data"])) for e in sc.store.events(st["id"])[-2000:]]
+            st["events"] = [dict(e, data=loads_or_none(e["data"]))
+                            for e in sc.store.events(st["id"])[-2000:]]
             st["logs"] = sc.logs(st["id"])
             return st
         if path == "/api/workflows":
-            return {"workflows": [dict(w, versions=sc.store.versions(w["id"])) for w in sc.list_workflows()]}
+            return {"workflows": [dict(w, versions=sc.store.versions(w["id"]))
+                                  for w in sc.list_workflows()]}
         if path == "/api/schedules":
             return {"schedules": sc.schedules()}
         if path == "/api/summary":
@@ -7711,14 +7803,16 @@ def _check_idempotency_key(key):
 
 
 class Sidecar:
-    """deploy / start / status / list / cancel / retry / fork / logs / tick / serve over one store."""
+    """deploy / start / status / list / cancel / retry / fork / logs / tick / serve over one
+    store."""
 
     def __init__(self, config=None, config_path=None, clock=None, must_exist=None):
         """``config_path`` must name an existing file (as with the CLI's --config); without one the
         default path is read if it exists, else the defaults apply."""
         if must_exist is None:
             must_exist = config_path is not None
-        self.config = config if config is not None else load_config(config_path, must_exist=must_exist)
+        self.config = (config if config is not None
+                       else load_config(config_path, must_exist=must_exist))
         self.clock = clock or now_ms
         self._store = None
         self._bridge = None
@@ -7753,7 +7847,8 @@ class Sidecar:
 
     def adapter(self, name):
         if name not in ADAPTERS:
-            raise InputError("unknown adapter %r; choose one of %s" % (name, ", ".join(ADAPTER_NAMES)))
+            raise InputError("unknown adapter %r; choose one of %s"
+                             % (name, ", ".join(ADAPTER_NAMES)))
         with self._lock:
             if name not in self._adapters:
                 impl = self._adapters[name] = ADAPTERS[name](self.config)
@@ -7777,11 +7872,12 @@ class Sidecar:
 
     # -- workflows ------------------------------------------------------------
 
-    def deploy(self, workflow_id, code, adapter=None, runtime="node", version=None, name=None, description=None,
-               deadline=None):
+    def deploy(self, workflow_id, code, adapter=None, runtime="node", version=None, name=None,
+               description=None, deadline=None):
         """Store ``code`` as the workflow's newest version (a no-op if unchanged)."""
         if not WORKFLOW_ID_RE.match(workflow_id or ""):
-            raise InputError("invalid workflow id %r; use letters, digits, '.', '_' or '-' (max 64)" % workflow_id)
+            raise InputError("invalid workflow id %r; use letters, digits, '.', '_' or '-' "
+                             "(max 64)" % workflow_id)
         if runtime not in RUNTIMES:
             raise InputError("unknown runtime %r; choose node or python" % runtime)
         adapter = adapter or self.config["default_adapter"]
@@ -7800,17 +7896,19 @@ class Sidecar:
         if version is None:  # keep the label the workflow has; 1.0.0 for a new one
             current = self.store.get_workflow(workflow_id)
             version = current["label"] if current else "1.0.0"
-        row, created = self.store.save_version(workflow_id, code, runtime, adapter, str(version), name, description,
-                                               self.clock(), deadline_ms)
-        return {"workflow_id": workflow_id, "version": row["version"], "label": row["label"], "runtime": runtime,
-                "adapter": adapter, "code_hash": row["code_hash"], "created": created}
+        row, created = self.store.save_version(workflow_id, code, runtime, adapter, str(version),
+                                               name, description, self.clock(), deadline_ms)
+        return {"workflow_id": workflow_id, "version": row["version"], "label": row["label"],
+                "runtime": runtime, "adapter": adapter, "code_hash": row["code_hash"],
+                "created": created}
 
     def workflow(self, workflow_id, counts=True):
-        """The workflow with its latest version (``counts``: and how many runs it has, which costs a scan)."""
+        """The workflow with its latest version (``counts``: and how many runs it has, which
+        costs a scan)."""
         wf = self.store.get_workflow(workflow_id, counts)
         if wf is None:
-            raise NotFound("no workflow %r; deploy it first with `ty-openworkflow deploy %s -f FILE`"
-                           % (workflow_id, workflow_id))
+            raise NotFound("no workflow %r; deploy it first with "
+                           "`ty-openworkflow deploy %s -f FILE`" % (workflow_id, workflow_id))
         return wf
 
     def list_workflows(self):
@@ -7820,8 +7918,8 @@ class Sidecar:
 
     # -- runs -----------------------------------------------------------------
 
-    def start(self, workflow_id, input=None, task_title=None, create_task=False, deadline=None, drive=True,
-              idempotency_key=None):
+    def start(self, workflow_id, input=None, task_title=None, create_task=False, deadline=None,
+              drive=True, idempotency_key=None):
         """Create a run on the workflow's latest version and make sure a scheduler drives it.
 
         With ``idempotency_key``, a second start of the same workflow with the same key
@@ -7842,7 +7940,8 @@ class Sidecar:
         run_id = new_id("run")
         got = self.store.create_run(run_id, workflow_id, wf["latest_version"], input_json, now,
                                     task_requested=task_requested,
-                                    task_title=task_title or ("Workflow: %s" % workflow_id), deadline_at=deadline_at,
+                                    task_title=task_title or ("Workflow: %s" % workflow_id),
+                                    deadline_at=deadline_at,
                                     idempotency_key=idempotency_key)
         if got != run_id:
             return dict(self.status(got), existing=True)
@@ -7863,13 +7962,15 @@ class Sidecar:
             raise InputError("the input is not JSON: %s" % exc)
         if len(input_json.encode("utf-8")) > self.config["limits.max_input_bytes"]:
             raise InputError("the input is %d bytes, over limits.max_input_bytes (%d)"
-                             % (len(input_json.encode("utf-8")), self.config["limits.max_input_bytes"]))
+                             % (len(input_json.encode("utf-8")),
+                                self.config["limits.max_input_bytes"]))
         return input_json
 
     def run(self, run_id):
         run = self.store.get_run(run_id)
         if run is None and run_id and len(run_id) < 6:
-            raise NotFound("no run %r; give the whole run id or at least 6 characters of it" % run_id)
+            raise NotFound(
+                "no run %r; give the whole run id or at least 6 characters of it" % run_id)
         if run is None:
             raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
         return run
@@ -7890,7 +7991,8 @@ class Sidecar:
 
     def list_runs(self, workflow_id=None, status=None, limit=20):
         if status and status not in RUN_STATUSES:
-            raise InputError("unknown status %r; choose one of %s" % (status, ", ".join(RUN_STATUSES)))
+            raise InputError("unknown status %r; choose one of %s"
+                             % (status, ", ".join(RUN_STATUSES)))
         if limit is not None and not 1 <= limit <= 100000:
             raise InputError("--limit must be between 1 and 100000")
         runs = self.store.list_runs(workflow_id, status, limit)
@@ -7905,15 +8007,17 @@ class Sidecar:
         return self.status(run["id"])
 
     def signal(self, run_id, name, data=None, idempotency_key=None):
-        """Send signal ``name`` (with JSON ``data``) to a run: the run's oldest wait for it resolves, or the
-        signal is kept until the run waits for it. The same ``idempotency_key`` again is applied once."""
+        """Send signal ``name`` (with JSON ``data``) to a run: the run's oldest wait for it
+        resolves, or the signal is kept until the run waits for it. The same ``idempotency_key``
+        again is applied once."""
         if not isinstance(name, str) or not name.strip() or len(name) > MAX_STEP_NAME_LEN - 10:
             raise InputError("the signal name must be a non-empty string of at most %d characters"
                              % (MAX_STEP_NAME_LEN - 10))
         _check_idempotency_key(idempotency_key)
         run = self.run(run_id)
         data_json = self._input_json(data)
-        sig_id, consumed_by, applied = self.store.signal(run["id"], name, data_json, self.clock(), idempotency_key)
+        sig_id, consumed_by, applied = self.store.signal(run["id"], name, data_json, self.clock(),
+                                                         idempotency_key)
         if applied and consumed_by is not None:
             self.ensure_driven()
         return {"run_id": run["id"], "signal": name, "id": sig_id, "applied": applied,
@@ -7923,10 +8027,11 @@ class Sidecar:
 
     def prune(self, older_than, statuses=TERMINAL, dry_run=False, vacuum=False,
               drop_undelivered=False):
-        """Delete finished runs that ended more than ``older_than`` ago (a duration), with their steps,
-        events, logs, delivered task updates and signals; never a run not finished, a child whose
-        parent is still going, or one whose task updates are not delivered yet, unless they are
-        older than taskyou.outbox_expiry or ``drop_undelivered`` (then they go too, counted)."""
+        """Delete finished runs that ended more than ``older_than`` ago (a duration), with their
+        steps, events, logs, delivered task updates and signals; never a run not finished, a
+        child whose parent is still going, or one whose task updates are not delivered yet,
+        unless they are older than taskyou.outbox_expiry or ``drop_undelivered`` (then they go
+        too, counted)."""
         try:
             age = parse_duration(older_than)
         except ValueError as exc:
@@ -7934,14 +8039,15 @@ class Sidecar:
         statuses = tuple(statuses)
         bad = [x for x in statuses if x not in TERMINAL]
         if bad or not statuses:
-            raise InputError("--status takes finished statuses only (%s), not %s" % (", ".join(TERMINAL),
-                                                                                     ", ".join(bad) or "nothing"))
+            raise InputError("--status takes finished statuses only (%s), not %s"
+                             % (", ".join(TERMINAL), ", ".join(bad) or "nothing"))
         now = self.clock()
         cutoff = now - age
         drop_before = _ALWAYS_BEFORE if drop_undelivered else self._undelivered_expired_before(now)
         counts = self.store.prune(cutoff, statuses, dry_run=dry_run, drop_before=drop_before)
         kept = self.store.held_back(cutoff, statuses, drop_before)
-        out = {"dry_run": dry_run, "older_than_ms": age, "statuses": list(statuses), "removed": counts,
+        out = {"dry_run": dry_run, "older_than_ms": age, "statuses": list(statuses),
+               "removed": counts,
                "dropped_task_updates": counts["dropped_task_updates"], "kept_undelivered": kept,
                "outbox_expiry_ms": self.config["taskyou.outbox_expiry"]}
         if vacuum and not dry_run:
@@ -7957,7 +8063,8 @@ class Sidecar:
         drop_before = self._undelivered_expired_before(now)
         counts = self.store.prune(now - age, TERMINAL, pause_s=0.01, drop_before=drop_before)
         if counts["runs"]:
-            log.info("retention: pruned %d finished runs older than %s", counts["runs"], format_duration(age))
+            log.info("retention: pruned %d finished runs older than %s",
+                     counts["runs"], format_duration(age))
         if counts["dropped_task_updates"]:
             log.warning("retention: dropped %d task updates that never reached TaskYou (older "
                         "than taskyou.outbox_expiry, %s) with their runs",
@@ -7978,23 +8085,27 @@ class Sidecar:
     # -- schedules ----------------------------------------------------------------
 
     def schedule_add(self, workflow_id, cron, input=None, name=None, tz=None, catch_up="latest"):
-        """Start a run of ``workflow_id`` on every fire of the cron expression (served by serve / tick)."""
+        """Start a run of ``workflow_id`` on every fire of the cron expression (served by serve /
+        tick)."""
         self.workflow(workflow_id, counts=False)
         try:
             parsed = Cron(cron)
             _zone(tz)
         except ValueError as exc:
-            raise InputError("--cron %r: %s" % (cron, exc) if "zone" not in str(exc) else "--tz: %s" % exc)
+            raise InputError("--cron %r: %s" % (cron, exc) if "zone" not in str(exc)
+                             else "--tz: %s" % exc)
         if catch_up not in ("latest", "all", "none"):
             raise InputError("--catch-up must be latest, all or none")
         name = name or workflow_id
         if not WORKFLOW_ID_RE.match(name):
-            raise InputError("invalid schedule name %r; use letters, digits, '.', '_' or '-' (max 64)" % name)
+            raise InputError("invalid schedule name %r; use letters, digits, '.', '_' or '-' "
+                             "(max 64)" % name)
         now = self.clock()
         nxt = parsed.next_after(now, tz)
         if nxt is None:
             raise InputError("--cron %r never fires" % cron)
-        self.store.add_schedule(name, workflow_id, cron, tz, self._input_json(input), catch_up, now, nxt)
+        self.store.add_schedule(name, workflow_id, cron, tz, self._input_json(input), catch_up,
+                                now, nxt)
         self.poke_schedulers()
         return self.schedule(name)
 
@@ -8006,9 +8117,11 @@ class Sidecar:
 
     @staticmethod
     def _schedule_doc(row):
-        return {"name": row["name"], "workflow_id": row["workflow_id"], "cron": row["cron"], "tz": row["tz"],
-                "input": loads_or_none(row["input"]), "catch_up": row["catch_up"], "paused": bool(row["paused"]),
-                "next_fire_at": None if row["paused"] else row["next_fire_at"], "last_fire_at": row["last_fire_at"],
+        return {"name": row["name"], "workflow_id": row["workflow_id"], "cron": row["cron"],
+                "tz": row["tz"], "input": loads_or_none(row["input"]),
+                "catch_up": row["catch_up"], "paused": bool(row["paused"]),
+                "next_fire_at": None if row["paused"] else row["next_fire_at"],
+                "last_fire_at": row["last_fire_at"],
                 "last_run_id": row["last_run_id"], "created_at": row["created_at"]}
 
     def schedules(self):
@@ -8025,20 +8138,23 @@ class Sidecar:
         doc = self.schedule(name)
         if doc["paused"] == paused:
             return doc  # already so: a due fire stays due
-        nxt = None if paused else Cron(doc["cron"]).next_after(self.clock(), doc["tz"])  # missed fires are not run
+        # missed fires are not run
+        nxt = None if paused else Cron(doc["cron"]).next_after(self.clock(), doc["tz"])
         self.store.pause_schedule(name, paused, self.clock(), nxt)
         self.poke_schedulers()
         return self.schedule(name)
 
     def fire_schedules(self):
-        """Start the runs of the schedules' due fires (serve and tick call this); returns their ids."""
+        """Start the runs of the schedules' due fires (serve and tick call this); returns their
+        ids."""
         return self.store.fire_schedules(self.clock(), self.config["taskyou.auto_create_tasks"])
 
     def retry(self, run_id, latest=False, drive=True):
         """A failed or canceled run resumes from its failed step (committed steps are kept), on the
         version it was pinned to, or the workflow's latest with ``latest``."""
         run = self.run(run_id)
-        version = self.workflow(run["workflow_id"], counts=False)["latest_version"] if latest else None
+        version = (self.workflow(run["workflow_id"], counts=False)["latest_version"] if latest
+                   else None)
         self.store.retry_run(run["id"], self.clock(), version)
         if drive:
             self.ensure_driven()
@@ -8048,9 +8164,11 @@ class Sidecar:
         """A new run with the same input (or ``input``) that replays the source's committed history
         before ``from_step`` (everything committed by default), then runs on."""
         run = self.run(run_id)
-        version = self.workflow(run["workflow_id"], counts=False)["latest_version"] if latest else None
+        version = (self.workflow(run["workflow_id"], counts=False)["latest_version"] if latest
+                   else None)
         input_json = None if input is _NO_INPUT else self._input_json(input)
-        new_run_id = self.store.fork_run(run["id"], new_id("run"), self.clock(), from_step, version, input_json)
+        new_run_id = self.store.fork_run(run["id"], new_id("run"), self.clock(), from_step, version,
+                                         input_json)
         if drive:
             self.ensure_driven()
         return self.status(new_run_id)
@@ -8080,8 +8198,8 @@ class Sidecar:
             if name == "cloudflare" and impl.enabled:
                 row["scripts"] = impl.script_count()  # Workers this install holds on the account
                 if available:
-                    row["reason"] = "%d Worker%s uploaded by this install" % (row["scripts"],
-                                                                            "" if row["scripts"] == 1 else "s")
+                    row["reason"] = "%d Worker%s uploaded by this install" % (
+                        row["scripts"], "" if row["scripts"] == 1 else "s")
             rows.append(row)
         return rows
 
@@ -8108,8 +8226,9 @@ class Sidecar:
             return self.spawn_runner()
         except OSError as exc:
             # The run is stored and safe; it only waits for a scheduler (status says so).
-            self.last_warning = ("could not start the background runner (%s); run `ty-openworkflow tick` or "
-                                 "`serve` to drive the run" % (exc.strerror or exc))
+            self.last_warning = ("could not start the background runner (%s); "
+                                 "run `ty-openworkflow tick` or `serve` to drive the run"
+                                 % (exc.strerror or exc))
             log.warning("%s", self.last_warning)
             return None
 
@@ -8132,7 +8251,8 @@ class Sidecar:
         return self.scheduler("tick", concurrency).loop()
 
     def serve(self, stop_event=None, concurrency=None, scheduler=None):
-        """Drive runs (and the webhook, if enabled) until ``stop_event`` is set or ``scheduler.stop()``."""
+        """Drive runs (and the webhook, if enabled) until ``stop_event`` is set or
+        ``scheduler.stop()``."""
         sched = scheduler or self.scheduler("serve", concurrency)
         if stop_event is not None:
             threading.Thread(target=lambda: (stop_event.wait(), sched.stop()), daemon=True).start()
