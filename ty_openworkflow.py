@@ -6473,7 +6473,8 @@ class Scheduler:
                 self.sock.sendto(b"w", self.sock.getsockname())
 
     def stop(self, hurry=False):
-        """Stop claiming and end the loop; passes in flight get ``shutdown_grace`` (not if hurry)."""
+        """Stop claiming and end the loop; passes in flight get ``shutdown_grace`` unless
+        ``hurry``."""
         if hurry:
             self.hurry.set()
         self.stopping.set()
@@ -7702,8 +7703,8 @@ class _DashboardHandler:
                 return self._json(200, {"ok": True})
             board = self.dashboard
             if parts.path == "/metrics":
-                return self._send(200, board.cached("metrics", lambda: render_metrics(board.sidecar)),
-                                  "text/plain; version=0.0.4")
+                text = board.cached("metrics", lambda: render_metrics(board.sidecar))
+                return self._send(200, text, "text/plain; version=0.0.4")
             body = board.cached(self.path, lambda: json.dumps(board.api_get(parts.path, query),
                                                               ensure_ascii=False) + "\n")
             return self._send(200, body, "application/json")
@@ -7802,6 +7803,121 @@ def _check_idempotency_key(key):
         raise InputError("--idempotency-key must be a non-empty string of at most 200 characters")
 
 
+class Pruner:
+    """Deletes finished runs: `prune` when asked, `retention` from the schedulers, hourly."""
+
+    def __init__(self, store, config, clock):
+        self.store = store
+        self.config = config
+        self.clock = clock
+
+    def now(self, older_than, statuses=TERMINAL, dry_run=False, vacuum=False,
+              drop_undelivered=False):
+        """Delete finished runs that ended more than ``older_than`` ago (a duration), with their
+        steps, events, logs, delivered task updates and signals; never a run not finished, a
+        child whose parent is still going, or one whose task updates are not delivered yet,
+        unless they are older than taskyou.outbox_expiry or ``drop_undelivered`` (then they go
+        too, counted)."""
+        try:
+            age = parse_duration(older_than)
+        except ValueError as exc:
+            raise InputError("--older-than: %s" % exc)
+        statuses = tuple(statuses)
+        bad = [x for x in statuses if x not in TERMINAL]
+        if bad or not statuses:
+            raise InputError("--status takes finished statuses only (%s), not %s"
+                             % (", ".join(TERMINAL), ", ".join(bad) or "nothing"))
+        now = self.clock()
+        cutoff = now - age
+        drop_before = _ALWAYS_BEFORE if drop_undelivered else self._expired_before(now)
+        counts = self.store.prune(cutoff, statuses, dry_run=dry_run, drop_before=drop_before)
+        kept = self.store.held_back(cutoff, statuses, drop_before)
+        out = {"dry_run": dry_run, "older_than_ms": age, "statuses": list(statuses),
+               "removed": counts,
+               "dropped_task_updates": counts["dropped_task_updates"], "kept_undelivered": kept,
+               "outbox_expiry_ms": self.config["taskyou.outbox_expiry"]}
+        if vacuum and not dry_run:
+            out["vacuum_bytes"] = self.store.vacuum()
+        return out
+
+    def by_retention(self):
+        """`retention` in the config: prune at most once an hour (serve and tick call this)."""
+        age = self.config["retention"]
+        now = self.clock()
+        if not age or not self.store.notice_due("retention-prune", now, RETENTION_EVERY_MS):
+            return None
+        drop_before = self._expired_before(now)
+        counts = self.store.prune(now - age, TERMINAL, pause_s=0.01, drop_before=drop_before)
+        if counts["runs"]:
+            log.info("retention: pruned %d finished runs older than %s",
+                     counts["runs"], format_duration(age))
+        if counts["dropped_task_updates"]:
+            log.warning("retention: dropped %d task updates that never reached TaskYou (older "
+                        "than taskyou.outbox_expiry, %s) with their runs",
+                        counts["dropped_task_updates"],
+                        format_duration(self.config["taskyou.outbox_expiry"]))
+        kept = self.store.held_back(now - age, TERMINAL, drop_before)
+        if kept and self.store.notice_due("retention-kept", now, NOTICE_EVERY_MS):
+            log.warning("retention: kept %d finished runs whose TaskYou updates are not "
+                        "delivered yet; %s", kept,
+                        _undelivered_way_out(self.config["taskyou.outbox_expiry"]))
+        return counts
+
+    def _expired_before(self, now):
+        """Undelivered task updates queued before this have expired (taskyou.outbox_expiry)."""
+        expiry = self.config["taskyou.outbox_expiry"]
+        return None if expiry is None else now - expiry
+
+
+class Runners:
+    """Sees that a scheduler drives the store's runs: wakes the live ones of this host, or
+    starts the background runner (`runner`) when none is alive."""
+
+    def __init__(self, store, config, clock):
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.warning = None  # why the last runner could not be started
+
+    def poke(self):
+        """Wake live schedulers on this host so they look at the store now."""
+        live = self.store.live_schedulers(self.clock(), 2 * self.config["lease_ttl"])
+        import socket
+        host = _hostname()
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as s:
+            for sch in live:
+                if sch["wake_port"] and sch["host"] == host:
+                    with contextlib.suppress(OSError):
+                        s.sendto(b"w", ("127.0.0.1", sch["wake_port"]))
+        return live
+
+    def ensure(self):
+        """Poke a live scheduler, or spawn the background runner when none is alive."""
+        live = self.poke()
+        if live:
+            return None
+        try:
+            return self.spawn()
+        except OSError as exc:
+            # The run is stored and safe; it only waits for a scheduler (status says so).
+            self.warning = ("could not start the background runner (%s); "
+                                 "run `ty-openworkflow tick` or `serve` to drive the run"
+                                 % (exc.strerror or exc))
+            log.warning("%s", self.warning)
+            return None
+
+    def spawn(self):
+        """Start a detached `runner` process that drives due runs, then exits when idle."""
+        # The runner reads this same path; it alone may find no file there (defaults only).
+        argv = [sys.executable, os.path.abspath(__file__), "--config", self.config.path, "runner"]
+        log_path = os.path.join(self.config.data_dir, "runner.log")
+        with open(log_path, "ab") as log_file:
+            proc = spawn(argv, stdin=False, stdout=subprocess.DEVNULL, stderr=log_file)
+        # Reap it in the background so a long-lived caller collects no zombies.
+        threading.Thread(target=proc.wait, daemon=True).start()
+        return proc.pid
+
+
 class Sidecar:
     """deploy / start / status / list / cancel / retry / fork / logs / tick / serve over one
     store."""
@@ -7818,6 +7934,7 @@ class Sidecar:
         self._bridge = None
         self._adapters = {}
         self._lock = threading.Lock()
+        self._runners = None
         self.last_warning = None
 
     @property
@@ -7825,6 +7942,16 @@ class Sidecar:
         if self._store is None:
             self._store = Store(self.config.data_dir, self.config["store.synchronous"])
         return self._store
+
+    @property
+    def pruner(self):
+        return Pruner(self.store, self.config, self.clock)
+
+    @property
+    def runners(self):
+        if self._runners is None:
+            self._runners = Runners(self.store, self.config, self.clock)
+        return self._runners
 
     @property
     def bridge(self):
@@ -8027,60 +8154,12 @@ class Sidecar:
 
     def prune(self, older_than, statuses=TERMINAL, dry_run=False, vacuum=False,
               drop_undelivered=False):
-        """Delete finished runs that ended more than ``older_than`` ago (a duration), with their
-        steps, events, logs, delivered task updates and signals; never a run not finished, a
-        child whose parent is still going, or one whose task updates are not delivered yet,
-        unless they are older than taskyou.outbox_expiry or ``drop_undelivered`` (then they go
-        too, counted)."""
-        try:
-            age = parse_duration(older_than)
-        except ValueError as exc:
-            raise InputError("--older-than: %s" % exc)
-        statuses = tuple(statuses)
-        bad = [x for x in statuses if x not in TERMINAL]
-        if bad or not statuses:
-            raise InputError("--status takes finished statuses only (%s), not %s"
-                             % (", ".join(TERMINAL), ", ".join(bad) or "nothing"))
-        now = self.clock()
-        cutoff = now - age
-        drop_before = _ALWAYS_BEFORE if drop_undelivered else self._undelivered_expired_before(now)
-        counts = self.store.prune(cutoff, statuses, dry_run=dry_run, drop_before=drop_before)
-        kept = self.store.held_back(cutoff, statuses, drop_before)
-        out = {"dry_run": dry_run, "older_than_ms": age, "statuses": list(statuses),
-               "removed": counts,
-               "dropped_task_updates": counts["dropped_task_updates"], "kept_undelivered": kept,
-               "outbox_expiry_ms": self.config["taskyou.outbox_expiry"]}
-        if vacuum and not dry_run:
-            out["vacuum_bytes"] = self.store.vacuum()
-        return out
+        """Delete finished runs that ended more than ``older_than`` ago: see Pruner.now."""
+        return self.pruner.now(older_than, statuses, dry_run, vacuum, drop_undelivered)
 
     def prune_by_retention(self):
         """`retention` in the config: prune at most once an hour (serve and tick call this)."""
-        age = self.config["retention"]
-        now = self.clock()
-        if not age or not self.store.notice_due("retention-prune", now, RETENTION_EVERY_MS):
-            return None
-        drop_before = self._undelivered_expired_before(now)
-        counts = self.store.prune(now - age, TERMINAL, pause_s=0.01, drop_before=drop_before)
-        if counts["runs"]:
-            log.info("retention: pruned %d finished runs older than %s",
-                     counts["runs"], format_duration(age))
-        if counts["dropped_task_updates"]:
-            log.warning("retention: dropped %d task updates that never reached TaskYou (older "
-                        "than taskyou.outbox_expiry, %s) with their runs",
-                        counts["dropped_task_updates"],
-                        format_duration(self.config["taskyou.outbox_expiry"]))
-        kept = self.store.held_back(now - age, TERMINAL, drop_before)
-        if kept and self.store.notice_due("retention-kept", now, NOTICE_EVERY_MS):
-            log.warning("retention: kept %d finished runs whose TaskYou updates are not "
-                        "delivered yet; %s", kept,
-                        _undelivered_way_out(self.config["taskyou.outbox_expiry"]))
-        return counts
-
-    def _undelivered_expired_before(self, now):
-        """Undelivered task updates queued before this have expired (taskyou.outbox_expiry)."""
-        expiry = self.config["taskyou.outbox_expiry"]
-        return None if expiry is None else now - expiry
+        return self.pruner.by_retention()
 
     # -- schedules ----------------------------------------------------------------
 
@@ -8207,41 +8286,18 @@ class Sidecar:
 
     def poke_schedulers(self):
         """Wake live schedulers on this host so they look at the store now."""
-        live = self.store.live_schedulers(self.clock(), 2 * self.config["lease_ttl"])
-        import socket
-        host = _hostname()
-        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as s:
-            for sch in live:
-                if sch["wake_port"] and sch["host"] == host:
-                    with contextlib.suppress(OSError):
-                        s.sendto(b"w", ("127.0.0.1", sch["wake_port"]))
-        return live
+        return self.runners.poke()
 
     def ensure_driven(self):
         """Poke a live scheduler, or spawn the background runner when none is alive."""
-        live = self.poke_schedulers()
-        if live:
-            return None
-        try:
-            return self.spawn_runner()
-        except OSError as exc:
-            # The run is stored and safe; it only waits for a scheduler (status says so).
-            self.last_warning = ("could not start the background runner (%s); "
-                                 "run `ty-openworkflow tick` or `serve` to drive the run"
-                                 % (exc.strerror or exc))
-            log.warning("%s", self.last_warning)
-            return None
+        runners = self.runners
+        pid = runners.ensure()
+        self.last_warning = runners.warning or self.last_warning
+        return pid
 
     def spawn_runner(self):
         """Start a detached `runner` process that drives due runs, then exits when idle."""
-        # The runner reads this same path; it alone may find no file there (defaults only).
-        argv = [sys.executable, os.path.abspath(__file__), "--config", self.config.path, "runner"]
-        log_path = os.path.join(self.config.data_dir, "runner.log")
-        with open(log_path, "ab") as log_file:
-            proc = spawn(argv, stdin=False, stdout=subprocess.DEVNULL, stderr=log_file)
-        # Reap it in the background so a long-lived caller collects no zombies.
-        threading.Thread(target=proc.wait, daemon=True).start()
-        return proc.pid
+        return self.runners.spawn()
 
     def scheduler(self, kind="serve", concurrency=None):
         return Scheduler(self, kind=kind, concurrency=concurrency)
@@ -9040,6 +9096,8 @@ def build_parser(only=None):
     sp.add_argument("--timestamp", type=int, help="unix seconds to sign with (default now)")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
+    # Internal commands (the background runner, the single-file build): added without a help
+    # text, argparse leaves them out of --help.
     if only in (None, "runner"):
         sp = sub.add_parser("runner")
         sp.set_defaults(func=cmd_runner)
@@ -9049,9 +9107,6 @@ def build_parser(only=None):
         sp = sub.add_parser("dist")
         sp.set_defaults(func=cmd_dist)
         sp.add_argument("out")
-    # Internal commands (the background runner, the single-file build) stay out of --help:
-    # argparse has no verb for it, so this is the module's one reach into another's privates.
-    sub._choices_actions = [a for a in sub._choices_actions if a.dest not in ("runner", "dist")]
     return p
 
 
