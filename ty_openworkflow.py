@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 # Imported where used, so the CLI's read-only commands start fast: ctypes, hashlib,
 # hmac, http.client, http.server, logging, socket, tempfile, urllib.parse.
@@ -1357,6 +1358,28 @@ def _row_dict(cursor, row):
 
 # The data, and the size if it grew, without the file's times (what SQLite's own sync uses).
 _fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+def _sync_quiet_commits(store_ref, unsynced):
+    """The store syncer: puts quiet commits on the disk, QUIET_SYNC_S after the first of them,
+    until its store is closed or gone."""
+    while True:
+        if not unsynced.wait(1.0):
+            if store_ref() is None:
+                return
+            continue
+        time.sleep(QUIET_SYNC_S)  # the commits of the next moments share this sync
+        store = store_ref()
+        if store is None or store.closed:
+            return
+        unsynced.clear()
+        try:
+            store.sync()
+        except OpenWorkflowError as exc:
+            unsynced.set()
+            log.warning("%s", exc)
+            time.sleep(1.0)
+        del store
 # A file's modification time moves in coarse steps (a kernel tick): two writes this close
 # may leave the same time stamp.
 FILE_TIME_GRAIN_NS = 50 * 1000 * 1000
@@ -1396,6 +1419,7 @@ class Database:
         self._sync_lock = threading.Lock()
         self._synced_from = 0  # monotonic_ns when the last good sync began
         self._synced_version = None  # the WAL's _file_version then, if trusted
+        self._commits = self._synced_commits = 0  # this process's commits: made, and synced
         self._synced_inodes = {}
         self._local = threading.local()
         self._unsynced = threading.Event()  # quiet commits wait for the syncer
@@ -1518,6 +1542,7 @@ class Database:
                         with contextlib.suppress(sqlite3.Error):
                             conn.execute("ROLLBACK")
                     raise self.wrap(exc)
+                self._commits += 1  # under the write lock
             finally:
                 self._release(conn)
         if not self._quiet():
@@ -1531,22 +1556,15 @@ class Database:
         if self._syncer is None:
             with self._lock:
                 if self._syncer is None:
-                    self._syncer = threading.Thread(target=self._sync_quiet_commits,
-                                                    name="tyow-store-sync", daemon=True)
+                    # It holds the store weakly: a store dropped unclosed is not kept alive.
+                    self._syncer = threading.Thread(
+                        target=_sync_quiet_commits, args=(weakref.ref(self), self._unsynced),
+                        name="tyow-store-sync", daemon=True)
                     self._syncer.start()
 
-    def _sync_quiet_commits(self):
-        while not self._closed:
-            if not self._unsynced.wait(1.0):
-                continue
-            time.sleep(QUIET_SYNC_S)  # the commits of the next moments share this sync
-            self._unsynced.clear()
-            try:
-                self.sync()
-            except OpenWorkflowError as exc:
-                self._unsynced.set()
-                log.warning("%s", exc)
-                time.sleep(1.0)
+    @property
+    def closed(self):
+        return self._closed
 
     # -- durability: what a commit survives (store.synchronous) ---------------------
     #
@@ -1591,12 +1609,14 @@ class Database:
         with self._sync_lock:
             if self._synced_from > wanted:
                 return  # a sync that began after we asked covered it
+            commits = self._commits
             try:
                 seen, seen_at = _file_version(wal), time.time_ns()
             except OSError:
                 seen = None
-            if seen is not None and seen == self._synced_version:
-                return  # not written since it was last synced
+            if seen is not None and seen == self._synced_version and (
+                    commits == self._synced_commits):
+                return  # not written since it was last synced, by us or (its version says) others
             began = time.monotonic_ns()
             try:
                 self._fsync(wal)
@@ -1604,9 +1624,12 @@ class Database:
                 raise StoreError("cannot sync %s to the disk (%s); check the disk and data_dir"
                                  % (self.path, exc.strerror or exc), exc)
             self._synced_from = began
+            self._synced_commits = commits
             # Trusted later only if no write after our look can share its time stamp (they are
-            # coarse): it was already that old when we looked.
-            settled = seen and seen_at - seen[2] > FILE_TIME_GRAIN_NS
+            # coarse): it was already that old when we looked, and the file system keeps times
+            # finer than whole seconds (some keep seconds only: their stamps are never trusted).
+            settled = (seen and seen_at - seen[2] > FILE_TIME_GRAIN_NS
+                       and seen[2] % 1000000000 != 0)
             self._synced_version = seen if settled else None
 
     def _fsync(self, path):
@@ -1689,9 +1712,14 @@ class Database:
         self.query_one("SELECT 1 AS ok")
 
     def close(self):
-        """Close the pooled connections; the store takes no more calls."""
+        """Put quiet commits on the disk, close the pooled connections; no more calls."""
+        if self._unsynced.is_set():
+            with contextlib.suppress(OpenWorkflowError):
+                self.sync()
         with self._lock:
             self._closed = True
+        self._unsynced.set()  # the syncer wakes, sees the store closed, and ends
+        with self._lock:
             idle, self._idle = self._idle, []
         for c in idle:
             with contextlib.suppress(Exception):
@@ -1786,10 +1814,13 @@ class Database:
             here = "%d:%d" % (st.st_dev, st.st_ino)
             row = self.query_one("SELECT id, file FROM store_identity")
             if row["file"] != here:
-                with self.transaction() as c:
-                    c.execute("UPDATE store_identity SET id = CASE WHEN file IS NULL THEN id ELSE "
-                              "lower(hex(randomblob(16))) END, file = ?", (here,))
-                row = self.query_one("SELECT id, file FROM store_identity")
+                with self.transaction() as c:  # looked at again: another process may be first
+                    sid, file = c.execute("SELECT id, file FROM store_identity").fetchone()
+                    if file != here:
+                        if file is not None:  # a copy: an id of its own
+                            sid = c.execute("SELECT lower(hex(randomblob(16)))").fetchone()[0]
+                        c.execute("UPDATE store_identity SET id = ?, file = ?", (sid, here))
+                row = {"id": sid}
             self._store_id = row["id"]
         return self._store_id
 
@@ -4309,6 +4340,7 @@ class WarmWorker:
         self._lock = threading.Lock()  # its state only: never held while writing or reading a pipe
         self._paused = 0
         self._culprit = None  # the pass it was killed for, if it was
+        self._heard = False  # it said it is ready: the runtime started
         self._gone = False  # its death was handled: no pass may join it
         self._outbox = queue.SimpleQueue()  # (bytes, execution or None); None: close stdin
         self._stderr_tail = collections.deque(maxlen=20)
@@ -4331,7 +4363,9 @@ class WarmWorker:
         self._stderr_tail.append(chunk[-4000:])
         text = chunk.decode("utf-8", "replace").rstrip()
         if text:
-            log.info("worker %d (%s) printed: %s", self.proc.pid, self.pool.runtime, text[-2000:])
+            # It may print before its constructor has named its process.
+            pid = getattr(getattr(self, "proc", None), "pid", "?")
+            log.info("worker %s (%s) printed: %s", pid, self.pool.runtime, text[-2000:])
         return True
 
     def submit(self, execution, code_path, doc):
@@ -4348,8 +4382,9 @@ class WarmWorker:
         if dropped:  # canceled after it got this worker, before it reached it: it never runs
             execution.end()
             self.pool.wake()
-        elif gone:  # it died before the pass reached it: not the pass's doing
-            execution.spared = True
+        elif gone:  # it died before the pass reached it: not the pass's doing, unless the
+            # runtime never started at all (then each pass pays, as in _died)
+            execution.spared = self._heard
             execution.end(self.dead)
         else:
             execution.started()
@@ -4365,8 +4400,9 @@ class WarmWorker:
             try:
                 self.proc.stdin.write(data)
                 self.proc.stdin.flush()
-            except (BrokenPipeError, OSError, ValueError) as exc:
-                self.kill("its stdin failed (%s)" % exc)
+            except (BrokenPipeError, OSError, ValueError):
+                # It exited (or cannot take input): its reader sees the end and says why.
+                _kill_group(self.proc)
                 return
             if execution is not None:
                 execution.sent = True
@@ -4414,6 +4450,7 @@ class WarmWorker:
             line = raw.decode("utf-8", "replace")
             if not line.strip():
                 continue
+            self._heard = True  # its first line is "ready" (see the shims' worker loop)
             pass_id, kind = _peek_pass(line)
             with self._lock:
                 execution = self.passes.get(pass_id)
@@ -4465,15 +4502,18 @@ class WarmWorker:
             live = [e for e in self.passes.values() if not e.is_done()]
             culprit = self._culprit
         self._outbox.put(None)  # its writer stops
-        if culprit is None:
-            # Only a pass whose document reached the worker can have killed it, and what an
-            # earlier pass left running (a timer, a leak) can too: alone in a worker that never
-            # ran another pass, it did.
-            sent = [e for e in live if e.sent]
-            culprit = sent[0] if len(sent) == 1 and self.served == 1 else None
+        charged = [culprit] if culprit is not None else []
+        if not self._heard:
+            # It never said it is ready: the runtime itself cannot start (a bad interpreter
+            # or option, too little memory). Each pass pays, as a process per pass would.
+            charged = live
+        elif culprit is None and self.served == 1 and len(live) == 1:
+            # Alone in a worker that never ran another pass (nothing an earlier pass left
+            # running, a timer or a leak, can have done it): its own doing.
+            charged = live
         for execution in live:
-            execution.spared = execution is not culprit and not execution.canceled
-            execution.suspect = execution.spared and execution.sent and culprit is None
+            execution.spared = execution not in charged and not execution.canceled
+            execution.suspect = execution.spared and execution.sent and not charged
             execution.end(self.dead)
         self.proc_exec.finish(grace_s=0)
         self.pool.settle(self)

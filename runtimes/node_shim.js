@@ -821,6 +821,8 @@ function workerMain() {
   });
   // The sidecar is gone: so are its passes.
   process.stdin.on("end", () => process.exit(3));
+  // The runtime started: a worker that dies before this line could not run any pass.
+  writeEvent({ type: "ready" });
 }
 
 // ---- entry point ----

@@ -766,6 +766,8 @@ class Worker:
         sys.stdout = _PassOutput(self, sys.__stderr__)
         sys.stderr = _PassOutput(self, sys.__stderr__)
         _follow_passes(self)
+        # The runtime started: a worker that dies before this line could not run any pass.
+        self.send({"type": "ready"})
         buffered = b""
         while True:
             chunk = os.read(0, 65536)

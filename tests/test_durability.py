@@ -371,3 +371,72 @@ class TrustedWalVersion(TempHome):
         old = time.time_ns() - 10 * tow.FILE_TIME_GRAIN_NS
         self.assertEqual(self._syncs([(1, 4096, old)] * 3), 1)
         self.assertEqual(self._syncs([(1, 4096, old), (1, 8192, old), (1, 8192, old + 1)]), 3)
+
+
+class TrustedWalVersionMore(TrustedWalVersion):
+    def test_whole_second_time_stamps_are_never_trusted(self):
+        # A file system that keeps seconds only: a write a moment later keeps the same stamp.
+        whole = (time.time_ns() // 10 ** 9 - 5) * 10 ** 9
+        self.assertEqual(self._syncs([(1, 4096, whole)] * 3), 3)
+
+    def test_a_commit_of_ours_is_always_synced(self):
+        store = tow.Store(self.data_dir)
+        self.addCleanup(store.close)
+        with store.transaction() as c:
+            c.execute("CREATE TABLE t (x)")
+        old = (2, 4096, time.time_ns() - 10 * tow.FILE_TIME_GRAIN_NS + 1)
+        calls, real = [], tow._fdatasync
+        tow._fdatasync = lambda fd: calls.append(fd) or real(fd)
+        try:
+            with mock.patch.object(tow, "_file_version", lambda path: old):
+                store.sync()  # the version is now trusted
+                store.sync()  # nothing new: skipped
+                with store.transaction() as c:  # a commit the (fake) version does not show
+                    c.execute("INSERT INTO t VALUES (1)")
+        finally:
+            tow._fdatasync = real
+        self.assertEqual(len(calls), 2)
+
+
+class QuietSyncer(TempHome):
+    def test_the_syncer_ends_with_its_store_and_close_syncs_first(self):
+        import gc
+        import weakref
+
+        def syncers():
+            return [t for t in threading.enumerate() if t.name == "tyow-store-sync"]
+
+        before = len(syncers())
+        store = tow.Store(self.data_dir)
+        with store.quiet_commits():
+            with store.transaction() as c:
+                c.execute("CREATE TABLE t (x)")
+        self.assertEqual(len(syncers()), before + 1)
+        calls, real = [], tow._fdatasync
+        tow._fdatasync = lambda fd: calls.append(fd) or real(fd)
+        try:
+            with store.quiet_commits():
+                with store.transaction() as c:
+                    c.execute("INSERT INTO t VALUES (1)")
+            store.close()  # its quiet commit is put on the disk first
+        finally:
+            tow._fdatasync = real
+        self.assertTrue(calls)
+        deadline = time.time() + 5
+        while len(syncers()) > before and time.time() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(len(syncers()), before)
+        # A store dropped without close() is not kept alive by its syncer.
+        other = tow.Store(os.path.join(self.tmp, "other"))
+        with other.quiet_commits():
+            with other.transaction() as c:
+                c.execute("CREATE TABLE t (x)")
+        ref = weakref.ref(other)
+        del other, c
+        gc.collect()
+        deadline = time.time() + 5
+        while (ref() is not None or len(syncers()) > before) and time.time() < deadline:
+            gc.collect()
+            time.sleep(0.05)
+        self.assertIsNone(ref())
+        self.assertEqual(len(syncers()), before)

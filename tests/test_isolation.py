@@ -434,3 +434,26 @@ class CancelBeforeItReachesItsWorker(IsolationCase):
         self.assertEqual(worker.load, 0)
         time.sleep(0.5)
         self.assertEqual(read_counter(counter), [])  # its step never ran
+
+
+class ARuntimeThatCannotStart(IsolationCase):
+    runtime = "python"
+
+    def test_a_worker_that_dies_before_it_is_ready_charges_its_passes(self):
+        """A runtime that cannot start (a bad interpreter, option or memory limit) costs each
+        pass an attempt, as a process per pass would: no pass is given back for free, forever."""
+        fake = os.path.join(self.tmp, "python3-broken")
+        with open(fake, "w") as f:
+            f.write("#!/bin/sh\necho 'cannot start: a bad option' >&2\nexit 1\n")
+        os.chmod(fake, 0o755)
+        sc = self.sidecar(clock=False)
+        sc.deploy("one", "def workflow(input, ctx):\n    return ctx.step('a', lambda: 1)\n",
+                  runtime="python")
+        sc.config.values["adapters.exec.python"] = fake  # what a typo'd path would give
+        run = sc.start("one", {"pad": "x" * 300000}, drive=False)["id"]  # past a pipe's buffer
+        self.serve_in_thread(sc, concurrency=1)
+        time.sleep(4)
+        st = sc.status(run)
+        self.assertLessEqual(st["passes"], 5, "the pass was given back %d times" % st["passes"])
+        self.assertIn("exited with status 1: cannot start: a bad option",
+                      st["last_pass"]["reason"])

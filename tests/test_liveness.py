@@ -250,9 +250,6 @@ class SeparatePidNamespaces(ServeCase):
         self.assertGreaterEqual(taken[0]["at"], row["lease_expires_at"], "taken before the lease")
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 class CopiedStores(TempHome):
     def test_a_copy_of_the_store_takes_an_id_of_its_own(self):
@@ -271,3 +268,38 @@ class CopiedStores(TempHome):
         again = tow.Store(copy)
         self.addCleanup(again.close)
         self.assertEqual(again.store_id, clone.store_id)  # and keeps it
+
+
+class CopiedStoresOpenedAtOnce(TempHome):
+    def test_two_first_opens_of_a_copy_agree_on_its_id(self):
+        import threading
+        sc = self.sidecar()
+        first = sc.store.store_id
+        sc.close()
+        self._sidecars.remove(sc)
+        for n in range(5):
+            copy = os.path.join(self.tmp, "copy%d" % n)
+            shutil.copytree(self.data_dir, copy)
+            stores = [tow.Store(copy) for _ in range(4)]
+            for st in stores:
+                self.addCleanup(st.close)
+            gate, ids = threading.Barrier(len(stores)), []
+
+            def read(store):
+                gate.wait()
+                ids.append(store.store_id)
+
+            threads = [threading.Thread(target=read, args=(st,)) for st in stores]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            self.assertEqual(len(set(ids)), 1, ids)
+            self.assertNotEqual(ids[0], first)
+            again = tow.Store(copy)
+            self.addCleanup(again.close)
+            self.assertEqual(again.store_id, ids[0])
+
+
+if __name__ == "__main__":
+    unittest.main()
