@@ -1825,11 +1825,15 @@ class Database:
         return self._store_id
 
 
-class WorkflowBook:
-    """The workflow catalogue: workflows and their versions."""
+class _StorePart:
+    """A part of the store: given the Store front, it reaches the other parts through it."""
 
     def __init__(self, store):
         self.store = store
+
+
+class WorkflowBook(_StorePart):
+    """The workflow catalogue: workflows and their versions."""
 
     def save_version(self, workflow_id, code, runtime, adapter, label, name, description, now,
                      deadline_ms=None):
@@ -1896,11 +1900,8 @@ class WorkflowBook:
                          (workflow_id,)).fetchone()
 
 
-class RunLedger:
+class RunLedger(_StorePart):
     """A run's life: created, ended (with its tree), canceled, retried, forked, failed."""
-
-    def __init__(self, store):
-        self.store = store
 
     def create_run(self, run_id, workflow_id, version, input_json, now, task_requested=False,
                    task_title=None, deadline_at=None, idempotency_key=None):
@@ -2161,11 +2162,8 @@ class RunLedger:
                                     "stack": None})
 
 
-class LeaseLedger:
+class LeaseLedger(_StorePart):
     """Which scheduler runs what: claiming due runs, their leases, giving passes back."""
-
-    def __init__(self, store):
-        self.store = store
 
     def claim_due(self, owner, now, limit, lease_ms, exclude=()):
         """Atomically claim up to ``limit`` due runs for ``owner``; returns the claimed runs.
@@ -2339,11 +2337,8 @@ class LeaseLedger:
             return self._released(c, run_id, pass_id, now, "%s (not counted: %s)" % (message, why))
 
 
-class PassLedger:
+class PassLedger(_StorePart):
     """What a pass tells: its history to replay, its events applied, its end and retries."""
-
-    def __init__(self, store):
-        self.store = store
 
     def history(self, run_id):
         """The history a pass replays: outputs, sleep wake times, attempts, resolution order."""
@@ -2695,11 +2690,8 @@ class PassLedger:
         self.store.runs.journal(c, run_id, pass_id, "retry_scheduled", data, now)
 
 
-class WaitLedger:
+class WaitLedger(_StorePart):
     """Waits and what ends them: signals, child runs, TaskYou approvals, timeouts."""
-
-    def __init__(self, store):
-        self.store = store
 
     def begin_wait(self, c, run_id, key, spec, now, policy):
         """A new wait was recorded: a buffered signal resolves it at once; a child run starts."""
@@ -2920,11 +2912,8 @@ class WaitLedger:
                                 "signals WHERE run_id = ? ORDER BY id", (run_id,))
 
 
-class Outbox:
+class Outbox(_StorePart):
     """The TaskYou bridge outbox: updates queued with a run, delivered in order per run."""
-
-    def __init__(self, store):
-        self.store = store
 
     def enqueue(self, c, run_id, kind, payload, now):
         """Queue a TaskYou update of the run inside transaction ``c``."""
@@ -2975,11 +2964,8 @@ class Outbox:
                                 "outbox WHERE run_id = ? ORDER BY id", (run_id,))
 
 
-class NoticeBook:
+class NoticeBook(_StorePart):
     """Warnings said recently (a cron `tick` must not repeat one every minute)."""
-
-    def __init__(self, store):
-        self.store = store
 
     def notice_due(self, key, now, every_ms):
         """True (and noted) if warning ``key`` was not given within ``every_ms``."""
@@ -2995,11 +2981,8 @@ class NoticeBook:
 WEBHOOK_SEEN_KEEP_MS = 24 * 3600 * 1000
 
 
-class CallbackBook:
+class CallbackBook(_StorePart):
     """Signed callbacks from remote compute: the replay guard, and applying one."""
-
-    def __init__(self, store):
-        self.store = store
 
     def seen(self, c, digest, now, keep_ms):
         """True if ``digest`` was recorded within ``keep_ms``."""
@@ -3086,11 +3069,8 @@ class CallbackBook:
         return applied, ignored
 
 
-class ScheduleBook:
+class ScheduleBook(_StorePart):
     """Cron schedules, and their fires (each starts its run once)."""
-
-    def __init__(self, store):
-        self.store = store
 
     def add_schedule(self, name, workflow_id, cron, tz, input_json, catch_up, now, next_fire_at):
         """A new schedule (Conflict if the name is taken)."""
@@ -3248,11 +3228,8 @@ class SchedulerRegistry:
         return live
 
 
-class Retention:
+class Retention(_StorePart):
     """Deleting finished runs with everything that is only theirs."""
-
-    def __init__(self, store):
-        self.store = store
 
     # An undelivered task update queued at or after the given time holds its run back.
     SQL_PRUNABLE = ("SELECT r.id FROM runs r WHERE r.status IN (%s) AND r.finished_at < ? AND NOT "
@@ -3316,11 +3293,8 @@ class Retention:
                                     (*statuses, cutoff, hold_from))["n"]
 
 
-class ReadModel:
+class ReadModel(_StorePart):
     """What status, list, the dashboard and /metrics read."""
-
-    def __init__(self, store):
-        self.store = store
 
     def run_document(self, run):
         """A run as `status` shows it: its version, steps, waits, family and pending signals."""
@@ -3494,11 +3468,8 @@ class ReadModel:
             (now, limit))]
 
 
-class AdapterBook:
+class AdapterBook(_StorePart):
     """What adapters remember in the store: cloudflare's uploaded scripts, and small facts."""
-
-    def __init__(self, store):
-        self.store = store
 
     def adapter_state(self, adapter, key):
         """A remembered fact of ``adapter`` (None if never told)."""

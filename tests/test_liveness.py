@@ -53,7 +53,27 @@ def unshare_works():
 HAVE_UNSHARE = unshare_works()
 
 
-class OtherStores(ServeCase):
+class Strays:
+    """Plain `sleep` processes carrying a given TYOW_OWNER mark, killed after the test."""
+
+    def setUp(self):
+        super().setUp()
+        self.strays = []
+
+    def tearDown(self):
+        for p in self.strays:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        super().tearDown()
+
+    def stray(self, owner):
+        p = subprocess.Popen(["sleep", "300"], env=dict(os.environ, TYOW_OWNER=owner))
+        self.strays.append(p)
+        return p
+
+
+class OtherStores(Strays, ServeCase):
     """Two stores of one user: each `serve` stops only its own store's orphans."""
 
     lease_ttl = "60s"
@@ -66,14 +86,6 @@ class OtherStores(ServeCase):
         with open(self.other_config, "w") as f:
             f.write(CONFIG_TEMPLATE.format(data_dir=self.other_dir, linger="3s", lease_ttl="60s",
                                            timeout="60s", adapter_extra="", extra=""))
-        self.strays = []
-
-    def tearDown(self):
-        for p in self.strays:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        super().tearDown()
 
     def serve_of(self, config_path):
         p = self.spawn([sys.executable, MODULE, "--config", config_path, "serve"])
@@ -93,12 +105,6 @@ class OtherStores(ServeCase):
         first.wait()
         return child
 
-    def stray(self, owner):
-        env = dict(os.environ, TYOW_OWNER=owner)
-        p = subprocess.Popen(["sleep", "300"], env=env)
-        self.strays.append(p)
-        return p
-
     def test_serve_stops_only_its_own_stores_orphans(self):
         theirs = self.orphan_of(self.other_config, "theirs")
         copied = self.stray(owner_value(theirs))  # a real mark of the other store, copied
@@ -114,25 +120,12 @@ class OtherStores(ServeCase):
         os.kill(theirs, signal.SIGKILL)
 
 
-class Marks(TempHome):
+class Marks(Strays, TempHome):
     """What a mark says, and that only a mark of this store and this namespace is judged by pid."""
 
     def setUp(self):
         super().setUp()
         self.store = self.sidecar().store
-        self.strays = []
-
-    def tearDown(self):
-        for p in self.strays:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        super().tearDown()
-
-    def sleeper(self, owner):
-        p = subprocess.Popen(["sleep", "300"], env=dict(os.environ, TYOW_OWNER=owner))
-        self.strays.append(p)
-        return p
 
     def test_a_pass_carries_its_store_and_namespace(self):
         impl = self.sidecar().adapter("exec")
@@ -152,15 +145,15 @@ class Marks(TempHome):
 
     def test_only_our_store_and_namespace_is_judged_by_pid(self):
         dead, ns, sid = unused_pid(), tow.pid_namespace(), self.store.store_id
-        ours = self.sleeper("%s:%d:1:%s" % (sid, dead, ns))
-        other_ns = self.sleeper("%s:%d:1:%s" % (sid, dead, "1"))
-        no_ns = self.sleeper("%s:%d:1:" % (sid, dead))
-        other_store = self.sleeper("%s:%d:1:%s" % ("0" * 32, dead, ns))
+        ours = self.stray("%s:%d:1:%s" % (sid, dead, ns))
+        other_ns = self.stray("%s:%d:1:%s" % (sid, dead, "1"))
+        no_ns = self.stray("%s:%d:1:" % (sid, dead))
+        other_store = self.stray("%s:%d:1:%s" % ("0" * 32, dead, ns))
         start = tow.process_identity(os.getpid())[0]
-        alive = self.sleeper("%s:%d:%s:%s" % (sid, os.getpid(), start, ns))
+        alive = self.stray("%s:%d:%s:%s" % (sid, os.getpid(), start, ns))
         # A stray value as older code wrote it (a dead pid); older code running elsewhere on this
         # machine may kill it, so only what this sweep killed is asserted for it.
-        stray = self.sleeper("%d:" % dead)
+        stray = self.stray("%d:" % dead)
         killed = tow.reap_orphans(sid)
         self.assertEqual(killed, [ours.pid])
         self.assertNotIn(stray.pid, killed)
