@@ -7024,6 +7024,22 @@ class WebhookServer(_HttpService):
         return {"ok": True, "applied": done["applied"]}
 
 
+def read_body(rfile, length, deadline=None):
+    """Up to ``length`` bytes of a request's body (fewer if the client stops or goes, or once
+    the monotonic ``deadline`` passes): one reader for the webhook and the dashboard."""
+    chunks, got = [], 0
+    while got < length and (deadline is None or time.monotonic() < deadline):
+        try:
+            chunk = rfile.read1(min(65536, length - got))
+        except OSError:  # socket.timeout is one
+            chunk = b""
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
 class _WebhookHandler:
     """The webhook's request handling, mixed with http.server's BaseHTTPRequestHandler at start."""
 
@@ -7064,17 +7080,7 @@ class _WebhookHandler:
                 self.connection.shutdown(socket.SHUT_RD)  # the body read ends; do_POST answers 408
 
     def _read_body(self, length):
-        chunks, got = [], 0
-        while got < length:
-            try:
-                chunk = self.rfile.read1(min(65536, length - got))
-            except OSError:  # socket.timeout is one
-                chunk = b""
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
+        return read_body(self.rfile, length)
 
     def _reply(self, status, doc):
         body = (json.dumps(doc) + "\n").encode("utf-8")
@@ -7744,18 +7750,7 @@ class _DashboardHandler:
 
     def _read_body(self, length):
         """Up to ``length`` bytes, all within DASHBOARD_READ_TIMEOUT_S (a trickle is cut off)."""
-        chunks, got = [], 0
-        deadline = time.monotonic() + DASHBOARD_READ_TIMEOUT_S
-        while got < length and time.monotonic() < deadline:
-            try:
-                chunk = self.rfile.read1(min(65536, length - got))
-            except OSError:  # socket.timeout is one
-                chunk = b""
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
+        return read_body(self.rfile, length, time.monotonic() + DASHBOARD_READ_TIMEOUT_S)
 
     def do_POST(self):
         # Everything that can refuse the request does so before its body is read; a body left
