@@ -1,7 +1,7 @@
 # ty-openworkflow: `make demo` runs the Quick Start end to end, `make test` runs the suite.
 PYTHON ?= python3
 
-.PHONY: test demo dist install bench lint clean docker-up docker-down cf-tools
+.PHONY: test demo dist install bench lint clean docker-up docker-down cf-tools plugin-files
 
 test:
 	$(PYTHON) -m tests
@@ -23,6 +23,11 @@ install: dist
 	printf '#!/usr/bin/env python3\nimport sys\nsys.dont_write_bytecode = False  # cache the bytecode beside the module: a fast start\nsys.path.insert(0, "%s")\nfrom ty_openworkflow import main\nsys.exit(main())\n' \
 		"$(abspath $(PREFIX))/lib/ty-openworkflow" > $(PREFIX)/bin/ty-openworkflow
 	chmod 755 $(PREFIX)/bin/ty-openworkflow
+
+# The TaskYou plugin a clone carries (runtimes/openworkflow, found by `ty plugins add` of the
+# repository), written from the module; tests/test_plugin.py checks it is up to date.
+plugin-files:
+	$(PYTHON) -c 'import ty_openworkflow as t; t.write_plugin("runtimes/openworkflow", t.plugin_files(t.CLONE_LAUNCHER))'
 
 bench:
 	$(PYTHON) tests/bench.py

@@ -106,6 +106,8 @@ MAX_STEP_NAME_LEN = 200
 # TaskYou approvals: at most this many `ty show` calls per polling round, the waits looked at
 # longest ago first, so every wait gets its turn however many there are.
 APPROVAL_POLL_BATCH = 100
+# The most open task waits a task event is matched against (steps.polled_at order).
+APPROVAL_WATCH_MAX = 10000
 # Child runs: how deep a tree of them may grow below its root, and how many one run may have
 # unfinished at once (limits.max_child_depth, limits.max_children; Temporal's pending-children
 # limit is 2,000). They stop runaway recursion; a cascade walks the tree in a loop, however big.
@@ -1904,16 +1906,24 @@ class RunLedger(_StorePart):
     """A run's life: created, ended (with its tree), canceled, retried, forked, failed."""
 
     def create_run(self, run_id, workflow_id, version, input_json, now, task_requested=False,
-                   task_title=None, deadline_at=None, idempotency_key=None):
+                   task_title=None, deadline_at=None, idempotency_key=None, task_id=None):
         """Store a new pending run; returns its id, or with ``idempotency_key`` the id of the
         run that key already started (then nothing is created)."""
         with self.store.transaction() as c:
             return self.add_run(c, run_id, workflow_id, version, input_json, now, task_requested,
-                                task_title, deadline_at, idempotency_key)
+                                task_title, deadline_at, idempotency_key, task_id=task_id)
+
+    def runs_of_task(self, task_id):
+        """The runs linked to TaskYou task ``task_id``, oldest first."""
+        return self.store.query("SELECT id, workflow_id, version, status, created_at, updated_at, "
+                                "finished_at, error FROM runs WHERE task_id = ? ORDER BY "
+                                "created_at, id", (task_id,))
 
     def add_run(self, c, run_id, workflow_id, version, input_json, now, task_requested=False,
-                task_title=None, deadline_at=None, idempotency_key=None, schedule_name=None):
-        """create_run inside transaction ``c`` (a schedule's fire names its schedule)."""
+                task_title=None, deadline_at=None, idempotency_key=None, schedule_name=None,
+                task_id=None):
+        """create_run inside transaction ``c`` (a schedule's fire names its schedule; ``task_id``
+        links the run to a task that exists already)."""
         if idempotency_key is not None:
             row = c.execute("SELECT id FROM runs WHERE workflow_id = ? AND idempotency_key = ?",
                             (workflow_id, idempotency_key)).fetchone()
@@ -1921,11 +1931,11 @@ class RunLedger(_StorePart):
                 return row[0]
         c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, "
                   "deadline_at, task_requested, task_title, created_at, updated_at, "
-                  "idempotency_key, schedule_name) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, "
-                  "?, ?, ?)",
+                  "idempotency_key, schedule_name, task_id) VALUES (?, ?, ?, 'pending', ?, ?, ?, "
+                  "?, ?, ?, ?, ?, ?, ?)",
                   (run_id, workflow_id, version, input_json, now, deadline_at,
                    int(bool(task_requested)),
-                   task_title, now, now, idempotency_key, schedule_name))
+                   task_title, now, now, idempotency_key, schedule_name, task_id))
         self.journal(c, run_id, None, "created", {"workflow": workflow_id, "version": version}, now)
         self.count(c, "started", workflow_id)
         if task_requested:
@@ -2906,6 +2916,22 @@ class WaitLedger(_StorePart):
         with self.store.transaction() as c:
             return self.resolve(c, run_id, key, outcome, now)
 
+    def task_waits(self, task_id=None):
+        """(run id, key, task id) of the open waits on TaskYou tasks (``task_id``: on that one)."""
+        out = []
+        for r in self.store.query(SQL_APPROVALS_DUE, (2 ** 62, APPROVAL_WATCH_MAX)):
+            watched = (loads_or_none(r["wait"]) or {}).get("task_id")
+            if watched is not None and (task_id is None or watched == task_id):
+                out.append((r["run_id"], r["key"], watched))
+        return out
+
+    def poll_soon(self, run_id, key):
+        """Have the next look at approvals include this wait (a change was heard of but the
+        task did not show it yet)."""
+        with self.store.transaction() as c:
+            c.execute("UPDATE steps SET polled_at = 0 WHERE run_id = ? AND key = ? AND "
+                      "polled_at IS NOT NULL", (run_id, key))
+
     def signals(self, run_id):
         """A run's signals, oldest first, with the waits that took them."""
         return self.store.query("SELECT id, name, data, created_at, consumed_by, consumed_at FROM "
@@ -3570,6 +3596,7 @@ class Store(Database):
     versions = _verb("workflows", WorkflowBook.versions)
 
     create_run = _verb("runs", RunLedger.create_run)
+    runs_of_task = _verb("runs", RunLedger.runs_of_task)
     add_log = _verb("runs", RunLedger.add_log)
     cancel_run = _verb("runs", RunLedger.cancel_run)
     retry_run = _verb("runs", RunLedger.retry_run)
@@ -3591,6 +3618,8 @@ class Store(Database):
     signal = _verb("waits", WaitLedger.signal)
     signals = _verb("waits", WaitLedger.signals)
     resolve_wait = _verb("waits", WaitLedger.resolve_wait)
+    task_waits = _verb("waits", WaitLedger.task_waits)
+    poll_soon = _verb("waits", WaitLedger.poll_soon)
     set_wait_task = _verb("waits", WaitLedger.set_wait_task)
     wait_open = _verb("waits", WaitLedger.wait_open)
     wait_task = _verb("waits", WaitLedger.wait_task)
@@ -7148,6 +7177,8 @@ class _WebhookHandler:
 # ---------------------------------------------------------------------------
 
 TASK_MARKER = "ty-openworkflow-run: %s"
+# A wait on a task ends when the task reaches one of these: done approves, the others refuse.
+APPROVAL_ENDS = ("done", "blocked", "archived")
 WAIT_MARKER = "ty-openworkflow-wait: %s %s"  # run id, wait key: the task a waitForTask created
 # Task updates retry until delivered: 1 s, x2, at most 5 minutes apart.
 OUTBOX_RETRY = {"initial_ms": 1000, "backoff": 2.0, "max_ms": 300000}
@@ -7186,6 +7217,88 @@ def parse_ty_json(text, what):
         except ValueError:
             continue
     raise TaskYouError("`ty %s --json` printed something that is not JSON: %r" % (what, text[:200]))
+
+
+# TaskYou's daemon gives its plugin services its HTTP API's address in this variable.
+TY_API_ENV = "TY_API_URL"
+# A task from TaskYou's API (internal/web/handlers.go, taskJSON) under the names `ty show --json`
+# prints (cmd/task/main.go), so a workflow sees one shape whichever way the task was read.
+SHOW_FROM_API = (("id", "id"), ("title", "title"), ("body", "body"), ("status", "status"),
+                 ("type", "type"), ("project", "project"), ("executor", "executor"),
+                 ("worktree", "worktree_path"), ("branch", "branch_name"),
+                 ("claude_pane_id", "claude_pane_id"), ("shell_pane_id", "shell_pane_id"),
+                 ("summary", "summary"), ("created_at", "created_at"),
+                 ("updated_at", "updated_at"))
+SHOW_IF_SET = ("started_at", "completed_at")
+
+
+class TaskYouUnreachable(TaskYouError):
+    """TaskYou's API did not answer (the `ty` CLI may still)."""
+
+
+class TaskYouApi:
+    """TaskYou's daemon HTTP API, as it gives it to plugin services (TY_API_URL): tasks read,
+    its event feed followed (internal/web/server.go, handlers.go, sse.go)."""
+
+    def __init__(self, url, timeout_s=10.0):
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def from_env(cls, environ=None):
+        url = (environ if environ is not None else os.environ).get(TY_API_ENV, "").strip()
+        return cls(url) if url.startswith(("http://", "https://")) else None
+
+    def task(self, task_id):
+        """Task ``task_id`` (GET /api/tasks/{id}) in `ty show --json`'s shape."""
+        try:
+            status, _, body = http_request("GET", "%s/api/tasks/%d" % (self.url, int(task_id)),
+                                           headers={"Accept": "application/json"},
+                                           timeout_s=self.timeout_s)
+        except AdapterError as exc:
+            raise TaskYouUnreachable(str(exc))
+        doc = loads_or_none(body.decode("utf-8", "replace"))
+        if status == 404:
+            raise TaskYouError("task #%d not found (TaskYou's API)" % int(task_id))
+        task = doc.get("task") if isinstance(doc, dict) else None
+        if status != 200 or not isinstance(task, dict):
+            raise TaskYouUnreachable("GET /api/tasks/%d answered %d" % (int(task_id), status))
+        out = {show: task.get(api, "") for show, api in SHOW_FROM_API}
+        out.update((k, task[k]) for k in SHOW_IF_SET if task.get(k))
+        return out
+
+    def board_stream(self, timeout_s):
+        """(connection, response) of the board's event stream (GET /api/board/stream)."""
+        try:
+            conn, resp = http_request("GET", self.url + "/api/board/stream",
+                                      headers={"Accept": "text/event-stream"},
+                                      timeout_s=timeout_s, stream=True)
+        except AdapterError as exc:
+            raise TaskYouUnreachable(str(exc))
+        if resp.status != 200:
+            conn.close()
+            raise TaskYouUnreachable("GET /api/board/stream answered %d" % resp.status)
+        return conn, resp
+
+
+def sse_events(lines):
+    """(event, data) of each Server-Sent Event in an iterable of byte lines."""
+    event, data = "message", []
+    for raw in lines:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
 
 
 class Bridge:
@@ -7328,8 +7441,8 @@ class Bridge:
         return None
 
     def poll_approvals(self):
-        """Look at the tasks runs wait on (`ty show ID --json`, at most every poll_interval each):
-        done resolves the wait as approved, blocked or archived as refused. `ty` failing only
+        """Look at the tasks runs wait on (read_task, at most every poll_interval each): done
+        resolves the wait as approved, blocked or archived as refused. TaskYou failing only
         delays it."""
         now = self.sidecar.clock()
         resolved = 0
@@ -7337,23 +7450,65 @@ class Bridge:
             if self._stop.is_set():
                 break
             try:
-                task = parse_ty_json(self._ty(["show", str(spec["task_id"]), "--json"]), "show")
+                task = self.read_task(spec["task_id"])
             except TaskYouError as exc:
                 if self.first_time(exc):
                     log.warning("taskyou: %s; will look again", exc)
+                task = None
+            if self.judge(run_id, key, task) is None:
                 self.store.set_wait_task(run_id, key, spec["task_id"], self.sidecar.clock())
-                continue
-            status = task.get("status") if isinstance(task, dict) else None
-            if status in ("done", "blocked", "archived"):
-                if self.store.resolve_wait(run_id, key,
-                                           {"value": {"approved": status == "done", "task": task}},
-                                           self.sidecar.clock()):
-                    resolved += 1
             else:
-                self.store.set_wait_task(run_id, key, spec["task_id"], self.sidecar.clock())
+                resolved += 1
         if resolved:
             self.sidecar.poke_schedulers()
         return resolved
+
+    def judge(self, run_id, key, task):
+        """Resolve a wait by its task's status (done: approved; blocked, archived: refused).
+        True if this resolved it, False if it had ended already, None if the task is open."""
+        status = task.get("status") if isinstance(task, dict) else None
+        if status not in APPROVAL_ENDS:
+            return None
+        return self.store.resolve_wait(run_id, key, {"value": {"approved": status == "done",
+                                                               "task": task}},
+                                       self.sidecar.clock())
+
+    def task_changed(self, task_id, hint=None, patience_s=0.0):
+        """TaskYou says task ``task_id`` changed: resolve the waits on it by its status now.
+        ``hint``: the status the change should show (a hook's event); its task is read again
+        for up to ``patience_s`` until it does, then left to the next poll. Returns how many
+        waits were resolved; 0 at once for a task no run waits on."""
+        waits = self.store.task_waits(task_id)
+        if not waits:
+            return 0
+        deadline = time.monotonic() + patience_s
+        while True:
+            task = self.read_task(task_id)
+            status = task.get("status") if isinstance(task, dict) else None
+            if status in APPROVAL_ENDS or hint is None or time.monotonic() >= deadline:
+                break
+            time.sleep(0.25)
+        resolved = 0
+        for run_id, key, _ in waits:
+            if self.judge(run_id, key, task) is None:
+                if hint is not None:  # heard of but not seen yet: look again soon
+                    self.store.poll_soon(run_id, key)
+            else:
+                resolved += 1
+        return resolved
+
+    def read_task(self, task_id):
+        """Task ``task_id`` as `ty show --json` prints it: from TaskYou's HTTP API when its
+        daemon gave us one (TY_API_URL), else (or if the API cannot be reached) from `ty show`."""
+        api = TaskYouApi.from_env()
+        if api is not None:
+            try:
+                return api.task(task_id)
+            except TaskYouUnreachable as exc:
+                if self.first_time(TaskYouError("TaskYou's API at %s: %s" % (api.url, exc))):
+                    log.info("taskyou: the API at %s did not answer (%s); using `ty show`",
+                             api.url, exc)
+        return parse_ty_json(self._ty(["show", str(task_id), "--json"]), "show")
 
     def _create(self, run, item):
         marker = TASK_MARKER % run["id"]
@@ -7406,6 +7561,368 @@ class Bridge:
             state["last_error"] = pending[0]["last_error"]
             state["next_attempt_at"] = pending[0]["next_at"]
         return state
+
+
+# ---------------------------------------------------------------------------
+# TaskYou plugin: `serve` supervised by TaskYou, woken by its hooks and its event feed
+# ---------------------------------------------------------------------------
+# TaskYou loads plugins from `ty plugins dir` (bborn/taskyou docs/plugins.md,
+# internal/hooks/plugins.go): a directory with a plugin.yaml naming hook scripts per task
+# event, action scripts (run with no arguments, up to 60 s, output shown to the user) and
+# services (`sh -c` from the plugin dir, stopped with SIGTERM then SIGKILL 5 s later).
+
+PLUGIN_NAME = "openworkflow"
+PLUGIN_EVENTS = ("task.done", "task.blocked", "task.failed")
+PLUGIN_ACTIONS = (("runs", "Workflow runs of this task"),
+                  ("cancel", "Cancel this task's workflow runs"),
+                  ("retry", "Retry this task's failed workflow run"))
+PLUGINS_DIR_ENV = "TY_PLUGINS_DIR"
+PLUGIN_RECORD = "taskyou-plugins.json"  # in the data dir: where `plugin install` wrote
+# TaskYou kills a service 5 s after SIGTERM (internal/hooks/services.go): leave passes in
+# flight less than that before they are given back.
+PLUGIN_SERVE = "exec ./ty-openworkflow serve --shutdown-grace 3s"
+# A hook's task may not show its new status yet (TaskYou passes the task as it was): read it
+# again for this long before leaving it to the next poll. TaskYou kills hooks at 30 s.
+HOOK_PATIENCE_S = 5.0
+FEED_READ_TIMEOUT_S = 45.0  # TaskYou's stream sends a heartbeat every 15 s
+FEED_BACKOFF_MAX_S = 30.0
+BOARD_OPEN = ("backlog", "processing")  # board columns of tasks that cannot end a wait
+
+
+def plugins_dir(config):
+    """Where TaskYou looks for plugins: $TY_PLUGINS_DIR, else what `ty plugins dir` prints,
+    else ~/.config/task/plugins (Go's os.UserConfigDir honours $XDG_CONFIG_HOME)."""
+    if os.environ.get(PLUGINS_DIR_ENV):
+        return os.environ[PLUGINS_DIR_ENV]
+    with contextlib.suppress(TaskYouError):
+        printed = run_ty(config, ["plugins", "dir"]).strip().splitlines()
+        if printed and os.path.isabs(printed[-1].strip()):
+            return printed[-1].strip()
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return os.path.join(base, "task", "plugins")
+
+
+def plugin_files(launcher, workflows=(), marker=""):
+    """The plugin's files, {relative path: text}: its manifest, the launcher every script
+    runs, one hook script for the events that can end a wait, one script per action."""
+    def q(text):
+        return json.dumps(text, ensure_ascii=False)
+
+    def script(what, args):
+        return ("#!/bin/sh\n# %s\nexec \"$(dirname \"$0\")/../ty-openworkflow\" %s\n"
+                % (what, args))
+
+    actions = [(aid, label) for aid, label in PLUGIN_ACTIONS]
+    actions += [("start-" + wf["id"], "Start workflow: %s" % (wf.get("name") or wf["id"]))
+                for wf in workflows]
+    lines = ["# The ty-openworkflow TaskYou plugin. Written by `ty-openworkflow plugin install`,",
+             "# which rewrites it (and `deploy` its start- actions): edits here do not last.",
+             "name: %s" % PLUGIN_NAME, "version: %s" % q(__version__),
+             "description: %s" % q("Durable workflows for TaskYou: runs `ty-openworkflow "
+                                   "serve`, resumes runs waiting on a task when it changes, "
+                                   "and starts, lists, cancels and retries a task's runs."),
+             "hooks:"]
+    lines += ["  %s: hooks/task-event" % event for event in PLUGIN_EVENTS]
+    lines.append("actions:")
+    for aid, label in actions:
+        lines += ["  - id: %s" % q(aid), "    label: %s" % q(label),
+                  "    command: %s" % q("actions/" + aid)]
+    lines += ["services:", "  - name: serve", "    command: %s" % q(PLUGIN_SERVE)]
+    if marker:
+        lines.append("# %s" % marker)
+    files = {"plugin.yaml": "\n".join(lines) + "\n", "ty-openworkflow": launcher,
+             "hooks/task-event": script("TaskYou runs this on %s: a run waiting on the task "
+                                        "resumes." % ", ".join(PLUGIN_EVENTS), "plugin hook")}
+    for aid, label in actions:
+        files["actions/" + aid] = script("%s (`ty plugins run %s %s TASK_ID`)."
+                                         % (label, PLUGIN_NAME, aid), "plugin action " + aid)
+    return files
+
+
+def installed_launcher(config_path=None, data_dir=None):
+    """The plugin's launcher for this install: the interpreter and module running now."""
+    import shlex
+    env = "%s=%s " % (DATA_DIR_ENV, shlex.quote(data_dir)) if data_dir else ""
+    conf = " --config %s" % shlex.quote(config_path) if config_path else ""
+    return ("#!/bin/sh\n# The ty-openworkflow this plugin runs: the install that wrote it.\n"
+            "%sexec %s %s%s \"$@\"\n" % (env, shlex.quote(sys.executable),
+                                        shlex.quote(os.path.abspath(__file__)), conf))
+
+
+# The plugin a clone of the repository carries (runtimes/openworkflow: `ty plugins add` of the
+# repository finds it); it runs the module two levels up with the python3 on PATH.
+CLONE_LAUNCHER = ("#!/bin/sh\n# The ty-openworkflow this plugin runs: the clone it is part of.\n"
+                  "here=$(cd \"$(dirname \"$0\")\" && pwd)\n"
+                  "exec python3 \"$here/../../ty_openworkflow.py\" \"$@\"\n")
+
+
+def write_plugin(directory, files):
+    """Write the plugin's files into ``directory`` (each atomically, scripts executable) and
+    remove its action scripts that are no longer declared."""
+    import tempfile
+    for rel, text in sorted(files.items()):
+        path = os.path.join(directory, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644 if rel.endswith(".yaml") else 0o755)
+        os.replace(tmp, path)
+    actions_dir = os.path.join(directory, "actions")
+    for name in os.listdir(actions_dir):
+        if "actions/" + name not in files and not name.startswith("."):
+            os.unlink(os.path.join(actions_dir, name))
+
+
+class TaskYouPlugin:
+    """Installs the plugin into TaskYou's plugins dir, keeps its start- actions in step with
+    the deployed workflows, and does what its hooks and actions ask."""
+
+    def __init__(self, sidecar):
+        self.sidecar = sidecar
+        self.config = sidecar.config
+        self.record_path = os.path.join(self.config.data_dir, PLUGIN_RECORD)
+
+    # -- install and keep in step ----------------------------------------------------------
+
+    def install(self, parent=None):
+        """Write the plugin into ``parent`` (default: TaskYou's plugins dir); returns its dir."""
+        parent = os.path.abspath(os.path.expanduser(parent or plugins_dir(self.config)))
+        directory = os.path.join(parent, PLUGIN_NAME)
+        self._check_ours(directory)
+        try:
+            write_plugin(directory, self._files())
+        except OSError as exc:
+            raise InputError("cannot write the plugin into %s: %s; choose another place with "
+                             "--dir" % (directory, exc.strerror or exc))
+        self._record(directory, add=True)
+        return directory
+
+    def _check_ours(self, directory):
+        manifest = os.path.join(directory, "plugin.yaml")
+        if os.path.isdir(os.path.join(directory, ".git")):
+            raise Conflict("%s is a git checkout (`ty plugins add`); remove it with `ty plugins "
+                           "remove %s` or install elsewhere with --dir" % (directory, PLUGIN_NAME))
+        if os.path.exists(directory) and not os.path.isfile(manifest) and os.listdir(directory):
+            raise Conflict("%s exists and is not a TaskYou plugin; move it away or install "
+                           "elsewhere with --dir" % directory)
+        if os.path.isfile(manifest):
+            with open(manifest, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            if not re.search(r"^name:\s*%s\s*$" % PLUGIN_NAME, text, re.M):
+                raise Conflict("%s holds another plugin; move it away or install elsewhere "
+                               "with --dir" % directory)
+
+    def _marker(self):
+        return "store %s" % self.sidecar.store.store_id
+
+    def _files(self):
+        path = self.config.path if self.config.exists else None
+        launcher = installed_launcher(path and os.path.abspath(path),
+                                      os.environ.get(DATA_DIR_ENV) and self.config.data_dir)
+        workflows = [{"id": wf["id"], "name": wf.get("name")}
+                     for wf in self.sidecar.store.list_workflows()]
+        return plugin_files(launcher, workflows, self._marker())
+
+    def _installed(self):
+        try:
+            with open(self.record_path, encoding="utf-8") as f:
+                dirs = json.load(f)
+        except (OSError, ValueError):
+            return []
+        return [d for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else []
+
+    def _record(self, directory, add):
+        dirs = [d for d in self._installed() if d != directory] + ([directory] if add else [])
+        tmp = self.record_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(dirs, f)
+        os.replace(tmp, self.record_path)
+
+    def sync(self):
+        """After a deploy: rewrite each installed plugin of this store, so its start- actions
+        match the workflows. A plugin removed since (or taken by another store) is forgotten."""
+        for directory in self._installed():
+            try:
+                with open(os.path.join(directory, "plugin.yaml"), encoding="utf-8") as f:
+                    ours = ("# %s\n" % self._marker()) in f.read()
+            except OSError:
+                ours = False
+            if not ours:
+                self._record(directory, add=False)
+                continue
+            try:
+                write_plugin(directory, self._files())
+            except OSError as exc:
+                log.warning("could not update the TaskYou plugin in %s: %s", directory,
+                            exc.strerror or exc)
+
+    # -- hooks and actions -------------------------------------------------------------------
+
+    @staticmethod
+    def task_in(environ):
+        """The task id TaskYou gave a hook or action (TASK_ID), or None."""
+        value = (environ.get("TASK_ID") or "").strip()
+        return int(value) if value.isdigit() and int(value) > 0 else None
+
+    def hook(self, environ):
+        """A task event: resolve the waits on that task (a task no run waits on: nothing)."""
+        task_id = self.task_in(environ)
+        if task_id is None:
+            return 0
+        event = environ.get("TASK_EVENT")
+        resolved = self.sidecar.bridge.task_changed(
+            task_id, hint=event if event in PLUGIN_EVENTS else None, patience_s=HOOK_PATIENCE_S)
+        if resolved:
+            self.sidecar.ensure_driven()
+        return resolved
+
+    def action(self, name, environ):
+        """Do action ``name`` for the task in ``environ``; returns (exit status, lines)."""
+        task_id = self.task_in(environ)
+        if task_id is None:
+            return 2, ["this action needs a task: run it on a task (`ty plugins run %s %s "
+                       "TASK_ID`, or from the task's action picker)" % (PLUGIN_NAME, name)]
+        if name.startswith("start-"):
+            return self._start(name[len("start-"):], task_id, environ)
+        handler = {"runs": self._runs, "cancel": self._cancel, "retry": self._retry}.get(name)
+        if handler is None:
+            return 2, ["no action %r; the plugin has runs, cancel, retry and start-WORKFLOW"
+                       % name]
+        return handler(task_id)
+
+    def _runs(self, task_id):
+        runs = self.sidecar.store.runs_of_task(task_id)
+        if not runs:
+            return 0, ["task #%d has no workflow runs" % task_id]
+        counts = collections.Counter(r["status"] for r in runs)
+        head = "task #%d: %d workflow run%s (%s)" % (
+            task_id, len(runs), "" if len(runs) == 1 else "s",
+            ", ".join("%d %s" % (counts[s], s) for s in RUN_STATUSES if counts[s]))
+        return 0, [head] + ["%s  %s  %s  since %s" % (r["id"], r["workflow_id"], r["status"],
+                                                      format_time(r["updated_at"]))
+                            for r in runs]
+
+    def _cancel(self, task_id):
+        open_runs = [r["id"] for r in self.sidecar.store.runs_of_task(task_id)
+                     if r["status"] not in TERMINAL]
+        if not open_runs:
+            return 0, ["task #%d has no unfinished workflow runs" % task_id]
+        for run_id in open_runs:
+            self.sidecar.cancel(run_id)
+        return 0, ["canceled %d workflow run%s of task #%d: %s"
+                   % (len(open_runs), "" if len(open_runs) == 1 else "s", task_id,
+                      ", ".join(open_runs))]
+
+    def _retry(self, task_id):
+        failed = [r for r in self.sidecar.store.runs_of_task(task_id) if r["status"] == "failed"]
+        if not failed:
+            return 1, ["task #%d has no failed workflow run to retry" % task_id]
+        run = self.sidecar.retry(failed[-1]["id"])
+        return 0, ["retrying run %s of %s (task #%d): %s"
+                   % (run["id"], run["workflow_id"], task_id, run["status"])]
+
+    def _start(self, workflow_id, task_id, environ):
+        try:
+            task = self.sidecar.bridge.read_task(task_id)
+        except TaskYouError:  # what TaskYou gave the action is the task as far as we know
+            task = {"id": task_id, "title": environ.get("TASK_TITLE", ""),
+                    "status": environ.get("TASK_STATUS", ""),
+                    "project": environ.get("TASK_PROJECT", ""),
+                    "type": environ.get("TASK_TYPE", ""),
+                    "worktree": environ.get("WORKTREE_PATH", "")}
+        run = self.sidecar.start(workflow_id, {"task": task}, task_id=task_id)
+        return 0, ["started %s (run %s) for task #%d: %s"
+                   % (workflow_id, run["id"], task_id, run["status"])]
+
+
+class TaskFeed:
+    """Follows TaskYou's event feed (its daemon's board stream at TY_API_URL), so a run waiting
+    on a task resumes about a second after the task changes however it was changed; the
+    bridge's polling stays the fallback. Reconnects with backoff; idle, it waits on a socket."""
+
+    def __init__(self, bridge, api, on_resolved):
+        self.bridge = bridge
+        self.api = api
+        self.on_resolved = on_resolved
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._conn = None
+        self.thread = None
+        self.boards = 0  # board snapshots seen, for tests and logs
+
+    def start(self):
+        self.thread = threading.Thread(target=self._run, name="tyow-taskfeed", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self):
+        import socket
+        self._stop.set()
+        with self._lock:
+            conn = self._conn
+        if conn is not None and conn.sock is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        if self.thread is not None:
+            self.thread.join(5)
+
+    def _run(self):
+        backoff_s = 0.0
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                self._follow()
+            except (TaskYouError, OSError, ValueError, _http_exception()) as exc:
+                if not self._stop.is_set() and self.bridge.first_time(
+                        TaskYouError("TaskYou's event feed at %s: %s" % (self.api.url, exc))):
+                    log.info("taskyou: the event feed at %s stopped (%s); polling goes on, "
+                             "reconnecting", self.api.url, exc)
+            except Exception:  # the feed must never take serve down
+                log.exception("taskyou: the event feed failed")
+            if time.monotonic() - began > 10:  # it was up a while: a new drop starts afresh
+                backoff_s = 0.0
+            backoff_s = min(FEED_BACKOFF_MAX_S, max(1.0, backoff_s * 2))
+            self._stop.wait(backoff_s)
+
+    def _follow(self):
+        conn, resp = self.api.board_stream(FEED_READ_TIMEOUT_S)
+        with self._lock:
+            self._conn = conn
+        try:
+            for event, data in sse_events(iter(resp.readline, b"")):
+                if self._stop.is_set():
+                    return
+                if event == "board":
+                    self.boards += 1
+                    self._board(loads_or_none(data))
+        finally:
+            with self._lock:
+                self._conn = None
+            conn.close()
+
+    def _board(self, snapshot):
+        """Something changed on the board: look at the waited-on tasks that may have ended."""
+        waits = self.bridge.store.task_waits()
+        if not waits:
+            return
+        shown = {}
+        columns = snapshot.get("columns") if isinstance(snapshot, dict) else None
+        for col in columns or []:
+            for task in (col.get("tasks") or []) if isinstance(col, dict) else []:
+                if isinstance(task, dict):
+                    shown[task.get("id")] = col.get("status")
+        resolved = 0
+        for task_id in sorted({w[2] for w in waits}):
+            if shown.get(task_id) in BOARD_OPEN or self._stop.is_set():
+                continue  # on the board and not ended; absent: archived or past a column's 50
+            try:
+                resolved += self.bridge.task_changed(task_id)
+            except TaskYouError as exc:
+                if self.bridge.first_time(exc):
+                    log.warning("taskyou: %s; will look again", exc)
+        if resolved:
+            self.on_resolved()
 
 
 # ---------------------------------------------------------------------------
@@ -7965,6 +8482,11 @@ class Sidecar:
             self._bridge = Bridge(self)
         return self._bridge
 
+    @property
+    def plugin(self):
+        """The TaskYou plugin: install it, and what its hooks and actions do."""
+        return TaskYouPlugin(self)
+
     def close(self):
         for impl in list(self._adapters.values()):
             with contextlib.suppress(Exception):
@@ -8031,6 +8553,10 @@ class Sidecar:
             version = current["label"] if current else "1.0.0"
         row, created = self.store.save_version(workflow_id, code, runtime, adapter, str(version),
                                                name, description, self.clock(), deadline_ms)
+        try:  # the TaskYou plugin's start- actions follow the workflows
+            self.plugin.sync()
+        except (OSError, OpenWorkflowError) as exc:
+            log.warning("could not update the TaskYou plugin's actions: %s", exc)
         return {"workflow_id": workflow_id, "version": row["version"], "label": row["label"],
                 "runtime": runtime, "adapter": adapter, "code_hash": row["code_hash"],
                 "created": created}
@@ -8052,8 +8578,11 @@ class Sidecar:
     # -- runs -----------------------------------------------------------------
 
     def start(self, workflow_id, input=None, task_title=None, create_task=False, deadline=None,
-              drive=True, idempotency_key=None):
+              drive=True, idempotency_key=None, task_id=None):
         """Create a run on the workflow's latest version and make sure a scheduler drives it.
+
+        ``task_id`` links the run to a TaskYou task that exists (no task is created for it,
+        and its status is left to its owner).
 
         With ``idempotency_key``, a second start of the same workflow with the same key
         returns the first run (whatever its status) and creates nothing; the result then
@@ -8069,13 +8598,14 @@ class Sidecar:
                 deadline_at = now + parse_duration(deadline)
             except ValueError as exc:
                 raise InputError("--deadline: %s" % exc)
-        task_requested = bool(create_task or task_title or self.config["taskyou.auto_create_tasks"])
+        task_requested = task_id is None and bool(
+            create_task or task_title or self.config["taskyou.auto_create_tasks"])
         run_id = new_id("run")
         got = self.store.create_run(run_id, workflow_id, wf["latest_version"], input_json, now,
                                     task_requested=task_requested,
                                     task_title=task_title or ("Workflow: %s" % workflow_id),
                                     deadline_at=deadline_at,
-                                    idempotency_key=idempotency_key)
+                                    idempotency_key=idempotency_key, task_id=task_id)
         if got != run_id:
             return dict(self.status(got), existing=True)
         if drive:
@@ -8330,10 +8860,12 @@ class Sidecar:
         except TaskYouError as exc:
             if self.bridge.first_time(exc):  # once is enough; the bridge will not repeat it
                 log.warning("taskyou: %s", exc)
+        api = TaskYouApi.from_env()
+        feed = TaskFeed(self.bridge, api, self.poke_schedulers).start() if api else None
         try:
             return sched.loop()
         finally:
-            for srv in (hook, board):
+            for srv in (hook, board, feed):
                 if srv is not None:
                     srv.stop()
 
@@ -8425,6 +8957,9 @@ def cmd_init(api, args):
         sc.close()
     print("wrote %s" % path)
     print("data dir %s" % cfg.data_dir)
+    if shutil.which(cfg["taskyou.cli"]):
+        print("TaskYou found: `ty-openworkflow plugin install` has its daemon run serve, resume "
+              "runs waiting on tasks at once, and offer run actions on tasks")
     return 0
 
 
@@ -8842,6 +9377,11 @@ def cmd_runner(api, args):
 
 def cmd_serve(api, args):
     _setup_logging(args.verbose)
+    if args.shutdown_grace is not None:
+        try:
+            api.config.values["shutdown_grace"] = parse_duration(args.shutdown_grace)
+        except ValueError as exc:
+            raise InputError("--shutdown-grace: %s" % exc)
     sched = api.scheduler("serve", args.concurrency)
 
     def on_signal(signum, frame):
@@ -8861,6 +9401,28 @@ def cmd_serve(api, args):
     api.serve(scheduler=sched)
     log.info("stopped")
     return 0
+
+
+def cmd_plugin(api, args):
+    plugin = api.plugin
+    if args.plugin_command == "install":
+        directory = plugin.install(args.dir)
+        print("installed the TaskYou plugin %s in %s" % (PLUGIN_NAME, directory))
+        print("restart TaskYou's daemon (`ty daemon restart`) so it loads the plugin; it will then")
+        print("  run `ty-openworkflow serve` as the plugin's service, while the daemon runs")
+        print("  resume runs waiting on a task when it is done, blocked or failed (hooks), and")
+        print("  at once on any change when its API is on (the service follows its event feed)")
+        print("  offer the actions runs, cancel, retry and start-WORKFLOW on each task "
+              "(`ty plugins run %s ACTION TASK_ID`)" % PLUGIN_NAME)
+        print("remove it with `ty plugins remove %s`" % PLUGIN_NAME)
+        return 0
+    if args.plugin_command == "hook":
+        plugin.hook(os.environ)
+        return 0
+    code, lines = plugin.action(args.action, os.environ)
+    for line in lines:
+        print(line, file=sys.stdout if code == 0 else sys.stderr)
+    return code
 
 
 def cmd_dashboard(api, args):
@@ -8926,7 +9488,7 @@ class _Parser(argparse.ArgumentParser):
 
 COMMANDS = ("init", "deploy", "start", "status", "list", "cancel", "signal", "retry", "fork",
             "logs", "adapters", "tick", "serve", "sign", "schedule", "prune", "dashboard", "runner",
-            "dist")
+            "dist", "plugin")
 
 
 class _Unbuilt:
@@ -8950,6 +9512,21 @@ def _command_in(argv):
             continue
         return None if a.startswith("-") else a
     return None
+
+
+def _plugin_commands(sp):
+    """`plugin install`, and what the plugin's scripts run (`plugin hook`, `plugin action`)."""
+    psub = sp.add_subparsers(dest="plugin_command", metavar="install")
+    psub.required = True
+    ip = psub.add_parser("install", help="write the plugin into TaskYou's plugins dir (again: "
+                         "update it)", description="write the plugin openworkflow into TaskYou's "
+                         "plugins dir (again: update it)")
+    ip.add_argument("--dir", help="the plugins dir (default: $TY_PLUGINS_DIR, else what `ty "
+                    "plugins dir` prints, else ~/.config/task/plugins)")
+    # What the plugin's scripts run (TaskYou gives them the task in TASK_* variables).
+    psub.add_parser("hook")
+    ap = psub.add_parser("action")
+    ap.add_argument("action")
 
 
 def build_parser(only=None):
@@ -9090,7 +9667,15 @@ def build_parser(only=None):
 
     sp = cmd("serve", cmd_serve, "run the scheduler until SIGTERM/SIGINT")
     sp.add_argument("--concurrency", type=int, help="max passes at once (default: concurrency)")
+    sp.add_argument("--shutdown-grace", metavar="DURATION",
+                    help="on SIGTERM, how long passes in flight may finish before they are "
+                         "given back (default: shutdown_grace)")
     sp.add_argument("-v", "--verbose", action="store_true")
+
+    sp = cmd("plugin", cmd_plugin, "the TaskYou plugin: install it (TaskYou then runs serve, "
+             "wakes waiting runs, offers actions on tasks)")
+    if only in (None, "plugin"):
+        _plugin_commands(sp)
 
     sp = cmd("dashboard", cmd_dashboard,
              "serve the dashboard, its JSON API and /metrics alone (no scheduler)")

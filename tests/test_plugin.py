@@ -1,0 +1,294 @@
+"""The TaskYou plugin: `plugin install`, its files, its hooks and actions, and the event feed.
+
+TaskYou's side is the fake `ty` (tests/fake_ty.py), which follows TaskYou's own plugin loader,
+daemon, hooks, actions, services and HTTP API (its docstring cites the files); the plugin's
+scripts are run as TaskYou runs them (no arguments, cwd the plugin dir, TASK_* variables).
+"""
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+
+from tests import fake_ty
+from tests.util import MODULE, ROOT, TempHome, tow, wait_for
+
+APPROVAL = """
+def workflow(input, ctx):
+    r = ctx.wait_for_task("Approve the deploy", body="version 2")
+    return {"approved": r["approved"], "task": r["task"]}
+"""
+FAILS = """
+def workflow(input, ctx):
+    ctx.step("boom", lambda: 1 / 0, max_attempts=1)
+"""
+WAITS = """
+def workflow(input, ctx):
+    return ctx.wait_for_signal("go")
+"""
+ECHO = """
+def workflow(input, ctx):
+    return ctx.step("echo", lambda: input)
+"""
+
+
+class PluginCase(TempHome):
+    """A fake `ty` first on PATH, TaskYou's plugins dir in the test's tree."""
+
+    extra_config = "poll_interval: 10m\n"
+
+    def setUp(self):
+        super().setUp()
+        self.bin_dir = os.path.join(self.tmp, "bin")
+        self.state = os.path.join(self.tmp, "ty-state.json")
+        fake_ty.install(self.bin_dir, self.state)
+        self.plugins = os.path.join(self.tmp, "plugins")
+        self._saved = {k: os.environ.get(k) for k in ("PATH", "TY_PLUGINS_DIR", "TY_API_URL")}
+        os.environ["PATH"] = self.bin_dir + os.pathsep + os.environ.get("PATH", os.defpath)
+        os.environ["TY_PLUGINS_DIR"] = self.plugins
+        os.environ.pop("TY_API_URL", None)
+        self.plugin_dir = os.path.join(self.plugins, "openworkflow")
+
+    def tearDown(self):
+        for k, v in self._saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        super().tearDown()
+
+    def install(self, *extra):
+        code, out, err = self.cli("plugin", "install", *extra)
+        self.assertEqual(code, 0, err)
+        return out
+
+    def script(self, rel, task_id=None, event=None, **env):
+        """Run a plugin script as TaskYou does: no arguments, cwd the plugin dir."""
+        full = dict(os.environ, TASK_PLUGIN_NAME="openworkflow", TASK_PLUGIN_DIR=self.plugin_dir)
+        if task_id is not None:
+            full.update(TASK_ID=str(task_id), TASK_TITLE="t", TASK_STATUS="processing",
+                        TASK_PROJECT="personal", TASK_TYPE="code", WORKTREE_PATH="")
+        if event is not None:
+            full.update(TASK_EVENT=event, TASK_MESSAGE="")
+        full.update(env)
+        return subprocess.run([os.path.join(self.plugin_dir, rel)], cwd=self.plugin_dir,
+                              env=full, capture_output=True, text=True, timeout=60)
+
+    def ty(self, *argv):
+        out = subprocess.run(["ty"] + list(argv), capture_output=True, text=True, check=True)
+        return out.stdout
+
+    def new_task(self, title="A task"):
+        return json.loads(self.ty("create", "--json", "--", title))["id"]
+
+    def waiting_on_task(self, sc):
+        """A run of APPROVAL waiting on the task the bridge created for it: (run id, task id)."""
+        sc.deploy("approve", APPROVAL, runtime="python")
+        run_id = sc.start("approve", {}, drive=False)["id"]
+        sc.tick()
+        sc.bridge.deliver_due()
+        waits = sc.store.task_waits()
+        self.assertEqual(len(waits), 1, waits)
+        return run_id, waits[0][2]
+
+
+class Install(PluginCase):
+
+    def test_install_writes_the_plugin_and_again_updates_it_in_place(self):
+        out = self.install()
+        self.assertIn(self.plugin_dir, out)
+        self.assertIn("ty daemon restart", out)
+        self.assertIn("ty plugins remove openworkflow", out)
+        with open(os.path.join(self.plugin_dir, "plugin.yaml")) as f:
+            manifest = f.read()
+        self.assertIn("\nname: openworkflow\n", manifest)
+        for event in ("task.done", "task.blocked", "task.failed"):
+            self.assertIn("  %s: hooks/task-event\n" % event, manifest)
+        for action in ("runs", "cancel", "retry"):
+            self.assertIn('  - id: "%s"\n' % action, manifest)
+            mode = os.stat(os.path.join(self.plugin_dir, "actions", action)).st_mode
+            self.assertTrue(mode & stat.S_IXUSR, action)
+        self.assertIn('command: "exec ./ty-openworkflow serve --shutdown-grace 3s"', manifest)
+        with open(os.path.join(self.plugin_dir, "ty-openworkflow")) as f:
+            launcher = f.read()
+        self.assertIn(sys.executable, launcher)
+        self.assertIn(os.path.abspath(MODULE), launcher)
+        self.assertIn("--config " + self.config_path, launcher)  # the store this install uses
+        before = self.files()
+        self.assertEqual(self.install(), out)
+        self.assertEqual(self.files(), before)
+
+    def files(self):
+        out = {}
+        for dirpath, _, names in os.walk(self.plugin_dir):
+            for name in names:
+                with open(os.path.join(dirpath, name)) as f:
+                    out[os.path.relpath(os.path.join(dirpath, name), self.plugin_dir)] = f.read()
+        return out
+
+    def test_the_plugins_dir_is_TY_PLUGINS_DIR_else_the_default_and_dir_overrides_both(self):
+        other = os.path.join(self.tmp, "elsewhere")
+        self.install("--dir", other)
+        self.assertTrue(os.path.isfile(os.path.join(other, "openworkflow", "plugin.yaml")))
+        self.install()
+        self.assertTrue(os.path.isfile(os.path.join(self.plugin_dir, "plugin.yaml")))
+        del os.environ["TY_PLUGINS_DIR"]
+        os.environ["PATH"] = os.defpath  # no `ty` to ask: XDG_CONFIG_HOME, else ~/.config
+        self.install()
+        self.assertTrue(os.path.isfile(os.path.join(self.home, ".config", "task", "plugins",
+                                                    "openworkflow", "plugin.yaml")))
+
+    def test_another_plugin_in_the_way_is_refused_in_one_line_and_left_alone(self):
+        os.makedirs(self.plugin_dir)
+        with open(os.path.join(self.plugin_dir, "plugin.yaml"), "w") as f:
+            f.write("name: someone-else\nhooks:\n  task.done: x.sh\n")
+        code, out, err = self.cli("plugin", "install")
+        self.assertEqual(code, 1, (out, err))
+        self.assertIn("holds another plugin", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertEqual(os.listdir(self.plugin_dir), ["plugin.yaml"])
+        os.remove(os.path.join(self.plugin_dir, "plugin.yaml"))
+        os.makedirs(os.path.join(self.plugin_dir, ".git"))
+        code, out, err = self.cli("plugin", "install")
+        self.assertNotEqual(code, 0)
+        self.assertIn("git checkout", err)
+
+    def test_the_plugin_a_clone_carries_is_what_the_module_writes(self):
+        want = tow.plugin_files(tow.CLONE_LAUNCHER)
+        base = os.path.join(ROOT, "runtimes", "openworkflow")
+        got = {}
+        for dirpath, _, names in os.walk(base):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                with open(path) as f:
+                    got[os.path.relpath(path, base)] = f.read()
+                if not name.endswith(".yaml"):
+                    self.assertTrue(os.stat(path).st_mode & stat.S_IXUSR, path)
+        self.assertEqual(got, want, "runtimes/openworkflow is stale: run `make plugin-files`")
+
+    def test_deploy_keeps_the_start_actions_in_step_while_the_plugin_is_installed(self):
+        sc = self.sidecar()
+        sc.deploy("first", ECHO, runtime="python", name="The first one")
+        self.install()
+        sc.deploy("second", ECHO, runtime="python")
+        with open(os.path.join(self.plugin_dir, "plugin.yaml")) as f:
+            manifest = f.read()
+        self.assertIn('  - id: "start-first"\n    label: "Start workflow: The first one"', manifest)
+        self.assertIn('  - id: "start-second"\n    label: "Start workflow: second"', manifest)
+        self.assertTrue(os.access(os.path.join(self.plugin_dir, "actions", "start-second"),
+                                  os.X_OK))
+        shutil.rmtree(self.plugin_dir)  # `ty plugins remove openworkflow`
+        sc.deploy("third", ECHO, runtime="python")
+        self.assertFalse(os.path.exists(self.plugin_dir))
+        self.assertEqual(sc.plugin._installed(), [])
+
+
+class Actions(PluginCase):
+
+    def setUp(self):
+        super().setUp()
+        self.sc = self.sidecar(clock=False)
+        self.sc.deploy("echo", ECHO, runtime="python")
+        self.sc.deploy("fails", FAILS, runtime="python")
+        self.install()
+
+    def test_without_a_task_each_action_says_what_it_needs_in_one_line(self):
+        for action in ("runs", "cancel", "retry", "start-echo"):
+            out = self.script("actions/" + action)
+            self.assertEqual(out.returncode, 2, out)
+            self.assertEqual(out.stdout, "")
+            self.assertEqual(len(out.stderr.strip().splitlines()), 1, out.stderr)
+            self.assertIn("needs a task", out.stderr)
+
+    def test_start_links_the_run_to_the_task_with_the_task_as_input_and_creates_no_task(self):
+        task_id = self.new_task("Deploy the site")
+        out = self.script("actions/start-echo", task_id=task_id)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("started echo", out.stdout.splitlines()[0])
+        run_id = out.stdout.split("(run ")[1].split(")")[0]
+        st = wait_for(lambda: (lambda s: s if s["status"] == "completed" else None)(
+            self.sc.status(run_id)), timeout=30, what="the run to complete")
+        self.assertEqual(st["output"]["task"]["id"], task_id)
+        self.assertEqual(st["output"]["task"]["title"], "Deploy the site")
+        self.assertEqual(st["task"]["id"], task_id)
+        self.assertEqual(len(fake_ty.tasks(self.state)), 1, "a task was created")
+        runs = self.script("actions/runs", task_id=task_id)
+        self.assertEqual(runs.returncode, 0)
+        lines = runs.stdout.splitlines()
+        self.assertEqual(lines[0], "task #%d: 1 workflow run (1 completed)" % task_id)
+        self.assertIn(run_id, lines[1])
+
+    def test_retry_and_cancel_act_on_this_tasks_runs_only(self):
+        self.sc.deploy("waits", WAITS, runtime="python")
+        task_id, other = self.new_task(), self.new_task("other")
+        mine = self.sc.start("fails", {}, drive=False, task_id=task_id)["id"]
+        theirs = self.sc.start("fails", {}, drive=False, task_id=other)["id"]
+        out = self.script("actions/retry", task_id=task_id)
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("no failed workflow run", out.stderr)
+        self.sc.tick()
+        self.assertEqual(self.sc.status(mine)["status"], "failed")
+        out = self.script("actions/retry", task_id=task_id)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("retrying run %s" % mine, out.stdout)
+        self.assertEqual(self.sc.status(mine)["retries"], 1)
+        wait_for(lambda: self.sc.status(mine)["status"] == "failed", timeout=30,
+                 what="the retried run to fail again")
+        self.assertEqual(self.sc.status(theirs)["retries"], 0)
+        waiting = [self.sc.start("waits", {}, drive=False, task_id=task_id)["id"]
+                   for _ in range(2)]
+        held = self.sc.start("waits", {}, drive=False, task_id=other)["id"]
+        out = self.script("actions/cancel", task_id=task_id)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("canceled 2 workflow runs of task #%d" % task_id, out.stdout)
+        for run_id in waiting:
+            self.assertEqual(self.sc.status(run_id)["status"], "canceled")
+        self.assertEqual(self.sc.status(held)["status"], "pending")
+        out = self.script("actions/cancel", task_id=task_id)
+        self.assertIn("no unfinished workflow runs", out.stdout)
+
+
+class Hooks(PluginCase):
+
+    def test_a_hook_for_a_task_no_run_waits_on_does_nothing_quietly(self):
+        self.install()
+        before = len(fake_ty.calls(self.state))
+        for event in ("task.done", "task.blocked", "task.failed"):
+            out = self.script("hooks/task-event", task_id=4242, event=event)
+            self.assertEqual((out.returncode, out.stdout, out.stderr), (0, "", ""))
+        out = self.script("hooks/task-event", TASK_ID="not-a-number", TASK_EVENT="task.done")
+        self.assertEqual((out.returncode, out.stdout, out.stderr), (0, "", ""))
+        self.assertEqual(len(fake_ty.calls(self.state)), before, "`ty` was asked about it")
+
+    def test_done_and_blocked_resolve_the_wait_at_once_with_what_polling_would_give(self):
+        self.install()
+        sc = self.sidecar(clock=False)
+        for status, approved in (("done", True), ("blocked", False)):
+            run_id, task_id = self.waiting_on_task(sc)
+            self.ty("status", str(task_id), status)
+            out = self.script("hooks/task-event", task_id=task_id,
+                              event="task.done" if approved else "task.blocked")
+            self.assertEqual(out.returncode, 0, out.stderr)
+            st = sc.status(run_id)
+            wait = [s for s in st["steps"] if s["kind"] == "wait"][0]
+            self.assertEqual(wait["status"], "completed")
+            shown = json.loads(self.ty("show", str(task_id), "--json"))
+            self.assertEqual(wait["output"], {"value": {"approved": approved, "task": shown}})
+            sc.tick()
+            self.assertEqual(sc.status(run_id)["output"], {"approved": approved, "task": shown})
+
+    def test_a_hook_before_the_task_shows_its_change_leaves_it_to_the_next_poll(self):
+        sc = self.sidecar(clock=False)
+        run_id, task_id = self.waiting_on_task(sc)
+        saved = tow.HOOK_PATIENCE_S
+        tow.HOOK_PATIENCE_S = 0.3
+        try:
+            resolved = sc.plugin.hook({"TASK_ID": str(task_id), "TASK_EVENT": "task.done"})
+        finally:
+            tow.HOOK_PATIENCE_S = saved
+        self.assertEqual(resolved, 0)
+        self.assertEqual(sc.store.approvals_due(tow.now_ms(), 600000)[0][:2],
+                         (run_id, sc.store.task_waits()[0][1]),
+                         "the wait is not due for the next poll")
