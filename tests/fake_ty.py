@@ -90,6 +90,7 @@ CONTROL_KEYS = frozenset({
     "fail", "fail_commands", "fail_next", "fail_message",
     "hang", "hang_seconds", "hang_commands",
     "crash_after_create", "crash_after",
+    "api_drop",
 })
 DEFAULT_FAIL_MESSAGE = "Error: fake ty: injected failure"
 
@@ -2231,10 +2232,12 @@ def _api_server_class():
 
 
     def _reset_socket(sock):
+        """Drop a connection with a TCP reset.  The descriptor is closed directly:
+        socket.close() waits for the handler's makefile() objects."""
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         with contextlib.suppress(OSError):
-            sock.close()
+            os.close(sock.detach())
 
 
     class _StreamGone(Exception):
