@@ -2,11 +2,11 @@
 """A faithful fake of TaskYou's ``ty`` CLI for the ty-openworkflow tests.
 
 It speaks the subset of the real grammar the bridge may use (create, show,
-status, close/done, update, list; see ../shared/ty-cli.md), parses flags the
-way cobra/pflag do, and rejects everything else the way the real binary does:
-message on stderr, exit status 1.  State is one JSON file; every invocation is
-appended to its ``calls`` list so a test can assert the exact argv the bridge
-ran, rejected calls included.
+status, close/done, update, list, execute/queue; see ../shared/ty-cli.md), the
+plugin commands and the daemon, parses flags the way cobra/pflag do, and rejects
+everything else the way the real binary does: message on stderr, exit status 1.
+State is one JSON file; every invocation is appended to its ``calls`` list so a
+test can assert the exact argv the bridge ran, rejected calls included.
 
 Quick start (in a test)::
 
@@ -17,16 +17,133 @@ Quick start (in a test)::
     fake_ty.calls(state_path)[-1]["argv"]         # ["create", "T", "--json"]
     fake_ty.write_control(state_path, {"fail_next": 1})   # next call fails
 
+Plugins and the daemon (PATH must then also reach sh and git)::
+
+    env = dict(os.environ, PATH=bin_dir + ":/usr/bin:/bin", TY_PLUGINS_DIR=plugins)
+    daemon = subprocess.Popen(["ty", "daemon"], env=env)     # foreground
+    url = fake_ty.api_url(state_path)             # waits for <state>.api
+    subprocess.run(["ty", "execute", "1"], env=env)         # picked up in ~0.2 s
+    fake_ty.finish(state_path, 1, "done")         # how the agent's run ends
+    fake_ty.wait_plugin_runs(state_path, 1, kind="hook", event="task.done")
+    daemon.send_signal(signal.SIGTERM); daemon.wait()       # exit 0
+
+Where each behaviour comes from (TaskYou: github.com/bborn/taskyou):
+
+- task commands, event_log writes: cmd/task/main.go (create, show, status,
+  close, update, execute) and internal/db/tasks.go + internal/db/events.go.
+  CreateTask logs task.created (message: title); UpdateTaskStatus, when the
+  status really changes, logs task.updated (title) then task.blocked ("status
+  change") or task.completed (title); UpdateTask logs task.updated only when
+  title, body, status, type or project changed.  Metadata is always ''.  CLI
+  commands never run plugin hooks (only the daemon's executor does).
+- `ty execute|queue ID [--dangerous] [--permission-mode M]`: cmd/task/main.go
+  executeCmd ("Queued task #N: T (auto mode)": a task's permission mode is
+  CreateTask's fallback, GlobalDefaultPermissionMode() = auto).
+- plugin discovery and validation: internal/hooks/plugins.go.  Plugins dir:
+  $TY_PLUGINS_DIR, else os.UserConfigDir()/task/plugins ($XDG_CONFIG_HOME if
+  absolute, else $HOME/.config).  A subdir with plugin.yaml is a plugin (not
+  descended into); any other real subdir, hidden ones like .git included, is
+  searched down to listing depth 4 (plugins at most five levels below the
+  dir); symlinked dirs are skipped.  Malformed manifests, a missing name, or
+  nothing usable skip the plugin; hooks/actions whose script is missing and
+  services without name or command are dropped; each case is one warning in
+  plugins.go's words.  Plugins are sorted by name.
+- plugin.yaml: gopkg.in/yaml.v3 into hooks.Plugin.  parse_manifest() handles
+  block mappings and sequences, one-line flow sequences of scalars (`["A=b"]`),
+  plain/'single'/"double" (with YAML escapes) one-line scalars, comments, and
+  yaml.v3's decode errors ("yaml: unmarshal errors: line N: cannot unmarshal
+  !!seq into string", duplicate keys).  It rejects what it does not model
+  (anchors, aliases, tags, block scalars, multi-line scalars, flow mappings,
+  complex keys, several documents) as an invalid manifest whose message starts
+  "fake ty cannot parse line N" (real ty may accept those: the fake is meant
+  to be stricter than yaml.v3, not looser).
+- `ty plugins [list|dir|add|remove|rm|uninstall|run]`: cmd/task/plugins.go,
+  outputs and errors verbatim ("Error: X" twice on stderr, exit 1; `add` and
+  `remove` and `run` have SilenceUsage).  `add` runs the real git: `git clone
+  --depth 1 SRC DIR` (local paths and file:// URLs work), `git pull --ff-only`
+  in an existing checkout, refuses a non-checkout dir, and rolls back a fresh
+  clone holding no usable plugin.
+- actions: internal/hooks/actions.go RunAction: the script itself (no shell,
+  no arguments), cwd the plugin dir, env = the caller's + TASK_ID, TASK_TITLE,
+  TASK_STATUS, TASK_PROJECT, TASK_TYPE, WORKTREE_PATH (only with a task; an
+  unknown id or 0 means none) + TASK_PLUGIN_NAME, TASK_PLUGIN_DIR, 60 s timeout
+  (SIGKILL to the script), combined stdout+stderr printed (a newline added if
+  missing), "action P/A failed: exit status N" on failure.
+- `ty daemon`: cmd/task/main.go runDaemon.  flock on <state>.daemon.lock (a
+  second daemon: "Error: daemon already running (could not acquire lock)",
+  exit 1), pid file <state>.daemon.pid (+ .mode), plugin hooks loaded ONCE at
+  start (internal/executor/executor.go NewWithLogging -> hooks.New), executor
+  start, HTTP API, services, then SIGINT/SIGTERM -> services.Stop(), API
+  shutdown (waits up to 5 s for busy connections: an open stream stays until
+  the process exits), exit 0.  `ty daemon stop|status` as in main.go.
+- executor: internal/executor/executor.go.  Queued tasks (oldest first) are
+  started: started_at, status processing, log "Starting task #N: T", then
+  task.started.  The hooks get the executor's copy of the task taken then, so
+  TASK_STATUS is "processing" and TASK_TITLE the title at start for every
+  later hook (task.done, task.blocked...) of that run.  While running, a status
+  set by anyone else is noticed as pollTmuxSession does: backlog -> interrupted
+  (no hook), done -> "Task completed" and task.done, queued -> re-queued and
+  started again; blocked keeps it running.  finish() decides the rest, with
+  executeTask's order of checks (see finish()).  At start (and every 60 s for
+  tasks started > 90 s ago), 'processing' tasks nobody runs become blocked with
+  reconcileOrphanedTasks' message and task.blocked.
+- hooks: internal/hooks/hooks.go Runner.Run / OnStatusChange: one process per
+  plugin handling the event, launched in plugin-name order, in the background,
+  cwd the plugin dir, env = the daemon's + TASK_ID, TASK_TITLE, TASK_STATUS,
+  TASK_PROJECT, TASK_TYPE, TASK_MESSAGE, TASK_EVENT, WORKTREE_PATH,
+  TASK_PLUGIN_NAME, TASK_PLUGIN_DIR, killed (SIGKILL, the script only) after
+  30 s.  blocked with "fail" or "error" in the message fires task.failed.
+- services: internal/hooks/services.go: `sh -c COMMAND` from the plugin dir
+  (or its cwd), own process group, env = daemon env + TY_DB_PATH=<state file>
+  + TY_API_URL=http://127.0.0.1:PORT + the service's env; Stop: SIGTERM to
+  every group, wait up to 5 s for all, then SIGKILL.  Service output goes to
+  <state>.services/<plugin>.<service>.log (the real daemon discards it).
+- HTTP API on 127.0.0.1 (internal/web): GET /api/board/stream (sse.go:
+  initial `event: board` snapshot, event_log MAX(id) checked each second and a
+  new snapshot sent when it grew, `event: heartbeat` `data: {}` every 15 s;
+  web/server.go's 60 s WriteTimeout ends a stream at its first write after
+  60 s), GET /api/board (board.go BuildBoardSnapshot: backlog/processing/
+  blocked/done columns, queued folded into backlog, archived left out, at most
+  50 tasks per column, "tasks": null when empty), GET /api/tasks/{id}
+  (handlers.go: {"logs": [...], "task": taskJSON}, 404 {"error":"task not
+  found"}, 400 {"error":"invalid task id"}, times UTC RFC3339), GET
+  /api/events (?limit=50 &type &task_id, newest first), OPTIONS (cors()).
+  Every other route answers 501 {"error": "fake ty: ... is not modelled"}.
+
+Public helpers: install, calls, tasks, get_task, load_state, locked_state,
+write_control, read_control, run; plugin_runs (every hook, action and service
+process with argv, cwd, TASK_*/TY_*/WORKTREE_* env, pid, exit/signal/error,
+output, start/end times, stop timing), wait_plugin_runs, event_log, task_logs,
+api_url, daemon_info, finish, plugins_dir, load_plugins, parse_manifest,
+board_snapshot.
+
 Environment: FAKE_TY_STATE (required) is the state file's path; the wrapper
-written by install() sets it.  Optional control file ``<state>.control``
-(JSON) injects failures: fail, fail_commands, fail_next, fail_message, hang,
-hang_seconds, hang_commands, crash_after_create, crash_after.
+written by install() sets it.  Test-speed overrides (defaults are TaskYou's):
+FAKE_TY_API_PORT (0 = any free port, the default; the real one is 8080),
+FAKE_TY_API_DISABLED=1 (setting http_api_disabled), FAKE_TY_HOOK_TIMEOUT (30),
+FAKE_TY_ACTION_TIMEOUT (60), FAKE_TY_HEARTBEAT_S (15), FAKE_TY_WRITE_TIMEOUT_S
+(60; 0 = none), FAKE_TY_POLL_S (executor poll, 0.2; the real worker ticks every
+2 s).  Optional control file ``<state>.control`` (JSON) injects failures:
+fail, fail_commands, fail_next, fail_message, hang, hang_seconds,
+hang_commands, crash_after_create, crash_after, and api_drop (true: the API
+resets every new connection and drops open streams with a reset, until
+cleared).
+
+Not modelled: the legacy single-script hooks dir and internal/events' scripts
+(~/.config/task/hooks), worktrees, tmux sessions and agents (finish() stands in
+for them), task dependencies, `ty execute` starting a daemon, the API's other
+routes and the embedded web UI, workflows/routines beyond being listed, IPv6 /
+all-interface binding (the fake listens on 127.0.0.1 only), and hook processes
+still running when the daemon exits are not recorded as finished.
 """
 
 __version__ = "1"
 __all__ = [
     "STATE_ENV", "install", "new_state", "load_state", "locked_state", "calls",
     "tasks", "get_task", "write_control", "read_control", "run", "main",
+    "plugin_runs", "wait_plugin_runs", "event_log", "task_logs", "api_url", "daemon_info",
+    "finish", "plugins_dir", "load_plugins", "parse_manifest", "board_snapshot",
+    "FakeTyError", "FINISH_OUTCOMES", "CONTROL_KEYS",
 ]
 
 import contextlib
@@ -2618,6 +2735,9 @@ class _Daemon:
                 continue
             task_id = req["task_id"]
             if task_id not in self.running:
+                task = _find(state, task_id)
+                if task is not None and task.get("status") == "queued":
+                    continue                  # starts below; the request waits for it
                 req.update(status="rejected", decided_at=now,
                            reason="task #%s is not being executed by this daemon" % task_id)
                 continue
@@ -3132,8 +3252,10 @@ def finish(state_path, task_id, outcome, message=None, timeout=10.0):
       interrupted backlog, "Task interrupted by user": no hook
     (If the task's status was already set to blocked or done meanwhile, the
     executor's "Task waiting for input" / "Task completed" branches win, as there.)
+    A request for a task still queued waits until the daemon has started it.
     Waits until the daemon applied it and returns the request; raises FakeTyError
-    if the daemon is not executing that task, TimeoutError if no daemon answered.
+    if the daemon is not executing that task, TimeoutError if no daemon answered
+    (the request then expires).
     ``timeout=None`` returns at once without waiting.
     """
     if outcome not in FINISH_OUTCOMES:
@@ -3159,6 +3281,10 @@ def finish(state_path, task_id, outcome, message=None, timeout=10.0):
         if req["status"] == "rejected":
             raise FakeTyError("finish(%s, %r): %s" % (task_id, outcome, req.get("reason")))
         if time.monotonic() >= deadline:
+            with locked_state(state_path) as state:      # no later daemon may apply it
+                for r in state["executor_requests"]:
+                    if r["seq"] == seq and r["status"] == "pending":
+                        r["status"] = "expired"
             raise TimeoutError("no fake ty daemon applied finish(%s, %r) within %.1fs"
                                % (task_id, outcome, timeout))
         time.sleep(0.05)

@@ -400,7 +400,8 @@ class Daemon(DaemonCase):
                          (1, "Error: daemon already running (could not acquire lock)\n"))
         self.assertEqual(self.ok("daemon", "status").stdout,
                          "Daemon running (pid %d, safe mode)\n" % proc.pid)
-        self.assertEqual(self.stop_daemon(proc), 0)
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(TIMEOUT_S), 0)
         self.assertFalse(os.path.exists(self.state + ".api"))
         self.assertEqual(self.ok("daemon", "status").stdout, "Daemon not running\n")
 
@@ -468,6 +469,11 @@ class Daemon(DaemonCase):
                 time.sleep(0.3)
                 self.assertEqual(len(fake_ty.plugin_runs(self.state, "hook")),
                                  count + (2 if event else 0))
+        # finish() right after queueing waits for the executor to start the task.
+        task_id = self.create("quick")
+        self.ok("execute", str(task_id))
+        fake_ty.finish(self.state, task_id, "failed", "x")
+        self.assertEqual(self.status(task_id), "blocked")
         # Closing a running task from the CLI: the executor notices, as pollTmuxSession.
         task_id = self.create("closed by hand")
         self.ok("execute", str(task_id))
