@@ -2391,6 +2391,10 @@ def _api_server_class():
         def _tracked(fn):
             def wrapper(self):
                 server = self.server
+                if _control_flag(server.fake_daemon.state_path, "api_drop"):
+                    self.close_connection = True      # a kept-alive connection, too
+                    _reset_socket(self.connection)
+                    return
                 with server.active_lock:
                     server.active.add(self)
                 try:

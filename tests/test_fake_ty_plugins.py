@@ -7,6 +7,7 @@ runs through the installed wrapper, with PATH = the fake's bin dir + /usr/bin:/b
 (plugins need sh and git).
 """
 
+import http.client
 import json
 import os
 import shutil
@@ -296,10 +297,12 @@ class Actions(PluginCase):
         self.dir = write_plugin(self.plugins, "tools", (
             "name: tools\nactions:\n  - id: env\n    command: bin/env.sh\n"
             "  - id: fail\n    command: fail.sh\n  - id: slow\n    command: slow.sh\n"
-            "  - id: noexec\n    command: noexec.sh\n"), {
+            "  - id: noexec\n    command: noexec.sh\n  - id: nested\n"
+            "    command: nested.sh\n"), {
             "bin/env.sh": "#!/bin/sh\necho \"argc=$# cwd=$(pwd)\"\n"
                           "env | grep -E '^(TASK_|WORKTREE_)' | sort\nprintf no-newline",
             "fail.sh": "#!/bin/sh\necho out; echo err >&2; exit 3\n",
+            "nested.sh": "#!/bin/sh\nty show \"$TASK_ID\" --json | grep '\"status\"'\n",
             "slow.sh": "#!/bin/sh\nexec sleep 30\n"})
         write_plugin(self.plugins, "tools", None, {"noexec.sh": "#!/bin/sh\n"}, mode=0o644)
 
@@ -316,7 +319,10 @@ class Actions(PluginCase):
                 r = self.ok("plugins", "run", "tools", "env", *args)
                 self.assertEqual(r.stdout, "argc=0 cwd=%s\nTASK_PLUGIN_DIR=%s\n"
                                  "TASK_PLUGIN_NAME=tools\nno-newline\n" % (self.dir, self.dir))
-        runs = fake_ty.plugin_runs(self.state, "action")
+        # An action may call ty itself: `plugins run` holds no lock meanwhile.
+        self.assertEqual(self.ok("plugins", "run", "tools", "nested", "1").stdout,
+                         '  "status": "blocked",\n')
+        runs = fake_ty.plugin_runs(self.state, "action", action="env")
         self.assertEqual([(r["action"], r["task_id"], r["exit"]) for r in runs],
                          [("env", 1, 0), ("env", None, 0), ("env", None, 0), ("env", None, 0)])
         self.assertEqual(runs[0]["argv"], [os.path.join(self.dir, "bin/env.sh")])
@@ -665,7 +671,14 @@ class Api(DaemonCase):
         stream = SSEClient(self.url)
         self.addCleanup(stream.close)
         stream.event()
+        kept = http.client.HTTPConnection(self.url.split("//")[1], timeout=5)
+        self.addCleanup(kept.close)
+        kept.request("GET", "/api/board")
+        self.assertEqual(kept.getresponse().read()[:1], b"{")
         fake_ty.write_control(self.state, {"api_drop": True})
+        kept.request("GET", "/api/board")                   # kept-alive: reset too
+        with self.assertRaises((ConnectionError, http.client.HTTPException)):
+            kept.getresponse()
         with self.assertRaises((EOFError, ConnectionError)):
             while True:
                 stream.event()
