@@ -1690,7 +1690,7 @@ def _discover_named(directory, want_dir_with=None, exts=None):
     names = []
     for e in entries:
         try:
-            is_dir = e.is_dir()
+            is_dir = e.is_dir(follow_symlinks=False)          # DirEntry.IsDir
         except OSError:
             continue
         if exts is not None and not is_dir:
