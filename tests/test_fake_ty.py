@@ -282,7 +282,7 @@ class List(FakeTyCase):
 class Grammar(FakeTyCase):
 
     def test_unknown_commands(self):
-        for cmd in ("complete", "fail", "comment", "execute"):
+        for cmd in ("complete", "fail", "comment", "retry"):
             with self.subTest(cmd=cmd):
                 self.rejected(cmd, "1", message='Error: unknown command "%s" for "ty"' % cmd)
 
