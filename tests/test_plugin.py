@@ -292,3 +292,172 @@ class Hooks(PluginCase):
         self.assertEqual(sc.store.approvals_due(tow.now_ms(), 600000)[0][:2],
                          (run_id, sc.store.task_waits()[0][1]),
                          "the wait is not due for the next poll")
+
+
+SLOW = """
+import os, time
+def workflow(input, ctx):
+    def slow():
+        end = time.time() + 30
+        while not os.path.exists(input["go"]) and time.time() < end:
+            time.sleep(0.05)
+        return "slept"
+    return ctx.step("slow", slow, max_attempts=1)
+"""
+
+
+class Daemon(PluginCase):
+    """TaskYou's daemon (the fake's) runs the installed plugin: its service, hooks, feed."""
+
+    lease_ttl = "2s"
+
+    def setUp(self):
+        super().setUp()
+        self.daemons = []
+        self.sc = self.sidecar(clock=False)
+
+    def tearDown(self):
+        for p in self.daemons:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, 9)
+                    p.wait()
+        super().tearDown()
+
+    def daemon(self, **env):
+        """`ty daemon` with the plugin installed, once its `serve` registered."""
+        full = dict(os.environ, **env)
+        log = open(os.path.join(self.tmp, "daemon-%d.log" % len(self.daemons)), "w")
+        self.addCleanup(log.close)
+        p = subprocess.Popen(["ty", "daemon"], env=full, stdout=log, stderr=log,
+                             start_new_session=True)
+        self.daemons.append(p)
+        if env.get("FAKE_TY_API_DISABLED") != "1":
+            fake_ty.api_url(self.state)
+        wait_for(lambda: p.poll() is not None or self.sc.store.live_schedulers(
+            tow.now_ms(), 60000), timeout=30, what="the plugin's serve to register")
+        self.assertIsNone(p.poll(), "the daemon exited")
+        return p
+
+    def resolved_within(self, run_id, timeout):
+        """Seconds until the run's wait on its task resolved (fails past ``timeout``)."""
+        began = time.monotonic()
+
+        def done():
+            steps = self.sc.status(run_id)["steps"]
+            return any(s["kind"] == "wait" and s["status"] == "completed" for s in steps)
+        wait_for(done, timeout=timeout, interval=0.05, what="the wait to resolve")
+        return time.monotonic() - began
+
+    def test_a_clone_added_with_ty_plugins_add_is_exactly_one_plugin(self):
+        out = subprocess.run(["ty", "plugins", "add", ROOT, "--name", "tyow"],
+                             capture_output=True, text=True)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("Installed 1 plugin(s): openworkflow.", out.stdout)
+        plugins, warnings = fake_ty.load_plugins(self.plugins)
+        self.assertEqual([p["name"] for p in plugins], ["openworkflow"], warnings)
+        self.assertEqual(warnings, [])
+        listed = self.ty("plugins", "list")
+        self.assertIn("service  serve", listed)
+        task_id = self.new_task()
+        run = subprocess.run(["ty", "plugins", "run", "openworkflow", "runs", str(task_id)],
+                             capture_output=True, text=True)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertEqual(run.stdout, "task #%d has no workflow runs\n" % task_id)
+
+    def test_the_feed_resumes_a_wait_soon_after_ty_close_and_blocked_refuses(self):
+        self.install()
+        self.daemon()
+        for how, approved in (("close", True), ("blocked", False)):
+            run_id, task_id = self.waiting_on_task(self.sc)
+            if how == "close":
+                self.ty("close", str(task_id))
+            else:
+                self.ty("status", str(task_id), "blocked")
+            took = self.resolved_within(run_id, timeout=10)  # poll_interval is 10m
+            st = self.wait_done(run_id)
+            self.assertEqual(st["output"]["approved"], approved)
+            self.assertEqual(st["output"]["task"],
+                             json.loads(self.ty("show", str(task_id), "--json")))
+            print("feed: %s resolved in %.2fs" % (how, took), file=sys.stderr)
+
+    def wait_done(self, run_id):
+        return wait_for(lambda: (lambda s: s if s["status"] in tow.TERMINAL else None)(
+            self.sc.status(run_id)), timeout=30, what="run %s to finish" % run_id)
+
+    def test_a_hook_resumes_a_wait_when_the_daemon_runs_the_task_without_an_api(self):
+        self.install()
+        self.daemon(FAKE_TY_API_DISABLED="1")
+        for outcome, approved in (("done", True), ("needs_input", False), ("failed", False)):
+            run_id, task_id = self.waiting_on_task(self.sc)
+            self.ty("execute", str(task_id))
+            fake_ty.finish(self.state, task_id, outcome, message="over to you")
+            took = self.resolved_within(run_id, timeout=15)
+            self.assertEqual(self.wait_done(run_id)["output"]["approved"], approved)
+            hooks = fake_ty.wait_plugin_runs(self.state, kind="hook", count=1)
+            self.assertTrue(all(h["exit"] == 0 for h in hooks), hooks)
+            print("hook: %s resolved in %.2fs" % (outcome, took), file=sys.stderr)
+
+    def test_a_dropped_feed_falls_back_to_polling(self):
+        self.extra_config = "poll_interval: 2s\n"
+        self.write_config()
+        self.install()
+        self.daemon()
+        fake_ty.write_control(self.state, {"api_drop": True})
+        run_id, task_id = self.waiting_on_task(self.sc)
+        self.ty("close", str(task_id))
+        self.resolved_within(run_id, timeout=20)
+        self.assertTrue(self.wait_done(run_id)["output"]["approved"])
+        fake_ty.write_control(self.state, {})
+
+    def test_deploy_adds_its_start_action_and_ty_plugins_run_starts_it_on_the_task(self):
+        self.install()
+        self.sc.deploy("echo", ECHO, runtime="python", name="Echo it")
+        self.assertIn("Start workflow: Echo it", self.ty("plugins", "list"))
+        task_id = self.new_task("Ship it")
+        out = subprocess.run(["ty", "plugins", "run", "openworkflow", "start-echo",
+                              str(task_id)], capture_output=True, text=True)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        run_id = out.stdout.split("(run ")[1].split(")")[0]
+        st = self.wait_done(run_id)
+        self.assertEqual(st["output"]["task"]["title"], "Ship it")
+        out = subprocess.run(["ty", "plugins", "run", "openworkflow", "start-echo"],
+                             capture_output=True, text=True)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("needs a task", out.stdout + out.stderr)
+
+    def test_sigterm_from_the_daemon_stops_serve_cleanly_and_gives_the_pass_back(self):
+        self.install()
+        self.sc.deploy("slow", SLOW, runtime="python")
+        daemon = self.daemon(FAKE_TY_API_DISABLED="1")
+        go = os.path.join(self.tmp, "go")
+        run_id = self.sc.start("slow", {"go": go}, drive=False)["id"]
+        wait_for(lambda: self.sc.status(run_id)["status"] == "running", timeout=20,
+                 what="the pass to start")
+        daemon.terminate()
+        self.assertEqual(daemon.wait(20), 0)
+        service = [r for r in fake_ty.plugin_runs(self.state, kind="service")][0]
+        self.assertEqual(service["exit"], 0, service)
+        self.assertFalse(service["sigkilled"], service)
+        self.assertLess(service["stop_duration_s"], 5.0)
+        st = self.sc.status(run_id)
+        self.assertEqual(st["status"], "pending", st)  # given back, not failed
+        self.assertEqual(st["last_pass"]["reason"], "released: scheduler stopping")
+        with open(go, "w"):
+            pass
+        self.sc.tick()  # its one attempt was not spent on the pass TaskYou stopped
+        st = self.sc.status(run_id)
+        self.assertEqual((st["status"], st["output"]), ("completed", "slept"), st)
+
+    def test_the_feed_reconnects_when_taskyou_ends_the_stream(self):
+        # TaskYou's server ends a stream at its first write past 60 s (its write timeout).
+        self.install()
+        self.daemon(FAKE_TY_WRITE_TIMEOUT_S="1", FAKE_TY_HEARTBEAT_S="0.5")
+        run_id, task_id = self.waiting_on_task(self.sc)
+        time.sleep(4)  # several streams ended and were opened again
+        self.ty("close", str(task_id))
+        self.resolved_within(run_id, timeout=10)  # poll_interval is 10m
+        self.assertTrue(self.wait_done(run_id)["output"]["approved"])
