@@ -116,17 +116,9 @@ class Install(PluginCase):
         self.assertIn(sys.executable, launcher)
         self.assertIn(os.path.abspath(MODULE), launcher)
         self.assertIn("--config " + self.config_path, launcher)  # the store this install uses
-        before = self.files()
+        before = self.read_all()
         self.assertEqual(self.install(), out)
-        self.assertEqual(self.files(), before)
-
-    def files(self):
-        out = {}
-        for dirpath, _, names in os.walk(self.plugin_dir):
-            for name in names:
-                with open(os.path.join(dirpath, name)) as f:
-                    out[os.path.relpath(os.path.join(dirpath, name), self.plugin_dir)] = f.read()
-        return out
+        self.assertEqual(self.read_all(), before)
 
     def test_the_plugins_dir_is_TY_PLUGINS_DIR_else_the_default_and_dir_overrides_both(self):
         other = os.path.join(self.tmp, "elsewhere")
@@ -183,6 +175,40 @@ class Install(PluginCase):
         sc.deploy("third", ECHO, runtime="python")
         self.assertFalse(os.path.exists(self.plugin_dir))
         self.assertEqual(sc.plugin._installed(), [])
+
+
+    def test_the_single_file_build_alone_installs_a_plugin_that_works(self):
+        alone = os.path.join(self.tmp, "alone")
+        os.makedirs(alone)
+        build = os.path.join(alone, "ty_openworkflow.py")
+        code, _, err = self.cli("dist", build)
+        self.assertEqual(code, 0, err)
+        out = subprocess.run([sys.executable, build, "--config", self.config_path, "plugin",
+                              "install"], capture_output=True, text=True, cwd=alone)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        with open(os.path.join(self.plugin_dir, "ty-openworkflow")) as f:
+            self.assertIn(build, f.read())
+        self.assertNotIn(ROOT + "/", "".join(self.read_all().values()))
+        task_id = self.new_task()
+        ran = self.script("actions/runs", task_id=task_id)
+        self.assertEqual((ran.returncode, ran.stdout), (0, "task #%d has no workflow runs\n"
+                                                           % task_id), ran.stderr)
+
+    def read_all(self):
+        out = {}
+        for dirpath, _, names in os.walk(self.plugin_dir):
+            for name in names:
+                with open(os.path.join(dirpath, name)) as f:
+                    out[os.path.relpath(os.path.join(dirpath, name), self.plugin_dir)] = f.read()
+        return out
+
+    def test_init_mentions_the_plugin_when_ty_is_found(self):
+        code, out, _ = self.cli("init", "--force")
+        self.assertEqual(code, 0)
+        self.assertIn("ty-openworkflow plugin install", out)
+        os.environ["PATH"] = os.defpath
+        code, out, _ = self.cli("init", "--force")
+        self.assertNotIn("plugin install", out)
 
 
 class Actions(PluginCase):
