@@ -119,7 +119,7 @@ MAX_PASS_LOG_BYTES = 256 * 1024
 TERMINAL = ("completed", "failed", "canceled")
 RUN_STATUSES = ("pending", "running", "sleeping", "waiting") + TERMINAL
 WAIT_KINDS = ("signal", "child", "task")
-WORKFLOW_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+WORKFLOW_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 ADAPTER_NAMES = ("exec", "docker", "cloudflare")
 RUNTIMES = {"node": {"shim": "node_shim.js", "ext": ".js"},
             "python": {"shim": "python_shim.py", "ext": ".py"}}
@@ -7194,14 +7194,16 @@ def find_ty(config):
     return path
 
 
-def run_ty(config, args, on_start=None):
-    """The one place that calls `ty`; returns its stdout, raises TaskYouError on failure."""
+def run_ty(config, args, on_start=None, timeout_s=None):
+    """The one place that calls `ty`; returns its stdout, raises TaskYouError on failure.
+    ``timeout_s``: at most this long (default taskyou.timeout)."""
     argv = [find_ty(config)] + list(args)
-    timeout_s = config["taskyou.timeout"] / 1000.0
+    limit_s = config["taskyou.timeout"] / 1000.0
+    timeout_s = limit_s if timeout_s is None else max(0.1, min(limit_s, timeout_s))
     rc, out, err = run_command(argv, timeout_s=timeout_s, on_start=on_start)
     if rc == 124 and err.startswith("timed out"):
         raise TaskYouError("`ty %s` did not answer within %s"
-                           % (args[0], format_duration(config["taskyou.timeout"])))
+                           % (args[0], format_duration(int(timeout_s * 1000))))
     if rc != 0:
         lines = [ln for ln in err.strip().splitlines() if ln.strip()] or ["exit status %d" % rc]
         raise TaskYouError("`ty %s` failed: %s" % (args[0], lines[0][:300]))
@@ -7246,39 +7248,76 @@ class TaskYouApi:
 
     @classmethod
     def from_env(cls, environ=None):
+        """The API TaskYou named in TY_API_URL, or None (none, or not an http URL)."""
+        import urllib.parse
         url = (environ if environ is not None else os.environ).get(TY_API_ENV, "").strip()
-        return cls(url) if url.startswith(("http://", "https://")) else None
-
-    def task(self, task_id):
-        """Task ``task_id`` (GET /api/tasks/{id}) in `ty show --json`'s shape."""
         try:
-            status, _, body = http_request("GET", "%s/api/tasks/%d" % (self.url, int(task_id)),
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # raises ValueError for a port that is not a number
+        except ValueError:
+            return None
+        return cls(url) if parts.scheme in ("http", "https") and parts.hostname else None
+
+    def _get(self, path, timeout_s=None):
+        """(status, JSON document) of GET ``path``; TaskYouUnreachable if there is no answer
+        in JSON (another program on the port answers too)."""
+        try:
+            status, _, body = http_request("GET", self.url + path,
                                            headers={"Accept": "application/json"},
-                                           timeout_s=self.timeout_s)
-        except AdapterError as exc:
-            raise TaskYouUnreachable(str(exc))
-        doc = loads_or_none(body.decode("utf-8", "replace"))
-        if status == 404:
+                                           timeout_s=timeout_s or self.timeout_s)
+            return status, json.loads(body.decode("utf-8", "replace"))
+        except (AdapterError, ValueError) as exc:
+            raise TaskYouUnreachable("GET %s: %s" % (path, exc))
+
+    def task(self, task_id, timeout_s=None):
+        """Task ``task_id`` (GET /api/tasks/{id}) in `ty show --json`'s shape: its names, its
+        times in local time (internal/db LocalTime), as `ty show` prints them."""
+        status, doc = self._get("/api/tasks/%d" % int(task_id), timeout_s)
+        if status == 404 and doc == {"error": "task not found"}:
             raise TaskYouError("task #%d not found (TaskYou's API)" % int(task_id))
         task = doc.get("task") if isinstance(doc, dict) else None
         if status != 200 or not isinstance(task, dict):
             raise TaskYouUnreachable("GET /api/tasks/%d answered %d" % (int(task_id), status))
         out = {show: task.get(api, "") for show, api in SHOW_FROM_API}
         out.update((k, task[k]) for k in SHOW_IF_SET if task.get(k))
+        for key in ("created_at", "updated_at") + SHOW_IF_SET:
+            if isinstance(out.get(key), str):
+                out[key] = _local_rfc3339(out[key])
         return out
 
-    def board_stream(self, timeout_s):
-        """(connection, response) of the board's event stream (GET /api/board/stream)."""
+    def events(self, limit):
+        """TaskYou's latest ``limit`` events (GET /api/events), newest first."""
+        status, doc = self._get("/api/events?limit=%d" % limit)
+        if status != 200 or not isinstance(doc, list):
+            raise TaskYouUnreachable("GET /api/events answered %d" % status)
+        return [e for e in doc if isinstance(e, dict) and isinstance(e.get("id"), int)]
+
+    def board_stream(self, timeout_s, on_connection):
+        """The response of the board's event stream (GET /api/board/stream); its connection is
+        given to ``on_connection`` before the request is sent, so it can be shut down."""
         try:
-            conn, resp = http_request("GET", self.url + "/api/board/stream",
-                                      headers={"Accept": "text/event-stream"},
-                                      timeout_s=timeout_s, stream=True)
+            conn, target, _ = http_connection(self.url + "/api/board/stream", timeout_s)
         except AdapterError as exc:
             raise TaskYouUnreachable(str(exc))
+        on_connection(conn)
+        conn.request("GET", target, headers={"Accept": "text/event-stream",
+                                             "User-Agent": USER_AGENT})
+        resp = conn.getresponse()
         if resp.status != 200:
-            conn.close()
             raise TaskYouUnreachable("GET /api/board/stream answered %d" % resp.status)
-        return conn, resp
+        return resp
+
+
+def _local_rfc3339(stamp):
+    """An RFC 3339 time in this machine's zone, as Go prints it (Z when the offset is 0)."""
+    import datetime
+    try:
+        when = datetime.datetime.fromisoformat(stamp[:-1] + "+00:00" if stamp.endswith("Z")
+                                               else stamp)
+    except ValueError:
+        return stamp
+    text = when.astimezone().replace(microsecond=0).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
 def sse_events(lines):
@@ -7340,12 +7379,12 @@ class Bridge:
         for proc in procs:
             _kill_group(proc)
 
-    def _ty(self, args):
+    def _ty(self, args, timeout_s=None):
         def track(proc):
             with self._lock:
                 self._procs.add(proc)
         try:
-            return run_ty(self.config, args, on_start=track)
+            return run_ty(self.config, args, on_start=track, timeout_s=timeout_s)
         finally:
             with self._lock:
                 self._procs = {p for p in self._procs if p.poll() is None}
@@ -7473,42 +7512,53 @@ class Bridge:
                                                                "task": task}},
                                        self.sidecar.clock())
 
-    def task_changed(self, task_id, hint=None, patience_s=0.0):
+    def task_changed(self, task_id, hint=None, patience_s=0.0, budget_s=None, waits=None):
         """TaskYou says task ``task_id`` changed: resolve the waits on it by its status now.
-        ``hint``: the status the change should show (a hook's event); its task is read again
-        for up to ``patience_s`` until it does, then left to the next poll. Returns how many
-        waits were resolved; 0 at once for a task no run waits on."""
-        waits = self.store.task_waits(task_id)
+        ``hint``: what told us (a hook's event; None: the feed, whose errors are raised); the
+        task is read again for up to ``patience_s`` until it shows an end. Whatever cannot be settled now (the task shows
+        no end yet, TaskYou does not answer within ``budget_s``) is left to the next poll, made
+        due at once. Returns how many waits were resolved; 0 at once for a task no run waits
+        on. ``waits``: the open task waits, if the caller has them."""
+        waits = [w for w in (self.store.task_waits() if waits is None else waits)
+                 if w[2] == task_id]
         if not waits:
             return 0
-        deadline = time.monotonic() + patience_s
-        while True:
-            task = self.read_task(task_id)
-            status = task.get("status") if isinstance(task, dict) else None
-            if status in APPROVAL_ENDS or hint is None or time.monotonic() >= deadline:
-                break
-            time.sleep(0.25)
+        began = time.monotonic()
+        task = None
+        try:
+            while True:
+                left = None if budget_s is None else budget_s - (time.monotonic() - began)
+                if left is not None and left <= 0.1:
+                    break
+                task = self.read_task(task_id, timeout_s=left)
+                status = task.get("status") if isinstance(task, dict) else None
+                if status in APPROVAL_ENDS or time.monotonic() - began >= patience_s:
+                    break
+                time.sleep(0.25)
+        except TaskYouError:
+            if hint is None:
+                raise
         resolved = 0
         for run_id, key, _ in waits:
             if self.judge(run_id, key, task) is None:
-                if hint is not None:  # heard of but not seen yet: look again soon
+                if hint is not None:  # heard of but not seen: the next poll looks at once
                     self.store.poll_soon(run_id, key)
             else:
                 resolved += 1
         return resolved
 
-    def read_task(self, task_id):
+    def read_task(self, task_id, timeout_s=None):
         """Task ``task_id`` as `ty show --json` prints it: from TaskYou's HTTP API when its
-        daemon gave us one (TY_API_URL), else (or if the API cannot be reached) from `ty show`."""
+        daemon gave us one (TY_API_URL), else (or if the API does not answer) from `ty show`."""
         api = TaskYouApi.from_env()
         if api is not None:
             try:
-                return api.task(task_id)
+                return api.task(task_id, timeout_s=timeout_s and min(timeout_s, api.timeout_s))
             except TaskYouUnreachable as exc:
                 if self.first_time(TaskYouError("TaskYou's API at %s: %s" % (api.url, exc))):
                     log.info("taskyou: the API at %s did not answer (%s); using `ty show`",
                              api.url, exc)
-        return parse_ty_json(self._ty(["show", str(task_id), "--json"]), "show")
+        return parse_ty_json(self._ty(["show", str(task_id), "--json"], timeout_s), "show")
 
     def _create(self, run, item):
         marker = TASK_MARKER % run["id"]
@@ -7586,6 +7636,10 @@ PLUGIN_SERVE = "exec ./ty-openworkflow serve --shutdown-grace 3s"
 HOOK_PATIENCE_S = 5.0
 FEED_READ_TIMEOUT_S = 45.0  # TaskYou's stream sends a heartbeat every 15 s
 FEED_BACKOFF_MAX_S = 30.0
+FEED_READ_BUDGET_S = 5.0  # one task read from the feed: stop() must not wait on more
+FEED_EVENTS_LOOK = 200  # TaskYou events looked at per board change (GET /api/events?limit=)
+PLUGIN_RUNS_SHOWN = 50  # the `runs` action's lines at most
+HOOK_BUDGET_S = 10.0  # all a hook may spend on TaskYou; TaskYou kills it at 30 s
 BOARD_OPEN = ("backlog", "processing")  # board columns of tasks that cannot end a wait
 
 
@@ -7598,8 +7652,20 @@ def plugins_dir(config):
         printed = run_ty(config, ["plugins", "dir"]).strip().splitlines()
         if printed and os.path.isabs(printed[-1].strip()):
             return printed[-1].strip()
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    if sys.platform == "darwin":
+        base = os.path.expanduser("~/Library/Application Support")
+    else:
+        base = os.environ.get("XDG_CONFIG_HOME", "")
+        base = base if os.path.isabs(base) else os.path.expanduser("~/.config")
     return os.path.join(base, "task", "plugins")
+
+
+def plugin_label(text):
+    """A label TaskYou's YAML reader takes and its one-line picker shows: no control
+    characters (yaml.v3 refuses the whole manifest for one), no line breaks, at most 60."""
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff]", " ", text)
+    text = " ".join(text.split())
+    return text if len(text) <= 60 else text[:59].rstrip() + "\u2026"
 
 
 def plugin_files(launcher, workflows=(), marker=""):
@@ -7613,7 +7679,7 @@ def plugin_files(launcher, workflows=(), marker=""):
                 % (what, args))
 
     actions = [(aid, label) for aid, label in PLUGIN_ACTIONS]
-    actions += [("start-" + wf["id"], "Start workflow: %s" % (wf.get("name") or wf["id"]))
+    actions += [("start-" + wf["id"], plugin_label(wf.get("name") or "") or wf["id"])
                 for wf in workflows]
     lines = ["# The ty-openworkflow TaskYou plugin. Written by `ty-openworkflow plugin install`,",
              "# which rewrites it (and `deploy` its start- actions): edits here do not last.",
@@ -7690,19 +7756,62 @@ class TaskYouPlugin:
         parent = os.path.abspath(os.path.expanduser(parent or plugins_dir(self.config)))
         directory = os.path.join(parent, PLUGIN_NAME)
         self._check_ours(directory)
-        try:
-            write_plugin(directory, self._files())
-        except OSError as exc:
-            raise InputError("cannot write the plugin into %s: %s; choose another place with "
-                             "--dir" % (directory, exc.strerror or exc))
-        self._record(directory, add=True)
+        twin = self._twin(parent, directory)
+        if twin:
+            raise Conflict("another plugin named %s is installed at %s (TaskYou would run both, "
+                           "and its actions hide ours); remove it first (`ty plugins remove %s`, "
+                           "or delete that directory)" % (PLUGIN_NAME, twin, PLUGIN_NAME))
+        with self._locked():
+            try:
+                write_plugin(directory, self._files())
+            except OSError as exc:
+                raise InputError("cannot write the plugin into %s: %s; choose another place with "
+                                 "--dir" % (directory, exc.strerror or exc))
+            self._record(directory, add=True)
         return directory
+
+    @staticmethod
+    def _twin(parent, directory, depth=0):
+        """Another plugin named openworkflow where TaskYou looks (a `ty plugins add` of a
+        clone, say), found as its loader finds plugins (internal/hooks/plugins.go)."""
+        if depth > 4:
+            return None
+        try:
+            entries = sorted(os.scandir(parent), key=lambda e: e.name)
+        except OSError:
+            return None
+        for entry in entries:
+            if not entry.is_dir() or entry.path == directory:
+                continue
+            manifest = os.path.join(entry.path, "plugin.yaml")
+            if os.path.isfile(manifest):
+                with contextlib.suppress(OSError), open(manifest, encoding="utf-8",
+                                                        errors="replace") as f:
+                    if re.search(r"^name:\s*[\"']?%s[\"']?\s*$" % PLUGIN_NAME, f.read(), re.M):
+                        return entry.path
+                continue
+            found = TaskYouPlugin._twin(entry.path, directory, depth + 1)
+            if found:
+                return found
+        return None
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """One install or deploy at a time rewrites the plugin and its record."""
+        import fcntl
+        os.makedirs(self.config.data_dir, exist_ok=True)
+        with open(self.record_path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _check_ours(self, directory):
         manifest = os.path.join(directory, "plugin.yaml")
         if os.path.isdir(os.path.join(directory, ".git")):
-            raise Conflict("%s is a git checkout (`ty plugins add`); remove it with `ty plugins "
-                           "remove %s` or install elsewhere with --dir" % (directory, PLUGIN_NAME))
+            raise Conflict("%s is a git checkout (`ty plugins add`); delete that directory, or "
+                           "install elsewhere with --dir" % directory)
         if os.path.exists(directory) and not os.path.isfile(manifest) and os.listdir(directory):
             raise Conflict("%s exists and is not a TaskYou plugin; move it away or install "
                            "elsewhere with --dir" % directory)
@@ -7733,29 +7842,36 @@ class TaskYouPlugin:
         return [d for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else []
 
     def _record(self, directory, add):
+        import tempfile
         dirs = [d for d in self._installed() if d != directory] + ([directory] if add else [])
-        tmp = self.record_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        fd, tmp = tempfile.mkstemp(dir=self.config.data_dir, prefix=".plugins-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(dirs, f)
         os.replace(tmp, self.record_path)
 
     def sync(self):
-        """After a deploy: rewrite each installed plugin of this store, so its start- actions
-        match the workflows. A plugin removed since (or taken by another store) is forgotten."""
-        for directory in self._installed():
-            try:
-                with open(os.path.join(directory, "plugin.yaml"), encoding="utf-8") as f:
-                    ours = ("# %s\n" % self._marker()) in f.read()
-            except OSError:
-                ours = False
-            if not ours:
-                self._record(directory, add=False)
-                continue
-            try:
-                write_plugin(directory, self._files())
-            except OSError as exc:
-                log.warning("could not update the TaskYou plugin in %s: %s", directory,
-                            exc.strerror or exc)
+        """After a deploy: rewrite each installed plugin's manifest and action scripts, so its
+        start- actions match the workflows (its launcher stays the install's). A plugin removed
+        since (or taken by another store) is forgotten."""
+        if not self._installed():
+            return
+        with self._locked():
+            files = self._files()
+            files.pop("ty-openworkflow")
+            for directory in self._installed():
+                try:
+                    with open(os.path.join(directory, "plugin.yaml"), encoding="utf-8") as f:
+                        ours = ("# %s\n" % self._marker()) in f.read()
+                except OSError:
+                    ours = False
+                if not ours:
+                    self._record(directory, add=False)
+                    continue
+                try:
+                    write_plugin(directory, files)
+                except OSError as exc:
+                    log.warning("could not update the TaskYou plugin in %s: %s", directory,
+                                exc.strerror or exc)
 
     # -- hooks and actions -------------------------------------------------------------------
 
@@ -7771,8 +7887,10 @@ class TaskYouPlugin:
         if task_id is None:
             return 0
         event = environ.get("TASK_EVENT")
+        final = event in PLUGIN_EVENTS  # TaskYou's task may not show it yet: read it again
         resolved = self.sidecar.bridge.task_changed(
-            task_id, hint=event if event in PLUGIN_EVENTS else None, patience_s=HOOK_PATIENCE_S)
+            task_id, hint=event or "a hook", patience_s=HOOK_PATIENCE_S if final else 0.0,
+            budget_s=HOOK_BUDGET_S)
         if resolved:
             self.sidecar.ensure_driven()
         return resolved
@@ -7781,8 +7899,9 @@ class TaskYouPlugin:
         """Do action ``name`` for the task in ``environ``; returns (exit status, lines)."""
         task_id = self.task_in(environ)
         if task_id is None:
-            return 2, ["this action needs a task: run it on a task (`ty plugins run %s %s "
-                       "TASK_ID`, or from the task's action picker)" % (PLUGIN_NAME, name)]
+            return 2, ["this action needs a task, and TaskYou passed none: run it on an existing "
+                       "task (`ty plugins run %s %s TASK_ID`, or A on a task in the TUI)"
+                       % (PLUGIN_NAME, name)]
         if name.startswith("start-"):
             return self._start(name[len("start-"):], task_id, environ)
         handler = {"runs": self._runs, "cancel": self._cancel, "retry": self._retry}.get(name)
@@ -7793,15 +7912,24 @@ class TaskYouPlugin:
 
     def _runs(self, task_id):
         runs = self.sidecar.store.runs_of_task(task_id)
-        if not runs:
+        waiting = sorted({w[0] for w in self.sidecar.store.task_waits(task_id)})
+        if not runs and not waiting:
             return 0, ["task #%d has no workflow runs" % task_id]
         counts = collections.Counter(r["status"] for r in runs)
-        head = "task #%d: %d workflow run%s (%s)" % (
-            task_id, len(runs), "" if len(runs) == 1 else "s",
-            ", ".join("%d %s" % (counts[s], s) for s in RUN_STATUSES if counts[s]))
-        return 0, [head] + ["%s  %s  %s  since %s" % (r["id"], r["workflow_id"], r["status"],
-                                                      format_time(r["updated_at"]))
-                            for r in runs]
+        head = "task #%d: %d workflow run%s" % (task_id, len(runs), "" if len(runs) == 1 else "s")
+        if runs:
+            head += " (%s)" % ", ".join("%d %s" % (counts[s], s) for s in RUN_STATUSES
+                                        if counts[s])
+        if waiting:
+            head += "; %d waiting on it" % len(waiting)
+        lines = ["%s  %s  %s  since %s" % (r["id"], r["workflow_id"], r["status"],
+                                           format_time(r["updated_at"]))
+                 for r in runs[-PLUGIN_RUNS_SHOWN:]]
+        if len(runs) > PLUGIN_RUNS_SHOWN:
+            lines.insert(0, "(the latest %d; `ty-openworkflow list runs` has them all)"
+                         % PLUGIN_RUNS_SHOWN)
+        lines += ["%s  waits on this task" % run_id for run_id in waiting[:PLUGIN_RUNS_SHOWN]]
+        return 0, [head] + lines
 
     def _cancel(self, task_id):
         open_runs = [r["id"] for r in self.sidecar.store.runs_of_task(task_id)
@@ -7839,7 +7967,11 @@ class TaskYouPlugin:
 class TaskFeed:
     """Follows TaskYou's event feed (its daemon's board stream at TY_API_URL), so a run waiting
     on a task resumes about a second after the task changes however it was changed; the
-    bridge's polling stays the fallback. Reconnects with backoff; idle, it waits on a socket."""
+    bridge's polling stays the fallback. Reconnects with backoff; idle, it waits on a socket.
+
+    Each board event means something changed: the tasks TaskYou's latest events name (GET
+    /api/events) are read again if runs wait on them; after a (re)connect, or when more changed
+    than one look at the events shows, every waited-on task the board does not show open is."""
 
     def __init__(self, bridge, api, on_resolved):
         self.bridge = bridge
@@ -7848,6 +7980,7 @@ class TaskFeed:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._conn = None
+        self._last_event = None  # the newest TaskYou event looked at, this connection
         self.thread = None
         self.boards = 0  # board snapshots seen, for tests and logs
 
@@ -7857,15 +7990,17 @@ class TaskFeed:
         return self
 
     def stop(self):
+        """Stop following (a daemon thread: it is not waited for past a moment)."""
         import socket
         self._stop.set()
         with self._lock:
             conn = self._conn
-        if conn is not None and conn.sock is not None:
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
             with contextlib.suppress(OSError):
-                conn.sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
         if self.thread is not None:
-            self.thread.join(5)
+            self.thread.join(0.5)
 
     def _run(self):
         backoff_s = 0.0
@@ -7885,11 +8020,16 @@ class TaskFeed:
             backoff_s = min(FEED_BACKOFF_MAX_S, max(1.0, backoff_s * 2))
             self._stop.wait(backoff_s)
 
-    def _follow(self):
-        conn, resp = self.api.board_stream(FEED_READ_TIMEOUT_S)
+    def _connected(self, conn):
         with self._lock:
             self._conn = conn
+        if self._stop.is_set():
+            raise TaskYouError("stopping")
+
+    def _follow(self):
+        self._last_event = None
         try:
+            resp = self.api.board_stream(FEED_READ_TIMEOUT_S, self._connected)
             for event, data in sse_events(iter(resp.readline, b"")):
                 if self._stop.is_set():
                     return
@@ -7898,14 +8038,17 @@ class TaskFeed:
                     self._board(loads_or_none(data))
         finally:
             with self._lock:
-                self._conn = None
-            conn.close()
+                conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
 
     def _board(self, snapshot):
         """Something changed on the board: look at the waited-on tasks that may have ended."""
         waits = self.bridge.store.task_waits()
         if not waits:
+            self._last_event = None  # when a run waits again, every waited-on task is looked at
             return
+        changed = self._changed_tasks()
         shown = {}
         columns = snapshot.get("columns") if isinstance(snapshot, dict) else None
         for col in columns or []:
@@ -7914,15 +8057,34 @@ class TaskFeed:
                     shown[task.get("id")] = col.get("status")
         resolved = 0
         for task_id in sorted({w[2] for w in waits}):
-            if shown.get(task_id) in BOARD_OPEN or self._stop.is_set():
-                continue  # on the board and not ended; absent: archived or past a column's 50
+            if self._stop.is_set():
+                return
+            if shown.get(task_id) in BOARD_OPEN or (changed is not None
+                                                    and task_id not in changed):
+                continue
             try:
-                resolved += self.bridge.task_changed(task_id)
+                resolved += self.bridge.task_changed(task_id, budget_s=FEED_READ_BUDGET_S,
+                                                     waits=waits)
             except TaskYouError as exc:
                 if self.bridge.first_time(exc):
                     log.warning("taskyou: %s; will look again", exc)
         if resolved:
             self.on_resolved()
+
+    def _changed_tasks(self):
+        """Ids of the tasks TaskYou's events since the last look name, or None when that cannot
+        be told (the first look on this connection, more events than one look shows, no
+        answer): then every waited-on task is a candidate."""
+        last = self._last_event
+        try:
+            events = self.api.events(FEED_EVENTS_LOOK)
+        except TaskYouError:
+            return None
+        if events:
+            self._last_event = max(e["id"] for e in events)
+        if last is None or len(events) >= FEED_EVENTS_LOOK:
+            return None
+        return {e.get("task_id") for e in events if e["id"] > last}
 
 
 # ---------------------------------------------------------------------------

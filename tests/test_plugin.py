@@ -167,8 +167,8 @@ class Install(PluginCase):
         sc.deploy("second", ECHO, runtime="python")
         with open(os.path.join(self.plugin_dir, "plugin.yaml")) as f:
             manifest = f.read()
-        self.assertIn('  - id: "start-first"\n    label: "Start workflow: The first one"', manifest)
-        self.assertIn('  - id: "start-second"\n    label: "Start workflow: second"', manifest)
+        self.assertIn('  - id: "start-first"\n    label: "The first one"', manifest)
+        self.assertIn('  - id: "start-second"\n    label: "second"', manifest)
         self.assertTrue(os.access(os.path.join(self.plugin_dir, "actions", "start-second"),
                                   os.X_OK))
         shutil.rmtree(self.plugin_dir)  # `ty plugins remove openworkflow`
@@ -395,6 +395,10 @@ class Daemon(PluginCase):
         self.assertEqual(run.stdout, "task #%d has no workflow runs\n" % task_id)
 
     def test_the_feed_resumes_a_wait_soon_after_ty_close_and_blocked_refuses(self):
+        # Not UTC: the API gives times in UTC, `ty show` in local time; the run sees the latter.
+        self.addCleanup(os.environ.__setitem__, "TZ", os.environ["TZ"]) if "TZ" in os.environ \
+            else self.addCleanup(os.environ.pop, "TZ", None)
+        os.environ["TZ"] = "Asia/Kolkata"
         self.install()
         self.daemon()
         for how, approved in (("close", True), ("blocked", False)):
@@ -442,7 +446,7 @@ class Daemon(PluginCase):
     def test_deploy_adds_its_start_action_and_ty_plugins_run_starts_it_on_the_task(self):
         self.install()
         self.sc.deploy("echo", ECHO, runtime="python", name="Echo it")
-        self.assertIn("Start workflow: Echo it", self.ty("plugins", "list"))
+        self.assertIn("action Echo it ", self.ty("plugins", "list"))
         task_id = self.new_task("Ship it")
         out = subprocess.run(["ty", "plugins", "run", "openworkflow", "start-echo",
                               str(task_id)], capture_output=True, text=True)
@@ -487,3 +491,93 @@ class Daemon(PluginCase):
         self.ty("close", str(task_id))
         self.resolved_within(run_id, timeout=10)  # poll_interval is 10m
         self.assertTrue(self.wait_done(run_id)["output"]["approved"])
+
+
+class Edges(PluginCase):
+    """What a careless setup or a misbehaving TaskYou must not break."""
+
+    def test_labels_are_one_clean_line_and_a_workflow_id_with_a_newline_is_refused(self):
+        sc = self.sidecar()
+        self.install()
+        sc.deploy("odd", ECHO, runtime="python", name="bad\x7fname\nsecond line\u2028x" + "y" * 80)
+        plugins, warnings = fake_ty.load_plugins(self.plugins)
+        self.assertEqual(warnings, [])
+        label = [a for a in plugins[0]["actions"] if a["id"] == "start-odd"][0]["label"]
+        self.assertTrue(label.startswith("bad name second line x"), label)
+        self.assertLessEqual(len(label), 60)
+        with self.assertRaises(tow.InputError):
+            sc.deploy("w2\n", ECHO, runtime="python")
+
+    def test_install_refuses_beside_a_clone_added_with_ty_plugins_add(self):
+        out = subprocess.run(["ty", "plugins", "add", ROOT, "--name", "tyow"],
+                             capture_output=True, text=True)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        code, _, err = self.cli("plugin", "install")
+        self.assertEqual(code, 1)
+        self.assertIn("another plugin named openworkflow", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertFalse(os.path.exists(self.plugin_dir))
+
+    def test_an_api_that_is_not_taskyous_falls_back_to_ty_show(self):
+        import http.server
+        import threading
+
+        class NotTaskYou(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = b"<html>404 page not found</html>"
+                self.send_response(404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotTaskYou)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        self.addCleanup(srv.server_close)
+        self.addCleanup(srv.shutdown)
+        sc = self.sidecar()
+        for url in ("http://127.0.0.1:%d" % srv.server_address[1], "http://127.0.0.1:notaport",
+                    "garbage"):
+            run_id, task_id = self.waiting_on_task(sc)
+            self.ty("close", str(task_id))
+            self.clock.advance(11 * 60000)  # past poll_interval
+            os.environ["TY_API_URL"] = url
+            try:
+                self.assertEqual(sc.bridge.poll_approvals(), 1, url)
+            finally:
+                del os.environ["TY_API_URL"]
+            self.assertTrue(sc.status(run_id)["steps"][0]["output"]["value"]["approved"])
+
+    def test_a_hook_whose_ty_hangs_gives_up_within_its_budget_and_leaves_it_to_a_poll(self):
+        sc = self.sidecar(clock=False)
+        run_id, task_id = self.waiting_on_task(sc)
+        fake_ty.write_control(self.state, {"hang": True, "hang_commands": ["show"]})
+        saved = tow.HOOK_BUDGET_S
+        tow.HOOK_BUDGET_S = 1.0
+        began = time.monotonic()
+        try:
+            resolved = sc.plugin.hook({"TASK_ID": str(task_id), "TASK_EVENT": "task.done"})
+        finally:
+            tow.HOOK_BUDGET_S = saved
+            fake_ty.write_control(self.state, {})
+        self.assertEqual(resolved, 0)
+        self.assertLess(time.monotonic() - began, 5.0)
+        self.assertEqual([w[0] for w in sc.store.approvals_due(tow.now_ms(), 600000)], [run_id])
+
+    def test_the_feed_stops_at_once_even_when_the_api_never_answers(self):
+        import socket
+        mute = socket.socket()
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(5)
+        self.addCleanup(mute.close)
+        sc = self.sidecar(clock=False)
+        feed = tow.TaskFeed(sc.bridge, tow.TaskYouApi("http://127.0.0.1:%d"
+                                                      % mute.getsockname()[1]), lambda: None)
+        feed.start()
+        time.sleep(0.5)  # connected, waiting for an answer that never comes
+        began = time.monotonic()
+        feed.stop()
+        self.assertLess(time.monotonic() - began, 1.0)
+        feed.thread.join(5)
+        self.assertFalse(feed.thread.is_alive())
