@@ -7515,10 +7515,11 @@ class Bridge:
     def task_changed(self, task_id, hint=None, patience_s=0.0, budget_s=None, waits=None):
         """TaskYou says task ``task_id`` changed: resolve the waits on it by its status now.
         ``hint``: what told us (a hook's event; None: the feed, whose errors are raised); the
-        task is read again for up to ``patience_s`` until it shows an end. Whatever cannot be settled now (the task shows
-        no end yet, TaskYou does not answer within ``budget_s``) is left to the next poll, made
-        due at once. Returns how many waits were resolved; 0 at once for a task no run waits
-        on. ``waits``: the open task waits, if the caller has them."""
+        task is read again for up to ``patience_s`` until it shows an end. Whatever cannot be
+        settled now (the task shows no end yet, TaskYou does not answer within ``budget_s``) is
+        left to the next poll, made due at once. Returns how many waits were resolved; 0 at
+        once for a task no run waits on. ``waits``: the open task waits, if the caller has
+        them."""
         waits = [w for w in (self.store.task_waits() if waits is None else waits)
                  if w[2] == task_id]
         if not waits:
@@ -7740,6 +7741,32 @@ def write_plugin(directory, files):
             os.unlink(os.path.join(actions_dir, name))
 
 
+def plugin_named(name, parent, exclude, depth=0):
+    """The first other plugin named ``name`` under ``parent``, found as TaskYou's loader finds
+    plugins (internal/hooks/plugins.go: a dir with a plugin.yaml, else 4 levels deep)."""
+    if depth > 4:
+        return None
+    try:
+        entries = sorted(os.scandir(parent), key=lambda e: e.name)
+    except OSError:
+        return None
+    pattern = re.compile(r"^name:\s*[\"']?%s[\"']?\s*$" % re.escape(name), re.M)
+    for entry in entries:
+        if not entry.is_dir() or entry.path == exclude:
+            continue
+        manifest = os.path.join(entry.path, "plugin.yaml")
+        if os.path.isfile(manifest):
+            with contextlib.suppress(OSError), open(manifest, encoding="utf-8",
+                                                    errors="replace") as f:
+                if pattern.search(f.read()):
+                    return entry.path
+            continue
+        found = plugin_named(name, entry.path, exclude, depth + 1)
+        if found:
+            return found
+    return None
+
+
 class TaskYouPlugin:
     """Installs the plugin into TaskYou's plugins dir, keeps its start- actions in step with
     the deployed workflows, and does what its hooks and actions ask."""
@@ -7756,7 +7783,7 @@ class TaskYouPlugin:
         parent = os.path.abspath(os.path.expanduser(parent or plugins_dir(self.config)))
         directory = os.path.join(parent, PLUGIN_NAME)
         self._check_ours(directory)
-        twin = self._twin(parent, directory)
+        twin = plugin_named(PLUGIN_NAME, parent, directory)
         if twin:
             raise Conflict("another plugin named %s is installed at %s (TaskYou would run both, "
                            "and its actions hide ours); remove it first (`ty plugins remove %s`, "
@@ -7769,31 +7796,6 @@ class TaskYouPlugin:
                                  "--dir" % (directory, exc.strerror or exc))
             self._record(directory, add=True)
         return directory
-
-    @staticmethod
-    def _twin(parent, directory, depth=0):
-        """Another plugin named openworkflow where TaskYou looks (a `ty plugins add` of a
-        clone, say), found as its loader finds plugins (internal/hooks/plugins.go)."""
-        if depth > 4:
-            return None
-        try:
-            entries = sorted(os.scandir(parent), key=lambda e: e.name)
-        except OSError:
-            return None
-        for entry in entries:
-            if not entry.is_dir() or entry.path == directory:
-                continue
-            manifest = os.path.join(entry.path, "plugin.yaml")
-            if os.path.isfile(manifest):
-                with contextlib.suppress(OSError), open(manifest, encoding="utf-8",
-                                                        errors="replace") as f:
-                    if re.search(r"^name:\s*[\"']?%s[\"']?\s*$" % PLUGIN_NAME, f.read(), re.M):
-                        return entry.path
-                continue
-            found = TaskYouPlugin._twin(entry.path, directory, depth + 1)
-            if found:
-                return found
-        return None
 
     @contextlib.contextmanager
     def _locked(self):
