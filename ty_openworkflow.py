@@ -2652,15 +2652,16 @@ class FlowLedger(_StorePart):
         held = [r for r in runs if r["held_since"] is not None and r["status"] == "pending"]
         if not held:
             return {}
-        notes, states = {}, {}
+        notes, states, seen = {}, {}, {}
         with self.store.connection() as c:
             limits = self.limits_in(c)
             for r in held:
-                lim = limits.get(r["workflow_id"])
-                if r["workflow_id"] not in states:
-                    states[r["workflow_id"]] = self._state(c, lim, now)
-                notes[r["id"]] = self._reason(c, lim, states[r["workflow_id"]],
-                                              r["concurrency_key"])
+                wf, key = r["workflow_id"], r["concurrency_key"]
+                if wf not in states:
+                    states[wf] = self._state(c, limits.get(wf), now)
+                if (wf, key) not in seen:  # the same for every held run of a key
+                    seen[(wf, key)] = self._reason(c, limits.get(wf), states[wf], key)
+                notes[r["id"]] = seen[(wf, key)]
         return notes
 
     def queued_counts(self, now):
@@ -8632,12 +8633,12 @@ class Sidecar:
 
     # -- flow control -------------------------------------------------------------
 
-    def set_limits(self, workflow_id, concurrency=None, per_key=None, rate=None):
+    def set_limits(self, workflow_id, concurrency=None, per_key=None, rate=None, drive=True):
         """Set a workflow's limits (across its versions): at most ``concurrency`` runs active at
         once, ``per_key`` per concurrency key, ``rate`` starts per window ("10/1m"); all None
         clears them. Takes effect at the next claim; returns the limits as limits() shows."""
         concurrency, per_key, rate = _limit_args(concurrency, per_key, rate)
-        if self.store.set_limits(workflow_id, concurrency, per_key, rate, self.clock()):
+        if self.store.set_limits(workflow_id, concurrency, per_key, rate, self.clock()) and drive:
             self.ensure_driven()  # runs held or let go may start now: a scheduler looks at once
         else:
             self.poke_schedulers()

@@ -238,7 +238,7 @@ class Held(TempHome):
         self.sc.set_limits("nap", concurrency=3)
         runs = [self.start() for _ in range(3)]
         self.sc.tick()
-        self.sc.set_limits("nap", concurrency=1)
+        self.sc.set_limits("nap", concurrency=1, drive=False)
         late = self.start()
         self.sc.tick()
         self.assertEqual([self.sc.status(r)["status"] for r in runs], ["sleeping"] * 3)
@@ -251,7 +251,7 @@ class Held(TempHome):
         more = [self.start() for _ in range(3)]
         self.sc.tick()
         self.assertEqual([self.sc.status(r)["status"] for r in more], ["pending"] * 3)
-        self.sc.set_limits("nap", concurrency=3)
+        self.sc.set_limits("nap", concurrency=3, drive=False)
         self.sc.tick()
         self.assertEqual([self.sc.status(r)["status"] for r in more],
                          ["sleeping", "sleeping", "pending"])
@@ -356,9 +356,19 @@ class Held(TempHome):
         self.sc.set_limits("nap", concurrency=1)
         runs = [self.start() for _ in range(3)]
         self.sc.tick()
-        self.assertEqual(self.cli("limits", "nap", "--clear")[1].strip(), "nap: no limits")
+        self.assertEqual(self.sc.set_limits("nap", drive=False)["concurrency"], None)
         self.sc.tick()
         self.assertEqual([self.sc.status(r)["status"] for r in runs], ["sleeping"] * 3)
+
+    def test_raising_a_limit_with_no_scheduler_alive_starts_the_runner(self):
+        sc = self.sidecar(clock=False)
+        sc.set_limits("nap", concurrency=1, drive=False)
+        runs = [sc.start("nap", {}, drive=False)["id"] for _ in range(2)]
+        sc.tick()
+        self.assertEqual(sc.status(runs[1])["status"], "pending")
+        sc.set_limits("nap", concurrency=2)  # as `limits nap --concurrency 2` does
+        wait_for(lambda: sc.status(runs[1])["status"] == "sleeping", timeout=20,
+                 what="the background runner to admit the held run")
 
 
 class Limits(TempHome):
@@ -384,7 +394,8 @@ class Limits(TempHome):
         self.cli("limits", "deploy-site", "--clear", "--concurrency", "5")
         self.assertEqual(self.sc.limits("deploy-site")["concurrency"], 5)
         self.assertIsNone(self.sc.limits("deploy-site")["rate"])
-        self.assertEqual(self.sc.set_limits("deploy-site")["concurrency"], None)
+        self.assertEqual(self.cli("limits", "deploy-site", "--clear"),
+                         (0, "deploy-site: no limits\n", ""))
         self.assertEqual(self.sc.limits(), [])
         # Limits belong to the workflow, not a version: a new deploy keeps them.
         self.sc.set_limits("deploy-site", concurrency=1)
