@@ -93,7 +93,8 @@ class Helpers(unittest.TestCase):
     def test_rates_parse_and_print(self):
         for text, want, shown in (("10/1m", (10, 60000), "10/1m"), ("3/2s", (3, 2000), "3/2s"),
                                   ("100/h", (100, 3600000), "100/1h"),
-                                  (" 5 / 500ms", (5, 500), "5/500ms"), ("7/90s", (7, 90000), "7/90s")):
+                                  (" 5 / 500ms", (5, 500), "5/500ms"),
+                                  ("7/90s", (7, 90000), "7/90s")):
             with self.subTest(text=text):
                 self.assertEqual(tow.parse_rate(text), want)
                 self.assertEqual(tow.format_rate(*want), shown)
@@ -405,7 +406,8 @@ class Limits(TempHome):
     def test_bad_input_is_one_line_and_changes_nothing(self):
         self.sc.set_limits("deploy-site", concurrency=2)
         cases = [
-            (["limits", "deploy-site", "--concurrency", "0"], 2, "--concurrency must be at least 1"),
+            (["limits", "deploy-site", "--concurrency", "0"], 2,
+             "--concurrency must be at least 1"),
             (["limits", "deploy-site", "--per-key", "0"], 2, "--per-key must be a whole number"),
             (["limits", "deploy-site", "--per-key", "-3"], 2, "--per-key must be a whole number"),
             (["limits", "deploy-site", "--concurrency", "two"], 2, "invalid int value"),
