@@ -3944,7 +3944,7 @@ class AdapterBook(_StorePart):
 
 
 def _verb(part, method):
-    """A verb of the Store front that does ``method`` of its part ``part``."""
+    """A verb of a front (the Store, the Sidecar) that does ``method`` of its part ``part``."""
     name = method.__name__
 
     def verb(self, *args, **kwargs):
@@ -8394,6 +8394,37 @@ class Runners:
         return proc.pid
 
 
+class FlowControl:
+    """Workflows' limits as the API and the CLI set and show them (the store enforces them)."""
+
+    def __init__(self, store, clock, wake, drive):
+        self.store = store
+        self.clock = clock
+        self.wake = wake  # () -> None: wake the live schedulers of this host
+        self.drive = drive  # () -> None: that, or start the background runner if none is alive
+
+    def set_limits(self, workflow_id, concurrency=None, per_key=None, rate=None, drive=True):
+        """Set a workflow's limits (across its versions): at most ``concurrency`` runs active at
+        once, ``per_key`` per concurrency key, ``rate`` starts per window ("10/1m"); all None
+        clears them. Takes effect at the next claim; returns the limits as limits() shows."""
+        concurrency, per_key, rate = _limit_args(concurrency, per_key, rate)
+        if self.store.set_limits(workflow_id, concurrency, per_key, rate, self.clock()) and drive:
+            self.drive()  # runs held or let go may start now: a scheduler looks at once
+        else:
+            self.wake()
+        return self.limits(workflow_id)
+
+    def limits(self, workflow_id=None):
+        """Every workflow's limits (a list), or one's (a dict; all None when it has none)."""
+        if workflow_id is None:
+            return [_limits_doc(r) for r in self.store.limits()]
+        if self.store.get_workflow(workflow_id, counts=False) is None:
+            raise NotFound("no workflow %r; deploy it first with "
+                           "`ty-openworkflow deploy %s -f FILE`" % (workflow_id, workflow_id))
+        rows = self.store.limits(workflow_id)
+        return _limits_doc(rows[0] if rows else None, workflow_id)
+
+
 class Sidecar:
     """deploy / start / status / list / cancel / retry / fork / logs / tick / serve over one
     store."""
@@ -8527,8 +8558,7 @@ class Sidecar:
 
         With ``idempotency_key``, a second start of the same workflow with the same key
         returns the first run (whatever its status) and creates nothing; the result then
-        has ``"existing": True``. ``key`` (its concurrency key) and ``priority`` (an int,
-        default 0) matter where the workflow has limits (set_limits)."""
+        has ``"existing": True``. ``key`` and ``priority`` place it among held runs (set_limits)."""
         _check_idempotency_key(idempotency_key)
         _check_flow_args(key, priority)
         wf = self.workflow(workflow_id, counts=False)
@@ -8631,25 +8661,14 @@ class Sidecar:
         return {"run_id": run["id"], "signal": name, "id": sig_id, "applied": applied,
                 "consumed_by": consumed_by, "buffered": consumed_by is None}
 
-    # -- flow control -------------------------------------------------------------
+    # -- flow control: see FlowControl ---------------------------------------------
 
-    def set_limits(self, workflow_id, concurrency=None, per_key=None, rate=None, drive=True):
-        """Set a workflow's limits (across its versions): at most ``concurrency`` runs active at
-        once, ``per_key`` per concurrency key, ``rate`` starts per window ("10/1m"); all None
-        clears them. Takes effect at the next claim; returns the limits as limits() shows."""
-        concurrency, per_key, rate = _limit_args(concurrency, per_key, rate)
-        if self.store.set_limits(workflow_id, concurrency, per_key, rate, self.clock()) and drive:
-            self.ensure_driven()  # runs held or let go may start now: a scheduler looks at once
-        else:
-            self.poke_schedulers()
-        return self.limits(workflow_id)
+    @property
+    def flow_control(self):
+        return FlowControl(self.store, self.clock, self.poke_schedulers, self.ensure_driven)
 
-    def limits(self, workflow_id=None):
-        """Every workflow's limits (a list), or one's (a dict; all None when it has none)."""
-        if workflow_id is None:
-            return [_limits_doc(r) for r in self.store.limits()]
-        rows = self.store.limits(self.workflow(workflow_id, counts=False)["id"])
-        return _limits_doc(rows[0] if rows else None, workflow_id)
+    set_limits = _verb("flow_control", FlowControl.set_limits)
+    limits = _verb("flow_control", FlowControl.limits)
 
     # -- retention ----------------------------------------------------------------
 
