@@ -116,6 +116,14 @@ CHILDREN_DEFAULT = 1000
 MAX_DURATION_MS = 100 * 365 * 86400000  # a century: longer is a typo
 MAX_EPOCH_MS = 1 << 53  # wake times beyond this are not times
 MAX_PASS_LOG_BYTES = 256 * 1024
+# Flow control: a run's concurrency key is at most this long, its priority an integer in
+# [-PRIORITY_BOUND, PRIORITY_BOUND). A start counts against its rate window from its claim
+# until a window after its first step began (so the gap holds where the steps run, however
+# long a launch takes), and a twentieth of the window longer (at most RATE_SLACK_MAX_MS): the
+# first step's own clock reads a moment before the sidecar hears of it.
+MAX_CONCURRENCY_KEY_LEN = 200
+PRIORITY_BOUND = 1 << 31
+RATE_SLACK_MAX_MS = 1000
 TERMINAL = ("completed", "failed", "canceled")
 RUN_STATUSES = ("pending", "running", "sleeping", "waiting") + TERMINAL
 WAIT_KINDS = ("signal", "child", "task")
@@ -253,6 +261,33 @@ def format_duration(ms):
     if s < 86400:
         return "%dh%02dm" % (s // 3600, (s % 3600) // 60)
     return "%dd%02dh" % (s // 86400, (s % 86400) // 3600)
+
+
+_RATE = re.compile(r"\s*(\d{1,9})\s*/\s*(\S+)\s*")
+
+
+def parse_rate(value):
+    """Parse a rate ``N/DURATION`` (``10/1m``, ``3/2s``, ``100/h``) to (N, window in ms)."""
+    m = _RATE.fullmatch(str(value))
+    window_ms = None
+    if m:
+        unit = m.group(2)  # a bare unit is one of it: 100/h
+        with contextlib.suppress(ValueError):
+            window_ms = parse_duration("1" + unit if unit in _DURATION_UNITS_MS else unit)
+    if window_ms is None:
+        raise ValueError("invalid rate %r; use N/DURATION, like 10/1m or 3/2s" % (value,))
+    if int(m.group(1)) < 1 or window_ms < 1:
+        raise ValueError("invalid rate %r; N and the DURATION must be at least 1 (1/1s, 10/1m)"
+                         % (value,))
+    return int(m.group(1)), window_ms
+
+
+def format_rate(count, window_ms):
+    """A rate as parse_rate reads it, in the largest whole unit: ``10/1m``, ``3/2s``."""
+    for unit in ("d", "h", "m", "s"):
+        if window_ms % _DURATION_UNITS_MS[unit] == 0:
+            return "%d/%d%s" % (count, window_ms // _DURATION_UNITS_MS[unit], unit)
+    return "%d/%dms" % (count, window_ms)
 
 
 # Five-field cron: minute hour day-of-month month day-of-week (Vixie semantics).
@@ -1307,16 +1342,50 @@ MIGRATIONS = [
     [  # 12: a run whose shared worker died under it runs its passes alone from then on
         "ALTER TABLE runs ADD COLUMN isolated INTEGER NOT NULL DEFAULT 0",
     ],
+    [  # 13: flow control: per-workflow limits, a run's key and priority, its place in the queue
+        "CREATE TABLE flow_limits (workflow_id TEXT PRIMARY KEY, concurrency INTEGER, "
+        "per_key INTEGER, rate_count INTEGER, rate_window_ms INTEGER, "
+        "updated_at INTEGER NOT NULL)",
+        "ALTER TABLE runs ADD COLUMN concurrency_key TEXT",
+        "ALTER TABLE runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        # Held back by its workflow's limits since then (NULL: not held). A held run's
+        # available_at is its deadline: it is due only to fail at it.
+        "ALTER TABLE runs ADD COLUMN held_since INTEGER",
+        # When its first pass since it was made (or retried) was claimed: from then until it
+        # ends, it holds a slot of its workflow's concurrency.
+        "ALTER TABLE runs ADD COLUMN admitted_at INTEGER",
+        "UPDATE runs SET admitted_at = COALESCE(started_at, updated_at) "
+        "WHERE passes > 0 AND finished_at IS NULL",
+        "CREATE INDEX runs_held ON runs(workflow_id, priority DESC, held_since) "
+        "WHERE held_since IS NOT NULL",
+        "CREATE INDEX runs_active ON runs(workflow_id, concurrency_key) "
+        "WHERE admitted_at IS NOT NULL AND finished_at IS NULL",
+        # Starts of runs of workflows with a rate limit, kept as long as their window: at is
+        # the claim until begun, then when the run's first step began.
+        "CREATE TABLE flow_starts (workflow_id TEXT NOT NULL, run_id TEXT NOT NULL, "
+        "at INTEGER NOT NULL, begun INTEGER NOT NULL DEFAULT 0)",
+        "CREATE INDEX flow_starts_at ON flow_starts(workflow_id, at)",
+        "CREATE INDEX flow_starts_unbegun ON flow_starts(run_id) WHERE begun = 0",
+    ],
+    [  # 14: a task's runs (the TaskYou plugin's actions) found by index
+        "CREATE INDEX runs_task ON runs(task_id) WHERE task_id IS NOT NULL",
+    ],
 ]
 
 _RUN_COLUMNS = ("id, workflow_id, version, status, input, output, error, passes, pass_failures, "
                 "step_attempts, available_at, wake_at, deadline_at, pass_id, lease_owner, "
                 "lease_expires_at, task_requested, task_title, task_id, created_at, updated_at, "
                 "started_at, finished_at, step_count, last_pass, idempotency_key, retries, "
-                "forked_from, parent_run_id, parent_wait_key, schedule_name, isolated")
-SQL_DUE_RUNS = ("SELECT id, status, lease_owner FROM runs WHERE (status IN ('pending', 'sleeping', "
-                "'waiting') AND available_at <= ?) OR (status = 'running' AND lease_expires_at < "
-                "?) ORDER BY available_at, created_at LIMIT ?")
+                "forked_from, parent_run_id, parent_wait_key, schedule_name, isolated, "
+                "concurrency_key, priority, held_since, admitted_at")
+SQL_DUE_RUNS = ("SELECT id, status, lease_owner, available_at FROM runs WHERE (status IN "
+                "('pending', 'sleeping', 'waiting') AND available_at <= ?) OR (status = 'running' "
+                "AND lease_expires_at < ?) ORDER BY available_at, created_at LIMIT ?")
+SQL_CLAIM = ("UPDATE runs SET status = 'running', pass_id = ?, lease_owner = ?, "
+             "lease_expires_at = ?, passes = passes + 1, started_at = COALESCE(started_at, ?), "
+             "updated_at = ?, wake_pending = 0 WHERE id = ?")
+SQL_CLAIM_FIRST = SQL_CLAIM.replace("wake_pending = 0",
+                                    "wake_pending = 0, held_since = NULL, admitted_at = ?")
 SQL_NEXT_DUE = ("SELECT MIN(t) FROM (SELECT MIN(available_at) AS t FROM runs WHERE status IN "
                 "('pending', 'sleeping', 'waiting') UNION ALL SELECT MIN(next_fire_at) FROM "
                 "schedules WHERE paused = 0 UNION ALL SELECT MIN(lease_expires_at) FROM runs WHERE "
@@ -1906,12 +1975,14 @@ class RunLedger(_StorePart):
     """A run's life: created, ended (with its tree), canceled, retried, forked, failed."""
 
     def create_run(self, run_id, workflow_id, version, input_json, now, task_requested=False,
-                   task_title=None, deadline_at=None, idempotency_key=None, task_id=None):
+                   task_title=None, deadline_at=None, idempotency_key=None, key=None, priority=0,
+                   task_id=None):
         """Store a new pending run; returns its id, or with ``idempotency_key`` the id of the
         run that key already started (then nothing is created)."""
         with self.store.transaction() as c:
             return self.add_run(c, run_id, workflow_id, version, input_json, now, task_requested,
-                                task_title, deadline_at, idempotency_key, task_id=task_id)
+                                task_title, deadline_at, idempotency_key, key=key,
+                                priority=priority, task_id=task_id)
 
     def runs_of_task(self, task_id):
         """The runs linked to TaskYou task ``task_id``, oldest first."""
@@ -1921,7 +1992,7 @@ class RunLedger(_StorePart):
 
     def add_run(self, c, run_id, workflow_id, version, input_json, now, task_requested=False,
                 task_title=None, deadline_at=None, idempotency_key=None, schedule_name=None,
-                task_id=None):
+                key=None, priority=0, task_id=None):
         """create_run inside transaction ``c`` (a schedule's fire names its schedule; ``task_id``
         links the run to a task that exists already)."""
         if idempotency_key is not None:
@@ -1929,13 +2000,14 @@ class RunLedger(_StorePart):
                             (workflow_id, idempotency_key)).fetchone()
             if row:
                 return row[0]
+        available_at, held_since = self.store.flow.entry(c, workflow_id, now, deadline_at)
         c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, "
                   "deadline_at, task_requested, task_title, created_at, updated_at, "
-                  "idempotency_key, schedule_name, task_id) VALUES (?, ?, ?, 'pending', ?, ?, ?, "
-                  "?, ?, ?, ?, ?, ?, ?)",
-                  (run_id, workflow_id, version, input_json, now, deadline_at,
-                   int(bool(task_requested)),
-                   task_title, now, now, idempotency_key, schedule_name, task_id))
+                  "idempotency_key, schedule_name, concurrency_key, priority, held_since, "
+                  "task_id) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (run_id, workflow_id, version, input_json, available_at, deadline_at,
+                   int(bool(task_requested)), task_title, now, now, idempotency_key,
+                   schedule_name, key, priority, held_since, task_id))
         self.journal(c, run_id, None, "created", {"workflow": workflow_id, "version": version}, now)
         self.count(c, "started", workflow_id)
         if task_requested:
@@ -1981,13 +2053,14 @@ class RunLedger(_StorePart):
         """End one run (not its children): its task update, its parent's wait, its approvals."""
         c.execute("UPDATE runs SET status = ?, output = ?, error = ?, pass_id = NULL, lease_owner "
                   "= NULL, lease_expires_at = NULL, available_at = NULL, wake_at = NULL, "
-                  "finished_at = ?, updated_at = ? WHERE id = ?",
+                  "held_since = NULL, finished_at = ?, updated_at = ? WHERE id = ?",
                   (status, None if output is None else dumps(output),
                    None if error is None else dumps(error), now, now, run_id))
         c.execute("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND status = "
                   "'running'", (run_id,))
         self.journal(c, run_id, pass_id, status,
                      {"output": output} if status == "completed" else {"error": error}, now)
+        self.store.flow.begun(c, run_id, now)  # a start that never began a step
         wf = c.execute("SELECT workflow_id FROM runs WHERE id = ?", (run_id,)).fetchone()
         if wf:
             self.count(c, status, wf[0])
@@ -2037,11 +2110,14 @@ class RunLedger(_StorePart):
             c.execute("UPDATE steps SET status = 'sleeping' WHERE run_id = ? AND kind = 'sleep' "
                       "AND status != 'completed'", (run_id,))
             c.execute(SQL_POLL_AGAIN, (run_id,))  # its approvals are polled again, first in line
+            # It starts again: its workflow's limits admit it anew.
+            available_at, held_since = self.store.flow.entry(c, run["workflow_id"], now, None)
             c.execute("UPDATE runs SET status = 'pending', version = ?, output = NULL, error = "
                       "NULL, finished_at = NULL, available_at = ?, wake_at = NULL, deadline_at = "
                       "NULL, pass_failures = 0, step_attempts = 0, retries = retries + 1, "
-                      "step_count = (SELECT count(*) FROM steps WHERE run_id = ?), updated_at = ? "
-                      "WHERE id = ?", (version or run["version"], now, run_id, now, run_id))
+                      "step_count = (SELECT count(*) FROM steps WHERE run_id = ?), updated_at = ?, "
+                      "held_since = ?, admitted_at = NULL WHERE id = ?",
+                      (version or run["version"], available_at, run_id, now, held_since, run_id))
             self.journal(c, run_id, None, "retried",
                          {"from": run["status"], "version": version or run["version"]},
                          now)
@@ -2067,12 +2143,15 @@ class RunLedger(_StorePart):
                     raise InputError("run %s has no step %r; its steps are: %s" % (
                         run_id, from_step, ", ".join(keys) or "none"))
                 cutoff = row[0]
+            available_at, held_since = self.store.flow.entry(c, run["workflow_id"], now, None)
             c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, "
-                      "task_requested, task_title, created_at, updated_at, forked_from) VALUES (?, "
-                      "?, ?, 'pending', ?, ?, 0, ?, ?, ?, ?)",
+                      "task_requested, task_title, created_at, updated_at, forked_from, "
+                      "concurrency_key, priority, held_since) VALUES (?, ?, ?, 'pending', ?, ?, "
+                      "0, ?, ?, ?, ?, ?, ?, ?)",
                       (new_run_id, run["workflow_id"], version or run["version"],
-                       run["input"] if input_json is None else input_json, now, run["task_title"],
-                       now, now, run_id))
+                       run["input"] if input_json is None else input_json, available_at,
+                       run["task_title"], now, now, run_id, run["concurrency_key"],
+                       run["priority"], held_since))
             c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, retry, "
                       "retryable, attempts, wake_at, started_at, completed_at, done_seq, call_seq, "
                       "wait) SELECT ?, key, kind, status, seq, output, retry, retryable, attempts, "
@@ -2123,10 +2202,12 @@ class RunLedger(_StorePart):
                                                     type(exc).__name__, exc))
         c.execute("UPDATE runs SET status = 'failed', error = ?, pass_id = NULL, "
                   "lease_owner = NULL, lease_expires_at = NULL, available_at = NULL, "
-                  "wake_at = NULL, finished_at = ?, updated_at = ? WHERE id = ?",
+                  "wake_at = NULL, held_since = NULL, finished_at = ?, updated_at = ? "
+                  "WHERE id = ?",
                   (dumps(error), now, now, run_id))
         self._interrupt_steps(c, run_id)
         self.journal(c, run_id, pass_id, "failed", {"error": error}, now)
+        self.store.flow.begun(c, run_id, now)
         wf = c.execute("SELECT workflow_id FROM runs WHERE id = ?", (run_id,)).fetchone()
         self.count(c, "failed", wf[0])
 
@@ -2182,15 +2263,19 @@ class LeaseLedger(_StorePart):
         scheduler is gone: proven dead on this host (at once), or silent past its
         lease where its pid proves nothing (another host, another PID namespace).
         A live scheduler of this host is never robbed, whatever the clocks say, and
-        ``exclude`` (the runs the caller drives) is never claimed.
+        ``exclude`` (the runs the caller drives) is never claimed. Runs held back by
+        their workflow's limits are admitted here, in the same transaction, as far as
+        the limits let them (FlowLedger).
         """
         claimed = []
         with self.store.transaction() as c:
             holders = self.store.registry.holders(c)
             dead = [sid for sid, alive in holders.items() if alive is False]
             live = [sid for sid, alive in holders.items() if alive is True and sid != owner]
-            rows = c.execute(*self._due_query(now, dead, live, limit + len(exclude))).fetchall()
-            for run_id, status, holder in rows:
+            due = c.execute(*self._due_query(now, dead, live, limit + len(exclude))).fetchall()
+            limits = self.store.flow.limits_in(c)
+            admissible = self.store.flow.admissible(c, now, limits, limit) if limits else ()
+            for run_id, status, holder, admit in self.store.flow.in_turn(due, admissible):
                 if run_id in exclude or len(claimed) >= limit:
                     continue
                 if status == "running" and holder != owner and holders.get(holder) is True:
@@ -2198,7 +2283,7 @@ class LeaseLedger(_StorePart):
                     continue
                 try:
                     with self.store.savepoint(c):
-                        run = self._claim_one(c, run_id, status, owner, now, lease_ms)
+                        run = self._claim_one(c, run_id, status, owner, now, lease_ms, admit)
                 except Exception as exc:
                     if _is_outage(exc):
                         raise
@@ -2213,9 +2298,15 @@ class LeaseLedger(_StorePart):
                     c.execute("DELETE FROM schedulers WHERE id = ?", (sid,))
         return claimed
 
-    def _claim_one(self, c, run_id, status, owner, now, lease_ms):
-        """Claim one due run (None: it ended instead: a deadline, a pass lost too often)."""
+    def _claim_one(self, c, run_id, status, owner, now, lease_ms, admit=False):
+        """Claim one due run (None: it ended instead: a deadline, a pass lost too often; or it
+        is held back by its workflow's limits and ``admit`` is false)."""
         run = self.store.one(c, SQL_RUN, (run_id,))
+        if run["held_since"] is not None and not admit:
+            # Held back: due only to fail at its deadline (not yet: it waits on).
+            if run["deadline_at"] is None or now < run["deadline_at"]:
+                c.execute("UPDATE runs SET available_at = deadline_at WHERE id = ?", (run_id,))
+                return None
         run["lost_pass_id"] = None
         run["was"] = status  # for the wake-lateness metric
         if status == "running":
@@ -2240,11 +2331,13 @@ class LeaseLedger(_StorePart):
         if status == "waiting":
             self.store.waits.time_out_waits(c, run_id, now)
         pass_id = new_id("pass")
-        c.execute("UPDATE runs SET status = 'running', pass_id = ?, lease_owner = ?, "
-                  "lease_expires_at = ?, passes = passes + 1, "
-                  "started_at = COALESCE(started_at, ?), updated_at = ?, wake_pending = 0 "
-                  "WHERE id = ?",
-                  (pass_id, owner, now + lease_ms, now, now, run_id))
+        # Its first pass (since made or retried) takes a slot of its workflow's concurrency.
+        if run["admitted_at"] is None:
+            c.execute(SQL_CLAIM_FIRST, (pass_id, owner, now + lease_ms, now, now, now, run_id))
+        else:
+            c.execute(SQL_CLAIM, (pass_id, owner, now + lease_ms, now, now, run_id))
+        if admit:
+            self.store.flow.started(c, run["workflow_id"], run_id, now)
         run.update(status="running", pass_id=pass_id, lease_owner=owner, passes=run["passes"] + 1)
         if run["passes"] == 1 and run["task_requested"]:
             self.store.outbox.enqueue(c, run_id, "processing", None, now)
@@ -2267,8 +2360,9 @@ class LeaseLedger(_StorePart):
         sql = SQL_DUE_RUNS.replace("lease_expires_at < ?", running, 1)
         return sql, params + [limit]
 
-    def next_due_at(self):
-        """When the next run is due (one held by a live scheduler of this host is not due)."""
+    def next_due_at(self, now=None):
+        """When the next run is due (one held by a live scheduler of this host is not due);
+        given ``now``, also when a run held back by its workflow's limits may start."""
         try:
             with self.store.connection() as c:
                 holders = self.store.registry.holders(c)
@@ -2279,9 +2373,11 @@ class LeaseLedger(_StorePart):
                                       "WHERE status = 'running' AND lease_owner NOT IN "
                                       "(%s)" % ",".join("?" * len(live)), 1)
                 row = c.execute(sql, live).fetchone()
+                held = None if now is None else self.store.flow.next_admission(c, now)
         except sqlite3.Error as exc:
             raise self.store.wrap(exc)
-        return row[0] if row else None
+        due = row[0] if row else None
+        return min([t for t in (due, held) if t is not None], default=None)
 
     def renew_leases(self, owner, pass_ids, until):
         """Extend the leases of our passes; returns the pass ids we no longer hold."""
@@ -2347,6 +2443,311 @@ class LeaseLedger(_StorePart):
             return self._released(c, run_id, pass_id, now, "%s (not counted: %s)" % (message, why))
 
 
+FlowLimits = collections.namedtuple("FlowLimits",
+                                    "workflow_id concurrency per_key rate_count rate_window_ms")
+
+SQL_LIMITS = "SELECT workflow_id, concurrency, per_key, rate_count, rate_window_ms FROM flow_limits"
+# A workflow's runs that hold a slot: started (a first pass claimed) and not finished.
+SQL_ACTIVE = "workflow_id = ? AND admitted_at IS NOT NULL AND finished_at IS NULL"
+SQL_KEY_COUNTS = ("SELECT concurrency_key, count(*) FROM runs WHERE " + SQL_ACTIVE +
+                  " AND concurrency_key IS NOT NULL GROUP BY concurrency_key")
+SQL_FULL_KEYS = ("SELECT concurrency_key FROM runs WHERE " + SQL_ACTIVE +
+                 " AND concurrency_key IS NOT NULL GROUP BY concurrency_key HAVING count(*) >= ?")
+# A workflow's held runs in the order they are admitted (%s: more conditions): higher priority
+# first, then the longest held, then the first made (rowid: runs made in one ms keep their order).
+SQL_HELD = ("SELECT id, concurrency_key, held_since FROM runs WHERE workflow_id = ? AND "
+            "held_since IS NOT NULL %s ORDER BY priority DESC, held_since, rowid LIMIT ?")
+SQL_HELD_AHEAD = ("SELECT count(*) FROM runs WHERE workflow_id = ? AND held_since IS NOT NULL "
+                  "AND (priority > ? OR (priority = ? AND (held_since < ? OR (held_since = ? "
+                  "AND rowid < (SELECT rowid FROM runs WHERE id = ?)))))")
+# The starts a rate window counts: those in it, and those whose first step has not begun.
+SQL_STARTS = ("SELECT count(*) FROM flow_starts WHERE workflow_id = ? AND (at > ? OR "
+              "begun = 0)")
+SQL_NTH_START = ("SELECT at FROM flow_starts WHERE workflow_id = ? AND at > ? AND begun = 1 "
+                 "ORDER BY at LIMIT 1 OFFSET ?")
+SQL_LIMITS_REPORT = (
+    "SELECT l.workflow_id, l.concurrency, l.per_key, l.rate_count, l.rate_window_ms, "
+    "l.updated_at, (SELECT count(*) FROM runs r WHERE r.workflow_id = l.workflow_id AND "
+    "r.admitted_at IS NOT NULL AND r.finished_at IS NULL) AS active, (SELECT count(*) FROM "
+    "runs r WHERE r.workflow_id = l.workflow_id AND r.held_since IS NOT NULL) AS queued "
+    "FROM flow_limits l")
+
+
+def _rate_span(window_ms):
+    """How long a start counts against its rate window: the window and a slack (constants)."""
+    return window_ms + min(window_ms // 20, RATE_SLACK_MAX_MS)
+
+
+def _some_ids(ids, total):
+    return ", ".join(ids) + (", ..." if total > len(ids) else "")
+
+
+class FlowLedger(_StorePart):
+    """Flow control: each workflow's limits, the runs they hold back, and which of those a
+    claim admits, in the claim's own transaction (so they hold across schedulers and crashes).
+
+    A held run is pending with held_since set and due only at its deadline; a claim
+    admits it (clears held_since, sets admitted_at) when its workflow's limits let it."""
+
+    def set_limits(self, workflow_id, concurrency, per_key, rate, now):
+        """Set a workflow's limits (all None: none; ``rate``: (count, window ms)); its runs not
+        started yet are held back or let go to match. Returns how many are held or let go."""
+        with self.store.transaction() as c:
+            if not c.execute("SELECT 1 FROM workflows WHERE id = ?", (workflow_id,)).fetchone():
+                raise NotFound("no workflow %r; deploy it first with `ty-openworkflow deploy %s "
+                               "-f FILE`" % (workflow_id, workflow_id))
+            before = self.limits_in(c).get(workflow_id)
+            if concurrency is None and per_key is None and rate is None:
+                c.execute("DELETE FROM flow_limits WHERE workflow_id = ?", (workflow_id,))
+                c.execute("DELETE FROM flow_starts WHERE workflow_id = ?", (workflow_id,))
+                # Let go: due at once, in the order they were held.
+                return c.execute("UPDATE runs SET available_at = held_since, held_since = NULL "
+                                 "WHERE workflow_id = ? AND held_since IS NOT NULL",
+                                 (workflow_id,)).rowcount
+            count, window_ms = rate or (None, None)
+            c.execute("INSERT OR REPLACE INTO flow_limits (workflow_id, concurrency, per_key, "
+                      "rate_count, rate_window_ms, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                      (workflow_id, concurrency, per_key, count, window_ms, now))
+            if rate is None:
+                c.execute("DELETE FROM flow_starts WHERE workflow_id = ?", (workflow_id,))
+            elif before is None or before.rate_count is None:
+                # The starts already in the window count from now on.
+                c.execute("INSERT INTO flow_starts (workflow_id, run_id, at, begun) SELECT "
+                          "workflow_id, id, admitted_at, 1 FROM runs WHERE workflow_id = ? AND "
+                          "admitted_at > ?", (workflow_id, now - _rate_span(window_ms)))
+            if before is None:
+                # Its runs not started yet wait for a claim to admit them.
+                c.execute("UPDATE runs SET held_since = COALESCE(available_at, ?), available_at "
+                          "= deadline_at WHERE workflow_id = ? AND status = 'pending' AND "
+                          "admitted_at IS NULL AND held_since IS NULL", (now, workflow_id))
+            return c.execute("SELECT count(*) FROM runs WHERE workflow_id = ? AND held_since IS "
+                             "NOT NULL", (workflow_id,)).fetchone()[0]
+
+    def limits(self, workflow_id=None):
+        """Every workflow's limits (or one's), with how many of its runs are active and held."""
+        if workflow_id is None:
+            return self.store.query(SQL_LIMITS_REPORT + " ORDER BY l.workflow_id")
+        return self.store.query(SQL_LIMITS_REPORT + " WHERE l.workflow_id = ?", (workflow_id,))
+
+    @staticmethod
+    def limits_in(c):
+        """Every workflow's limits, read through ``c``: {workflow id: FlowLimits} ({}: none)."""
+        return {row[0]: FlowLimits(*row) for row in c.execute(SQL_LIMITS)}
+
+    @staticmethod
+    def entry(c, workflow_id, now, deadline_at):
+        """(available_at, held_since) of a run that is to start now, in transaction ``c``: with
+        limits on its workflow, held back (due only at its deadline) until a claim admits it."""
+        if c.execute("SELECT 1 FROM flow_limits WHERE workflow_id = ?", (workflow_id,)).fetchone():
+            return deadline_at, now
+        return now, None
+
+    # -- admission: in the claim's transaction ------------------------------------
+
+    def admissible(self, c, now, limits, room):
+        """Held runs that may start now, at most ``room`` a workflow: [(turn, run id)], each
+        workflow's best first (higher priority, then held longest), turn the time it takes its
+        turn at among the due runs. Any first few of one workflow's keep its limits."""
+        out = []
+        for lim in limits.values():
+            free, keys = self._room(c, lim, now)
+            take = min(free, room)
+            if take <= 0:
+                continue
+            more, params = "", [lim.workflow_id]
+            if lim.per_key:  # a full key's runs are not even looked at
+                more = "AND (concurrency_key IS NULL OR concurrency_key NOT IN (%s))" % (
+                    SQL_FULL_KEYS)
+                params += [lim.workflow_id, lim.per_key]
+            taken = []
+            for run_id, key, held_since in c.execute(SQL_HELD % more, params + [
+                    take * 4 if lim.per_key else take]).fetchall():
+                if lim.per_key and key is not None:
+                    if keys.get(key, 0) >= lim.per_key:
+                        continue
+                    keys[key] = keys.get(key, 0) + 1
+                taken.append((run_id, held_since))
+                if len(taken) == take:
+                    break
+            turns = sorted(held_since for _, held_since in taken)
+            out += [(turn, run_id) for turn, (run_id, _) in zip(turns, taken)]
+        return out
+
+    def _room(self, c, lim, now):
+        """(how many more runs of the workflow may start now, its active runs per key)."""
+        free = PRIORITY_BOUND  # no bound of its own
+        if lim.concurrency:
+            free = lim.concurrency - c.execute("SELECT count(*) FROM runs WHERE " + SQL_ACTIVE,
+                                               (lim.workflow_id,)).fetchone()[0]
+        if lim.rate_count and free > 0:
+            free = min(free, lim.rate_count - self._starts(c, lim, now)[0])
+        keys = {}
+        if lim.per_key and free > 0:
+            keys = dict(c.execute(SQL_KEY_COUNTS, (lim.workflow_id,)).fetchall())
+        return free, keys
+
+    @staticmethod
+    def _starts(c, lim, now):
+        """(the workflow's starts its rate window counts now, when one more may start: None
+        until a run's first step begins)."""
+        since = now - _rate_span(lim.rate_window_ms)
+        n = c.execute(SQL_STARTS, (lim.workflow_id, since)).fetchone()[0]
+        if n < lim.rate_count:
+            return n, now
+        oldest = c.execute(SQL_NTH_START, (lim.workflow_id, since, n - lim.rate_count)).fetchone()
+        return n, oldest and oldest[0] + _rate_span(lim.rate_window_ms)
+
+    @staticmethod
+    def in_turn(due, admissible):
+        """The due rows (id, status, holder, available_at) and the admissible runs, merged by
+        when each became due: (id, status, holder, admit) in the order to claim them."""
+        if not admissible:
+            return [(row[0], row[1], row[2], False) for row in due]
+        due_ids = {row[0] for row in due}  # a held run due for its deadline is failed, not admitted
+        admissible = [(turn, run_id) for turn, run_id in admissible if run_id not in due_ids]
+        turns = [(_NEVER_BEFORE if row[3] is None else row[3], i, (row[0], row[1], row[2], False))
+                 for i, row in enumerate(due)]
+        turns += [(turn, len(due) + i, (run_id, "pending", None, True))
+                  for i, (turn, run_id) in enumerate(admissible)]
+        return [row for _, _, row in sorted(turns)]
+
+    def started(self, c, workflow_id, run_id, now):
+        """A held run of the workflow was admitted: one more start in its rate window."""
+        row = c.execute("SELECT rate_window_ms FROM flow_limits WHERE workflow_id = ? AND "
+                        "rate_count IS NOT NULL", (workflow_id,)).fetchone()
+        if row:
+            c.execute("DELETE FROM flow_starts WHERE workflow_id = ? AND at <= ? AND begun = 1",
+                      (workflow_id, now - _rate_span(row[0])))
+            c.execute("INSERT INTO flow_starts (workflow_id, run_id, at) VALUES (?, ?, ?)",
+                      (workflow_id, run_id, now))
+
+    @staticmethod
+    def begun(c, run_id, now):
+        """The run's first step began (or it ended first): its start's window runs from now."""
+        c.execute("UPDATE flow_starts SET at = max(at, ?), begun = 1 WHERE run_id = ? AND "
+                  "begun = 0", (now, run_id))
+
+    def admission_due(self, now):
+        """Whether a held run may start now (a scheduler that leaves hands it over)."""
+        with self.store.connection() as c:
+            return self.next_admission(c, now) == now
+
+    def next_admission(self, c, now):
+        """When a held run may start next: ``now``, the end of a rate window, or None (a run
+        must end first: the scheduler that ends it goes again at once; `cancel` pokes all)."""
+        limits = self.limits_in(c)
+        if not limits:
+            return None
+        if self.admissible(c, now, limits, 1):
+            return now
+        later = [self._starts(c, lim, now)[1] for lim in limits.values() if lim.rate_count and (
+            c.execute(SQL_HELD % "", (lim.workflow_id, 1)).fetchone())]
+        later = [t for t in later if t is not None and t > now]
+        return min(later, default=None)
+
+    # -- why a run waits: status, list, the dashboard, /metrics ----------------------
+
+    def why_held(self, run, now):
+        """Why a held run waits (None if it is not held): reason (a sentence), limit, ahead."""
+        if run["held_since"] is None or run["status"] != "pending":
+            return None
+        with self.store.connection() as c:
+            lim = self.limits_in(c).get(run["workflow_id"])
+            note = self._reason(c, lim, self._state(c, lim, now), run["concurrency_key"])
+            note["ahead"] = c.execute(SQL_HELD_AHEAD, (
+                run["workflow_id"], run["priority"], run["priority"], run["held_since"],
+                run["held_since"], run["id"])).fetchone()[0]
+        return dict(note, since=run["held_since"], priority=run["priority"],
+                    key=run["concurrency_key"])
+
+    def queue_notes(self, runs, now):
+        """{run id: why it waits} for the held runs among ``runs`` (rows of runs)."""
+        held = [r for r in runs if r["held_since"] is not None and r["status"] == "pending"]
+        if not held:
+            return {}
+        notes, states, seen = {}, {}, {}
+        with self.store.connection() as c:
+            limits = self.limits_in(c)
+            for r in held:
+                wf, key = r["workflow_id"], r["concurrency_key"]
+                if wf not in states:
+                    states[wf] = self._state(c, limits.get(wf), now)
+                if (wf, key) not in seen:  # the same for every held run of a key
+                    seen[(wf, key)] = self._reason(c, limits.get(wf), states[wf], key)
+                notes[r["id"]] = seen[(wf, key)]
+        return notes
+
+    def queued_counts(self, now):
+        """How many runs are held, by (workflow, the limit that holds them: "concurrency",
+        "per_key", "rate", or "next_claim" when none does and a claim will admit them)."""
+        out = collections.Counter()
+        with self.store.connection() as c:
+            limits = self.limits_in(c)
+            groups = c.execute("SELECT workflow_id, concurrency_key, count(*) FROM runs WHERE "
+                               "held_since IS NOT NULL GROUP BY workflow_id, "
+                               "concurrency_key").fetchall()
+            states = {}
+            for wf, key, n in groups:
+                if wf not in states:
+                    states[wf] = self._state(c, limits.get(wf), now)
+                note = self._reason(c, limits.get(wf), states[wf], key, ids=False)
+                out[(wf, note["limit"] or "next_claim")] += n
+        return out
+
+    def _state(self, c, lim, now):
+        """What holds a workflow's runs back now: its active runs, per key, its starts."""
+        if lim is None:
+            return None
+        wf = lim.workflow_id
+        active = c.execute("SELECT id FROM runs WHERE " + SQL_ACTIVE + " ORDER BY admitted_at "
+                           "LIMIT 3", (wf,)).fetchall()
+        state = {"active": c.execute("SELECT count(*) FROM runs WHERE " + SQL_ACTIVE,
+                                     (wf,)).fetchone()[0],
+                 "runs": [r[0] for r in active], "keys": {}, "starts": 0, "next_at": None}
+        if lim.per_key:
+            state["keys"] = dict(c.execute(SQL_KEY_COUNTS, (wf,)).fetchall())
+        if lim.rate_count:
+            state["starts"], state["next_at"] = self._starts(c, lim, now)
+        return state
+
+    @staticmethod
+    def _reason(c, lim, state, key, ids=True):
+        """Why a held run of key ``key`` waits, given its workflow's limits and ``state``."""
+        if lim is None:
+            return {"limit": None, "reason": "queued: admitted at the next claim",
+                    "short": "queued: next claim"}
+        wf, active = lim.workflow_id, state["active"]
+        if lim.concurrency and active >= lim.concurrency:
+            return {"limit": "concurrency", "active": active, "of": lim.concurrency,
+                    "runs": state["runs"],
+                    "reason": "queued: %d of %d active runs of %s (%s)" % (
+                        active, lim.concurrency, wf, _some_ids(state["runs"], active)),
+                    "short": "queued: %d/%d active" % (active, lim.concurrency)}
+        per_key = state["keys"].get(key, 0) if key is not None else 0
+        if lim.per_key and key is not None and per_key >= lim.per_key:
+            runs = [r[0] for r in c.execute(
+                "SELECT id FROM runs WHERE " + SQL_ACTIVE + " AND concurrency_key = ? ORDER BY "
+                "admitted_at LIMIT 3", (wf, key))] if ids else []
+            return {"limit": "per_key", "active": per_key, "of": lim.per_key, "runs": runs,
+                    "reason": "queued: %d of %d active runs of %s with key %r (%s)" % (
+                        per_key, lim.per_key, wf, key, _some_ids(runs, per_key)),
+                    "short": "queued: key %d/%d active" % (per_key, lim.per_key)}
+        if lim.rate_count and state["starts"] >= lim.rate_count:
+            window = format_rate(lim.rate_count, lim.rate_window_ms).split("/", 1)[1]
+            return {"limit": "rate", "active": state["starts"], "of": lim.rate_count,
+                    "next_at": state["next_at"],
+                    "reason": "queued: %d of %d starts of %s in %s; the next %s" % (
+                        state["starts"], lim.rate_count, wf, window,
+                        "at " + format_time(state["next_at"]) if state["next_at"]
+                        else "a window after a started run's first step"),
+                    "short": "queued: %d/%d starts in %s" % (state["starts"], lim.rate_count,
+                                                              window)}
+        return {"limit": None, "active": active, "of": lim.concurrency,
+                "reason": "queued: admitted at the next claim (%d%s active runs of %s)" % (
+                    active, " of %d" % lim.concurrency if lim.concurrency else "", wf),
+                "short": "queued: next claim"}
+
+
 class PassLedger(_StorePart):
     """What a pass tells: its history to replay, its events applied, its end and retries."""
 
@@ -2404,6 +2805,8 @@ class PassLedger(_StorePart):
                         "FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None or row[0] != "running" or row[1] != pass_id:
             return IGNORED
+        if row[4] == 0:  # nothing recorded yet: its first step (if held, its start) begins now
+            self.store.flow.begun(c, run_id, now)
         cur = seq = None
         if ev["type"] in self.RECORDING:
             cur = c.execute("SELECT status FROM steps WHERE run_id = ? AND key = ?",
@@ -2758,11 +3161,21 @@ class WaitLedger(_StorePart):
         if wf is None:
             return None
         child_id = new_id("run")
+        deadline_at = now + wf[1] if wf[1] else None
+        available_at, held_since = self.store.flow.entry(c, spec["workflow_id"], now, deadline_at)
+        key_, priority = spec.get("key"), spec.get("priority")
+        if not (isinstance(key_, str) and 0 < len(key_) <= MAX_CONCURRENCY_KEY_LEN):
+            key_ = None
+        if not (isinstance(priority, int) and not isinstance(priority, bool)
+                and -PRIORITY_BOUND <= priority < PRIORITY_BOUND):
+            # not given (or not an integer): its parent's
+            priority = c.execute("SELECT priority FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
         c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, "
                   "deadline_at, task_requested, created_at, updated_at, parent_run_id, "
-                  "parent_wait_key) VALUES (?, ?, ?, 'pending', ?, ?, ?, 0, ?, ?, ?, ?)",
-                  (child_id, spec["workflow_id"], wf[0], dumps(spec.get("input")), now,
-                   now + wf[1] if wf[1] else None, now, now, run_id, key))
+                  "parent_wait_key, concurrency_key, priority, held_since) "
+                  "VALUES (?, ?, ?, 'pending', ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
+                  (child_id, spec["workflow_id"], wf[0], dumps(spec.get("input")), available_at,
+                   deadline_at, now, now, run_id, key, key_, priority, held_since))
         self.store.runs.journal(c, child_id, None, "created",
                                 {"workflow": spec["workflow_id"], "version": wf[0],
                                  "parent": run_id}, now)
@@ -3339,11 +3752,14 @@ class ReadModel(_StorePart):
             "started_at": run["started_at"], "finished_at": run["finished_at"],
             "updated_at": run["updated_at"],
             "wake_at": run["wake_at"] if status in ("sleeping", "waiting") else None,
-            "available_at": run["available_at"] if status == "pending" else None,
+            # (a run held back by its workflow's limits is due when a claim admits it: `queued`)
+            "available_at": (run["available_at"] if status == "pending"
+                             and run["held_since"] is None else None),
             "deadline_at": run["deadline_at"], "steps": steps,
             "last_pass": loads_or_none(run["last_pass"]),
             "idempotency_key": run["idempotency_key"], "retries": run["retries"],
             "forked_from": run["forked_from"], "schedule": run["schedule_name"],
+            "concurrency_key": run["concurrency_key"], "priority": run["priority"],
             # Its passes run alone (a shared worker died under it, nobody knows by whose doing).
             "isolated": bool(run["isolated"]),
             "waiting_for": [dict(loads_or_none(w["wait"]) or {}, step=w["key"],
@@ -3557,7 +3973,7 @@ class AdapterBook(_StorePart):
 
 
 def _verb(part, method):
-    """A verb of the Store front that does ``method`` of its part ``part``."""
+    """A verb of a front (the Store, the Sidecar) that does ``method`` of its part ``part``."""
     name = method.__name__
 
     def verb(self, *args, **kwargs):
@@ -3578,6 +3994,7 @@ class Store(Database):
         self.workflows = WorkflowBook(self)
         self.runs = RunLedger(self)
         self.leases = LeaseLedger(self)
+        self.flow = FlowLedger(self)
         self.passes = PassLedger(self)
         self.waits = WaitLedger(self)
         self.outbox = Outbox(self)
@@ -3609,6 +4026,13 @@ class Store(Database):
     pass_is_current = _verb("leases", LeaseLedger.pass_is_current)
     release = _verb("leases", LeaseLedger.release)
     spare = _verb("leases", LeaseLedger.spare)
+
+    set_limits = _verb("flow", FlowLedger.set_limits)
+    limits = _verb("flow", FlowLedger.limits)
+    why_held = _verb("flow", FlowLedger.why_held)
+    queue_notes = _verb("flow", FlowLedger.queue_notes)
+    queued_counts = _verb("flow", FlowLedger.queued_counts)
+    admission_due = _verb("flow", FlowLedger.admission_due)
 
     history = _verb("passes", PassLedger.history)
     apply_event = _verb("passes", PassLedger.apply_event)
@@ -6628,8 +7052,8 @@ class Scheduler:
                 return _Round("claimed")
             if claimed:  # given back (no thread to be had): try again in a moment
                 return _Round("idle", now + 1000, now)
-        next_due = self.store.next_due_at()
         now = self.clock()
+        next_due = self.store.next_due_at(now)
         self.bridge_wake.set()
         if not self.active and self.kind in ("tick", "runner"):
             horizon = 0 if self.kind == "tick" else self.config["runner_linger"]
@@ -6637,7 +7061,8 @@ class Scheduler:
                 # Leave the table first, then look again: a `start` that saw us alive
                 # committed its run before we look, so we cannot miss it.
                 self.store.unregister_scheduler(self.id)
-                if self._idle_beyond(self.store.next_due_at(), self.clock(), horizon):
+                now = self.clock()
+                if self._idle_beyond(self.store.next_due_at(now), now, horizon):
                     return _Round("exit")
                 self._register()
                 return _Round("claimed")
@@ -6803,7 +7228,7 @@ class Scheduler:
                 held = set(self.active)
             due = [run_id for run_id in self.store.pending_due(now, len(held) + 1)
                    if run_id not in held]
-            if due:
+            if due or self.store.admission_due(now):
                 self.sidecar.ensure_driven()
         except OpenWorkflowError as exc:
             log.warning("could not hand due runs over: %s", exc)
@@ -8157,6 +8582,12 @@ def render_metrics(sidecar):
         family("tyow_runs_%s_total" % kind, "counter", "Runs %s, by workflow." % kind,
                [((("workflow", wf),), n) for (name, wf), n in sorted(counts.items())
                 if name == kind])
+    family("tyow_runs_queued", "gauge", "Pending runs held back by their workflow's limits, by "
+           "workflow and the limit that holds them (next_claim: none; the next claim admits them).",
+           [((("workflow", wf), ("reason", why)), n)
+            for (wf, why), n in sorted(store.queued_counts(now).items())])
+    family("tyow_runs_active", "gauge", "Runs started and not finished, of workflows with limits.",
+           [((("workflow", r["workflow_id"]),), r["active"]) for r in store.limits()])
     mine, hists = METRICS.snapshot()
     family("tyow_passes_total", "counter", "Passes this process started, by workflow.",
            [((("workflow", wf),), n) for (name, wf), n in sorted(mine.items(), key=str)
@@ -8267,7 +8698,8 @@ class DashboardServer(_HttpService):
                 raise WebhookReject(400, "status must be one of %s" % ", ".join(RUN_STATUSES))
             rows = sc.store.runs_page(query.get("workflow") or None, status, query.get("q") or None,
                                       query.get("before") or None, limit)
-            return {"runs": [_run_row(r) for r in rows],
+            notes = sc.store.queue_notes(rows, sc.clock())
+            return {"runs": [_run_row(r, notes.get(r["id"])) for r in rows],
                     "next": ("%d:%s" % (rows[-1]["created_at"], rows[-1]["id"])
                              if len(rows) == limit else None)}
         if path.startswith("/api/runs/"):
@@ -8330,11 +8762,11 @@ class DashboardServer(_HttpService):
             raise WebhookReject(409 if isinstance(exc, Conflict) else 400, str(exc))
 
 
-def _run_row(r):
+def _run_row(r, queued=None):
     return {"id": r["id"], "workflow_id": r["workflow_id"], "version": r["version"],
             "status": r["status"], "created_at": r["created_at"], "finished_at": r["finished_at"],
             "task_id": r["task_id"], "schedule": r["schedule_name"],
-            "parent_run_id": r["parent_run_id"]}
+            "parent_run_id": r["parent_run_id"], "queued": queued}
 
 
 class _DashboardHandler:
@@ -8490,6 +8922,47 @@ def _check_idempotency_key(key):
         raise InputError("--idempotency-key must be a non-empty string of at most 200 characters")
 
 
+def _check_flow_args(key, priority):
+    """A run's concurrency key and priority as start takes them (InputError if bad)."""
+    if key is not None and (not isinstance(key, str) or not key.strip()
+                            or len(key) > MAX_CONCURRENCY_KEY_LEN):
+        raise InputError("--concurrency-key must be a non-empty string of at most %d characters"
+                         % MAX_CONCURRENCY_KEY_LEN)
+    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)
+                                 or not -PRIORITY_BOUND <= priority < PRIORITY_BOUND):
+        raise InputError("--priority must be an integer from %d to %d, not %r"
+                         % (-PRIORITY_BOUND, PRIORITY_BOUND - 1, priority))
+
+
+def _limit_args(concurrency, per_key, rate):
+    """A workflow's limits as set_limits takes them: (concurrency, per_key, (count, window ms)
+    or None); InputError if one is bad."""
+    for flag, n in (("--concurrency", concurrency), ("--per-key", per_key)):
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool)
+                              or not 1 <= n < PRIORITY_BOUND):
+            raise InputError("%s must be a whole number of at least 1, not %r (no limit: leave "
+                             "it out, or `limits WORKFLOW --clear`)" % (flag, n))
+    if rate is not None and not isinstance(rate, tuple):
+        try:
+            rate = parse_rate(rate)
+        except ValueError as exc:
+            raise InputError("--rate: %s" % exc)
+    return concurrency, per_key, rate
+
+
+def _limits_doc(row, workflow_id=None):
+    """A workflow's limits as `limits --json` shows them (``row`` None: it has none)."""
+    row = row or {"workflow_id": workflow_id, "concurrency": None, "per_key": None,
+                  "rate_count": None, "rate_window_ms": None, "active": None, "queued": 0,
+                  "updated_at": None}
+    rate = (format_rate(row["rate_count"], row["rate_window_ms"]) if row["rate_count"]
+            else None)
+    return {"workflow_id": row["workflow_id"], "concurrency": row["concurrency"],
+            "per_key": row["per_key"], "rate": rate, "rate_count": row["rate_count"],
+            "rate_window_ms": row["rate_window_ms"], "active": row["active"],
+            "queued": row["queued"], "updated_at": row["updated_at"]}
+
+
 class Pruner:
     """Deletes finished runs: `prune` when asked, `retention` from the schedulers, hourly."""
 
@@ -8603,6 +9076,37 @@ class Runners:
         # Reap it in the background so a long-lived caller collects no zombies.
         threading.Thread(target=proc.wait, daemon=True).start()
         return proc.pid
+
+
+class FlowControl:
+    """Workflows' limits as the API and the CLI set and show them (the store enforces them)."""
+
+    def __init__(self, store, clock, wake, drive):
+        self.store = store
+        self.clock = clock
+        self.wake = wake  # () -> None: wake the live schedulers of this host
+        self.drive = drive  # () -> None: that, or start the background runner if none is alive
+
+    def set_limits(self, workflow_id, concurrency=None, per_key=None, rate=None, drive=True):
+        """Set a workflow's limits (across its versions): at most ``concurrency`` runs active at
+        once, ``per_key`` per concurrency key, ``rate`` starts per window ("10/1m"); all None
+        clears them. Takes effect at the next claim; returns the limits as limits() shows."""
+        concurrency, per_key, rate = _limit_args(concurrency, per_key, rate)
+        if self.store.set_limits(workflow_id, concurrency, per_key, rate, self.clock()) and drive:
+            self.drive()  # runs held or let go may start now: a scheduler looks at once
+        else:
+            self.wake()
+        return self.limits(workflow_id)
+
+    def limits(self, workflow_id=None):
+        """Every workflow's limits (a list), or one's (a dict; all None when it has none)."""
+        if workflow_id is None:
+            return [_limits_doc(r) for r in self.store.limits()]
+        if self.store.get_workflow(workflow_id, counts=False) is None:
+            raise NotFound("no workflow %r; deploy it first with "
+                           "`ty-openworkflow deploy %s -f FILE`" % (workflow_id, workflow_id))
+        rows = self.store.limits(workflow_id)
+        return _limits_doc(rows[0] if rows else None, workflow_id)
 
 
 class Sidecar:
@@ -8742,7 +9246,7 @@ class Sidecar:
     # -- runs -----------------------------------------------------------------
 
     def start(self, workflow_id, input=None, task_title=None, create_task=False, deadline=None,
-              drive=True, idempotency_key=None, task_id=None):
+              drive=True, idempotency_key=None, key=None, priority=None, task_id=None):
         """Create a run on the workflow's latest version and make sure a scheduler drives it.
 
         ``task_id`` links the run to a TaskYou task that exists (no task is created for it,
@@ -8750,8 +9254,9 @@ class Sidecar:
 
         With ``idempotency_key``, a second start of the same workflow with the same key
         returns the first run (whatever its status) and creates nothing; the result then
-        has ``"existing": True``."""
+        has ``"existing": True``. ``key`` and ``priority`` place it among held runs (set_limits)."""
         _check_idempotency_key(idempotency_key)
+        _check_flow_args(key, priority)
         wf = self.workflow(workflow_id, counts=False)
         input_json = self._input_json(input)
         self.adapter(wf["adapter"]).check(wf["runtime"])
@@ -8769,7 +9274,8 @@ class Sidecar:
                                     task_requested=task_requested,
                                     task_title=task_title or ("Workflow: %s" % workflow_id),
                                     deadline_at=deadline_at,
-                                    idempotency_key=idempotency_key, task_id=task_id)
+                                    idempotency_key=idempotency_key, key=key,
+                                    priority=priority or 0, task_id=task_id)
         if got != run_id:
             return dict(self.status(got), existing=True)
         if drive:
@@ -8812,6 +9318,7 @@ class Sidecar:
         run = self.run(run_id)
         out = self.store.run_document(run)
         out["task"] = self.bridge.task_state(run)
+        out["queued"] = self.store.why_held(run, self.clock())
         if run["status"] not in TERMINAL:
             out["scheduler"] = self.store.driven_by(run, self.clock(), 2 * self.config["lease_ttl"])
         return out
@@ -8823,8 +9330,9 @@ class Sidecar:
         if limit is not None and not 1 <= limit <= 100000:
             raise InputError("--limit must be between 1 and 100000")
         runs = self.store.list_runs(workflow_id, status, limit)
+        notes = self.store.queue_notes(runs, self.clock())  # why a held run waits
         self.store.sync_shown()
-        return runs
+        return [dict(r, queued=notes.get(r["id"])) for r in runs]
 
     def cancel(self, run_id):
         """Cancel a run; a pass in flight is stopped by the scheduler that runs it."""
@@ -8849,6 +9357,15 @@ class Sidecar:
             self.ensure_driven()
         return {"run_id": run["id"], "signal": name, "id": sig_id, "applied": applied,
                 "consumed_by": consumed_by, "buffered": consumed_by is None}
+
+    # -- flow control: see FlowControl ---------------------------------------------
+
+    @property
+    def flow_control(self):
+        return FlowControl(self.store, self.clock, self.poke_schedulers, self.ensure_driven)
+
+    set_limits = _verb("flow_control", FlowControl.set_limits)
+    limits = _verb("flow_control", FlowControl.limits)
 
     # -- retention ----------------------------------------------------------------
 
@@ -9169,7 +9686,8 @@ def _read_json_file(path, what):
 def cmd_start(api, args):
     value = _read_input(args)
     st = api.start(args.workflow_id, value, task_title=args.task, create_task=args.create_task,
-                   deadline=args.deadline, idempotency_key=args.idempotency_key)
+                   deadline=args.deadline, idempotency_key=args.idempotency_key,
+                   key=args.concurrency_key, priority=args.priority)
     if api.last_warning:
         print("ty-openworkflow: warning: %s" % api.last_warning, file=sys.stderr)
     if st.get("existing") and not args.json:
@@ -9240,6 +9758,8 @@ def _print_status(st):
         line += " until %s (%s)" % (format_time(st["wake_at"]),
                                     "in %s" % format_duration(left) if left > 0
                                     else "due now; waiting for a scheduler")
+    elif status == "pending" and st.get("queued"):
+        line += ", " + st["queued"]["reason"]
     elif status == "pending" and st.get("available_at") and st["available_at"] > now_ms():
         line += " (retry at %s)" % format_time(st["available_at"])
     elif status == "waiting":
@@ -9262,6 +9782,10 @@ def _print_status(st):
                                                       st["last_pass"].get("reason"))))
     if st.get("schedule"):
         rows.append(("schedule", st["schedule"]))
+    if st.get("concurrency_key") is not None or st.get("priority"):
+        rows.append(("flow", "key %s, priority %d" % (
+            "-" if st.get("concurrency_key") is None else repr(st["concurrency_key"]),
+            st.get("priority") or 0)))
     if st.get("parent"):
         rows.append(("parent", "%s (wait %s)" % (st["parent"]["run_id"], st["parent"]["wait"])))
     for child in st.get("children") or []:
@@ -9356,11 +9880,14 @@ def cmd_list(api, args):
         _print_json([{"id": r["id"], "workflow_id": r["workflow_id"], "version": r["version"],
                       "status": r["status"], "created_at": r["created_at"],
                       "finished_at": r["finished_at"], "task_id": r["task_id"],
-                      "schedule": r["schedule_name"]} for r in rows])
+                      "schedule": r["schedule_name"],
+                      "queued": r["queued"]["reason"] if r["queued"] else None} for r in rows])
     elif not rows:
         print("no runs")
     else:
-        _table([(r["id"], r["workflow_id"], r["version"], r["status"], format_time(r["created_at"]),
+        _table([(r["id"], r["workflow_id"], r["version"],
+                 "%s (%s)" % (r["status"], r["queued"]["short"]) if r["queued"] else r["status"],
+                 format_time(r["created_at"]),
                  "#%s" % r["task_id"] if r["task_id"] else "-", r["schedule_name"] or "-")
                 for r in rows],
                ("id", "workflow", "version", "status", "created", "task", "schedule"))
@@ -9438,6 +9965,44 @@ def cmd_schedule(api, args):
     else:
         print("schedule %s: %s %s, next fire %s" % (doc["name"], doc["workflow_id"], doc["cron"],
                                                     format_time(doc["next_fire_at"])))
+    return 0
+
+
+def _describe_limits(doc):
+    parts = ["%s %s" % (name, doc[key]) for name, key in (
+        ("concurrency", "concurrency"), ("per-key", "per_key"), ("rate", "rate")) if doc[key]]
+    if not parts:
+        return "%s: no limits" % doc["workflow_id"]
+    return "%s: %s (%d active, %d queued)" % (doc["workflow_id"], ", ".join(parts),
+                                             doc["active"], doc["queued"])
+
+
+def cmd_limits(api, args):
+    given = {"concurrency": args.concurrency, "per_key": args.per_key, "rate": args.rate}
+    change = args.clear or any(v is not None for v in given.values())
+    if args.workflow_id is None:
+        if change:
+            raise InputError("give the workflow: `ty-openworkflow limits WORKFLOW --concurrency N`")
+        rows = api.limits()
+        if args.json:
+            _print_json(rows)
+        elif not rows:
+            print("no limits; set some with `ty-openworkflow limits WORKFLOW --concurrency N`")
+        else:
+            _table([(r["workflow_id"], r["concurrency"] or "-", r["per_key"] or "-",
+                     r["rate"] or "-", r["active"], r["queued"]) for r in rows],
+                   ("workflow", "concurrency", "per-key", "rate", "active", "queued"))
+        return 0
+    if change:  # the limits not given stay as they are (none, with --clear)
+        now = {} if args.clear else api.limits(args.workflow_id)
+        doc = api.set_limits(args.workflow_id,
+                             **{k: now.get(k) if v is None else v for k, v in given.items()})
+    else:
+        doc = api.limits(args.workflow_id)
+    if args.json:
+        _print_json(doc)
+    else:
+        print(_describe_limits(doc))
     return 0
 
 
@@ -9650,9 +10215,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, "%s: %s; see `%s --help`\n" % (self.prog, message, self.prog))
 
 
-COMMANDS = ("init", "deploy", "start", "status", "list", "cancel", "signal", "retry", "fork",
-            "logs", "adapters", "tick", "serve", "sign", "schedule", "prune", "dashboard", "runner",
-            "dist", "plugin")
+COMMANDS = ("init", "deploy", "start", "status", "list", "limits", "cancel", "signal", "retry",
+            "fork", "logs", "adapters", "tick", "serve", "sign", "schedule", "prune", "dashboard",
+            "runner", "dist", "plugin")
 
 
 class _Unbuilt:
@@ -9745,6 +10310,11 @@ def build_parser(only=None):
     sp.add_argument("--idempotency-key", metavar="KEY",
                     help="start at most one run of this workflow per KEY; again, it returns "
                          "the first run")
+    sp.add_argument("--concurrency-key", metavar="KEY",
+                    help="the run's key for the workflow's --per-key limit (see `limits`)")
+    sp.add_argument("--priority", type=int, metavar="N",
+                    help="among runs held back by the workflow's limits, higher goes first "
+                         "(default 0)")
     sp.add_argument("--wait", action="store_true",
                     help="follow the run; exit 0 if it completes, 1 if not")
     sp.add_argument("--json", action="store_true", help="output as JSON")
@@ -9758,6 +10328,24 @@ def build_parser(only=None):
     sp.add_argument("-w", "--workflow", help="filter runs by workflow id")
     sp.add_argument("-s", "--status", help="filter runs by status (%s)" % ", ".join(RUN_STATUSES))
     sp.add_argument("-n", "--limit", type=int, default=20, help="max results (default 20)")
+    sp.add_argument("--json", action="store_true", help="output as JSON")
+
+    sp = cmd("limits", cmd_limits,
+             "set or show a workflow's flow control: concurrency, per-key, rate",
+             epilog="examples:\n  ty-openworkflow limits deploy-site --concurrency 1\n"
+                    "  ty-openworkflow limits agent --concurrency 2 --per-key 1\n"
+                    "  ty-openworkflow limits call-api --rate 10/1m\n"
+                    "  ty-openworkflow limits deploy-site --clear\n"
+                    "  ty-openworkflow limits --json")
+    sp.add_argument("workflow_id", nargs="?", help="the workflow (none: list every limit)")
+    sp.add_argument("--concurrency", type=int, metavar="N",
+                    help="at most N runs active at once (a sleeping or waiting run counts)")
+    sp.add_argument("--per-key", type=int, metavar="N",
+                    help="at most N active runs per `start --concurrency-key`")
+    sp.add_argument("--rate", metavar="N/DURATION",
+                    help="at most N runs start in any window this long (10/1m, 3/2s)")
+    sp.add_argument("--clear", action="store_true",
+                    help="remove the workflow's limits (with others: set only those)")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
     sp = cmd("cancel", cmd_cancel, "cancel a run (stops a pass in flight)")

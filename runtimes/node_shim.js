@@ -519,10 +519,30 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
   const waitForSignal = (name, opts) =>
     durableWait(`signal:${waitName("waitForSignal", name)}`, { kind: "signal", name },
                 opts && opts.timeout);
+  // opts.priority / opts.key: the child's place among runs its workflow's limits hold back
+  // (by default its parent's priority, and no key).
+  function childFlow(opts) {
+    const flow = {};
+    if (opts && opts.priority !== undefined && opts.priority !== null) {
+      const p = opts.priority;
+      if (!Number.isInteger(p) || p < -(2 ** 31) || p >= 2 ** 31) {
+        throw new TypeError(`runWorkflow's priority must be an integer, got ${opts.priority}`);
+      }
+      flow.priority = opts.priority;
+    }
+    if (opts && opts.key !== undefined && opts.key !== null) {
+      if (typeof opts.key !== "string" || !opts.key.trim() || opts.key.length > 200) {
+        throw new TypeError("runWorkflow's key must be a non-empty string of at most 200 " +
+                            "characters");
+      }
+      flow.key = opts.key;
+    }
+    return flow;
+  }
   const runWorkflow = (workflowId, input, opts) =>
     durableWait(`child:${waitName("runWorkflow", (opts && opts.name) || workflowId)}`,
                 { kind: "child", workflow_id: waitName("runWorkflow", workflowId),
-                  input: toJson(input, "the child's input")[1] },
+                  input: toJson(input, "the child's input")[1], ...childFlow(opts) },
                 opts && opts.timeout);
   const waitForTask = (title, opts) => {
     const name = (opts && opts.name) || String(title).slice(0, 150);

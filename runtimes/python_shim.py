@@ -446,12 +446,25 @@ class Context:
         return self._durable_wait("signal:%s" % self._wait_name("wait_for_signal", name),
                                   {"kind": "signal", "name": name}, timeout)
 
-    def run_workflow(self, workflow_id, input=None, name=None, timeout=None):
+    def run_workflow(self, workflow_id, input=None, name=None, timeout=None, priority=None,
+                     key=None):
         """Start a child run of ``workflow_id`` (exactly once) and wait for its output; a failed or
-        canceled child raises WaitError (catchable) with its message and run id."""
+        canceled child raises WaitError (catchable) with its message and run id. ``priority``
+        and ``key`` place it among the runs its workflow's limits hold back (default: its
+        parent's priority, no key)."""
         self._wait_name("run_workflow", workflow_id)
         spec = {"kind": "child", "workflow_id": workflow_id,
                 "input": to_json(input, "the child's input")[1]}
+        if priority is not None:
+            if (not isinstance(priority, int) or isinstance(priority, bool)
+                    or not -2**31 <= priority < 2**31):
+                raise TypeError("run_workflow's priority must be an integer, got %r" % (priority,))
+            spec["priority"] = priority
+        if key is not None:
+            if not isinstance(key, str) or not key.strip() or len(key) > 200:
+                raise TypeError("run_workflow's key must be a non-empty string of at most 200 "
+                                "characters")
+            spec["key"] = key
         key = "child:%s" % self._wait_name("run_workflow", name or workflow_id)
         return self._durable_wait(key, spec, timeout)
 

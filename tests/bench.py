@@ -15,7 +15,8 @@ reps with their min and max. Workloads (the workflow is 4 steps each returning x
       (drive=True, as a user would); wall time from the first start() until this process sees the 500th
       run completed in the store (polled every 10 ms); runs/s. With the default config,
       `concurrency: 16` and `concurrency: 100`. (--w1-mode enqueue: the 500 runs are stored with
-      drive=False first, then serve starts; the clock still starts at the first start().)
+      drive=False first, then serve starts; the clock still starts at the first start().
+      --w1-limit N: the workflow has a flow-control limit, `limits w --concurrency N`.)
   W2  latency: one run at a time, start() -> the run seen completed in the store (a read-only SQLite
       connection polled every 1 ms; serve's own finished_at stamp is kept in the JSON as well),
       median of 20 per rep, serve warmed by one run.
@@ -652,6 +653,8 @@ def run_rep(tow, runtime, res, args, rep):
         for key, extra in (("w1_default", ""), ("w1_c16", "concurrency: 16\n"), ("w1_c100", "concurrency: 100\n")):
             inst = Install(tow, runtime, extra)
             try:
+                if args.w1_limit:
+                    inst.sc.set_limits("w", concurrency=args.w1_limit)
                 out = guarded(res, [key], w1_throughput, inst, args.w1_runs, args.w1_mode)
                 if out:
                     res.add(key, out[0], raw=out[1])
@@ -745,6 +748,8 @@ def main(argv=None):
     ap.add_argument("--w1-runs", type=int, default=500)
     ap.add_argument("--w1-mode", choices=("live", "enqueue"), default="live",
                     help="live: start() while serve runs (default); enqueue: drive=False first, then serve")
+    ap.add_argument("--w1-limit", type=int, metavar="N",
+                    help="W1 with the workflow limited to N active runs (`limits w --concurrency N`)")
     ap.add_argument("--exec-mode", choices=("warm", "process"),
                     help="set adapters.exec.mode in every config (default: leave the module's default)")
     ap.add_argument("--w2-runs", type=int, default=20)
@@ -778,10 +783,11 @@ def main(argv=None):
     if args.exec_mode:
         EXEC_MODE_CONFIG[0] = "adapters:\n  exec:\n    mode: %s\n" % args.exec_mode
     meta = dict(machine_meta(), module_rev=git_rev(), reps=args.reps, w1_mode=args.w1_mode, w1_runs=args.w1_runs,
-                exec_mode=args.exec_mode or "default")
-    setup = ("exec adapter (mode: %s), serve subprocess; W1 %s mode (%s)" % (
+                exec_mode=args.exec_mode or "default", w1_limit=args.w1_limit)
+    setup = ("exec adapter (mode: %s), serve subprocess; W1 %s mode (%s)%s" % (
         args.exec_mode or "the module's default", args.w1_mode,
-        "start() while serve runs, drive=True" if args.w1_mode == "live" else "500 x start(drive=False), then serve"))
+        "start() while serve runs, drive=True" if args.w1_mode == "live" else "500 x start(drive=False), then serve",
+        "; W1's workflow limited to %d active runs" % args.w1_limit if args.w1_limit else ""))
     results = {rt: Results("ty-openworkflow " + rt, {"setup": setup, "runtime": rt}) for rt in runtimes}
     print("ty-openworkflow bench: %s, %d cores, python %s, node %s; %d rep(s) of %s"
           % (meta["module_rev"], meta["cores"], meta["python"], meta["node"], args.reps, ",".join(args.only)),
