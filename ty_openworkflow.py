@@ -2060,6 +2060,10 @@ class RunLedger(_StorePart):
                   "'running'", (run_id,))
         self.journal(c, run_id, pass_id, status,
                      {"output": output} if status == "completed" else {"error": error}, now)
+        if pass_id is not None:  # the pass that ended it is the last pass
+            passes = c.execute("SELECT passes FROM runs WHERE id = ?", (run_id,)).fetchone()
+            self.note_last_pass(c, run_id, passes[0] if passes else None, status + (
+                ": " + str((error or {}).get("message"))[:300] if error else ""), now)
         self.store.flow.begun(c, run_id, now)  # a start that never began a step
         wf = c.execute("SELECT workflow_id FROM runs WHERE id = ?", (run_id,)).fetchone()
         if wf:
@@ -2125,9 +2129,11 @@ class RunLedger(_StorePart):
                 self.store.outbox.enqueue(c, run_id, "processing", None, now)
             return run
 
-    def fork_run(self, run_id, new_run_id, now, from_step=None, version=None, input_json=None):
+    def fork_run(self, run_id, new_run_id, now, from_step=None, version=None, input_json=None,
+                 task_requested=False):
         """A new pending run with the source's input (or ``input_json``) and a copy of its committed
-        history before ``from_step`` (everything committed by default)."""
+        history before ``from_step`` (everything committed by default); ``task_requested``: it
+        gets a TaskYou task of its own."""
         with self.store.transaction() as c:
             run = self.store.one(c, SQL_RUN, (run_id,))
             if run is None:
@@ -2147,11 +2153,11 @@ class RunLedger(_StorePart):
             c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, "
                       "task_requested, task_title, created_at, updated_at, forked_from, "
                       "concurrency_key, priority, held_since) VALUES (?, ?, ?, 'pending', ?, ?, "
-                      "0, ?, ?, ?, ?, ?, ?, ?)",
+                      "?, ?, ?, ?, ?, ?, ?, ?)",
                       (new_run_id, run["workflow_id"], version or run["version"],
                        run["input"] if input_json is None else input_json, available_at,
-                       run["task_title"], now, now, run_id, run["concurrency_key"],
-                       run["priority"], held_since))
+                       int(bool(task_requested)), run["task_title"], now, now, run_id,
+                       run["concurrency_key"], run["priority"], held_since))
             c.execute("INSERT INTO steps (run_id, key, kind, status, seq, output, retry, "
                       "retryable, attempts, wake_at, started_at, completed_at, done_seq, call_seq, "
                       "wait) SELECT ?, key, kind, status, seq, output, retry, retryable, attempts, "
@@ -2169,6 +2175,8 @@ class RunLedger(_StorePart):
                          {"workflow": run["workflow_id"], "forked_from": run_id,
                           "from_step": from_step}, now)
             self.count(c, "started", run["workflow_id"])
+            if task_requested:
+                self.store.outbox.enqueue(c, new_run_id, "create", None, now)
             return new_run_id
 
     @staticmethod
@@ -3759,6 +3767,11 @@ class ReadModel(_StorePart):
             "last_pass": loads_or_none(run["last_pass"]),
             "idempotency_key": run["idempotency_key"], "retries": run["retries"],
             "forked_from": run["forked_from"], "schedule": run["schedule_name"],
+            # How it got here: each earlier end and retry, and every failed attempt of a step.
+            "history": self.history(run["id"]) if run["retries"] else [],
+            "failed_attempts": self.store.query_one(
+                "SELECT count(*) AS n FROM run_events WHERE run_id = ? AND type = "
+                "'step_failed'", (run["id"],))["n"],
             "concurrency_key": run["concurrency_key"], "priority": run["priority"],
             # Its passes run alone (a shared worker died under it, nobody knows by whose doing).
             "isolated": bool(run["isolated"]),
@@ -3772,6 +3785,18 @@ class ReadModel(_StorePart):
                                  "at": g["created_at"]}
                                 for g in self.store.signals(run["id"]) if g["consumed_by"] is None],
         }
+
+    def history(self, run_id):
+        """A retried run's earlier ends and retries, oldest first: [{at, event, message}]."""
+        out = []
+        for e in self.store.query("SELECT type, data, at FROM run_events WHERE run_id = ? AND "
+                                  "type IN ('failed', 'canceled', 'completed', 'retried') "
+                                  "ORDER BY id", (run_id,)):
+            data = loads_or_none(e["data"]) or {}
+            message = ((data.get("error") or {}).get("message") if e["type"] != "retried"
+                       else "from %s, version %s" % (data.get("from"), data.get("version")))
+            out.append({"at": e["at"], "event": e["type"], "message": message})
+        return out
 
     def driven_by(self, run, now, window_ms):
         """Whether a scheduler (heard from within ``window_ms``) is alive to drive an unfinished
@@ -9319,6 +9344,9 @@ class Sidecar:
         out = self.store.run_document(run)
         out["task"] = self.bridge.task_state(run)
         out["queued"] = self.store.why_held(run, self.clock())
+        if self.config["dashboard.enabled"]:  # the run's page, for `status` to point at
+            out["url"] = "http://%s:%d/#/runs/%s" % (self.config["dashboard.host"],
+                                                     self.config["dashboard.port"], run["id"])
         if run["status"] not in TERMINAL:
             out["scheduler"] = self.store.driven_by(run, self.clock(), 2 * self.config["lease_ttl"])
         return out
@@ -9463,8 +9491,10 @@ class Sidecar:
         version = (self.workflow(run["workflow_id"], counts=False)["latest_version"] if latest
                    else None)
         input_json = None if input is _NO_INPUT else self._input_json(input)
+        # A fork is a run of its own: it gets a task as `start` would give it one.
+        task_requested = bool(run["task_requested"] or self.config["taskyou.auto_create_tasks"])
         new_run_id = self.store.fork_run(run["id"], new_id("run"), self.clock(), from_step, version,
-                                         input_json)
+                                         input_json, task_requested=task_requested)
         if drive:
             self.ensure_driven()
         return self.status(new_run_id)
@@ -9537,7 +9567,8 @@ class Sidecar:
                 hook.stop()
             raise
         try:
-            find_ty(self.config)
+            if self.config["taskyou.auto_create_tasks"]:  # else it matters only if asked for
+                find_ty(self.config)
         except TaskYouError as exc:
             if self.bridge.first_time(exc):  # once is enough; the bridge will not repeat it
                 log.warning("taskyou: %s", exc)
@@ -9776,10 +9807,18 @@ def _print_status(st):
         rows.append(("finished", format_time(st["finished_at"])))
     if st["deadline_at"]:
         rows.append(("deadline", format_time(st["deadline_at"])))
-    if st.get("last_pass") and st["status"] not in TERMINAL:
+    if st.get("last_pass"):
         rows.append(("last pass", "%s ended %s: %s" % (st["last_pass"].get("pass"),
                                                       format_time(st["last_pass"].get("ended_at")),
                                                       st["last_pass"].get("reason"))))
+    if st.get("forked_from"):
+        rows.append(("forked", "from run %s" % st["forked_from"]))
+    for i, h in enumerate(st.get("history") or []):
+        rows.append(("history" if i == 0 else "", "%s %s%s" % (
+            format_time(h["at"]), h["event"], ": %s" % h["message"] if h.get("message") else "")))
+    if st.get("failed_attempts"):
+        rows.append(("attempts", "%d failed step attempt%s (the steps below say which)"
+                     % (st["failed_attempts"], "" if st["failed_attempts"] == 1 else "s")))
     if st.get("schedule"):
         rows.append(("schedule", st["schedule"]))
     if st.get("concurrency_key") is not None or st.get("priority"):
@@ -9801,7 +9840,7 @@ def _print_status(st):
         elif task.get("last_error"):
             note = "%d update%s waiting: %s" % (task["pending_updates"],
                                                "" if task["pending_updates"] == 1 else "s",
-                                               task["last_error"])
+                                               task["last_error"].split(";")[0])
         else:
             note = "%d update%s queued" % (task["pending_updates"],
                                            "" if task["pending_updates"] == 1 else "s")
@@ -9840,6 +9879,8 @@ def _print_status(st):
         if st["error"].get("stack"):
             for ln in st["error"]["stack"].rstrip().splitlines()[:12]:
                 print("          %s" % ln)
+    if st.get("url"):
+        print("dashboard %s" % st["url"])
     sch = st.get("scheduler")
     if sch and sch.get("message"):
         print("note      %s" % sch["message"])
@@ -9888,7 +9929,8 @@ def cmd_list(api, args):
         _table([(r["id"], r["workflow_id"], r["version"],
                  "%s (%s)" % (r["status"], r["queued"]["short"]) if r["queued"] else r["status"],
                  format_time(r["created_at"]),
-                 "#%s" % r["task_id"] if r["task_id"] else "-", r["schedule_name"] or "-")
+                 "#%s" % r["task_id"] if r["task_id"] else
+                 "queued" if r["task_requested"] else "-", r["schedule_name"] or "-")
                 for r in rows],
                ("id", "workflow", "version", "status", "created", "task", "schedule"))
     return 0

@@ -35,6 +35,17 @@ async function workflow(input, { step, sleep, waitForSignal }) {
 """
 
 
+MANY = """
+async function workflow(input, { step }) {
+  for (let i = 0; i < 50; i++) await step("step-" + i, () => i);
+  if (input.fail) await step("explode", () => { throw new Error("it broke"); },
+    { retry: { maxAttempts: 2, initialInterval: "100ms" } });
+  return "fifty";
+}
+"""
+DATE = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$"
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,6 +115,9 @@ class WebDriver:
             return self.s("GET", "/element/%s/text" % els[0]) if els else ""
         except AssertionError:  # replaced by a re-render between the two calls
             return ""
+
+    def size(self, width, height):
+        self.s("POST", "/window/rect", {"width": width, "height": height})
 
     def screenshot(self, path):
         with open(path, "wb") as f:
@@ -185,6 +199,69 @@ class InABrowser(TempHome):
         b.click("#do-cancel")
         wait_for(lambda: self.sc.status(other)["status"] == "canceled", timeout=10, what="the cancel to apply")
         wait_for(lambda: self.shown(other) == "canceled", timeout=10, what="the page to show it")
+
+
+    def test_a_run_at_a_glance_at_a_small_and_a_large_window(self):
+        b = self.browser
+        self.sc.deploy("many", MANY)
+        ok = self.sc.start("many", {})["id"]
+        bad = self.sc.start("many", {"fail": True})["id"]
+        wait_for(lambda: self.sc.status(bad)["status"] == "failed"
+                 and self.sc.status(ok)["status"] == "completed", timeout=60, what="both runs")
+        base = "http://127.0.0.1:%d/" % self.port
+        for width, height in ((390, 800), (1400, 900)):
+            b.size(width, height)
+            b.go(base)
+            wait_for(lambda: ok in b.text("#runs"), timeout=15, what="the runs list")
+            b.click('tr.run[data-id="%s"] a' % bad)  # each run has an address of its own
+            wait_for(lambda: self.shown(bad) == "failed", timeout=15, what="the failed run's page")
+            self.assertEqual(b.js("return location.hash"), "#/runs/" + bad)
+            page = b.js("""return {overflow: document.documentElement.scrollWidth - innerWidth,
+                ticks: [...document.querySelectorAll('#axis .tick')].map(e => e.textContent),
+                shownTicks: [...document.querySelectorAll('#axis .tick')].filter(e => e.offsetWidth)
+                    .map(e => e.getBoundingClientRect()),
+                bars: document.querySelectorAll('#timeline .bar[data-step]').length,
+                durs: [...document.querySelectorAll('#timeline .dur')].map(e => e.textContent),
+                cancel: !!document.querySelector('#do-cancel'),
+                retry: !!document.querySelector('#do-retry'),
+                signal: !!document.querySelector('#do-signal'),
+                attempts: (document.querySelector('#failed-attempts') || {}).textContent || '',
+                lastPass: (document.querySelector('#last-pass') || {}).textContent || ''}""")
+            wide = b.js("""return [...document.querySelectorAll('body *')].filter(e =>
+                e.getBoundingClientRect().right > innerWidth + 1).slice(0, 5).map(e =>
+                e.tagName + '.' + e.className + '#' + e.id + ' ' + Math.round(e.getBoundingClientRect().right))""")
+            self.assertLessEqual(page["overflow"], 0, "the page scrolls sideways at %d px: %s"
+                                 % (width, wide))
+            self.assertEqual(len(page["ticks"]), 5, page["ticks"])
+            self.assertRegex(page["ticks"][0], r"^\d{2}:\d{2}:\d{2}$")  # the date is its title
+            self.assertTrue(all(t.startswith("+") for t in page["ticks"][1:]), page["ticks"])
+            shown = page["shownTicks"]
+            self.assertTrue(all(a["right"] <= b2["left"] for a, b2 in zip(shown, shown[1:])),
+                            "time labels overlap at %d px: %s" % (width, shown))
+            self.assertEqual(page["bars"], 51)
+            self.assertEqual(len(page["durs"]), 51)
+            self.assertEqual((page["cancel"], page["retry"], page["signal"]), (False, True, False))
+            self.assertIn("2", page["attempts"])
+            self.assertIn("failed", page["lastPass"])
+            b.screenshot(os.path.join(self.tmp, "failed-%d.png" % width))
+            if os.environ.get("TYOW_SCREENSHOT_DIR"):
+                b.screenshot(os.path.join(os.environ["TYOW_SCREENSHOT_DIR"], "failed-%d.png" % width))
+            b.js("history.back()")
+            wait_for(lambda: b.js("return location.hash") in ("", "#/runs") and ok in b.text("#runs"),
+                     timeout=15, what="back to the list")
+            b.go(base + "#/runs/" + ok)  # a shared link opens the run
+            wait_for(lambda: self.shown(ok) == "completed", timeout=15, what="the completed run")
+            shown = b.js("""return {cancel: !!document.querySelector('#do-cancel'),
+                retry: !!document.querySelector('#do-retry'),
+                dates: [...document.querySelectorAll('.grid span')].map(e => e.textContent)
+                    .filter(t => /\d{4}-\d{2}|\d+\/\d+\/\d+/.test(t))}""")
+            self.assertEqual((shown["cancel"], shown["retry"]), (False, False))
+            self.assertTrue(shown["dates"])
+            for text in shown["dates"]:
+                self.assertRegex(text, DATE)
+        out = subprocess.run([sys.executable, MODULE, "--config", self.config_path, "status", ok],
+                             capture_output=True, text=True, check=True).stdout
+        self.assertIn("dashboard http://127.0.0.1:%d/#/runs/%s" % (self.port, ok), out)
 
 
 if __name__ == "__main__":
