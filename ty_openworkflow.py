@@ -9103,6 +9103,84 @@ class Runners:
         return proc.pid
 
 
+class ScheduleControl:
+    """Schedules as the API and the CLI add, show, pause and remove them (ScheduleBook keeps
+    them; serve and tick fire them)."""
+
+    def __init__(self, store, config, clock, wake, workflow, input_json):
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.poke_schedulers = wake  # () -> None: wake the live schedulers of this host
+        self.workflow = workflow  # (id, counts) -> the workflow, or NotFound
+        self._input_json = input_json  # value -> JSON text, or InputError
+
+    def schedule_add(self, workflow_id, cron, input=None, name=None, tz=None, catch_up="latest"):
+        """Start a run of ``workflow_id`` on every fire of the cron expression (served by serve /
+        tick)."""
+        self.workflow(workflow_id, counts=False)
+        try:
+            parsed = Cron(cron)
+            _zone(tz)
+        except ValueError as exc:
+            raise InputError("--cron %r: %s" % (cron, exc) if "zone" not in str(exc)
+                             else "--tz: %s" % exc)
+        if catch_up not in ("latest", "all", "none"):
+            raise InputError("--catch-up must be latest, all or none")
+        name = name or workflow_id
+        if not WORKFLOW_ID_RE.match(name):
+            raise InputError("invalid schedule name %r; use letters, digits, '.', '_' or '-' "
+                             "(max 64)" % name)
+        now = self.clock()
+        nxt = parsed.next_after(now, tz)
+        if nxt is None:
+            raise InputError("--cron %r never fires" % cron)
+        self.store.add_schedule(name, workflow_id, cron, tz, self._input_json(input), catch_up,
+                                now, nxt)
+        self.poke_schedulers()
+        return self.schedule(name)
+
+    def schedule(self, name):
+        rows = self.store.schedules(name)
+        if not rows:
+            raise NotFound("no schedule %r; list them with `ty-openworkflow schedule list`" % name)
+        return self._schedule_doc(rows[0])
+
+    @staticmethod
+    def _schedule_doc(row):
+        return {"name": row["name"], "workflow_id": row["workflow_id"], "cron": row["cron"],
+                "tz": row["tz"], "input": loads_or_none(row["input"]),
+                "catch_up": row["catch_up"], "paused": bool(row["paused"]),
+                "next_fire_at": None if row["paused"] else row["next_fire_at"],
+                "last_fire_at": row["last_fire_at"],
+                "last_run_id": row["last_run_id"], "created_at": row["created_at"]}
+
+    def schedules(self):
+        docs = [self._schedule_doc(r) for r in self.store.schedules()]
+        self.store.sync_shown()
+        return docs
+
+    def schedule_rm(self, name):
+        doc = self.schedule(name)
+        self.store.remove_schedule(name)
+        return doc
+
+    def schedule_pause(self, name, paused=True):
+        doc = self.schedule(name)
+        if doc["paused"] == paused:
+            return doc  # already so: a due fire stays due
+        # missed fires are not run
+        nxt = None if paused else Cron(doc["cron"]).next_after(self.clock(), doc["tz"])
+        self.store.pause_schedule(name, paused, self.clock(), nxt)
+        self.poke_schedulers()
+        return self.schedule(name)
+
+    def fire_schedules(self):
+        """Start the runs of the schedules' due fires (serve and tick call this); returns their
+        ids."""
+        return self.store.fire_schedules(self.clock(), self.config["taskyou.auto_create_tasks"])
+
+
 class FlowControl:
     """Workflows' limits as the API and the CLI set and show them (the store enforces them)."""
 
@@ -9408,70 +9486,17 @@ class Sidecar:
 
     # -- schedules ----------------------------------------------------------------
 
-    def schedule_add(self, workflow_id, cron, input=None, name=None, tz=None, catch_up="latest"):
-        """Start a run of ``workflow_id`` on every fire of the cron expression (served by serve /
-        tick)."""
-        self.workflow(workflow_id, counts=False)
-        try:
-            parsed = Cron(cron)
-            _zone(tz)
-        except ValueError as exc:
-            raise InputError("--cron %r: %s" % (cron, exc) if "zone" not in str(exc)
-                             else "--tz: %s" % exc)
-        if catch_up not in ("latest", "all", "none"):
-            raise InputError("--catch-up must be latest, all or none")
-        name = name or workflow_id
-        if not WORKFLOW_ID_RE.match(name):
-            raise InputError("invalid schedule name %r; use letters, digits, '.', '_' or '-' "
-                             "(max 64)" % name)
-        now = self.clock()
-        nxt = parsed.next_after(now, tz)
-        if nxt is None:
-            raise InputError("--cron %r never fires" % cron)
-        self.store.add_schedule(name, workflow_id, cron, tz, self._input_json(input), catch_up,
-                                now, nxt)
-        self.poke_schedulers()
-        return self.schedule(name)
+    @property
+    def schedule_control(self):
+        return ScheduleControl(self.store, self.config, self.clock, self.poke_schedulers,
+                               self.workflow, self._input_json)
 
-    def schedule(self, name):
-        rows = self.store.schedules(name)
-        if not rows:
-            raise NotFound("no schedule %r; list them with `ty-openworkflow schedule list`" % name)
-        return self._schedule_doc(rows[0])
-
-    @staticmethod
-    def _schedule_doc(row):
-        return {"name": row["name"], "workflow_id": row["workflow_id"], "cron": row["cron"],
-                "tz": row["tz"], "input": loads_or_none(row["input"]),
-                "catch_up": row["catch_up"], "paused": bool(row["paused"]),
-                "next_fire_at": None if row["paused"] else row["next_fire_at"],
-                "last_fire_at": row["last_fire_at"],
-                "last_run_id": row["last_run_id"], "created_at": row["created_at"]}
-
-    def schedules(self):
-        docs = [self._schedule_doc(r) for r in self.store.schedules()]
-        self.store.sync_shown()
-        return docs
-
-    def schedule_rm(self, name):
-        doc = self.schedule(name)
-        self.store.remove_schedule(name)
-        return doc
-
-    def schedule_pause(self, name, paused=True):
-        doc = self.schedule(name)
-        if doc["paused"] == paused:
-            return doc  # already so: a due fire stays due
-        # missed fires are not run
-        nxt = None if paused else Cron(doc["cron"]).next_after(self.clock(), doc["tz"])
-        self.store.pause_schedule(name, paused, self.clock(), nxt)
-        self.poke_schedulers()
-        return self.schedule(name)
-
-    def fire_schedules(self):
-        """Start the runs of the schedules' due fires (serve and tick call this); returns their
-        ids."""
-        return self.store.fire_schedules(self.clock(), self.config["taskyou.auto_create_tasks"])
+    schedule_add = _verb("schedule_control", ScheduleControl.schedule_add)
+    schedule = _verb("schedule_control", ScheduleControl.schedule)
+    schedules = _verb("schedule_control", ScheduleControl.schedules)
+    schedule_rm = _verb("schedule_control", ScheduleControl.schedule_rm)
+    schedule_pause = _verb("schedule_control", ScheduleControl.schedule_pause)
+    fire_schedules = _verb("schedule_control", ScheduleControl.fire_schedules)
 
     def retry(self, run_id, latest=False, drive=True):
         """A failed or canceled run resumes from its failed step (committed steps are kept), on the
