@@ -1367,8 +1367,12 @@ MIGRATIONS = [
         "CREATE INDEX flow_starts_at ON flow_starts(workflow_id, at)",
         "CREATE INDEX flow_starts_unbegun ON flow_starts(run_id) WHERE begun = 0",
     ],
-    [  # 14: a task's runs (the TaskYou plugin's actions) found by index
+    [  # 14: a task's runs (the TaskYou plugin's actions) found by index; a start not begun
         "CREATE INDEX runs_task ON runs(task_id) WHERE task_id IS NOT NULL",
+        # 1 while the run's rate-limited start waits for its first event (flow_starts.begun)
+        "ALTER TABLE runs ADD COLUMN start_pending INTEGER NOT NULL DEFAULT 0",
+        "UPDATE runs SET start_pending = 1 WHERE id IN (SELECT run_id FROM flow_starts "
+        "WHERE begun = 0)",
     ],
 ]
 
@@ -2481,6 +2485,18 @@ SQL_LIMITS_REPORT = (
     "FROM flow_limits l")
 
 
+# A rate window held by a start whose first step has not begun: a scheduler looks again this
+# often (a pass's first event marks it begun in another transaction, with no wake-up).
+RATE_RECHECK_MS = 250
+
+
+# A run's ancestors, its parent first (up to 1,000 levels: limits.max_child_depth is lower).
+SQL_ANCESTORS = ("WITH RECURSIVE up(id, n) AS (SELECT parent_run_id, 1 FROM runs WHERE id = ? "
+                 "UNION ALL SELECT r.parent_run_id, up.n + 1 FROM runs r JOIN up ON r.id = up.id "
+                 "WHERE r.parent_run_id IS NOT NULL AND up.n < 1000) SELECT id FROM up "
+                 "WHERE id IS NOT NULL")
+
+
 def _rate_span(window_ms):
     """How long a start counts against its rate window: the window and a slack (constants)."""
     return window_ms + min(window_ms // 20, RATE_SLACK_MAX_MS)
@@ -2603,7 +2619,9 @@ class FlowLedger(_StorePart):
         if n < lim.rate_count:
             return n, now
         oldest = c.execute(SQL_NTH_START, (lim.workflow_id, since, n - lim.rate_count)).fetchone()
-        return n, oldest and oldest[0] + _rate_span(lim.rate_window_ms)
+        if oldest is None:  # a start that has not begun its first step holds the window: when
+            return n, now + RATE_RECHECK_MS  # it begins is not known yet, so look again soon
+        return n, oldest[0] + _rate_span(lim.rate_window_ms)
 
     @staticmethod
     def in_turn(due, admissible):
@@ -2628,12 +2646,15 @@ class FlowLedger(_StorePart):
                       (workflow_id, now - _rate_span(row[0])))
             c.execute("INSERT INTO flow_starts (workflow_id, run_id, at) VALUES (?, ?, ?)",
                       (workflow_id, run_id, now))
+            c.execute("UPDATE runs SET start_pending = 1 WHERE id = ?", (run_id,))
 
     @staticmethod
     def begun(c, run_id, now):
         """The run's first step began (or it ended first): its start's window runs from now."""
         c.execute("UPDATE flow_starts SET at = max(at, ?), begun = 1 WHERE run_id = ? AND "
                   "begun = 0", (now, run_id))
+        c.execute("UPDATE runs SET start_pending = 0 WHERE id = ? AND start_pending = 1",
+                  (run_id,))
 
     def admission_due(self, now):
         """Whether a held run may start now (a scheduler that leaves hands it over)."""
@@ -2662,11 +2683,25 @@ class FlowLedger(_StorePart):
         with self.store.connection() as c:
             lim = self.limits_in(c).get(run["workflow_id"])
             note = self._reason(c, lim, self._state(c, lim, now), run["concurrency_key"])
+            if note["limit"] == "concurrency" and run["parent_run_id"]:
+                note = self._own_ancestors(c, run, lim, note)
             note["ahead"] = c.execute(SQL_HELD_AHEAD, (
                 run["workflow_id"], run["priority"], run["priority"], run["held_since"],
                 run["held_since"], run["id"])).fetchone()[0]
         return dict(note, since=run["held_since"], priority=run["priority"],
                     key=run["concurrency_key"])
+
+    @staticmethod
+    def _own_ancestors(c, run, lim, note):
+        """A child held only by its own ancestors, which wait for it, never starts: say so."""
+        active = [r[0] for r in c.execute("SELECT id FROM runs WHERE " + SQL_ACTIVE + " LIMIT ?",
+                                          (run["workflow_id"], lim.concurrency + 1))]
+        ancestors = {r[0] for r in c.execute(SQL_ANCESTORS, (run["id"],))}
+        if not active or not set(active) <= ancestors:
+            return note
+        return dict(note, deadlock=True, reason=note["reason"] + (
+            "; all of them are this run's own parents, waiting for it: it cannot start until "
+            "`limits %s --concurrency` is raised above %d" % (run["workflow_id"], len(active))))
 
     def queue_notes(self, runs, now):
         """{run id: why it waits} for the held runs among ``runs`` (rows of runs)."""
@@ -2809,11 +2844,11 @@ class PassLedger(_StorePart):
 
     def apply_in(self, c, run_id, pass_id, ev, now, policy):
         """Apply one event in transaction ``c`` with the handler of its kind (HANDLERS)."""
-        row = c.execute("SELECT status, pass_id, step_attempts, deadline_at, step_count, passes "
-                        "FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = c.execute("SELECT status, pass_id, step_attempts, deadline_at, step_count, passes, "
+                        "start_pending FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None or row[0] != "running" or row[1] != pass_id:
             return IGNORED
-        if row[4] == 0:  # nothing recorded yet: its first step (if held, its start) begins now
+        if row[6]:  # its first event since a rate limit admitted it: its start begins now
             self.store.flow.begun(c, run_id, now)
         cur = seq = None
         if ev["type"] in self.RECORDING:
@@ -8967,7 +9002,15 @@ def _limit_args(concurrency, per_key, rate):
                               or not 1 <= n < PRIORITY_BOUND):
             raise InputError("%s must be a whole number of at least 1, not %r (no limit: leave "
                              "it out, or `limits WORKFLOW --clear`)" % (flag, n))
-    if rate is not None and not isinstance(rate, tuple):
+    if isinstance(rate, (tuple, list)):
+        count, window = (tuple(rate) + (None, None))[:2]
+        if any(not isinstance(v, int) or isinstance(v, bool) for v in (count, window)) or not (
+                1 <= count < PRIORITY_BOUND and 1 <= window <= MAX_DURATION_MS) or len(rate) != 2:
+            raise InputError("rate must be (N, window in ms) with N >= 1 and a window from 1 ms "
+                             "to %s, or a text like 10/1m; not %r"
+                             % (format_duration(MAX_DURATION_MS), rate))
+        rate = (count, window)
+    elif rate is not None:
         try:
             rate = parse_rate(rate)
         except ValueError as exc:
@@ -9444,7 +9487,10 @@ class Sidecar:
         """Cancel a run; a pass in flight is stopped by the scheduler that runs it."""
         run = self.run(run_id)
         self.store.cancel_run(run["id"], self.clock())
-        self.poke_schedulers()
+        if self.store.admission_due(self.clock()):  # it made room for a held run
+            self.ensure_driven()
+        else:
+            self.poke_schedulers()
         return self.status(run["id"])
 
     def signal(self, run_id, name, data=None, idempotency_key=None):

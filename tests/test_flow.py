@@ -371,6 +371,71 @@ class Held(TempHome):
         wait_for(lambda: sc.status(runs[1])["status"] == "sleeping", timeout=20,
                  what="the background runner to admit the held run")
 
+    # -- found by a review ---------------------------------------------------------------
+
+    def test_a_retried_or_forked_run_begins_its_start_and_frees_its_window(self):
+        self.sc.set_limits("nap", rate="1/2s")
+        first = self.start()
+        self.sc.tick()
+        self.sc.cancel(first)
+        self.clock.advance(3000)
+        self.sc.retry(first, drive=False)
+        self.sc.tick()  # admitted again; its first event begins its start
+        self.assertEqual(self.sc.status(first)["status"], "sleeping")
+        self.clock.advance(3000)  # past the window (and its slack) of that start
+        second = self.start()
+        self.sc.tick()
+        self.assertEqual(self.sc.status(second)["status"], "sleeping",
+                         self.sc.status(second).get("queued"))
+        self.clock.advance(3000)
+        fork = self.sc.fork(second, from_step="nap", drive=False)["id"]
+        self.sc.tick()
+        self.clock.advance(3000)
+        third = self.start()
+        self.sc.tick()
+        self.assertEqual([self.sc.status(r)["status"] for r in (fork, third)],
+                         ["sleeping", "sleeping"])
+
+    def test_a_start_not_begun_has_the_scheduler_look_again_soon_not_at_its_wait_cap(self):
+        self.sc.set_limits("nap", rate="1/1s")
+        held = [self.start() for _ in range(2)]
+        now = self.clock()
+        claimed = self.sc.store.claim_due("sched_test", now, 5, 30000)  # no event yet
+        self.assertEqual([c["id"] for c in claimed], held[:1])
+        self.assertLessEqual(self.sc.store.next_due_at(now), now + tow.RATE_RECHECK_MS)
+
+    def test_a_child_held_by_its_own_parents_says_it_cannot_start(self):
+        self.sc.deploy("self", "def workflow(input, ctx):\n"
+                       "    if input.get('depth', 0) < 1:\n"
+                       "        return ctx.run_workflow('self', {'depth': 1})\n"
+                       "    return 'leaf'\n", runtime="python")
+        self.sc.set_limits("self", concurrency=1)
+        parent = self.sc.start("self", {}, drive=False)["id"]
+        self.sc.tick()
+        child = self.sc.status(parent)["children"][0]["id"]
+        why = self.sc.status(child)["queued"]
+        self.assertTrue(why.get("deadlock"), why)
+        self.assertIn("own parents", why["reason"])
+        self.assertIn("--concurrency` is raised above 1", why["reason"])
+
+    def test_a_rate_given_as_numbers_is_checked_like_one_given_as_text(self):
+        before = self.db_snapshot()
+        for rate in ((0, 0), (-5, 1000), (3, -1), ("x", 5), (1, 2, 3), (True, 1000)):
+            with self.assertRaises(tow.InputError, msg=repr(rate)):
+                self.sc.set_limits("nap", rate=rate)
+        self.assertEqual(self.db_snapshot(), before)
+        self.assertEqual(self.sc.set_limits("nap", rate=(3, 2000))["rate"], "3/2s")
+
+    def test_cancel_with_no_scheduler_alive_lets_the_held_run_go(self):
+        sc = self.sidecar(clock=False)
+        sc.set_limits("nap", concurrency=1, drive=False)
+        runs = [sc.start("nap", {}, drive=False)["id"] for _ in range(2)]
+        sc.tick()
+        self.assertEqual(sc.status(runs[1])["status"], "pending")
+        sc.cancel(runs[0])
+        wait_for(lambda: sc.status(runs[1])["status"] == "sleeping", timeout=20,
+                 what="the background runner to admit the held run")
+
 
 class Limits(TempHome):
     """The `limits` command and set_limits/limits: set, merge, list, clear; bad input."""
