@@ -91,6 +91,10 @@ QUIET_SYNC_S = 0.05
 DEFAULT_RETRY = {"max_attempts": 10, "initial_ms": 1000, "backoff": 2.0, "max_ms": 100000}
 # A pass that dies with no step in flight (shim crash, OOM) retries on this policy.
 PASS_RETRY = {"max_attempts": 5, "initial_ms": 1000, "backoff": 2.0, "max_ms": 60000}
+# A pass whose runtime its platform ended at the same point of the run this often fails the run
+# (a Worker's CPU limit): the first end is given back uncounted (a runtime restart ends passes
+# too), the others count as failed attempts.
+PLATFORM_ENDS_MAX = 3
 # Warm workers (adapters.exec.mode: warm): a worker is replaced after this many
 # passes, exits after this long idle, and is killed if it does not answer a
 # cancel this fast (a busy loop in user code).
@@ -2088,6 +2092,14 @@ class RunLedger(_StorePart):
         c.execute("UPDATE runs SET last_pass = ? WHERE id = ?",
                   (dumps({"pass": number, "ended_at": now, "reason": reason}), run_id))
 
+    @staticmethod
+    def amend_last_pass(c, run_id, **fields):
+        """Add facts to the record of how the run's latest pass ended."""
+        row = c.execute("SELECT last_pass FROM runs WHERE id = ?", (run_id,)).fetchone()
+        record = (loads_or_none(row[0]) if row else None) or {}
+        record.update(fields)
+        c.execute("UPDATE runs SET last_pass = ? WHERE id = ?", (dumps(record), run_id))
+
     def fail_run(self, run_id, pass_id, now, error):
         """Fail a running pass's run outright (deadline passed, runaway)."""
         with self.store.transaction() as c:
@@ -2325,16 +2337,56 @@ class LeaseLedger(_StorePart):
                 return False
             if isolate and row[2]:
                 return self.store.passes.end_pass(c, run_id, pass_id, now, policy, message)
-            # The steps it had started start again: that attempt is not counted.
-            cut = c.execute("UPDATE steps SET attempts = max(attempts - 1, 0) "
-                            "WHERE run_id = ? AND status = 'running' AND kind = 'step'",
-                            (run_id,)).rowcount
-            c.execute("UPDATE runs SET isolated = max(isolated, ?), "
-                      "step_attempts = max(step_attempts - ?, 0) WHERE id = ?",
-                      (1 if isolate else 0, cut, run_id))
+            self._uncount(c, run_id)
+            c.execute("UPDATE runs SET isolated = max(isolated, ?) WHERE id = ?",
+                      (1 if isolate else 0, run_id))
             why = ("the run's passes run alone from now on" if isolate
                    else "another pass in its shared warm worker caused it")
             return self._released(c, run_id, pass_id, now, "%s (not counted: %s)" % (message, why))
+
+    @staticmethod
+    def _uncount(c, run_id):
+        """The steps the pass had started start again: that attempt is not counted."""
+        cut = c.execute("UPDATE steps SET attempts = max(attempts - 1, 0) "
+                        "WHERE run_id = ? AND status = 'running' AND kind = 'step'",
+                        (run_id,)).rowcount
+        c.execute("UPDATE runs SET step_attempts = max(step_attempts - ?, 0) WHERE id = ?",
+                  (cut, run_id))
+
+    def platform_end(self, run_id, pass_id, now, policy, message, verdict, certain=False):
+        """The platform ended the runtime under the pass (a Worker's CPU limit, a runtime
+        restart); ``verdict`` names the likely limit and its fix in one line.
+
+        Ends at one point of the run (the same steps done, the same ones in flight) are
+        counted in its last pass's record: the first is given back uncounted (a restart
+        does it too), unless ``certain``; later ones are failed attempts; the
+        PLATFORM_ENDS_MAX-th fails the run with the verdict."""
+        with self.store.transaction() as c:
+            row = c.execute("SELECT status, pass_id, done_count, last_pass FROM runs WHERE id = ?",
+                            (run_id,)).fetchone()
+            if row is None or row[0] != "running" or row[1] != pass_id:
+                return False
+            inflight = [r[0] for r in c.execute(
+                "SELECT key FROM steps WHERE run_id = ? AND status = 'running' AND kind = 'step' "
+                "ORDER BY key", (run_id,))]
+            point = "%d:%s" % (row[2], json.dumps(inflight))
+            last = loads_or_none(row[3]) or {}
+            ends = (last.get("ends") or 0) + 1 if last.get("point") == point else 1
+            if ends >= PLATFORM_ENDS_MAX:
+                self.store.runs.finish(c, run_id, pass_id, "failed", now, error={
+                    "message": "%s (the pass was ended %d times at the same point)"
+                               % (verdict, ends), "name": "PlatformLimit", "stack": None})
+                return True
+            if ends == 1 and not certain:
+                self._uncount(c, run_id)
+                self._released(c, run_id, pass_id, now, "%s (not counted: a runtime restart of "
+                               "the platform ends a pass so too; another end at the same point "
+                               "counts)" % message)
+            else:
+                self.store.passes.end_pass(c, run_id, pass_id, now, policy,
+                                           "%s; %s" % (message, verdict))
+            self.store.runs.amend_last_pass(c, run_id, ends=ends, point=point)
+            return True
 
 
 class PassLedger(_StorePart):
@@ -3582,6 +3634,7 @@ class Store(Database):
     pass_is_current = _verb("leases", LeaseLedger.pass_is_current)
     release = _verb("leases", LeaseLedger.release)
     spare = _verb("leases", LeaseLedger.spare)
+    platform_end = _verb("leases", LeaseLedger.platform_end)
 
     history = _verb("passes", PassLedger.history)
     apply_event = _verb("passes", PassLedger.apply_event)
@@ -3926,6 +3979,11 @@ class Execution:
     # run alone from then on, and a death there is its own.
     spared = False
     suspect = False
+    # The platform ended the runtime under the pass (a Worker's CPU limit, a runtime restart):
+    # one line naming the likely limit and its fix. The first such end at a point of the run is
+    # given back uncounted (a restart ends passes too), unless ``platform_end_certain``.
+    platform_end = None
+    platform_end_certain = False
 
 
 class ProcessExecution(Execution):
@@ -6385,6 +6443,11 @@ class PassDriver:
         """A pass that ended without a recorded end: given back, spared, or a failed attempt."""
         if ap.release or ap.lease_lost:
             self._give_back(ap)
+            return
+        if execution.platform_end:
+            self._retrying(lambda: self.store.platform_end(
+                ap.run_id, ap.pass_id, self.clock(), policy, how, execution.platform_end,
+                certain=execution.platform_end_certain), ap)
             return
         if execution.spared:
             self._retrying(lambda: self.store.spare(ap.run_id, ap.pass_id, self.clock(), policy,
