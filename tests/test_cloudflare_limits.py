@@ -21,6 +21,7 @@ from tests.util import TempHome, tow, wait_for
 CRUNCH = """async function workflow(input, { step }) {
   const nap = (ms) => new Promise((r) => setTimeout(r, ms, "A"));
   const a = await step("a", () => (input.ms ? nap(input.ms) : "A"));
+  if (input.warm) return a;
   const n = await step("crunch", () => {
     let x = 0;
     for (let i = 0; i < 4e8; i++) x = (x + i) % 7919;
@@ -96,6 +97,9 @@ class CpuTime(LimitCase):
     def test_a_pass_out_of_cpu_on_the_free_plan_ends_with_the_limit_and_its_fix_named(self):
         sc = self.sidecar()
         sc.deploy("crunch", CRUNCH, adapter="cloudflare")
+        # Warm the Worker's isolate first (its code compiled), as a busy Worker's is.
+        warm = self.drive(sc, sc.start("crunch", {"warm": True}, drive=False)["id"])
+        self.assertEqual(warm["output"], "A")
         # Its response started (the first step waits on a timer): the stream is cut mid-way, and
         # KV shows no sign of the Worker past it. (What the step's end and the busy step said
         # in the same turn of its event loop never left the Worker.)
