@@ -546,7 +546,8 @@ class FakeCloudflare:
         self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # Polled often: stop() (the end of every test) waits for a poll to notice.
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
 
     def kv_delay(self, key=""):
         """How long a Worker-side write takes to reach REST reads and lists."""

@@ -356,7 +356,7 @@ class ReconcileMeetsKvErrors(TempHome):
     def setUp(self):
         super().setUp()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Cut)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def tearDown(self):
         self.server.shutdown()
