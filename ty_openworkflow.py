@@ -91,6 +91,10 @@ QUIET_SYNC_S = 0.05
 DEFAULT_RETRY = {"max_attempts": 10, "initial_ms": 1000, "backoff": 2.0, "max_ms": 100000}
 # A pass that dies with no step in flight (shim crash, OOM) retries on this policy.
 PASS_RETRY = {"max_attempts": 5, "initial_ms": 1000, "backoff": 2.0, "max_ms": 60000}
+# A pass whose runtime its platform ended at the same point of the run this often fails the run
+# (a Worker's CPU limit): the first end is given back uncounted (a runtime restart ends passes
+# too), the others count as failed attempts.
+PLATFORM_ENDS_MAX = 3
 # Warm workers (adapters.exec.mode: warm): a worker is replaced after this many
 # passes, exits after this long idle, and is killed if it does not answer a
 # cancel this fast (a busy loop in user code).
@@ -719,7 +723,7 @@ CONFIG_SCHEMA = {
     "adapters.cloudflare.timeout": ("duration", "5m"),
     "adapters.cloudflare.cpu_ms": ("int", 0),
     "adapters.cloudflare.observability": ("bool", False),
-    "adapters.cloudflare.recovery_window": ("duration", "90s"),
+    "adapters.cloudflare.recovery_window": ("duration", "120s"),
     "adapters.cloudflare.heartbeat": ("duration", "20s"),
     "adapters.cloudflare.ready_timeout": ("duration", "2m"),
     "adapters.cloudflare.api_budget": ("int", 1000),
@@ -2189,6 +2193,14 @@ class RunLedger(_StorePart):
         c.execute("UPDATE runs SET last_pass = ? WHERE id = ?",
                   (dumps({"pass": number, "ended_at": now, "reason": reason}), run_id))
 
+    @staticmethod
+    def amend_last_pass(c, run_id, **fields):
+        """Add facts to the record of how the run's latest pass ended."""
+        row = c.execute("SELECT last_pass FROM runs WHERE id = ?", (run_id,)).fetchone()
+        record = (loads_or_none(row[0]) if row else None) or {}
+        record.update(fields)
+        c.execute("UPDATE runs SET last_pass = ? WHERE id = ?", (dumps(record), run_id))
+
     def fail_run(self, run_id, pass_id, now, error):
         """Fail a running pass's run outright (deadline passed, runaway)."""
         with self.store.transaction() as c:
@@ -2443,16 +2455,56 @@ class LeaseLedger(_StorePart):
                 return False
             if isolate and row[2]:
                 return self.store.passes.end_pass(c, run_id, pass_id, now, policy, message)
-            # The steps it had started start again: that attempt is not counted.
-            cut = c.execute("UPDATE steps SET attempts = max(attempts - 1, 0) "
-                            "WHERE run_id = ? AND status = 'running' AND kind = 'step'",
-                            (run_id,)).rowcount
-            c.execute("UPDATE runs SET isolated = max(isolated, ?), "
-                      "step_attempts = max(step_attempts - ?, 0) WHERE id = ?",
-                      (1 if isolate else 0, cut, run_id))
+            self._uncount(c, run_id)
+            c.execute("UPDATE runs SET isolated = max(isolated, ?) WHERE id = ?",
+                      (1 if isolate else 0, run_id))
             why = ("the run's passes run alone from now on" if isolate
                    else "another pass in its shared warm worker caused it")
             return self._released(c, run_id, pass_id, now, "%s (not counted: %s)" % (message, why))
+
+    @staticmethod
+    def _uncount(c, run_id):
+        """The steps the pass had started start again: that attempt is not counted."""
+        cut = c.execute("UPDATE steps SET attempts = max(attempts - 1, 0) "
+                        "WHERE run_id = ? AND status = 'running' AND kind = 'step'",
+                        (run_id,)).rowcount
+        c.execute("UPDATE runs SET step_attempts = max(step_attempts - ?, 0) WHERE id = ?",
+                  (cut, run_id))
+
+    def platform_end(self, run_id, pass_id, now, policy, message, verdict, certain=False):
+        """The platform ended the runtime under the pass (a Worker's CPU limit, a runtime
+        restart); ``verdict`` names the likely limit and its fix in one line.
+
+        Ends at one point of the run (the same steps done, the same ones in flight) are
+        counted in its last pass's record: the first is given back uncounted (a restart
+        does it too), unless ``certain``; later ones are failed attempts; the
+        PLATFORM_ENDS_MAX-th fails the run with the verdict."""
+        with self.store.transaction() as c:
+            row = c.execute("SELECT status, pass_id, done_count, last_pass FROM runs WHERE id = ?",
+                            (run_id,)).fetchone()
+            if row is None or row[0] != "running" or row[1] != pass_id:
+                return False
+            inflight = [r[0] for r in c.execute(
+                "SELECT key FROM steps WHERE run_id = ? AND status = 'running' AND kind = 'step' "
+                "ORDER BY key", (run_id,))]
+            point = "%d:%s" % (row[2], json.dumps(inflight))
+            last = loads_or_none(row[3]) or {}
+            ends = (last.get("ends") or 0) + 1 if last.get("point") == point else 1
+            if ends >= PLATFORM_ENDS_MAX:
+                self.store.runs.finish(c, run_id, pass_id, "failed", now, error={
+                    "message": "%s (the pass was ended %d times at the same point)"
+                               % (verdict, ends), "name": "PlatformLimit", "stack": None})
+                return True
+            if ends == 1 and not certain:
+                self._uncount(c, run_id)
+                self._released(c, run_id, pass_id, now, "%s (not counted: a runtime restart of "
+                               "the platform ends a pass so too; another end at the same point "
+                               "counts)" % message)
+            else:
+                self.store.passes.end_pass(c, run_id, pass_id, now, policy,
+                                           "%s; %s" % (message, verdict))
+            self.store.runs.amend_last_pass(c, run_id, ends=ends, point=point)
+            return True
 
 
 FlowLimits = collections.namedtuple("FlowLimits",
@@ -4086,6 +4138,7 @@ class Store(Database):
     pass_is_current = _verb("leases", LeaseLedger.pass_is_current)
     release = _verb("leases", LeaseLedger.release)
     spare = _verb("leases", LeaseLedger.spare)
+    platform_end = _verb("leases", LeaseLedger.platform_end)
 
     set_limits = _verb("flow", FlowLedger.set_limits)
     limits = _verb("flow", FlowLedger.limits)
@@ -4439,6 +4492,11 @@ class Execution:
     # run alone from then on, and a death there is its own.
     spared = False
     suspect = False
+    # The platform ended the runtime under the pass (a Worker's CPU limit, a runtime restart):
+    # one line naming the likely limit and its fix. The first such end at a point of the run is
+    # given back uncounted (a restart ends passes too), unless ``platform_end_certain``.
+    platform_end = None
+    platform_end_certain = False
 
 
 class ProcessExecution(Execution):
@@ -5712,13 +5770,64 @@ CF_NO_CPU_LIMIT = 100328
 # Errors of the workers.dev edge, shown as "error code: N" in its answer.
 CF_EDGE_ERRORS = {
     "1101": "the Worker threw an exception or was stopped before it answered",
-    "1102": "the Worker exceeded its CPU time limit (adapters.cloudflare.cpu_ms; Free allows "
-            "10 ms a request, Paid 30 s by default and up to 300000 ms); split the work into more "
-            "steps or raise cpu_ms",
-    "1015": "workers.dev is rate-limiting these requests",
-    "1027": "the account's daily Workers request limit is used up (Free: 100,000 a day)",
+    "1102": "the Worker exceeded its resource limits, CPU time or memory",
+    "1015": "Cloudflare is rate-limiting requests to this account's Workers (the Workers Free "
+            "plan allows 1,000 a minute)",
+    "1027": "the account's Workers requests for the day are used up (the Workers Free plan allows "
+            "100,000 a day, reset at 00:00 UTC; Workers Paid has no daily limit)",
     "523": "the workers.dev route is not reachable yet",
 }
+# Edge errors that say the Worker ran, or was refused for the account's use: never a route that
+# is still spreading.
+CF_WORKER_FAULTS = {"1101", "1102", "1015", "1027"}
+# Cloudflare's limits per invocation of a Worker (developers.cloudflare.com workers/platform/limits
+# and kv/platform/limits): KV operations (any plan) and subrequests (fetch: Free, Paid).
+CF_KV_OPS_PER_INVOCATION = 1000
+CF_SUBREQUESTS = (50, 10000)
+
+
+def cpu_limit_hint(cpu_ms):
+    """Cloudflare's CPU time limit as it applies to these Workers, and what to do about it."""
+    split = ("split the work into smaller steps, with a sleep between heavy ones so each pass (one "
+             "request) does less")
+    if cpu_ms:
+        return ("the CPU time limit set by adapters.cloudflare.cpu_ms (%d ms, Workers Paid): raise "
+                "it (up to 300000) or %s" % (cpu_ms, split))
+    return ("Cloudflare's CPU time limit per request (Workers Free: 10 ms, fixed; Workers Paid: "
+            "30 s by default): on Paid set adapters.cloudflare.cpu_ms (up to 300000); on Free %s"
+            % split)
+
+
+def name_worker_limits(message):
+    """A Worker's error message with the Cloudflare limit it comes from named, if it is one."""
+    if not isinstance(message, str) or "Too many subrequests" not in message:
+        return message
+    return ("%s (Cloudflare allows %d subrequests, fetch() calls, per invocation on the Workers "
+            "Free plan and %d on Paid; a pass is one invocation: fewer fetch calls per step, or a "
+            "sleep between steps that fetch)" % ((message,) + CF_SUBREQUESTS))
+
+
+def next_utc_midnight_ms(now):
+    """Milliseconds from ``now`` (epoch ms) to the next 00:00 UTC."""
+    return 86400000 - now % 86400000
+
+
+def edge_error_code(text):
+    """The workers.dev edge's error code in an answer's body ("error code: 1102"), or None."""
+    m = re.search(r"error code:?\s*(\d{3,4})", text or "")
+    return m.group(1) if m else None
+
+
+def free_plan_refusal(code):
+    """The NotReady for the Workers Free plan's request limits (edge errors 1015, 1027): the
+    Worker did not run, and will once the minute or the day is over. Else None."""
+    if code == "1015":
+        return NotReady("Cloudflare error 1015: %s; the pass is given back for a minute"
+                        % CF_EDGE_ERRORS[code], 60000)
+    if code == "1027":
+        return NotReady("Cloudflare error 1027: %s; the pass is given back until then"
+                        % CF_EDGE_ERRORS[code], next_utc_midnight_ms(now_ms()) + 60000)
+    return None
 
 
 class _ApiBudget:
@@ -5928,7 +6037,7 @@ class CloudflareApi:
                         "line, nothing else")
             else:
                 hint = ("check adapters.cloudflare.api_token_cmd and that the token may edit "
-                        "Workers Scripts and Workers KV Storage of account %s"
+                        "Workers Scripts and read Workers KV Storage of account %s"
                         % self.cfg("account_id"))
             message = "the Cloudflare API refused the token (%s); %s" % (what, hint)
         elif status == 429 and codes & CF_QUOTA_CODES:
@@ -6024,7 +6133,8 @@ class WorkerScripts:
         """The upload's metadata: module, bindings, CPU limit and logs as configured."""
         secret = self.invocation_secret().decode("ascii")
         meta = {"main_module": "worker.mjs", "compatibility_date": self.COMPATIBILITY_DATE,
-                "compatibility_flags": ["nodejs_compat"],
+                # request.signal aborts when the caller goes away: the Worker says so in KV.
+                "compatibility_flags": ["nodejs_compat", "enable_request_signal"],
                 "bindings": [{"type": "kv_namespace", "name": "STATE",
                               "namespace_id": self.cfg("namespace")},
                              {"type": "secret_text", "name": "TYOW_TOKEN", "text": secret}]}
@@ -6189,11 +6299,16 @@ class WorkerScripts:
         pause, last = 0.25, "no answer"
         while True:
             try:
-                status, _, _ = http_request("GET", url, timeout_s=10)
+                status, _, body = http_request("GET", url, timeout_s=10)
                 if status == 200:
                     self.remember(name, workflow_id, ready_at=now_ms())
                     return
                 last = "HTTP %d" % status
+                refused = free_plan_refusal(edge_error_code(body.decode("utf-8", "replace")))
+                if refused is not None:
+                    raise refused
+            except NotReady:
+                raise
             except AdapterError as exc:
                 last = str(exc)
             if time.monotonic() + pause > until:
@@ -6210,6 +6325,36 @@ class WorkerScripts:
                            % (name, url, format_duration(self.cfg("ready_timeout")), last))
 
 
+def kv_copies_note(state, copied, error):
+    """What the Worker said of its copies of events in KV, for the run's log."""
+    lost = "a response lost after that cannot be recovered"
+    if state == "held":
+        return ("the Worker holds its copies of events in KV after seq %d until the pass's end: "
+                "it keeps within Cloudflare's %d KV operations per invocation"
+                % (copied, CF_KV_OPS_PER_INVOCATION))
+    text = str(error or "KV refused the write")[:200]
+    if re.search(r"too many api requests", text, re.I):
+        why = ("KV refused more operations in this invocation (%s; Cloudflare allows %d per "
+               "invocation)" % (text, CF_KV_OPS_PER_INVOCATION))
+    elif re.search(r"limit exceeded", text, re.I):
+        why = ("Workers KV's daily quota is used up (%s; the Free plan allows 1,000 writes a day, "
+               "reset at 00:00 UTC)" % text)
+    else:
+        why = text
+    return "the Worker's copies of events in KV stop after seq %d: %s; %s" % (copied, why, lost)
+
+
+class KvCopy(collections.namedtuple("KvCopy", "lines top gone held gap")):
+    """What KV shows of a pass's copies: the next event lines in seq order (nothing past a gap),
+    the highest seq a listed chunk holds, whether the Worker said its caller was gone, whether
+    its copies are held for the pass's end, and whether a chunk past a missing one is listed."""
+
+    def merged(self, later):
+        """A later look, with what earlier looks proved (a marker, the highest seq) kept."""
+        return KvCopy(later.lines, max(self.top, later.top), self.gone or later.gone, later.held,
+                      later.gap)
+
+
 class HttpExecution(Execution):
     """A pass running in a Worker: the pass document POSTed, events read from the streamed response.
 
@@ -6217,9 +6362,13 @@ class HttpExecution(Execution):
     terminal event (cut, a dead connection that stopped sending even heartbeats, an
     error after the request was sent) is reconciled from the copies the Worker keeps in
     KV: events are taken in seq order only, so nothing past a gap counts, and a key KV
-    does not show yet is "not yet" until the recovery window after the loss ends. The
-    Worker goes on for at most 30 s once its caller is gone, and KV may take a minute
-    to show a write elsewhere: ``adapters.cloudflare.recovery_window`` covers both.
+    does not show yet is "not yet" until the recovery window after the loss ends (longer
+    while KV shows more on the way). The Worker goes on for at most 30 s once its caller
+    is gone, and KV may take a minute or more to show a write elsewhere:
+    ``adapters.cloudflare.recovery_window`` covers both. What KV shows then names the cause:
+    a Worker that lived on after the loss marks it in KV; one that left no copy past where
+    its stream broke, nor that mark, was ended there by the platform (its CPU limit, a
+    runtime restart), which ``platform_end`` says.
     """
 
     def __init__(self, adapter, url, spec, timeout_ms):
@@ -6231,6 +6380,9 @@ class HttpExecution(Execution):
         self.last_seq = 0
         self.saw_terminal = False
         self.recovered = 0
+        self.kv_note = None  # what the Worker said of its copies in KV: (state, seq, text)
+        self._last_event = None  # the last event taken, as "step_completed 'a'"
+        self._answer = None
         self._log = []
         self._log_seen = set()
         self._conn = self._resp = None
@@ -6242,7 +6394,7 @@ class HttpExecution(Execution):
         beat_ms = adapter.cfg("heartbeat")
         # Silent this long: the connection is dead.
         self._idle_s = max(3 * beat_ms, beat_ms + 5000) / 1000.0
-        doc = dict(spec.doc, heartbeat_ms=beat_ms)
+        doc = dict(spec.doc, heartbeat_ms=beat_ms, kv_ops_max=adapter.KV_OPS_PER_INVOCATION)
         self._timer.start()  # the pass timeout covers connecting and sending too
         self._post(url, (dumps(doc) + "\n").encode("utf-8"))
 
@@ -6293,11 +6445,47 @@ class HttpExecution(Execution):
                 return ev
         return None
 
-    def _edge_error(self, body):
-        m = re.search(r"error code:?\s*(\d{3,4})", body)
-        if m and m.group(1) in CF_EDGE_ERRORS:
-            return "Cloudflare error %s: %s" % (m.group(1), CF_EDGE_ERRORS[m.group(1)])
+    # -- an answer other than a stream of events ----------------------------------------
+
+    def answer(self):
+        """The body of an answer other than 200 (read once, its first 4000 bytes)."""
+        if self._answer is None:
+            self._answer = ""
+            if self._resp is not None and self.status != 200:
+                with contextlib.suppress(OSError, _http_exception(), ValueError):
+                    self._answer = self._resp.read(4000).decode("utf-8", "replace").strip()
+        return self._answer
+
+    def edge_code(self):
+        """The workers.dev edge's error code in an answer other than 200 ("1102"), or None."""
+        return None if self.status in (None, 200) else edge_error_code(self.answer())
+
+    def _edge_error(self):
+        code = self.edge_code()
+        if code in CF_EDGE_ERRORS:
+            return "Cloudflare error %s: %s" % (code, CF_EDGE_ERRORS[code])
         return None
+
+    def not_ready(self, name, since_ready_ms, spread_ms):
+        """The NotReady to give the pass back with (no attempt counted) when the Worker did not
+        run it and later will: a route still spreading after it answered once (404, a 5xx that
+        is not the Worker's own error, unreachable before the pass was sent: wrangler's own
+        end-to-end tests wait these out), or the Free plan's request limits. Else None."""
+        code = self.edge_code()
+        refused = free_plan_refusal(code)
+        if refused is not None or since_ready_ms >= spread_ms:
+            return refused
+        if self.status == 404 or (self.status and self.status >= 500
+                                  and code not in CF_WORKER_FAULTS):
+            what = "answered HTTP %d" % self.status
+        elif self.status is None and not self.sent and self.error:
+            what = "could not be reached (%s)" % self.error
+        else:
+            return None
+        return NotReady("the new Worker %s %s after it was ready once (its route is still "
+                        "spreading)" % (name, what), 3000)
+
+    # -- the stream, then KV ------------------------------------------------------------
 
     def _lost(self, exc):
         """Why the stream of events broke off."""
@@ -6311,84 +6499,165 @@ class HttpExecution(Execution):
         if ev is None or ev.get("seq") != self.last_seq + 1:
             return False
         self.last_seq = ev["seq"]
-        self.saw_terminal = ev.get("type") in TERMINAL_EVENTS
+        kind = ev.get("type")
+        self.saw_terminal = kind in TERMINAL_EVENTS
+        self._last_event = "%s %r" % (kind, ev["step"]) if isinstance(ev.get("step"), str) else kind
         return True
+
+    @staticmethod
+    def _named(text, ev):
+        """The event line, with a Cloudflare limit its error comes from named."""
+        error = ev.get("error") if isinstance(ev, dict) else None
+        if not isinstance(error, dict):
+            return text
+        message = name_worker_limits(error.get("message"))
+        if message == error.get("message"):
+            return text
+        return dumps(dict(ev, error=dict(error, message=message))) + "\n"
+
+    def _noted(self, ev):
+        """A notice of the Worker's about its copies in KV: kept, and said in the run's log."""
+        state, copied = ev.get("kv"), ev.get("copied")
+        if state in ("held", "stopped") and isinstance(copied, int):
+            self.kv_note = (state, copied, kv_copies_note(state, copied, ev.get("error")))
+            self._log.append(self.kv_note[2])
 
     def lines(self):
         if self._resp is not None and self.status != 200:
-            body = self._resp.read(4000).decode("utf-8", "replace").strip()
             self.error = "the worker answered HTTP %d: %s" % (
-                self.status, self._edge_error(body) or body[:300])
+                self.status, self._edge_error() or self.answer()[:300])
+            if self.edge_code() == "1102":  # the platform ended it: no restart does that
+                self.platform_end = ("Cloudflare ended the Worker before it answered (error "
+                                     "1102): most likely %s"
+                                     % cpu_limit_hint(self.adapter.cfg("cpu_ms")))
+                self.platform_end_certain = True
             if self.status == 404:  # the script or its route is gone: upload again next pass
                 self.adapter.forget(self.spec.version)
             return  # the Worker refused the pass: it is not running
         if self._resp is not None:
-            while True:
-                try:
-                    raw = self._resp.readline()
-                except (OSError, _http_exception(), ValueError) as exc:
-                    if not self.canceled and not self.timed_out:
-                        self.error = self._lost(exc)
-                    break
-                if not raw:
-                    break
-                text = raw.decode("utf-8", "replace")
-                if not text.endswith("\n"):
-                    break  # a line cut in the middle: it is taken from KV
-                ev = self._event(text)
-                if ev is not None and ev.get("type") == "heartbeat":
-                    continue
-                if ev is not None and isinstance(ev.get("seq"), int) and not self._accept(ev):
-                    continue  # never past a gap (not on one stream; the copy in KV decides)
-                yield text
+            yield from self._stream()
         if self.saw_terminal or self.canceled or self.timed_out or not self.sent:
             return  # it ended, was stopped, or nothing reached the Worker: nothing to follow in KV
         yield from self._reconcile()
 
-    def _reconcile(self):
-        """Follow the pass's events in KV, in seq order, until its end or the window closes."""
-        lost = self.error or "it ended before the pass did"
-        window_end = min(self._deadline, time.time() + self.adapter.cfg("recovery_window") / 1000.0)
-        pause = min(2.0, max(0.2, self.adapter.cfg("recovery_window") / 8000.0))
-        looked_after_end = False
-        while not self.saw_terminal and not self.canceled and not self.timed_out:
+    def _stream(self):
+        """The event lines of the response, in seq order, until it ends or breaks off."""
+        while True:
             try:
-                found = self.adapter.kv_events(self.spec.pass_id, self.last_seq,
-                                               stop=self._stop.is_set)
-                if time.time() >= window_end:
-                    looked_after_end = True
+                raw = self._resp.readline()
+            except (OSError, _http_exception(), ValueError) as exc:
+                if not self.canceled and not self.timed_out:
+                    self.error = self._lost(exc)
+                return
+            if not raw:
+                return
+            text = raw.decode("utf-8", "replace")
+            if not text.endswith("\n"):
+                return  # a line cut in the middle: it is taken from KV
+            if not text.strip():
+                continue  # the Worker's probe (it learns so whether its caller is still there)
+            ev = self._event(text)
+            kind = ev.get("type") if ev is not None else None
+            if kind == "heartbeat":
+                continue
+            if kind == "notice":
+                self._noted(ev)
+                continue
+            if ev is not None and isinstance(ev.get("seq"), int) and not self._accept(ev):
+                continue  # never past a gap (not on one stream; the copy in KV decides)
+            yield self._named(text, ev)
+
+    def _reconcile(self):
+        """Follow the pass's events in KV, in seq order, until its end or the window closes; then
+        say what most likely ended the pass."""
+        lost = self.error or "it ended before the pass did"
+        cut_seq = self.last_seq
+        window_s = self.adapter.cfg("recovery_window") / 1000.0
+        window_end = min(self._deadline, time.time() + window_s)
+        # KV showing more on the way (new events, a key past a missing one) keeps the window
+        # open, up to three times its length: a write may take "60 seconds or more" to show.
+        longest = min(self._deadline, time.time() + 3 * window_s)
+        pause = min(2.0, max(0.2, window_s / 8))
+        seen = None  # what KV showed (a KvCopy), None while it could not be read
+        kv_error = "no answer"
+        # Copies that stopped before the stream broke can show nothing more.
+        stopped = self.kv_note is not None and self.kv_note[0] == "stopped"
+        while not (self.saw_terminal or self.canceled or self.timed_out or stopped):
+            try:
+                copy = self.adapter.kv_copy(self.spec.pass_id, self.last_seq,
+                                            stop=self._stop.is_set)
             # Unreachable or blocked: look again, slower (the window waits for an answer).
             except AdapterError as exc:
-                found = []
-                if str(exc) not in self._log_seen:
-                    self._log_seen.add(str(exc))
-                    self._log.append("reconcile: %s" % exc)
-                # No answer will come: a token without KV access, no such namespace, no quota left.
-                if isinstance(exc, CloudflareError) and (
-                        exc.status in (401, 403, 404) or exc.codes & CF_QUOTA_CODES):
+                copy, kv_error = None, str(exc)
+                self._log_once("reconcile: %s" % exc)
+                if self._kv_refuses(exc):
                     break
-            for text in found:
-                if not self._accept(self._event(text)):
-                    break
-                # Said now: the pass may be over (and this generator left) at its end.
-                if not self.recovered:
-                    self._log.append("the response was lost (%s); its events from seq %d on were "
-                                     "recovered from KV" % (lost, self.last_seq))
-                self.recovered += 1
-                yield text
-                if self.saw_terminal:
-                    break
-            if self.saw_terminal or looked_after_end or time.time() >= self._deadline:
+            looked_at = time.time()
+            if copy is not None:
+                seen = copy if seen is None else seen.merged(copy)
+                if copy.lines or copy.gap:
+                    window_end = max(window_end, min(longest, looked_at + window_s / 2))
+                yield from self._recovered(copy.lines, lost)
+            if self.saw_terminal or looked_at >= window_end or looked_at >= self._deadline:
                 break
             left_s = window_end - time.time()
             self._stop.wait(max(0.05, min(pause, left_s) if left_s > 0 else pause))
             pause = min(pause * 2, 15.0)
         if not self.saw_terminal and not self.canceled and not self.timed_out:
-            window = format_duration(self.adapter.cfg("recovery_window"))
-            self.error = ("the response was lost (%s) and the pass's end did not show in KV within "
-                          "%s: a Worker runs at most 30 s once its caller is gone (longer steps "
-                          "cannot finish past a lost response), and KV may take a minute to show a "
-                          "write; committed steps stay, the pass is retried" % (lost, window))
+            self.error = self._why_lost(lost, cut_seq, seen, kv_error)
+
+    def _recovered(self, lines, lost):
+        for text in lines:
+            ev = self._event(text)
+            if not self._accept(ev):
+                return
+            # Said now: the pass may be over (and this generator left) at its end.
+            if not self.recovered:
+                self._log.append("the response was lost (%s); its events from seq %d on were "
+                                 "recovered from KV" % (lost, self.last_seq))
+            self.recovered += 1
+            yield self._named(text, ev)
+            if self.saw_terminal:
+                return
+
+    @staticmethod
+    def _kv_refuses(exc):
+        """No answer will come from KV: a bad request, a token without KV access, no such
+        namespace, no quota left. (A 5xx or a busy API past its patience: look again.)"""
+        return isinstance(exc, CloudflareError) and (
+            exc.status in (400, 401, 403, 404) or bool(set(exc.codes) & CF_QUOTA_CODES))
+
+    def _log_once(self, line):
+        if line not in self._log_seen:
+            self._log_seen.add(line)
+            self._log.append(line)
+
+    def _why_lost(self, lost, cut_seq, seen, kv_error):
+        """How a pass whose end never came ended, as far as the stream and KV tell."""
+        window = format_duration(self.adapter.cfg("recovery_window"))
+        retried = "committed steps stay, the pass is retried"
+        if self.kv_note is not None and self.kv_note[0] == "stopped":
+            return "the response was lost (%s) after %s; %s" % (lost, self.kv_note[2], retried)
+        if seen is None:
+            return ("the response was lost (%s) and KV, where the Worker copies its events, could "
+                    "not be read (%s); %s" % (lost, kv_error, retried))
+        if seen.held or (self.kv_note is not None and self.kv_note[0] == "held"):
+            return ("the response was lost (%s) while the Worker held its copies in KV for the "
+                    "pass's end (it keeps within Cloudflare's %d KV operations per invocation), "
+                    "and that end did not show within %s; %s"
+                    % (lost, self.adapter.KV_OPS_PER_INVOCATION, window, retried))
+        if seen.gone or seen.top > cut_seq or self.recovered:
+            return ("the response was lost (%s) and the pass's end did not show in KV within %s: "
+                    "the Worker went on without its caller, and a Worker runs at most 30 s once "
+                    "its caller is gone (longer steps cannot finish past a lost response), and KV "
+                    "may take a minute or more to show a write; %s" % (lost, window, retried))
+        where = ("after its event %d (%s)" % (cut_seq, self._last_event) if cut_seq
+                 else "before its first event")
+        self.platform_end = ("the Worker was ended %s, with no word after its stream broke: most "
+                             "likely %s" % (where, cpu_limit_hint(self.adapter.cfg("cpu_ms"))))
+        return ("the Worker was ended %s: its stream broke (%s) and it copied nothing past seq %d "
+                "to KV, nor marked there that its caller was gone, as it does when only the "
+                "connection is lost" % (where, lost, cut_seq))
 
     def add_stray(self, line):
         self._log.append(line.rstrip("\n"))
@@ -6425,6 +6694,7 @@ class CloudflareAdapter(Adapter):
 
     name = "cloudflare"
     READY_TRY_S = 15.0  # per pass: how long to wait for a new route before giving the pass back
+    KV_OPS_PER_INVOCATION = CF_KV_OPS_PER_INVOCATION  # what the Worker may spend on its copies
 
     def __init__(self, config):
         super().__init__(config)
@@ -6506,13 +6776,13 @@ class CloudflareAdapter(Adapter):
         if now_ms() - (row.get("last_used_at") or 0) > 60000:
             self.scripts.remember(name, wf, last_used_at=now_ms())
         execution = HttpExecution(self, self.scripts.worker_url(name), spec, self.cfg("timeout"))
-        ready_ms = now_ms() - (row.get("ready_at") or 0)
-        if execution.status in (404, 523) and ready_ms < self.cfg("ready_timeout"):
-            # workers.dev answers from many places and they learn a new route one by one: the
-            # Worker did not run, so the pass goes back without an attempt counted.
+        # workers.dev answers from many places and they learn a new route one by one; and the
+        # Free plan caps requests: the Worker did not run, so the pass goes back uncounted.
+        refused = execution.not_ready(name, now_ms() - (row.get("ready_at") or 0),
+                                      self.cfg("ready_timeout"))
+        if refused is not None:
             execution.finish()
-            raise NotReady("the new Worker %s answered HTTP %d after it was ready once (its route "
-                           "is still spreading)" % (name, execution.status), 3000)
+            raise refused
         return execution
 
     def cleanup(self, store=None):
@@ -6522,11 +6792,15 @@ class CloudflareAdapter(Adapter):
     def kv_events(self, pass_id, after_seq=0, stop=None):
         """The event lines the Worker copied to KV for a pass after ``after_seq``, in seq order,
         up to the first one KV does not show yet (nothing past a gap)."""
+        return self.kv_copy(pass_id, after_seq, stop).lines
+
+    def kv_copy(self, pass_id, after_seq=0, stop=None):
+        """What KV shows of the Worker's copies of a pass after ``after_seq`` (a KvCopy)."""
         from urllib.parse import quote
         base = "/accounts/%s/storage/kv/namespaces/%s" % (self.cfg("account_id"),
                                                           self.cfg("namespace"))
         prefix = "ev:%s:" % pass_id
-        chunks, cursor = {}, ""  # by key: a key listed twice across pages counts once
+        chunks, cursor, gone = {}, "", False  # by key: a key listed twice across pages counts once
         while True:  # every page, following the cursor (a page may be empty while more remain)
             path = "%s/keys?prefix=%s&limit=1000%s" % (
                 base, quote(prefix, safe=""), "&cursor=" + quote(cursor, safe="") if cursor else "")
@@ -6534,18 +6808,26 @@ class CloudflareAdapter(Adapter):
             doc = self.api_client.call("GET", path, patience_s=20, stop=stop, whole=True)
             for k in doc.get("result") or []:
                 name = k.get("name") if isinstance(k, dict) else None
-                if isinstance(name, str) and name.startswith(prefix) \
-                        and name[len(prefix):].isdigit():
+                if not isinstance(name, str) or not name.startswith(prefix):
+                    continue
+                gone = gone or name[len(prefix):] == "gone"  # the Worker outlived its caller
+                # <first seq>, or <first seq>.<try>: a retried write's key (the same lines)
+                first = re.fullmatch(r"(\d+)(?:\.\d+)?", name[len(prefix):])
+                if first:
                     meta = k.get("metadata") if isinstance(k.get("metadata"), dict) else {}
-                    chunks[name] = (int(name[len(prefix):]), meta.get("last"), meta.get("v"), name)
+                    chunks[name] = (int(first.group(1)), meta.get("last"), meta.get("v"),
+                                    name, bool(meta.get("held")))
             cursor = (doc.get("result_info") or {}).get("cursor") or ""
             if not cursor:
                 break
-        out, expect = [], after_seq + 1
-        for first, last, text, name in sorted(chunks.values(), key=lambda c: c[0]):
+        top = max([c[1] for c in chunks.values() if isinstance(c[1], int)], default=0)
+        out, expect, held, gap = [], after_seq + 1, False, False
+        for first, last, text, name, holds in sorted(chunks.values(), key=lambda c: c[0]):
             if isinstance(last, int) and last < expect:
+                held = holds
                 continue  # already had
             if first > expect:
+                gap = True
                 break  # a gap: the chunk before is not visible yet
             if not isinstance(text, str):
                 try:
@@ -6554,6 +6836,7 @@ class CloudflareAdapter(Adapter):
                         patience_s=20, stop=stop).decode("utf-8", "replace")
                 except CloudflareError as exc:
                     if exc.status == 404:
+                        gap = True
                         break  # listed but not readable here yet: not yet
                     raise
             for line in text.splitlines():
@@ -6564,9 +6847,10 @@ class CloudflareAdapter(Adapter):
                 if seq == expect:
                     out.append(line + "\n")
                     expect += 1
+            held = holds
             if isinstance(last, int) and expect <= last:
                 break  # an older copy of the chunk: the rest comes later
-        return out
+        return KvCopy(out, top, gone, held, gap)
 
 
 # Adapters by name; the config and the CLI pick one from here.
@@ -6898,6 +7182,11 @@ class PassDriver:
         """A pass that ended without a recorded end: given back, spared, or a failed attempt."""
         if ap.release or ap.lease_lost:
             self._give_back(ap)
+            return
+        if execution.platform_end:
+            self._retrying(lambda: self.store.platform_end(
+                ap.run_id, ap.pass_id, self.clock(), policy, how, execution.platform_end,
+                certain=execution.platform_end_certain), ap)
             return
         if execution.spared:
             self._retrying(lambda: self.store.spare(ap.run_id, ap.pass_id, self.clock(), policy,

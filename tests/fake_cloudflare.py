@@ -40,14 +40,18 @@ Where each behaviour is documented:
   https://developers.cloudflare.com/kv/api/read-key-value-pairs/#cachettl-parameter .
   Here: a write reaches the Worker side at once, REST reads and lists after a
   per-write delay drawn from [0, ``kv_delay_s``] (so keys can appear out of
-  order); a REST read that found nothing keeps answering "not found" for
-  ``kv_negative_ttl_s``.
+  order), and "or more": a share ``kv_late_share`` of writes (5 %) takes from
+  ``kv_delay_s`` to ``kv_late_factor`` times it (up to 120 s), and
+  ``kv_late_keys`` holds the delay of a write to a given key for a test; a REST read
+  that found nothing keeps answering "not found" for ``kv_negative_ttl_s``.
 - KV lists page at 1000 keys (``limit`` 10..1000) with ``result_info.cursor``,
   and "it is possible to have an empty page of results, even if there are
   more": https://developers.cloudflare.com/kv/api/list-keys/ and
   https://developers.cloudflare.com/api/resources/kv/subresources/namespaces/subresources/keys/methods/list/ .
   Here, with ``short_pages``, a page holds a random number of keys (often 0).
-- KV key 512 bytes, value 25 MiB, metadata 1024 bytes, ``expirationTtl`` at
+- KV key 512 bytes, value 25 MiB, metadata 1024 bytes (measured as the
+  runtime serialises it, ``JSON.stringify``: compact, UTF-8, not Python's
+  spaced ASCII), ``expirationTtl`` at
   least 60 s: https://developers.cloudflare.com/kv/platform/limits/ ; free-plan
   daily quotas, 100,000 reads and 1,000 writes, deletes and lists, reset at
   00:00 UTC: same page and https://developers.cloudflare.com/kv/platform/pricing/ ;
@@ -69,14 +73,15 @@ Where each behaviour is documented:
   wait-for-workers-dev.ts: 404 and any 5xx mean "not propagated yet", for up
   to 60 s); https://developers.cloudflare.com/workers/configuration/routing/workers-dev/ .
   Here: 404 or 523, at random, for ``route_delay_s`` after the first enable,
-  and (``route_flaps``) a 404 now and then after it answered once.
+  and (``route_flaps``) a 404 or a 5xx now and then after it answered once
+  (``route_flap_statuses``: 404, 502, 503, 530).
 - CPU time: 10 ms on Free, 30 s default on Paid, up to 300,000 ms with
   ``limits.cpu_ms`` in the upload metadata:
   https://developers.cloudflare.com/workers/platform/limits/#cpu-time ; an
   out-of-range value is refused at upload, and on the Free plan any value is
   (HTTP 400 code 100328 "CPU limits are not supported for the Free plan",
-  cloudflare/workers-sdk#8756). (Not enforced at run time: miniflare does not
-  meter CPU; past it the platform answers error 1102.)
+  cloudflare/workers-sdk#8756). Enforced at run time by the fake's CPU meter
+  (below).
 - ``observability`` in the upload metadata, ``{"enabled": bool,
   "head_sampling_rate": 0..1}``:
   https://developers.cloudflare.com/workers/observability/logs/workers-logs/ .
@@ -90,6 +95,54 @@ Where each behaviour is documented:
   an account with no workers.dev subdomain answers the subdomain GET with 404
   code 10007; a missing script is 404/10007
   "workers.api.error.script_not_found".
+- KV operations per Worker invocation: 1,000 ("Operations/Worker invocation
+  1000", same page: "Within a single invocation, a Worker can make up to 1,000
+  operations to external services"); past it the binding's call fails with
+  "Too many API requests by single Worker invocation." (as Worker authors
+  report it, e.g. edelauna/github-semantic-search-mcp#20). Here: counted per
+  request by a main module of the fake's around the uploaded one
+  (tests/cloudflare/launcher.mjs), ``kv_ops_per_invocation``.
+- One write per second to a key: "Writes made to the same key within 1 second
+  will cause rate limiting (429) errors to be thrown", the Worker seeing
+  "KV PUT failed: 429 Too Many Requests":
+  https://developers.cloudflare.com/kv/api/write-key-value-pairs/ (Limits to
+  KV writes to the same key). Here: every put that reaches KV starts its key's
+  second (``kv_key_write_gap_s``); a put within it is refused, not stored.
+- CPU time per request: 10 ms on Workers Free, 30 s by default on Paid, up to
+  5 min with ``limits.cpu_ms``: "CPU time is the time spent executing code
+  ... Time spent on network requests ... does not count"
+  (https://developers.cloudflare.com/workers/platform/limits/#cpu-time and
+  https://developers.cloudflare.com/support/troubleshooting/http-status-codes/
+  cloudflare-1xxx-errors/error-1102/ ).
+  Past it the invocation is ended, "a fatal error and there is no way to
+  catch it": a Worker that had not answered yet gets error 1102 (HTTP 503),
+  one whose response was streaming is cut off mid-way, its client getting
+  "only part of" the body (community.cloudflare.com, "Streaming response catch
+  'Worker exceeded CPU time limit.' error"); the invocation log says
+  ``exceededCpu``. Here: a CPU meter per pass request reads the real CPU time
+  of the script's workerd (``/proc``, every thread) and, past the plan's limit
+  (``cpu_ms``; a Paid upload's ``limits.cpu_ms``), ends it (workerd killed
+  and started again: every request on it dies, as all requests on an isolate
+  do) and cuts the stream, recording what the platform shows in ``outcomes``.
+  Two passes at once on one script are metered together (harder than the
+  platform).
+- Workers runtime updates: "Processes running the previous version stop
+  accepting these requests and drain existing work ... When it ends,
+  unfinished requests and open connections on that process are terminated";
+  the grace was "up to 30 seconds" (and is "up to 20 minutes" since
+  https://developers.cloudflare.com/changelog/post/2026-10-12-longer-runtime-update-grace-period/ ;
+  "up to": the fake keeps the shorter). Here: ``restart_runtime()`` starts a
+  fresh workerd for every script at once (new requests go there) and ends the
+  old one ``restart_grace_s`` later, with whatever still runs on it.
+- Workers Free: 100,000 requests a day (past it, error 1027) and a burst rate
+  of 1,000 requests a minute (error 1015), counted per account with
+  workers.dev: https://developers.cloudflare.com/workers/platform/limits/#daily-requests
+  (the burst section left that page later, cloudflare-docs#26127; 1015 is
+  still what a rate-limited Worker answers). Subrequests (``fetch``): 50 per
+  invocation on Free, 10,000 on Paid (#subrequests there); past them ``fetch``
+  fails with "Too many subrequests." Here: ``requests_per_minute``,
+  ``requests_per_day`` (Free only) answer HTTP 429 with the error code, and
+  ``subrequests`` is counted by the fake's main module, as KV operations are.
 - One KV store per namespace, shared by every script bound to it; a re-upload
   (or a delete) does not kill requests in flight on the old version, which
   finish on it: https://developers.cloudflare.com/workers/configuration/versions-and-deployments/ .
@@ -109,7 +162,9 @@ import os
 import random
 import re
 import secrets
+import select
 import shutil
+import socket
 import signal
 import subprocess
 import threading
@@ -143,6 +198,14 @@ def error(status, code, message, chain=None):
     return envelope(errors=[err], status=status)
 
 
+def js_json_bytes(value):
+    """How many bytes ``JSON.stringify(value)`` makes in UTF-8 (what KV measures metadata by):
+    compact, non-ASCII as itself, a lone surrogate as its escape."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    text = re.sub("[\ud800-\udfff]", lambda m: "\\u%04x" % ord(m.group()), text)
+    return len(text.encode("utf-8"))
+
+
 class Platform:
     """The platform's limits and delays, as documented (see the module docstring)."""
 
@@ -157,8 +220,19 @@ class Platform:
         self.kv_daily = {"read": 100000, "write": 1000, "list": 1000, "delete": 1000}
         self.script_cap = 100
         self.route_delay_s = 60.0
+        self.kv_late_share = 0.05  # "60 seconds or more": this share of writes is later still
+        self.kv_late_factor = 2.0  # ... by up to this many times kv_delay_s
+        self.kv_ops_per_invocation = 1000
+        self.kv_key_write_gap_s = 1.0
+        self.cpu_meter = True
+        self.cpu_ms = {"free": 10, "paid": 30000}  # a Paid upload's limits.cpu_ms comes first
+        self.restart_grace_s = 30.0
+        self.subrequests = {"free": 50, "paid": 10000}
+        self.requests_per_minute = 1000  # Workers Free only, as the two below
+        self.requests_per_day = 100000
+        self.route_flap_statuses = (404, 502, 503, 530)
         self.seed = 1
-        self.plan = "paid"  # "free": no limits.cpu_ms in uploads
+        self.plan = "paid"  # "free": no limits.cpu_ms in uploads, 10 ms of CPU, request limits
         for key, value in overrides.items():
             if not hasattr(self, key):
                 raise TypeError("no platform knob %r" % key)
@@ -166,8 +240,10 @@ class Platform:
 
     @classmethod
     def scaled(cls, **overrides):
-        """The same behaviours on a test's time scale: delays of a second or two, not a minute."""
-        base = dict(waituntil_s=2.0, kv_delay_s=1.5, kv_negative_ttl_s=1.0, route_delay_s=1.0)
+        """The same behaviours on a test's time scale: delays of a second or two, not a minute.
+        Writes later than the rest (kv_late_share) come only where a test asks for them."""
+        base = dict(waituntil_s=2.0, kv_delay_s=1.5, kv_negative_ttl_s=1.0, route_delay_s=0.2,
+                    restart_grace_s=1.0, kv_late_share=0.0)
         base.update(overrides)
         return cls(**base)
 
@@ -175,7 +251,9 @@ class Platform:
     def kind(cls, **overrides):
         """Nothing late, nothing limited: the fake as it was before it learnt the platform."""
         base = dict(waituntil_s=None, kv_delay_s=0.0, kv_negative_ttl_s=0.0, short_pages=False, rate_limit=None,
-                    kv_daily={}, script_cap=None, route_delay_s=0.0)
+                    kv_daily={}, script_cap=None, route_delay_s=0.0, kv_late_share=0.0,
+                    kv_ops_per_invocation=None, kv_key_write_gap_s=0.0, cpu_meter=False,
+                    subrequests={}, requests_per_minute=None, requests_per_day=None)
         base.update(overrides)
         return cls(**base)
 
@@ -194,7 +272,7 @@ class KvNamespace:
 
     def write(self, key, value, metadata, expiration):
         now = time.time()
-        delay = self.fake.rng.uniform(0, self.fake.platform.kv_delay_s) if self.fake.platform.kv_delay_s else 0.0
+        delay = self.fake.kv_delay(key)
         with self.lock:
             self.versions.setdefault(key, []).append((now + delay, value, metadata, expiration))
 
@@ -245,7 +323,7 @@ class KvNamespace:
 
 
 class Script:
-    """One uploaded Worker: a miniflare process (restarted when the platform kills its work)."""
+    """One uploaded Worker: a miniflare process (started again when the platform ends its work)."""
 
     def __init__(self, fake, name, metadata, module_dir):
         self.fake, self.name, self.metadata, self.module_dir = fake, name, metadata, module_dir
@@ -257,12 +335,20 @@ class Script:
         self.lock = threading.Lock()
         self.proc = None
         self.url = None
+        self.workerd = ()  # pids of the current process's workerd (its CPU is the meter's)
         self.generation = 0
+        self.draining = []  # processes of a runtime restart, ending after their grace
+        with open(os.path.join(module_dir, "limits.json"), "w") as f:
+            plan = fake.platform.plan
+            json.dump({"kv_ops": fake.platform.kv_ops_per_invocation,
+                       "subrequests": fake.platform.subrequests.get(plan)}, f)
         self._start()
 
     def _start(self):
-        self.proc = subprocess.Popen(["node", LAUNCHER, MINIFLARE_DIR, os.path.join(self.module_dir, "metadata.json"),
-                                      self.module_dir, "127.0.0.1:%d" % self.fake.port], stdin=subprocess.PIPE,
+        argv = ["node", LAUNCHER, MINIFLARE_DIR, os.path.join(self.module_dir, "metadata.json"),
+                self.module_dir, "127.0.0.1:%d" % self.fake.port,
+                os.path.join(self.module_dir, "limits.json")]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      env=dict(os.environ, TMPDIR=self.module_dir),
                                      start_new_session=True)  # its group holds workerd too: killed together
@@ -271,22 +357,52 @@ class Script:
         if not line:
             raise RuntimeError("miniflare did not start for %s" % self.name)
         self.url = json.loads(line)["url"].rstrip("/")
+        self.workerd = tuple(pid for pid, comm in group_processes(self.proc.pid)
+                             if comm == "workerd")
         self.generation += 1
 
-    def kill_work(self, generation):
-        """The platform cancels the script's leftover work: its workerd dies (then serves again)."""
+    def cpu_limit_ms(self):
+        """The CPU time a request may use: the plan's, or a Paid upload's ``limits.cpu_ms``."""
+        p = self.fake.platform
+        if not p.cpu_meter:
+            return None
+        limits = self.metadata.get("limits") or {}
+        return limits.get("cpu_ms") or p.cpu_ms.get(p.plan)
+
+    def kill_work(self, generation, why="the platform ended its work after its caller went away"):
+        """The platform ends the script's work: its workerd dies (then serves again)."""
         with self.lock:
             if self.generation != generation or self.proc is None:
                 return
-            self.fake.kills.append((self.name, time.time()))
-            self._stop(hard=True)
+            self.fake.kills.append((self.name, time.time(), why))
+            self._stop(self.proc, hard=True)
+            self.proc = None
             if not self.retired:
                 self._start()
 
-    def _stop(self, hard=False):
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
+    def restart(self, grace_s):
+        """A runtime update: a fresh process takes new requests, the old one ends ``grace_s``
+        later."""
+        with self.lock:
+            if self.proc is None or self.retired:
+                return
+            old = self.proc
+            self.draining.append(old)
+            self._start()
+        t = threading.Timer(grace_s, self._end_drained, (old,))
+        t.daemon = True
+        t.start()
+
+    def _end_drained(self, proc):
+        with self.lock:
+            if proc not in self.draining:
+                return
+            self.draining.remove(proc)
+            self.fake.kills.append((self.name, time.time(), "a runtime restart ended it"))
+            self._stop(proc, hard=True)
+
+    @staticmethod
+    def _stop(proc, hard=False):
         try:
             if not hard and proc.poll() is None:
                 proc.stdin.close()  # miniflare disposes of its workerd and exits
@@ -297,11 +413,16 @@ class Script:
             os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group (workerd after a kill)
         with contextlib.suppress(OSError, ValueError):
             proc.stdout.close()
+        with contextlib.suppress(OSError, ValueError):
+            proc.stdin.close()
         proc.wait()
 
     def stop(self):
         with self.lock:
-            self._stop()
+            for proc in [self.proc] + self.draining:
+                if proc is not None:
+                    self._stop(proc, hard=True)  # at once: nothing of it needs keeping
+            self.proc, self.draining = None, []
 
     def retire(self):
         """Replaced or deleted: requests in flight finish on it, then it stops."""
@@ -314,7 +435,7 @@ class Script:
     def enter(self):
         with self.lock:
             self.inflight += 1
-            return self.url, self.generation
+            return self.url, self.generation, self.workerd
 
     def leave(self):
         with self.lock:
@@ -322,6 +443,62 @@ class Script:
             done = self.retired and self.inflight == 0
         if done:
             self.stop()
+
+
+def group_processes(pgid):
+    """(pid, command name) of the live processes in a process group."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/stat" % pid) as f:
+                head, tail = f.read().rsplit(")", 1)
+        except OSError:
+            continue
+        fields = tail.split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append((int(pid), head.split("(", 1)[1]))
+    return found
+
+
+def cpu_time_ms(pids):
+    """The CPU time the processes have used, every thread of them, in ms (Linux /proc)."""
+    total_ns = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir("/proc/%d/task" % pid)
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open("/proc/%d/task/%s/schedstat" % (pid, task)) as f:
+                    total_ns += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total_ns / 1e6
+
+
+class CpuMeter:
+    """The CPU time of one request to a script, from its workerd: past ``limit_ms``, the platform
+    ends the invocation (``on_exceeded(used_ms)``, once)."""
+
+    def __init__(self, pids, limit_ms, on_exceeded):
+        self.pids, self.limit_ms, self.on_exceeded = pids, limit_ms, on_exceeded
+        self.used_ms = None  # set once the limit was passed
+        self.done = threading.Event()
+        self.base = cpu_time_ms(pids)
+        self.interval_s = min(0.25, max(0.002, limit_ms / 5000.0))
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self):
+        while not self.done.wait(self.interval_s):
+            used = cpu_time_ms(self.pids) - self.base
+            if used > self.limit_ms:
+                self.used_ms = used
+                self.on_exceeded(used)
+                return
+
+    def stop(self):
+        self.done.set()
 
 
 class FakeCloudflare:
@@ -348,7 +525,14 @@ class FakeCloudflare:
         self.stall_stream_after = None  # stop forwarding the next response (connection kept) after this many
         self.kv_put_errors = 0  # the next N Worker-side puts fail (a 500 from KV), stored or not (``kv_put_lands``)
         self.kv_put_lands = False
-        self.route_flaps = 0  # the next N pass requests meet an edge that does not know the route yet (404)
+        self.kv_put_error_match = None  # only puts whose value holds this count for kv_put_errors
+        self.kv_late_keys = {}  # key suffix -> REST delay (s) of the next Worker write to one
+        self.kv_key_writes = {}  # (namespace, key) -> when a put last reached it (one a second)
+        self.kv_rate_limited = 0  # puts refused for coming within a second of the last on their key
+        self.outcomes = []  # what the platform shows of invocations it ended (Workers Logs)
+        self.route_flaps = 0  # the next N pass requests meet an edge that does not know the route
+        self.worker_minute = collections.deque()  # Workers Free: requests of the last minute
+        self.worker_day = collections.Counter()  # Workers Free: requests per UTC day
         self.fail_next = collections.deque()  # (method regex, path regex, status, Retry-After or None) injections
         self.rate_times = collections.deque()
         self.blocked_until = 0.0
@@ -362,17 +546,57 @@ class FakeCloudflare:
         self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # Polled often: stop() (the end of every test) waits for a poll to notice.
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def kv_delay(self, key=""):
+        """How long a Worker-side write takes to reach REST reads and lists."""
+        p = self.platform
+        with self.lock:
+            for suffix in list(self.kv_late_keys):
+                if key.endswith(suffix):
+                    return self.kv_late_keys.pop(suffix)
+        delay = self.rng.uniform(0, p.kv_delay_s) if p.kv_delay_s else 0.0
+        if p.kv_delay_s and p.kv_late_share and self.rng.random() < p.kv_late_share:
+            delay = self.rng.uniform(p.kv_delay_s, p.kv_late_factor * p.kv_delay_s)
+        return delay
+
+    def restart_runtime(self, grace_s=None):
+        """A Workers runtime update: every script moves to a fresh process at once, and what runs
+        on the old one ends ``grace_s`` (``restart_grace_s``) later."""
+        grace = self.platform.restart_grace_s if grace_s is None else grace_s
+        for script in list(self.scripts.values()):
+            script.restart(grace)
+
+    def worker_limited(self):
+        """The Free plan's request limits, per account: (status, error code) past one, else None."""
+        p = self.platform
+        if p.plan != "free":
+            return None
+        now = time.time()
+        day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        with self.lock:
+            while self.worker_minute and self.worker_minute[0] <= now - 60:
+                self.worker_minute.popleft()
+            if p.requests_per_day is not None and self.worker_day[day] >= p.requests_per_day:
+                return 429, 1027
+            minute = len(self.worker_minute)
+            if p.requests_per_minute is not None and minute >= p.requests_per_minute:
+                return 429, 1015
+            self.worker_minute.append(now)
+            self.worker_day[day] += 1
+        return None
 
     @property
     def api_base(self):
         return "http://127.0.0.1:%d/client/v4" % self.port
 
-    def config(self, token_cmd, extra=""):
+    def config(self, token_cmd, extra="", margin_s=3.0):
         """The `adapters:` block (indented for TempHome.adapter_config) pointing at this fake."""
         p = self.platform
-        # The sidecar's recovery window follows the platform: the Worker's 30 s plus KV's delay.
-        window = "%dms" % int(1000 * ((p.waituntil_s or 0) + p.kv_delay_s + 3))
+        # The sidecar's recovery window follows the platform: the Worker's 30 s plus KV's delay,
+        # and a margin.
+        window = "%dms" % int(1000 * ((p.waituntil_s or 0) + p.kv_delay_s + margin_s))
         return ("  cloudflare:\n    enabled: true\n    account_id: %s\n    namespace: %s\n"
                 "    api_token_cmd: \"%s\"\n    api_base: %s\n    workers_url: \"http://127.0.0.1:%d/__workers/{script}\"\n"
                 "    recovery_window: %s\n    ready_timeout: 30s\n%s"
@@ -625,14 +849,21 @@ class FakeCloudflare:
             if ttl is not None and ttl < 60:
                 return {"error": "KV PUT failed: 400 Invalid expiration_ttl of %s. Expiration TTL must be at "
                                  "least 60." % ttl}
-            if metadata is not None and len(json.dumps(metadata).encode()) > 1024:
+            if metadata is not None and js_json_bytes(metadata) > 1024:
                 return {"error": "KV PUT failed: 413 Metadata length of %d exceeds limit of 1024."
-                                 % len(json.dumps(metadata).encode())}
+                                 % js_json_bytes(metadata)}
             if len(doc.get("value", "").encode()) > 25 * 1024 * 1024:
                 return {"error": "KV PUT failed: 413 Value length exceeds limit of 26214400."}
             at = time.time() + ttl if ttl is not None else expiration
+            now, gap = time.time(), self.platform.kv_key_write_gap_s
             with self.lock:
-                fail = self.kv_put_errors > 0
+                last = self.kv_key_writes.get((ns_id, key))
+                if gap and last is not None and now - last < gap:
+                    self.kv_rate_limited += 1
+                    return {"error": "KV PUT failed: 429 Too Many Requests"}
+                self.kv_key_writes[(ns_id, key)] = now
+                match = self.kv_put_error_match
+                fail = self.kv_put_errors > 0 and (match is None or match in doc.get("value", ""))
                 self.kv_put_errors -= fail
             if fail and not self.kv_put_lands:
                 return {"error": "KV PUT failed: 500 Internal Server Error"}
@@ -700,6 +931,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 doc = {}
             out = self.cf.handle_kv(ns_id, op, doc)
             return self._send(200, json.dumps(out).encode(), "application/json")
+        if parts.path == "/__echo":  # somewhere for a Worker's fetch() to go
+            return self._send(200, b"ok\n", "text/plain")
         if not self.headers.get("User-Agent"):
             with self.cf.lock:
                 self.cf.no_user_agent.append((self.command, parts.path))
@@ -737,27 +970,53 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # The route is still propagating: 404 and 523 (origin unreachable) alternate.
             status = self.cf.rng.choice([404, 523])
             return self._edge_error(name, status, "There is nothing here yet" if status == 404 else "error code: 523")
+        limited = self.cf.worker_limited()
+        if limited:  # the Free plan's requests a minute or a day are spent: the Worker does not run
+            return self._edge_error(name, limited[0], "error code: %d" % limited[1])
         if self.command == "POST":
             with self.cf.lock:
                 flap = self.cf.route_flaps > 0
                 self.cf.route_flaps -= flap
+                status = self.cf.rng.choice(self.cf.platform.route_flap_statuses) if flap else None
             if flap:  # one more place that has not learnt the route: the Worker does not run
-                return self._edge_error(name, 404, "There is nothing here yet")
-        url, generation = script.enter()
+                return self._edge_error(name, status, "There is nothing here yet" if status == 404
+                                        else "error code: %d" % status)
+        url, generation, workerd = script.enter()
         try:
-            self._forward(script, name, path, url, generation, body)
+            self._forward(script, name, path, (url, generation, workerd), body)
         finally:
             script.leave()
 
-    def _forward(self, script, name, path, url, generation, body):
+    def _meter(self, script, name, generation, workerd):
+        """The CPU meter of a pass request: past the limit, the platform ends the invocation."""
+        limit = script.cpu_limit_ms()
+        if self.command != "POST" or not limit or not workerd:
+            return None
+
+        def exceeded(used_ms):
+            with self.cf.lock:
+                self.cf.outcomes.append({"script": name, "outcome": "exceededCpu",
+                                         "cpu_ms": round(used_ms, 1), "limit_ms": limit})
+            script.kill_work(generation, "it exceeded its CPU time (%.1f ms of %s)"
+                             % (used_ms, limit))
+
+        return CpuMeter(workerd, limit, exceeded)
+
+    def _forward(self, script, name, path, target, body):
+        url, generation, workerd = target
         upstream = urllib.parse.urlsplit(url)
         conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=600)
         headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
+        meter = self._meter(script, name, generation, workerd)
         try:
             conn.request(self.command, path, body=body, headers=headers)
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException):
             conn.close()
+            if meter is not None:
+                meter.stop()
+                if meter.used_ms is not None:  # ended before it answered: the platform's error page
+                    return self._edge_error(name, 503, "error code: 1102")
             return self._edge_error(name, 502, "error code: 1101")  # the Worker threw or was killed
         with self.cf.lock:
             self.cf.worker_requests.append((name, self.command, path, resp.status))
@@ -771,31 +1030,57 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 cut, self.cf.cut_stream_after = self.cf.cut_stream_after, None
                 stall, self.cf.stall_stream_after = self.cf.stall_stream_after, None
         gone = False
+        relayed = threading.Event()
+        if self.command == "POST":
+            threading.Thread(target=self._watch_caller, args=(conn, relayed), daemon=True).start()
         try:
-            gone = self._stream(resp, cut, stall)
+            gone = self._stream(resp, cut, stall, meter)
         except OSError:
             gone = True  # the caller went away (a canceled pass, a lost connection)
         finally:
+            relayed.set()
+            if meter is not None:
+                meter.stop()
             if gone and self.cf.platform.waituntil_s is not None:
                 # ctx.waitUntil lets the Worker go on for 30 s after its caller is gone, no longer.
                 t = threading.Timer(self.cf.platform.waituntil_s, script.kill_work, (generation,))
                 t.daemon = True
                 t.start()
+            resp.close()  # the upstream connection ends here (the response held it open)
             conn.close()
 
-    def _stream(self, resp, cut, stall):
-        """Relay the response; True if it did not reach its end (cut, stalled or the caller gone)."""
+    def _watch_caller(self, upstream, relayed):
+        """The edge tells the Worker at once when its caller goes away (the Worker's response is
+        canceled), not only at its next write: a caller's end of file closes the upstream."""
+        while not relayed.is_set():
+            try:
+                ready, _, _ = select.select([self.connection], [], [], 0.1)
+                if not ready:
+                    continue
+                data = self.connection.recv(1, socket.MSG_PEEK)
+            except (OSError, ValueError):
+                data = b""
+            if not data:
+                with contextlib.suppress(OSError, AttributeError):
+                    upstream.sock.shutdown(socket.SHUT_RDWR)
+            return  # gone, or it sent something more (not this watcher's business)
+
+    def _stream(self, resp, cut, stall, meter=None):
+        """Relay the response; True if it did not reach its end (cut, stalled, the caller gone, or
+        the invocation ended by the platform: then the caller's stream is cut off, never ended)."""
         lines = 0
         while True:
             try:
                 line = resp.readline()
             except (OSError, http.client.HTTPException):
+                line = None
+            if not line and (line is None or (meter is not None and meter.used_ms is not None)):
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return True
             if not line:
                 break
-            if line.strip() and b'"heartbeat"' not in line:
+            if line.strip() and b'"heartbeat"' not in line and b'"type":"notice"' not in line:
                 lines += 1
                 if cut is not None and lines > cut:
                     self.close_connection = True

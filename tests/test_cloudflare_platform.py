@@ -326,7 +326,7 @@ class ApiErrors(PlatformCase):
             code, out, err = self.cli("deploy", "x", "-a", "cloudflare", stdin=STEPS)
             self.assertEqual(code, 1)
             self.assertIn("HTTP %d: %d %s" % answer, err)
-            self.assertIn("may edit Workers Scripts and Workers KV Storage", err)
+            self.assertIn("may edit Workers Scripts and read Workers KV Storage", err)
 
     def test_an_account_without_a_workers_dev_subdomain_says_what_to_do(self):
         self.cf.subdomain = None
