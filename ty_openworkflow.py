@@ -261,9 +261,10 @@ _CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("m
 _CRON_NAMES = {
     3: {n: i + 1 for i, n in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())},
     4: {n: i for i, n in enumerate("sun mon tue wed thu fri sat".split())}}
-_CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
-                "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
-                "@hourly": "0 * * * *"}
+_CRON_MACROS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                "@weekly": "0 0 * * 0", "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *",
+                "@annually": "0 0 1 1 *"}
+CRON_MACRO_NAMES = tuple(_CRON_MACROS)  # what `schedule add --cron` help and the README list
 
 
 class Cron:
@@ -9416,9 +9417,6 @@ def cmd_schedule(api, args):
                    ("name", "workflow", "cron", "tz", "next fire (local)", "last fire (local)",
                     "last run"))
         return 0
-    if not args.target:
-        raise InputError("schedule %s needs a %s"
-                         % (args.action, "workflow id" if args.action == "add" else "NAME"))
     if args.action == "add":
         if not args.cron:
             raise InputError("schedule add needs --cron \"EXPR\" "
@@ -9644,15 +9642,25 @@ def cmd_dist(api, args):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line that says where to look."""
+    """argparse, but a usage error is one line that says where to look (the subcommand's own
+    --help), and an unknown command is told the public commands only."""
 
     def error(self, message):
+        bad = re.match(r"argument COMMAND: invalid choice: '?([^' ]*)'?", message)
+        if bad:
+            import difflib
+            near = difflib.get_close_matches(bad.group(1), PUBLIC_COMMANDS, 1, 0.7)
+            message = "unknown command %r%s; the commands are %s" % (
+                bad.group(1), " (did you mean %s?)" % near[0] if near else "",
+                ", ".join(PUBLIC_COMMANDS))
         self.exit(2, "%s: %s; see `%s --help`\n" % (self.prog, message, self.prog))
 
 
 COMMANDS = ("init", "deploy", "start", "status", "list", "cancel", "signal", "retry", "fork",
             "logs", "adapters", "tick", "serve", "sign", "schedule", "prune", "dashboard", "runner",
             "dist", "plugin")
+INTERNAL_COMMANDS = ("runner", "dist")  # the background runner, the single-file build
+PUBLIC_COMMANDS = tuple(c for c in COMMANDS if c not in INTERNAL_COMMANDS)
 
 
 class _Unbuilt:
@@ -9687,10 +9695,45 @@ def _plugin_commands(sp):
                          "plugins dir (again: update it)")
     ip.add_argument("--dir", help="the plugins dir (default: $TY_PLUGINS_DIR, else what `ty "
                     "plugins dir` prints, else ~/.config/task/plugins)")
+    ip.set_defaults(usage_parser=ip)
     # What the plugin's scripts run (TaskYou gives them the task in TASK_* variables).
     psub.add_parser("hook")
     ap = psub.add_parser("action")
     ap.add_argument("action")
+
+
+def _schedule_commands(sp):
+    """`schedule add|list|rm|pause|resume`: each action takes only its own options."""
+    ssub = sp.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    ssub.required = True
+
+    def action(name, help_):
+        ap = ssub.add_parser(name, help=help_, description=help_)
+        ap.set_defaults(usage_parser=ap)
+        return ap
+
+    ap = action("add", "start a run of WORKFLOW on every fire of a cron expression")
+    ap.add_argument("target", metavar="WORKFLOW", help="the workflow id")
+    ap.add_argument("--cron", metavar="EXPR",
+                    help='five fields ("*/5 * * * *": minute hour day-of-month month '
+                         'day-of-week) or one of %s' % ", ".join(CRON_MACRO_NAMES))
+    ap.add_argument("-i", "--input", help="input JSON for each run (default: null)")
+    ap.add_argument("--input-file", help="input JSON file for each run")
+    ap.add_argument("--name", help="the schedule's name (default: the workflow id)")
+    ap.add_argument("--tz", metavar="ZONE",
+                    help="time zone of the cron fields, like Europe/Paris (default: local)")
+    ap.add_argument("--catch-up", default="latest", choices=("latest", "all", "none"),
+                    help="after downtime: run the latest missed fire (default), all of them, "
+                         "or none")
+    ap.add_argument("--json", action="store_true", help="output as JSON")
+    ap = action("list", "list the schedules with their next fire")
+    ap.add_argument("--json", action="store_true", help="output as JSON")
+    for name, help_ in (("rm", "remove a schedule (its runs stay)"),
+                        ("pause", "pause a schedule: it fires no more until resumed"),
+                        ("resume", "resume a paused schedule (missed fires are not run)")):
+        ap = action(name, help_)
+        ap.add_argument("target", metavar="NAME", help="the schedule's name")
+        ap.add_argument("--json", action="store_true", help="output as JSON")
 
 
 def build_parser(only=None):
@@ -9709,7 +9752,7 @@ def build_parser(only=None):
             return _Unbuilt()
         sp = sub.add_parser(name, help=help_, description=help_,
                             formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
-        sp.set_defaults(func=func)
+        sp.set_defaults(func=func, usage_parser=sp)
         sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sp
 
@@ -9777,19 +9820,8 @@ def build_parser(only=None):
 
     sp = cmd("schedule", cmd_schedule,
              "start runs on a cron schedule: add, list, rm, pause, resume")
-    sp.add_argument("action", choices=("add", "list", "rm", "pause", "resume"))
-    sp.add_argument("target", nargs="?", help="the workflow id (add) or the schedule's NAME")
-    sp.add_argument("--cron", metavar="EXPR",
-                    help='five-field cron ("*/5 * * * *") or @hourly/@daily/@weekly/@monthly')
-    sp.add_argument("-i", "--input", help="input JSON for each run")
-    sp.add_argument("--input-file", help="input JSON file for each run")
-    sp.add_argument("--name", help="the schedule's name (default: the workflow id)")
-    sp.add_argument("--tz", metavar="ZONE",
-                    help="time zone of the cron fields, like Europe/Paris (default: local)")
-    sp.add_argument("--catch-up", default="latest", choices=("latest", "all", "none"),
-                    help="after downtime: run the latest missed fire (default), all of them, "
-                         "or none")
-    sp.add_argument("--json", action="store_true", help="output as JSON")
+    if only in (None, "schedule"):
+        _schedule_commands(sp)
 
     sp = cmd("signal", cmd_signal,
              "send a signal (with JSON data) to a run; kept until the run waits for it")
@@ -9871,7 +9903,10 @@ def main(argv=None):
     only = _command_in(argv)
     parser = build_parser(only if only in COMMANDS else None)
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the (sub)command they were given to, with its own --help
+            getattr(args, "usage_parser", parser).error(
+                "unrecognized arguments: %s" % " ".join(unknown))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     if getattr(args, "concurrency", None) is not None and args.concurrency < 1:
