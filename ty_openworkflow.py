@@ -7001,6 +7001,14 @@ class _HttpService:
             self.httpd.server_close()
             self.httpd = None
 
+    def health(self):
+        """(HTTP status, document) of GET /healthz: one shape for the webhook and the dashboard."""
+        try:
+            self.sidecar.store.ping()
+        except Exception:
+            return 503, {"ok": False, "store": "unreachable", "version": __version__}
+        return 200, {"ok": True, "store": "ok", "version": __version__}
+
 
 class WebhookServer(_HttpService):
     """Serves POST <webhook.path> (signed callbacks) and GET /healthz, on its own threads."""
@@ -7131,11 +7139,7 @@ class _WebhookHandler:
         self._phase = "handling"
         path = self.path.split("?", 1)[0]
         if path == "/healthz":
-            try:
-                self.webhook.sidecar.store.ping()
-            except Exception:
-                return self._reply(503, {"ok": False, "store": "unreachable"})
-            return self._reply(200, {"ok": True, "store": "ok", "version": __version__})
+            return self._reply(*self.webhook.health())
         if path == self.webhook.path:
             return self._reject(405, "use POST for callbacks")
         return self._reject(404, "no such path; callbacks go to %s" % self.webhook.path)
@@ -8244,7 +8248,8 @@ class DashboardServer(_HttpService):
                 self._cache[key] = (time.monotonic(), value)
             return value
 
-    def start(self):
+    def start(self, announce=True):
+        """Listen; ``announce``: log the address (`dashboard` prints it itself instead)."""
         import http.server
         server = self
 
@@ -8254,7 +8259,8 @@ class DashboardServer(_HttpService):
 
         # Many pages opening at once must not wait out a dropped SYN (1 s): a long queue.
         self._listen(self._server_class("dashboard", queue_size=128), Handler, "dashboard")
-        log.info("dashboard on http://%s:%d/", self.host, self.port)
+        if announce:
+            log.info("dashboard on http://%s:%d/", self.host, self.port)
         return self
 
     # -- the JSON API (the page's, and anyone's) --------------------------------------
@@ -8399,7 +8405,7 @@ class _DashboardHandler:
             if parts.path in ("/", "/index.html"):
                 return self._send(200, self.dashboard.page, "text/html; charset=utf-8")
             if parts.path == "/healthz":
-                return self._json(200, {"ok": True})
+                return self._json(*self.dashboard.health())
             board = self.dashboard
             if parts.path == "/metrics":
                 text = board.cached("metrics", lambda: render_metrics(board.sidecar))
@@ -8823,6 +8829,8 @@ class Sidecar:
                              % (status, ", ".join(RUN_STATUSES)))
         if limit is not None and not 1 <= limit <= 100000:
             raise InputError("--limit must be between 1 and 100000")
+        if workflow_id:
+            self.workflow(workflow_id, counts=False)  # an unknown one is said, not "no runs"
         runs = self.store.list_runs(workflow_id, status, limit)
         self.store.sync_shown()
         return runs
@@ -9080,6 +9088,11 @@ def _print_json(value):
 
 
 
+
+
+def _count(n, noun, plural=None):
+    """``n`` and the noun in its number: 1 signal, 2 signals, 0 log entries."""
+    return "%d %s" % (n, noun if n == 1 else plural or noun + "s")
 
 
 def _table(rows, headers):
@@ -9383,22 +9396,23 @@ def cmd_prune(api, args):
         print("nothing to prune: no %s run ended more than %s ago (with its task updates delivered)"
               % ("/".join(res["statuses"]), format_duration(res["older_than_ms"])))
     else:
-        print("%s %d run%s (%d steps, %d events, %d log entries, %d task updates, %d signals)" % (
-            "would remove" if res["dry_run"] else "removed", c["runs"],
-            "" if c["runs"] == 1 else "s", c["steps"], c["run_events"], c["run_logs"], c["outbox"],
-            c["signals"]))
+        print("%s %s (%s)" % (
+            "would remove" if res["dry_run"] else "removed", _count(c["runs"], "run"),
+            ", ".join((_count(c["steps"], "step"), _count(c["run_events"], "event"),
+                       _count(c["run_logs"], "log entry", "log entries"),
+                       _count(c["outbox"], "task update"), _count(c["signals"], "signal")))))
     if res["dropped_task_updates"]:
-        n = res["dropped_task_updates"]
         why = "--drop-undelivered" if args.drop_undelivered else \
             "older than taskyou.outbox_expiry, %s" % format_duration(res["outbox_expiry_ms"])
-        print("%s %d task update%s that never reached TaskYou (%s)" % (
-            "would drop" if res["dry_run"] else "dropped", n, "" if n == 1 else "s", why))
+        print("%s %s that never reached TaskYou (%s)" % (
+            "would drop" if res["dry_run"] else "dropped",
+            _count(res["dropped_task_updates"], "task update"), why))
     if res["kept_undelivered"]:
-        print("kept %d old run%s whose TaskYou updates are not delivered yet (see `status`); %s"
-              % (res["kept_undelivered"], "" if res["kept_undelivered"] == 1 else "s",
+        print("kept %s whose TaskYou updates are not delivered yet (see `status`); %s"
+              % (_count(res["kept_undelivered"], "old run"),
                  _undelivered_way_out(res["outbox_expiry_ms"])))
     if "vacuum_bytes" in res:
-        print("vacuum gave back %d bytes" % res["vacuum_bytes"])
+        print("vacuum gave back %s" % _count(res["vacuum_bytes"], "byte"))
     return 0
 
 
@@ -9590,7 +9604,7 @@ def cmd_plugin(api, args):
 def cmd_dashboard(api, args):
     """Serve the dashboard, its API and /metrics alone (no scheduler) until SIGTERM/SIGINT."""
     _setup_logging(args.verbose)
-    board = api.dashboard(port=args.port).start()
+    board = api.dashboard(port=args.port).start(announce=False)  # said once, below
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
@@ -9779,8 +9793,8 @@ def build_parser(only=None):
 
     sp = cmd("start", cmd_start, "start a workflow run")
     sp.add_argument("workflow_id")
-    sp.add_argument("-i", "--input", help="input JSON")
-    sp.add_argument("--input-file", help="input JSON file")
+    sp.add_argument("-i", "--input", help="input JSON (default: null)")
+    sp.add_argument("--input-file", help="input JSON file (default: none, the input is null)")
     sp.add_argument("-t", "--task", help="task title (creates a linked task)")
     sp.add_argument("--create-task", action="store_true", help="create a linked task")
     sp.add_argument("--deadline",

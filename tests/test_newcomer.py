@@ -93,5 +93,74 @@ class UsageErrors(TempHome):
         self.assertIn("did you mean status?", self.cli("statsu")[2])
 
 
+class SmallInconsistencies(TempHome):
+    """Item 8's smaller things: an unknown workflow said as such, plurals, one URL, one /healthz
+    shape, the input's default in --help."""
+
+    def test_list_runs_of_an_unknown_workflow_says_so(self):
+        self.sidecar().deploy("hello", ONE, runtime="python")
+        self.assert_refused(["list", "runs", "-w", "nosuch"], 1, "no workflow 'nosuch'")
+        self.assertEqual(self.cli("list", "runs", "-w", "hello")[1], "no runs\n")
+
+    def test_counts_are_pluralized(self):
+        for n, noun, plural, want in ((0, "signal", None, "0 signals"),
+                                      (1, "signal", None, "1 signal"),
+                                      (2, "signal", None, "2 signals"),
+                                      (1, "log entry", "log entries", "1 log entry"),
+                                      (3, "log entry", "log entries", "3 log entries")):
+            with self.subTest(n=n, noun=noun):
+                self.assertEqual(tow._count(n, noun, plural), want)
+
+    def test_prune_says_one_of_each_in_the_singular(self):
+        sc = self.sidecar(clock=False)
+        sc.deploy("hello", ONE, runtime="python")
+        run_id = sc.start("hello", {"n": 1}, drive=False)["id"]
+        sc.signal(run_id, "never-taken", {"x": 1})
+        self.drive(sc, run_id)
+        import time
+        time.sleep(0.01)  # it ended before now - 0s
+        code, out, err = self.cli("prune", "--older-than", "0s", "--dry-run")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"^would remove 1 run \(1 step, \d+ events, 0 log entries, "
+                              r"0 task updates, 1 signal\)\n$")
+
+    def test_start_help_says_the_input_defaults_to_null(self):
+        code, out, err = self.cli("start", "--help")
+        self.assertIn("(default: null)", " ".join(out.split()))
+
+    def test_the_webhook_and_the_dashboard_answer_healthz_alike(self):
+        import urllib.request
+        sc = self.sidecar()
+        hook = sc.webhook(host="127.0.0.1", port=0).start()
+        board = sc.dashboard(host="127.0.0.1", port=0).start()
+        try:
+            answers = []
+            for port in (hook.port, board.port):
+                with urllib.request.urlopen("http://127.0.0.1:%d/healthz" % port, timeout=10) as r:
+                    answers.append((r.status, json.loads(r.read())))
+        finally:
+            hook.stop()
+            board.stop()
+        self.assertEqual(answers[0], answers[1])
+        self.assertEqual(answers[0], (200, {"ok": True, "store": "ok",
+                                            "version": tow.__version__}))
+
+    def test_dashboard_says_its_address_once(self):
+        import signal
+        import subprocess
+        import sys
+        from tests.util import MODULE
+        proc = subprocess.Popen([sys.executable, MODULE, "--config", self.config_path, "dashboard",
+                                 "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            first = proc.stdout.readline()
+            self.assertRegex(first, r"^dashboard on http://localhost:\d+/ \(token in ")
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            out, err = proc.communicate(timeout=20)
+        self.assertEqual((first + out + err).count("http://"), 1, first + out + err)
+
+
 if __name__ == "__main__":
     unittest.main()
