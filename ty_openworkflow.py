@@ -453,14 +453,32 @@ def parse_json_arg(text, what):
                          % (what, where, getattr(exc, "msg", exc)))
 
 
+def _digits(n, alphabet, width=0):
+    """``n`` written in the base of ``alphabet``, zero-padded to ``width``."""
+    out = ""
+    while n:
+        n, r = divmod(n, len(alphabet))
+        out = alphabet[r] + out
+    return out.rjust(width, alphabet[0])
+
+
 def new_id(prefix):
     """Time-sortable unique id: prefix, base36 ms timestamp, 8 random hex chars."""
-    n, digits = now_ms(), ""
-    alphabet = "0123456789abcdefghijklmnopqrstuvwxyz"
-    while n:
-        n, r = divmod(n, 36)
-        digits = alphabet[r] + digits
-    return "%s_%s%s" % (prefix, digits, os.urandom(4).hex())
+    return "%s_%s%s" % (prefix, _digits(now_ms(), "0123456789abcdefghijklmnopqrstuvwxyz"),
+                        os.urandom(4).hex())
+
+
+# A run id is "run_", 8 random characters, then its base36 ms time: its first RUN_SHORT_LEN
+# characters are its short form, which no other run of its store starts with (checked when the
+# run is made), however close in time runs start. (Ids made before were "run_<time><random>".)
+RUN_ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford's base32: no i, l, o, u
+RUN_SHORT_LEN = len("run_") + 8
+
+
+def new_run_id():
+    """A run id whose random part comes first (see RUN_SHORT_LEN)."""
+    random_part = _digits(int.from_bytes(os.urandom(5), "big"), RUN_ID_ALPHABET, 8)
+    return "run_%s%s" % (random_part, _digits(now_ms(), "0123456789abcdefghijklmnopqrstuvwxyz"))
 
 
 def sha256_hex(data):
@@ -1330,6 +1348,14 @@ SQL_WORKFLOWS = ("SELECT w.id, w.name, w.description, w.latest_version, w.create
                  "count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs FROM workflows w JOIN "
                  "workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version")
 SQL_RUN = "SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS
+# Runs whose id starts with a prefix p, by the id's index: p <= id < p + "\x7f" (ids are ASCII).
+SQL_RUN_ID_TAKEN = "SELECT 1 FROM runs WHERE id >= ? AND id < ? LIMIT 1"
+SQL_RUNS_BY_PREFIX = ("SELECT %s FROM runs WHERE id >= ? AND id < ? ORDER BY id LIMIT 3"
+                      % _RUN_COLUMNS)
+# Each of some ids with the ids next to it in the index (the short form tells it from both).
+SQL_ID_NEIGHBOURS = ("WITH ids(id) AS (VALUES %s) SELECT ids.id AS id, (SELECT r.id FROM runs r "
+                     "WHERE r.id < ids.id ORDER BY r.id DESC LIMIT 1) AS before, (SELECT r.id "
+                     "FROM runs r WHERE r.id > ids.id ORDER BY r.id LIMIT 1) AS after FROM ids")
 # TaskYou approval waits to look at: steps.polled_at is set only on open waits with a task.
 SQL_APPROVALS_DUE = ("SELECT s.run_id, s.key, s.wait FROM steps s JOIN runs r ON r.id = s.run_id "
                      "WHERE s.polled_at IS NOT NULL AND s.polled_at <= ? AND s.status = 'waiting' "
@@ -1908,8 +1934,9 @@ class RunLedger(_StorePart):
 
     def create_run(self, run_id, workflow_id, version, input_json, now, task_requested=False,
                    task_title=None, deadline_at=None, idempotency_key=None, task_id=None):
-        """Store a new pending run; returns its id, or with ``idempotency_key`` the id of the
-        run that key already started (then nothing is created)."""
+        """Store a new pending run (``run_id`` None: a fresh id); returns (its id, True), or with
+        ``idempotency_key`` (the id of the run that key already started, False) and nothing is
+        created."""
         with self.store.transaction() as c:
             return self.add_run(c, run_id, workflow_id, version, input_json, now, task_requested,
                                 task_title, deadline_at, idempotency_key, task_id=task_id)
@@ -1929,7 +1956,8 @@ class RunLedger(_StorePart):
             row = c.execute("SELECT id FROM runs WHERE workflow_id = ? AND idempotency_key = ?",
                             (workflow_id, idempotency_key)).fetchone()
             if row:
-                return row[0]
+                return row[0], False
+        run_id = run_id or self.fresh_run_id(c)
         c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, "
                   "deadline_at, task_requested, task_title, created_at, updated_at, "
                   "idempotency_key, schedule_name, task_id) VALUES (?, ?, ?, 'pending', ?, ?, ?, "
@@ -1941,7 +1969,17 @@ class RunLedger(_StorePart):
         self.count(c, "started", workflow_id)
         if task_requested:
             self.store.outbox.enqueue(c, run_id, "create", None, now)
-        return run_id
+        return run_id, True
+
+    @staticmethod
+    def fresh_run_id(c):
+        """A new run id whose short form no run of the store starts with (in transaction ``c``,
+        so two processes cannot both take it)."""
+        while True:
+            run_id = new_run_id()
+            short = run_id[:RUN_SHORT_LEN]
+            if not c.execute(SQL_RUN_ID_TAKEN, (short, short + "\x7f")).fetchone():
+                return run_id
 
     @staticmethod
     def count(c, name, workflow_id):
@@ -2051,12 +2089,14 @@ class RunLedger(_StorePart):
             return run
 
     def fork_run(self, run_id, new_run_id, now, from_step=None, version=None, input_json=None):
-        """A new pending run with the source's input (or ``input_json``) and a copy of its committed
-        history before ``from_step`` (everything committed by default)."""
+        """A new pending run (``new_run_id`` None: a fresh id) with the source's input (or
+        ``input_json``) and a copy of its committed history before ``from_step`` (everything
+        committed by default)."""
         with self.store.transaction() as c:
             run = self.store.one(c, SQL_RUN, (run_id,))
             if run is None:
                 raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
+            new_run_id = new_run_id or self.fresh_run_id(c)
             cutoff = None
             if from_step is not None:
                 row = c.execute("SELECT seq FROM steps WHERE run_id = ? AND key = ?",
@@ -2758,7 +2798,7 @@ class WaitLedger(_StorePart):
         wf = self.store.workflows.latest(c, spec["workflow_id"])
         if wf is None:
             return None
-        child_id = new_id("run")
+        child_id = self.store.runs.fresh_run_id(c)
         c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, "
                   "deadline_at, task_requested, created_at, updated_at, parent_run_id, "
                   "parent_wait_key) VALUES (?, ?, ?, 'pending', ?, ?, ?, 0, ?, ?, ?, ?)",
@@ -3187,13 +3227,12 @@ class ScheduleBook(_StorePart):
             log.warning("schedule %s: no workflow %r; the fire at %s is skipped", row["name"],
                         row["workflow_id"], format_time(fire))
             return None
-        run_id = new_id("run")
-        got = self.store.runs.add_run(
-            c, run_id, row["workflow_id"], wf[0], row["input"], now, task_requested=auto_task,
+        run_id, created = self.store.runs.add_run(
+            c, None, row["workflow_id"], wf[0], row["input"], now, task_requested=auto_task,
             task_title="Workflow: %s (schedule %s)" % (row["workflow_id"], row["name"]),
             deadline_at=now + wf[1] if wf[1] else None,
             idempotency_key="schedule:%s:%d" % (row["name"], fire), schedule_name=row["name"])
-        return got if got == run_id else None
+        return run_id if created else None
 
 
 class SchedulerRegistry:
@@ -3427,8 +3466,8 @@ class ReadModel(_StorePart):
         """A run by id or by a unique prefix of six characters or more (None if none)."""
         run = self.store.query_one(SQL_RUN, (run_id,))
         if run is None and run_id and len(run_id) >= 6:
-            matches = self.store.query("SELECT %s FROM runs WHERE id LIKE ? ESCAPE '\\' "
-                                       "LIMIT 3" % _RUN_COLUMNS, (_like_prefix(run_id),))
+            prefix = run_id.lower()  # ids are lower case
+            matches = self.store.query(SQL_RUNS_BY_PREFIX, (prefix, prefix + "\x7f"))
             if len(matches) == 1:
                 run = matches[0]
             elif matches:
@@ -3437,6 +3476,22 @@ class ReadModel(_StorePart):
                 raise NotFound("run id %r is ambiguous: it starts %s; give more of it"
                                % (run_id, starts))
         return run
+
+    def short_ids(self, run_ids):
+        """{run id: its short form}: its first RUN_SHORT_LEN characters, or as many more as it
+        takes to tell it from every other run's id (ids made before the random part came
+        first)."""
+        out = {}
+        run_ids = list(dict.fromkeys(run_ids))
+        for i in range(0, len(run_ids), 500):
+            batch = run_ids[i:i + 500]
+            sql = SQL_ID_NEIGHBOURS % ", ".join("(?)" for _ in batch)
+            for row in self.store.query(sql, batch):
+                run_id = row["id"]
+                n = max([RUN_SHORT_LEN] + [len(os.path.commonprefix([run_id, other])) + 1
+                                           for other in (row["before"], row["after"]) if other])
+                out[run_id] = run_id[:n]
+        return out
 
     def list_runs(self, workflow_id=None, status=None, limit=20):
         """Newest runs first, of a workflow or a status if given."""
@@ -3650,6 +3705,7 @@ class Store(Database):
     held_back = _verb("retention", Retention.held_back)
 
     get_run = _verb("reads", ReadModel.get_run)
+    short_ids = _verb("reads", ReadModel.short_ids)
     list_runs = _verb("reads", ReadModel.list_runs)
     runs_page = _verb("reads", ReadModel.runs_page)
     steps = _verb("reads", ReadModel.steps)
@@ -8274,7 +8330,8 @@ class DashboardServer(_HttpService):
                 raise WebhookReject(400, "status must be one of %s" % ", ".join(RUN_STATUSES))
             rows = sc.store.runs_page(query.get("workflow") or None, status, query.get("q") or None,
                                       query.get("before") or None, limit)
-            return {"runs": [_run_row(r) for r in rows],
+            short = sc.store.short_ids([r["id"] for r in rows])
+            return {"runs": [dict(_run_row(r), short_id=short[r["id"]]) for r in rows],
                     "next": ("%d:%s" % (rows[-1]["created_at"], rows[-1]["id"])
                              if len(rows) == limit else None)}
         if path.startswith("/api/runs/"):
@@ -8771,14 +8828,12 @@ class Sidecar:
                 raise InputError("--deadline: %s" % exc)
         task_requested = task_id is None and bool(
             create_task or task_title or self.config["taskyou.auto_create_tasks"])
-        run_id = new_id("run")
-        got = self.store.create_run(run_id, workflow_id, wf["latest_version"], input_json, now,
-                                    task_requested=task_requested,
-                                    task_title=task_title or ("Workflow: %s" % workflow_id),
-                                    deadline_at=deadline_at,
-                                    idempotency_key=idempotency_key, task_id=task_id)
-        if got != run_id:
-            return dict(self.status(got), existing=True)
+        run_id, created = self.store.create_run(
+            None, workflow_id, wf["latest_version"], input_json, now,
+            task_requested=task_requested, task_title=task_title or ("Workflow: %s" % workflow_id),
+            deadline_at=deadline_at, idempotency_key=idempotency_key, task_id=task_id)
+        if not created:
+            return dict(self.status(run_id), existing=True)
         if drive:
             self.ensure_driven()
         out = self._status(run_id)
@@ -8818,6 +8873,7 @@ class Sidecar:
     def _status(self, run_id):
         run = self.run(run_id)
         out = self.store.run_document(run)
+        out["short_id"] = self.store.short_ids([run["id"]])[run["id"]]
         out["task"] = self.bridge.task_state(run)
         if run["status"] not in TERMINAL:
             out["scheduler"] = self.store.driven_by(run, self.clock(), 2 * self.config["lease_ttl"])
@@ -8832,8 +8888,9 @@ class Sidecar:
         if workflow_id:
             self.workflow(workflow_id, counts=False)  # an unknown one is said, not "no runs"
         runs = self.store.list_runs(workflow_id, status, limit)
+        short = self.store.short_ids([r["id"] for r in runs])
         self.store.sync_shown()
-        return runs
+        return [dict(r, short_id=short[r["id"]]) for r in runs]
 
     def cancel(self, run_id):
         """Cancel a run; a pass in flight is stopped by the scheduler that runs it."""
@@ -8955,7 +9012,7 @@ class Sidecar:
         version = (self.workflow(run["workflow_id"], counts=False)["latest_version"] if latest
                    else None)
         input_json = None if input is _NO_INPUT else self._input_json(input)
-        new_run_id = self.store.fork_run(run["id"], new_id("run"), self.clock(), from_step, version,
+        new_run_id = self.store.fork_run(run["id"], None, self.clock(), from_step, version,
                                          input_json)
         if drive:
             self.ensure_driven()
@@ -9367,14 +9424,16 @@ def cmd_list(api, args):
         return 0
     rows = api.list_runs(args.workflow, args.status, args.limit)
     if args.json:
-        _print_json([{"id": r["id"], "workflow_id": r["workflow_id"], "version": r["version"],
+        _print_json([{"id": r["id"], "short_id": r["short_id"], "workflow_id": r["workflow_id"],
+                      "version": r["version"],
                       "status": r["status"], "created_at": r["created_at"],
                       "finished_at": r["finished_at"], "task_id": r["task_id"],
                       "schedule": r["schedule_name"]} for r in rows])
     elif not rows:
         print("no runs")
     else:
-        _table([(r["id"], r["workflow_id"], r["version"], r["status"], format_time(r["created_at"]),
+        _table([(r["short_id"], r["workflow_id"], r["version"], r["status"],
+                 format_time(r["created_at"]),
                  "#%s" % r["task_id"] if r["task_id"] else "-", r["schedule_name"] or "-")
                 for r in rows],
                ("id", "workflow", "version", "status", "created", "task", "schedule"))

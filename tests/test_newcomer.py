@@ -9,6 +9,97 @@ from tests.util import ROOT, TempHome, tow
 ONE = "def workflow(input, ctx):\n    return ctx.step('s', lambda: input)\n"
 
 
+class ShortRunIds(TempHome):
+    """The short id `list runs` shows is unique in the store and works wherever an id is taken;
+    old ids (time first) keep working in full and by prefix."""
+
+    extra_config = "store:\n  synchronous: normal\n"  # 100,000 runs made fast; nothing to sync
+
+    def setUp(self):
+        super().setUp()
+        self.sc = self.sidecar(clock=False)
+        self.sc.deploy("hello", ONE, runtime="python")
+
+    def make_runs(self, n, old_style=False, batch=5000):
+        """``n`` runs straight through the store (``old_style``: ids as they were made before,
+        time first, many in one millisecond)."""
+        store, now, made = self.sc.store, tow.now_ms(), []
+        for i in range(0, n, batch):
+            with store.transaction() as c:
+                for _ in range(min(batch, n - i)):
+                    run_id = tow.new_id("run") if old_style else None
+                    made.append(store.runs.add_run(c, run_id, "hello", 1, "null", now)[0])
+        return made
+
+    def test_short_ids_of_100000_runs_are_unique_and_resolve(self):
+        import bisect
+        import random
+        import time
+        old = self.make_runs(2000, old_style=True)
+        new = self.make_runs(98000)
+        t0 = time.monotonic()
+        rows = self.sc.list_runs(limit=100000)
+        list_s = time.monotonic() - t0
+        self.assertEqual(len(rows), 100000)
+        shown = {r["id"]: r["short_id"] for r in rows}
+        self.assertEqual(len(set(shown.values())), 100000, "two runs show the same short id")
+        self.assertEqual({len(shown[i]) for i in new}, {tow.RUN_SHORT_LEN})
+        self.assertGreaterEqual(min(len(shown[i]) for i in old), tow.RUN_SHORT_LEN)
+        # Each short id is the start of exactly one id of the store.
+        ids = sorted(shown)
+        for run_id, short in shown.items():
+            at = bisect.bisect_left(ids, short)
+            self.assertEqual(ids[at], run_id)
+            self.assertTrue(at + 1 == len(ids) or not ids[at + 1].startswith(short), short)
+        # ... and resolves to it, through the API and the CLI, also once more runs were made.
+        more = self.make_runs(1000)
+        sample = random.Random(20).sample(sorted(shown), 2000) + old[:50] + more[:50]
+        t0 = time.monotonic()
+        for run_id in sample:
+            short = shown.get(run_id) or self.sc.status(run_id)["short_id"]
+            self.assertEqual(self.sc.run(short)["id"], run_id)
+        resolve_ms = (time.monotonic() - t0) * 1000 / len(sample)
+        for run_id in sample[:5] + old[:5]:
+            code, out, err = self.cli("status", shown[run_id], "--json")
+            self.assertEqual((code, json.loads(out)["id"]), (0, run_id), err)
+        self.assertLess(list_s, 30, "list runs -n 100000 took %.1fs" % list_s)
+        self.assertLess(resolve_ms, 50, "resolving a short id took %.1f ms" % resolve_ms)
+
+    def test_the_short_id_works_wherever_an_id_is_taken(self):
+        st = self.sc.start("hello", {"n": 1}, drive=False)
+        code, out, err = self.cli("list", "runs")
+        short = out.splitlines()[1].split()[0]
+        self.assertEqual(short, st["id"][:tow.RUN_SHORT_LEN])
+        self.assertEqual(st["short_id"], short)
+        self.assertEqual(json.loads(self.cli("list", "runs", "--json")[1])[0]["short_id"], short)
+        for argv in (["status", short], ["signal", short, "go", "-d", "1"], ["logs", short],
+                     ["cancel", short], ["retry", short], ["fork", short]):
+            with self.subTest(argv=argv):
+                code, out, err = self.cli(*argv)
+                self.assertEqual(code, 0, err)
+        # The dashboard's JSON API takes it too.
+        import urllib.request
+        board = self.sc.dashboard(host="127.0.0.1", port=0).start()
+        try:
+            url = "http://127.0.0.1:%d/api/runs" % board.port
+            with urllib.request.urlopen(url + "/" + short, timeout=10) as r:
+                self.assertEqual(json.loads(r.read())["id"], st["id"])
+            with urllib.request.urlopen(url, timeout=10) as r:
+                rows = json.loads(r.read())["runs"]
+            self.assertIn(short, [row["short_id"] for row in rows])
+        finally:
+            board.stop()
+
+    def test_old_ids_keep_working_in_full_and_by_prefix(self):
+        a, b = self.make_runs(2, old_style=True)
+        for run_id in (a, b):
+            self.assertEqual(self.cli("status", run_id, "--json")[0], 0)
+            self.assertEqual(self.sc.run(self.sc.status(run_id)["short_id"])["id"], run_id)
+        common = os.path.commonprefix([a, b])  # made in one millisecond: their time part
+        self.assertGreaterEqual(len(common), 12)
+        self.assert_refused(["status", common], 1, "is ambiguous")
+
+
 class ScheduleOptions(TempHome):
     """`schedule`'s actions take only their own options; each has its own --help."""
 
