@@ -8549,6 +8549,61 @@ def _undelivered_way_out(expiry_ms):
             + later)
 
 
+def runtime_by_name(filename):
+    """The runtime a code file's name says (.py: python, .js/.cjs: node), else None."""
+    ext = os.path.splitext(filename or "")[1].lower()
+    return {".py": "python", ".js": "node", ".cjs": "node"}.get(ext)
+
+
+def next_label(label, taken):
+    """The label after ``label`` that no version has yet: its last number one up (0.2.0 ->
+    0.2.1, v7 -> v8), else ``label.1``."""
+    while True:
+        m = re.match(r"^(.*?)(\d+)(\D*)$", label)
+        label = ("%s%s%s" % (m.group(1), str(int(m.group(2)) + 1).zfill(len(m.group(2))),
+                             m.group(3)) if m else label + ".1")
+        if label not in taken:
+            return label
+
+
+def plan_deploy(store, workflow_id, code, runtime, adapter, label, filename, deadline_ms,
+                default_adapter):
+    """(runtime, adapter, label, changes) of deploying ``code`` over the workflow's latest
+    version: the runtime, adapter and label carry over unless given; new code gets the next
+    label; a runtime switch must be asked for, and a label names one code. ``changes`` says
+    what differs from the latest version (empty for a new workflow)."""
+    guess = runtime_by_name(filename)
+    current = store.get_workflow(workflow_id, counts=False)
+    if current is None:
+        return (runtime or guess or "node", adapter or default_adapter, label or "1.0.0", [])
+    latest = store.get_version(workflow_id, current["latest_version"])
+    if runtime is None and guess not in (None, latest["runtime"]):
+        raise InputError("%s runs on %s and %s is %s by its name; deploy it with --runtime %s to "
+                         "switch the workflow's runtime (runs in flight keep theirs); nothing "
+                         "was deployed" % (workflow_id, latest["runtime"], filename, guess, guess))
+    runtime, adapter = runtime or latest["runtime"], adapter or latest["adapter"]
+    code_changed = code != latest["code"]
+    versions = store.versions(workflow_id)
+    taken = {v["label"] for v in versions}
+    # A label names one code: new code gets the next label, and a label given for other code
+    # than the versions that have it is refused (deploying the latest again is a no-op).
+    check = label is not None and (code_changed or label != latest["label"])
+    if label is None:
+        label = next_label(latest["label"], taken) if code_changed else latest["label"]
+    for v in versions if check else ():
+        if v["label"] == label and store.get_version(workflow_id, v["version"])["code"] != code:
+            raise InputError("version label %s is version %d of %s, with other code; give "
+                             "another --version, or leave it out to get %s; nothing was deployed"
+                             % (label, v["version"], workflow_id,
+                                next_label(latest["label"], taken)))
+    changes = [{"what": what, "from": old, "to": new} for what, old, new in (
+        ("code", None, None), ("runtime", latest["runtime"], runtime),
+        ("adapter", latest["adapter"], adapter), ("label", latest["label"], label),
+        ("deadline", latest["deadline_ms"], deadline_ms))
+        if old != new or (what == "code" and code_changed)]
+    return runtime, adapter, label, changes
+
+
 def _check_idempotency_key(key):
     if key is not None and (not isinstance(key, str) or not key.strip() or len(key) > 200):
         raise InputError("--idempotency-key must be a non-empty string of at most 200 characters")
@@ -8755,16 +8810,15 @@ class Sidecar:
 
     # -- workflows ------------------------------------------------------------
 
-    def deploy(self, workflow_id, code, adapter=None, runtime="node", version=None, name=None,
-               description=None, deadline=None):
-        """Store ``code`` as the workflow's newest version (a no-op if unchanged)."""
+    def deploy(self, workflow_id, code, adapter=None, runtime=None, version=None, name=None,
+               description=None, deadline=None, filename=None):
+        """Store ``code`` as the workflow's newest version (a no-op if unchanged); see
+        plan_deploy for what carries over, and ``changes`` in the result for what did not."""
         if not WORKFLOW_ID_RE.match(workflow_id or ""):
             raise InputError("invalid workflow id %r; use letters, digits, '.', '_' or '-' "
                              "(max 64)" % workflow_id)
-        if runtime not in RUNTIMES:
+        if runtime is not None and runtime not in RUNTIMES:
             raise InputError("unknown runtime %r; choose node or python" % runtime)
-        adapter = adapter or self.config["default_adapter"]
-        impl = self.adapter(adapter)
         if version is not None and not str(version).strip():
             raise InputError("--version must not be empty")
         deadline_ms = None
@@ -8773,13 +8827,15 @@ class Sidecar:
                 deadline_ms = parse_duration(deadline)
             except ValueError as exc:
                 raise InputError("--deadline: %s" % exc)
+        runtime, adapter, label, changes = plan_deploy(
+            self.store, workflow_id, code, runtime, adapter,
+            None if version is None else str(version), filename, deadline_ms,
+            self.config["default_adapter"])
+        impl = self.adapter(adapter)
         impl.check(runtime)
         impl.validate(runtime, code)
         impl.deploy(workflow_id, code, runtime)
-        if version is None:  # keep the label the workflow has; 1.0.0 for a new one
-            current = self.store.get_workflow(workflow_id)
-            version = current["label"] if current else "1.0.0"
-        row, created = self.store.save_version(workflow_id, code, runtime, adapter, str(version),
+        row, created = self.store.save_version(workflow_id, code, runtime, adapter, label,
                                                name, description, self.clock(), deadline_ms)
         try:  # the TaskYou plugin's start- actions follow the workflows
             self.plugin.sync()
@@ -8787,7 +8843,7 @@ class Sidecar:
             log.warning("could not update the TaskYou plugin's actions: %s", exc)
         return {"workflow_id": workflow_id, "version": row["version"], "label": row["label"],
                 "runtime": runtime, "adapter": adapter, "code_hash": row["code_hash"],
-                "created": created}
+                "created": created, "changes": changes if created else []}
 
     def workflow(self, workflow_id, counts=True):
         """The workflow with its latest version (``counts``: and how many runs it has, which
@@ -9200,19 +9256,33 @@ def cmd_init(api, args):
 
 def cmd_deploy(api, args):
     code = _read_code(args)
-    runtime = args.runtime or ("python" if (args.file or "").endswith(".py") else "node")
-    res = api.deploy(args.workflow_id, code, adapter=args.adapter, runtime=runtime,
+    res = api.deploy(args.workflow_id, code, adapter=args.adapter, runtime=args.runtime,
                      version=args.version, name=args.name, description=args.description,
-                     deadline=args.deadline)
+                     deadline=args.deadline, filename=args.file if args.file != "-" else None)
     if args.json:
         _print_json(res)
     elif res["created"]:
         print("deployed %s version %d (%s, %s, %s)"
               % (res["workflow_id"], res["version"], res["label"], res["runtime"], res["adapter"]))
+        for change in res["changes"]:
+            print("  " + _describe_change(change, args.version is None))
     else:
         print("%s is unchanged (version %d, %s)"
               % (res["workflow_id"], res["version"], res["label"]))
     return 0
+
+
+def _describe_change(change, label_chosen_for_you):
+    """One line of what a deploy changed against the workflow's latest version."""
+    what, old, new = change["what"], change["from"], change["to"]
+    if what == "code":
+        return "code      changed"
+    if what == "deadline":
+        old, new = (format_duration(v) if v else "none" for v in (old, new))
+    note = {"runtime": " (runs in flight keep %s)" % old,
+            "label": " (new code, next label; --version LABEL picks one)"
+            if label_chosen_for_you else ""}.get(what, "")
+    return "%-9s %s -> %s%s" % (what, old, new, note)
 
 
 def _read_input(args, default=None):
@@ -9839,13 +9909,16 @@ def build_parser(only=None):
     sp.add_argument("-f", "--file",
                     help="workflow code file, or - for stdin (default: stdin when piped)")
     sp.add_argument("-a", "--adapter", choices=ADAPTER_NAMES,
-                    help="compute adapter (default: default_adapter)")
+                    help="compute adapter (default: the workflow's current one; default_adapter "
+                         "for a new workflow)")
     sp.add_argument("--name", help="workflow name")
     sp.add_argument("--description", help="workflow description")
     sp.add_argument("--version", help="workflow version label (default: the current one, "
-                                      "1.0.0 for a new workflow)")
+                                      "the next one when the code changed, 1.0.0 for a new "
+                                      "workflow); one label names one code")
     sp.add_argument("--runtime", choices=sorted(RUNTIMES),
-                    help="runtime (default: python for a .py file, else node)")
+                    help="runtime (default: the workflow's current one; for a new workflow "
+                         "python for a .py file, else node); give it to switch runtimes")
     sp.add_argument("--deadline",
                     help="default deadline for its runs (e.g. 1h); `start --deadline` overrides")
     sp.add_argument("--json", action="store_true", help="output as JSON")

@@ -100,6 +100,77 @@ class ShortRunIds(TempHome):
         self.assert_refused(["status", common], 1, "is ambiguous")
 
 
+HELLO_JS = ("async function workflow(input, { step }) {\n"
+            "  return await step(\"greet\", () => \"hi \" + input);\n}\n")
+HELLO_PY = "def workflow(input, ctx):\n    return ctx.step('greet', lambda: 'hi %s' % input)\n"
+HELLO_PY2 = "def workflow(input, ctx):\n    return ctx.step('greet', lambda: 'hey %s' % input)\n"
+
+
+class DeploySaysWhatChanged(TempHome):
+    """A deploy says what it changed; a runtime switch must be asked for; new code gets a new
+    label, and a label names one code."""
+
+    def write(self, name, text):
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    @unittest.skipUnless(tow.shutil.which("node"), "node is not on PATH")
+    def test_a_py_file_over_a_javascript_workflow_is_refused_without_runtime(self):
+        js, py = self.write("hello.js", HELLO_JS), self.write("hello.py", HELLO_PY)
+        self.assertEqual(self.cli("deploy", "hello", "-f", js)[0], 0)
+        err = self.assert_refused(["deploy", "hello", "-f", py], 2,
+                                  "hello runs on node and %s is python by its name" % py)
+        self.assertIn("--runtime python", err)
+        code, out, err = self.cli("deploy", "hello", "-f", py, "--runtime", "python")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.splitlines(), [
+            "deployed hello version 2 (1.0.1, python, exec)",
+            "  code      changed",
+            "  runtime   node -> python (runs in flight keep node)",
+            "  label     1.0.0 -> 1.0.1 (new code, next label; --version LABEL picks one)"])
+
+    def test_changed_code_gets_the_next_label_and_a_label_names_one_code(self):
+        py, py2 = self.write("a.py", HELLO_PY), self.write("b.py", HELLO_PY2)
+        self.assertEqual(self.cli("deploy", "w", "-f", py, "--version", "0.2.0")[0], 0)
+        code, out, err = self.cli("deploy", "w", "-f", py2, "--json")
+        doc = json.loads(out)
+        self.assertEqual((doc["version"], doc["label"]), (2, "0.2.1"))
+        self.assertEqual([c["what"] for c in doc["changes"]], ["code", "label"])
+        # The same code again: nothing new, whatever it is called by default.
+        self.assertEqual(self.cli("deploy", "w", "-f", py2)[1], "w is unchanged (version 2, 0.2.1)\n")
+        # A label that names other code is refused; the store is unchanged.
+        err = self.assert_refused(["deploy", "w", "-f", py, "--version", "0.2.1"], 2,
+                                  "version label 0.2.1 is version 2 of w, with other code")
+        self.assertIn("leave it out to get 0.2.2", err)
+        # Going back to the first code under its own label is fine.
+        code, out, err = self.cli("deploy", "w", "-f", py, "--version", "0.2.0")
+        self.assertEqual(code, 0, err)
+        self.assertIn("deployed w version 3 (0.2.0, python, exec)", out)
+        labels = [v["label"] for v in self.sidecar().store.versions("w")]
+        self.assertEqual(labels, ["0.2.0", "0.2.1", "0.2.0"])
+
+    def test_the_runtime_carries_over_and_a_dropped_deadline_is_said(self):
+        sc = self.sidecar()
+        sc.deploy("w", HELLO_PY, runtime="python")
+        code, out, err = self.cli("deploy", "w", stdin=HELLO_PY2)  # no --runtime: still python
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.splitlines()[0], "deployed w version 2 (1.0.1, python, exec)")
+        res = sc.deploy("w", HELLO_PY2, deadline="1h")
+        self.assertEqual(res["changes"], [{"what": "deadline", "from": None, "to": 3600000}])
+        code, out, err = self.cli("deploy", "w", stdin=HELLO_PY2)
+        self.assertIn("  deadline  1h00m -> none", out.splitlines())
+
+    def test_next_label(self):
+        for label, taken, want in (("1.0.0", (), "1.0.1"), ("0.2.9", (), "0.2.10"),
+                                   ("v7", (), "v8"), ("beta", (), "beta.1"),
+                                   ("2026-01-09", (), "2026-01-10"), ("1.0", ("1.1",), "1.2"),
+                                   ("1.0.0-rc1", (), "1.0.0-rc2")):
+            with self.subTest(label=label):
+                self.assertEqual(tow.next_label(label, set(taken)), want)
+
+
 class ScheduleOptions(TempHome):
     """`schedule`'s actions take only their own options; each has its own --help."""
 
