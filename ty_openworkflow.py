@@ -3543,6 +3543,11 @@ class ReadModel(_StorePart):
         return self.store.query_one("SELECT count(*) AS n FROM runs WHERE status = 'running' "
                                     "AND lease_expires_at >= ?", (now,))["n"]
 
+    def next_run_due_at(self):
+        """When the next pending, sleeping or waiting run is due (None: none is)."""
+        return self.store.query_one("SELECT MIN(available_at) AS at FROM runs WHERE status IN "
+                                    "('pending', 'sleeping', 'waiting')")["at"]
+
     def pending_due(self, now, limit):
         """Ids of up to ``limit`` pending runs due at ``now``."""
         return [r["id"] for r in self.store.query(
@@ -3719,6 +3724,7 @@ class Store(Database):
     outbox_backlog = _verb("reads", ReadModel.outbox_backlog)
     leases_held = _verb("reads", ReadModel.leases_held)
     pending_due = _verb("reads", ReadModel.pending_due)
+    next_run_due_at = _verb("reads", ReadModel.next_run_due_at)
 
 
 # ---------------------------------------------------------------------------
@@ -6526,8 +6532,10 @@ class Scheduler:
     it go on if the run is still ours, or kills it if another scheduler has it.
     """
 
-    def __init__(self, sidecar, kind="serve", concurrency=None, clock=None):
+    def __init__(self, sidecar, kind="serve", concurrency=None, clock=None, hand_over=False):
         self.sidecar = sidecar
+        # tick: runs due within runner_linger when it is done go to the background runner
+        self.hand_over = hand_over
         self.store = sidecar.store
         self.config = sidecar.config
         self.kind = kind
@@ -6825,6 +6833,8 @@ class Scheduler:
                 self.store.unregister_scheduler(self.id)
             if self.kind == "serve":
                 self._hand_over()
+            elif self.hand_over:
+                self._hand_over(self.config["runner_linger"])
         if self.kind != "tick":
             self.sidecar.bridge.abort()
         grace_s = self.config["shutdown_grace"] / 1000.0
@@ -6852,16 +6862,23 @@ class Scheduler:
             self.sock.close()
             self.sock = None
 
-    def _hand_over(self):
-        """After leaving the table: a run a `start` made while we left must not be stranded."""
+    def _hand_over(self, horizon_ms=None):
+        """After leaving the table: a run a `start` made while we left (serve), or one due
+        within ``horizon_ms`` (tick: a schedule's new run at a short sleep, a retry's backoff),
+        must not be stranded: a live scheduler is woken, or the background runner started."""
         try:
             now = self.clock()
             with self.lock:
                 held = set(self.active)
-            due = [run_id for run_id in self.store.pending_due(now, len(held) + 1)
-                   if run_id not in held]
+            if horizon_ms is None:
+                due = [run_id for run_id in self.store.pending_due(now, len(held) + 1)
+                       if run_id not in held]
+            else:
+                next_due = self.store.next_run_due_at()
+                due = next_due is not None and next_due - now <= horizon_ms
             if due:
-                self.sidecar.ensure_driven()
+                pid = self.sidecar.ensure_driven()
+                self.stats["handed_over"] = "runner" if pid else "scheduler"
         except OpenWorkflowError as exc:
             log.warning("could not hand due runs over: %s", exc)
 
@@ -9121,12 +9138,13 @@ class Sidecar:
         """Start a detached `runner` process that drives due runs, then exits when idle."""
         return self.runners.spawn()
 
-    def scheduler(self, kind="serve", concurrency=None):
-        return Scheduler(self, kind=kind, concurrency=concurrency)
+    def scheduler(self, kind="serve", concurrency=None, hand_over=False):
+        return Scheduler(self, kind=kind, concurrency=concurrency, hand_over=hand_over)
 
-    def tick(self, concurrency=None):
-        """Run every pass that is due now, then return."""
-        return self.scheduler("tick", concurrency).loop()
+    def tick(self, concurrency=None, hand_over=False):
+        """Run every pass that is due now, then return; ``hand_over`` (the `tick` command): runs
+        due within runner_linger are then left to a live scheduler or the background runner."""
+        return self.scheduler("tick", concurrency, hand_over).loop()
 
     def serve(self, stop_event=None, concurrency=None, scheduler=None):
         """Drive runs (and the webhook, if enabled) until ``stop_event`` is set or
@@ -9666,11 +9684,15 @@ def _setup_logging(verbose, quiet=False):
 
 def cmd_tick(api, args):
     _setup_logging(args.verbose, quiet=True)
-    stats = api.tick(concurrency=args.concurrency)
+    stats = api.tick(concurrency=args.concurrency, hand_over=True)
     if args.json:
         _print_json(stats)
     else:
-        print("tick: %d pass%s" % (stats["passes"], "" if stats["passes"] == 1 else "es"))
+        print("tick: %s%s" % (_count(stats["passes"], "pass", "passes"), {
+            "runner": "; runs due within %s are left to the background runner it started"
+                      % format_duration(api.config["runner_linger"]),
+            "scheduler": "; runs due soon are left to the scheduler that is running"}.get(
+                stats.get("handed_over"), "")))
     return 0
 
 

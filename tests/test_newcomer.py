@@ -171,6 +171,51 @@ class DeploySaysWhatChanged(TempHome):
                 self.assertEqual(tow.next_label(label, set(taken)), want)
 
 
+SLEEPY = ("def workflow(input, ctx):\n    ctx.step('a', lambda: 1)\n    ctx.sleep('wait', 2)\n"
+          "    return ctx.step('b', lambda: 2)\n")
+
+
+class TickHandsOver(TempHome):
+    """A run `tick` leaves due within runner_linger (a schedule's new run at a short sleep) is
+    driven on, as after `start`: tick hands it to the background runner."""
+
+    def test_a_fired_schedules_run_is_driven_past_its_short_sleep(self):
+        from tests.util import wait_for
+        sc = self.sidecar(clock=False)
+        sc.deploy("sleepy", SLEEPY, runtime="python")
+        sc.schedule_add("sleepy", "@hourly")
+        last_hour = tow.Cron("@hourly").next_after(tow.now_ms() - 3600000)
+        conn = tow.sqlite3.connect(sc.store.path)  # as if no scheduler had run since the hour
+        conn.execute("UPDATE schedules SET next_fire_at = ?", (last_hour,))
+        conn.commit()
+        conn.close()
+        code, out, err = self.cli("tick")
+        self.assertEqual(code, 0, err)
+        self.assertIn("left to the background runner it started", out)
+        [run] = sc.list_runs()
+        self.assertEqual((run["status"], run["schedule_name"]), ("sleeping", "sleepy"))
+        wait_for(lambda: sc.status(run["id"])["status"] == "completed", timeout=30,
+                 what="the runner to finish the run after its sleep")
+
+    def test_the_python_api_tick_stays_in_its_process(self):
+        sc = self.sidecar(clock=False)
+        sc.deploy("sleepy", SLEEPY, runtime="python")
+        run_id = sc.start("sleepy", drive=False)["id"]
+        stats = sc.tick()
+        self.assertNotIn("handed_over", stats)
+        self.assertEqual(sc.status(run_id)["status"], "sleeping")
+        self.assertFalse(sc.store.live_schedulers(tow.now_ms(), 60000))
+
+    def test_nothing_due_soon_starts_no_runner(self):
+        sc = self.sidecar(clock=False)
+        sc.deploy("sleepy", SLEEPY.replace("ctx.sleep('wait', 2)", "ctx.sleep('wait', 3600)"),
+                  runtime="python")
+        sc.start("sleepy", drive=False)
+        code, out, err = self.cli("tick")
+        self.assertEqual(out, "tick: 1 pass\n")
+        self.assertFalse(sc.store.live_schedulers(tow.now_ms(), 60000))
+
+
 class ScheduleOptions(TempHome):
     """`schedule`'s actions take only their own options; each has its own --help."""
 
