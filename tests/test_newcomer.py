@@ -216,6 +216,65 @@ class TickHandsOver(TempHome):
         self.assertFalse(sc.store.live_schedulers(tow.now_ms(), 60000))
 
 
+BAD_PY = ("def helper(x):\n    raise ValueError('boom %s' % x)\n\n\n"
+          "def workflow(input, ctx):\n    ctx.step('ok', lambda: 1)\n"
+          "    return ctx.step('bad', lambda: helper(input))\n")
+BAD_JS = ("function helper(x) {\n  throw new Error('boom ' + x);\n}\n\n"
+          "async function workflow(input, { step }) {\n  await step('ok', () => 1);\n"
+          "  return await step('bad', () => helper(input));\n}\n")
+
+
+class TracebacksNameTheWorkflow(TempHome):
+    """A failed step's stack names the workflow and its version, with the lines of the code as
+    deployed, and none of the files the sidecar wrote (its code copy, its shim)."""
+
+    extra_config = "retry:\n  max_attempts: 1\n"
+
+    def failed_stack(self, workflow_id, runtime, code, version=1):
+        sc = self.sidecar()
+        for v in range(version):  # the version the run is on shows
+            sc.deploy(workflow_id, code + "\n" * v, runtime=runtime)
+        st = self.drive(sc, sc.start(workflow_id, "x", drive=False)["id"])
+        self.assertEqual(st["status"], "failed")
+        return st["error"]["stack"]
+
+    def check(self, runtime, code, lines):
+        for mode in ("warm", "process"):
+            with self.subTest(runtime=runtime, mode=mode):
+                self.write_config(adapter="    mode: %s\n" % mode)
+                stack = self.failed_stack("bad-" + mode, runtime, code, version=2)
+                for want in lines:
+                    self.assertIn(want.replace("workflow bad v2", "workflow bad-%s v2" % mode),
+                                  stack)
+                for unwanted in ("exec/code", "workflow-", "_shim", self.data_dir):
+                    self.assertNotIn(unwanted, stack)
+                self.sidecar().store.close()
+
+    def test_python(self):
+        self.check("python", BAD_PY, ['File "workflow bad v2", line 7, in <lambda>',
+                                      "return ctx.step('bad', lambda: helper(input))",
+                                      'File "workflow bad v2", line 2, in helper',
+                                      "ValueError: boom x"])
+
+    @unittest.skipUnless(tow.shutil.which("node"), "node is not on PATH")
+    def test_node(self):
+        self.check("node", BAD_JS, ["Error: boom x", "at helper (workflow bad v2:2:9)",
+                                    "at workflow (workflow bad v2:7:"])
+
+    def test_a_failure_of_the_shim_itself_keeps_its_frames(self):
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(
+            "python_shim", os.path.join(ROOT, "runtimes", "python_shim.py"))
+        shim = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(shim)
+        try:
+            shim.duration_ms("soon", "sleep", 1000)
+        except TypeError as exc:  # its traceback from the shim's frame on: nothing else
+            stack = shim.serialize_error(exc.with_traceback(exc.__traceback__.tb_next))["stack"]
+        self.assertIn("python_shim.py", stack)
+        self.assertIn("in duration_ms", stack)
+
+
 class ScheduleOptions(TempHome):
     """`schedule`'s actions take only their own options; each has its own --help."""
 
