@@ -8583,42 +8583,87 @@ def next_label(label, taken):
             return label
 
 
-def plan_deploy(store, workflow_id, code, runtime, adapter, label, filename, deadline_ms,
-                default_adapter):
-    """(runtime, adapter, label, changes) of deploying ``code`` over the workflow's latest
-    version: the runtime, adapter and label carry over unless given; new code gets the next
-    label; a runtime switch must be asked for, and a label names one code. ``changes`` says
-    what differs from the latest version (empty for a new workflow)."""
-    guess = runtime_by_name(filename)
-    current = store.get_workflow(workflow_id, counts=False)
-    if current is None:
-        return (runtime or guess or "node", adapter or default_adapter, label or "1.0.0", [])
-    latest = store.get_version(workflow_id, current["latest_version"])
-    if runtime is None and guess not in (None, latest["runtime"]):
-        raise InputError("%s runs on %s and %s is %s by its name; deploy it with --runtime %s to "
-                         "switch the workflow's runtime (runs in flight keep theirs); nothing "
-                         "was deployed" % (workflow_id, latest["runtime"], filename, guess, guess))
-    runtime, adapter = runtime or latest["runtime"], adapter or latest["adapter"]
-    code_changed = code != latest["code"]
-    versions = store.versions(workflow_id)
-    taken = {v["label"] for v in versions}
-    # A label names one code: new code gets the next label, and a label given for other code
-    # than the versions that have it is refused (deploying the latest again is a no-op).
-    check = label is not None and (code_changed or label != latest["label"])
-    if label is None:
-        label = next_label(latest["label"], taken) if code_changed else latest["label"]
-    for v in versions if check else ():
-        if v["label"] == label and store.get_version(workflow_id, v["version"])["code"] != code:
-            raise InputError("version label %s is version %d of %s, with other code; give "
-                             "another --version, or leave it out to get %s; nothing was deployed"
-                             % (label, v["version"], workflow_id,
-                                next_label(latest["label"], taken)))
-    changes = [{"what": what, "from": old, "to": new} for what, old, new in (
-        ("code", None, None), ("runtime", latest["runtime"], runtime),
-        ("adapter", latest["adapter"], adapter), ("label", latest["label"], label),
-        ("deadline", latest["deadline_ms"], deadline_ms))
-        if old != new or (what == "code" and code_changed)]
-    return runtime, adapter, label, changes
+class Deployer:
+    """`deploy`: workflow code checked, planned against the workflow's latest version (what
+    carries over, what changes, what must be asked for) and stored as its newest version."""
+
+    def __init__(self, sidecar):
+        self.sidecar = sidecar
+
+    def deploy(self, workflow_id, code, adapter=None, runtime=None, version=None, name=None,
+               description=None, deadline=None, filename=None):
+        """Sidecar.deploy: the new version's document, with ``created`` and ``changes``."""
+        if not WORKFLOW_ID_RE.match(workflow_id or ""):
+            raise InputError("invalid workflow id %r; use letters, digits, '.', '_' or '-' "
+                             "(max 64)" % workflow_id)
+        if runtime is not None and runtime not in RUNTIMES:
+            raise InputError("unknown runtime %r; choose node or python" % runtime)
+        if version is not None and not str(version).strip():
+            raise InputError("--version must not be empty")
+        deadline_ms = None
+        if deadline is not None:
+            try:
+                deadline_ms = parse_duration(deadline)
+            except ValueError as exc:
+                raise InputError("--deadline: %s" % exc)
+        sc = self.sidecar
+        # A store not made yet holds no workflow: none is made before the code is checked.
+        made = os.path.exists(os.path.join(sc.config.data_dir, DB_FILE))
+        runtime, adapter, label, changes = self.plan(
+            sc.store if made else None, workflow_id, code, runtime, adapter,
+            None if version is None else str(version), filename, deadline_ms)
+        impl = sc.adapter(adapter)
+        impl.check(runtime)
+        impl.validate(runtime, code)
+        impl.deploy(workflow_id, code, runtime)
+        row, created = sc.store.save_version(workflow_id, code, runtime, adapter, label, name,
+                                             description, sc.clock(), deadline_ms)
+        try:  # the TaskYou plugin's start- actions follow the workflows
+            sc.plugin.sync()
+        except (OSError, OpenWorkflowError) as exc:
+            log.warning("could not update the TaskYou plugin's actions: %s", exc)
+        return {"workflow_id": workflow_id, "version": row["version"], "label": row["label"],
+                "runtime": runtime, "adapter": adapter, "code_hash": row["code_hash"],
+                "created": created, "changes": changes if created else []}
+
+    def plan(self, store, workflow_id, code, runtime, adapter, label, filename, deadline_ms):
+        """(runtime, adapter, label, changes) of deploying ``code`` over the workflow's latest
+        version in ``store`` (None: no store yet). The runtime, adapter and label carry over
+        unless given; new code gets the next label; a runtime switch must be asked for, and a
+        label names one code. ``changes``: what differs from the latest version."""
+        guess = runtime_by_name(filename)
+        current = store.get_workflow(workflow_id, counts=False) if store is not None else None
+        if current is None:
+            return (runtime or guess or "node",
+                    adapter or self.sidecar.config["default_adapter"], label or "1.0.0", [])
+        latest = store.get_version(workflow_id, current["latest_version"])
+        if runtime is None and guess not in (None, latest["runtime"]):
+            raise InputError("%s runs on %s and %s is %s by its name; deploy it with --runtime "
+                             "%s to switch the workflow's runtime (runs in flight keep theirs); "
+                             "nothing was deployed"
+                             % (workflow_id, latest["runtime"], filename, guess, guess))
+        runtime, adapter = runtime or latest["runtime"], adapter or latest["adapter"]
+        code_changed = code != latest["code"]
+        versions = store.versions(workflow_id)
+        taken = {v["label"] for v in versions}
+        # A label names one code: new code gets the next label, and a label given for other
+        # code than the versions that have it is refused (deploying the latest again is a no-op).
+        check = label is not None and (code_changed or label != latest["label"])
+        if label is None:
+            label = next_label(latest["label"], taken) if code_changed else latest["label"]
+        for v in versions if check else ():
+            if v["label"] == label and store.get_version(workflow_id,
+                                                         v["version"])["code"] != code:
+                raise InputError("version label %s is version %d of %s, with other code; give "
+                                 "another --version, or leave it out to get %s; nothing was "
+                                 "deployed" % (label, v["version"], workflow_id,
+                                               next_label(latest["label"], taken)))
+        changes = [{"what": what, "from": old, "to": new} for what, old, new in (
+            ("code", None, None), ("runtime", latest["runtime"], runtime),
+            ("adapter", latest["adapter"], adapter), ("label", latest["label"], label),
+            ("deadline", latest["deadline_ms"], deadline_ms))
+            if old != new or (what == "code" and code_changed)]
+        return runtime, adapter, label, changes
 
 
 def _check_idempotency_key(key):
@@ -8829,38 +8874,10 @@ class Sidecar:
 
     def deploy(self, workflow_id, code, adapter=None, runtime=None, version=None, name=None,
                description=None, deadline=None, filename=None):
-        """Store ``code`` as the workflow's newest version (a no-op if unchanged); see
-        plan_deploy for what carries over, and ``changes`` in the result for what did not."""
-        if not WORKFLOW_ID_RE.match(workflow_id or ""):
-            raise InputError("invalid workflow id %r; use letters, digits, '.', '_' or '-' "
-                             "(max 64)" % workflow_id)
-        if runtime is not None and runtime not in RUNTIMES:
-            raise InputError("unknown runtime %r; choose node or python" % runtime)
-        if version is not None and not str(version).strip():
-            raise InputError("--version must not be empty")
-        deadline_ms = None
-        if deadline is not None:
-            try:
-                deadline_ms = parse_duration(deadline)
-            except ValueError as exc:
-                raise InputError("--deadline: %s" % exc)
-        runtime, adapter, label, changes = plan_deploy(
-            self.store, workflow_id, code, runtime, adapter,
-            None if version is None else str(version), filename, deadline_ms,
-            self.config["default_adapter"])
-        impl = self.adapter(adapter)
-        impl.check(runtime)
-        impl.validate(runtime, code)
-        impl.deploy(workflow_id, code, runtime)
-        row, created = self.store.save_version(workflow_id, code, runtime, adapter, label,
-                                               name, description, self.clock(), deadline_ms)
-        try:  # the TaskYou plugin's start- actions follow the workflows
-            self.plugin.sync()
-        except (OSError, OpenWorkflowError) as exc:
-            log.warning("could not update the TaskYou plugin's actions: %s", exc)
-        return {"workflow_id": workflow_id, "version": row["version"], "label": row["label"],
-                "runtime": runtime, "adapter": adapter, "code_hash": row["code_hash"],
-                "created": created, "changes": changes if created else []}
+        """Store ``code`` as the workflow's newest version (a no-op if unchanged); ``changes``
+        in the result says what differs from its latest version (see Deployer)."""
+        return Deployer(self).deploy(workflow_id, code, adapter, runtime, version, name,
+                                     description, deadline, filename)
 
     def workflow(self, workflow_id, counts=True):
         """The workflow with its latest version (``counts``: and how many runs it has, which
