@@ -279,6 +279,103 @@ class TracebacksNameTheWorkflow(TempHome):
         self.assertIn("in duration_ms", stack)
 
 
+class MakeTestSetsUpWhatItCan(TempHome):
+    """`make test` installs miniflare without root (outside the checkout), says so plainly when
+    npm cannot, and the run ends with a line naming what was skipped and how to enable it."""
+
+    def fake_npm(self, script):
+        """A fake `npm` first on PATH (the rest of PATH as it is, for bash, node and coreutils)."""
+        bin_dir = os.path.join(self.tmp, "bin")
+        os.makedirs(bin_dir, exist_ok=True)
+        with open(os.path.join(bin_dir, "npm"), "w") as f:
+            f.write("#!/bin/sh\n" + script)
+        os.chmod(os.path.join(bin_dir, "npm"), 0o755)
+        return dict(os.environ, PATH=bin_dir + os.pathsep + os.environ["PATH"])
+
+    def setup_miniflare(self, env):
+        import subprocess
+        cache = os.path.join(self.tmp, "cache", "miniflare-9.9.9")
+        proc = subprocess.run(["bash", os.path.join(ROOT, ".ci", "miniflare.sh"), "9.9.9", cache],
+                              capture_output=True, text=True, env=env, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return cache, proc.stdout.strip(), proc.stderr
+
+    def setUp(self):
+        super().setUp()
+        if os.path.isdir(os.path.join(ROOT, ".ci", "node_modules", "miniflare")):
+            self.skipTest("`make cf-tools` put miniflare in .ci/: the script takes it as it is")
+        if not tow.shutil.which("node"):
+            self.skipTest("node is not on PATH")
+
+    def test_npm_installs_it_into_the_cache_once(self):
+        env = self.fake_npm('echo "$@" >> "%s/npm.calls"\nwhile [ "$1" != --prefix ]; do shift; '
+                            'done\nmkdir -p "$2/node_modules/miniflare"\n' % self.tmp)
+        cache, found, err = self.setup_miniflare(env)
+        self.assertEqual(found, os.path.join(cache, "node_modules"))
+        self.assertIn("installing miniflare 9.9.9 from npm into %s" % cache, err)
+        self.assertEqual(self.setup_miniflare(env)[1], found)  # again: nothing to install
+        with open(os.path.join(self.tmp, "npm.calls")) as f:
+            calls = f.read().splitlines()
+        self.assertEqual(len(calls), 1)
+        self.assertIn("install --prefix", calls[0])
+        self.assertIn("miniflare@9.9.9", calls[0])
+        self.assertFalse([n for n in os.listdir(os.path.dirname(cache)) if ".tmp-" in n])
+
+    def test_unreachable_npm_is_one_clear_line_and_no_miniflare(self):
+        env = self.fake_npm('echo "npm ERR! code ENOTFOUND" >&2\necho "npm ERR! network request '
+                            'to https://registry.npmjs.org/miniflare failed" >&2\nexit 1\n')
+        cache, found, err = self.setup_miniflare(env)
+        self.assertEqual(found, "")
+        self.assertIn("npm could not install miniflare (unreachable? see below); the cloudflare "
+                      "tests will be skipped", err)
+        self.assertIn("ENOTFOUND", err)
+        self.assertFalse(os.path.exists(cache))
+
+    def test_make_test_installs_outside_the_checkout(self):
+        import subprocess
+        if not tow.shutil.which("make"):
+            self.skipTest("make is not on PATH")
+        out = subprocess.run(["make", "-n", "-C", ROOT, "test"], capture_output=True, text=True,
+                             env=dict(os.environ, HOME=self.home, XDG_CACHE_HOME="")).stdout
+        self.assertIn(".ci/miniflare.sh", out)
+        self.assertIn(os.path.join(self.home, ".cache", "ty-openworkflow", "miniflare-"), out)
+
+    def test_the_last_line_names_what_was_skipped_and_how_to_enable_it(self):
+        from tests.__main__ import skipped_line
+        skips = [(None, "miniflare is not installed: `make test` installs it from npm")] * 3 + [
+            (None, "no docker engine answers (start one with `make docker-up`, which needs "
+                   "root)")] * 2 + [(None, "promtool is not installed (Debian's prometheus "
+                                           "package)"), (None, "something else entirely")]
+        self.assertEqual(skipped_line(skips),
+                         "3 need miniflare (`make cf-tools`), 2 need a Docker engine "
+                         "(`sudo make docker-up`), 1 needs promtool "
+                         "(`sudo apt-get install prometheus`), 1 needs something else entirely")
+
+
+class ReadmeDetails(TempHome):
+    """Item 12: the README counts the launcher `make install` writes as it is."""
+
+    def test_the_launcher_has_as_many_lines_as_the_readme_says(self):
+        import subprocess
+        if not tow.shutil.which("make"):
+            self.skipTest("make is not on PATH")
+        prefix = os.path.join(self.tmp, "prefix")
+        os.makedirs(os.path.join(prefix, "bin"))
+        plan = subprocess.run(["make", "-n", "-C", ROOT, "install", "PREFIX=" + prefix],
+                              capture_output=True, text=True, check=True).stdout
+        [printf] = [cmd for cmd in plan.replace("\\\n", " ").splitlines()
+                    if cmd.startswith("printf ")]
+        subprocess.run(["sh", "-c", printf], check=True)  # just the launcher, no build
+        with open(os.path.join(prefix, "bin", "ty-openworkflow")) as f:
+            lines = f.read().splitlines()
+        words = {3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+        with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+            readme = " ".join(f.read().split())
+        self.assertIn("a %s-line launcher" % words[len(lines)], readme)
+        with open(os.path.join(ROOT, "Makefile")) as f:
+            self.assertIn("a %s-line" % words[len(lines)], f.read())
+
+
 class ScheduleOptions(TempHome):
     """`schedule`'s actions take only their own options; each has its own --help."""
 
