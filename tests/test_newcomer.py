@@ -4,6 +4,8 @@ import json
 import os
 import unittest
 
+from tests import test_cloudflare as cloudflare_tests
+from tests.fake_cloudflare import have_miniflare
 from tests.util import ROOT, TempHome, tow
 
 ONE = "def workflow(input, ctx):\n    return ctx.step('s', lambda: input)\n"
@@ -277,6 +279,25 @@ class TracebacksNameTheWorkflow(TempHome):
             stack = shim.serialize_error(exc.with_traceback(exc.__traceback__.tb_next))["stack"]
         self.assertIn("python_shim.py", stack)
         self.assertIn("in duration_ms", stack)
+
+
+@unittest.skipUnless(have_miniflare(), "miniflare is not installed: `make test` installs it from "
+                                       "npm (or `make cf-tools`)")
+class CloudflareTracebacksNameTheWorkflow(cloudflare_tests.CloudflareCase):
+    """The same in the real Worker (miniflare): the workflow's frames by its name and lines."""
+
+    extra_config = "retry:\n  max_attempts: 1\n"
+
+    def test_the_stack_names_the_workflow_and_its_lines(self):
+        sc = self.sidecar()
+        sc.deploy("bad", BAD_JS, adapter="cloudflare")
+        sc.deploy("bad", BAD_JS + "\n", adapter="cloudflare")
+        st = self.drive(sc, sc.start("bad", "x", drive=False)["id"])
+        stack = st["error"]["stack"]
+        for want in ("Error: boom x", "at helper (workflow bad v2:2:9)", "workflow bad v2:7:34",
+                     "at workflow (workflow bad v2:7:16)"):
+            self.assertIn(want, stack)
+        self.assertNotIn("worker.mjs", stack)
 
 
 class MakeTestSetsUpWhatItCan(TempHome):
