@@ -13,21 +13,27 @@ SKIP_FIXES = [
     ("node is not", "node", "install Node >= 18"),
     ("unshare", "PID namespaces", "run the suite as root"),
     ("C compiler", "a C compiler", "sudo apt-get install gcc"),
-    ("root can", "a user other than root", "run the suite as another user"),
-    ("a real `ty`", "no real ty on PATH", "run the suite without TaskYou's ty on PATH"),
 ]
 
 
 def skipped_line(skipped):
-    """'12 need miniflare (`make cf-tools`), 1 needs promtool (`...`)' for a run's skipped
-    tests (pairs of test and reason), grouped by what they need, most first."""
-    groups = {}
+    """'12 need miniflare (`make cf-tools`), 1 needs promtool (`...`), 3 do not apply here'
+    for a run's skipped tests (pairs of test and reason): those something can enable grouped
+    by what they need, most first, then those that never run here (Workers have no files,
+    root can write anywhere, ...)."""
+    groups, by_design = {}, 0
     for _, reason in skipped:
-        what, cmd = next(((w, c) for key, w, c in SKIP_FIXES if key in reason), (reason, None))
-        groups[what, cmd] = groups.get((what, cmd), 0) + 1
-    return ", ".join("%d %s %s%s" % (n, "needs" if n == 1 else "need", what,
-                                     " (`%s`)" % cmd if cmd else "")
-                     for (what, cmd), n in sorted(groups.items(), key=lambda g: -g[1]))
+        fix = next(((what, cmd) for key, what, cmd in SKIP_FIXES if key in reason), None)
+        if fix is None:
+            by_design += 1
+        else:
+            groups[fix] = groups.get(fix, 0) + 1
+    parts = ["%d %s %s (`%s`)" % (n, "needs" if n == 1 else "need", what, cmd)
+             for (what, cmd), n in sorted(groups.items(), key=lambda g: -g[1])]
+    if by_design:
+        parts.append("%d %s not apply here (see their reasons above)"
+                     % (by_design, "does" if by_design == 1 else "do"))
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":

@@ -370,7 +370,8 @@ class MakeTestSetsUpWhatItCan(TempHome):
         self.assertEqual(skipped_line(skips),
                          "3 need miniflare (`make cf-tools`), 2 need a Docker engine "
                          "(`sudo make docker-up`), 1 needs promtool "
-                         "(`sudo apt-get install prometheus`), 1 needs something else entirely")
+                         "(`sudo apt-get install prometheus`), 1 does not apply here (see their "
+                         "reasons above)")
 
 
 class ReadmeDetails(TempHome):
