@@ -3,8 +3,15 @@ PYTHON ?= python3
 
 .PHONY: test demo dist install bench lint clean docker-up docker-down cf-tools plugin-files
 
+# The whole suite. It sets up what it can without root first: miniflare for the cloudflare
+# tests (CI's copy in .ci/ if `make cf-tools` made one, else MINIFLARE_CACHE, outside the
+# checkout, installed from npm once). The run ends with a line naming what was skipped and
+# the command that enables it (a Docker engine: `sudo make docker-up`).
+MINIFLARE_VERSION ?= 4.20260426.0
+MINIFLARE_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ty-openworkflow/miniflare-$(MINIFLARE_VERSION)
 test:
-	$(PYTHON) -m tests
+	@mf=$$(bash .ci/miniflare.sh "$(MINIFLARE_VERSION)" "$(MINIFLARE_CACHE)") && \
+	echo "TYOW_MINIFLARE_DIR=$$mf $(PYTHON) -m tests" && TYOW_MINIFLARE_DIR="$$mf" $(PYTHON) -m tests
 
 demo:
 	PYTHON=$(PYTHON) bash examples/demo.sh
@@ -13,7 +20,7 @@ dist:
 	@mkdir -p dist
 	$(PYTHON) ty_openworkflow.py dist dist/ty_openworkflow.py
 
-# The single-file build as a command: $(PREFIX)/bin/ty-openworkflow, a three-line
+# The single-file build as a command: $(PREFIX)/bin/ty-openworkflow, a six-line
 # launcher that imports the build from $(PREFIX)/lib/ty-openworkflow, so Python
 # caches its bytecode and the command starts fast (the build itself also runs alone).
 PREFIX ?= $(HOME)/.local
@@ -43,8 +50,8 @@ docker-up:
 docker-down:
 	bash .ci/docker-engine.sh down
 
-# miniflare (a real Workers runtime, from npm) for the cloudflare tests, into .ci/.
-MINIFLARE_VERSION ?= 4.20260426.0
+# miniflare (a real Workers runtime, from npm) for the cloudflare tests, into .ci/ (CI's way;
+# `make test` alone installs it outside the checkout instead).
 cf-tools:
 	npm install --prefix .ci miniflare@$(MINIFLARE_VERSION) --no-save --no-audit --no-fund
 

@@ -300,9 +300,10 @@ _CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("m
 _CRON_NAMES = {
     3: {n: i + 1 for i, n in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())},
     4: {n: i for i, n in enumerate("sun mon tue wed thu fri sat".split())}}
-_CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
-                "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
-                "@hourly": "0 * * * *"}
+_CRON_MACROS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                "@weekly": "0 0 * * 0", "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *",
+                "@annually": "0 0 1 1 *"}
+CRON_MACRO_NAMES = tuple(_CRON_MACROS)  # what `schedule add --cron` help and the README list
 
 
 class Cron:
@@ -491,14 +492,32 @@ def parse_json_arg(text, what):
                          % (what, where, getattr(exc, "msg", exc)))
 
 
+def _digits(n, alphabet, width=0):
+    """``n`` written in the base of ``alphabet``, zero-padded to ``width``."""
+    out = ""
+    while n:
+        n, r = divmod(n, len(alphabet))
+        out = alphabet[r] + out
+    return out.rjust(width, alphabet[0])
+
+
 def new_id(prefix):
     """Time-sortable unique id: prefix, base36 ms timestamp, 8 random hex chars."""
-    n, digits = now_ms(), ""
-    alphabet = "0123456789abcdefghijklmnopqrstuvwxyz"
-    while n:
-        n, r = divmod(n, 36)
-        digits = alphabet[r] + digits
-    return "%s_%s%s" % (prefix, digits, os.urandom(4).hex())
+    return "%s_%s%s" % (prefix, _digits(now_ms(), "0123456789abcdefghijklmnopqrstuvwxyz"),
+                        os.urandom(4).hex())
+
+
+# A run id is "run_", 8 random characters, then its base36 ms time: its first RUN_SHORT_LEN
+# characters are its short form, which no other run of its store starts with (checked when the
+# run is made), however close in time runs start. (Ids made before were "run_<time><random>".)
+RUN_ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford's base32: no i, l, o, u
+RUN_SHORT_LEN = len("run_") + 8
+
+
+def new_run_id():
+    """A run id whose random part comes first (see RUN_SHORT_LEN)."""
+    random_part = _digits(int.from_bytes(os.urandom(5), "big"), RUN_ID_ALPHABET, 8)
+    return "run_%s%s" % (random_part, _digits(now_ms(), "0123456789abcdefghijklmnopqrstuvwxyz"))
 
 
 def sha256_hex(data):
@@ -1406,6 +1425,14 @@ SQL_WORKFLOWS = ("SELECT w.id, w.name, w.description, w.latest_version, w.create
                  "count(*) FROM runs r WHERE r.workflow_id = w.id) AS runs FROM workflows w JOIN "
                  "workflow_versions v ON v.workflow_id = w.id AND v.version = w.latest_version")
 SQL_RUN = "SELECT %s FROM runs WHERE id = ?" % _RUN_COLUMNS
+# Runs whose id starts with a prefix p, by the id's index: p <= id < p + "\x7f" (ids are ASCII).
+SQL_RUN_ID_TAKEN = "SELECT 1 FROM runs WHERE id >= ? AND id < ? LIMIT 1"
+SQL_RUNS_BY_PREFIX = ("SELECT %s FROM runs WHERE id >= ? AND id < ? ORDER BY id LIMIT 3"
+                      % _RUN_COLUMNS)
+# Each of some ids with the ids next to it in the index (the short form tells it from both).
+SQL_ID_NEIGHBOURS = ("WITH ids(id) AS (VALUES %s) SELECT ids.id AS id, (SELECT r.id FROM runs r "
+                     "WHERE r.id < ids.id ORDER BY r.id DESC LIMIT 1) AS before, (SELECT r.id "
+                     "FROM runs r WHERE r.id > ids.id ORDER BY r.id LIMIT 1) AS after FROM ids")
 # TaskYou approval waits to look at: steps.polled_at is set only on open waits with a task.
 SQL_APPROVALS_DUE = ("SELECT s.run_id, s.key, s.wait FROM steps s JOIN runs r ON r.id = s.run_id "
                      "WHERE s.polled_at IS NOT NULL AND s.polled_at <= ? AND s.status = 'waiting' "
@@ -1985,8 +2012,9 @@ class RunLedger(_StorePart):
     def create_run(self, run_id, workflow_id, version, input_json, now, task_requested=False,
                    task_title=None, deadline_at=None, idempotency_key=None, key=None, priority=0,
                    task_id=None):
-        """Store a new pending run; returns its id, or with ``idempotency_key`` the id of the
-        run that key already started (then nothing is created)."""
+        """Store a new pending run (``run_id`` None: a fresh id); returns (its id, True), or with
+        ``idempotency_key`` (the id of the run that key already started, False) and nothing is
+        created."""
         with self.store.transaction() as c:
             return self.add_run(c, run_id, workflow_id, version, input_json, now, task_requested,
                                 task_title, deadline_at, idempotency_key, key=key,
@@ -2007,7 +2035,8 @@ class RunLedger(_StorePart):
             row = c.execute("SELECT id FROM runs WHERE workflow_id = ? AND idempotency_key = ?",
                             (workflow_id, idempotency_key)).fetchone()
             if row:
-                return row[0]
+                return row[0], False
+        run_id = run_id or self.fresh_run_id(c)
         available_at, held_since = self.store.flow.entry(c, workflow_id, now, deadline_at)
         c.execute("INSERT INTO runs (id, workflow_id, version, status, input, available_at, "
                   "deadline_at, task_requested, task_title, created_at, updated_at, "
@@ -2020,7 +2049,17 @@ class RunLedger(_StorePart):
         self.count(c, "started", workflow_id)
         if task_requested:
             self.store.outbox.enqueue(c, run_id, "create", None, now)
-        return run_id
+        return run_id, True
+
+    @staticmethod
+    def fresh_run_id(c):
+        """A new run id whose short form no run of the store starts with (in transaction ``c``,
+        so two processes cannot both take it)."""
+        while True:
+            run_id = new_run_id()
+            short = run_id[:RUN_SHORT_LEN]
+            if not c.execute(SQL_RUN_ID_TAKEN, (short, short + "\x7f")).fetchone():
+                return run_id
 
     @staticmethod
     def count(c, name, workflow_id):
@@ -2139,13 +2178,14 @@ class RunLedger(_StorePart):
 
     def fork_run(self, run_id, new_run_id, now, from_step=None, version=None, input_json=None,
                  task_requested=False):
-        """A new pending run with the source's input (or ``input_json``) and a copy of its committed
-        history before ``from_step`` (everything committed by default); ``task_requested``: it
-        gets a TaskYou task of its own."""
+        """A new pending run (``new_run_id`` None: a fresh id) with the source's input (or
+        ``input_json``) and a copy of its committed history before ``from_step`` (everything
+        committed by default); ``task_requested``: it gets a TaskYou task of its own."""
         with self.store.transaction() as c:
             run = self.store.one(c, SQL_RUN, (run_id,))
             if run is None:
                 raise NotFound("no run %r; list runs with `ty-openworkflow list runs`" % run_id)
+            new_run_id = new_run_id or self.fresh_run_id(c)
             cutoff = None
             if from_step is not None:
                 row = c.execute("SELECT seq FROM steps WHERE run_id = ? AND key = ?",
@@ -3255,7 +3295,7 @@ class WaitLedger(_StorePart):
         wf = self.store.workflows.latest(c, spec["workflow_id"])
         if wf is None:
             return None
-        child_id = new_id("run")
+        child_id = self.store.runs.fresh_run_id(c)
         deadline_at = now + wf[1] if wf[1] else None
         available_at, held_since = self.store.flow.entry(c, spec["workflow_id"], now, deadline_at)
         key_, priority = spec.get("key"), spec.get("priority")
@@ -3694,13 +3734,12 @@ class ScheduleBook(_StorePart):
             log.warning("schedule %s: no workflow %r; the fire at %s is skipped", row["name"],
                         row["workflow_id"], format_time(fire))
             return None
-        run_id = new_id("run")
-        got = self.store.runs.add_run(
-            c, run_id, row["workflow_id"], wf[0], row["input"], now, task_requested=auto_task,
+        run_id, created = self.store.runs.add_run(
+            c, None, row["workflow_id"], wf[0], row["input"], now, task_requested=auto_task,
             task_title="Workflow: %s (schedule %s)" % (row["workflow_id"], row["name"]),
             deadline_at=now + wf[1] if wf[1] else None,
             idempotency_key="schedule:%s:%d" % (row["name"], fire), schedule_name=row["name"])
-        return got if got == run_id else None
+        return run_id if created else None
 
 
 class SchedulerRegistry:
@@ -3954,8 +3993,8 @@ class ReadModel(_StorePart):
         """A run by id or by a unique prefix of six characters or more (None if none)."""
         run = self.store.query_one(SQL_RUN, (run_id,))
         if run is None and run_id and len(run_id) >= 6:
-            matches = self.store.query("SELECT %s FROM runs WHERE id LIKE ? ESCAPE '\\' "
-                                       "LIMIT 3" % _RUN_COLUMNS, (_like_prefix(run_id),))
+            prefix = run_id.lower()  # ids are lower case
+            matches = self.store.query(SQL_RUNS_BY_PREFIX, (prefix, prefix + "\x7f"))
             if len(matches) == 1:
                 run = matches[0]
             elif matches:
@@ -3964,6 +4003,22 @@ class ReadModel(_StorePart):
                 raise NotFound("run id %r is ambiguous: it starts %s; give more of it"
                                % (run_id, starts))
         return run
+
+    def short_ids(self, run_ids):
+        """{run id: its short form}: its first RUN_SHORT_LEN characters, or as many more as it
+        takes to tell it from every other run's id (ids made before the random part came
+        first)."""
+        out = {}
+        run_ids = list(dict.fromkeys(run_ids))
+        for i in range(0, len(run_ids), 500):
+            batch = run_ids[i:i + 500]
+            sql = SQL_ID_NEIGHBOURS % ", ".join("(?)" for _ in batch)
+            for row in self.store.query(sql, batch):
+                run_id = row["id"]
+                n = max([RUN_SHORT_LEN] + [len(os.path.commonprefix([run_id, other])) + 1
+                                           for other in (row["before"], row["after"]) if other])
+                out[run_id] = run_id[:n]
+        return out
 
     def list_runs(self, workflow_id=None, status=None, limit=20):
         """Newest runs first, of a workflow or a status if given."""
@@ -4014,6 +4069,11 @@ class ReadModel(_StorePart):
         """How many runs have a pass holding a live lease (any scheduler)."""
         return self.store.query_one("SELECT count(*) AS n FROM runs WHERE status = 'running' "
                                     "AND lease_expires_at >= ?", (now,))["n"]
+
+    def next_run_due_at(self):
+        """When the next pending, sleeping or waiting run is due (None: none is)."""
+        return self.store.query_one("SELECT MIN(available_at) AS at FROM runs WHERE status IN "
+                                    "('pending', 'sleeping', 'waiting')")["at"]
 
     def pending_due(self, now, limit):
         """Ids of up to ``limit`` pending runs due at ``now``."""
@@ -4186,6 +4246,7 @@ class Store(Database):
     held_back = _verb("retention", Retention.held_back)
 
     get_run = _verb("reads", ReadModel.get_run)
+    short_ids = _verb("reads", ReadModel.short_ids)
     list_runs = _verb("reads", ReadModel.list_runs)
     runs_page = _verb("reads", ReadModel.runs_page)
     steps = _verb("reads", ReadModel.steps)
@@ -4199,6 +4260,7 @@ class Store(Database):
     outbox_backlog = _verb("reads", ReadModel.outbox_backlog)
     leases_held = _verb("reads", ReadModel.leases_held)
     pending_due = _verb("reads", ReadModel.pending_due)
+    next_run_due_at = _verb("reads", ReadModel.next_run_due_at)
 
 
 # ---------------------------------------------------------------------------
@@ -6120,14 +6182,17 @@ class WorkerScripts:
     # -- building: the module, its metadata, its name ----------------------------------
 
     def module_text(self, code):
-        """The uploaded ES module: the shared engine, the workflow code, the Worker glue."""
+        """The uploaded ES module: the shared engine, the workflow code, the Worker glue (told
+        which lines hold the code, so its stacks can name the workflow instead)."""
         src = runtime_source("node")
         start, end = src.index("// ---- engine: start"), src.index("// ---- engine: end ----")
-        return ("// Generated by ty-openworkflow %s: engine, workflow, glue.\n"
+        head = ("// Generated by ty-openworkflow %s: engine, workflow, glue.\n"
                 "const __tyow_engine = (() => {\n%s\nreturn { runPass, serializeError };\n})();\n"
-                "const __tyow_workflow = (() => {\n%s\n;return typeof workflow === \"function\" "
-                "? workflow : undefined;\n})();\n%s"
-                % (__version__, src[start:end], code, runtime_file(CLOUDFLARE_GLUE)))
+                "const __tyow_workflow = (() => {\n" % (__version__, src[start:end]))
+        first = head.count("\n") + 1
+        return ("%s%s\n;return typeof workflow === \"function\" ? workflow : undefined;\n})();\n"
+                "const __tyow_code_lines = [%d, %d];\n%s"
+                % (head, code, first, first + code.count("\n"), runtime_file(CLOUDFLARE_GLUE)))
 
     def metadata(self):
         """The upload's metadata: module, bindings, CPU limit and logs as configured."""
@@ -7242,8 +7307,10 @@ class Scheduler:
     it go on if the run is still ours, or kills it if another scheduler has it.
     """
 
-    def __init__(self, sidecar, kind="serve", concurrency=None, clock=None):
+    def __init__(self, sidecar, kind="serve", concurrency=None, clock=None, hand_over=False):
         self.sidecar = sidecar
+        # tick: runs due within runner_linger when it is done go to the background runner
+        self.hand_over = hand_over
         self.store = sidecar.store
         self.config = sidecar.config
         self.kind = kind
@@ -7542,6 +7609,8 @@ class Scheduler:
                 self.store.unregister_scheduler(self.id)
             if self.kind == "serve":
                 self._hand_over()
+            elif self.hand_over:
+                self._hand_over(self.config["runner_linger"])
         if self.kind != "tick":
             self.sidecar.bridge.abort()
         grace_s = self.config["shutdown_grace"] / 1000.0
@@ -7569,16 +7638,23 @@ class Scheduler:
             self.sock.close()
             self.sock = None
 
-    def _hand_over(self):
-        """After leaving the table: a run a `start` made while we left must not be stranded."""
+    def _hand_over(self, horizon_ms=None):
+        """After leaving the table: a run a `start` made while we left (serve), or one due
+        within ``horizon_ms`` (tick: a schedule's new run at a short sleep, a retry's backoff),
+        must not be stranded: a live scheduler is woken, or the background runner started."""
         try:
             now = self.clock()
             with self.lock:
                 held = set(self.active)
-            due = [run_id for run_id in self.store.pending_due(now, len(held) + 1)
-                   if run_id not in held]
-            if due or self.store.admission_due(now):
-                self.sidecar.ensure_driven()
+            if horizon_ms is None:
+                due = [run_id for run_id in self.store.pending_due(now, len(held) + 1)
+                       if run_id not in held] or self.store.admission_due(now)
+            else:  # (a held run's next admission counts as its due time)
+                next_due = self.store.next_due_at(now)
+                due = next_due is not None and next_due - now <= horizon_ms
+            if due:
+                pid = self.sidecar.ensure_driven()
+                self.stats["handed_over"] = "runner" if pid else "scheduler"
         except OpenWorkflowError as exc:
             log.warning("could not hand due runs over: %s", exc)
 
@@ -7774,6 +7850,14 @@ class _HttpService:
             self.httpd.server_close()
             self.httpd = None
 
+    def health(self):
+        """(HTTP status, document) of GET /healthz: one shape for the webhook and the dashboard."""
+        try:
+            self.sidecar.store.ping()
+        except Exception:
+            return 503, {"ok": False, "store": "unreachable", "version": __version__}
+        return 200, {"ok": True, "store": "ok", "version": __version__}
+
 
 class WebhookServer(_HttpService):
     """Serves POST <webhook.path> (signed callbacks) and GET /healthz, on its own threads."""
@@ -7904,11 +7988,7 @@ class _WebhookHandler:
         self._phase = "handling"
         path = self.path.split("?", 1)[0]
         if path == "/healthz":
-            try:
-                self.webhook.sidecar.store.ping()
-            except Exception:
-                return self._reply(503, {"ok": False, "store": "unreachable"})
-            return self._reply(200, {"ok": True, "store": "ok", "version": __version__})
+            return self._reply(*self.webhook.health())
         if path == self.webhook.path:
             return self._reject(405, "use POST for callbacks")
         return self._reject(404, "no such path; callbacks go to %s" % self.webhook.path)
@@ -9023,7 +9103,8 @@ class DashboardServer(_HttpService):
                 self._cache[key] = (time.monotonic(), value)
             return value
 
-    def start(self):
+    def start(self, announce=True):
+        """Listen; ``announce``: log the address (`dashboard` prints it itself instead)."""
         import http.server
         server = self
 
@@ -9033,7 +9114,8 @@ class DashboardServer(_HttpService):
 
         # Many pages opening at once must not wait out a dropped SYN (1 s): a long queue.
         self._listen(self._server_class("dashboard", queue_size=128), Handler, "dashboard")
-        log.info("dashboard on http://%s:%d/", self.host, self.port)
+        if announce:
+            log.info("dashboard on http://%s:%d/", self.host, self.port)
         return self
 
     # -- the JSON API (the page's, and anyone's) --------------------------------------
@@ -9048,7 +9130,9 @@ class DashboardServer(_HttpService):
             rows = sc.store.runs_page(query.get("workflow") or None, status, query.get("q") or None,
                                       query.get("before") or None, limit)
             notes = sc.store.queue_notes(rows, sc.clock())
-            return {"runs": [_run_row(r, notes.get(r["id"])) for r in rows],
+            short = sc.store.short_ids([r["id"] for r in rows])
+            return {"runs": [dict(_run_row(r, notes.get(r["id"])), short_id=short[r["id"]])
+                             for r in rows],
                     "next": ("%d:%s" % (rows[-1]["created_at"], rows[-1]["id"])
                              if len(rows) == limit else None)}
         if path.startswith("/api/runs/"):
@@ -9179,7 +9263,7 @@ class _DashboardHandler:
             if parts.path in ("/", "/index.html"):
                 return self._send(200, self.dashboard.page, "text/html; charset=utf-8")
             if parts.path == "/healthz":
-                return self._json(200, {"ok": True})
+                return self._json(*self.dashboard.health())
             board = self.dashboard
             if parts.path == "/metrics":
                 text = board.cached("metrics", lambda: render_metrics(board.sidecar))
@@ -9264,6 +9348,106 @@ def _undelivered_way_out(expiry_ms):
         later = "or set taskyou.outbox_expiry (e.g. 30d) to let them expire"
     return ("`prune --older-than AGE --drop-undelivered` drops those updates and prunes the runs; "
             + later)
+
+
+def runtime_by_name(filename):
+    """The runtime a code file's name says (.py: python, .js/.cjs: node), else None."""
+    ext = os.path.splitext(filename or "")[1].lower()
+    return {".py": "python", ".js": "node", ".cjs": "node"}.get(ext)
+
+
+def next_label(label, taken):
+    """The label after ``label`` that no version has yet: its last number one up (0.2.0 ->
+    0.2.1, v7 -> v8), else ``label.1``."""
+    while True:
+        m = re.match(r"^(.*?)(\d+)(\D*)$", label)
+        label = ("%s%s%s" % (m.group(1), str(int(m.group(2)) + 1).zfill(len(m.group(2))),
+                             m.group(3)) if m else label + ".1")
+        if label not in taken:
+            return label
+
+
+class Deployer:
+    """`deploy`: workflow code checked, planned against the workflow's latest version (what
+    carries over, what changes, what must be asked for) and stored as its newest version."""
+
+    def __init__(self, sidecar):
+        self.sidecar = sidecar
+
+    def deploy(self, workflow_id, code, adapter=None, runtime=None, version=None, name=None,
+               description=None, deadline=None, filename=None):
+        """Sidecar.deploy: the new version's document, with ``created`` and ``changes``."""
+        if not WORKFLOW_ID_RE.match(workflow_id or ""):
+            raise InputError("invalid workflow id %r; use letters, digits, '.', '_' or '-' "
+                             "(max 64)" % workflow_id)
+        if runtime is not None and runtime not in RUNTIMES:
+            raise InputError("unknown runtime %r; choose node or python" % runtime)
+        if version is not None and not str(version).strip():
+            raise InputError("--version must not be empty")
+        deadline_ms = None
+        if deadline is not None:
+            try:
+                deadline_ms = parse_duration(deadline)
+            except ValueError as exc:
+                raise InputError("--deadline: %s" % exc)
+        sc = self.sidecar
+        # A store not made yet holds no workflow: none is made before the code is checked.
+        made = os.path.exists(os.path.join(sc.config.data_dir, DB_FILE))
+        runtime, adapter, label, changes = self.plan(
+            sc.store if made else None, workflow_id, code, runtime, adapter,
+            None if version is None else str(version), filename, deadline_ms)
+        impl = sc.adapter(adapter)
+        impl.check(runtime)
+        impl.validate(runtime, code)
+        impl.deploy(workflow_id, code, runtime)
+        row, created = sc.store.save_version(workflow_id, code, runtime, adapter, label, name,
+                                             description, sc.clock(), deadline_ms)
+        try:  # the TaskYou plugin's start- actions follow the workflows
+            sc.plugin.sync()
+        except (OSError, OpenWorkflowError) as exc:
+            log.warning("could not update the TaskYou plugin's actions: %s", exc)
+        return {"workflow_id": workflow_id, "version": row["version"], "label": row["label"],
+                "runtime": runtime, "adapter": adapter, "code_hash": row["code_hash"],
+                "created": created, "changes": changes if created else []}
+
+    def plan(self, store, workflow_id, code, runtime, adapter, label, filename, deadline_ms):
+        """(runtime, adapter, label, changes) of deploying ``code`` over the workflow's latest
+        version in ``store`` (None: no store yet). The runtime, adapter and label carry over
+        unless given; new code gets the next label; a runtime switch must be asked for, and a
+        label names one code. ``changes``: what differs from the latest version."""
+        guess = runtime_by_name(filename)
+        current = store.get_workflow(workflow_id, counts=False) if store is not None else None
+        if current is None:
+            return (runtime or guess or "node",
+                    adapter or self.sidecar.config["default_adapter"], label or "1.0.0", [])
+        latest = store.get_version(workflow_id, current["latest_version"])
+        if runtime is None and guess not in (None, latest["runtime"]):
+            raise InputError("%s runs on %s and %s is %s by its name; deploy it with --runtime "
+                             "%s to switch the workflow's runtime (runs in flight keep theirs); "
+                             "nothing was deployed"
+                             % (workflow_id, latest["runtime"], filename, guess, guess))
+        runtime, adapter = runtime or latest["runtime"], adapter or latest["adapter"]
+        code_changed = code != latest["code"]
+        versions = store.versions(workflow_id)
+        taken = {v["label"] for v in versions}
+        # A label names one code: new code gets the next label, and a label given for other
+        # code than the versions that have it is refused (deploying the latest again is a no-op).
+        check = label is not None and (code_changed or label != latest["label"])
+        if label is None:
+            label = next_label(latest["label"], taken) if code_changed else latest["label"]
+        for v in versions if check else ():
+            if v["label"] == label and store.get_version(workflow_id,
+                                                         v["version"])["code"] != code:
+                raise InputError("version label %s is version %d of %s, with other code; give "
+                                 "another --version, or leave it out to get %s; nothing was "
+                                 "deployed" % (label, v["version"], workflow_id,
+                                               next_label(latest["label"], taken)))
+        changes = [{"what": what, "from": old, "to": new} for what, old, new in (
+            ("code", None, None), ("runtime", latest["runtime"], runtime),
+            ("adapter", latest["adapter"], adapter), ("label", latest["label"], label),
+            ("deadline", latest["deadline_ms"], deadline_ms))
+            if old != new or (what == "code" and code_changed)]
+        return runtime, adapter, label, changes
 
 
 def _check_idempotency_key(key):
@@ -9630,39 +9814,12 @@ class Sidecar:
 
     # -- workflows ------------------------------------------------------------
 
-    def deploy(self, workflow_id, code, adapter=None, runtime="node", version=None, name=None,
-               description=None, deadline=None):
-        """Store ``code`` as the workflow's newest version (a no-op if unchanged)."""
-        if not WORKFLOW_ID_RE.match(workflow_id or ""):
-            raise InputError("invalid workflow id %r; use letters, digits, '.', '_' or '-' "
-                             "(max 64)" % workflow_id)
-        if runtime not in RUNTIMES:
-            raise InputError("unknown runtime %r; choose node or python" % runtime)
-        adapter = adapter or self.config["default_adapter"]
-        impl = self.adapter(adapter)
-        if version is not None and not str(version).strip():
-            raise InputError("--version must not be empty")
-        deadline_ms = None
-        if deadline is not None:
-            try:
-                deadline_ms = parse_duration(deadline)
-            except ValueError as exc:
-                raise InputError("--deadline: %s" % exc)
-        impl.check(runtime)
-        impl.validate(runtime, code)
-        impl.deploy(workflow_id, code, runtime)
-        if version is None:  # keep the label the workflow has; 1.0.0 for a new one
-            current = self.store.get_workflow(workflow_id)
-            version = current["label"] if current else "1.0.0"
-        row, created = self.store.save_version(workflow_id, code, runtime, adapter, str(version),
-                                               name, description, self.clock(), deadline_ms)
-        try:  # the TaskYou plugin's start- actions follow the workflows
-            self.plugin.sync()
-        except (OSError, OpenWorkflowError) as exc:
-            log.warning("could not update the TaskYou plugin's actions: %s", exc)
-        return {"workflow_id": workflow_id, "version": row["version"], "label": row["label"],
-                "runtime": runtime, "adapter": adapter, "code_hash": row["code_hash"],
-                "created": created}
+    def deploy(self, workflow_id, code, adapter=None, runtime=None, version=None, name=None,
+               description=None, deadline=None, filename=None):
+        """Store ``code`` as the workflow's newest version (a no-op if unchanged); ``changes``
+        in the result says what differs from its latest version (see Deployer)."""
+        return Deployer(self).deploy(workflow_id, code, adapter, runtime, version, name,
+                                     description, deadline, filename)
 
     def workflow(self, workflow_id, counts=True):
         """The workflow with its latest version (``counts``: and how many runs it has, which
@@ -9704,15 +9861,13 @@ class Sidecar:
                 raise InputError("--deadline: %s" % exc)
         task_requested = task_id is None and bool(
             create_task or task_title or self.config["taskyou.auto_create_tasks"])
-        run_id = new_id("run")
-        got = self.store.create_run(run_id, workflow_id, wf["latest_version"], input_json, now,
-                                    task_requested=task_requested,
-                                    task_title=task_title or ("Workflow: %s" % workflow_id),
-                                    deadline_at=deadline_at,
-                                    idempotency_key=idempotency_key, key=key,
-                                    priority=priority or 0, task_id=task_id)
-        if got != run_id:
-            return dict(self.status(got), existing=True)
+        run_id, created = self.store.create_run(
+            None, workflow_id, wf["latest_version"], input_json, now,
+            task_requested=task_requested, task_title=task_title or ("Workflow: %s" % workflow_id),
+            deadline_at=deadline_at, idempotency_key=idempotency_key, key=key,
+            priority=priority or 0, task_id=task_id)
+        if not created:
+            return dict(self.status(run_id), existing=True)
         if drive:
             self.ensure_driven()
         out = self._status(run_id)
@@ -9752,6 +9907,7 @@ class Sidecar:
     def _status(self, run_id):
         run = self.run(run_id)
         out = self.store.run_document(run)
+        out["short_id"] = self.store.short_ids([run["id"]])[run["id"]]
         out["task"] = self.bridge.task_state(run)
         out["queued"] = self.store.why_held(run, self.clock())
         if self.config["dashboard.enabled"]:  # the run's page, for `status` to point at
@@ -9767,10 +9923,13 @@ class Sidecar:
                              % (status, ", ".join(RUN_STATUSES)))
         if limit is not None and not 1 <= limit <= 100000:
             raise InputError("--limit must be between 1 and 100000")
+        if workflow_id:
+            self.workflow(workflow_id, counts=False)  # an unknown one is said, not "no runs"
         runs = self.store.list_runs(workflow_id, status, limit)
         notes = self.store.queue_notes(runs, self.clock())  # why a held run waits
+        short = self.store.short_ids([r["id"] for r in runs])
         self.store.sync_shown()
-        return [dict(r, queued=notes.get(r["id"])) for r in runs]
+        return [dict(r, queued=notes.get(r["id"]), short_id=short[r["id"]]) for r in runs]
 
     def cancel(self, run_id):
         """Cancel a run; a pass in flight is stopped by the scheduler that runs it."""
@@ -9853,7 +10012,7 @@ class Sidecar:
         input_json = None if input is _NO_INPUT else self._input_json(input)
         # A fork is a run of its own: it gets a task as `start` would give it one.
         task_requested = bool(run["task_requested"] or self.config["taskyou.auto_create_tasks"])
-        new_run_id = self.store.fork_run(run["id"], new_id("run"), self.clock(), from_step, version,
+        new_run_id = self.store.fork_run(run["id"], None, self.clock(), from_step, version,
                                          input_json, task_requested=task_requested)
         if drive:
             self.ensure_driven()
@@ -9906,12 +10065,13 @@ class Sidecar:
         """Start a detached `runner` process that drives due runs, then exits when idle."""
         return self.runners.spawn()
 
-    def scheduler(self, kind="serve", concurrency=None):
-        return Scheduler(self, kind=kind, concurrency=concurrency)
+    def scheduler(self, kind="serve", concurrency=None, hand_over=False):
+        return Scheduler(self, kind=kind, concurrency=concurrency, hand_over=hand_over)
 
-    def tick(self, concurrency=None):
-        """Run every pass that is due now, then return."""
-        return self.scheduler("tick", concurrency).loop()
+    def tick(self, concurrency=None, hand_over=False):
+        """Run every pass that is due now, then return; ``hand_over`` (the `tick` command): runs
+        due within runner_linger are then left to a live scheduler or the background runner."""
+        return self.scheduler("tick", concurrency, hand_over).loop()
 
     def serve(self, stop_event=None, concurrency=None, scheduler=None):
         """Drive runs (and the webhook, if enabled) until ``stop_event`` is set or
@@ -9989,6 +10149,11 @@ def _print_json(value):
 
 
 
+def _count(n, noun, plural=None):
+    """``n`` and the noun in its number: 1 signal, 2 signals, 0 log entries."""
+    return "%d %s" % (n, noun if n == 1 else plural or noun + "s")
+
+
 def _table(rows, headers):
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
@@ -10037,19 +10202,33 @@ def cmd_init(api, args):
 
 def cmd_deploy(api, args):
     code = _read_code(args)
-    runtime = args.runtime or ("python" if (args.file or "").endswith(".py") else "node")
-    res = api.deploy(args.workflow_id, code, adapter=args.adapter, runtime=runtime,
+    res = api.deploy(args.workflow_id, code, adapter=args.adapter, runtime=args.runtime,
                      version=args.version, name=args.name, description=args.description,
-                     deadline=args.deadline)
+                     deadline=args.deadline, filename=args.file if args.file != "-" else None)
     if args.json:
         _print_json(res)
     elif res["created"]:
         print("deployed %s version %d (%s, %s, %s)"
               % (res["workflow_id"], res["version"], res["label"], res["runtime"], res["adapter"]))
+        for change in res["changes"]:
+            print("  " + _describe_change(change, args.version is None))
     else:
         print("%s is unchanged (version %d, %s)"
               % (res["workflow_id"], res["version"], res["label"]))
     return 0
+
+
+def _describe_change(change, label_chosen_for_you):
+    """One line of what a deploy changed against the workflow's latest version."""
+    what, old, new = change["what"], change["from"], change["to"]
+    if what == "code":
+        return "code      changed"
+    if what == "deadline":
+        old, new = (format_duration(v) if v else "none" for v in (old, new))
+    note = {"runtime": " (runs in flight keep %s)" % old,
+            "label": " (new code, next label; --version LABEL picks one)"
+            if label_chosen_for_you else ""}.get(what, "")
+    return "%-9s %s -> %s%s" % (what, old, new, note)
 
 
 def _read_input(args, default=None):
@@ -10278,7 +10457,8 @@ def cmd_list(api, args):
         return 0
     rows = api.list_runs(args.workflow, args.status, args.limit)
     if args.json:
-        _print_json([{"id": r["id"], "workflow_id": r["workflow_id"], "version": r["version"],
+        _print_json([{"id": r["id"], "short_id": r["short_id"], "workflow_id": r["workflow_id"],
+                      "version": r["version"],
                       "status": r["status"], "created_at": r["created_at"],
                       "finished_at": r["finished_at"], "task_id": r["task_id"],
                       "schedule": r["schedule_name"],
@@ -10286,7 +10466,7 @@ def cmd_list(api, args):
     elif not rows:
         print("no runs")
     else:
-        _table([(r["id"], r["workflow_id"], r["version"],
+        _table([(r["short_id"], r["workflow_id"], r["version"],
                  "%s (%s)" % (r["status"], r["queued"]["short"]) if r["queued"] else r["status"],
                  format_time(r["created_at"]),
                  "#%s" % r["task_id"] if r["task_id"] else
@@ -10311,22 +10491,23 @@ def cmd_prune(api, args):
         print("nothing to prune: no %s run ended more than %s ago (with its task updates delivered)"
               % ("/".join(res["statuses"]), format_duration(res["older_than_ms"])))
     else:
-        print("%s %d run%s (%d steps, %d events, %d log entries, %d task updates, %d signals)" % (
-            "would remove" if res["dry_run"] else "removed", c["runs"],
-            "" if c["runs"] == 1 else "s", c["steps"], c["run_events"], c["run_logs"], c["outbox"],
-            c["signals"]))
+        print("%s %s (%s)" % (
+            "would remove" if res["dry_run"] else "removed", _count(c["runs"], "run"),
+            ", ".join((_count(c["steps"], "step"), _count(c["run_events"], "event"),
+                       _count(c["run_logs"], "log entry", "log entries"),
+                       _count(c["outbox"], "task update"), _count(c["signals"], "signal")))))
     if res["dropped_task_updates"]:
-        n = res["dropped_task_updates"]
         why = "--drop-undelivered" if args.drop_undelivered else \
             "older than taskyou.outbox_expiry, %s" % format_duration(res["outbox_expiry_ms"])
-        print("%s %d task update%s that never reached TaskYou (%s)" % (
-            "would drop" if res["dry_run"] else "dropped", n, "" if n == 1 else "s", why))
+        print("%s %s that never reached TaskYou (%s)" % (
+            "would drop" if res["dry_run"] else "dropped",
+            _count(res["dropped_task_updates"], "task update"), why))
     if res["kept_undelivered"]:
-        print("kept %d old run%s whose TaskYou updates are not delivered yet (see `status`); %s"
-              % (res["kept_undelivered"], "" if res["kept_undelivered"] == 1 else "s",
+        print("kept %s whose TaskYou updates are not delivered yet (see `status`); %s"
+              % (_count(res["kept_undelivered"], "old run"),
                  _undelivered_way_out(res["outbox_expiry_ms"])))
     if "vacuum_bytes" in res:
-        print("vacuum gave back %d bytes" % res["vacuum_bytes"])
+        print("vacuum gave back %s" % _count(res["vacuum_bytes"], "byte"))
     return 0
 
 
@@ -10345,9 +10526,6 @@ def cmd_schedule(api, args):
                    ("name", "workflow", "cron", "tz", "next fire (local)", "last fire (local)",
                     "last run"))
         return 0
-    if not args.target:
-        raise InputError("schedule %s needs a %s"
-                         % (args.action, "workflow id" if args.action == "add" else "NAME"))
     if args.action == "add":
         if not args.cron:
             raise InputError("schedule add needs --cron \"EXPR\" "
@@ -10492,11 +10670,15 @@ def _setup_logging(verbose, quiet=False):
 
 def cmd_tick(api, args):
     _setup_logging(args.verbose, quiet=True)
-    stats = api.tick(concurrency=args.concurrency)
+    stats = api.tick(concurrency=args.concurrency, hand_over=True)
     if args.json:
         _print_json(stats)
     else:
-        print("tick: %d pass%s" % (stats["passes"], "" if stats["passes"] == 1 else "es"))
+        print("tick: %s%s" % (_count(stats["passes"], "pass", "passes"), {
+            "runner": "; runs due within %s are left to the background runner it started"
+                      % format_duration(api.config["runner_linger"]),
+            "scheduler": "; runs due soon are left to the scheduler that is running"}.get(
+                stats.get("handed_over"), "")))
     return 0
 
 
@@ -10559,7 +10741,7 @@ def cmd_plugin(api, args):
 def cmd_dashboard(api, args):
     """Serve the dashboard, its API and /metrics alone (no scheduler) until SIGTERM/SIGINT."""
     _setup_logging(args.verbose)
-    board = api.dashboard(port=args.port).start()
+    board = api.dashboard(port=args.port).start(announce=False)  # said once, below
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
@@ -10611,15 +10793,25 @@ def cmd_dist(api, args):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line that says where to look."""
+    """argparse, but a usage error is one line that says where to look (the subcommand's own
+    --help), and an unknown command is told the public commands only."""
 
     def error(self, message):
+        bad = re.match(r"argument COMMAND: invalid choice: '?([^' ]*)'?", message)
+        if bad:
+            import difflib
+            near = difflib.get_close_matches(bad.group(1), PUBLIC_COMMANDS, 1, 0.7)
+            message = "unknown command %r%s; the commands are %s" % (
+                bad.group(1), " (did you mean %s?)" % near[0] if near else "",
+                ", ".join(PUBLIC_COMMANDS))
         self.exit(2, "%s: %s; see `%s --help`\n" % (self.prog, message, self.prog))
 
 
 COMMANDS = ("init", "deploy", "start", "status", "list", "limits", "cancel", "signal", "retry",
             "fork", "logs", "adapters", "tick", "serve", "sign", "schedule", "prune", "dashboard",
             "runner", "dist", "plugin")
+INTERNAL_COMMANDS = ("runner", "dist")  # the background runner, the single-file build
+PUBLIC_COMMANDS = tuple(c for c in COMMANDS if c not in INTERNAL_COMMANDS)
 
 
 class _Unbuilt:
@@ -10654,10 +10846,45 @@ def _plugin_commands(sp):
                          "plugins dir (again: update it)")
     ip.add_argument("--dir", help="the plugins dir (default: $TY_PLUGINS_DIR, else what `ty "
                     "plugins dir` prints, else ~/.config/task/plugins)")
+    ip.set_defaults(usage_parser=ip)
     # What the plugin's scripts run (TaskYou gives them the task in TASK_* variables).
     psub.add_parser("hook")
     ap = psub.add_parser("action")
     ap.add_argument("action")
+
+
+def _schedule_commands(sp):
+    """`schedule add|list|rm|pause|resume`: each action takes only its own options."""
+    ssub = sp.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    ssub.required = True
+
+    def action(name, help_):
+        ap = ssub.add_parser(name, help=help_, description=help_)
+        ap.set_defaults(usage_parser=ap)
+        return ap
+
+    ap = action("add", "start a run of WORKFLOW on every fire of a cron expression")
+    ap.add_argument("target", metavar="WORKFLOW", help="the workflow id")
+    ap.add_argument("--cron", metavar="EXPR",
+                    help='five fields ("*/5 * * * *": minute hour day-of-month month '
+                         'day-of-week) or one of %s' % ", ".join(CRON_MACRO_NAMES))
+    ap.add_argument("-i", "--input", help="input JSON for each run (default: null)")
+    ap.add_argument("--input-file", help="input JSON file for each run")
+    ap.add_argument("--name", help="the schedule's name (default: the workflow id)")
+    ap.add_argument("--tz", metavar="ZONE",
+                    help="time zone of the cron fields, like Europe/Paris (default: local)")
+    ap.add_argument("--catch-up", default="latest", choices=("latest", "all", "none"),
+                    help="after downtime: run the latest missed fire (default), all of them, "
+                         "or none")
+    ap.add_argument("--json", action="store_true", help="output as JSON")
+    ap = action("list", "list the schedules with their next fire")
+    ap.add_argument("--json", action="store_true", help="output as JSON")
+    for name, help_ in (("rm", "remove a schedule (its runs stay)"),
+                        ("pause", "pause a schedule: it fires no more until resumed"),
+                        ("resume", "resume a paused schedule (missed fires are not run)")):
+        ap = action(name, help_)
+        ap.add_argument("target", metavar="NAME", help="the schedule's name")
+        ap.add_argument("--json", action="store_true", help="output as JSON")
 
 
 def build_parser(only=None):
@@ -10676,7 +10903,7 @@ def build_parser(only=None):
             return _Unbuilt()
         sp = sub.add_parser(name, help=help_, description=help_,
                             formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
-        sp.set_defaults(func=func)
+        sp.set_defaults(func=func, usage_parser=sp)
         sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sp
 
@@ -10690,21 +10917,24 @@ def build_parser(only=None):
     sp.add_argument("-f", "--file",
                     help="workflow code file, or - for stdin (default: stdin when piped)")
     sp.add_argument("-a", "--adapter", choices=ADAPTER_NAMES,
-                    help="compute adapter (default: default_adapter)")
+                    help="compute adapter (default: the workflow's current one; default_adapter "
+                         "for a new workflow)")
     sp.add_argument("--name", help="workflow name")
     sp.add_argument("--description", help="workflow description")
     sp.add_argument("--version", help="workflow version label (default: the current one, "
-                                      "1.0.0 for a new workflow)")
+                                      "the next one when the code changed, 1.0.0 for a new "
+                                      "workflow); one label names one code")
     sp.add_argument("--runtime", choices=sorted(RUNTIMES),
-                    help="runtime (default: python for a .py file, else node)")
+                    help="runtime (default: the workflow's current one; for a new workflow "
+                         "python for a .py file, else node); give it to switch runtimes")
     sp.add_argument("--deadline",
                     help="default deadline for its runs (e.g. 1h); `start --deadline` overrides")
     sp.add_argument("--json", action="store_true", help="output as JSON")
 
     sp = cmd("start", cmd_start, "start a workflow run")
     sp.add_argument("workflow_id")
-    sp.add_argument("-i", "--input", help="input JSON")
-    sp.add_argument("--input-file", help="input JSON file")
+    sp.add_argument("-i", "--input", help="input JSON (default: null)")
+    sp.add_argument("--input-file", help="input JSON file (default: none, the input is null)")
     sp.add_argument("-t", "--task", help="task title (creates a linked task)")
     sp.add_argument("--create-task", action="store_true", help="create a linked task")
     sp.add_argument("--deadline",
@@ -10767,19 +10997,8 @@ def build_parser(only=None):
 
     sp = cmd("schedule", cmd_schedule,
              "start runs on a cron schedule: add, list, rm, pause, resume")
-    sp.add_argument("action", choices=("add", "list", "rm", "pause", "resume"))
-    sp.add_argument("target", nargs="?", help="the workflow id (add) or the schedule's NAME")
-    sp.add_argument("--cron", metavar="EXPR",
-                    help='five-field cron ("*/5 * * * *") or @hourly/@daily/@weekly/@monthly')
-    sp.add_argument("-i", "--input", help="input JSON for each run")
-    sp.add_argument("--input-file", help="input JSON file for each run")
-    sp.add_argument("--name", help="the schedule's name (default: the workflow id)")
-    sp.add_argument("--tz", metavar="ZONE",
-                    help="time zone of the cron fields, like Europe/Paris (default: local)")
-    sp.add_argument("--catch-up", default="latest", choices=("latest", "all", "none"),
-                    help="after downtime: run the latest missed fire (default), all of them, "
-                         "or none")
-    sp.add_argument("--json", action="store_true", help="output as JSON")
+    if only in (None, "schedule"):
+        _schedule_commands(sp)
 
     sp = cmd("signal", cmd_signal,
              "send a signal (with JSON data) to a run; kept until the run waits for it")
@@ -10861,7 +11080,10 @@ def main(argv=None):
     only = _command_in(argv)
     parser = build_parser(only if only in COMMANDS else None)
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the (sub)command they were given to, with its own --help
+            getattr(args, "usage_parser", parser).error(
+                "unrecognized arguments: %s" % " ".join(unknown))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     if getattr(args, "concurrency", None) is not None and args.concurrency < 1:

@@ -66,6 +66,26 @@ function reply(status, message) {
 
 const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// `stack` as the user knows the code: frames in the workflow's lines of this module
+// (__tyow_code_lines, set by the sidecar above this glue) named "workflow ID vN:LINE:COL" with
+// lines as deployed, and, once there are some, the engine's and this glue's frames left out.
+function userStack(stack, doc) {
+  if (typeof __tyow_code_lines === "undefined" || !stack) return stack;
+  const [first, last] = __tyow_code_lines;
+  const label = `workflow ${doc.workflow_id} v${doc.version}`;
+  const where = /([^\s()]*worker\.mjs):(\d+):(\d+)/;
+  let theirs = false;
+  const frames = stack.split("\n").map((text) => {
+    const m = /^\s+at /.test(text) && text.match(where);
+    if (!m) return { text, own: false };
+    const line = Number(m[2]);
+    if (line < first || line > last) return { text, own: true };
+    theirs = true;
+    return { text: text.replace(where, `${label}:${line - first + 1}:${m[3]}`), own: false };
+  });
+  return frames.filter((f) => !(theirs && f.own)).map((f) => f.text).join("\n");
+}
+
 // The KV copy of one pass's events: ordered, contiguous, one write in flight at a time, within
 // the invocation's budget of KV operations.
 class KvMirror {
@@ -262,6 +282,7 @@ export default {
     const sink = (ev) => {
       seq += 1;
       ev.seq = seq;
+      if (ev.error && ev.error.stack) ev.error.stack = userStack(ev.error.stack, doc);
       const line = JSON.stringify(ev);
       send("\n" + line + "\n");
       mirror.add(seq, line);

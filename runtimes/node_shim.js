@@ -74,7 +74,7 @@ function serializeError(err) {
     return {
       message: String(err.message),
       name: String(err.name || "Error"),
-      stack: err.stack ? String(err.stack) : null,
+      stack: err.stack ? userStack(String(err.stack)) : null,
     };
   }
   let message;
@@ -84,6 +84,20 @@ function serializeError(err) {
     message = String(err);
   }
   return { message: String(message), name: "NonErrorThrown", stack: null };
+}
+
+// The shim's own file, where there is one (set outside the engine; the Worker has none).
+let ownFile = null;
+
+// `stack` without the shim's own frames once the workflow's are there (a failure of the
+// shim itself keeps them all).
+function userStack(stack) {
+  if (!ownFile) return stack;
+  const lines = stack.split("\n");
+  const frame = (ln) => /^\s+at /.test(ln);
+  const own = (ln) => frame(ln) && ln.includes(ownFile);
+  if (!lines.some((ln) => frame(ln) && !own(ln) && !/[( ]node:/.test(ln))) return stack;
+  return lines.filter((ln) => !own(ln)).join("\n");
 }
 
 // ---- durations ----
@@ -599,14 +613,27 @@ async function runPass(doc, workflow, sink, AsyncLocalStorageClass, control) {
 
 // ---- loading a workflow ----
 
-function loadWorkflow(file) {
+// Tracebacks name the workflow and its version ("workflow hello v2", line numbers as in the
+// code deployed), not the file the sidecar wrote the code to.
+
+ownFile = __filename;
+
+// What a traceback calls the pass's workflow code, or null if the document does not say.
+function workflowLabel(doc) {
+  if (doc.workflow_id && doc.version !== undefined && doc.version !== null) {
+    return `workflow ${doc.workflow_id} v${doc.version}`;
+  }
+  return null;
+}
+
+function loadWorkflow(file, label) {
   const code = fs.readFileSync(file, "utf8");
   const mod = { exports: {} };
   const fn = vm.compileFunction(
     code + "\n;return (typeof workflow === 'function') ? workflow : (module.exports && " +
       "(module.exports.workflow || module.exports.default || module.exports));",
     ["require", "module", "exports", "__filename", "__dirname"],
-    { filename: file }
+    { filename: label || file }
   );
   const wf = fn(require, mod, mod.exports, file, path.dirname(file));
   if (typeof wf !== "function") {
@@ -705,7 +732,8 @@ function main() {
       process.exit(2);
     }
     try {
-      await runPass(doc, loadWorkflow(workflowFile), writeEvent, AsyncLocalStorage);
+      await runPass(doc, loadWorkflow(workflowFile, workflowLabel(doc)), writeEvent,
+                    AsyncLocalStorage);
     } catch (err) {
       writeEvent({ type: "failed", pass: doc.pass_id, at: Date.now(),
                    error: serializeError(err) });
@@ -730,7 +758,7 @@ function workerMain() {
   const util = require("util");
   const passCtx = new AsyncLocalStorage();
   const live = new Map(); // pass id -> { canceled, inflight }
-  const loaded = new Map(); // workflow file -> workflow function
+  const loaded = new Map(); // workflow file and label -> workflow function
   const errWrite = process.stderr.write.bind(process.stderr);
 
   // What a pass prints goes to its own log; anything else to the worker's stderr.
@@ -793,10 +821,11 @@ function workerMain() {
       if (doc.protocol !== PROTOCOL) {
         throw new Error(unsupportedProtocol(doc.protocol));
       }
-      let wf = loaded.get(msg.code);
+      const label = workflowLabel(doc);
+      let wf = loaded.get(`${msg.code}\0${label}`);
       if (!wf) {
-        wf = loadWorkflow(msg.code);
-        loaded.set(msg.code, wf);
+        wf = loadWorkflow(msg.code, label);
+        loaded.set(`${msg.code}\0${label}`, wf);
       }
       await passCtx.run(id, () => runPass(doc, wf, sink, AsyncLocalStorage, state.control));
     } catch (err) {

@@ -12,6 +12,7 @@ The sections, their banners and their names follow runtimes/node_shim.js part fo
 part (snake_case here for its camelCase): a change to one is mirrored in the other.
 """
 import json
+import linecache
 import os
 import re
 import sys
@@ -136,8 +137,25 @@ def serialize_error(exc):
     return {
         "message": message or type(exc).__name__,
         "name": type(exc).__name__,
-        "stack": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "stack": user_stack(exc),
     }
+
+
+def user_stack(exc):
+    """The traceback of ``exc`` without this shim's own frames once the workflow's are there
+    (a failure of the shim itself keeps them all)."""
+    top = traceback.TracebackException(type(exc), exc, exc.__traceback__)
+    todo, seen = [top], set()
+    while todo:
+        te = todo.pop()
+        if te is None or id(te) in seen:
+            continue
+        seen.add(id(te))
+        frames = [f for f in te.stack if f.filename != __file__]
+        if frames and len(frames) < len(te.stack):
+            te.stack = traceback.StackSummary.from_list(frames)
+        todo += [te.__cause__, te.__context__]
+    return "".join(top.format())
 
 
 # ---- durations ----
@@ -528,12 +546,24 @@ def run_pass(doc, workflow_of, write, control=None):
 
 # ---- loading a workflow ----
 
+# Tracebacks name the workflow and its version ("workflow hello v2", line numbers as in the
+# code deployed), not the file the sidecar wrote the code to.
 
-def load_workflow(path):
+
+def workflow_label(doc):
+    """What a traceback calls the pass's workflow code, or None if the document does not say."""
+    if doc.get("workflow_id") and doc.get("version") is not None:
+        return "workflow %s v%s" % (doc["workflow_id"], doc["version"])
+    return None
+
+
+def load_workflow(path, label=None):
     with open(path, encoding="utf-8") as f:
         source = f.read()
+    if label:  # the traceback shows the source lines under the name it gives them
+        linecache.cache[label] = (len(source), None, source.splitlines(True), label)
     namespace = {"__name__": "__workflow__", "__file__": path}
-    exec(compile(source, path, "exec"), namespace)
+    exec(compile(source, label or path, "exec"), namespace)
     fn = namespace.get("workflow")
     if not callable(fn):
         raise TypeError("the workflow code defines no function named `workflow`")
@@ -601,7 +631,7 @@ def main(argv):
     # The sidecar keeps stdin open for the whole pass: end-of-file means it is
     # gone, so an orphaned pass stops instead of running further steps.
     threading.Thread(target=_exit_on_eof, daemon=True).start()
-    run_pass(doc, lambda: load_workflow(argv[1]), write)
+    run_pass(doc, lambda: load_workflow(argv[1], workflow_label(doc)), write)
     return 0
 
 
@@ -710,7 +740,7 @@ class Worker:
         self.lock = threading.Lock()
         self.local = threading.local()
         self.live = {}  # pass id -> {"canceled", "inflight"}
-        self.loaded = {}  # workflow file -> workflow function
+        self.loaded = {}  # (workflow file, label) -> workflow function
 
     def send(self, ev):
         self.write("\n" + json.dumps(ev, ensure_ascii=False) + "\n")
@@ -735,13 +765,13 @@ class Worker:
             os.write(2, b"ty-openworkflow worker: MemoryError (a pass ran out of memory)\n")
             os._exit(1)
 
-    def workflow(self, path):
+    def workflow(self, path, label):
         with self.lock:
-            fn = self.loaded.get(path)
+            fn = self.loaded.get((path, label))
         if fn is None:
-            fn = load_workflow(path)
+            fn = load_workflow(path, label)
             with self.lock:
-                self.loaded[path] = fn
+                self.loaded[(path, label)] = fn
         return fn
 
     def run_one(self, msg):
@@ -764,7 +794,8 @@ class Worker:
             self.write(line)
 
         try:
-            run_pass(doc, lambda: self.workflow(msg.get("code")), write, state)
+            run_pass(doc, lambda: self.workflow(msg.get("code"), workflow_label(doc)), write,
+                     state)
         finally:
             self.flush_output(pass_id)
             self.local.pass_id = None

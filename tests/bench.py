@@ -559,7 +559,7 @@ def cli_cold(inst, n=10):
         return out
     cli = timed([sys.executable, MODULE, "--config", inst.config, "list", "runs"])
     base = timed([sys.executable, "-c", "0"])
-    # As `make install` sets it up: the single-file build imported by a three-line launcher
+    # As `make install` sets it up: the single-file build imported by a six-line launcher
     # (the same launcher the Makefile writes), so Python caches its bytecode.
     lib, bindir = os.path.join(inst.tmp, "prefix", "lib"), os.path.join(inst.tmp, "prefix", "bin")
     os.makedirs(lib, exist_ok=True)

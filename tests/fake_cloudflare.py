@@ -173,7 +173,9 @@ import urllib.parse
 
 from tests.util import ROOT
 
-MINIFLARE_DIR = os.path.join(ROOT, ".ci", "node_modules")
+# The node_modules folder holding miniflare: `make test` names it (.ci/ or its cache outside
+# the checkout), else `make cf-tools`'s.
+MINIFLARE_DIR = os.environ.get("TYOW_MINIFLARE_DIR") or os.path.join(ROOT, ".ci", "node_modules")
 LAUNCHER = os.path.join(ROOT, "tests", "cloudflare", "launcher.mjs")
 SCRIPT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,61}[a-z0-9]$")
 MODULE_TYPES = ("application/javascript+module", "text/javascript+module")

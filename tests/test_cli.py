@@ -52,7 +52,8 @@ class Commands(TempHome):
         code, out, err = self.cli("list", "runs", "-w", "greeter", "-s", "completed", "-n", "5", "--json")
         self.assertIn(run_id, [r["id"] for r in json.loads(out)])
         code, out, err = self.cli("list", "runs", "--workflow", "nope")
-        self.assertEqual(out, "no runs\n")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("no workflow 'nope'", err)  # not "no runs": the workflow is unknown
         code, out, err = self.cli("logs", run_id, "--json")
         self.assertEqual(code, 0)
         self.assertEqual(json.loads(out), [])

@@ -33,7 +33,7 @@ class CloudflareCase(TempHome):
         wait_for(lambda: not self.cf.leftovers(), what="the fake's miniflare processes to be gone")
 
 
-@unittest.skipUnless(have_miniflare(), "miniflare is not installed: run `make cf-tools` (npm, into .ci/)")
+@unittest.skipUnless(have_miniflare(), "miniflare is not installed: `make test` installs it from npm (or `make cf-tools`)")
 class CloudflareNodeContract(AdapterContract, CloudflareCase):
     runtime = "node"
     adapter = "cloudflare"
@@ -53,7 +53,7 @@ class CloudflareNodeContract(AdapterContract, CloudflareCase):
         AdapterContract.test_prints_never_count_as_events_and_land_in_the_log)
 
 
-@unittest.skipUnless(have_miniflare(), "miniflare is not installed: run `make cf-tools` (npm, into .ci/)")
+@unittest.skipUnless(have_miniflare(), "miniflare is not installed: `make test` installs it from npm (or `make cf-tools`)")
 class CloudflareWorker(CloudflareCase):
     MEMO = """async function workflow(input, { step, sleep }) {
   const a = await step("a", () => "A");

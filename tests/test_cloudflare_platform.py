@@ -42,7 +42,7 @@ def failures(sc, run_id):
     return sc.store.query_one("SELECT pass_failures FROM runs WHERE id = ?", (run_id,))["pass_failures"]
 
 
-@unittest.skipUnless(have_miniflare(), "miniflare is not installed: run `make cf-tools` (npm, into .ci/)")
+@unittest.skipUnless(have_miniflare(), "miniflare is not installed: `make test` installs it from npm (or `make cf-tools`)")
 class PlatformCase(TempHome):
     platform = None  # Platform.scaled() unless a test class says otherwise
     cf_extra = ""

@@ -49,7 +49,7 @@ class Api(DashboardCase):
         self.assertEqual(status, 200)
         self.assertIn("<title>ty-openworkflow</title>", page)
         self.assertNotIn("http://", page.replace("http://www.w3.org", ""), "the page must load nothing from elsewhere")
-        self.assertEqual(self.request("GET", "/healthz"), (200, {"ok": True}))
+        self.assertEqual(self.request("GET", "/healthz"), (200, {"ok": True, "store": "ok", "version": tow.__version__}))
         status, doc = self.request("GET", "/api/runs?status=sleeping")
         self.assertEqual([r["id"] for r in doc["runs"]], [run_id])
         self.assertEqual(self.request("GET", "/api/runs?status=completed")[1]["runs"], [])
