@@ -8485,7 +8485,7 @@ PLUGINS_DIR_ENV = "TY_PLUGINS_DIR"
 PLUGIN_RECORD = "taskyou-plugins.json"  # in the data dir: where `plugin install` wrote
 # TaskYou kills a service 5 s after SIGTERM (internal/hooks/services.go): leave passes in
 # flight less than that before they are given back.
-PLUGIN_SERVE = "exec ./ty-openworkflow serve --shutdown-grace 3s"
+PLUGIN_SERVE = "exec ./ty-openworkflow serve --shutdown-grace 2s"
 # A hook's task may not show its new status yet (TaskYou passes the task as it was): read it
 # again for this long before leaving it to the next poll. TaskYou kills hooks at 30 s.
 HOOK_PATIENCE_S = 5.0

@@ -110,7 +110,7 @@ class Install(PluginCase):
             self.assertIn('  - id: "%s"\n' % action, manifest)
             mode = os.stat(os.path.join(self.plugin_dir, "actions", action)).st_mode
             self.assertTrue(mode & stat.S_IXUSR, action)
-        self.assertIn('command: "exec ./ty-openworkflow serve --shutdown-grace 3s"', manifest)
+        self.assertIn('command: "exec ./ty-openworkflow serve --shutdown-grace 2s"', manifest)
         with open(os.path.join(self.plugin_dir, "ty-openworkflow")) as f:
             launcher = f.read()
         self.assertIn(sys.executable, launcher)

@@ -66,7 +66,7 @@ class Story(TempHome):
         self.assertTrue(sc.status(fork2)["task"]["requested"])
         self.assertEqual([i["kind"] for i in sc.store.outbox_for_run(fork2)], ["create"])
         code, out, _ = self.cli("list", "runs")
-        line = [ln for ln in out.splitlines() if ln.startswith(fork2)][0]
+        line = [ln for ln in out.splitlines() if ln.startswith(fork2[:tow.RUN_SHORT_LEN])][0]
         self.assertIn(" queued ", line)  # its task is on its way, not "-"
 
 
