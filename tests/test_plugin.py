@@ -473,6 +473,7 @@ class Daemon(PluginCase):
         self.assertEqual(service["exit"], 0, service)
         self.assertFalse(service["sigkilled"], service)
         self.assertLess(service["stop_duration_s"], 5.0)
+        print("serve stopped in %.2fs" % service["stop_duration_s"], file=sys.stderr)
         st = self.sc.status(run_id)
         self.assertEqual(st["status"], "pending", st)  # given back, not failed
         self.assertEqual(st["last_pass"]["reason"], "released: scheduler stopping")
