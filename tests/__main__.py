@@ -37,8 +37,8 @@ def skipped_line(skipped):
 
 
 # Test modules that mostly wait (on miniflare, a fake Cloudflare on its own time scale, a Docker
-# engine starting containers): run in a
-# second process beside the rest, so the suite keeps under 10 minutes on 2 cores.
+# engine starting containers): run in a second process beside the rest, so the suite keeps
+# under 10 minutes on 2 cores.
 BESIDE = ("test_cloudflare", "test_cloudflare_platform", "test_cloudflare_limits", "test_docker")
 RESULT_MARK = "TYOW-RESULT "
 
