@@ -2229,9 +2229,15 @@ class RunLedger(_StorePart):
 
     @staticmethod
     def note_last_pass(c, run_id, number, reason, now):
-        """Remember how the run's latest pass ended (status shows it)."""
-        c.execute("UPDATE runs SET last_pass = ? WHERE id = ?",
-                  (dumps({"pass": number, "ended_at": now, "reason": reason}), run_id))
+        """Remember how the run's latest pass ended (status shows it). The count of the
+        platform's ends at one point of the run (LeaseLedger.platform_end) is kept across it: a
+        pass given back in between (a 1015, a restart of serve) must not wipe it."""
+        doc = {"pass": number, "ended_at": now, "reason": reason}
+        row = c.execute("SELECT last_pass FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row and row[0] and '"point"' in row[0]:
+            last = loads_or_none(row[0]) or {}
+            doc.update((k, last[k]) for k in ("ends", "point") if k in last)
+        c.execute("UPDATE runs SET last_pass = ? WHERE id = ?", (dumps(doc), run_id))
 
     @staticmethod
     def amend_last_pass(c, run_id, **fields):
@@ -6719,7 +6725,8 @@ class HttpExecution(Execution):
         where = ("after its event %d (%s)" % (cut_seq, self._last_event) if cut_seq
                  else "before its first event")
         self.platform_end = ("the Worker was ended %s, with no word after its stream broke: most "
-                             "likely %s" % (where, cpu_limit_hint(self.adapter.cfg("cpu_ms"))))
+                             "likely %s (a runtime restart of Cloudflare's ends a pass so too)"
+                             % (where, cpu_limit_hint(self.adapter.cfg("cpu_ms"))))
         return ("the Worker was ended %s: its stream broke (%s) and it copied nothing past seq %d "
                 "to KV, nor marked there that its caller was gone, as it does when only the "
                 "connection is lost" % (where, lost, cut_seq))
