@@ -9437,19 +9437,16 @@ class Deployer:
         code_changed = code != latest["code"]
         versions = store.versions(workflow_id)
         taken = {v["label"] for v in versions}
-        # A label names one code: new code gets the next label, and a label given for other
-        # code than the versions that have it is refused (deploying the latest again is a no-op).
+        # New code gets the next label. A label given (--version, as the seed's scripts do) that
+        # already names other code is kept, and said: two versions then read the same.
         check = label is not None and (code_changed or label != latest["label"])
         if label is None:
             label = next_label(latest["label"], taken) if code_changed else latest["label"]
-        for v in versions if check else ():
-            if v["label"] == label and store.get_version(workflow_id,
-                                                         v["version"])["code"] != code:
-                raise InputError("version label %s is version %d of %s, with other code; give "
-                                 "another --version, or leave it out to get %s; nothing was "
-                                 "deployed" % (label, v["version"], workflow_id,
-                                               next_label(latest["label"], taken)))
-        changes = [{"what": what, "from": old, "to": new} for what, old, new in (
+        reused = [v["version"] for v in versions if check and v["label"] == label
+                  and store.get_version(workflow_id, v["version"])["code"] != code]
+        changes = [{"what": "label_reused", "from": reused[0], "to": label,
+                    "next": next_label(latest["label"], taken)}] if reused else []
+        changes += [{"what": what, "from": old, "to": new} for what, old, new in (
             ("code", None, None), ("runtime", latest["runtime"], runtime),
             ("adapter", latest["adapter"], adapter), ("label", latest["label"], label),
             ("deadline", latest["deadline_ms"], deadline_ms))
@@ -10230,6 +10227,9 @@ def _describe_change(change, label_chosen_for_you):
     what, old, new = change["what"], change["from"], change["to"]
     if what == "code":
         return "code      changed"
+    if what == "label_reused":
+        return ("label     %s already names version %d, with other code: both read %s now "
+                "(--version %s, or none, tells them apart)" % (new, old, new, change["next"]))
     if what == "deadline":
         old, new = (format_duration(v) if v else "none" for v in (old, new))
     note = {"runtime": " (runs in flight keep %s)" % old,

@@ -147,16 +147,19 @@ class DeploySaysWhatChanged(TempHome):
         self.assertEqual([c["what"] for c in doc["changes"]], ["code", "label"])
         # The same code again: nothing new, whatever it is called by default.
         self.assertEqual(self.cli("deploy", "w", "-f", py2)[1], "w is unchanged (version 2, 0.2.1)\n")
-        # A label that names other code is refused; the store is unchanged.
-        err = self.assert_refused(["deploy", "w", "-f", py, "--version", "0.2.1"], 2,
-                                  "version label 0.2.1 is version 2 of w, with other code")
-        self.assertIn("leave it out to get 0.2.2", err)
-        # Going back to the first code under its own label is fine.
-        code, out, err = self.cli("deploy", "w", "-f", py, "--version", "0.2.0")
+        # A label given that names other code is kept (scripts pin --version), and said.
+        code, out, err = self.cli("deploy", "w", "-f", py, "--version", "0.2.1")
         self.assertEqual(code, 0, err)
-        self.assertIn("deployed w version 3 (0.2.0, python, exec)", out)
+        self.assertIn("deployed w version 3 (0.2.1, python, exec)", out)
+        self.assertIn("label     0.2.1 already names version 2, with other code: both read "
+                      "0.2.1 now (--version 0.2.2, or none, tells them apart)", out)
+        # Other code under the first label: kept and said too.
+        code, out, err = self.cli("deploy", "w", "-f", py2, "--version", "0.2.0")
+        self.assertEqual(code, 0, err)
+        self.assertIn("deployed w version 4 (0.2.0, python, exec)", out)
+        self.assertIn("already names version 1", out)
         labels = [v["label"] for v in self.sidecar().store.versions("w")]
-        self.assertEqual(labels, ["0.2.0", "0.2.1", "0.2.0"])
+        self.assertEqual(labels, ["0.2.0", "0.2.1", "0.2.1", "0.2.0"])
 
     def test_the_runtime_carries_over_and_a_dropped_deadline_is_said(self):
         sc = self.sidecar()
