@@ -9405,7 +9405,14 @@ class Deployer:
             None if version is None else str(version), filename, deadline_ms)
         impl = sc.adapter(adapter)
         impl.check(runtime)
-        impl.validate(runtime, code)
+        try:
+            impl.validate(runtime, code)
+        except InputError as exc:
+            if not changes or filename or any(c["what"] == "runtime" for c in changes):
+                raise
+            other = "python" if runtime == "node" else "node"  # code from stdin keeps its runtime
+            raise InputError("%s (%s runs on %s; --runtime %s switches it)"
+                             % (exc, workflow_id, runtime, other))
         impl.deploy(workflow_id, code, runtime)
         row, created = sc.store.save_version(workflow_id, code, runtime, adapter, label, name,
                                              description, sc.clock(), deadline_ms)
@@ -9915,7 +9922,9 @@ class Sidecar:
         out["task"] = self.bridge.task_state(run)
         out["queued"] = self.store.why_held(run, self.clock())
         if self.config["dashboard.enabled"]:  # the run's page, for `status` to point at
-            out["url"] = "http://%s:%d/#/runs/%s" % (self.config["dashboard.host"],
+            host = self.config["dashboard.host"]
+            host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host  # all: this machine's
+            out["url"] = "http://%s:%d/#/runs/%s" % ("[%s]" % host if ":" in host else host,
                                                      self.config["dashboard.port"], run["id"])
         if run["status"] not in TERMINAL:
             out["scheduler"] = self.store.driven_by(run, self.clock(), 2 * self.config["lease_ttl"])

@@ -138,6 +138,14 @@ class DeploySaysWhatChanged(TempHome):
             "  runtime   node -> python (runs in flight keep node)",
             "  label     1.0.0 -> 1.0.1 (new code, next label; --version LABEL picks one)"])
 
+    def test_code_of_the_other_runtime_on_stdin_is_refused_with_the_way_to_switch(self):
+        py = self.write("a.py", HELLO_PY)
+        self.assertEqual(self.cli("deploy", "w", "-f", py)[0], 0)
+        err = self.assert_refused(["deploy", "w", "-f", "-"], 2,
+                                  "(w runs on python; --runtime node switches it)",
+                                  stdin=HELLO_JS)
+        self.assertIn("syntax error", err)
+
     def test_changed_code_gets_the_next_label_and_a_label_names_one_code(self):
         py, py2 = self.write("a.py", HELLO_PY), self.write("b.py", HELLO_PY2)
         self.assertEqual(self.cli("deploy", "w", "-f", py, "--version", "0.2.0")[0], 0)
