@@ -2353,7 +2353,8 @@ class LeaseLedger(_StorePart):
                     continue
                 try:
                     with self.store.savepoint(c):
-                        run = self._claim_one(c, run_id, status, owner, now, lease_ms, admit)
+                        run = self._claim_one(c, run_id, status, owner, now, lease_ms, admit,
+                                              limits)
                 except Exception as exc:
                     if _is_outage(exc):
                         raise
@@ -2368,9 +2369,10 @@ class LeaseLedger(_StorePart):
                     c.execute("DELETE FROM schedulers WHERE id = ?", (sid,))
         return claimed
 
-    def _claim_one(self, c, run_id, status, owner, now, lease_ms, admit=False):
+    def _claim_one(self, c, run_id, status, owner, now, lease_ms, admit=False, limits=None):
         """Claim one due run (None: it ended instead: a deadline, a pass lost too often; or it
-        is held back by its workflow's limits and ``admit`` is false)."""
+        is held back by its workflow's limits and ``admit`` is false). ``limits``: every
+        workflow's, as this claim read them."""
         run = self.store.one(c, SQL_RUN, (run_id,))
         if run["held_since"] is not None and not admit:
             # Held back: due only to fail at its deadline (not yet: it waits on).
@@ -2406,8 +2408,8 @@ class LeaseLedger(_StorePart):
             c.execute(SQL_CLAIM_FIRST, (pass_id, owner, now + lease_ms, now, now, now, run_id))
         else:
             c.execute(SQL_CLAIM, (pass_id, owner, now + lease_ms, now, now, run_id))
-        if admit:
-            self.store.flow.started(c, run["workflow_id"], run_id, now)
+        if admit:  # (an admitted run is of a workflow with limits)
+            self.store.flow.started(c, limits[run["workflow_id"]], run_id, now)
         run.update(status="running", pass_id=pass_id, lease_owner=owner, passes=run["passes"] + 1)
         if run["passes"] == 1 and run["task_requested"]:
             self.store.outbox.enqueue(c, run_id, "processing", None, now)
@@ -2735,15 +2737,15 @@ class FlowLedger(_StorePart):
                   for i, (turn, run_id) in enumerate(admissible)]
         return [row for _, _, row in sorted(turns)]
 
-    def started(self, c, workflow_id, run_id, now):
-        """A held run of the workflow was admitted: one more start in its rate window."""
-        row = c.execute("SELECT rate_window_ms FROM flow_limits WHERE workflow_id = ? AND "
-                        "rate_count IS NOT NULL", (workflow_id,)).fetchone()
-        if row:
+    @staticmethod
+    def started(c, lim, run_id, now):
+        """A held run of the workflow with limits ``lim`` was admitted: one more start in its
+        rate window."""
+        if lim.rate_count is not None:
             c.execute("DELETE FROM flow_starts WHERE workflow_id = ? AND at <= ? AND begun = 1",
-                      (workflow_id, now - _rate_span(row[0])))
+                      (lim.workflow_id, now - _rate_span(lim.rate_window_ms)))
             c.execute("INSERT INTO flow_starts (workflow_id, run_id, at) VALUES (?, ?, ?)",
-                      (workflow_id, run_id, now))
+                      (lim.workflow_id, run_id, now))
             c.execute("UPDATE runs SET start_pending = 1 WHERE id = ?", (run_id,))
 
     @staticmethod
@@ -4028,16 +4030,7 @@ class ReadModel(_StorePart):
 
     def list_runs(self, workflow_id=None, status=None, limit=20):
         """Newest runs first, of a workflow or a status if given."""
-        where, params = [], []
-        if workflow_id:
-            where.append("workflow_id = ?")
-            params.append(workflow_id)
-        if status:
-            where.append("status = ?")
-            params.append(status)
-        sql = "SELECT %s FROM runs %s ORDER BY created_at DESC, id DESC LIMIT ?" % (
-            _RUN_COLUMNS, ("WHERE " + " AND ".join(where)) if where else "")
-        return self.store.query(sql, params + [limit])
+        return self.runs_page(workflow_id, status, None, None, limit)
 
     def steps(self, run_id):
         """A run's steps, sleeps and waits in the order they were first seen."""
@@ -5738,7 +5731,7 @@ def validate_code_in_docker(adapter, code):
 # Cloudflare: passes run in Workers (an API client, the Worker scripts, the adapter)
 # ---------------------------------------------------------------------------
 
-# Only Cloudflare speaks HTTP as a client, so the one point of contact for HTTP lives here.
+# The one point of contact for HTTP as a client (Cloudflare's API and Workers, TaskYou's API).
 USER_AGENT = "ty-openworkflow/%s (python %d.%d)" % ((__version__,) + tuple(sys.version_info[:2]))
 
 
@@ -5754,14 +5747,18 @@ def http_connection(url, timeout_s):
     return cls(parts.hostname, parts.port, timeout=timeout_s), target, parts
 
 
-def http_request(method, url, headers=None, body=None, timeout_s=30, stream=False):
+def http_request(method, url, headers=None, body=None, timeout_s=30, stream=False,
+                 on_connection=None):
     """The one place that makes HTTP requests. Returns (status, headers, body), or
     (connection, response) with ``stream``; raises AdapterError when unreachable.
-    Every request says who it is (User-Agent)."""
+    Every request says who it is (User-Agent). ``on_connection(conn)`` sees the connection
+    before the request is sent (so another thread can shut a long stream down)."""
     import http.client
     conn, target, parts = http_connection(url, timeout_s)
     headers = dict(headers or {})
     headers.setdefault("User-Agent", USER_AGENT)
+    if on_connection is not None:
+        on_connection(conn)
     try:
         conn.request(method, target, body=body, headers=headers)
         resp = conn.getresponse()
@@ -7113,9 +7110,9 @@ class PassDriver:
             if ap.execution:
                 ap.execution.cancel()
                 ap.execution.finish()
+            message = "the store failed: %s" % exc
             self._retrying(lambda: self.store.end_pass_without_result(
-                ap.run_id, ap.pass_id, self.clock(), self.policy(),
-                "the store failed: %s" % exc), ap)
+                ap.run_id, ap.pass_id, self.clock(), self.policy(), message), ap)
         except Exception as exc:
             log.exception("pass %s of run %s crashed in the scheduler", ap.pass_id, ap.run_id)
             if ap.execution:
@@ -8157,13 +8154,11 @@ class TaskYouApi:
         """The response of the board's event stream (GET /api/board/stream); its connection is
         given to ``on_connection`` before the request is sent, so it can be shut down."""
         try:
-            conn, target, _ = http_connection(self.url + "/api/board/stream", timeout_s)
+            _, resp = http_request("GET", self.url + "/api/board/stream",
+                                   headers={"Accept": "text/event-stream"}, timeout_s=timeout_s,
+                                   stream=True, on_connection=on_connection)
         except AdapterError as exc:
             raise TaskYouUnreachable(str(exc))
-        on_connection(conn)
-        conn.request("GET", target, headers={"Accept": "text/event-stream",
-                                             "User-Agent": USER_AGENT})
-        resp = conn.getresponse()
         if resp.status != 200:
             raise TaskYouUnreachable("GET /api/board/stream answered %d" % resp.status)
         return resp
@@ -8540,9 +8535,8 @@ def plugin_files(launcher, workflows=(), marker=""):
         return ("#!/bin/sh\n# %s\nexec \"$(dirname \"$0\")/../ty-openworkflow\" %s\n"
                 % (what, args))
 
-    actions = [(aid, label) for aid, label in PLUGIN_ACTIONS]
-    actions += [("start-" + wf["id"], plugin_label(wf.get("name") or "") or wf["id"])
-                for wf in workflows]
+    actions = list(PLUGIN_ACTIONS) + [
+        ("start-" + wf["id"], plugin_label(wf.get("name") or "") or wf["id"]) for wf in workflows]
     lines = ["# The ty-openworkflow TaskYou plugin. Written by `ty-openworkflow plugin install`,",
              "# which rewrites it (and `deploy` its start- actions): edits here do not last.",
              "name: %s" % PLUGIN_NAME, "version: %s" % q(__version__),
@@ -8845,7 +8839,6 @@ class TaskFeed:
         self._conn = None
         self._last_event = None  # the newest TaskYou event looked at, this connection
         self.thread = None
-        self.boards = 0  # board snapshots seen, for tests and logs
 
     def start(self):
         self.thread = threading.Thread(target=self._run, name="tyow-taskfeed", daemon=True)
@@ -8897,7 +8890,6 @@ class TaskFeed:
                 if self._stop.is_set():
                     return
                 if event == "board":
-                    self.boards += 1
                     self._board(loads_or_none(data))
         finally:
             with self._lock:
@@ -9696,9 +9688,9 @@ class ScheduleControl:
         doc = self.schedule(name)
         if doc["paused"] == paused:
             return doc  # already so: a due fire stays due
-        # missed fires are not run
-        nxt = None if paused else Cron(doc["cron"]).next_after(self.clock(), doc["tz"])
-        self.store.pause_schedule(name, paused, self.clock(), nxt)
+        now = self.clock()  # missed fires are not run
+        nxt = None if paused else Cron(doc["cron"]).next_after(now, doc["tz"])
+        self.store.pause_schedule(name, paused, now, nxt)
         self.poke_schedulers()
         return self.schedule(name)
 
@@ -9711,11 +9703,12 @@ class ScheduleControl:
 class FlowControl:
     """Workflows' limits as the API and the CLI set and show them (the store enforces them)."""
 
-    def __init__(self, store, clock, wake, drive):
+    def __init__(self, store, clock, wake, drive, workflow):
         self.store = store
         self.clock = clock
         self.wake = wake  # () -> None: wake the live schedulers of this host
         self.drive = drive  # () -> None: that, or start the background runner if none is alive
+        self.workflow = workflow  # (id, counts) -> the workflow, or NotFound
 
     def set_limits(self, workflow_id, concurrency=None, per_key=None, rate=None, drive=True):
         """Set a workflow's limits (across its versions): at most ``concurrency`` runs active at
@@ -9732,9 +9725,7 @@ class FlowControl:
         """Every workflow's limits (a list), or one's (a dict; all None when it has none)."""
         if workflow_id is None:
             return [_limits_doc(r) for r in self.store.limits()]
-        if self.store.get_workflow(workflow_id, counts=False) is None:
-            raise NotFound("no workflow %r; deploy it first with "
-                           "`ty-openworkflow deploy %s -f FILE`" % (workflow_id, workflow_id))
+        self.workflow(workflow_id, counts=False)
         rows = self.store.limits(workflow_id)
         return _limits_doc(rows[0] if rows else None, workflow_id)
 
@@ -9975,7 +9966,8 @@ class Sidecar:
 
     @property
     def flow_control(self):
-        return FlowControl(self.store, self.clock, self.poke_schedulers, self.ensure_driven)
+        return FlowControl(self.store, self.clock, self.poke_schedulers, self.ensure_driven,
+                           self.workflow)
 
     set_limits = _verb("flow_control", FlowControl.set_limits)
     limits = _verb("flow_control", FlowControl.limits)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import unittest
 
-from tests.util import MODULE, TempHome, tow, wait_for
+from tests.util import MODULE, TempHome, tow
 
 WF = "async function workflow(input, { step, sleep }) { const a = await step('a', () => input.n); " \
      "await sleep('nap', '1h'); return a; }"

@@ -7,14 +7,12 @@ the store's files each time SQLite syncs one; the burst process is then SIGKILLe
 moment, and the store is rebuilt from the copies alone: what a machine would find after
 losing power at that instant. Every run the burst was told was created (start() returned)
 and every cancel it was told was done must be there."""
-import json
 import os
 import random
 import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import unittest

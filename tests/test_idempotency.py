@@ -5,7 +5,7 @@ import sys
 import threading
 import unittest
 
-from tests.util import MODULE, TempHome, tow
+from tests.util import MODULE, TempHome
 
 ONE = "def workflow(input, ctx):\n    return ctx.step('s', lambda: input)\n"
 

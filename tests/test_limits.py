@@ -1,7 +1,7 @@
 """A pass's memory is bounded (limits.pass_memory): over it the pass dies, is retried, and status says why."""
 import unittest
 
-from tests.util import HAVE_NODE, TempHome, tow
+from tests.util import HAVE_NODE, TempHome
 
 HOG = {
     "node": """

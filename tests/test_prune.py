@@ -1,6 +1,5 @@
 """prune and retention: finished runs older than the cutoff go with all that is only theirs; nothing else."""
 import json
-import os
 import unittest
 
 from tests.test_bridge import BridgeCase
